@@ -1,0 +1,52 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "QBlock",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "QBlock", targets: ["QBlock"]),
+        .executable(name: "img", targets: ["img"]),
+        .executable(name: "io", targets: ["io"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
+        .target(name: "CSupport", path: "Sources/CSupport"),
+        .target(
+            name: "QBlock",
+            dependencies: ["CZlib", "CZstd", "CSupport"],
+            path: "Sources/QBlock",
+            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+        ),
+        .executableTarget(
+            name: "img",
+            dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/Tools/img"
+        ),
+        .executableTarget(
+            name: "io",
+            dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/Tools/io"
+        ),
+        .executableTarget(
+            name: "ReadWriteExample",
+            dependencies: ["QBlock"],
+            path: "Examples/ReadWrite"
+        ),
+        .target(
+            name: "TestSupport",
+            dependencies: ["QBlock"],
+            path: "Tests/TestSupport"
+        ),
+        .testTarget(
+            name: "QBlockTests",
+            dependencies: ["QBlock", "TestSupport"],
+            path: "Tests/QBlockTests"
+        ),
+    ],
+    swiftLanguageModes: [.v5]
+)

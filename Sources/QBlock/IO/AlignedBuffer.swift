@@ -1,0 +1,63 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A heap buffer aligned for O_DIRECT I/O, owned by this object and freed with it.
+///
+/// Hand its memory to I/O calls only through ``withUnsafeMutableBytes(_:)`` or
+/// ``withUnsafeBytes(_:)``, and only while the buffer is alive.
+public final class AlignedBuffer: @unchecked Sendable {
+    public let count: Int
+    public let alignment: Int
+    private let base: UnsafeMutableRawPointer
+
+    /// Allocates `count` bytes (at least one) aligned to `alignment`, zero-filled.
+    public init(count: Int, alignment: Int = 4096) {
+        self.count = count
+        self.alignment = alignment
+        var p: UnsafeMutableRawPointer?
+        let size = max(count, 1)
+        if posix_memalign(&p, alignment, (size + alignment - 1) / alignment * alignment) != 0 || p == nil {
+            // Allocation failure of a few MiB is not a condition callers can handle either.
+            preconditionFailure("out of memory allocating \(count) bytes")
+        }
+        base = p!
+        memset(base, 0, size)
+    }
+
+    deinit { free(base) }
+
+    /// SAFETY: the pointer is valid for `count` bytes for the lifetime of `self`, which the
+    /// caller keeps alive across the closure.
+    public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
+        try body(UnsafeMutableRawBufferPointer(start: base, count: count))
+    }
+
+    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try body(UnsafeRawBufferPointer(start: base, count: count))
+    }
+
+    /// Async variants: the buffer is kept alive until `body` returns.
+    public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) async throws -> R) async rethrows -> R {
+        defer { withExtendedLifetime(self) {} }
+        return try await body(UnsafeMutableRawBufferPointer(start: base, count: count))
+    }
+
+    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) async throws -> R) async rethrows -> R {
+        defer { withExtendedLifetime(self) {} }
+        return try await body(UnsafeRawBufferPointer(start: base, count: count))
+    }
+
+    /// The contents as an array (for tests and small metadata).
+    public var bytes: [UInt8] {
+        withUnsafeBytes { Array($0) }
+    }
+}
+
+/// A raw pointer that may cross into the I/O thread pool.
+///
+/// SAFETY: the async caller that created it awaits the pool job, so the memory it points
+/// to outlives the job; nothing else touches the memory meanwhile.
+struct SendablePointer: @unchecked Sendable {
+    let raw: UnsafeMutableRawPointer
+}

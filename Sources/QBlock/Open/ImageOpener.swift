@@ -1,0 +1,113 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The driver registry: turns a filename and options into a tree of nodes — the format
+/// node on top of its `file` protocol node, and the backing chain below it.
+///
+/// It sits above the drivers it chooses among: formats never open other formats by name
+/// themselves; they ask the opener for their backing file.
+public enum ImageOpener {
+    /// Format names this build can open.
+    public static let formats = ["qcow2", "raw"]
+
+    /// Opens `filename` with `options` and returns the root node.
+    /// - Throws: ``BlockError``: `.notFound`, `.locked`, `.corrupt`, `.unsupported`, ...
+    public static func open(_ filename: String, options: OpenOptions = OpenOptions()) async throws -> any BlockDriver {
+        var seen = Set<String>()
+        return try await open(filename, options: options, seen: &seen, isBacking: false)
+    }
+
+    /// Guesses the format of the file at `path` from its first bytes: "qcow2" or "raw".
+    public static func probe(_ path: String) throws -> String {
+        let f = try FileNode(path: path, readOnly: true, locking: false)
+        defer { Task { try? await f.close() } }
+        return probeFormat(f.probeBytes(count: 8))
+    }
+
+    static func probeFormat(_ head: [UInt8]) -> String {
+        if head.count >= 4 && head[0] == 0x51 && head[1] == 0x46 && head[2] == 0x49 && head[3] == 0xfb {
+            return "qcow2"
+        }
+        return "raw"
+    }
+
+    /// Resolves a backing file name the way QEMU does: relative names are relative to the
+    /// directory of the image that names them.
+    public static func resolveBackingPath(_ backing: String, relativeTo imagePath: String) -> String {
+        if backing.hasPrefix("/") || backing.contains("://") { return backing }
+        guard let slash = imagePath.lastIndex(of: "/") else { return backing }
+        return String(imagePath[...slash]) + backing
+    }
+
+    private static func canonical(_ path: String) -> String {
+        guard let p = realpath(path, nil) else { return path }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    private static func open(_ filename: String, options: OpenOptions, seen: inout Set<String>,
+                             isBacking: Bool) async throws -> any BlockDriver {
+        let key = canonical(filename)
+        if seen.contains(key) {
+            throw BlockError(.invalidArgument, "Backing file '\(filename)' creates a loop in the backing chain (it is used twice)",
+                             path: filename, operation: "open")
+        }
+        seen.insert(key)
+        if seen.count > 256 {
+            throw BlockError(.invalidArgument, "Backing chain is too long (more than 256 images)", path: filename, operation: "open")
+        }
+        let file: FileNode
+        do {
+            file = try FileNode(path: filename, readOnly: options.readOnly, cache: options.cache, locking: false)
+        } catch let e as BlockError {
+            throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename, operation: "open")
+        }
+        let format = options.format ?? probeFormat(file.probeBytes(count: 8))
+        do {
+            if options.locking {
+                let (perm, shared) = lockPermissions(format: format, options: options)
+                try file.lock(perm: perm, shared: shared)
+            }
+            switch format {
+            case "raw":
+                return RawNode(file: file)
+            case "qcow2":
+                var chain = seen
+                let node = try await Qcow2Node.open(file: file, options: options) { backingName, backingFormat in
+                    var backingOptions = options
+                    backingOptions.readOnly = true
+                    backingOptions.format = backingFormat
+                    backingOptions.forRepair = false
+                    let path = resolveBackingPath(backingName, relativeTo: filename)
+                    do {
+                        return try await open(path, options: backingOptions, seen: &chain, isBacking: true)
+                    } catch let e as BlockError {
+                        throw BlockError(e.code, "Could not open backing file: \(e.message)", errno: e.errno,
+                                         path: path, operation: "open backing")
+                    }
+                }
+                seen = chain
+                return node
+            default:
+                throw BlockError(.unsupported, "Unknown driver '\(format)'", path: filename, operation: "open")
+            }
+        } catch let e as BlockError {
+            try? await file.close()
+            if e.message.hasPrefix("Could not open") { throw e }
+            throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
+                             offset: e.offset, operation: e.operation ?? "open", underlying: e.underlying)
+        }
+    }
+
+    /// The permissions a format takes on its file and shares, as QEMU's drivers do.
+    static func lockPermissions(format: String, options: OpenOptions) -> (BlockPermissions, BlockPermissions) {
+        if options.forceShare { return ([.consistentRead], .all) }
+        switch (format, options.readOnly) {
+        case ("raw", true): return ([.consistentRead], .all)
+        case ("raw", false): return ([.consistentRead, .write], .all)
+        case (_, true): return ([.consistentRead], [.consistentRead, .writeUnchanged])
+        default: return ([.consistentRead, .write, .resize], [.consistentRead, .writeUnchanged])
+        }
+    }
+}
