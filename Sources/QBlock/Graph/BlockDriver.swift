@@ -98,3 +98,20 @@ extension BlockDriver {
         return chain
     }
 }
+
+extension BlockDriver {
+    /// Reads `count` bytes at `offset` into a new array (for metadata and tests; the data
+    /// path uses caller-owned buffers).
+    public func read(at offset: Int64, count: Int) async throws -> [UInt8] {
+        let buf = AlignedBuffer(count: count)
+        try await buf.withUnsafeMutableBytes { try await self.read(at: offset, into: $0) }
+        return buf.bytes
+    }
+
+    /// Writes `bytes` at `offset` (for metadata and tests).
+    public func write(at offset: Int64, bytes: [UInt8], flags: WriteFlags = []) async throws {
+        let buf = AlignedBuffer(count: bytes.count)
+        buf.withUnsafeMutableBytes { b in bytes.withUnsafeBytes { b.copyMemory(from: $0) } }
+        try await buf.withUnsafeBytes { try await self.write(at: offset, from: $0, flags: flags) }
+    }
+}

@@ -61,3 +61,10 @@ public final class AlignedBuffer: @unchecked Sendable {
 struct SendablePointer: @unchecked Sendable {
     let raw: UnsafeMutableRawPointer
 }
+
+extension AlignedBuffer {
+    /// The start of the memory. SAFETY: valid for `count` bytes while `self` is alive;
+    /// used by owners (the qcow2 metadata cache) that keep the buffer alive as long as
+    /// they hand the pointer out.
+    var unsafeBase: UnsafeMutableRawPointer { withUnsafeMutableBytes { $0.baseAddress! } }
+}

@@ -1,0 +1,369 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Consistency check and repair (QEMU's `qcow2_check_refcounts`).
+///
+/// Every reference to a host cluster — header, L1 tables (active and snapshots), L2
+/// tables, data and compressed clusters, the snapshot table, bitmap structures, the
+/// refcount table and blocks — is counted in memory and compared with the stored
+/// refcounts. A stored count above the references is a leak; below, a corruption.
+/// Repair fixes leaks in place; with corruptions (`-r all`) the COPIED flags are
+/// corrected and the refcount structure is rebuilt at the end of the file.
+extension Qcow2Node {
+    public func check(repair: CheckRepair?) async throws -> CheckResult {
+        if repair != nil { try checkWritable("check") }
+        await metaLock.lock()
+        defer { metaLock.unlock() }
+        try await l2Cache.flush()
+        try await refcountCache.flush()
+        var result = try await countReferences(includeRefcountStructure: true)
+        if let repair, result.result.corruptions > 0 || result.result.leaks > 0 {
+            try await applyRepair(repair, &result)
+        }
+        return result.result
+    }
+
+    struct ReferenceCount {
+        var result = CheckResult()
+        var refs: [UInt64] = []
+        /// Active-L1 entries whose COPIED flag disagrees with the refcount: (l1 index, l2 index or -1).
+        var copiedErrors: [(Int, Int)] = []
+    }
+
+    private func addRef(_ rc: inout ReferenceCount, _ offset: Int64, _ bytes: Int64, _ what: String) {
+        guard bytes > 0 else { return }
+        let cs = Int64(clusterSize)
+        let first = offset / cs
+        let last = (offset + bytes - 1) / cs
+        for c in first...last {
+            if c >= Int64(rc.refs.count) {
+                if c > (Int64(1) << 40) / cs { // absurd: more than 1 TiB past anything
+                    rc.result.messages.append("ERROR: \(what) at offset \(offset) is far beyond the end of the image")
+                    rc.result.corruptions += 1
+                    return
+                }
+                rc.refs.append(contentsOf: [UInt64](repeating: 0, count: Int(c) + 1 - rc.refs.count))
+            }
+            rc.refs[Int(c)] += 1
+        }
+    }
+
+    private func readTable(_ offset: Int64, entries: Int) async throws -> [UInt64] {
+        let raw = try await hostFile.read(at: offset, count: entries * 8)
+        return raw.withUnsafeBytes { b in (0..<entries).map { b.be64($0 * 8) } }
+    }
+
+    /// Counts references from one L1 table (active or a snapshot's).
+    private func countL1(_ rc: inout ReferenceCount, l1Offset: Int64, l1: [UInt64], active: Bool) async throws {
+        let cs = Int64(clusterSize)
+        let fileEnd = hostFile.length
+        addRef(&rc, l1Offset, Int64(l1.count) * 8, "L1 table")
+        var nextContiguous: Int64 = 0
+        for (i, e) in l1.enumerated() {
+            let l2 = Int64(e & Qcow2Node.l1OffsetMask)
+            if l2 == 0 { continue }
+            if l2 & (cs - 1) != 0 {
+                rc.result.messages.append("ERROR l2_offset=\(String(l2, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
+                rc.result.corruptions += 1
+                continue
+            }
+            if l2 >= fileEnd {
+                rc.result.messages.append("ERROR l2_offset=\(String(l2, radix: 16)): Table is outside the image; L1 entry corrupted")
+                rc.result.corruptions += 1
+                continue
+            }
+            addRef(&rc, l2, cs, "L2 table")
+            let table = try await readTable(l2, entries: l2Entries)
+            for (j, le) in table.enumerated() {
+                switch kind(of: le) {
+                case .compressed:
+                    let (off, size) = compressedLocation(le)
+                    if active {
+                        rc.result.allocatedClusters += 1
+                        rc.result.compressedClusters += 1
+                    }
+                    if off >= fileEnd {
+                        rc.result.messages.append("ERROR compressed cluster at offset \(String(off, radix: 16)) is outside the image")
+                        rc.result.corruptions += 1
+                        continue
+                    }
+                    addRef(&rc, off, Int64(size), "compressed cluster")
+                case .normal, .zeroAllocated:
+                    let off = Int64(le & Qcow2Node.l2OffsetMask)
+                    if off & (cs - 1) != 0 {
+                        rc.result.messages.append("ERROR offset=\(String(off, radix: 16)): Cluster is not properly aligned; L2 entry corrupted")
+                        rc.result.corruptions += 1
+                        continue
+                    }
+                    if active {
+                        rc.result.allocatedClusters += 1
+                        if nextContiguous != 0 && off != nextContiguous { rc.result.fragmentedClusters += 1 }
+                        nextContiguous = off + cs
+                    }
+                    if off >= fileEnd + cs * 1024 {
+                        rc.result.messages.append("ERROR offset=\(String(off, radix: 16)): Cluster is outside the image; L2 entry corrupted")
+                        rc.result.corruptions += 1
+                        continue
+                    }
+                    addRef(&rc, off, cs, "data cluster")
+                    _ = (i, j)
+                default: break
+                }
+            }
+        }
+    }
+
+    /// Counts every reference in the image. Lock held, caches flushed.
+    func countReferences(includeRefcountStructure: Bool) async throws -> ReferenceCount {
+        let cs = Int64(clusterSize)
+        var rc = ReferenceCount()
+        let fileEnd = hostFile.length
+        rc.refs = [UInt64](repeating: 0, count: Int((fileEnd + cs - 1) / cs))
+        rc.result.totalClusters = (Int64(header.size) + cs - 1) / cs
+        addRef(&rc, 0, cs, "header")
+        try await countL1(&rc, l1Offset: Int64(header.l1TableOffset), l1: l1Table, active: true)
+        // Snapshots.
+        if header.nbSnapshots > 0 {
+            let snaps = try await readSnapshotTable()
+            addRef(&rc, Int64(header.snapshotsOffset), Int64(snaps.tableBytes), "snapshot table")
+            for s in snaps.l1s {
+                if s.offset & (cs - 1) != 0 || s.offset >= fileEnd {
+                    rc.result.messages.append("ERROR snapshot L1 table offset \(s.offset) is invalid")
+                    rc.result.corruptions += 1
+                    continue
+                }
+                let l1 = try await readTable(s.offset, entries: s.size)
+                try await countL1(&rc, l1Offset: s.offset, l1: l1, active: false)
+            }
+        }
+        // Persistent bitmaps.
+        if header.autoclearFeatures & Qcow2Header.autoclearBitmaps != 0,
+           let ext = header.otherExtensions.first(where: { $0.type == Qcow2Header.ExtensionType.bitmaps.rawValue }) {
+            try await countBitmaps(&rc, ext.data)
+        }
+        if includeRefcountStructure {
+            addRef(&rc, Int64(header.refcountTableOffset), Int64(header.refcountTableClusters) * cs, "refcount table")
+            for (i, e) in refcountTable.enumerated() where e != 0 {
+                let off = Int64(e & Qcow2Node.l1OffsetMask)
+                if off & (cs - 1) != 0 {
+                    rc.result.messages.append("ERROR refcount block \(i) is not cluster aligned; refcount table entry corrupted")
+                    rc.result.corruptions += 1
+                    continue
+                }
+                if off >= fileEnd {
+                    rc.result.messages.append("ERROR refcount block \(i) is outside image")
+                    rc.result.corruptions += 1
+                    continue
+                }
+                addRef(&rc, off, cs, "refcount block")
+            }
+        }
+        // COPIED flags of the active tables.
+        for (i, e) in l1Table.enumerated() {
+            let l2 = Int64(e & Qcow2Node.l1OffsetMask)
+            if l2 == 0 || l2 & (cs - 1) != 0 || l2 >= fileEnd { continue }
+            let stored = try await refcount(of: l2 / cs)
+            if (stored == 1) != (e & Qcow2Node.copied != 0) {
+                rc.result.messages.append("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(stored)")
+                rc.result.corruptions += 1
+                rc.copiedErrors.append((i, -1))
+            }
+            let table = try await readTable(l2, entries: l2Entries)
+            for (j, le) in table.enumerated() {
+                let k = kind(of: le)
+                guard k == .normal || k == .zeroAllocated else { continue }
+                let off = Int64(le & Qcow2Node.l2OffsetMask)
+                if off & (cs - 1) != 0 || off >= fileEnd + cs * 1024 { continue }
+                let r = try await refcount(of: off / cs)
+                if (r == 1) != (le & Qcow2Node.copied != 0) {
+                    rc.result.messages.append("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(le, radix: 16)) refcount=\(r)")
+                    rc.result.corruptions += 1
+                    rc.copiedErrors.append((i, j))
+                }
+            }
+        }
+        // Compare.
+        let coveredClusters = Int64(refcountTable.count) * Int64(refcountBlockEntries)
+        let limit = max(Int64(rc.refs.count), min(coveredClusters, (fileEnd + cs - 1) / cs))
+        var highest: Int64 = -1
+        for c in 0..<limit {
+            let computed = c < Int64(rc.refs.count) ? rc.refs[Int(c)] : 0
+            let stored = try await refcount(of: c)
+            if computed > 0 { highest = c }
+            if stored < computed {
+                rc.result.messages.append("ERROR cluster \(c) refcount=\(stored) reference=\(computed)")
+                rc.result.corruptions += 1
+            } else if stored > computed {
+                rc.result.messages.append("Leaked cluster \(c) refcount=\(stored) reference=\(computed)")
+                rc.result.leaks += 1
+            }
+        }
+        rc.result.imageEndOffset = (highest + 1) * cs
+        return rc
+    }
+
+    struct SnapshotTable {
+        var tableBytes = 0
+        var l1s: [(offset: Int64, size: Int)] = []
+    }
+
+    /// Reads the L1 locations of the internal snapshots.
+    func readSnapshotTable() async throws -> SnapshotTable {
+        var t = SnapshotTable()
+        var off = Int64(header.snapshotsOffset)
+        for _ in 0..<Int(header.nbSnapshots) {
+            let fixed = try await hostFile.read(at: off, count: 40)
+            let l1Offset = Int64(fixed.be64(0))
+            let l1Size = Int(fixed.be32(8))
+            let idLen = Int(UInt16(fixed[12]) << 8 | UInt16(fixed[13]))
+            let nameLen = Int(UInt16(fixed[14]) << 8 | UInt16(fixed[15]))
+            let extra = Int(fixed.be32(36))
+            let len = 40 + extra + idLen + nameLen
+            t.l1s.append((l1Offset, l1Size))
+            off += Int64((len + 7) & ~7)
+            t.tableBytes += (len + 7) & ~7
+        }
+        return t
+    }
+
+    /// Counts the clusters used by persistent bitmaps (the bitmap directory, tables and data).
+    private func countBitmaps(_ rc: inout ReferenceCount, _ ext: [UInt8]) async throws {
+        guard ext.count >= 24 else { return }
+        let count = Int(ext.be32(0))
+        let dirSize = Int64(ext.be64(8))
+        let dirOffset = Int64(ext.be64(16))
+        guard dirSize > 0, dirSize < 64 << 20 else { return }
+        addRef(&rc, dirOffset, dirSize, "bitmap directory")
+        let dir = try await hostFile.read(at: dirOffset, count: Int(dirSize))
+        var p = 0
+        for _ in 0..<count {
+            guard p + 24 <= dir.count else { break }
+            let tableOffset = Int64(dir.be64(p))
+            let tableSize = Int(dir.be32(p + 8))
+            let nameLen = Int(UInt16(dir[p + 18]) << 8 | UInt16(dir[p + 19]))
+            let extra = Int(dir.be32(p + 20))
+            if tableOffset != 0 && tableSize > 0 {
+                addRef(&rc, tableOffset, Int64(tableSize) * 8, "bitmap table")
+                let table = try await readTable(tableOffset, entries: tableSize)
+                for e in table {
+                    let off = Int64(e & 0x00ff_ffff_ffff_fe00)
+                    if off != 0 { addRef(&rc, off, Int64(clusterSize), "bitmap data") }
+                }
+            }
+            p += (24 + extra + nameLen + 7) & ~7
+        }
+    }
+
+    /// Repairs what ``countReferences`` found. Lock held.
+    private func applyRepair(_ mode: CheckRepair, _ rc: inout ReferenceCount) async throws {
+        let before = rc.result
+        if rc.result.corruptions > 0 && mode == .all {
+            try await fixCopiedFlags(rc.copiedErrors)
+            try await rebuildRefcounts()
+        } else if rc.result.leaks > 0 {
+            // Leaks only: lower the stored counts in place.
+            let cs = Int64(clusterSize)
+            let fileClusters = (hostFile.length + cs - 1) / cs
+            let limit = max(Int64(rc.refs.count), fileClusters)
+            for c in 0..<limit {
+                let computed = c < Int64(rc.refs.count) ? rc.refs[Int(c)] : 0
+                let stored = try await refcount(of: c)
+                if stored > computed { try await updateRefcount(c, by: -Int64(stored - computed)) }
+            }
+            try await refcountCache.flush()
+            try await hostFile.flush()
+        }
+        // Clear the corrupt bit once repaired.
+        var after = try await countReferences(includeRefcountStructure: true)
+        if after.result.corruptions == 0 && isCorrupt {
+            header.incompatibleFeatures &= ~Qcow2Header.Incompatible.corrupt
+            try await writeHeader()
+            try await hostFile.flush()
+        }
+        after.result.corruptionsFixed = max(0, before.corruptions - after.result.corruptions)
+        after.result.leaksFixed = max(0, before.leaks - after.result.leaks)
+        after.result.messages = before.messages
+        rc = after
+    }
+
+    private func fixCopiedFlags(_ errors: [(Int, Int)]) async throws {
+        let cs = Int64(clusterSize)
+        for (i, j) in errors {
+            let e = l1Table[i]
+            let l2 = Int64(e & Qcow2Node.l1OffsetMask)
+            if j < 0 {
+                let r = try await refcount(of: l2 / cs)
+                l1Table[i] = r == 1 ? (e | Qcow2Node.copied) : (e & ~Qcow2Node.copied)
+                try await writeL1Entry(i)
+            } else {
+                let t = try await l2Cache.get(l2)
+                let le = t.bytes.be64(j * 8)
+                let r = try await refcount(of: Int64(le & Qcow2Node.l2OffsetMask) / cs)
+                t.bytes.setBE64(j * 8, r == 1 ? (le | Qcow2Node.copied) : (le & ~Qcow2Node.copied))
+                l2Cache.markDirty(t)
+            }
+        }
+        try await l2Cache.flush()
+        try await hostFile.flush()
+    }
+
+    /// Writes a new refcount table and blocks, computed from the references, after the end
+    /// of the image, and switches the header to them.
+    private func rebuildRefcounts() async throws {
+        let cs = Int64(clusterSize)
+        let rbe = Int64(refcountBlockEntries)
+        let counted = try await countReferences(includeRefcountStructure: false)
+        var refs = counted.refs
+        // Anything still referenced past the file end moves the area further out.
+        var areaStart = max(Int64(refs.count), (hostFile.length + cs - 1) / cs)
+        if let lastUsed = refs.lastIndex(where: { $0 > 0 }) { areaStart = max(areaStart, Int64(lastUsed) + 1) }
+        var blocks: Int64 = 0
+        var tableClusters: Int64 = 1
+        for _ in 0..<64 {
+            let areaEnd = areaStart + blocks + tableClusters
+            let needBlocks = (areaEnd + rbe - 1) / rbe
+            let needTable = (needBlocks * 8 + cs - 1) / cs
+            if needBlocks == blocks && needTable == tableClusters { break }
+            blocks = needBlocks
+            tableClusters = needTable
+        }
+        let areaEnd = areaStart + blocks + tableClusters
+        if Int64(refs.count) < areaEnd { refs.append(contentsOf: [UInt64](repeating: 0, count: Int(areaEnd) - refs.count)) }
+        for c in areaStart..<areaEnd { refs[Int(c)] = 1 }
+        // Only blocks that cover something are written; empty ranges get table entry 0.
+        var table = [UInt64](repeating: 0, count: Int(tableClusters * cs / 8))
+        var next = areaStart
+        let buf = AlignedBuffer(count: clusterSize)
+        for b in 0..<blocks {
+            let first = b * rbe
+            let slice = refs[Int(first)..<Int(min(first + rbe, Int64(refs.count)))]
+            let blockCluster = next
+            next += 1
+            let bytes = buf.withUnsafeMutableBytes { $0 }
+            memset(bytes.baseAddress!, 0, clusterSize)
+            for (k, v) in slice.enumerated() where v > 0 {
+                setRefcountValue(in: bytes, k, min(v, maxRefcount))
+            }
+            try await buf.withUnsafeBytes { try await hostFile.write(at: blockCluster * cs, from: $0, flags: []) }
+            table[Int(b)] = UInt64(blockCluster * cs)
+        }
+        let tableStart = areaStart + blocks
+        var raw: [UInt8] = []
+        raw.reserveCapacity(table.count * 8)
+        for v in table { raw.appendBE64(v) }
+        try await hostFile.write(at: tableStart * cs, bytes: raw)
+        try await hostFile.flush()
+        header.refcountTableOffset = UInt64(tableStart * cs)
+        header.refcountTableClusters = UInt32(tableClusters)
+        var f: [UInt8] = []
+        f.appendBE64(header.refcountTableOffset)
+        f.appendBE32(header.refcountTableClusters)
+        try await hostFile.write(at: 48, bytes: f)
+        try await hostFile.flush()
+        refcountTable = table
+        refcountCache.invalidateAll()
+        freeClusterIndex = 0
+        noteAllocated(areaStart, areaEnd - areaStart)
+    }
+}

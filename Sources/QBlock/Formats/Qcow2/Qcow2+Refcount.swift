@@ -1,0 +1,295 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Refcounts and cluster allocation (QEMU's `qcow2-refcount.c`).
+///
+/// Every host cluster has a reference count stored in a refcount block; the refcount
+/// table lists the blocks. A cluster is free when its count is zero. Blocks and the
+/// table are allocated like any cluster; a new refcount block describes itself when it
+/// falls in the range it covers, and a grown table is placed at the end of the image
+/// together with the blocks that cover it.
+extension Qcow2Node {
+    // MARK: Entry encoding
+
+    @inline(__always)
+    func refcountValue(in block: UnsafeMutableRawBufferPointer, _ i: Int) -> UInt64 {
+        switch header.refcountOrder {
+        case 0: return UInt64((block[i / 8] >> UInt8(i % 8)) & 0x1)
+        case 1: return UInt64((block[i / 4] >> UInt8(2 * (i % 4))) & 0x3)
+        case 2: return UInt64((block[i / 2] >> UInt8(4 * (i % 2))) & 0xf)
+        case 3: return UInt64(block[i])
+        case 4: return UInt64(UInt16(bigEndian: block.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self)))
+        case 5: return UInt64(UInt32(bigEndian: block.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)))
+        default: return block.be64(i * 8)
+        }
+    }
+
+    @inline(__always)
+    func setRefcountValue(in block: UnsafeMutableRawBufferPointer, _ i: Int, _ v: UInt64) {
+        switch header.refcountOrder {
+        case 0:
+            let s = UInt8(i % 8)
+            block[i / 8] = (block[i / 8] & ~(0x1 << s)) | (UInt8(v & 0x1) << s)
+        case 1:
+            let s = UInt8(2 * (i % 4))
+            block[i / 4] = (block[i / 4] & ~(0x3 << s)) | (UInt8(v & 0x3) << s)
+        case 2:
+            let s = UInt8(4 * (i % 2))
+            block[i / 2] = (block[i / 2] & ~(0xf << s)) | (UInt8(v & 0xf) << s)
+        case 3: block[i] = UInt8(v)
+        case 4: block.setBE16(i * 2, UInt16(v))
+        case 5: block.setBE32(i * 4, UInt32(v))
+        default: block.setBE64(i * 8, v)
+        }
+    }
+
+    var maxRefcount: UInt64 { header.refcountOrder == 6 ? UInt64.max : (UInt64(1) << UInt64(header.refcountBits)) - 1 }
+
+    // MARK: Reading
+
+    /// The refcount of host cluster `cluster` (0 for clusters no block covers).
+    func refcount(of cluster: Int64) async throws -> UInt64 {
+        let ti = Int(cluster / Int64(refcountBlockEntries))
+        guard ti < refcountTable.count else { return 0 }
+        let blockOffset = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)
+        if blockOffset == 0 { return 0 }
+        let e = try await refcountCache.get(blockOffset)
+        return refcountValue(in: e.bytes, Int(cluster % Int64(refcountBlockEntries)))
+    }
+
+    // MARK: Updating
+
+    /// Adds `delta` to the refcount of `cluster`, allocating its refcount block if needed.
+    /// - Throws: `.corrupt` on overflow or underflow.
+    func updateRefcount(_ cluster: Int64, by delta: Int64) async throws {
+        try await ensureRefcountBlock(for: cluster)
+        let ti = Int(cluster / Int64(refcountBlockEntries))
+        let blockOffset = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)
+        let e = try await refcountCache.get(blockOffset)
+        let i = Int(cluster % Int64(refcountBlockEntries))
+        let old = refcountValue(in: e.bytes, i)
+        let new: UInt64
+        if delta >= 0 {
+            guard maxRefcount - old >= UInt64(delta) else {
+                throw BlockError(.corrupt, "Refcount overflow for cluster \(cluster)", path: filename, offset: cluster << Int64(clusterBits))
+            }
+            new = old + UInt64(delta)
+        } else {
+            guard old >= UInt64(-delta) else {
+                throw await signalCorruption("Refcount underflow for cluster \(cluster)", offset: cluster << Int64(clusterBits))
+            }
+            new = old - UInt64(-delta)
+        }
+        setRefcountValue(in: e.bytes, i, new)
+        refcountCache.markDirty(e)
+        if new == 0 && cluster < freeClusterIndex { freeClusterIndex = cluster }
+    }
+
+    /// Makes sure a refcount block covers host cluster `cluster`.
+    func ensureRefcountBlock(for cluster: Int64) async throws {
+        let ti = Int(cluster / Int64(refcountBlockEntries))
+        if ti < refcountTable.count && refcountTable[ti] != 0 { return }
+        if ti >= refcountTable.count {
+            try await growRefcountTable(covering: ti)
+            if refcountTable[ti] != 0 { return }
+        }
+        // Allocate a block in the first free cluster.
+        while true {
+            let blockCluster = try await findFreeClusters(1)
+            let bti = Int(blockCluster / Int64(refcountBlockEntries))
+            let selfDescribing = bti == ti
+            if !selfDescribing {
+                if bti >= refcountTable.count || refcountTable[bti] == 0 {
+                    // The new block's own count needs a block too: make that one first.
+                    try await ensureRefcountBlock(for: blockCluster)
+                    if refcountTable[ti] != 0 { return }
+                    continue
+                }
+                // Its own count lives in another block; that update goes to disk first.
+                try await updateRefcount(blockCluster, by: 1)
+                try await refcountCache.flush()
+                try await hostFile.flush()
+            }
+            let blockOffset = blockCluster << Int64(clusterBits)
+            let e = try await refcountCache.getEmpty(blockOffset)
+            if selfDescribing {
+                setRefcountValue(in: e.bytes, Int(blockCluster % Int64(refcountBlockEntries)), 1)
+            }
+            // The block must be on disk before the table points to it.
+            try await hostFile.write(at: blockOffset, from: UnsafeRawBufferPointer(e.bytes), flags: [])
+            e.dirty = false
+            noteAllocated(blockCluster, 1)
+            if blockCluster == freeClusterIndex { freeClusterIndex += 1 }
+            try await hostFile.flush()
+            refcountTable[ti] = UInt64(blockOffset)
+            try await writeRefcountTableEntry(ti)
+            return
+        }
+    }
+
+    private func writeRefcountTableEntry(_ ti: Int) async throws {
+        var v: [UInt8] = []
+        v.appendBE64(refcountTable[ti])
+        try await hostFile.write(at: Int64(header.refcountTableOffset) + Int64(ti * 8), bytes: v)
+    }
+
+    /// Grows the refcount table so that entry `index` exists. The new table and the
+    /// refcount blocks needed to describe it are placed after the end of the image.
+    func growRefcountTable(covering index: Int) async throws {
+        try await refcountCache.flush()
+        let cs = Int64(clusterSize)
+        let rbe = Int64(refcountBlockEntries)
+        let areaStart = endCluster
+        let oldEntries = refcountTable.count
+        var newEntries = max(index + 1, oldEntries)
+        var blocks = 0
+        var tableClusters = 0
+        var lo = 0, hi = 0
+        // Fixed point: the area holds `blocks` new refcount blocks and the table; the table
+        // must have an entry for every block index up to the end of the area.
+        for _ in 0..<64 {
+            tableClusters = Int((Int64(newEntries) * 8 + cs - 1) / cs)
+            let areaEnd = areaStart + Int64(blocks + tableClusters)
+            lo = min(index, Int(areaStart / rbe))
+            hi = Int((areaEnd - 1) / rbe)
+            var missing = 0
+            for b in lo...hi where b >= oldEntries || refcountTable[b] == 0 { missing += 1 }
+            let wantEntries = max(newEntries, hi + 1, oldEntries + oldEntries / 2, index + 1)
+            if missing == blocks && wantEntries <= Int(Int64(tableClusters) * cs / 8) {
+                newEntries = Int(Int64(tableClusters) * cs / 8)
+                break
+            }
+            blocks = missing
+            newEntries = wantEntries
+        }
+        if Int64(tableClusters) * cs > 8 << 20 {
+            throw BlockError(.noSpace, "Reference count table would exceed its maximum size", path: filename)
+        }
+        var newTable = refcountTable
+        newTable.append(contentsOf: [UInt64](repeating: 0, count: newEntries - oldEntries))
+        // Assign new blocks to the missing indexes, in order, at the start of the area.
+        var next = areaStart
+        var newBlocks: [(index: Int, cluster: Int64)] = []
+        for b in lo...hi where newTable[b] == 0 {
+            newBlocks.append((b, next))
+            newTable[b] = UInt64(next << Int64(clusterBits))
+            next += 1
+        }
+        let tableStart = next
+        let areaEnd = tableStart + Int64(tableClusters)
+        // Write each new block with the counts of the area clusters it covers.
+        let buf = AlignedBuffer(count: clusterSize)
+        for nb in newBlocks {
+            let bytes = buf.withUnsafeMutableBytes { $0 }
+            memset(bytes.baseAddress!, 0, clusterSize)
+            let first = Int64(nb.index) * rbe
+            for c in max(first, areaStart)..<min(first + rbe, areaEnd) {
+                setRefcountValue(in: bytes, Int(c - first), 1)
+            }
+            try await buf.withUnsafeBytes { try await hostFile.write(at: nb.cluster << Int64(clusterBits), from: $0, flags: []) }
+            refcountCache.discard(nb.cluster << Int64(clusterBits))
+        }
+        // Area clusters covered by blocks that already existed.
+        for c in areaStart..<areaEnd {
+            let b = Int(c / rbe)
+            if !newBlocks.contains(where: { $0.index == b }) {
+                let off = Int64(newTable[b] & Qcow2Node.l1OffsetMask)
+                let e = try await refcountCache.get(off)
+                let i = Int(c % rbe)
+                setRefcountValue(in: e.bytes, i, refcountValue(in: e.bytes, i) + 1)
+                refcountCache.markDirty(e)
+            }
+        }
+        try await refcountCache.flush()
+        // The new table.
+        var raw = [UInt8](repeating: 0, count: tableClusters * clusterSize)
+        raw.withUnsafeMutableBytes { b in for (i, v) in newTable.enumerated() { b.setBE64(i * 8, v) } }
+        try await hostFile.write(at: tableStart << Int64(clusterBits), bytes: raw)
+        noteAllocated(areaStart, areaEnd - areaStart)
+        try await hostFile.flush()
+        // Switch the header to it (offset and size are adjacent fields: one write).
+        let oldOffset = Int64(header.refcountTableOffset)
+        let oldClusters = Int64(header.refcountTableClusters)
+        header.refcountTableOffset = UInt64(tableStart << Int64(clusterBits))
+        header.refcountTableClusters = UInt32(tableClusters)
+        var fields: [UInt8] = []
+        fields.appendBE64(header.refcountTableOffset)
+        fields.appendBE32(header.refcountTableClusters)
+        try await hostFile.write(at: 48, bytes: fields)
+        try await hostFile.flush()
+        refcountTable = newTable
+        // Free the old table.
+        for c in 0..<oldClusters {
+            try await updateRefcount((oldOffset >> Int64(clusterBits)) + c, by: -1)
+        }
+    }
+
+    // MARK: Allocation
+
+    /// Finds `count` contiguous free clusters (without taking them). Refcount blocks that
+    /// must exist for them are created first, so the result stays free.
+    func findFreeClusters(_ count: Int64) async throws -> Int64 {
+        var start = freeClusterIndex
+        while true {
+            var run: Int64 = 0
+            var c = start
+            while run < count {
+                if try await refcount(of: c) == 0 {
+                    run += 1
+                } else {
+                    run = 0
+                    start = c + 1
+                }
+                c += 1
+            }
+            return start
+        }
+    }
+
+    /// Allocates `count` contiguous clusters and returns the host offset of the first, and
+    /// whether the clusters were never used before (they read as zeros).
+    func allocateClusters(_ count: Int64) async throws -> (Int64, Bool) {
+        while true {
+            let start = try await findFreeClusters(count)
+            // Creating refcount blocks may itself take clusters in the run; then look again.
+            for c in start..<(start + count) { try await ensureRefcountBlock(for: c) }
+            var stillFree = true
+            for c in start..<(start + count) where try await refcount(of: c) != 0 {
+                stillFree = false
+                break
+            }
+            if !stillFree { continue }
+            for c in start..<(start + count) { try await updateRefcount(c, by: 1) }
+            if start == freeClusterIndex { freeClusterIndex = start + count }
+            let fresh = start >= freshClusterStart
+            noteAllocated(start, count)
+            return (start << Int64(clusterBits), fresh)
+        }
+    }
+
+    func noteAllocated(_ first: Int64, _ count: Int64) {
+        if first + count > endCluster { endCluster = first + count }
+        if first + count > freshClusterStart { freshClusterStart = first + count }
+    }
+
+    /// Drops one reference to each of `count` clusters starting at host offset `offset`.
+    func freeClusters(at offset: Int64, count: Int64) async throws {
+        try await refcountCache.setDependency(on: l2Cache)
+        let first = offset >> Int64(clusterBits)
+        for c in first..<(first + count) {
+            try await updateRefcount(c, by: -1)
+        }
+    }
+
+    /// Frees the clusters holding a compressed cluster's data (it may span two host clusters).
+    func freeCompressed(entry: UInt64) async throws {
+        let (off, size) = compressedLocation(entry)
+        let first = off >> Int64(clusterBits)
+        let last = (off + Int64(size) - 1) >> Int64(clusterBits)
+        for c in first...last {
+            try await refcountCache.setDependency(on: l2Cache)
+            try await updateRefcount(c, by: -1)
+        }
+    }
+}

@@ -1,0 +1,55 @@
+import Foundation
+import Testing
+@testable import QBlock
+
+/// Runs a program and returns (status, stdout, stderr).
+@discardableResult
+func sh(_ args: [String]) throws -> (Int32, String, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+}
+
+let haveQemuImg = FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img")
+
+func tempDir() throws -> String {
+    let d = NSTemporaryDirectory() + "qblock-\(UUID().uuidString)"
+    try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+    return d
+}
+
+@Suite struct Qcow2BasicTests {
+    @Test(arguments: [(65536, 3), (512, 3), (4096, 2), (2 << 20, 3)])
+    func createWriteReadCheck(clusterSize: Int, version: Int) async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/a.qcow2"
+        var o = Qcow2CreateOptions()
+        o.clusterSize = clusterSize
+        o.version = version
+        try await Qcow2Node.create(path: path, size: 64 << 20, options: o)
+        let node = try await ImageOpener.open(path)
+        let data = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        try await node.write(at: 12345, bytes: data)
+        try await node.write(at: 40 << 20, bytes: [UInt8](repeating: 0xab, count: 70000))
+        let back = try await node.read(at: 12345, count: data.count)
+        #expect(back == data)
+        let z = try await node.read(at: 0, count: 12345)
+        #expect(z == [UInt8](repeating: 0, count: 12345))
+        try await node.close()
+        if haveQemuImg {
+            let (st, out, err) = try sh(["qemu-img", "check", path])
+            #expect(st == 0, "qemu-img check: \(out) \(err)")
+            let (st2, out2, _) = try sh(["qemu-io", "-r", "-c", "read -P 0xab \(40 << 20) 70000", path])
+            #expect(st2 == 0 && !out2.contains("fail"), "\(out2)")
+        }
+    }
+}
