@@ -255,7 +255,12 @@ struct Qcow2Header: Equatable {
             ext.append(contentsOf: [UInt8](repeating: 0, count: (8 - data.count % 8) % 8))
         }
         if let f = backingFormat { add(ExtensionType.backingFormat.rawValue, Array(f.utf8)) }
-        if version >= 3 {
+        // The feature name table is optional: like QEMU, leave it out when it does not fit.
+        let fixedSize = version >= 3 ? Int(headerLength) : Qcow2Header.v2Length
+        let others = otherExtensions.reduce(0) { $0 + 8 + ($1.data.count + 7) / 8 * 8 }
+        let nameSize = backingFileName?.utf8.count ?? 0
+        let tableSize = 8 + Qcow2Header.featureTable.count * 48
+        if version >= 3 && fixedSize + ext.count + tableSize + others + 8 + nameSize <= clusterSize {
             var t: [UInt8] = []
             for f in Qcow2Header.featureTable {
                 t.append(f.type)
