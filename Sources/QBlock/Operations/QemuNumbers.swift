@@ -40,8 +40,9 @@ public enum QemuNumbers {
 
     /// Parses `text` exactly as qemu-io's `cvtnum` does: a decimal number with an optional
     /// fraction and a binary suffix (B, K, M, G, T, P, E; bytes by default), or a hexadecimal
-    /// number without suffix. The result is at most `Int64.max`.
-    public static func parseSize(_ text: String) -> Result<Int64, ParseError> {
+    /// number (QEMU 7.2 still accepts a suffix after it, with a deprecation warning passed to
+    /// `warning`). The result is at most `Int64.max`.
+    public static func parseSize(_ text: String, warning: ((String) -> Void)? = nil) -> Result<Int64, ParseError> {
         let b = Array(text.utf8)
         func at(_ i: Int) -> UInt8? { i < b.count ? b[i] : nil }
         var i = 0
@@ -65,6 +66,7 @@ public enum QemuNumbers {
         if overflow { return .failure(i == b.count ? .tooLarge : .invalid) }
         if negative { return .failure(.invalid) }
         var fraction: UInt64 = 0
+        var hex = false
         if value == 0, let c = at(i), c == UInt8(ascii: "x") || c == UInt8(ascii: "X") {
             // Hexadecimal: strtoull(base 16) from the sign, with an optional 0x prefix.
             var j = signEnd
@@ -79,7 +81,8 @@ public enum QemuNumbers {
                 j += 1
             }
             if overflow { return .failure(j == b.count ? .tooLarge : .invalid) }
-            if at(j) == UInt8(ascii: ".") || suffixMultiplier(at(j)) != nil { return .failure(.invalid) }
+            if at(j) == UInt8(ascii: ".") { return .failure(.invalid) }
+            hex = true
             i = j
         } else if at(i) == UInt8(ascii: ".") {
             var j = i + 1
@@ -101,6 +104,7 @@ public enum QemuNumbers {
         }
         var multiplier: UInt64 = 1
         if let m = suffixMultiplier(at(i)) {
+            if hex { warning?("Using a multiplier suffix on hex numbers is deprecated: \(text)") }
             multiplier = m
             i += 1
         }

@@ -2,8 +2,8 @@
 struct IOCommand {
     let name: String
     var altName: String? = nil
-    /// The usage arguments as qemu-io prints them.
-    let args: String
+    /// The usage arguments as qemu-io prints them (nil: none, not even the space).
+    let args: String?
     let oneline: String
     var help: String? = nil
     let argMin: Int
@@ -15,13 +15,18 @@ struct IOCommand {
     var needsWrite = false
     let run: (IOSession, [String]) async -> Bool
 
-    var usage: String { "\(name) \(args) -- \(oneline)" }
+    var usage: String { line(as: name) }
+
+    /// The one-line help, naming the command as `name`.
+    func line(as name: String) -> String {
+        args.map { "\(name) \($0) -- \(oneline)" } ?? "\(name) -- \(oneline)"
+    }
 }
 
 extension IOSession {
     /// The commands, sorted by name as qemu-io's table is.
     static let commands: [IOCommand] = [
-        IOCommand(name: "aio_flush", args: "", oneline: "completes all outstanding aio requests",
+        IOCommand(name: "aio_flush", args: nil, oneline: "completes all outstanding aio requests",
                   argMin: 0, argMax: 0) { s, _ in await s.drainAIO(); return true },
         IOCommand(name: "aio_read", args: "[-Ciqv] [-P pattern] off len [len..]",
                   oneline: "asynchronously reads a number of bytes", help: HelpText.aioRead,
@@ -31,25 +36,25 @@ extension IOSession {
                   argMin: 2, argMax: -1, needsWrite: true) { s, a in s.aioWrite(a) },
         IOCommand(name: "alloc", args: "offset [count]", oneline: "checks if offset is allocated in the file",
                   argMin: 1, argMax: 2) { s, a in await s.alloc(a) },
-        IOCommand(name: "close", altName: "c", args: "", oneline: "close the current open file",
+        IOCommand(name: "close", altName: "c", args: nil, oneline: "close the current open file",
                   argMin: 0, argMax: 0) { s, _ in await s.closeImage(); return true },
         IOCommand(name: "discard", altName: "d", args: "[-Cq] off len",
                   oneline: "discards a number of bytes at a specified offset", help: HelpText.discard,
                   argMin: 2, argMax: -1, needsWrite: true) { s, a in await s.discard(a) },
-        IOCommand(name: "flush", altName: "f", args: "", oneline: "flush all in-core file state to disk",
+        IOCommand(name: "flush", altName: "f", args: nil, oneline: "flush all in-core file state to disk",
                   argMin: 0, argMax: 0) { s, _ in await s.flush() },
         IOCommand(name: "help", altName: "?", args: "[command]", oneline: "help for one or all commands",
                   argMin: 0, argMax: 1, needsFile: false) { s, a in s.help(a) },
-        IOCommand(name: "info", altName: "i", args: "", oneline: "prints information about the current file",
+        IOCommand(name: "info", altName: "i", args: nil, oneline: "prints information about the current file",
                   argMin: 0, argMax: 0) { s, _ in s.info() },
-        IOCommand(name: "length", altName: "l", args: "", oneline: "gets the length of the current file",
+        IOCommand(name: "length", altName: "l", args: nil, oneline: "gets the length of the current file",
                   argMin: 0, argMax: 0) { s, _ in s.length() },
         IOCommand(name: "map", args: "", oneline: "prints the allocated areas of a file",
                   argMin: 0, argMax: 0) { s, _ in await s.map() },
         IOCommand(name: "open", altName: "o", args: "[-rnU] [-t cache] [-f fmt] [-o options] path",
                   oneline: "open the file specified by path", help: HelpText.open,
                   argMin: 1, argMax: -1, needsFile: false) { s, a in await s.openCommand(a) },
-        IOCommand(name: "quit", altName: "q", args: "", oneline: "exit the program",
+        IOCommand(name: "quit", altName: "q", args: nil, oneline: "exit the program",
                   argMin: 0, argMax: -1, needsFile: false) { s, _ in s.quit = true; return true },
         IOCommand(name: "read", altName: "r", args: "[-abCqv] [-P pattern [-s off] [-l len]] off len",
                   oneline: "reads a number of bytes at a specified offset", help: HelpText.read,
@@ -84,7 +89,7 @@ extension IOSession {
             Console.out("command \(argv[1]) not found\n")
             return false
         }
-        Console.out("\(argv[1]) \(c.args) -- \(c.oneline)\n" + (c.help ?? ""))
+        Console.out(c.line(as: argv[1]) + "\n" + (c.help ?? ""))
         return true
     }
 

@@ -34,10 +34,6 @@ struct GetOpt {
                 onlyOperands = true
                 continue
             }
-            if word.hasPrefix("--") {
-                items.append(.error("\(name): unrecognized option '\(word)'"))
-                continue
-            }
             let chars = Array(word.dropFirst())
             var k = 0
             while k < chars.count {

@@ -127,7 +127,7 @@ final class IOSession: @unchecked Sendable {
 
     /// Parses a number as qemu-io's `cvtnum`, printing qemu-io's message if it is not one.
     func number(_ text: String) -> Int64? {
-        switch QemuNumbers.parseSize(text) {
+        switch QemuNumbers.parseSize(text, warning: { Console.report("warning: " + $0) }) {
         case .success(let v): return v
         case .failure(let e):
             Console.out(QemuNumbers.message(for: e, argument: text) + "\n")
