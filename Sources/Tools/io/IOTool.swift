@@ -1,0 +1,73 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import QBlock
+
+/// `io`: exercises the I/O path of a disk image, with the commands and output of qemu-io.
+@main
+struct IOTool: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "io",
+        abstract: "Disk exerciser: runs qemu-io commands on an image.",
+        discussion: "Without -c, commands are read from standard input after a 'qemu-io> ' prompt. Type 'help' for the list.")
+
+    @Option(name: [.customShort("c"), .customLong("cmd")], help: "Execute command with its arguments (repeatable, run in order).")
+    var commands: [String] = []
+
+    @Option(name: [.customShort("f"), .customLong("format")], help: "Image format (raw, qcow2); probed if not given.")
+    var format: String?
+
+    @Flag(name: [.customShort("r"), .customLong("read-only")], help: "Open the image read-only.")
+    var readOnly = false
+
+    @Option(name: [.customShort("t"), .customLong("cache")], help: "Cache mode: none, writeback, writethrough, directsync, unsafe.")
+    var cache: String?
+
+    @Flag(name: [.customShort("n"), .customLong("nocache")], help: "Disable the host cache (same as -t none).")
+    var noCache = false
+
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Force shared permissions (only with -r).")
+    var forceShare = false
+
+    @Argument(help: "The image to open.")
+    var file: String?
+
+    static func main() async {
+        let tool: IOTool
+        do {
+            tool = try parse()
+        } catch {
+            if exitCode(for: error) == .success {
+                Console.out(fullMessage(for: error) + "\n")
+                Glibc.exit(0)
+            }
+            Console.report(message(for: error))
+            Console.err("Try 'io --help' for more information.")
+            Glibc.exit(1)
+        }
+        let status = await tool.execute()
+        Console.flush()
+        Glibc.exit(status)
+    }
+
+    /// Opens the image, runs the commands, and returns the exit status.
+    func execute() async -> Int32 {
+        var options = OpenOptions(format: format, readOnly: readOnly, forceShare: forceShare)
+        if noCache { options.cache = .none }
+        if let cache {
+            guard let mode = CacheMode(qemuName: cache) else {
+                Console.report("Invalid cache option: \(cache)")
+                return 1
+            }
+            options.cache = mode
+        }
+        let session = IOSession()
+        if let file, await !session.openImage(file, options: options) {
+            return 1
+        }
+        let ok = commands.isEmpty ? await session.interactive() : await session.run(commands)
+        await session.closeImage()
+        return ok ? 0 : 1
+    }
+}
