@@ -121,7 +121,7 @@ extension Qcow2Node {
             let t = try await l2Cache.get(old)
             contents = Array(UnsafeRawBufferPointer(t.bytes))
         }
-        let (newOffset, _) = try await allocateClusters(1)
+        let newOffset = try await allocateClusters(1)
         let e = try await l2Cache.getEmpty(newOffset)
         if let contents {
             contents.withUnsafeBytes { e.bytes.copyMemory(from: $0) }

@@ -158,7 +158,7 @@ extension Qcow2Node {
         let clusters = (Int64(entries) * 8 + cs - 1) / cs
         try await l2Cache.flush()
         try await refcountCache.flush()
-        let (newOffset, _) = try await allocateClusters(clusters)
+        let newOffset = try await allocateClusters(clusters)
         try await refcountCache.flush()
         var newTable = l1Table
         newTable.append(contentsOf: [UInt64](repeating: 0, count: entries - l1Table.count))
@@ -197,7 +197,7 @@ extension Qcow2Node {
                 pending.append(i)
             }
             if !pending.isEmpty {
-                let (host, _) = try await allocateClusters(Int64(pending.count))
+                let host = try await allocateClusters(Int64(pending.count))
                 for (k, i) in pending.enumerated() {
                     t.bytes.setBE64((firstL2 + i) * 8, UInt64(host + Int64(k) * cs) | Qcow2Node.copied)
                 }

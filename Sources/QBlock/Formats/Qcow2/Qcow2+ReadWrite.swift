@@ -88,7 +88,6 @@ extension Qcow2Node {
         let l1Index: Int
         let firstL2: Int
         let host: Int64
-        let fresh: Bool
         let oldEntries: [UInt64]
         let guestStart: Int64
         let runBytes: Int
@@ -119,7 +118,7 @@ extension Qcow2Node {
                 let data = UnsafeRawBufferPointer(rebasing: buffer[0..<a.runBytes])
                 var failure: Error?
                 do {
-                    try await writeAllocated(host: a.host, fresh: a.fresh, guestStart: a.guestStart,
+                    try await writeAllocated(host: a.host, guestStart: a.guestStart,
                                              clusters: Int64(a.oldEntries.count), oldEntries: a.oldEntries,
                                              offset: offset, data: data)
                 } catch {
@@ -163,12 +162,12 @@ extension Qcow2Node {
             oldEntries.append(e)
         }
         let n = Int64(oldEntries.count)
-        let (host, fresh) = try await allocateClusters(n)
+        let host = try await allocateClusters(n)
         let guestStart = firstCluster << cbits
         let runBytes = Int(min(Int64(count), guestStart + n * cs - offset))
         let event = AsyncEvent()
         inflight.append(InflightAllocation(firstCluster: firstCluster, count: n, done: event))
-        return .allocated(Allocation(l1Index: l1Index, firstL2: firstL2, host: host, fresh: fresh,
+        return .allocated(Allocation(l1Index: l1Index, firstL2: firstL2, host: host,
                                      oldEntries: oldEntries, guestStart: guestStart, runBytes: runBytes, event: event))
     }
 
@@ -194,7 +193,7 @@ extension Qcow2Node {
 
     /// Writes guest data into newly allocated host clusters, filling the parts of the first
     /// and last cluster the request does not cover from their previous content (copy-on-write).
-    private func writeAllocated(host: Int64, fresh: Bool, guestStart: Int64, clusters: Int64,
+    private func writeAllocated(host: Int64, guestStart: Int64, clusters: Int64,
                                 oldEntries: [UInt64], offset: Int64, data: UnsafeRawBufferPointer) async throws {
         let cs = Int64(clusterSize)
         let total = clusters * cs
@@ -204,11 +203,13 @@ extension Qcow2Node {
             try await hostFile.write(at: host, from: data, flags: [])
             return
         }
-        // Where the previous content is all zeros and the host clusters were never used,
-        // only the data needs writing: the rest of a fresh cluster already reads as zeros.
+        // Where the previous content is all zeros, no data needs reading or copying.
         let headZero = head == 0 || oldReadsZero(oldEntries[0], guestStart)
         let tailZero = tail == 0 || oldReadsZero(oldEntries[oldEntries.count - 1], guestStart + total - cs)
-        if fresh && headZero && tailZero {
+        if headZero && tailZero {
+            // Zero the clusters efficiently, then write the data (as QEMU does for zero
+            // copy-on-write areas, so the host file is laid out the same).
+            try await hostFile.writeZeroes(at: host, length: total, flags: [])
             try await hostFile.write(at: host + Int64(head), from: data, flags: [])
             return
         }

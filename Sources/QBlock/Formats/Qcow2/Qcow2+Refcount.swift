@@ -247,9 +247,8 @@ extension Qcow2Node {
         }
     }
 
-    /// Allocates `count` contiguous clusters and returns the host offset of the first, and
-    /// whether the clusters were never used before (they read as zeros).
-    func allocateClusters(_ count: Int64) async throws -> (Int64, Bool) {
+    /// Allocates `count` contiguous clusters and returns the host offset of the first.
+    func allocateClusters(_ count: Int64) async throws -> Int64 {
         while true {
             let start = try await findFreeClusters(count)
             // Creating refcount blocks may itself take clusters in the run; then look again.
@@ -262,15 +261,13 @@ extension Qcow2Node {
             if !stillFree { continue }
             for c in start..<(start + count) { try await updateRefcount(c, by: 1) }
             if start == freeClusterIndex { freeClusterIndex = start + count }
-            let fresh = start >= freshClusterStart
             noteAllocated(start, count)
-            return (start << Int64(clusterBits), fresh)
+            return start << Int64(clusterBits)
         }
     }
 
     func noteAllocated(_ first: Int64, _ count: Int64) {
         if first + count > endCluster { endCluster = first + count }
-        if first + count > freshClusterStart { freshClusterStart = first + count }
     }
 
     /// Drops one reference to each of `count` clusters starting at host offset `offset`.

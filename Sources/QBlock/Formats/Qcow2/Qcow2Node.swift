@@ -66,8 +66,6 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     var freeClusterIndex: Int64 = 0
     /// One past the highest cluster index ever in use (file end, in clusters).
     var endCluster: Int64
-    /// Clusters at or beyond this index were never written: they read as zeros.
-    var freshClusterStart: Int64
     /// Guest clusters whose allocation is under way.
     var inflight: [InflightAllocation] = []
     /// The last decompressed cluster (L2 entry → data).
@@ -105,7 +103,6 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         refcountCache = Qcow2MetadataCache(name: "refcount", file: file, tableSize: cs, capacity: max(4, l2Count / 4))
         let fileClusters = (file.length + Int64(cs) - 1) / Int64(cs)
         endCluster = fileClusters
-        freshClusterStart = fileClusters
         let sync: () async throws -> Void = { [unowned file] in try await file.flush() }
         l2Cache.syncFile = sync
         refcountCache.syncFile = sync
