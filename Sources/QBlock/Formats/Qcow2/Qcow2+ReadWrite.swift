@@ -253,66 +253,123 @@ extension Qcow2Node {
 
     // MARK: Zeroes and discard
 
+    /// Write-zeroes as QEMU's qcow2 driver does it: whole clusters get the zero flag (v3) or
+    /// are discarded (v2 without a backing file); a partial cluster is zeroed as a whole when
+    /// the rest of it already reads as zeros and nothing is allocated there, else it gets
+    /// explicit zero data.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
         let cs = Int64(clusterSize)
         let end = offset + length
-        // [offset, headEnd) and [tailStart, end) are partial clusters; between them whole
-        // clusters (the last, partial cluster of an image whose size is unaligned counts as whole).
-        let headEnd = min(end, (offset + cs - 1) / cs * cs)
-        var tailStart = max(headEnd, end / cs * cs)
-        if end == Int64(header.size) { tailStart = end }
-        if header.version < 3 {
+        let size = Int64(header.size)
+        let efficient = header.version >= 3 || (backingNode == nil && header.backingFileName == nil)
+        guard efficient else {
             try await zeroExplicitly(from: offset, to: end, flags: flags)
-        } else {
-            try await zeroExplicitly(from: offset, to: headEnd, flags: flags)
-            if tailStart > headEnd {
-                try await setZeroClusters(from: headEnd, to: tailStart, unmap: flags.contains(.mayUnmap))
-            }
-            try await zeroExplicitly(from: tailStart, to: end, flags: flags)
+            if flags.contains(.fua) { try await flush() }
+            return
         }
+        // [offset, headEnd) and [tailStart, end) are partial clusters, whole clusters between
+        // them; the last cluster of an image whose size is unaligned counts as whole.
+        let headEnd = offset % cs == 0 ? offset : min(end, (offset + cs - 1) / cs * cs)
+        var tailStart = max(headEnd, end / cs * cs)
+        if end >= size { tailStart = end }
+        if headEnd > offset { try await zeroPartialCluster(from: offset, to: headEnd, flags: flags) }
+        if tailStart > headEnd {
+            try await zeroWholeClusters(from: headEnd, to: tailStart, unmap: flags.contains(.mayUnmap))
+        }
+        if end > tailStart { try await zeroPartialCluster(from: tailStart, to: end, flags: flags) }
         if flags.contains(.fua) { try await flush() }
     }
 
-    private func zeroExplicitly(from start: Int64, to end: Int64, flags: WriteFlags) async throws {
-        var pos = start
-        while pos < end {
+    /// Zeroes [start, end), which lies inside one cluster. The check that the rest of the
+    /// cluster reads as zeros and the L2 update happen under one hold of the lock, so a
+    /// concurrent write to the same cluster cannot slip in between.
+    private func zeroPartialCluster(from start: Int64, to end: Int64, flags: WriteFlags) async throws {
+        let cs = Int64(clusterSize)
+        let clusterStart = start / cs * cs
+        let clusterEnd = min(clusterStart + cs, Int64(header.size))
+        let cluster = clusterStart / cs
+        while true {
             await metaLock.lock()
-            let m: Mapping
-            do { m = try await lookup(pos, end - pos) } catch { metaLock.unlock(); throw error }
-            metaLock.unlock()
-            let n = m.length
-            let alreadyZero = m.kind == .zero || m.kind == .zeroAllocated ||
-                (m.kind == .unallocated && (backingNode == nil || pos >= backingNode!.length))
-            if !alreadyZero {
-                if flags.contains(.noFallback) {
-                    throw BlockError(.unsupported, "write zeroes cannot be done efficiently here", errno: ENOTSUP, path: filename, offset: pos)
-                }
-                let zeros = AlignedBuffer(count: Int(min(n, 1 << 20)))
-                var p = pos
-                while p < pos + n {
-                    let k = Int(min(Int64(zeros.count), pos + n - p))
-                    try await zeros.withUnsafeBytes { z in
-                        try await self.write(at: p, from: UnsafeRawBufferPointer(rebasing: z[0..<k]), flags: [])
+            guard await waitForInflight(cluster, 1) else { continue }
+            do {
+                let m = try await lookup(clusterStart, clusterEnd - clusterStart)
+                if m.kind == .unallocated || m.kind == .zero {
+                    let headZero = try await readsAsZeroLocked(clusterStart, start)
+                    let tailZero = try await readsAsZeroLocked(end, clusterEnd)
+                    if headZero && tailZero {
+                        try await transformClustersLocked(cluster, 1, zeroTransform(unmap: flags.contains(.mayUnmap)))
+                        metaLock.unlock()
+                        return
                     }
-                    p += Int64(k)
                 }
+            } catch {
+                metaLock.unlock()
+                throw error
             }
-            pos += n
+            metaLock.unlock()
+            try await zeroExplicitly(from: start, to: end, flags: flags)
+            return
         }
     }
 
-    /// Sets whole clusters in [start, end) to read as zeros (v3 zero flag).
-    private func setZeroClusters(from start: Int64, to end: Int64, unmap: Bool) async throws {
-        try await updateWholeClusters(from: start, to: end) { e in
-            switch self.kind(of: e) {
-            case .compressed: return (Qcow2Node.zeroFlag, true)
-            case .normal, .zeroAllocated:
-                if unmap || e & Qcow2Node.copied == 0 { return (Qcow2Node.zeroFlag, true) }
-                return ((e & ~Qcow2Node.zeroFlag) | Qcow2Node.zeroFlag, false)
-            case .zero: return (e, false)
-            case .unallocated: return (Qcow2Node.zeroFlag, false)
+    /// Whether guest bytes [start, end) read as zeros, judged by block status. Lock held.
+    private func readsAsZeroLocked(_ start: Int64, _ end: Int64) async throws -> Bool {
+        var pos = start
+        while pos < end {
+            let m = try await lookup(pos, end - pos)
+            switch m.kind {
+            case .zero, .zeroAllocated: break
+            case .normal, .compressed: return false
+            case .unallocated:
+                if let b = backingNode, pos < b.length {
+                    var p = pos
+                    let stop = min(pos + m.length, b.length)
+                    while p < stop {
+                        let st = try await b.blockStatus(at: p, length: stop - p)
+                        if !st.flags.contains(.zero) { return false }
+                        p += st.length
+                    }
+                }
             }
+            pos += m.length
+        }
+        return true
+    }
+
+    /// Explicit zero data through the normal write path.
+    private func zeroExplicitly(from start: Int64, to end: Int64, flags: WriteFlags) async throws {
+        guard end > start else { return }
+        if flags.contains(.noFallback) {
+            throw BlockError(.unsupported, "write zeroes cannot be done efficiently here", errno: ENOTSUP, path: filename, offset: start)
+        }
+        let zeros = AlignedBuffer(count: Int(min(end - start, 1 << 20)))
+        var p = start
+        while p < end {
+            let k = Int(min(Int64(zeros.count), end - p))
+            try await zeros.withUnsafeBytes { z in
+                try await self.write(at: p, from: UnsafeRawBufferPointer(rebasing: z[0..<k]), flags: [])
+            }
+            p += Int64(k)
+        }
+    }
+
+    /// Makes whole clusters in [start, end) read as zeros: the v3 zero flag (unmapping when
+    /// allowed, and always for compressed clusters), or a discard in v2.
+    private func zeroWholeClusters(from start: Int64, to end: Int64, unmap: Bool) async throws {
+        try await updateWholeClusters(from: start, to: end, zeroTransform(unmap: unmap))
+    }
+
+    /// The L2 entry change that makes a cluster read as zeros: the zero flag in v3 (dropping
+    /// the host cluster when unmapping is allowed, and always for compressed data); in v2,
+    /// only possible without a backing file, a discard.
+    private func zeroTransform(unmap: Bool) -> (UInt64) -> (UInt64, Bool) {
+        if header.version < 3 { return discardTransform() }
+        return { e in
+            let k = self.kind(of: e)
+            let allocated = k == .normal || k == .zeroAllocated || k == .compressed
+            let drop = k == .compressed || (unmap && allocated)
+            return ((drop ? 0 : e) | Qcow2Node.zeroFlag, drop)
         }
     }
 
@@ -321,75 +378,77 @@ extension Qcow2Node {
         let cs = Int64(clusterSize)
         let start = (offset + cs - 1) / cs * cs
         var end = (offset + length) / cs * cs
-        if offset + length == Int64(header.size) { end = (offset + length + cs - 1) / cs * cs }
+        if offset + length >= Int64(header.size) { end = offset + length }
         guard end > start else { return }
+        try await discardClusters(from: start, to: end)
+    }
+
+    /// Discards whole clusters: they read as zeros in v3 (or show the backing file in v2).
+    private func discardClusters(from start: Int64, to end: Int64) async throws {
+        try await updateWholeClusters(from: start, to: end, discardTransform())
+    }
+
+    private func discardTransform() -> (UInt64) -> (UInt64, Bool) {
         let v3 = header.version >= 3
         let hasBacking = backingNode != nil || header.backingFileName != nil
-        try await updateWholeClusters(from: start, to: end, punchFreed: true) { e in
+        return { e in
             let k = self.kind(of: e)
             let allocated = k == .normal || k == .zeroAllocated || k == .compressed
             let newEntry: UInt64 = (v3 && (hasBacking || allocated)) ? Qcow2Node.zeroFlag : 0
-            if k == .unallocated && !v3 { return (e, false) }
             return (newEntry, allocated)
         }
     }
 
     /// Applies `transform` to the L2 entries of whole clusters in [start, end), freeing the
     /// old host cluster when it says so. Waits for allocations in flight.
-    private func updateWholeClusters(from start: Int64, to end: Int64, punchFreed: Bool = false,
+    private func updateWholeClusters(from start: Int64, to end: Int64,
                                      _ transform: @escaping (UInt64) -> (UInt64, Bool)) async throws {
         let cbits = Int64(clusterBits)
         var cluster = start >> cbits
         let endCluster = (end + Int64(clusterSize) - 1) >> cbits
         while cluster < endCluster {
             await metaLock.lock()
-            let l1Index = Int(cluster / Int64(l2Entries))
             let firstL2 = Int(cluster % Int64(l2Entries))
             let n = min(endCluster - cluster, Int64(l2Entries - firstL2))
             guard await waitForInflight(cluster, n) else { continue }
             do {
-                if l1Index >= l1Table.count { metaLock.unlock(); return }
-                // Nothing to do for a missing L2 table whose clusters stay unallocated.
-                let l2 = try await l2Offset(l1Index)
-                if l2 == 0 && transform(0).0 == 0 {
-                    metaLock.unlock()
-                    cluster += n
-                    continue
-                }
-                let t = try await l2TableForWrite(l1Index)
-                l2Cache.pin(t)
-                defer { l2Cache.release(t) }
-                var changed = false
-                for i in 0..<Int(n) {
-                    let old = t.bytes.be64((firstL2 + i) * 8)
-                    let (new, free) = transform(old)
-                    if new == old { continue }
-                    t.bytes.setBE64((firstL2 + i) * 8, new)
-                    changed = true
-                    if free {
-                        // The L2 change must reach the disk before the refcount drop.
-                        l2Cache.markDirty(t)
-                        switch kind(of: old) {
-                        case .compressed: try await freeCompressed(entry: old)
-                        case .normal, .zeroAllocated:
-                            let host = Int64(old & Qcow2Node.l2OffsetMask)
-                            // Give the space back to the host file system while the cluster
-                            // cannot yet be reused (the lock is held).
-                            if punchFreed && old & Qcow2Node.copied != 0 {
-                                try? await hostFile.discard(at: host, length: Int64(clusterSize))
-                            }
-                            try await freeClusters(at: host, count: 1)
-                        default: break
-                        }
-                    }
-                }
-                if changed { l2Cache.markDirty(t) }
-                metaLock.unlock()
+                try await transformClustersLocked(cluster, n, transform)
             } catch {
                 metaLock.unlock()
                 throw error
             }
+            metaLock.unlock()
             cluster += n
+        }
+    }
+
+    /// Applies `transform` to `n` L2 entries from guest cluster `cluster` (within one L2
+    /// table). Freed clusters are discarded in the host file too. Lock held.
+    private func transformClustersLocked(_ cluster: Int64, _ n: Int64,
+                                         _ transform: (UInt64) -> (UInt64, Bool)) async throws {
+        let l1Index = Int(cluster / Int64(l2Entries))
+        let firstL2 = Int(cluster % Int64(l2Entries))
+        if l1Index >= l1Table.count { return }
+        // Nothing to do for a missing L2 table whose clusters would stay unallocated.
+        if try await l2Offset(l1Index) == 0 && transform(0).0 == 0 { return }
+        let t = try await l2TableForWrite(l1Index)
+        l2Cache.pin(t)
+        defer { l2Cache.release(t) }
+        for i in 0..<Int(n) {
+            let old = t.bytes.be64((firstL2 + i) * 8)
+            let (new, free) = transform(old)
+            if new == old { continue }
+            t.bytes.setBE64((firstL2 + i) * 8, new)
+            l2Cache.markDirty(t)
+            if free {
+                // The L2 change reaches the disk before the refcount drop (cache dependency).
+                switch kind(of: old) {
+                case .compressed: try await freeCompressed(entry: old, discardHost: true)
+                case .normal, .zeroAllocated:
+                    try await freeClusters(at: Int64(old & Qcow2Node.l2OffsetMask), count: 1, discardHost: true)
+                default: break
+                }
+            }
         }
     }
 

@@ -62,7 +62,9 @@ extension Qcow2Node {
 
     /// Adds `delta` to the refcount of `cluster`, allocating its refcount block if needed.
     /// - Throws: `.corrupt` on overflow or underflow.
-    func updateRefcount(_ cluster: Int64, by delta: Int64) async throws {
+    /// With `discardHost`, a cluster whose count drops to zero is also discarded in the host
+    /// file (QEMU's discard passthrough for guest requests).
+    func updateRefcount(_ cluster: Int64, by delta: Int64, discardHost: Bool = false) async throws {
         try await ensureRefcountBlock(for: cluster)
         let ti = Int(cluster / Int64(refcountBlockEntries))
         let blockOffset = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)
@@ -83,7 +85,13 @@ extension Qcow2Node {
         }
         setRefcountValue(in: e.bytes, i, new)
         refcountCache.markDirty(e)
-        if new == 0 && cluster < freeClusterIndex { freeClusterIndex = cluster }
+        if new == 0 {
+            if cluster < freeClusterIndex { freeClusterIndex = cluster }
+            if discardHost {
+                // The lock is held, so the cluster cannot be reused before the hole is punched.
+                try? await hostFile.discard(at: cluster << Int64(clusterBits), length: Int64(clusterSize))
+            }
+        }
     }
 
     /// Makes sure a refcount block covers host cluster `cluster`.
@@ -271,22 +279,22 @@ extension Qcow2Node {
     }
 
     /// Drops one reference to each of `count` clusters starting at host offset `offset`.
-    func freeClusters(at offset: Int64, count: Int64) async throws {
+    func freeClusters(at offset: Int64, count: Int64, discardHost: Bool = false) async throws {
         try await refcountCache.setDependency(on: l2Cache)
         let first = offset >> Int64(clusterBits)
         for c in first..<(first + count) {
-            try await updateRefcount(c, by: -1)
+            try await updateRefcount(c, by: -1, discardHost: discardHost)
         }
     }
 
     /// Frees the clusters holding a compressed cluster's data (it may span two host clusters).
-    func freeCompressed(entry: UInt64) async throws {
+    func freeCompressed(entry: UInt64, discardHost: Bool = false) async throws {
         let (off, size) = compressedLocation(entry)
         let first = off >> Int64(clusterBits)
         let last = (off + Int64(size) - 1) >> Int64(clusterBits)
         for c in first...last {
             try await refcountCache.setDependency(on: l2Cache)
-            try await updateRefcount(c, by: -1)
+            try await updateRefcount(c, by: -1, discardHost: discardHost)
         }
     }
 }
