@@ -42,6 +42,11 @@ let package = Package(
             dependencies: ["QBlock"],
             path: "Tests/TestSupport"
         ),
+        .executableTarget(
+            name: "qblock-stress",
+            dependencies: ["QBlock", "TestSupport"],
+            path: "Tests/Stress"
+        ),
         .testTarget(
             name: "QBlockTests",
             dependencies: ["QBlock", "TestSupport"],
