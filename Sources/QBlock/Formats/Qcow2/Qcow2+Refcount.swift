@@ -239,20 +239,22 @@ extension Qcow2Node {
     /// must exist for them are created first, so the result stays free.
     func findFreeClusters(_ count: Int64) async throws -> Int64 {
         var start = freeClusterIndex
-        while true {
-            var run: Int64 = 0
-            var c = start
-            while run < count {
-                if try await refcount(of: c) == 0 {
-                    run += 1
-                } else {
-                    run = 0
-                    start = c + 1
-                }
-                c += 1
+        var run: Int64 = 0
+        var c = start
+        var firstFree: Int64 = -1
+        while run < count {
+            if try await refcount(of: c) == 0 {
+                if firstFree < 0 { firstFree = c }
+                run += 1
+            } else {
+                run = 0
+                start = c + 1
             }
-            return start
+            c += 1
         }
+        // Everything below the first free cluster seen is in use: start there next time.
+        freeClusterIndex = firstFree
+        return start
     }
 
     /// Allocates `count` contiguous clusters and returns the host offset of the first.
