@@ -259,8 +259,10 @@ extension Qcow2Node {
     private func applyRepair(_ mode: CheckRepair, _ rc: inout ReferenceCount) async throws {
         let before = rc.result
         if rc.result.corruptions > 0 && mode == .all {
-            try await fixCopiedFlags(rc.copiedErrors)
+            // Counts first, then the COPIED flags, which must agree with the new counts.
             try await rebuildRefcounts()
+            let recounted = try await countReferences(includeRefcountStructure: true)
+            try await fixCopiedFlags(recounted.copiedErrors)
         } else if rc.result.leaks > 0 {
             // Leaks only: lower the stored counts in place.
             let cs = Int64(clusterSize)
