@@ -79,6 +79,14 @@ public enum BlockMap {
             bytes = max(1, min(bytes, s.length))
             var flags = s.flags
             if flags.contains(.compressed) { s.hostOffset = nil }
+            if let host = s.hostOffset, flags.contains(.data), !flags.contains(.zero),
+               let q = cur as? Qcow2Node, looksMetadataPreallocated(q) {
+                // QEMU asks the host file about data clusters of metadata-preallocated images
+                // (BDRV_BLOCK_RECURSE): clusters that are holes there read as zeros.
+                let f = try await q.hostFile.blockStatus(at: host, length: bytes)
+                if f.flags.contains(.zero) { flags.insert(.zero) }
+                if host < q.hostFile.length { bytes = max(1, min(bytes, f.length)) }
+            }
             if !flags.contains(.data) && !flags.contains(.zero) {
                 if let below = cur.backing {
                     if offset >= qemuLength(below) {
@@ -97,6 +105,16 @@ public enum BlockMap {
                             zero: flags.contains(.zero), data: flags.contains(.data),
                             offset: s.hostOffset, filename: hostFile)
         }
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`, approximated without refcounts: the
+    /// image counts as metadata-preallocated when its host file has clearly more clusters
+    /// than are really allocated on disk (every cluster of a qcow2 file is normally in use).
+    static func looksMetadataPreallocated(_ q: Qcow2Node) -> Bool {
+        let cs = Int64(q.clusterSize)
+        let realClusters = q.hostFile.allocatedSize / cs
+        let threshold = max(realClusters * 10 / 9, realClusters + 2)
+        return (q.hostFile.length + cs - 1) / cs >= threshold
     }
 
     /// The entries of `qemu-img map --output=json`, merged as qemu-img merges them.

@@ -152,7 +152,11 @@ public enum ImageCreator {
                 node = try await ImageOpener.open(full, options: OpenOptions(format: backingFmt, readOnly: true, forceShare: true))
             } catch {
                 let e = error.asBlockError
-                throw BlockError(e.code, e.message + "\nCould not open backing image.", errno: e.errno, path: full, operation: "open backing")
+                // QEMU names the file only when the file itself could not be opened.
+                var why = e.message
+                let prefix = "Could not open '\(full)': "
+                if why.hasPrefix(prefix) && !(e.errno != nil && e.operation == "open") { why = String(why.dropFirst(prefix.count)) }
+                throw BlockError(e.code, why + "\nCould not open backing image.", errno: e.errno, path: full, operation: "open backing")
             }
             let detected = node.driverName
             let backingLength = qemuLength(node)

@@ -15,7 +15,7 @@ struct ImgCheck: AsyncParsableCommand {
         var mode: CheckRepair?
         if let repair {
             guard let m = CheckRepair(rawValue: repair) else {
-                throw fail("Unknown option value for -r (expecting 'leaks' or 'all'): \(repair)")
+                throw usageError("Unknown option value for -r (expecting 'leaks' or 'all'): \(repair)")
             }
             mode = m
         }

@@ -1,5 +1,8 @@
 import ArgumentParser
 import QBlock
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct ImgCreate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "create", abstract: "Create an image.")
@@ -22,6 +25,12 @@ struct ImgCreate: AsyncParsableCommand {
             if !quiet { writeStdout(plan.formattingLine + "\n") }
             try await ImageCreator.execute(plan)
         } catch let e as BlockError {
+            if e.message.contains("\nDetected format of ") {
+                // qemu-img prints this hint without a final newline; so do we, byte for byte.
+                fflush(stdout)
+                writeStderr("img: \(filename): \(e.message)")
+                throw ExitCode.failure
+            }
             throw fail("\(filename): \(e.message)")
         }
     }

@@ -28,6 +28,13 @@ func fail(_ message: String, code: Int32 = 1) -> ExitCode {
     return ExitCode(code)
 }
 
+/// A usage error as qemu-img's error_exit reports it: the message and a pointer to --help.
+func usageError(_ message: String) -> ExitCode {
+    printError(message)
+    writeStderr("Try 'img --help' for more information\n")
+    return ExitCode.failure
+}
+
 /// The "You may use k, M, G..." error qemu-img's cvtnum prints for a bad number.
 func invalidNumber(_ what: String) -> ExitCode {
     printError("Invalid \(what) specified. You may use k, M, G, T, P or E suffixes for")
