@@ -1,1 +1,30 @@
-print("ex")
+// Creates a raw image, writes a pattern through the library, reads it back and shows
+// what qemu-img map would say about the file.
+import QBlock
+#if canImport(Glibc)
+import Glibc
+#endif
+
+func runExample(path: String) async throws {
+    try await ImageCreator.create(format: "raw", path: path, size: 4 << 20)
+    let disk = try await ImageOpener.open(path, options: OpenOptions(format: "raw"))
+    // Buffers handed to async I/O must stay valid while it runs: AlignedBuffer owns its memory.
+    let data = AlignedBuffer(count: 65536)
+    data.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0x5a) }
+    try await data.withUnsafeBytes { try await disk.write(at: 1 << 20, from: $0, flags: []) }
+    try await disk.flush()
+    let back = AlignedBuffer(count: 65536)
+    try await back.withUnsafeMutableBytes { try await disk.read(at: 1 << 20, into: $0) }
+    print(back.bytes == data.bytes ? "read back what was written" : "MISMATCH")
+    for e in try await BlockMap.entries(of: disk) { print(e.json) }
+    try await disk.close()
+}
+
+let path = CommandLine.arguments.count > 1 ? CommandLine.arguments[1] : "/tmp/qblock-example.raw"
+do {
+    try await runExample(path: path)
+} catch {
+    let message = (error as? BlockError)?.message ?? "\(error)"
+    fputs("example: \(message)\n", stderr)
+    exit(1)
+}

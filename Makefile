@@ -1,0 +1,47 @@
+# QBlock build entry points. `make test` is what CI runs (.ci/run).
+SWIFT        ?= swift
+SCRATCH      ?= .build
+SWIFT_FLAGS  ?= --scratch-path $(SCRATCH)
+APT_PACKAGES := zlib1g-dev libzstd-dev qemu-utils
+
+.PHONY: all build release test demo bench clean deps
+
+all: build
+
+# Installs the system packages the build and the interop tests need, only those missing.
+# apt-get update runs once, and only when something has to be installed.
+deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+build: deps
+	$(SWIFT) build $(SWIFT_FLAGS)
+
+release: deps
+	$(SWIFT) build $(SWIFT_FLAGS) -c release
+
+test: deps
+	$(SWIFT) build $(SWIFT_FLAGS) --build-tests
+	$(SWIFT) test $(SWIFT_FLAGS) --skip-build
+
+demo: release
+	BIN="$$($(SWIFT) build $(SWIFT_FLAGS) -c release --show-bin-path)" bash scripts/demo.sh
+
+bench: release
+	@set -e; found=0; \
+	for b in benchmarks/*.sh; do \
+		[ -f "$$b" ] || continue; found=1; \
+		echo "== $$b"; BIN="$$($(SWIFT) build $(SWIFT_FLAGS) -c release --show-bin-path)" bash "$$b"; \
+	done; \
+	[ $$found = 1 ] || echo "no benchmarks/*.sh yet"
+
+clean:
+	rm -rf $(SCRATCH)

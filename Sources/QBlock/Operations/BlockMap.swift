@@ -1,0 +1,194 @@
+/// One run of `qemu-img map` output.
+public struct MapEntry: Sendable, Equatable, CustomStringConvertible {
+    public var start: Int64
+    public var length: Int64
+    /// How far down the backing chain the run's content comes from (0: the top image).
+    public var depth: Int64
+    /// Whether the content is determined by the image at `depth` (false: unallocated
+    /// everywhere and reading as zeros).
+    public var present: Bool
+    public var zero: Bool
+    public var data: Bool
+    /// Where the run lies in `filename`, if it has a host location.
+    public var offset: Int64?
+    /// The protocol file holding the run (only with an `offset`).
+    public var filename: String?
+
+    public init(start: Int64, length: Int64, depth: Int64, present: Bool, zero: Bool, data: Bool,
+                offset: Int64? = nil, filename: String? = nil) {
+        self.start = start
+        self.length = length
+        self.depth = depth
+        self.present = present
+        self.zero = zero
+        self.data = data
+        self.offset = offset
+        self.filename = filename
+    }
+
+    /// The entry as one object of `qemu-img map --output=json` (7.2: no "compressed" key).
+    public var json: String {
+        var s = "{ \"start\": \(start), \"length\": \(length), \"depth\": \(depth), \"present\": \(present), "
+            + "\"zero\": \(zero), \"data\": \(data)"
+        if let offset { s += ", \"offset\": \(offset)" }
+        return s + "}"
+    }
+
+    public var description: String { json }
+
+    /// qemu-img's `entry_mergeable`: `next` continues this entry.
+    func mergeable(with next: MapEntry) -> Bool {
+        if length == 0 { return false }
+        if zero != next.zero || data != next.data || depth != next.depth || present != next.present
+            || (filename == nil) != (next.filename == nil) || (offset == nil) != (next.offset == nil) {
+            return false
+        }
+        if let f = filename, f != next.filename { return false }
+        if let o = offset, o + length != next.offset { return false }
+        return true
+    }
+}
+
+/// The output formats of `map`.
+public enum MapOutputFormat: String, Sendable {
+    case human, json
+}
+
+/// Computes `qemu-img map` over a node and its backing chain.
+public enum BlockMap {
+    /// The status of the run at `offset` (at most `length` bytes) as qemu-img's
+    /// `get_block_status` sees it: the chain is walked down until a node says the run is
+    /// data or zeros; a run unallocated in a node without backing (or beyond the end of
+    /// its backing node) reads as zeros there and is not "present".
+    public static func status(of node: any BlockDriver, at offset: Int64, length: Int64) async throws -> MapEntry {
+        var bytes = length
+        var depth: Int64 = 0
+        var cur: any BlockDriver = node
+        while true {
+            let nodeLength = qemuLength(cur)
+            var s: BlockStatus
+            if offset >= cur.length && !(cur is RawNode || cur is FileNode) {
+                // Past the node's end but inside its last sector: reads as zeros. (Raw and
+                // file nodes answer this themselves, with the host offset.)
+                s = BlockStatus(flags: [.zero, .allocated], length: min(bytes, max(1, nodeLength - offset)))
+            } else if offset >= cur.length {
+                s = try await cur.blockStatus(at: offset, length: min(bytes, nodeLength - offset))
+            } else {
+                s = try await cur.blockStatus(at: offset, length: min(bytes, cur.length - offset))
+            }
+            bytes = max(1, min(bytes, s.length))
+            var flags = s.flags
+            if flags.contains(.compressed) { s.hostOffset = nil }
+            if let host = s.hostOffset, flags.contains(.data), !flags.contains(.zero),
+               let q = cur as? Qcow2Node, looksMetadataPreallocated(q) {
+                // QEMU asks the host file about data clusters of metadata-preallocated images
+                // (BDRV_BLOCK_RECURSE): clusters that are holes there read as zeros.
+                let f = try await q.hostFile.blockStatus(at: host, length: bytes)
+                if f.flags.contains(.zero) { flags.insert(.zero) }
+                if host < q.hostFile.length { bytes = max(1, min(bytes, f.length)) }
+            }
+            if !flags.contains(.data) && !flags.contains(.zero) {
+                if let below = cur.backing {
+                    if offset >= qemuLength(below) {
+                        flags.insert(.zero)
+                    } else {
+                        cur = below
+                        depth += 1
+                        continue
+                    }
+                } else {
+                    flags.insert(.zero)
+                }
+            }
+            let hostFile = s.hostOffset == nil ? nil : (cur.file ?? cur).filename
+            return MapEntry(start: offset, length: bytes, depth: depth, present: flags.contains(.allocated),
+                            zero: flags.contains(.zero), data: flags.contains(.data),
+                            offset: s.hostOffset, filename: hostFile)
+        }
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`, approximated without refcounts: the
+    /// image counts as metadata-preallocated when its host file has clearly more clusters
+    /// than are really allocated on disk (every cluster of a qcow2 file is normally in use).
+    static func looksMetadataPreallocated(_ q: Qcow2Node) -> Bool {
+        let cs = Int64(q.clusterSize)
+        let realClusters = q.hostFile.allocatedSize / cs
+        let threshold = max(realClusters * 10 / 9, realClusters + 2)
+        return (q.hostFile.length + cs - 1) / cs >= threshold
+    }
+
+    /// The entries of `qemu-img map --output=json`, merged as qemu-img merges them.
+    public static func entries(of node: any BlockDriver, start: Int64 = 0, maxLength: Int64? = nil) async throws -> [MapEntry] {
+        var out: [MapEntry] = []
+        try await walk(node, start: start, maxLength: maxLength) { e, _ in out.append(e) }
+        return out
+    }
+
+    /// Walks the image as qemu-img's `img_map` loop does and hands each finished entry to
+    /// `emit` together with the entry that follows it (nil for the last one). `emit` may
+    /// change the following entry (the human format does, to merge more).
+    static func walk(_ node: any BlockDriver, start: Int64, maxLength: Int64?,
+                     emit: (MapEntry, inout MapEntry?) throws -> Void) async throws {
+        var length = qemuLength(node)
+        if let maxLength { length = min(start + maxLength, length) }
+        var curr = MapEntry(start: start, length: 0, depth: 0, present: false, zero: false, data: false)
+        while curr.start + curr.length < length {
+            let offset = curr.start + curr.length
+            let next: MapEntry
+            do {
+                next = try await status(of: node, at: offset, length: length - offset)
+            } catch {
+                let e = error.asBlockError
+                throw BlockError(e.code, "Could not read file metadata: \(e.message)", errno: e.errno, path: node.filename,
+                                 offset: offset, operation: "map")
+            }
+            if curr.mergeable(with: next) {
+                curr.length += next.length
+                continue
+            }
+            var n: MapEntry? = next
+            if curr.length > 0 { try emit(curr, &n) }
+            curr = n ?? next
+        }
+        var none: MapEntry? = nil
+        try emit(curr, &none)
+    }
+
+    /// Renders `qemu-img map` output, handing text to `output` as it is produced (so that
+    /// what was printed before an error stays printed, as with qemu-img).
+    /// - Throws: ``BlockError`` with qemu-img's message ("File contains external, encrypted
+    ///   or compressed clusters." in the human format, "Could not read file metadata: ...").
+    public static func render(_ node: any BlockDriver, format: MapOutputFormat, start: Int64 = 0, maxLength: Int64? = nil,
+                              output: (String) -> Void) async throws {
+        switch format {
+        case .human:
+            output(pad16("Offset") + pad16("Length") + pad16("Mapped to") + "File\n")
+            try await walk(node, start: start, maxLength: maxLength) { e, next in
+                if e.data && e.offset == nil {
+                    throw BlockError(.unsupported, "File contains external, encrypted or compressed clusters.",
+                                     path: node.filename, operation: "map")
+                }
+                if e.data && !e.zero {
+                    output(pad16(hex(e.start)) + pad16(hex(e.length)) + pad16(hex(e.offset ?? 0)) + (e.filename ?? "") + "\n")
+                }
+                // The human format does not tell zeros from unallocated: merge them.
+                if var n = next, !n.data || n.zero, !e.data || e.zero {
+                    n.data = false
+                    n.zero = true
+                    next = n
+                }
+            }
+        case .json:
+            output("[")
+            try await walk(node, start: start, maxLength: maxLength) { e, next in
+                output(e.json + (next != nil ? ",\n" : ""))
+            }
+            output("]\n")
+        }
+    }
+
+    /// `printf("%#x")`: "0" for zero, else "0x..." in lower case.
+    static func hex(_ v: Int64) -> String { v == 0 ? "0" : "0x" + String(v, radix: 16) }
+
+    static func pad16(_ s: String) -> String { s.count >= 16 ? s : s + String(repeating: " ", count: 16 - s.count) }
+}

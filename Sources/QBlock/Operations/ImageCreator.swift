@@ -1,0 +1,265 @@
+/// Creates images the way `qemu-img create` does: the same option syntax (`-o key=value,...`),
+/// the same checks in the same order, the same "Formatting ..." line and the same messages.
+///
+/// Creation is two steps so that a caller can print the "Formatting" line between them, as
+/// qemu-img does (driver-level errors come after that line): ``prepare(format:path:size:options:backingFile:backingFormat:openBacking:)``
+/// checks everything qemu-img checks before printing it, and ``execute(_:)`` writes the image.
+/// ``create(format:path:size:options:backingFile:backingFormat:)`` does both.
+public enum ImageCreator {
+    /// Formats this library can create.
+    public static let formats = ["qcow2", "raw"]
+
+    /// A checked creation request.
+    public struct Plan: Sendable {
+        public var format: String
+        public var path: String
+        /// The virtual size in bytes.
+        public var size: Int64
+        /// The effective option values by name, as given (sizes and numbers normalized).
+        public var values: [String: String]
+        /// What qemu-img prints before creating: `Formatting 'FILE', fmt=... size=...`.
+        public var formattingLine: String
+    }
+
+    enum OptType { case size, bool, number, string }
+    struct OptDesc { let name: String; let type: OptType; let def: String? }
+
+    /// The creation options of each format, in the order qemu-img prints them.
+    static let optionTable: [String: [OptDesc]] = [
+        "raw": [
+            OptDesc(name: "size", type: .size, def: nil),
+            OptDesc(name: "preallocation", type: .string, def: nil),
+        ],
+        "qcow2": [
+            OptDesc(name: "cluster_size", type: .size, def: "65536"),
+            OptDesc(name: "extended_l2", type: .bool, def: "off"),
+            OptDesc(name: "preallocation", type: .string, def: nil),
+            OptDesc(name: "compression_type", type: .string, def: "zlib"),
+            OptDesc(name: "size", type: .size, def: nil),
+            OptDesc(name: "compat", type: .string, def: nil),
+            OptDesc(name: "backing_file", type: .string, def: nil),
+            OptDesc(name: "backing_fmt", type: .string, def: nil),
+            OptDesc(name: "lazy_refcounts", type: .bool, def: "off"),
+            OptDesc(name: "refcount_bits", type: .number, def: "16"),
+        ],
+    ]
+
+    /// Splits a qemu-img option string (`a=1,b=2`, with `,,` for a literal comma) into pairs.
+    /// A bare `name` means `name=on`, a bare `noname` means `name=off`, as QEMU reads them.
+    public static func parseOptionString(_ s: String) -> [(String, String)] {
+        var parts: [String] = []
+        var cur = ""
+        var chars = Array(s)[...]
+        while let c = chars.popFirst() {
+            if c == "," {
+                if chars.first == "," { cur.append(","); chars = chars.dropFirst(); continue }
+                parts.append(cur); cur = ""
+            } else {
+                cur.append(c)
+            }
+        }
+        parts.append(cur)
+        return parts.filter { !$0.isEmpty }.map { p in
+            if let eq = p.firstIndex(of: "=") { return (String(p[..<eq]), String(p[p.index(after: eq)...])) }
+            if p.hasPrefix("no") { return (String(p.dropFirst(2)), "off") }
+            return (p, "on")
+        }
+    }
+
+    static func parseBool(_ v: String) -> Bool? {
+        switch v {
+        case "on", "yes", "true", "y": return true
+        case "off", "no", "false", "n": return false
+        default: return nil
+        }
+    }
+
+    static let sizeHint = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+
+    /// Checks a creation request as qemu-img does before it prints "Formatting ...".
+    /// - Parameters:
+    ///   - size: the size argument, or nil when none was given (then `-o size=` or the
+    ///     backing file's size is used).
+    ///   - options: the `-o` pairs in command-line order (later ones win).
+    ///   - openBacking: false for `-u`: the backing file is not opened (a size is then needed).
+    /// - Throws: ``BlockError`` worded as qemu-img's message after "qemu-img: FILE: ".
+    public static func prepare(format: String, path: String, size: Int64?, options: [(String, String)],
+                               backingFile: String?, backingFormat: String?, openBacking: Bool = true) async throws -> Plan {
+        guard let table = optionTable[format] else {
+            throw BlockError(.invalidArgument, "Unknown file format '\(format)'", path: path, operation: "create")
+        }
+        var values: [String: String] = [:]
+        for (key, value) in options {
+            guard let desc = table.first(where: { $0.name == key }) else {
+                throw BlockError(.invalidArgument, "Invalid parameter '\(key)'", path: path, operation: "create")
+            }
+            switch desc.type {
+            case .size:
+                guard let v = SizeParser.parse(value) else {
+                    throw BlockError(.invalidArgument, "Parameter '\(key)' expects a non-negative number below 2^64\n" + sizeHint,
+                                     path: path, operation: "create")
+                }
+                values[key] = String(v)
+            case .number:
+                guard let v = UInt64(value) else {
+                    throw BlockError(.invalidArgument, "Parameter '\(key)' expects a number", path: path, operation: "create")
+                }
+                values[key] = String(v)
+            case .bool:
+                guard parseBool(value) != nil else {
+                    throw BlockError(.invalidArgument, "Parameter '\(key)' expects 'on' or 'off'", path: path, operation: "create")
+                }
+                values[key] = value
+            case .string:
+                values[key] = value
+            }
+        }
+        if values["size"] != nil {
+            if size != nil {
+                throw BlockError(.invalidArgument, "The image size must be specified only once", path: path, operation: "create")
+            }
+        } else if let size {
+            values["size"] = String(size)
+        }
+        if let backingFile {
+            guard table.contains(where: { $0.name == "backing_file" }) else {
+                throw BlockError(.invalidArgument, "Backing file not supported for file format '\(format)'", path: path, operation: "create")
+            }
+            values["backing_file"] = backingFile
+        }
+        if let backingFormat {
+            guard table.contains(where: { $0.name == "backing_fmt" }) else {
+                throw BlockError(.invalidArgument, "Backing file format not supported for file format '\(format)'",
+                                 path: path, operation: "create")
+            }
+            values["backing_fmt"] = backingFormat
+        }
+        let backing = values["backing_file"]
+        let backingFmt = values["backing_fmt"]
+        if let backing {
+            if backing == path {
+                throw BlockError(.invalidArgument, "Error: Trying to create an image with the same filename as the backing file",
+                                 path: path, operation: "create")
+            }
+            if backing.isEmpty {
+                throw BlockError(.invalidArgument, "Expected backing file name, got empty string", path: path, operation: "create")
+            }
+        }
+        if let backing, openBacking {
+            let full = ImageOpener.resolveBackingPath(backing, relativeTo: path)
+            let node: any BlockDriver
+            do {
+                node = try await ImageOpener.open(full, options: OpenOptions(format: backingFmt, readOnly: true, forceShare: true))
+            } catch {
+                let e = error.asBlockError
+                // QEMU names the file only when the file itself could not be opened.
+                var why = e.message
+                let prefix = "Could not open '\(full)': "
+                if why.hasPrefix(prefix) && !(e.errno != nil && e.operation == "open") { why = String(why.dropFirst(prefix.count)) }
+                throw BlockError(e.code, why + "\nCould not open backing image.", errno: e.errno, path: full, operation: "open backing")
+            }
+            let detected = node.driverName
+            let backingLength = qemuLength(node)
+            try? await node.close()
+            guard backingFmt != nil else {
+                throw BlockError(.invalidArgument, "Backing file specified without backing format\nDetected format of \(detected).",
+                                 path: path, operation: "create")
+            }
+            if values["size"] == nil { values["size"] = String(backingLength) }
+        } else if backing != nil && backingFmt == nil {
+            throw BlockError(.invalidArgument, "Backing file specified without backing format", path: path, operation: "create")
+        }
+        guard let sizeText = values["size"], let finalSize = Int64(sizeText) else {
+            throw BlockError(.invalidArgument, "Image creation needs a size parameter", path: path, operation: "create")
+        }
+        var line = "Formatting '\(path)', fmt=\(format)"
+        for desc in table {
+            guard let v = values[desc.name] ?? desc.def else { continue }
+            line += " \(desc.name)=\(v)"
+        }
+        return Plan(format: format, path: path, size: finalSize, values: values, formattingLine: line)
+    }
+
+    /// Writes the image a ``Plan`` describes.
+    /// - Throws: ``BlockError`` worded as qemu-img's message after "qemu-img: FILE: ".
+    public static func execute(_ plan: Plan) async throws {
+        switch plan.format {
+        case "raw":
+            try await createRaw(plan)
+        case "qcow2":
+            var o = Qcow2CreateOptions()
+            for desc in optionTable["qcow2", default: []] {
+                guard let v = plan.values[desc.name], desc.name != "size" else { continue }
+                // The driver parses on/off; the other spellings QEMU accepts are normalized here.
+                let value = desc.type == .bool ? (parseBool(v) == true ? "on" : "off") : v
+                do {
+                    try o.set(desc.name, value)
+                } catch {
+                    let e = error.asBlockError
+                    throw BlockError(e.code, e.message, path: plan.path, operation: "create")
+                }
+            }
+            try await Qcow2Node.create(path: plan.path, size: plan.size, options: o)
+        default:
+            throw BlockError(.invalidArgument, "Unknown file format '\(plan.format)'", path: plan.path, operation: "create")
+        }
+    }
+
+    /// Checks and creates an image in one call (nothing printed).
+    public static func create(format: String, path: String, size: Int64?, options: [(String, String)] = [],
+                              backingFile: String? = nil, backingFormat: String? = nil) async throws {
+        let plan = try await prepare(format: format, path: path, size: size, options: options,
+                                     backingFile: backingFile, backingFormat: backingFormat)
+        try await execute(plan)
+    }
+
+    /// Creates a raw file as QEMU's file driver does: the size is rounded up to 512 bytes,
+    /// the file truncated to zero and then to the size with the preallocation asked for, and
+    /// the first block of a file that was empty is written so that it is allocated.
+    static func createRaw(_ plan: Plan) async throws {
+        var prealloc = Preallocation.off
+        if let p = plan.values["preallocation"] {
+            guard let mode = Preallocation(rawValue: p) else {
+                throw BlockError(.invalidArgument, "invalid parameter value: \(p)", path: plan.path, operation: "create")
+            }
+            prealloc = mode
+        }
+        let size = (plan.size + 511) / 512 * 512
+        let file: FileNode
+        do {
+            file = try FileNode(path: plan.path, readOnly: false, perm: [.write, .resize],
+                                shared: [.consistentRead, .write, .writeUnchanged], create: true)
+        } catch {
+            let e = error.asBlockError
+            if e.code == .locked {
+                throw BlockError(e.code, e.message, errno: e.errno, path: plan.path, operation: "create")
+            }
+            throw BlockError(e.code, "Could not create '\(plan.path)': \(e.message)", errno: e.errno, path: plan.path, operation: "create")
+        }
+        do {
+            try await file.truncate(to: 0, preallocation: .off)
+            if prealloc == .metadata {
+                // QEMU's file driver fails here too, leaving the emptied file behind.
+                try? await file.close()
+                throw BlockError(.unsupported, "Unsupported preallocation mode: metadata", path: plan.path, operation: "create")
+            }
+            try await file.truncate(to: size, preallocation: prealloc)
+            if prealloc == .off && size > 0 {
+                let n = size < 4096 ? 512 : 4096
+                let zeros = AlignedBuffer(count: n)
+                try await zeros.withUnsafeBytes { b in try await file.write(at: 0, from: b, flags: []) }
+            }
+            try await file.close()
+        } catch {
+            try? await file.close()
+            let e = error.asBlockError
+            if e.operation == "create" { throw e }
+            throw BlockError(e.code, "Could not resize file: \(e.message)", errno: e.errno, path: plan.path, operation: "create")
+        }
+    }
+}
+
+/// A node's size as QEMU reports it: in whole 512-byte sectors, rounded up.
+public func qemuLength(_ node: any BlockDriver) -> Int64 {
+    (node.length + 511) / 512 * 512
+}

@@ -1,0 +1,153 @@
+/// What `qemu-img info` reports about one image, with its human and JSON renderings.
+public struct ImageInfo: Sendable, Equatable {
+    public var filename: String
+    public var format: String
+    /// Virtual size in bytes (in whole sectors, as QEMU reports it).
+    public var virtualSize: Int64
+    /// Bytes the image occupies on the host, if known.
+    public var actualSize: Int64?
+    public var clusterSize: Int?
+    public var dirty: Bool
+    /// The backing file name as stored in the image.
+    public var backingFilename: String?
+    /// The backing file name resolved against the image's directory.
+    public var fullBackingFilename: String?
+    public var backingFormat: String?
+    /// `{"type": ..., "data": {...}}` for formats that have format-specific information.
+    public var formatSpecific: QObject.Dict?
+
+    public init(filename: String, format: String, virtualSize: Int64, actualSize: Int64? = nil,
+                clusterSize: Int? = nil, dirty: Bool = false, backingFilename: String? = nil,
+                fullBackingFilename: String? = nil, backingFormat: String? = nil, formatSpecific: QObject.Dict? = nil) {
+        self.filename = filename
+        self.format = format
+        self.virtualSize = virtualSize
+        self.actualSize = actualSize
+        self.clusterSize = clusterSize
+        self.dirty = dirty
+        self.backingFilename = backingFilename
+        self.fullBackingFilename = fullBackingFilename
+        self.backingFormat = backingFormat
+        self.formatSpecific = formatSpecific
+    }
+
+    /// Collects the information of an open node (its backing node is not looked at).
+    public init(node: any BlockDriver) {
+        filename = node.filename
+        format = node.driverName
+        virtualSize = qemuLength(node)
+        if let f = (node.file as? FileNode) ?? (node as? FileNode) {
+            actualSize = f.allocatedSize
+        }
+        dirty = false
+        if let q = node as? Qcow2Node {
+            clusterSize = q.clusterSize
+            dirty = q.isDirty
+            backingFilename = q.backingFileName
+            if let b = q.backingFileName {
+                fullBackingFilename = ImageOpener.resolveBackingPath(b, relativeTo: q.filename)
+            }
+            backingFormat = q.backingFormat
+            formatSpecific = ImageInfo.formatSpecific(q.formatInfo)
+        }
+    }
+
+    /// qcow2's format-specific block, with the keys QEMU's `ImageInfoSpecificQCow2` has.
+    public static func formatSpecific(_ i: Qcow2FormatInfo) -> QObject.Dict {
+        var data = QObject.Dict()
+        data["compat"] = .string(i.compat)
+        if i.compat != "0.10" {
+            data["extended-l2"] = .bool(i.extendedL2)
+            data["lazy-refcounts"] = .bool(i.lazyRefcounts)
+            data["corrupt"] = .bool(i.corrupt)
+        }
+        data["refcount-bits"] = .int(Int64(i.refcountBits))
+        data["compression-type"] = .string(i.compressionType.name)
+        return QObject.Dict([("type", .string("qcow2")), ("data", .dict(data))])
+    }
+
+    /// The QAPI `ImageInfo` object.
+    public var qobject: QObject {
+        var d = QObject.Dict()
+        d["filename"] = .string(filename)
+        d["format"] = .string(format)
+        d["dirty-flag"] = .bool(dirty)
+        if let actualSize { d["actual-size"] = .int(actualSize) }
+        d["virtual-size"] = .int(virtualSize)
+        if let clusterSize { d["cluster-size"] = .int(Int64(clusterSize)) }
+        if let backingFilename { d["backing-filename"] = .string(backingFilename) }
+        if let fullBackingFilename { d["full-backing-filename"] = .string(fullBackingFilename) }
+        if let backingFormat { d["backing-filename-format"] = .string(backingFormat) }
+        if let formatSpecific { d["format-specific"] = .dict(formatSpecific) }
+        return .dict(d)
+    }
+
+    /// `qemu-img info` human output for this image (`bdrv_image_info_dump`), newline-terminated.
+    public var humanText: String {
+        var s = "image: \(filename)\n"
+        s += "file format: \(format)\n"
+        s += "virtual size: \(qemuSizeString(virtualSize)) (\(virtualSize) bytes)\n"
+        s += "disk size: \(actualSize.map(qemuSizeString) ?? "unavailable")\n"
+        if let clusterSize { s += "cluster_size: \(clusterSize)\n" }
+        if dirty { s += "cleanly shut down: no\n" }
+        if let backingFilename {
+            s += "backing file: \(backingFilename)"
+            if let full = fullBackingFilename {
+                if full != backingFilename { s += " (actual path: \(full))" }
+            } else {
+                s += " (cannot determine actual path)"
+            }
+            s += "\n"
+            if let backingFormat { s += "backing file format: \(backingFormat)\n" }
+        }
+        if let formatSpecific, let data = formatSpecific["data"] {
+            s += "Format specific information:\n"
+            s += data.humanDump(indent: 1)
+        }
+        return s
+    }
+
+    /// The JSON `qemu-img info --output=json` prints (without the final newline).
+    public var jsonText: String { qobject.prettyJSON }
+
+    /// Opens `filename` without its backing file and collects its information.
+    public static func collect(_ filename: String, options: OpenOptions) async throws -> ImageInfo {
+        var o = options
+        o.readOnly = true
+        o.openBacking = false
+        let node = try await ImageOpener.open(filename, options: o)
+        let info = ImageInfo(node: node)
+        try? await node.close()
+        return info
+    }
+
+    /// Information on `filename` and, when `backingChain` is set, on every image below it,
+    /// each opened by itself as qemu-img does (a missing backing file fails only then).
+    public static func collectChain(_ filename: String, options: OpenOptions, backingChain: Bool) async throws -> [ImageInfo] {
+        var infos: [ImageInfo] = []
+        var name = filename
+        var o = options
+        var seen = Set<String>()
+        while true {
+            if !seen.insert(name).inserted {
+                throw BlockError(.invalidArgument, "Backing file '\(name)' creates an infinite loop.", path: name, operation: "info")
+            }
+            let info = try await collect(name, options: o)
+            infos.append(info)
+            guard backingChain, let next = info.fullBackingFilename else { break }
+            name = next
+            o.format = info.backingFormat
+        }
+        return infos
+    }
+
+    /// Renders a list of infos as `qemu-img info [--backing-chain]` does. The result ends with
+    /// a newline.
+    public static func render(_ infos: [ImageInfo], json: Bool, backingChain: Bool) -> String {
+        if json {
+            if backingChain { return QObject.list(infos.map(\.qobject)).prettyJSON + "\n" }
+            return (infos.first?.jsonText ?? "{}") + "\n"
+        }
+        return infos.map(\.humanText).joined(separator: "\n")
+    }
+}
