@@ -80,8 +80,10 @@ extension Qcow2Node {
                 case .compressed:
                     let (off, size) = compressedLocation(le)
                     if active {
+                        // Compressed clusters count as fragmented: adjacent ones share sectors.
                         rc.result.allocatedClusters += 1
                         rc.result.compressedClusters += 1
+                        rc.result.fragmentedClusters += 1
                     }
                     if off >= fileEnd {
                         rc.result.messages.append("ERROR compressed cluster at offset \(String(off, radix: 16)) is outside the image")
