@@ -7,39 +7,50 @@ import Foundation
 /// Swift's cooperative thread pool (whose few threads must never block).
 ///
 /// Work is a closure run on one of the pool's threads; the awaiting task resumes when it
-/// returns. The pool is created once per process (``IOThreadPool/shared``) and lives for
-/// the whole process, like swift-nio's `NIOThreadPool.singleton`.
+/// returns. Threads are started on demand, when work arrives and none is idle, up to
+/// `maxThreads` (64 by default, QEMU's thread-pool size), so that `O_DIRECT` requests at
+/// a high queue depth really are in flight together. The pool lives for the whole process
+/// (``IOThreadPool/shared``), like swift-nio's `NIOThreadPool.singleton`.
 public final class IOThreadPool: @unchecked Sendable {
     /// The process-wide pool.
-    public static let shared = IOThreadPool(threads: max(8, ProcessInfo.processInfo.activeProcessorCount * 4))
+    public static let shared = IOThreadPool(maxThreads: 64)
 
     private let condition = NSCondition()
     private var queue: [() -> Void] = []
     private var head = 0
-    private let threadCount: Int
+    private var threads = 0
+    private var idle = 0
+    public let maxThreads: Int
 
-    public init(threads: Int) {
-        threadCount = threads
-        for i in 0..<threads {
-            let t = Thread { [unowned self] in self.workerLoop() }
-            t.name = "qblock-io-\(i)"
-            t.stackSize = 256 * 1024
-            t.start()
-        }
+    public init(maxThreads: Int) {
+        self.maxThreads = max(1, maxThreads)
+    }
+
+    private func startThread() {
+        let t = Thread { [unowned self] in self.workerLoop() }
+        t.name = "qblock-io-\(threads)"
+        t.stackSize = 256 * 1024
+        threads += 1
+        t.start()
     }
 
     private func workerLoop() {
+        condition.lock()
         while true {
-            condition.lock()
-            while head == queue.count { condition.wait() }
+            while head == queue.count {
+                idle += 1
+                condition.wait()
+                idle -= 1
+            }
             let job = queue[head]
             head += 1
-            if head > 1024 && head * 2 > queue.count {
-                queue.removeFirst(head)
+            if head == queue.count {
+                queue.removeAll(keepingCapacity: true)
                 head = 0
             }
             condition.unlock()
             job()
+            condition.lock()
         }
     }
 
@@ -47,7 +58,11 @@ public final class IOThreadPool: @unchecked Sendable {
     public func submit(_ job: @escaping () -> Void) {
         condition.lock()
         queue.append(job)
-        condition.signal()
+        if idle > 0 {
+            condition.signal()
+        } else if threads < maxThreads {
+            startThread()
+        }
         condition.unlock()
     }
 
