@@ -4,6 +4,7 @@
 #define QBLOCK_CSUPPORT_H
 #include <stdint.h>
 #include <sys/types.h>
+#include "qb_uring.h"
 
 /// Open-file-description byte-range lock on one byte. `exclusive` selects F_WRLCK, else F_RDLCK.
 /// Returns 0 or -errno.

@@ -127,8 +127,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         }
         let p = SendablePointer(raw: buffer.baseAddress!)
         let count = buffer.count
-        let fd = self.fd
-        let r = await pool.run { Syscalls.pread(fd, p.raw, count, offset) }
+        let r = await preadFull(p, count, offset)
         switch r {
         case .success(let n):
             // Past end of file reads as zeros (the file may be shorter than a format expects).
@@ -158,8 +157,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         }
         let p = SendablePointer(raw: UnsafeMutableRawPointer(mutating: buffer.baseAddress!))
         let count = buffer.count
-        let fd = self.fd
-        let r = await pool.run { Syscalls.pwrite(fd, p.raw, count, offset) }
+        let r = await pwriteFull(p, count, offset)
         if case .failure(let e) = r {
             throw BlockError.system(e.rawValue, "write", path: filename, offset: offset)
         }
@@ -256,9 +254,62 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     private func sync() async throws {
         let fd = self.fd
+        if let ring = IORing.shared, Syscalls.injector == nil {
+            while true {
+                let r = await ring.perform(.fdatasync, fd: fd, buffer: nil, count: 0, offset: 0)
+                if r == 0 { return }
+                if r == -EINTR || r == -EAGAIN { continue }
+                if r == -EBUSY || r == -EINVAL || r == -EOPNOTSUPP { break }
+                throw BlockError.system(-r, "flush", path: filename)
+            }
+        }
         if case .failure(let e) = await pool.run({ Syscalls.fdatasync(fd) }) {
             throw BlockError.system(e.rawValue, "flush", path: filename)
         }
+    }
+
+    // MARK: Positional I/O: io_uring when the kernel has it, else the thread pool
+
+    /// Reads until `count` bytes or end of file; returns the bytes read.
+    private func preadFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
+        let fd = self.fd
+        var done = 0
+        if let ring = IORing.shared, Syscalls.injector == nil {
+            while done < count {
+                let n = min(count - done, 1 << 30)
+                let r = await ring.perform(.read, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
+                if r > 0 { done += Int(r); continue }
+                if r == 0 { return .success(done) }
+                if r == -EINTR || r == -EAGAIN { continue }
+                if r == -EBUSY || r == -EOPNOTSUPP { break }
+                return .failure(Syscalls.Errno(-r))
+            }
+            if done == count { return .success(done) }
+        }
+        let rest = SendablePointer(raw: p.raw + done)
+        let start = done
+        return await pool.run { Syscalls.pread(fd, rest.raw, count - start, offset + Int64(start)) }.map { $0 + start }
+    }
+
+    /// Writes all of `count` bytes.
+    private func pwriteFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
+        let fd = self.fd
+        var done = 0
+        if let ring = IORing.shared, Syscalls.injector == nil {
+            while done < count {
+                let n = min(count - done, 1 << 30)
+                let r = await ring.perform(.write, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
+                if r > 0 { done += Int(r); continue }
+                if r == -EINTR || r == -EAGAIN { continue }
+                if r == -EBUSY || r == -EOPNOTSUPP { break }
+                if r == 0 { return .failure(Syscalls.Errno(EIO)) }
+                return .failure(Syscalls.Errno(-r))
+            }
+            if done == count { return .success(done) }
+        }
+        let rest = SendablePointer(raw: p.raw + done)
+        let start = done
+        return await pool.run { Syscalls.pwrite(fd, rest.raw, count - start, offset + Int64(start)) }.map { $0 + start }
     }
 
     // MARK: Block status
