@@ -53,3 +53,18 @@ func tempDir() throws -> String {
         }
     }
 }
+
+@Suite struct Qcow2BoundsTests {
+    @Test func requestsBeyondTheEndFailCleanly() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/b.qcow2"
+        try await Qcow2Node.create(path: path, size: 1 << 20, options: Qcow2CreateOptions())
+        let n = try await ImageOpener.open(path)
+        await #expect(throws: BlockError.self) { try await n.write(at: (1 << 20) - 10, bytes: [UInt8](repeating: 1, count: 20)) }
+        await #expect(throws: BlockError.self) { _ = try await n.read(at: 1 << 40, count: 512) }
+        await #expect(throws: BlockError.self) { try await n.writeZeroes(at: 1 << 30, length: 512, flags: []) }
+        await #expect(throws: BlockError.self) { try await n.discard(at: -1, length: 512) }
+        try await n.close()
+    }
+}

@@ -8,6 +8,7 @@ extension Qcow2Node {
     // MARK: Read
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try checkRange(offset, Int64(buffer.count), "read")
         var done = 0
         while done < buffer.count {
             let pos = offset + Int64(done)
@@ -61,6 +62,7 @@ extension Qcow2Node {
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try checkWritable("write")
+        try checkRange(offset, Int64(buffer.count), "write")
         var done = 0
         while done < buffer.count {
             let n = try await writeRun(at: offset + Int64(done),
@@ -68,6 +70,15 @@ extension Qcow2Node {
             done += n
         }
         if flags.contains(.fua) { try await flush() }
+    }
+
+    /// Requests must lie within the virtual size (the L1 table covers nothing beyond it).
+    @inline(__always)
+    func checkRange(_ offset: Int64, _ length: Int64, _ op: String) throws {
+        if offset < 0 || length < 0 || offset > Int64(header.size) - length {
+            throw BlockError(.outOfRange, "Request of \(length) bytes at offset \(offset) is beyond the end of the image (\(header.size) bytes)",
+                             errno: EINVAL, path: filename, offset: offset, operation: op)
+        }
     }
 
     func checkWritable(_ op: String) throws {
@@ -259,6 +270,7 @@ extension Qcow2Node {
     /// explicit zero data.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
+        try checkRange(offset, length, "write zeroes")
         let cs = Int64(clusterSize)
         let end = offset + length
         let size = Int64(header.size)
@@ -375,6 +387,7 @@ extension Qcow2Node {
 
     public func discard(at offset: Int64, length: Int64) async throws {
         try checkWritable("discard")
+        try checkRange(offset, length, "discard")
         let cs = Int64(clusterSize)
         let start = (offset + cs - 1) / cs * cs
         var end = (offset + length) / cs * cs
@@ -455,6 +468,7 @@ extension Qcow2Node {
     // MARK: Block status
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try checkRange(offset, max(length, 1), "block status")
         await metaLock.lock()
         let m: Mapping
         do { m = try await lookup(offset, length) } catch { metaLock.unlock(); throw error }
