@@ -21,6 +21,22 @@ public enum Syscalls {
     /// A hook for tests: given a call, fd and offset, return an errno to fail with, or nil.
     nonisolated(unsafe) public static var injector: (@Sendable (Call, Int32, Int64) -> Int32?)?
 
+    /// A mutating call as a crash simulator sees it.
+    public enum RecordedCall: Sendable {
+        case pwrite(fd: Int32, offset: Int64, data: [UInt8])
+        case fallocate(fd: Int32, mode: Int32, offset: Int64, length: Int64)
+        case ftruncate(fd: Int32, length: Int64)
+        case fdatasync(fd: Int32)
+    }
+
+    /// A hook for tests: sees every mutating call, in the order issued, before it runs
+    /// (a crash-consistency test replays prefixes of this log). While it or ``injector``
+    /// is set, I/O goes through these functions rather than io_uring.
+    nonisolated(unsafe) public static var recorder: (@Sendable (RecordedCall) -> Void)?
+
+    /// True when tests intercept calls (io_uring is bypassed then).
+    static var intercepted: Bool { injector != nil || recorder != nil }
+
     @inline(__always)
     static func injected(_ call: Call, _ fd: Int32, _ offset: Int64) -> Errno? {
         guard let inj = injector, let e = inj(call, fd, offset) else { return nil }
@@ -58,6 +74,7 @@ public enum Syscalls {
     /// Writes all of `count` bytes.
     public static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Result<Int, Errno> {
         if let e = injected(.pwrite, fd, offset) { return .failure(e) }
+        if let rec = recorder { rec(.pwrite(fd: fd, offset: offset, data: Array(UnsafeRawBufferPointer(start: buf, count: count)))) }
         var done = 0
         while done < count {
             let r = Glibc.pwrite(fd, buf + done, count - done, off_t(offset) + off_t(done))
@@ -73,6 +90,7 @@ public enum Syscalls {
 
     public static func fdatasync(_ fd: Int32) -> Result<Void, Errno> {
         if let e = injected(.fsync, fd, 0) { return .failure(e) }
+        if let rec = recorder { rec(.fdatasync(fd: fd)) }
         while true {
             if Glibc.fdatasync(fd) == 0 { return .success(()) }
             if errno != EINTR { return .failure(Errno(errno)) }
@@ -81,6 +99,7 @@ public enum Syscalls {
 
     public static func ftruncate(_ fd: Int32, _ length: Int64) -> Result<Void, Errno> {
         if let e = injected(.ftruncate, fd, length) { return .failure(e) }
+        if let rec = recorder { rec(.ftruncate(fd: fd, length: length)) }
         while true {
             if Glibc.ftruncate(fd, off_t(length)) == 0 { return .success(()) }
             if errno != EINTR { return .failure(Errno(errno)) }
@@ -89,6 +108,7 @@ public enum Syscalls {
 
     public static func fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Result<Void, Errno> {
         if let e = injected(.fallocate, fd, offset) { return .failure(e) }
+        if let rec = recorder { rec(.fallocate(fd: fd, mode: mode, offset: offset, length: length)) }
         let r = qb_fallocate(fd, mode, offset, length)
         return r == 0 ? .success(()) : .failure(Errno(-r))
     }

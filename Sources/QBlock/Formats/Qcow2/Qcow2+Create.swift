@@ -198,10 +198,11 @@ extension Qcow2Node {
             }
             if !pending.isEmpty {
                 let host = try await allocateClusters(Int64(pending.count))
+                // Dependency first (see commitAllocation), then the new references.
+                try await l2Cache.setDependency(on: refcountCache)
                 for (k, i) in pending.enumerated() {
                     t.bytes.setBE64((firstL2 + i) * 8, UInt64(host + Int64(k) * cs) | Qcow2Node.copied)
                 }
-                try await l2Cache.setDependency(on: refcountCache)
                 l2Cache.markDirty(t)
             }
             cluster += n

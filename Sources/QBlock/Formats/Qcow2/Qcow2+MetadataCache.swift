@@ -120,6 +120,9 @@ final class Qcow2MetadataCache {
     }
 
     /// Makes this cache wait for `other` before writing (QEMU's `qcow2_cache_set_dependency`).
+    ///
+    /// Call it *before* making the change that needs the ordering: breaking an opposite
+    /// dependency may write this cache's dirty tables right here.
     func setDependency(on other: Qcow2MetadataCache) async throws {
         if other.dependency != nil { try await other.flushDependency() }
         if let d = dependency, d !== other { try await flushDependency() }

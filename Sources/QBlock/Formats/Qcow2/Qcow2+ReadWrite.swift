@@ -186,10 +186,15 @@ extension Qcow2Node {
     private func commitAllocation(_ a: Allocation) async throws {
         let cs = Int64(clusterSize)
         let t = try await l2TableForWrite(a.l1Index)
+        l2Cache.pin(t)
+        defer { l2Cache.release(t) }
+        // Set the dependency before touching the entries: setting it may write the L2 cache
+        // (when the refcount cache depended on it), and the new references must not reach
+        // the disk before the counts of the clusters they point to.
+        try await l2Cache.setDependency(on: refcountCache)
         for i in 0..<a.oldEntries.count {
             t.bytes.setBE64((a.firstL2 + i) * 8, UInt64(a.host + Int64(i) * cs) | Qcow2Node.copied)
         }
-        try await l2Cache.setDependency(on: refcountCache)
         l2Cache.markDirty(t)
         for e in a.oldEntries {
             switch kind(of: e) {
