@@ -96,6 +96,20 @@ extension Qcow2Node {
         try checkWritable("amend")
         let oldVersion = Int(header.version)
         let newVersion = options.version ?? oldVersion
+        // Refusals that do not depend on earlier steps come first, so that nothing is written.
+        if let bits = options.refcountBits, bits != header.refcountBits {
+            if newVersion < 3 {
+                throw BlockError(.invalidArgument, "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
+            }
+            throw BlockError(.unsupported, "Changing the refcount width of an existing image is not supported by this implementation",
+                             path: filename, operation: "amend")
+        }
+        if options.lazyRefcounts == true && newVersion < 3 {
+            throw BlockError(.invalidArgument, "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
+        }
+        if newVersion < oldVersion && header.refcountOrder != 4 {
+            throw BlockError(.unsupported, "compat=0.10 requires refcount_bits=16", path: filename, operation: "amend")
+        }
         if newVersion > oldVersion {
             try await metaLock.withLock {
                 header.version = 3
@@ -105,13 +119,6 @@ extension Qcow2Node {
                 try await writeHeader()
                 try await hostFile.flush()
             }
-        }
-        if let bits = options.refcountBits, bits != header.refcountBits {
-            if newVersion < 3 {
-                throw BlockError(.invalidArgument, "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
-            }
-            throw BlockError(.unsupported, "Changing the refcount width of an existing image is not supported by this implementation",
-                             path: filename, operation: "amend")
         }
         let lazyNow = header.compatibleFeatures & Qcow2Header.compatibleLazyRefcounts != 0
         if let lazy = options.lazyRefcounts, lazy != lazyNow {
