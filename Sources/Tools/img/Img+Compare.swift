@@ -74,6 +74,8 @@ func openImage(_ name: String, options: OpenOptions, exitCode: Int32 = 1) async 
     do {
         return try await ImageOpener.open(name, options: options)
     } catch let e as BlockError {
-        throw fail(openErrorMessage(e, name), code: exitCode)
+        let message = e.message.hasPrefix("Could not open backing file") ? "Could not open '\(name)': " + e.message
+            : openErrorMessage(e, name)
+        throw fail(message, code: exitCode)
     }
 }
