@@ -41,7 +41,7 @@ struct ImgRebase: AsyncParsableCommand {
                 do {
                     newBacking = try await ImageOpener.open(full, options: OpenOptions(format: backingFormat, readOnly: true, cache: mode))
                 } catch let e as BlockError {
-                    throw fail("Could not open new backing file '\(newName)': " + openErrorMessage(e, full))
+                    throw fail("Could not open new backing file '\(newName)': " + e.message)
                 }
             }
             let showProgress = progress && !quiet
