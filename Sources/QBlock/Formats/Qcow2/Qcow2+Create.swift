@@ -117,7 +117,7 @@ extension Qcow2Node {
     }
 }
 
-/// Resizing: growing the L1 table, preallocating, shrinking where the tail is free.
+/// Resizing: growing the L1 table, preallocating; shrinking is in `Qcow2+Shrink.swift`.
 extension Qcow2Node {
     public func truncate(to newSize: Int64, preallocation: Preallocation) async throws {
         try checkWritable("truncate")
@@ -130,7 +130,7 @@ extension Qcow2Node {
         try await metaLock.withLock {
             let old = Int64(header.size)
             if newSize < old {
-                try await shrink(to: newSize)
+                try await shrink(to: newSize, preallocation: preallocation)
                 return
             }
             let cs = Int64(clusterSize)
@@ -216,25 +216,5 @@ extension Qcow2Node {
             let fileMode: Preallocation = mode == .metadata ? .off : mode
             try await hostFile.truncate(to: fileEnd, preallocation: fileMode)
         }
-    }
-
-    /// Shrinks the virtual size; only clusters past the new end that are unallocated may be dropped.
-    private func shrink(to newSize: Int64) async throws {
-        let cs = Int64(clusterSize)
-        var pos = (newSize + cs - 1) / cs * cs
-        let old = Int64(header.size)
-        while pos < old {
-            let m = try await lookup(pos, old - pos)
-            if m.kind != .unallocated {
-                throw BlockError(.unsupported, "Cannot shrink: the area past the new size holds data (use discard first)",
-                                 path: filename, offset: pos, operation: "truncate")
-            }
-            pos += m.length
-        }
-        header.size = UInt64(newSize)
-        var f: [UInt8] = []
-        f.appendBE64(header.size)
-        try await hostFile.write(at: 24, bytes: f)
-        try await hostFile.flush()
     }
 }

@@ -1,0 +1,44 @@
+import ArgumentParser
+import QBlock
+
+struct ImgAmend: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "amend", abstract: "Change format-specific options of an image.")
+
+    @Option(name: .customShort("f"), help: "Image format.") var format: String?
+    @Option(name: .customShort("o"), help: "Options (compat, lazy_refcounts, refcount_bits, size).") var options: [String] = []
+    @Option(name: .customShort("t"), help: "Cache mode.") var cache: String?
+    @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Flag(name: .customLong("force"), help: "Allow unsafe operations.") var force = false
+    @Argument(help: "Image file name.") var files: [String] = []
+
+    func run() async throws {
+        guard !options.isEmpty else { throw usageError("Must specify options (-o)") }
+        guard files.count == 1 else { throw usageError("Expecting one image file name") }
+        var mode = CacheMode.writeback
+        if let c = cache {
+            guard let m = CacheMode(qemuName: c) else { throw fail("Invalid cache option: \(c)") }
+            mode = m
+        }
+        var pairs: [(String, String)] = []
+        for o in options.joined(separator: ",").split(separator: ",", omittingEmptySubsequences: true) {
+            let kv = o.split(separator: "=", maxSplits: 1)
+            pairs.append((String(kv[0]), kv.count > 1 ? String(kv[1]) : ""))
+        }
+        let image = try await openImage(files[0], options: OpenOptions(format: format, readOnly: false, cache: mode, openBacking: false))
+        do {
+            guard let q = image as? Qcow2Node else {
+                throw fail("Format driver '\(image.driverName)' does not support option amendment")
+            }
+            do {
+                try await q.amend(Qcow2AmendOptions.parse(pairs))
+            } catch let e as BlockError {
+                throw fail(e.message)
+            }
+        } catch {
+            await closeQuietly(image)
+            throw error
+        }
+        await closeQuietly(image)
+    }
+}

@@ -1,0 +1,81 @@
+import ArgumentParser
+import QBlock
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct ImgCompare: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "compare", abstract: "Check whether two images have the same content.")
+
+    @Option(name: .customShort("f"), help: "Format of the first image.") var format1: String?
+    @Option(name: .customShort("F"), help: "Format of the second image.") var format2: String?
+    @Option(name: .customShort("T"), help: "Cache mode for the images.") var cache: String?
+    @Flag(name: .customShort("s"), help: "Strict mode: allocation and size must match too.") var strict = false
+    @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the images shared with other writers.") var forceShare = false
+    @Argument(help: "The two images.") var files: [String] = []
+
+    func run() async throws {
+        guard files.count == 2 else { throw usageError("Expecting two image file names") }
+        var mode = CacheMode.writeback
+        if let cache {
+            guard let m = CacheMode(qemuName: cache) else { throw fail("Invalid source cache option: \(cache)", code: 2) }
+            mode = m
+        }
+        let showProgress = progress && !quiet
+        let a = try await openOrExit(files[0], format: format1, cache: mode, code: 2)
+        let b: any BlockDriver
+        do {
+            b = try await openOrExit(files[1], format: format2, cache: mode, code: 2)
+        } catch {
+            await closeQuietly(a)
+            throw error
+        }
+        let result: ImageComparison
+        do {
+            result = try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? printProgress : nil)
+        } catch let e as BlockError {
+            await closeQuietly(a)
+            await closeQuietly(b)
+            throw fail(e.message, code: e.operation == "read" ? 4 : 3)
+        }
+        await closeQuietly(a)
+        await closeQuietly(b)
+        if showProgress { writeStdout("\n") }
+        if !quiet { writeStdout(result.report) }
+        if !result.identical { throw ExitCode(1) }
+    }
+
+    /// A read-only open with `-U`.
+    func openOrExit(_ name: String, format: String?, cache: CacheMode, code: Int32) async throws -> any BlockDriver {
+        try await openImage(name, options: OpenOptions(format: format, readOnly: true, cache: cache, forceShare: forceShare),
+                            exitCode: code)
+    }
+}
+
+/// qemu-img's progress line: "    (P/100%)\r".
+func printProgress(_ percent: Double) {
+    writeStdout("    (" + formatPercent(percent) + "/100%)\r")
+    fflush(stdout)
+}
+
+private func formatPercent(_ p: Double) -> String {
+    let v = (p * 100).rounded() / 100
+    let whole = Int(v)
+    let frac = Int(((v - Double(whole)) * 100).rounded())
+    return "\(whole)." + (frac < 10 ? "0" : "") + "\(frac)"
+}
+
+/// Opens an image with exact options (the format named is used as is: an unknown one is
+/// reported as QEMU's "Unknown driver"), printing qemu-img's message and exiting with
+/// `exitCode` on failure.
+func openImage(_ name: String, options: OpenOptions, exitCode: Int32 = 1) async throws -> any BlockDriver {
+    do {
+        return try await ImageOpener.open(name, options: options)
+    } catch let e as BlockError {
+        let message = e.message.hasPrefix("Could not open backing file") ? "Could not open '\(name)': " + e.message
+            : openErrorMessage(e, name)
+        throw fail(message, code: exitCode)
+    }
+}
