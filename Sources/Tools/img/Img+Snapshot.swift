@@ -67,7 +67,10 @@ struct ImgSnapshot: AsyncParsableCommand {
                 throw fail("Could not apply snapshot '\(name)': \(why)")
             }
         } else if let name = delete {
-            guard let qcow2 else { throw fail("Could not delete snapshot '\(name)': snapshot not found") }
+            // qemu-img 7.2 looks the snapshot up by name only (bdrv_snapshot_find).
+            guard let qcow2, qcow2.snapshots().contains(where: { $0.name == name }) else {
+                throw fail("Could not delete snapshot '\(name)': snapshot not found")
+            }
             do {
                 try await qcow2.deleteSnapshot(idOrName: name)
             } catch let e as BlockError {

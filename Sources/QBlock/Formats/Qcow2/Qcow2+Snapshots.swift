@@ -128,8 +128,8 @@ extension Qcow2Node {
     /// Deletes a snapshot (QEMU's `qcow2_snapshot_delete`, `qemu-img snapshot -d`): it is
     /// removed from the snapshot table first, then the clusters only it referenced are freed
     /// and the COPIED flags of the active tables are recomputed.
-    /// - Parameter idOrName: matched against names first, then ids, as `qemu-img snapshot -d`
-    ///   does (`bdrv_snapshot_find`).
+    /// - Parameter idOrName: matched against names first, then ids. (`qemu-img snapshot -d`
+    ///   7.2 matches names only; `img snapshot -d` checks that before calling this.)
     /// - Throws: ``BlockError`` `.notFound` ("snapshot not found"); `.readOnly`; `.corrupt`;
     ///   I/O errors.
     public func deleteSnapshot(idOrName: String) async throws {
@@ -280,13 +280,13 @@ extension Qcow2Node {
     /// from `l1`, and returns the L1 entries with recomputed COPIED flags (QEMU's
     /// `qcow2_update_snapshot_refcount`). Lock held.
     ///
-    /// With 1 or 0, the COPIED flags of the L2 entries are set exactly where the count is 1
-    /// (with 1 that clears them all); the L2 cache then depends on the refcount cache, so the
-    /// counts reach the disk first. With -1 the tables are left alone: they are no longer
-    /// referenced (the caller dropped the reference first) or still shared, and a later pass
-    /// with 0 over the active tables sets the flags once the lowered counts are on disk.
-    /// L2 tables whose count drops to zero leave the cache; freed clusters are discarded
-    /// in the host file, as QEMU does for snapshot operations by default.
+    /// The COPIED flags of the L2 entries are then set exactly where the count is 1 (with 1
+    /// that clears them all), as QEMU does, also in tables of a tree being released that stay
+    /// referenced elsewhere. The L2 cache depends on the refcount cache, so a count reaches
+    /// the disk before the flag that relies on it. With -1 the caller must have dropped the
+    /// reference to `l1` (and synced) first. L2 tables whose count drops to zero leave the
+    /// cache; freed clusters are discarded in the host file, as QEMU does for snapshot
+    /// operations by default. The returned L1 is meaningful for addends 1 and 0.
     @discardableResult
     func updateTreeRefcounts(_ l1: [UInt64], by addend: Int64) async throws -> [UInt64] {
         let cs = Int64(clusterSize)
@@ -309,7 +309,7 @@ extension Qcow2Node {
                         if addend != 0 {
                             let (off, size) = compressedLocation(entry)
                             for c in (off >> Int64(clusterBits))...((off + Int64(size) - 1) >> Int64(clusterBits)) {
-                                try await updateRefcount(c, by: addend, discardHost: addend < 0)
+                                try await addSnapshotReference(c, addend)
                             }
                         }
                         refcount = 2 // compressed clusters are never written in place
@@ -319,19 +319,18 @@ extension Qcow2Node {
                             throw await signalCorruption("Cluster allocation offset 0x\(String(off, radix: 16)) unaligned (L2 offset: 0x\(String(l2, radix: 16)), L2 index: 0x\(String(j, radix: 16)))", offset: off)
                         }
                         if addend != 0 {
-                            try await updateRefcount(off >> Int64(clusterBits), by: addend, discardHost: addend < 0)
+                            try await addSnapshotReference(off >> Int64(clusterBits), addend)
                         }
-                        refcount = addend < 0 ? 0 : try await self.refcount(of: off >> Int64(clusterBits))
+                        refcount = try await self.refcount(of: off >> Int64(clusterBits))
                     case .zero, .unallocated:
                         refcount = 0
                     }
-                    if addend >= 0 {
-                        let newEntry = refcount == 1 ? entry | Qcow2Node.copied : entry & ~Qcow2Node.copied
-                        if newEntry != entry {
-                            try await l2Cache.setDependency(on: refcountCache)
-                            table.bytes.setBE64(j * 8, newEntry)
-                            l2Cache.markDirty(table)
-                        }
+                    let newEntry = refcount == 1 ? entry | Qcow2Node.copied : entry & ~Qcow2Node.copied
+                    if newEntry != entry {
+                        // The count the flag stands for reaches the disk before the flag.
+                        try await l2Cache.setDependency(on: refcountCache)
+                        table.bytes.setBE64(j * 8, newEntry)
+                        l2Cache.markDirty(table)
                     }
                 }
             } catch {
@@ -341,7 +340,7 @@ extension Qcow2Node {
             l2Cache.release(table)
             let l2Cluster = l2 >> Int64(clusterBits)
             if addend != 0 {
-                try await updateRefcount(l2Cluster, by: addend, discardHost: addend < 0)
+                try await addSnapshotReference(l2Cluster, addend)
             }
             if addend < 0 {
                 if try await refcount(of: l2Cluster) == 0 { l2Cache.discard(l2) }
@@ -351,6 +350,17 @@ extension Qcow2Node {
             out[i] = r == 1 ? (l1e & Qcow2Node.l1OffsetMask) | Qcow2Node.copied : l1e & Qcow2Node.l1OffsetMask
         }
         return out
+    }
+
+    /// Adds `addend` to one cluster's refcount; freed clusters are discarded in the host file.
+    /// - Throws: `.invalidArgument` (EINVAL, as QEMU reports it) when the count would overflow
+    ///   the image's refcount width (e.g. `refcount_bits=1` cannot share clusters).
+    private func addSnapshotReference(_ cluster: Int64, _ addend: Int64) async throws {
+        if addend > 0, try await refcount(of: cluster) > maxRefcount - UInt64(addend) {
+            throw BlockError(.invalidArgument, "Refcount overflow for cluster \(cluster) (refcount width \(header.refcountBits) bits)",
+                             errno: EINVAL, path: filename, offset: cluster << Int64(clusterBits))
+        }
+        try await updateRefcount(cluster, by: addend, discardHost: addend < 0)
     }
 }
 
