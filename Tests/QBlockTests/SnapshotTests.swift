@@ -369,3 +369,84 @@ extension RunResult {
         #expect(status == 0, "\(self)", sourceLocation: sourceLocation)
     }
 }
+
+/// Simulated crashes: every write to the image after the k-th fails (as if the process died
+/// there), for every k through a snapshot operation. Whatever was written must leave an image
+/// where no refcount is below its references (leaks and, as with QEMU, COPIED flags that
+/// `check -r all` corrects are the worst), with the content of the state before or after.
+@Suite(qemuTrait, .serialized) struct SnapshotCrashTests {
+    final class Killer: @unchecked Sendable {
+        let lock = PosixMutex()
+        var fd: Int32 = -1
+        var allowed = Int.max
+        var writes = 0
+    }
+
+    enum Op: String, CaseIterable { case create, apply, delete }
+
+    /// Runs `op` on a fresh copy of the fixture, killing it after `allowed` writes; returns
+    /// the writes the operation made. The node is left open (its fd stays ours, so the
+    /// injector never touches another test's file); qemu-img reads with -U.
+    func attempt(_ op: Op, fixture: String, copy: String, allowed: Int) async throws -> Int {
+        try? FileManager.default.removeItem(atPath: copy)
+        try FileManager.default.copyItem(atPath: fixture, toPath: copy)
+        let node = try await ImageOpener.open(copy, options: OpenOptions())
+        guard let q = node as? Qcow2Node else { throw BlockError(.internalError, "not qcow2") }
+        let k = Killer()
+        k.fd = q.hostFile.fd
+        k.allowed = allowed
+        Syscalls.injector = { call, fd, _ in
+            k.lock.withLock {
+                guard fd == k.fd else { return nil }
+                switch call {
+                case .pwrite, .fallocate, .ftruncate:
+                    if k.writes >= k.allowed { return EIO }
+                    k.writes += 1
+                    return nil
+                case .fsync: return k.writes >= k.allowed ? EIO : nil
+                case .pread: return nil
+                }
+            }
+        }
+        defer { Syscalls.injector = nil }
+        do {
+            switch op {
+            case .create: try await q.createSnapshot(name: "new")
+            case .apply: try await q.applySnapshot(idOrName: "old")
+            case .delete: try await q.deleteSnapshot(idOrName: "old")
+            }
+        } catch {}
+        return k.lock.withLock { k.writes }
+    }
+
+    @Test(arguments: Op.allCases)
+    func crashAnywhereLeavesAtWorstLeaks(op: Op) async throws {
+        let dir = TempDir()
+        let fixture = dir.file("fixture.qcow2")
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", fixture, "4M")
+        try mustRun("qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x12 3M 8k", fixture)
+        try mustRun("qemu-img", "snapshot", "-c", "old", fixture)
+        try mustRun("qemu-io", "-c", "write -P 0x21 512k 1M", "-c", "write -z 3M 4k", fixture)
+        let current = try SnapshotTests().qemuContent(fixture, in: dir)
+        let old = try SnapshotTests().qemuContent(fixture, snapshot: "old", in: dir)
+        let copy = dir.file("crash.qcow2")
+        let total = try await attempt(op, fixture: fixture, copy: copy, allowed: Int.max)
+        #expect(total > 3, "the operation writes")
+        // At most ~30 crash points, spread over the whole operation (and its very end).
+        let points = Array(stride(from: 0, to: total, by: max(1, total / 30))) + [total]
+        for allowed in points {
+            _ = try await attempt(op, fixture: fixture, copy: copy, allowed: allowed)
+            let r = try run("qemu-img", "check", "-U", copy)
+            let bad = (r.stdout + r.stderr).split(separator: "\n").filter { $0.hasPrefix("ERROR") && !$0.contains("OFLAG_COPIED") }
+            #expect(bad.isEmpty, "\(op) killed after \(allowed) of \(total) writes: \(r)")
+            let out = dir.file("content.raw")
+            try? FileManager.default.removeItem(atPath: out)
+            try run("qemu-img", "convert", "-U", "-O", "raw", copy, out).expectSuccess()
+            let content = try [UInt8](Data(contentsOf: URL(fileURLWithPath: out)))
+            let acceptable = op == .apply ? [current, old] : [current]
+            #expect(acceptable.contains(content), "\(op) killed after \(allowed) of \(total) writes: active content")
+            let list = try run("qemu-img", "snapshot", "-U", "-l", copy).stdout
+            #expect(list.contains(" old ") || op == .delete, "\(op) killed after \(allowed): snapshot list \(list)")
+        }
+    }
+}
