@@ -15,6 +15,8 @@ public struct ImageInfo: Sendable, Equatable {
     public var backingFormat: String?
     /// `{"type": ..., "data": {...}}` for formats that have format-specific information.
     public var formatSpecific: QObject.Dict?
+    /// Internal snapshots (qcow2); nil when there are none, as QEMU leaves the key out.
+    public var snapshots: [Qcow2Snapshot]?
 
     public init(filename: String, format: String, virtualSize: Int64, actualSize: Int64? = nil,
                 clusterSize: Int? = nil, dirty: Bool = false, backingFilename: String? = nil,
@@ -49,6 +51,8 @@ public struct ImageInfo: Sendable, Equatable {
             }
             backingFormat = q.backingFormat
             formatSpecific = ImageInfo.formatSpecific(q.formatInfo)
+            let list = q.snapshots()
+            snapshots = list.isEmpty ? nil : list
         }
     }
 
@@ -78,6 +82,7 @@ public struct ImageInfo: Sendable, Equatable {
         if let backingFilename { d["backing-filename"] = .string(backingFilename) }
         if let fullBackingFilename { d["full-backing-filename"] = .string(fullBackingFilename) }
         if let backingFormat { d["backing-filename-format"] = .string(backingFormat) }
+        if let snapshots { d["snapshots"] = .list(snapshots.map(\.qobject)) }
         if let formatSpecific { d["format-specific"] = .dict(formatSpecific) }
         return .dict(d)
     }
@@ -100,6 +105,7 @@ public struct ImageInfo: Sendable, Equatable {
             s += "\n"
             if let backingFormat { s += "backing file format: \(backingFormat)\n" }
         }
+        if let snapshots { s += Qcow2Snapshot.listText(snapshots) }
         if let formatSpecific, let data = formatSpecific["data"] {
             s += "Format specific information:\n"
             s += data.humanDump(indent: 1)

@@ -210,22 +210,12 @@ extension Qcow2Node {
         var l1s: [(offset: Int64, size: Int)] = []
     }
 
-    /// Reads the L1 locations of the internal snapshots.
+    /// The L1 locations of the internal snapshots and the table size, from the table read
+    /// at open (`Qcow2+SnapshotTable.swift`).
     func readSnapshotTable() async throws -> SnapshotTable {
         var t = SnapshotTable()
-        var off = Int64(header.snapshotsOffset)
-        for _ in 0..<Int(header.nbSnapshots) {
-            let fixed = try await hostFile.read(at: off, count: 40)
-            let l1Offset = Int64(fixed.be64(0))
-            let l1Size = Int(fixed.be32(8))
-            let idLen = Int(UInt16(fixed[12]) << 8 | UInt16(fixed[13]))
-            let nameLen = Int(UInt16(fixed[14]) << 8 | UInt16(fixed[15]))
-            let extra = Int(fixed.be32(36))
-            let len = 40 + extra + idLen + nameLen
-            t.l1s.append((l1Offset, l1Size))
-            off += Int64((len + 7) & ~7)
-            t.tableBytes += (len + 7) & ~7
-        }
+        t.tableBytes = snapshotTableSize
+        t.l1s = snapshotList.map { (Int64($0.l1TableOffset), Int($0.l1Size)) }
         return t
     }
 

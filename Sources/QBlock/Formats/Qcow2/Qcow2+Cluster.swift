@@ -51,10 +51,12 @@ extension Qcow2Node {
         return (Int64(offset), size)
     }
 
-    /// The L2 table offset for L1 index `i` (0 when none), validated.
-    func l2Offset(_ i: Int) async throws -> Int64 {
-        guard i < l1Table.count else { return 0 }
-        let off = Int64(l1Table[i] & Qcow2Node.l1OffsetMask)
+    /// The L2 table offset for L1 index `i` (0 when none), validated. `l1` is a snapshot's
+    /// L1 table to use instead of the active one.
+    func l2Offset(_ i: Int, in l1: [UInt64]? = nil) async throws -> Int64 {
+        let table = l1 ?? l1Table
+        guard i < table.count else { return 0 }
+        let off = Int64(table[i] & Qcow2Node.l1OffsetMask)
         if off == 0 { return 0 }
         if off & Int64(clusterSize - 1) != 0 {
             throw await signalCorruption("L2 table offset 0x\(String(off, radix: 16)) unaligned (L1 index: 0x\(String(i, radix: 16)))", offset: off)
@@ -67,8 +69,8 @@ extension Qcow2Node {
     }
 
     /// Looks up the mapping of guest `offset`, for a run of at most `maxBytes` within
-    /// one L2 table. Call with ``metaLock`` held.
-    func lookup(_ offset: Int64, _ maxBytes: Int64) async throws -> Mapping {
+    /// one L2 table, in the active L1 table or in `l1` (a snapshot's). Call with ``metaLock`` held.
+    func lookup(_ offset: Int64, _ maxBytes: Int64, in l1: [UInt64]? = nil) async throws -> Mapping {
         let cs = Int64(clusterSize)
         let inCluster = offset & (cs - 1)
         let guestCluster = offset >> Int64(clusterBits)
@@ -77,7 +79,7 @@ extension Qcow2Node {
         // Bytes up to the end of this L2 table's coverage.
         let tableEnd = (Int64(l1Index) + 1) * Int64(l2Entries) * cs
         let limit = min(maxBytes, tableEnd - offset)
-        let l2 = try await l2Offset(l1Index)
+        let l2 = try await l2Offset(l1Index, in: l1)
         if l2 == 0 {
             return Mapping(kind: .unallocated, hostOffset: 0, length: limit, entry: 0, copied: false)
         }

@@ -72,6 +72,10 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     var decompressedCache: (entry: UInt64, data: AlignedBuffer)?
     let decompressLock = PosixMutex()
     var closed = false
+    /// The internal snapshots, as read from the snapshot table (`Qcow2+SnapshotTable.swift`).
+    var snapshotList: [Qcow2Snapshot] = []
+    /// Bytes the snapshot table occupies at `header.snapshotsOffset` (unpadded, as QEMU counts).
+    var snapshotTableSize = 0
 
     struct InflightAllocation {
         let firstCluster: Int64
@@ -142,6 +146,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
             }
         }
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
+        try await node.loadSnapshotTable()
         if let name = header.backingFileName, options.openBacking {
             node.backingNode = try await openBacking(name, header.backingFormat)
         }
