@@ -80,8 +80,9 @@ public enum ImageOpener {
                 format = options.format ?? probeFormat(f.probeBytes(count: 8))
             }
         } catch let e as BlockError {
+            // (The file layer's errors name the file twice in qemu-img's wording, the nbd layer's once.)
             throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
-                             operation: "open", underlying: e.underlying)
+                             operation: NBDURI.isNBDURI(filename) ? "nbd open" : "open", underlying: e.underlying)
         }
         do {
             if options.locking, let hostFile = file as? FileNode {

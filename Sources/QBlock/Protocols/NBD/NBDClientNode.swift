@@ -22,7 +22,7 @@ import Foundation
 /// maximum block size.
 public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     public let driverName = "nbd"
-    /// The URI the node was opened from.
+    /// The export's URI, written as QEMU writes it (``NBDURI/canonicalFilename``).
     public let filename: String
     public let uri: NBDURI
     /// What the handshake negotiated.
@@ -56,7 +56,7 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
 
     private init(uri: NBDURI, info: NBDExportInfo, socket: NBDSocket, readOnly: Bool, pool: IOThreadPool) {
         self.uri = uri
-        self.filename = uri.text
+        self.filename = uri.canonicalFilename
         self.info = info
         self.socket = socket
         self.isReadOnly = readOnly || info.flags.contains(.readOnly)

@@ -28,6 +28,19 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
         return schemes.contains(filename[..<r.lowerBound].lowercased())
     }
 
+    /// The node's filename as QEMU's nbd driver writes it (`nbd_refresh_filename`):
+    /// `nbd+unix://?socket=PATH`, `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT[/EXPORT]`.
+    /// An IPv6 host cannot be written this way; the URI is then kept as given.
+    public var canonicalFilename: String {
+        switch transport {
+        case .unix(let path):
+            return exportName.isEmpty ? "nbd+unix://?socket=\(path)" : "nbd+unix:///\(exportName)?socket=\(path)"
+        case .tcp(let host, let port):
+            if host.contains(":") { return text }
+            return exportName.isEmpty ? "nbd://\(host):\(port)" : "nbd://\(host):\(port)/\(exportName)"
+        }
+    }
+
     /// Where to connect, for error messages: `HOST:PORT` or the socket path.
     public var endpoint: String {
         switch transport {
