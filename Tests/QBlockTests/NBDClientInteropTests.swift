@@ -111,10 +111,12 @@ final class NBDTestServer: @unchecked Sendable {
         return server
     }
 
-    /// `qemu-nbd -t` serving `image` over a Unix socket in `dir`, or over 127.0.0.1.
+    /// `qemu-nbd` serving `image` over a Unix socket in `dir`, or over 127.0.0.1; with
+    /// `persistent: false` (Unix sockets only) it exits cleanly after the first client leaves.
     static func qemuNBD(_ image: String, format: String, readOnly: Bool, dir: TempDir, tcp: Bool = false,
-                        exportName: String? = nil) throws -> NBDTestServer {
-        var args = ["-t", "-f", format, "--cache=writeback"]
+                        exportName: String? = nil, persistent: Bool = true) throws -> NBDTestServer {
+        var args = ["-f", format, "--cache=writeback"]
+        if persistent || tcp { args.append("-t") }
         if readOnly { args.append("-r") }
         if let exportName { args += ["-x", exportName] }
         let exportPath = exportName.map { "/\($0)" } ?? "/"
@@ -151,7 +153,10 @@ final class NBDTestServer: @unchecked Sendable {
     func stop() {
         guard process.isRunning else { return }
         process.terminate()
-        if !waitExit(seconds: 10) {
+        // The test runner's threads block most signals and children inherit the mask, so
+        // SIGTERM may stay pending: fall back to SIGKILL quickly. (Tests that need a clean
+        // exit use a non-persistent qemu-nbd, which exits when the client disconnects.)
+        if !waitExit(seconds: 1) {
             kill(process.processIdentifier, SIGKILL)
             waitExit(seconds: 5)
         }
@@ -230,7 +235,7 @@ struct NBDClientQemuTests {
         try mustRun("qemu-io", "-f", format, "-c", "write -P 0x66 100k 300k", "-c", "write -P 0x99 2M 1M",
                     "-c", "write -z 5M 2M", "-c", "write -z -u 1M 512k", "-c", "discard 20M 1M",
                     "-c", "write -P 0x42 12M 17", reference)
-        let server = try NBDTestServer.qemuNBD(image, format: format, readOnly: false, dir: dir)
+        let server = try NBDTestServer.qemuNBD(image, format: format, readOnly: false, dir: dir, persistent: false)
         let uri = server.uri
         try await within(60, "writes through nbd") {
             let node = try await ImageOpener.open(uri, options: OpenOptions(format: "raw"))
@@ -244,6 +249,7 @@ struct NBDClientQemuTests {
             try await node.flush()
             try await node.close()
         }
+        #expect(server.waitExit(seconds: 10), "qemu-nbd did not exit after the client disconnected")
         server.stop()
         let r = try run("qemu-img", "compare", "-f", format, "-F", format, image, reference)
         #expect(r.status == 0, "\(r)")
@@ -254,7 +260,7 @@ struct NBDClientQemuTests {
         let dir = TempDir("nbdc")
         let image = dir.file("q.qcow2")
         try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "8M")
-        let server = try NBDTestServer.qemuNBD(image, format: "raw", readOnly: false, dir: dir)
+        let server = try NBDTestServer.qemuNBD(image, format: "raw", readOnly: false, dir: dir, persistent: false)
         let uri = server.uri
         try await within(60, "qcow2 over nbd") {
             let node = try await ImageOpener.open(uri)
@@ -263,6 +269,7 @@ struct NBDClientQemuTests {
             try await node.writeZeroes(at: 1 << 20, length: 65536, flags: [])
             try await node.close()
         }
+        #expect(server.waitExit(seconds: 10), "qemu-nbd did not exit after the client disconnected")
         server.stop()
         let check = try run("qemu-img", "check", image)
         #expect(check.status == 0, "\(check)")
