@@ -57,17 +57,37 @@ public enum ImageOpener {
         if seen.count > 256 {
             throw BlockError(.invalidArgument, "Backing chain is too long (more than 256 images)", path: filename, operation: "open")
         }
-        let file: FileNode
+        let file: any BlockDriver
+        let format: String
         do {
-            file = try FileNode(path: filename, readOnly: options.readOnly, cache: options.cache, locking: false)
+            if NBDURI.isNBDURI(filename) {
+                // An NBD export: no image locks (the server owns the image).
+                let node = try await NBDClientNode.connect(try NBDURI(filename), readOnly: options.readOnly)
+                file = node
+                if let f = options.format {
+                    format = f
+                } else {
+                    do {
+                        format = probeFormat(try await node.read(at: 0, count: Int(min(8, node.length))))
+                    } catch {
+                        try? await node.close()
+                        throw error
+                    }
+                }
+            } else {
+                let f = try FileNode(path: filename, readOnly: options.readOnly, cache: options.cache, locking: false)
+                file = f
+                format = options.format ?? probeFormat(f.probeBytes(count: 8))
+            }
         } catch let e as BlockError {
-            throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename, operation: "open")
+            // (The file layer's errors name the file twice in qemu-img's wording, the nbd layer's once.)
+            throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
+                             operation: NBDURI.isNBDURI(filename) ? "nbd open" : "open", underlying: e.underlying)
         }
-        let format = options.format ?? probeFormat(file.probeBytes(count: 8))
         do {
-            if options.locking {
+            if options.locking, let hostFile = file as? FileNode {
                 let (perm, shared) = lockPermissions(format: format, options: options)
-                try file.lock(perm: perm, shared: shared)
+                try hostFile.lock(perm: perm, shared: shared)
             }
             switch format {
             case "raw":

@@ -110,11 +110,14 @@ public enum BlockMap {
     /// QEMU's `qcow2_detect_metadata_preallocation`, approximated without refcounts: the
     /// image counts as metadata-preallocated when its host file has clearly more clusters
     /// than are really allocated on disk (every cluster of a qcow2 file is normally in use).
+    /// Only a file knows its allocated size; on any other protocol node (NBD) QEMU's
+    /// detection fails with ENOTSUP and the image does not count as preallocated.
     static func looksMetadataPreallocated(_ q: Qcow2Node) -> Bool {
+        guard let hostFile = q.hostFile as? FileNode else { return false }
         let cs = Int64(q.clusterSize)
-        let realClusters = q.hostFile.allocatedSize / cs
+        let realClusters = hostFile.allocatedSize / cs
         let threshold = max(realClusters * 10 / 9, realClusters + 2)
-        return (q.hostFile.length + cs - 1) / cs >= threshold
+        return (hostFile.length + cs - 1) / cs >= threshold
     }
 
     /// The entries of `qemu-img map --output=json`, merged as qemu-img merges them.

@@ -8,6 +8,9 @@ public struct ImageInfo: Sendable, Equatable {
     public var actualSize: Int64?
     public var clusterSize: Int?
     public var dirty: Bool
+    /// Whether the node can report block-driver information at all; QEMU omits `dirty-flag`
+    /// when it cannot (raw over a protocol without `bdrv_get_info`, such as nbd).
+    public var hasDirtyFlag = true
     /// The backing file name as stored in the image.
     public var backingFilename: String?
     /// The backing file name resolved against the image's directory.
@@ -42,6 +45,7 @@ public struct ImageInfo: Sendable, Equatable {
             actualSize = f.allocatedSize
         }
         dirty = false
+        if node is RawNode, let f = node.file, !(f is FileNode) { hasDirtyFlag = false }
         if let q = node as? Qcow2Node {
             clusterSize = q.clusterSize
             dirty = q.isDirty
@@ -75,7 +79,7 @@ public struct ImageInfo: Sendable, Equatable {
         var d = QObject.Dict()
         d["filename"] = .string(filename)
         d["format"] = .string(format)
-        d["dirty-flag"] = .bool(dirty)
+        if hasDirtyFlag { d["dirty-flag"] = .bool(dirty) }
         if let actualSize { d["actual-size"] = .int(actualSize) }
         d["virtual-size"] = .int(virtualSize)
         if let clusterSize { d["cluster-size"] = .int(Int64(clusterSize)) }

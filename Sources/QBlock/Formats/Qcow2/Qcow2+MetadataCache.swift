@@ -30,7 +30,7 @@ final class Qcow2MetadataCache {
     }
 
     let name: String
-    let file: FileNode
+    let file: any BlockDriver
     let tableSize: Int
     private var entries: [Entry]
     private var index: [Int64: Entry] = [:]
@@ -40,7 +40,7 @@ final class Qcow2MetadataCache {
     /// Called to sync the file after a dependency was flushed.
     var syncFile: () async throws -> Void = {}
 
-    init(name: String, file: FileNode, tableSize: Int, capacity: Int) {
+    init(name: String, file: any BlockDriver, tableSize: Int, capacity: Int) {
         self.name = name
         self.file = file
         self.tableSize = tableSize

@@ -19,7 +19,8 @@ import Glibc
 /// cluster never allocate it twice.
 public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public let driverName = "qcow2"
-    public let hostFile: FileNode
+    /// The protocol node holding the image's bytes: a `FileNode`, an NBD client node, or any other node.
+    public let hostFile: any BlockDriver
     public var file: (any BlockDriver)? { hostFile }
     public var backing: (any BlockDriver)? { backingNode }
     public var filename: String { hostFile.filename }
@@ -89,7 +90,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     static let compressedFlag: UInt64 = 1 << 62
     static let zeroFlag: UInt64 = 1 << 0
 
-    init(file: FileNode, header: Qcow2Header, l1: [UInt64], refcountTable: [UInt64], l2CacheSize: Int?) {
+    init(file: any BlockDriver, header: Qcow2Header, l1: [UInt64], refcountTable: [UInt64], l2CacheSize: Int?) {
         self.hostFile = file
         self.header = header
         self.clusterBits = Int(header.clusterBits)
@@ -114,7 +115,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
 
     /// Opens the qcow2 image on `file`.
     /// - Parameter openBacking: opens a backing file by name and format (the opener resolves paths).
-    public static func open(file: FileNode, options: OpenOptions,
+    public static func open(file: any BlockDriver, options: OpenOptions,
                             openBacking: (String, String?) async throws -> any BlockDriver) async throws -> Qcow2Node {
         let fileLength = file.length
         let headBytes = Int(min(fileLength, Int64(2 << 20)))
