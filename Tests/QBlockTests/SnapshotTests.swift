@@ -393,7 +393,7 @@ extension RunResult {
         let node = try await ImageOpener.open(copy, options: OpenOptions())
         guard let q = node as? Qcow2Node else { throw BlockError(.internalError, "not qcow2") }
         let k = Killer()
-        k.fd = q.hostFile.fd
+        k.fd = (q.hostFile as? FileNode)?.fd ?? -1
         k.allowed = allowed
         Syscalls.injector = { call, fd, _ in
             k.lock.withLock {

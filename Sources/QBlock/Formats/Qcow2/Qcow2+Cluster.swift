@@ -131,6 +131,7 @@ extension Qcow2Node {
         // The table and its refcount must be on disk before L1 points to it.
         try await l2Cache.setDependency(on: refcountCache)
         try await l2Cache.flush()
+        try await refcountCache.flush()
         try await hostFile.flush()
         l1Table[i] = UInt64(newOffset) | Qcow2Node.copied
         try await writeL1Entry(i)

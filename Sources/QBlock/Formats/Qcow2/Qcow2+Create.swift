@@ -10,9 +10,8 @@ extension Qcow2Node {
     /// - Throws: ``BlockError`` `.invalidArgument` for option combinations qemu-img refuses.
     public static func create(path: String, size: Int64, options o: Qcow2CreateOptions) async throws {
         if size < 0 { throw BlockError(.invalidArgument, "Image size must be a non-negative number") }
-        if size % 512 != 0 {
-            throw BlockError(.invalidArgument, "Image size must be a multiple of 512 bytes")
-        }
+        // qemu-img rounds the size up to whole 512-byte sectors.
+        let size = (size + 511) / 512 * 512
         let cs = o.clusterSize
         guard cs >= 512 && cs <= 2 << 20 && cs & (cs - 1) == 0 else {
             throw BlockError(.invalidArgument, "Cluster size must be a power of two between 512 and 2048k")

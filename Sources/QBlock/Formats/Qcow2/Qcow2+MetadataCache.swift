@@ -136,10 +136,12 @@ final class Qcow2MetadataCache {
         dependency = nil
     }
 
-    /// Writes every dirty table (after the dependency). Does not sync the file.
+    /// Writes every dirty table, after the dependency (always, even when this cache has
+    /// nothing dirty: callers rely on "flushed" meaning the dependency is on disk too).
+    /// Does not sync the file after its own writes.
     func flush() async throws {
-        if !entries.contains(where: { $0.dirty && $0.offset >= 0 }) { return }
         try await flushDependency()
+        if !entries.contains(where: { $0.dirty && $0.offset >= 0 }) { return }
         for e in entries.sorted(by: { $0.offset < $1.offset }) where e.dirty && e.offset >= 0 {
             try await writeEntry(e)
         }
