@@ -10,7 +10,7 @@ struct Img: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "img",
         abstract: "Create, inspect, check and resize disk images (qemu-img compatible).",
-        subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgMap.self, ImgResize.self, ImgBench.self])
+        subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgMap.self, ImgResize.self, ImgBench.self, ImgConvert.self, ImgMeasure.self, ImgDD.self])
 
     static func main() async {
         let args = preprocess(Array(CommandLine.arguments.dropFirst()))
