@@ -245,10 +245,10 @@ func allocationMap(_ path: String, format: String) throws -> String {
         let dir = TempDir()
         try ConvertFixtures.all(dir)
         let target = dir.file("t.qcow2")
-        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", target, "8M")
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", target, "4M")
         if !flags.contains("--target-is-zero") {
             // Old content that the conversion must overwrite with the source's zeros and holes.
-            try Images.qemuIO(target, format: "qcow2", ["write -P 9 0 8M"])
+            try Images.qemuIO(target, format: "qcow2", ["write -P 9 0 4M"])
         }
         let r = try run("img", ["convert"] + flags + ["-O", "qcow2", "top.qcow2", target], cwd: dir.path)
         #expect(r.status == 0, "\(r)")

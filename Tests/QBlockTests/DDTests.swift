@@ -45,7 +45,7 @@ import TestSupport
         let exists = FileManager.default.fileExists(atPath: b.file("out"))
         #expect(FileManager.default.fileExists(atPath: a.file("out")) == exists)
         guard exists else { return }
-        let format = args.contains("qcow2") ? "qcow2" : "raw"
+        let format = args.firstIndex(of: "-O").map { args[$0 + 1] } ?? "raw"
         if format == "raw" {
             #expect(ConvertFixtures.contents(a.file("out")) == ConvertFixtures.contents(b.file("out")))
         } else {

@@ -162,9 +162,6 @@ public enum Convert {
                 throw e
             }
             backing = plan.values["backing_file"]
-            if o.targetIsZero && backing != nil {
-                throw BlockError(.invalidArgument, "Cannot use --target-is-zero when the destination image has a backing file")
-            }
             if sourceCount > 1 && backing != nil {
                 throw BlockError(.invalidArgument, "Having a backing file for the target makes no sense when concatenating multiple input images")
             }
@@ -183,6 +180,8 @@ public enum Convert {
                 e.message = "\(target): error while converting \(format): \(e.message)"
                 throw e
             }
+        } else if o.targetIsZero && backing != nil {
+            throw BlockError(.invalidArgument, "Cannot use --target-is-zero when the destination image has a backing file")
         } else if o.compress && format != "qcow2" {
             throw BlockError(.unsupported, "Compression not supported for this file format")
         }

@@ -9,7 +9,7 @@ struct ImgMeasure: AsyncParsableCommand {
     @Option(name: .customShort("f"), help: "Source format; probed when omitted.") var format: String?
     @Option(name: .customShort("O"), help: "Target format (default raw).") var outputFormat = "raw"
     @Option(name: .customShort("o"), help: "Target creation options, key=value[,...].") var options: [String] = []
-    @Option(name: .customLong("size"), help: "Virtual size of a new image.") var size: String?
+    @Option(name: .customLong("size"), parsing: .unconditional, help: "Virtual size of a new image.") var size: String?
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image shared.") var forceShare = false
     @Argument(help: "Source image.") var files: [String] = []
 
