@@ -43,6 +43,10 @@ enum ConvertFixtures {
         let rnd = dir.file("random.raw")
         try truncateFile(rnd, to: 3 << 20)
         try writeFile(rnd, at: 0, randomBytes(3 << 20, seed: 11))
+        // A raw file whose size is not a multiple of 512.
+        let odd = dir.file("odd.raw")
+        try truncateFile(odd, to: 1_000_001)
+        try writeFile(odd, at: 0, randomBytes(700_000, seed: 5))
     }
 
     /// The contents of a file, to show an input was left unchanged.
@@ -61,10 +65,25 @@ struct SplitMix {
     }
 }
 
-/// `qemu-img map --output=json` without host offsets (layouts may differ; allocation may not).
-func allocationMap(_ path: String, format: String) throws -> String {
+/// `qemu-img map --output=json` without host offsets, adjacent runs of the same kind
+/// merged: where data, zeros and holes are (layouts may differ; allocation may not).
+func allocationMap(_ path: String, format: String) throws -> [String] {
     let r = try mustRun("qemu-img", "map", "--output=json", "-f", format, path)
-    return r.stdout.replacingOccurrences(of: #", "offset": [0-9]+"#, with: "", options: .regularExpression)
+    var runs: [(start: Int64, length: Int64, kind: String)] = []
+    for line in r.stdout.split(separator: "\n") {
+        func field(_ name: String) -> String? {
+            guard let k = line.range(of: "\"\(name)\": ") else { return nil }
+            return String(line[k.upperBound...].prefix { $0 != "," && $0 != "}" })
+        }
+        guard let start = field("start").flatMap({ Int64($0) }), let length = field("length").flatMap({ Int64($0) }) else { continue }
+        let kind = ["depth", "present", "zero", "data"].map { field($0) ?? "" }.joined(separator: " ")
+        if let last = runs.last, last.kind == kind, last.start + last.length == start {
+            runs[runs.count - 1].length += length
+        } else {
+            runs.append((start, length, kind))
+        }
+    }
+    return runs.map { "\($0.start)+\($0.length): \($0.kind)" }
 }
 
 @Suite(.serialized) struct ConvertTests {
@@ -83,6 +102,11 @@ func allocationMap(_ path: String, format: String) throws -> String {
         ["-W", "-m", "16", "-O", "qcow2", "text.raw"],
         ["-m", "1", "-O", "qcow2", "-o", "compat=0.10", "top.qcow2"],
         ["-O", "raw", "mid.qcow2"],
+        ["-O", "qcow2", "-o", "cluster_size=512", "odd.raw", "top.qcow2"],
+        ["-O", "qcow2", "-c", "odd.raw", "text.raw"],
+        ["-O", "raw", "odd.raw", "odd.raw"],
+        ["-W", "-m", "16", "-c", "-O", "qcow2", "-o", "cluster_size=4k", "text.raw", "top.qcow2"],
+        ["-c", "-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
     ]
 
     @Test(qemuTrait, arguments: cases)
@@ -118,7 +142,7 @@ func allocationMap(_ path: String, format: String) throws -> String {
         let dir = TempDir()
         try ConvertFixtures.all(dir)
         let opts = "compression_type=\(type),cluster_size=\(clusterSize)"
-        for src in ["text.raw", "top.qcow2", "random.raw"] {
+        for src in ["text.raw", "top.qcow2", "random.raw", "odd.raw"] {
             let out = dir.file("c-\(src).qcow2")
             let r = try run("img", ["convert", "-c", "-O", "qcow2", "-o", opts, src, out], cwd: dir.path)
             #expect(r.status == 0, "\(r)")

@@ -29,12 +29,7 @@ import TestSupport
     @Test(qemuTrait, arguments: cases)
     func ddMatchesQemu(args: [String]) throws {
         let a = TempDir(), b = TempDir()
-        for d in [a, b] {
-            try ConvertFixtures.all(d)
-            let odd = d.file("odd.raw")
-            try truncateFile(odd, to: 1_000_001)
-            try writeFile(odd, at: 0, ConvertFixtures.randomBytes(700_000, seed: 5))
-        }
+        for d in [a, b] { try ConvertFixtures.all(d) }
         let before = ConvertFixtures.contents(a.file("sparse.raw"))
         let ours = try run("img", ["dd"] + args, cwd: a.path)
         let theirs = try run("qemu-img", ["dd"] + args, cwd: b.path)

@@ -301,7 +301,8 @@ final class ConvertJob: @unchecked Sendable {
         if let f = (target.file ?? target) as? FileNode { zeroInit = !f.isBlockDevice } else { zeroInit = false }
         hasZeroInit = options.targetIsZero
             || (!options.skipCreate && options.minSparse > 0 && !targetHasBacking && zeroInit)
-        ordered = !options.outOfOrderWrites && qcow2Target != nil
+        // Raw targets need no order for their layout, but progress is reported in order.
+        ordered = !options.outOfOrderWrites && (qcow2Target != nil || progress != nil)
         minSparseSectors = Int(options.minSparse / 512)
         var a = 1
         while a * 2 <= max(1, minSparseSectors) { a *= 2 }
@@ -443,12 +444,12 @@ final class ConvertJob: @unchecked Sendable {
                     error = e
                 }
             }
+            if error == nil && chunk.status == .data { reportProgress(chunk.length) }
             if ordered { turnstile.done(chunk.ticket) }
             if let error {
                 fail(error)
                 return
             }
-            if chunk.status == .data { reportProgress(chunk.length) }
         }
     }
 

@@ -150,26 +150,20 @@ extension Qcow2Node {
         let cluster = guestOffset >> Int64(clusterBits)
         let l1Index = Int(cluster / Int64(l2Entries))
         let l2Index = Int(cluster % Int64(l2Entries))
+        // 1. Under the lock: check that nothing is there, take the bytes, mark the cluster in flight.
         var host: Int64 = 0
+        let event = AsyncEvent()
         while true {
             await metaLock.lock()
             guard await waitForInflight(cluster, 1) else { continue }
             do {
-                let t = try await l2TableForWrite(l1Index)
-                l2Cache.pin(t)
-                defer { l2Cache.release(t) }
-                let old = t.bytes.be64(l2Index * 8)
-                if old & Qcow2Node.l2OffsetMask != 0 || kind(of: old) == .compressed {
+                let m = try await lookup(guestOffset, Int64(clusterSize))
+                if m.kind != .unallocated && m.kind != .zero {
                     throw BlockError(.unsupported, "Compression can't overwrite an allocated cluster", errno: EIO,
                                      path: filename, offset: guestOffset, operation: "write compressed")
                 }
                 host = try await allocateBytes(compressed.count)
-                let sectors = UInt64(((host + Int64(compressed.count) - 1) >> 9) - (host >> 9))
-                let shift = UInt64(62 - (clusterBits - 8))
-                let entry = UInt64(host) | Qcow2Node.compressedFlag | (sectors << shift)
-                t.bytes.setBE64(l2Index * 8, entry)
-                try await l2Cache.setDependency(on: refcountCache)
-                l2Cache.markDirty(t)
+                inflight.append(InflightAllocation(firstCluster: cluster, count: 1, done: event))
             } catch {
                 metaLock.unlock()
                 throw error
@@ -177,7 +171,34 @@ extension Qcow2Node {
             metaLock.unlock()
             break
         }
-        try await hostFile.write(at: host, from: compressed, flags: [])
+        // 2. Without it: the data. Unlike QEMU, which points L2 at the bytes first, the data is
+        // written before any table refers to it, so a crash can only leak the bytes.
+        var failure: Error?
+        do {
+            try await hostFile.write(at: host, from: compressed, flags: [])
+        } catch {
+            failure = error
+        }
+        // 3. Under the lock again: point the L2 entry at the data (or give the bytes back).
+        await metaLock.lock()
+        defer {
+            inflight.removeAll { $0.done === event }
+            metaLock.unlock()
+            event.signal()
+        }
+        let cbits = Int64(clusterBits)
+        if let failure {
+            for c in (host >> cbits)...((host + Int64(compressed.count) - 1) >> cbits) {
+                try? await updateRefcount(c, by: -1)
+            }
+            throw failure
+        }
+        let t = try await l2TableForWrite(l1Index)
+        let sectors = UInt64(((host + Int64(compressed.count) - 1) >> 9) - (host >> 9))
+        let shift = UInt64(62 - (clusterBits - 8))
+        t.bytes.setBE64(l2Index * 8, UInt64(host) | Qcow2Node.compressedFlag | (sectors << shift))
+        try await l2Cache.setDependency(on: refcountCache)
+        l2Cache.markDirty(t)
     }
 
     /// QEMU's `qcow2_alloc_bytes`: `size` bytes (at most a cluster) for compressed data,
