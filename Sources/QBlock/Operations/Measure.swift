@@ -142,7 +142,10 @@ public enum Measure {
         if prealloc == .full || prealloc == .falloc { required = virtualSize }
         let fully = preallocSize(virtualSize, clusterSize: clusterSize, refcountOrder: Int64(refcountBits.trailingZeroBitCount),
                                  l2eSize: l2eSize)
-        let bitmaps: Int64? = version >= 3 && source is Qcow2Node ? 0 : nil
+        var bitmaps: Int64?
+        if version >= 3, let q = source as? Qcow2Node {
+            bitmaps = try await q.persistentBitmapsSize(clusterSize: clusterSize)
+        }
         return MeasureResult(required: fully - virtualSize + required, fullyAllocated: fully, bitmaps: bitmaps)
     }
 
@@ -175,5 +178,47 @@ public enum Measure {
             n = clusters + blocks + table
         } while n != last
         return (blocks + table) * clusterSize
+    }
+}
+
+extension Qcow2Node {
+    /// QEMU's `qcow2_measure_bitmaps`: the space the image's persistent dirty bitmaps would
+    /// take in a new image of `clusterSize` (each bitmap fully allocated, its table, and the
+    /// bitmap directory), read from the bitmaps header extension and directory.
+    func persistentBitmapsSize(clusterSize: Int64) async throws -> Int64 {
+        // QEMU ignores the bitmaps when the autoclear bit says they are not trustworthy.
+        guard header.autoclearFeatures & Qcow2Header.autoclearBitmaps != 0,
+              let ext = header.otherExtensions.first(where: { $0.type == Qcow2Header.ExtensionType.bitmaps.rawValue }),
+              ext.data.count >= 24 else { return 0 }
+        let count = Int(ext.data.be32(0))
+        let dirSize = Int(ext.data.be64(8))
+        let dirOffset = Int64(ext.data.be64(16))
+        guard count > 0, dirSize > 0, dirSize <= 64 << 20 else { return 0 }
+        let dir = try await hostFile.read(at: dirOffset, count: dirSize)
+        var total: Int64 = 0
+        var dirBytes: Int64 = 0
+        var pos = 0
+        let virtualSize = Int64(header.size)
+        for _ in 0..<count {
+            guard pos + 24 <= dir.count else {
+                throw BlockError(.corrupt, "Bitmap directory is truncated", path: filename, operation: "measure")
+            }
+            let granularityBits = Int(dir[pos + 17])
+            let nameSize = Int(dir[pos + 18]) << 8 | Int(dir[pos + 19])
+            let extraSize = Int(dir.be32(pos + 20))
+            guard granularityBits < 64 else {
+                throw BlockError(.corrupt, "Bitmap granularity is invalid", path: filename, operation: "measure")
+            }
+            let granularity = Int64(1) << Int64(granularityBits)
+            let bits = (virtualSize + granularity - 1) / granularity
+            let bytes = (bits + 7) / 8
+            let clusters = (bytes + clusterSize - 1) / clusterSize
+            total += clusters * clusterSize
+            total += Measure.roundUp(clusters * 8, clusterSize)
+            let entrySize = (24 + nameSize + extraSize + 7) / 8 * 8
+            dirBytes += Int64((24 + nameSize + 7) / 8 * 8)
+            pos += entrySize
+        }
+        return total + Measure.roundUp(dirBytes, clusterSize)
     }
 }
