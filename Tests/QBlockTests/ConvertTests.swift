@@ -232,6 +232,7 @@ func allocationMap(_ path: String, format: String) throws -> [String] {
         ["-O", "qcow2", "-c", "-o", "preallocation=full", "sparse.raw", "out.img"],
         ["-T", "foo", "sparse.raw", "out.img"],
         ["-n", "sparse.raw", "nope.img"],
+        ["-O", "qcow2", "-B", "nope.qcow2", "-F", "qcow2", "top.qcow2", "out.img"],
     ]
 
     @Test(qemuTrait, arguments: errorCases)

@@ -126,9 +126,10 @@ public enum Convert {
     static func openError(_ error: Error, _ filename: String) -> BlockError {
         var e = error.asBlockError
         let prefix = "Could not open '\(filename)': "
-        if e.message.hasPrefix(prefix) && e.errno != nil && e.operation == "open" {
-            e.message = prefix + e.message
-        } else if !e.message.hasPrefix("Could not open") {
+        if e.message.hasPrefix(prefix) {
+            // The file layer's own "Could not open 'X': <errno text>" gets the prefix again.
+            if e.errno != nil && e.operation == "open" { e.message = prefix + e.message }
+        } else {
             e.message = prefix + e.message
         }
         return e
@@ -349,7 +350,12 @@ final class ConvertJob: @unchecked Sendable {
         while pos >= starts[sourceIndex] + lengths[sourceIndex] { sourceIndex += 1 }
         let srcEnd = starts[sourceIndex] + lengths[sourceIndex]
         if statusEnd <= pos {
-            let (st, n) = try await sourceStatus(sourceIndex, pos - starts[sourceIndex], srcEnd - pos)
+            let (st, n): (ConvertChunkStatus, Int64)
+            do {
+                (st, n) = try await sourceStatus(sourceIndex, pos - starts[sourceIndex], srcEnd - pos)
+            } catch {
+                throw Self.wrap(error, "error while reading block status at offset \(pos)")
+            }
             status = st
             statusEnd = pos + n
         }
@@ -433,7 +439,7 @@ final class ConvertJob: @unchecked Sendable {
                         }
                     }
                 } catch let e {
-                    error = e
+                    error = Self.wrap(e, "error while reading at byte \(chunk.offset)")
                 }
             }
             if ordered { await turnstile.wait(for: chunk.ticket) }
@@ -441,7 +447,7 @@ final class ConvertJob: @unchecked Sendable {
                 do {
                     try await write(chunk, buffer, compressor: compressor, compressedLength: compressedLength, allZero: allZero)
                 } catch let e {
-                    error = e
+                    error = Self.wrap(e, "error while writing at byte \((e as? BlockError)?.offset ?? chunk.offset)")
                 }
             }
             if error == nil && chunk.status == .data { reportProgress(chunk.length) }
@@ -451,6 +457,14 @@ final class ConvertJob: @unchecked Sendable {
                 return
             }
         }
+    }
+
+    /// qemu-img's wording for a failed request: "<what>: <strerror>".
+    static func wrap(_ error: Error, _ what: String) -> BlockError {
+        let e = error.asBlockError
+        let reason = e.errno.map { BlockError.strerror($0) } ?? e.message
+        return BlockError(e.code, "\(what): \(reason)", errno: e.errno, path: e.path, offset: e.offset,
+                          operation: e.operation, underlying: e)
     }
 
     private func reportProgress(_ n: Int64) {
