@@ -43,6 +43,21 @@ enum ConvertFixtures {
         let rnd = dir.file("random.raw")
         try truncateFile(rnd, to: 3 << 20)
         try writeFile(rnd, at: 0, randomBytes(3 << 20, seed: 11))
+        // Short runs of data, written zeros and holes mixed (zero detection and its alignment).
+        let mix = dir.file("mix.raw")
+        try truncateFile(mix, to: 4 << 20)
+        var rng = SplitMix(seed: 99)
+        var pos = 0
+        let sizes = [512, 1024, 4096, 8192, 12288, 65536]
+        while pos < 4 << 20 {
+            let n = min(sizes[Int(rng.next() % UInt64(sizes.count))], (4 << 20) - pos)
+            switch rng.next() % 3 {
+            case 0: try writeFile(mix, at: Int64(pos), randomBytes(n, seed: rng.next()))
+            case 1: try writeFile(mix, at: Int64(pos), [UInt8](repeating: 0, count: n))
+            default: break
+            }
+            pos += n
+        }
         // A raw file whose size is not a multiple of 512.
         let odd = dir.file("odd.raw")
         try truncateFile(odd, to: 1_000_001)
@@ -107,6 +122,9 @@ func allocationMap(_ path: String, format: String) throws -> [String] {
         ["-O", "raw", "odd.raw", "odd.raw"],
         ["-W", "-m", "16", "-c", "-O", "qcow2", "-o", "cluster_size=4k", "text.raw", "top.qcow2"],
         ["-c", "-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+        ["-O", "raw", "mix.raw"], ["-O", "raw", "-S", "8k", "mix.raw"], ["-O", "raw", "-S", "512", "mix.raw"],
+        ["-O", "qcow2", "mix.raw"], ["-O", "qcow2", "-o", "cluster_size=4k", "-S", "8k", "mix.raw"],
+        ["-O", "qcow2", "-S", "512", "mix.raw"], ["-c", "-O", "qcow2", "-o", "cluster_size=4k", "mix.raw"],
     ]
 
     @Test(qemuTrait, arguments: cases)
