@@ -65,6 +65,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     let refcountBlockEntries: Int
     /// Lowest cluster index that may be free.
     var freeClusterIndex: Int64 = 0
+    /// Where the next compressed cluster's bytes may go (0: start a new host cluster); see `Qcow2+CompressedWrite.swift`.
+    var freeByteOffset: Int64 = 0
     /// One past the highest cluster index ever in use (file end, in clusters).
     var endCluster: Int64
     /// Guest clusters whose allocation is under way.

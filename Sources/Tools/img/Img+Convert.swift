@@ -1,0 +1,93 @@
+import ArgumentParser
+import QBlock
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct ImgConvert: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "convert",
+        abstract: "Convert one or more images (concatenated) into a new image of any format.")
+
+    @Option(name: .customShort("f"), help: "Source format; probed when omitted.") var format: String?
+    @Option(name: .customShort("O"), help: "Target format (default raw).") var outputFormat = "raw"
+    @Option(name: .customShort("o"), help: "Target creation options, key=value[,...].") var options: [String] = []
+    @Option(name: .customShort("B"), help: "Backing file of the target.") var backing: String?
+    @Option(name: .customShort("F"), help: "Format of the target's backing file.") var backingFormat: String?
+    @Flag(name: .customShort("c"), help: "Compress the target (qcow2).") var compress = false
+    @Flag(name: .customShort("n"), help: "Do not create the target; it must exist.") var skipCreate = false
+    @Flag(name: .customLong("target-is-zero"), help: "The existing target reads as zeros (with -n).") var targetIsZero = false
+    @Option(name: .customShort("S"), help: "Zero runs of this many bytes become holes (0: fully allocate).") var sparseSize: String?
+    @Option(name: .customShort("m"), help: "Requests in flight (1-16).") var coroutines: String?
+    @Flag(name: .customShort("W"), help: "Allow out-of-order writes.") var outOfOrder = false
+    @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Option(name: .customShort("t"), help: "Target cache mode (default unsafe).") var cache: String?
+    @Option(name: .customShort("T"), help: "Source cache mode (default writeback).") var sourceCache: String?
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the sources shared.") var forceShare = false
+    @Argument(help: "Source images, then the target.") var files: [String] = []
+
+    func run() async throws {
+        var o = ConvertOptions()
+        o.sourceFormat = format
+        o.targetFormat = outputFormat
+        o.createOptions = options.flatMap { ImageCreator.parseOptionString($0) }
+        o.backingFile = backing
+        o.backingFormat = backingFormat
+        o.compress = compress
+        o.skipCreate = skipCreate
+        o.targetIsZero = targetIsZero
+        o.outOfOrderWrites = outOfOrder
+        o.forceShare = forceShare
+        if let coroutines {
+            guard let m = Int(coroutines), m >= 1, m <= Convert.maxParallelRequests else {
+                throw fail("Invalid number of coroutines. Allowed number of coroutines is between 1 and \(Convert.maxParallelRequests)")
+            }
+            o.parallelRequests = m
+        }
+        if let sparseSize {
+            guard let s = SizeParser.parse(sparseSize) else {
+                throw fail("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to \(Convert.maxBufferSectors * 512). Select 0 to disable sparse detection (fully allocates output).")
+            }
+            o.minSparse = s
+        }
+        if let cache {
+            guard let m = CacheMode(qemuName: cache) else { throw fail("Invalid cache option: \(cache)") }
+            o.targetCache = m
+        }
+        let sources = Array(files.dropLast())
+        let target = files.last ?? ""
+        do {
+            try o.validate(sourceCount: sources.count)
+        } catch let e as BlockError {
+            throw fail(e.message)
+        }
+        if let sourceCache {
+            guard let m = CacheMode(qemuName: sourceCache) else { throw fail("Invalid source cache option: \(sourceCache)") }
+            o.sourceCache = m
+        }
+        let show = progress && !quiet
+        let printer: (@Sendable (Double) -> Void)? = show ? printProgress : nil
+        do {
+            try await Convert.run(sources: sources, target: target, options: o, progress: printer)
+        } catch let e as BlockError {
+            if show { writeStdout("\n") }
+            throw fail(e.message)
+        }
+        if show { writeStdout("\n") }
+    }
+}
+
+/// One progress line as qemu-img's `-p` prints it (overwritten by the next).
+@Sendable func printProgress(_ value: Double) {
+    writeStdout("    (\(percentText(value))/100%)\r")
+    flushStdout()
+}
+
+/// A percentage as C's "%3.2f" prints it.
+func percentText(_ value: Double) -> String {
+    let hundredths = Int((value * 100).rounded())
+    let frac = hundredths % 100
+    return "\(hundredths / 100)." + (frac < 10 ? "0" : "") + "\(frac)"
+}
+
+func flushStdout() { fflush(stdout) }

@@ -1,0 +1,46 @@
+import ArgumentParser
+import QBlock
+
+struct ImgMeasure: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "measure",
+        abstract: "Compute the file size a new image needs (from a size or an existing image).")
+
+    @OptionGroup var out: OutputOption
+    @Option(name: .customShort("f"), help: "Source format; probed when omitted.") var format: String?
+    @Option(name: .customShort("O"), help: "Target format (default raw).") var outputFormat = "raw"
+    @Option(name: .customShort("o"), help: "Target creation options, key=value[,...].") var options: [String] = []
+    @Option(name: .customLong("size"), parsing: .unconditional, help: "Virtual size of a new image.") var size: String?
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image shared.") var forceShare = false
+    @Argument(help: "Source image.") var files: [String] = []
+
+    func run() async throws {
+        let json = try out.isJSON
+        var sizeValue: Int64?
+        if let size { sizeValue = try parseSize(size, what: "image size") }
+        if files.count > 1 { throw fail("At most one filename argument is allowed.") }
+        let filename = files.first
+        if filename == nil && format != nil { throw fail("--image-opts, -f, and -l require a filename argument.") }
+        if filename != nil && sizeValue != nil { throw fail("--size N cannot be used together with a filename.") }
+        if filename == nil && sizeValue == nil { throw fail("Either --size N or one filename must be specified.") }
+        var node: (any BlockDriver)?
+        if let filename {
+            if let format, !ImageOpener.formats.contains(format) { throw fail("Unknown file format '\(format)'") }
+            do {
+                node = try await ImageOpener.open(filename, options: OpenOptions(format: format, readOnly: true, forceShare: forceShare))
+            } catch let e as BlockError {
+                throw fail(openErrorMessage(e, filename))
+            }
+        }
+        let pairs = options.flatMap { ImageCreator.parseOptionString($0) }
+        let result: MeasureResult
+        do {
+            result = try await Measure.measure(format: outputFormat, options: pairs, size: sizeValue, source: node)
+        } catch let e as BlockError {
+            if let node { await closeQuietly(node) }
+            for line in e.message.split(separator: "\n", omittingEmptySubsequences: false) { printError(String(line)) }
+            throw ExitCode.failure
+        }
+        if let node { await closeQuietly(node) }
+        writeStdout(json ? result.json : result.human)
+    }
+}
