@@ -390,13 +390,13 @@ struct NBDClientNbdkitTests {
                                                "blocksize-error-policy=error"], dir: dir)
         defer { server.stop() }
         let uri = server.uri
-        try await within(60, "block size") {
+        try await within(180, "block size") {
             let node = try await NBDClientNode.connect(try NBDURI(uri), readOnly: false)
             #expect(node.info.minimumBlockSize == 4096)
             #expect(node.info.maximumBlockSize == 65536)
             var model = [UInt8](repeating: 0, count: 4 << 20)
             var rng = SystemRandomNumberGenerator()
-            for _ in 0..<40 {
+            for _ in 0..<12 {
                 let off = Int.random(in: 0..<(4 << 20) - 300_000, using: &rng)
                 let n = Int.random(in: 1...300_000, using: &rng)
                 let bytes = (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) }

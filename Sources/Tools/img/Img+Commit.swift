@@ -26,7 +26,7 @@ struct ImgCommit: AsyncParsableCommand {
         let showProgress = progress && !quiet
         do {
             try await ImageCommit.commit(path: files[0], format: format, base: base, keepTop: keep, cache: mode,
-                                         progress: showProgress ? printProgress : nil)
+                                         progress: showProgress ? { printProgress($0) } : nil)
         } catch let e as BlockError {
             if showProgress { writeStdout("\n") }
             throw fail(e.operation == "open" ? openErrorMessage(e, e.path ?? files[0]) : e.message)

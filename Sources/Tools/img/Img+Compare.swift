@@ -34,7 +34,7 @@ struct ImgCompare: AsyncParsableCommand {
         }
         let result: ImageComparison
         do {
-            result = try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? printProgress : nil)
+            result = try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? { printProgress($0) } : nil)
         } catch let e as BlockError {
             await closeQuietly(a)
             await closeQuietly(b)
@@ -55,18 +55,6 @@ struct ImgCompare: AsyncParsableCommand {
 }
 
 /// qemu-img's progress line: "    (P/100%)\r".
-func printProgress(_ percent: Double) {
-    writeStdout("    (" + formatPercent(percent) + "/100%)\r")
-    fflush(stdout)
-}
-
-private func formatPercent(_ p: Double) -> String {
-    let v = (p * 100).rounded() / 100
-    let whole = Int(v)
-    let frac = Int(((v - Double(whole)) * 100).rounded())
-    return "\(whole)." + (frac < 10 ? "0" : "") + "\(frac)"
-}
-
 /// Opens an image with exact options (the format named is used as is: an unknown one is
 /// reported as QEMU's "Unknown driver"), printing qemu-img's message and exiting with
 /// `exitCode` on failure.

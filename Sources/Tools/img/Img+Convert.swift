@@ -78,16 +78,3 @@ struct ImgConvert: AsyncParsableCommand {
 }
 
 /// One progress line as qemu-img's `-p` prints it (overwritten by the next).
-@Sendable func printProgress(_ value: Double) {
-    writeStdout("    (\(percentText(value))/100%)\r")
-    flushStdout()
-}
-
-/// A percentage as C's "%3.2f" prints it.
-func percentText(_ value: Double) -> String {
-    let hundredths = Int((value * 100).rounded())
-    let frac = hundredths % 100
-    return "\(hundredths / 100)." + (frac < 10 ? "0" : "") + "\(frac)"
-}
-
-func flushStdout() { fflush(stdout) }

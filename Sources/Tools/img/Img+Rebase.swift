@@ -51,7 +51,7 @@ struct ImgRebase: AsyncParsableCommand {
                 } else {
                     try await ImageRebase.rebase(image, onto: newBacking, backingName: newName,
                                                  backingFormat: newName == nil ? nil : backingFormat,
-                                                 progress: showProgress ? printProgress : nil)
+                                                 progress: showProgress ? { printProgress($0) } : nil)
                     if showProgress { writeStdout("\n") }
                 }
             } catch let e as BlockError {

@@ -108,3 +108,18 @@ struct OutputOption: ParsableArguments {
 func closeQuietly(_ node: any BlockDriver) async {
     try? await node.close()
 }
+
+/// qemu-img's `-p` progress line: "    (12.34/100%)" rewritten in place.
+@Sendable func printProgress(_ value: Double) {
+    writeStdout("    (\(percentText(value))/100%)\r")
+    flushStdout()
+}
+
+/// A percentage as C's "%3.2f" prints it.
+func percentText(_ value: Double) -> String {
+    let hundredths = Int((value * 100).rounded())
+    let frac = hundredths % 100
+    return "\(hundredths / 100)." + (frac < 10 ? "0" : "") + "\(frac)"
+}
+
+func flushStdout() { fflush(stdout) }
