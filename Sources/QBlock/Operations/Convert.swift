@@ -32,6 +32,9 @@ public struct ConvertOptions: Sendable {
     public var sourceCache: CacheMode = .writeback
     /// Open the sources shared with other writers (`-U`).
     public var forceShare = false
+    /// Copy an internal snapshot of the (single, qcow2) source instead of its current state
+    /// (`-l`): "ID_OR_NAME" or "snapshot.id=ID,snapshot.name=NAME".
+    public var snapshot: String?
 
     public init() {}
 
@@ -90,7 +93,27 @@ public enum Convert {
                 throw openError(error, path)
             }
         }
-        let sourceLengths = opened.map { qemuLength($0) }
+        // `-l`: read a snapshot of the only source; the source node stays open underneath.
+        var sourcesForCopy = opened
+        if let spec = options.snapshot {
+            guard opened.count == 1 else {
+                await closeAll()
+                throw BlockError(.invalidArgument, "No support for concatenating multiple snapshot")
+            }
+            guard let q = opened[0] as? Qcow2Node else {
+                await closeAll()
+                throw BlockError(.unsupported, "Failed to load snapshot: Block format '\(opened[0].driverName)' used by device '' does not support internal snapshots")
+            }
+            do {
+                let (id, name) = parseSnapshotSpec(spec)
+                sourcesForCopy = [try await (id == nil && name == nil
+                    ? q.snapshotReader(idOrName: spec) : q.snapshotReader(id: id, name: name))]
+            } catch {
+                await closeAll()
+                throw BlockError(.notFound, "Failed to load snapshot: \(error.asBlockError.message)")
+            }
+        }
+        let sourceLengths = sourcesForCopy.map { qemuLength($0) }
         let total = sourceLengths.reduce(0, +)
         let targetNode: any BlockDriver
         let targetBacking: String?
@@ -102,7 +125,7 @@ public enum Convert {
         }
         let job: ConvertJob
         do {
-            job = try ConvertJob(sources: opened, lengths: sourceLengths, target: targetNode, targetHasBacking: targetBacking != nil,
+            job = try ConvertJob(sources: sourcesForCopy, lengths: sourceLengths, target: targetNode, targetHasBacking: targetBacking != nil,
                                  options: options, progress: progress)
             try await job.run()
             if let q = targetNode as? Qcow2Node, options.compress { try await q.finishCompressedWrites() }
@@ -120,6 +143,17 @@ public enum Convert {
         }
         await closeAll()
         progress?(100)
+    }
+
+    /// Splits "snapshot.id=X,snapshot.name=Y" (either part optional); plain text gives (nil, nil).
+    static func parseSnapshotSpec(_ spec: String) -> (String?, String?) {
+        guard spec.hasPrefix("snapshot.") else { return (nil, nil) }
+        var id: String?, name: String?
+        for part in spec.split(separator: ",") {
+            if part.hasPrefix("snapshot.id=") { id = String(part.dropFirst("snapshot.id=".count)) }
+            if part.hasPrefix("snapshot.name=") { name = String(part.dropFirst("snapshot.name=".count)) }
+        }
+        return (id, name)
     }
 
     /// qemu-img's message for an image that could not be opened.

@@ -24,10 +24,13 @@ struct ImgConvert: AsyncParsableCommand {
     @Option(name: .customShort("t"), help: "Target cache mode (default unsafe).") var cache: String?
     @Option(name: .customShort("T"), help: "Source cache mode (default writeback).") var sourceCache: String?
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the sources shared.") var forceShare = false
+    @Option(name: .customShort("l"), help: "Convert this internal snapshot (ID_OR_NAME or snapshot.id=,snapshot.name=).") var snapshot: String?
+    @Option(name: .customShort("s"), help: "Convert this internal snapshot (deprecated form of -l).") var snapshotLegacy: String?
     @Argument(help: "Source images, then the target.") var files: [String] = []
 
     func run() async throws {
         var o = ConvertOptions()
+        o.snapshot = snapshot ?? snapshotLegacy
         o.sourceFormat = format
         o.targetFormat = outputFormat
         o.createOptions = options.flatMap { ImageCreator.parseOptionString($0) }
