@@ -62,12 +62,35 @@ struct IOTool: AsyncParsableCommand {
             }
             options.cache = mode
         }
-        let session = IOSession()
-        if let file, await !session.openImage(file, options: options) {
+        let session = QemuIOSession(output: Console.output, programName: Console.programName)
+        if let file, await !session.open(file, options: options) {
             return 1
         }
-        let ok = commands.isEmpty ? await session.interactive() : await session.run(commands)
-        await session.closeImage()
+        let ok = commands.isEmpty ? await interactive(session) : await run(commands, in: session)
+        await session.close()
         return ok ? 0 : 1
+    }
+
+    /// Runs the `-c` commands in order until `quit`; false if any failed.
+    func run(_ commands: [String], in session: QemuIOSession) async -> Bool {
+        var ok = true
+        for c in commands {
+            if await session.quitRequested { break }
+            if await !session.execute(c) { ok = false }
+        }
+        return ok
+    }
+
+    /// Reads commands from standard input after a `qemu-io> ` prompt until `quit` or end of input.
+    func interactive(_ session: QemuIOSession) async -> Bool {
+        var ok = true
+        while await !session.quitRequested {
+            Console.out("qemu-io> ")
+            Console.flush()
+            // readLine blocks: run it on an I/O pool thread, never on the cooperative pool.
+            guard let line = await IOThreadPool.shared.run({ readLine(strippingNewline: true) }) else { break }
+            if await !session.execute(line) { ok = false }
+        }
+        return ok
     }
 }

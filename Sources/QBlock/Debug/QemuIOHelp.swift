@@ -1,5 +1,5 @@
 /// Extended help (`help CMD`) for the commands that have it.
-enum HelpText {
+enum QemuIOHelp {
     static let read = """
 
      reads a range of bytes from the given offset

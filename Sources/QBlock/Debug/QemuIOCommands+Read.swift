@@ -1,10 +1,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import QBlock
 
 /// Reads `count` bytes at `offset` of `node` after checking the range.
-func performRead(_ node: any BlockDriver, offset: Int64, count: Int64) async -> Result<AlignedBuffer, BlockError> {
+private func performRead(_ node: any BlockDriver, offset: Int64, count: Int64) async -> Result<AlignedBuffer, BlockError> {
     do {
         try node.checkRequest(offset: offset, length: count, operation: "read")
         let buf = AlignedBuffer(count: Int(count))
@@ -16,18 +15,18 @@ func performRead(_ node: any BlockDriver, offset: Int64, count: Int64) async -> 
 }
 
 /// "Pattern verification failed ..." if `count` bytes at `start` of `buf` are not all `pattern`.
-func verify(_ buf: AlignedBuffer, pattern: UInt8, start: Int64, count: Int64, reportOffset: Int64) -> String? {
+private func verify(_ buf: AlignedBuffer, pattern: UInt8, start: Int64, count: Int64, reportOffset: Int64) -> String? {
     let ok = buf.withUnsafeBytes { b in
         Pattern.matches(UnsafeRawBufferPointer(rebasing: b[Int(start)..<Int(start + count)]), byte: pattern)
     }
     return ok ? nil : "Pattern verification failed at offset \(reportOffset), \(count) bytes\n"
 }
 
-func dump(_ buf: AlignedBuffer, offset: Int64) -> String {
+private func dump(_ buf: AlignedBuffer, offset: Int64) -> String {
     buf.withUnsafeBytes { Pattern.hexDump($0, offset: offset) }
 }
 
-extension IOSession {
+extension QemuIOSession {
     /// `read [-bCqv] [-P pattern [-s off] [-l len]] off len`
     func read(_ argv: [String]) async -> Bool {
         var machine = false, quiet = false, verbose = false, vmstate = false
@@ -38,7 +37,7 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("read")
             case .option(let c, let arg):
                 switch c {
@@ -64,35 +63,35 @@ extension IOSession {
         guard g.operands.count == 2 else { return usage("read") }
         guard let offset = number(g.operands[0]), let count = number(g.operands[1]) else { return false }
         if count > BlockRequestLimits.maxBytes {
-            Console.out("length cannot exceed \(BlockRequestLimits.maxBytes), given \(g.operands[1])\n")
+            out("length cannot exceed \(BlockRequestLimits.maxBytes), given \(g.operands[1])\n")
             return false
         }
         if pattern == nil && (lflag || sflag) { return usage("read") }
         if !lflag { patternCount = count - patternOffset }
         if patternCount < 0 || patternCount + patternOffset > count {
-            Console.out("pattern verification range exceeds end of read data\n")
+            out("pattern verification range exceeds end of read data\n")
             return false
         }
         if vmstate {
             if offset % 512 != 0 {
-                Console.out("\(offset) is not a sector-aligned value for 'offset'\n")
+                out("\(offset) is not a sector-aligned value for 'offset'\n")
                 return false
             }
             if count % 512 != 0 {
-                Console.out("\(count) is not a sector-aligned value for 'count'\n")
+                out("\(count) is not a sector-aligned value for 'count'\n")
                 return false
             }
-            Console.out("read failed: \(BlockError.strerror(ENOTSUP))\n")
+            out("read failed: \(BlockError.strerror(ENOTSUP))\n")
             return false
         }
         guard let node else { return false }
         let start = ContinuousClock.now
         let result = await performRead(node, offset: offset, count: count)
-        let report = IOReport(since: start)
+        let report = QemuIOReport(since: start)
         let buf: AlignedBuffer
         switch result {
         case .failure(let e):
-            Console.out("read failed: \(e.errnoText)\n")
+            out("read failed: \(e.errnoText)\n")
             return false
         case .success(let b): buf = b
         }
@@ -107,7 +106,7 @@ extension IOSession {
             if verbose { text += dump(buf, offset: offset) }
             text += report.lines("read", offset: offset, count: count, total: count, machine: machine)
         }
-        Console.out(text)
+        out(text)
         return ok
     }
 
@@ -119,7 +118,7 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("readv")
             case .option(let c, let arg):
                 switch c {
@@ -137,9 +136,9 @@ extension IOSession {
               let node else { return false }
         let start = ContinuousClock.now
         let result = await performRead(node, offset: offset, count: count)
-        let report = IOReport(since: start)
+        let report = QemuIOReport(since: start)
         guard case .success(let buf) = result else {
-            if case .failure(let e) = result { Console.out("readv failed: \(e.errnoText)\n") }
+            if case .failure(let e) = result { out("readv failed: \(e.errnoText)\n") }
             return false
         }
         var text = ""
@@ -152,7 +151,7 @@ extension IOSession {
             if verbose { text += dump(buf, offset: offset) }
             text += report.lines("read", offset: offset, count: count, total: count, machine: machine)
         }
-        Console.out(text)
+        out(text)
         return ok
     }
 
@@ -164,7 +163,7 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("aio_read")
             case .option(let c, let arg):
                 switch c {
@@ -173,7 +172,7 @@ extension IOSession {
                     guard let p = patternByte(arg ?? "") else { return false }
                     pattern = p
                 case "i":
-                    Console.out("injecting invalid read request\n")
+                    out("injecting invalid read request\n")
                     return true
                 case "q": quiet = true
                 default: verbose = true
@@ -183,13 +182,13 @@ extension IOSession {
         guard g.operands.count >= 2 else { return usage("aio_read") }
         guard let offset = number(g.operands[0]), let count = vectorLength(Array(g.operands.dropFirst())),
               let node else { return false }
-        startAIO { [pattern, quiet, verbose, machine] in
+        startAIO { [self, pattern, quiet, verbose, machine] in
             let start = ContinuousClock.now
             let result = await performRead(node, offset: offset, count: count)
-            let report = IOReport(since: start)
+            let report = QemuIOReport(since: start)
             switch result {
             case .failure(let e):
-                Console.out("readv failed: \(e.errnoText)\n")
+                out("readv failed: \(e.errnoText)\n")
             case .success(let buf):
                 var text = ""
                 if let pattern, let failure = verify(buf, pattern: pattern, start: 0, count: count, reportOffset: offset) {
@@ -199,7 +198,7 @@ extension IOSession {
                     if verbose { text += dump(buf, offset: offset) }
                     text += report.lines("read", offset: offset, count: count, total: count, machine: machine)
                 }
-                Console.out(text)
+                out(text)
             }
         }
         return true

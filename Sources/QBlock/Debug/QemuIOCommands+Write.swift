@@ -1,51 +1,18 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import QBlock
 
 /// How a write request gets its data.
-enum WriteSource {
+private enum WriteSource {
     case pattern(UInt8)
     case zeroes(WriteFlags)
     /// Data prepared beforehand (`write -s FILE`).
     case buffer(AlignedBuffer)
 }
 
-/// A buffer of `count` bytes filled with the contents of `path`, repeated as needed
-/// (qemu-io's `qemu_io_alloc_from_file`); nil after printing why not.
-func loadSourceFile(_ path: String, count: Int64) -> AlignedBuffer? {
-    let buf = AlignedBuffer(count: Int(count))
-    do {
-        guard let f = fopen(path, "r") else {
-            Console.err("\(path): \(BlockError.strerror(errno))")
-            return nil
-        }
-        defer { fclose(f) }
-        let n = buf.withUnsafeMutableBytes { b in b.baseAddress.map { fread($0, 1, b.count, f) } ?? 0 }
-        if ferror(f) != 0 {
-            Console.err("\(path): \(BlockError.strerror(errno))")
-            return nil
-        }
-        if n == 0 && count > 0 {
-            Console.err("\(path): file is empty")
-            return nil
-        }
-        buf.withUnsafeMutableBytes { b in
-            var pos = n
-            while pos < b.count {
-                let len = min(n, b.count - pos)
-                UnsafeMutableRawBufferPointer(rebasing: b[pos..<pos + len])
-                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: b[0..<len]))
-                pos += len
-            }
-        }
-    }
-    return buf
-}
-
 /// Writes `count` bytes at `offset` of `node` after checking the range.
-func performWrite(_ node: any BlockDriver, offset: Int64, count: Int64, source: WriteSource,
-                  flags: WriteFlags) async -> BlockError? {
+private func performWrite(_ node: any BlockDriver, offset: Int64, count: Int64, source: WriteSource,
+                          flags: WriteFlags) async -> BlockError? {
     do {
         if case .zeroes(let zflags) = source {
             try await node.checkedWriteZeroes(at: offset, length: count, flags: zflags.union(flags))
@@ -66,7 +33,39 @@ func performWrite(_ node: any BlockDriver, offset: Int64, count: Int64, source: 
     }
 }
 
-extension IOSession {
+extension QemuIOSession {
+    /// A buffer of `count` bytes filled with the contents of `path`, repeated as needed
+    /// (qemu-io's `qemu_io_alloc_from_file`); nil after printing why not.
+    private func loadSourceFile(_ path: String, count: Int64) -> AlignedBuffer? {
+        let buf = AlignedBuffer(count: Int(count))
+        do {
+            guard let f = fopen(path, "r") else {
+                err("\(path): \(BlockError.strerror(errno))")
+                return nil
+            }
+            defer { fclose(f) }
+            let n = buf.withUnsafeMutableBytes { b in b.baseAddress.map { fread($0, 1, b.count, f) } ?? 0 }
+            if ferror(f) != 0 {
+                err("\(path): \(BlockError.strerror(errno))")
+                return nil
+            }
+            if n == 0 && count > 0 {
+                err("\(path): file is empty")
+                return nil
+            }
+            buf.withUnsafeMutableBytes { b in
+                var pos = n
+                while pos < b.count {
+                    let len = min(n, b.count - pos)
+                    UnsafeMutableRawBufferPointer(rebasing: b[pos..<pos + len])
+                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: b[0..<len]))
+                    pos += len
+                }
+            }
+        }
+        return buf
+    }
+
     /// `write [-bcCfnquz] [-P pattern | -s source_file] off len`
     func write(_ argv: [String]) async -> Bool {
         var machine = false, quiet = false, vmstate = false, compressed = false, zero = false
@@ -78,7 +77,7 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("write")
             case .option(let c, let arg):
                 switch c {
@@ -100,33 +99,33 @@ extension IOSession {
         }
         guard g.operands.count == 2 else { return usage("write") }
         if vmstate && zero {
-            Console.out("-b and -z cannot be specified at the same time\n")
+            out("-b and -z cannot be specified at the same time\n")
             return false
         }
         if zeroFlags.contains(.noFallback) && !zero {
-            Console.out("-n requires -z to be specified\n")
+            out("-n requires -z to be specified\n")
             return false
         }
         if zeroFlags.contains(.mayUnmap) && !zero {
-            Console.out("-u requires -z to be specified\n")
+            out("-u requires -z to be specified\n")
             return false
         }
         if [zero, pattern != nil, sourceFile != nil].filter({ $0 }).count > 1 {
-            Console.out("Only one of -z, -P, and -s can be specified at the same time\n")
+            out("Only one of -z, -P, and -s can be specified at the same time\n")
             return false
         }
         guard let offset = number(g.operands[0]), let count = number(g.operands[1]), let node else { return false }
         if count > BlockRequestLimits.maxBytes && !zeroFlags.contains(.noFallback) {
-            Console.out("length cannot exceed \(BlockRequestLimits.maxBytes) without -n, given \(g.operands[1])\n")
+            out("length cannot exceed \(BlockRequestLimits.maxBytes) without -n, given \(g.operands[1])\n")
             return false
         }
         if vmstate || compressed {
             if offset % 512 != 0 {
-                Console.out("\(offset) is not a sector-aligned value for 'offset'\n")
+                out("\(offset) is not a sector-aligned value for 'offset'\n")
                 return false
             }
             if count % 512 != 0 {
-                Console.out("\(count) is not a sector-aligned value for 'count'\n")
+                out("\(count) is not a sector-aligned value for 'count'\n")
                 return false
             }
         }
@@ -145,13 +144,13 @@ extension IOSession {
                 : loaded.map { .buffer($0) } ?? .pattern(pattern ?? 0xcd)
             failure = await performWrite(node, offset: offset, count: count, source: source, flags: flags)
         }
-        let report = IOReport(since: start)
+        let report = QemuIOReport(since: start)
         if let failure {
-            Console.out("write failed: \(failure.errnoText)\n")
+            out("write failed: \(failure.errnoText)\n")
             return false
         }
         if !quiet {
-            Console.out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
+            out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
         }
         return true
     }
@@ -165,7 +164,7 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("writev")
             case .option(let c, let arg):
                 switch c {
@@ -183,13 +182,13 @@ extension IOSession {
               let node else { return false }
         let start = ContinuousClock.now
         let failure = await performWrite(node, offset: offset, count: count, source: .pattern(pattern), flags: flags)
-        let report = IOReport(since: start)
+        let report = QemuIOReport(since: start)
         if let failure {
-            Console.out("writev failed: \(failure.errnoText)\n")
+            out("writev failed: \(failure.errnoText)\n")
             return false
         }
         if !quiet {
-            Console.out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
+            out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
         }
         return true
     }
@@ -205,14 +204,14 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("aio_write")
             case .option(let c, let arg):
                 switch c {
                 case "C": machine = true
                 case "f": flags.insert(.fua)
                 case "i":
-                    Console.out("injecting invalid write request\n")
+                    out("injecting invalid write request\n")
                     return true
                 case "P":
                     guard let p = patternByte(arg ?? "") else { return false }
@@ -227,11 +226,11 @@ extension IOSession {
         _ = patternGiven // qemu-io 7.2 accepts -z with -P and ignores the pattern
         guard g.operands.count >= 2 else { return usage("aio_write") }
         if zero && g.operands.count != 2 {
-            Console.out("-z supports only a single length parameter\n")
+            out("-z supports only a single length parameter\n")
             return false
         }
         if zeroFlags.contains(.mayUnmap) && !zero {
-            Console.out("-u requires -z to be specified\n")
+            out("-u requires -z to be specified\n")
             return false
         }
         guard let offset = number(g.operands[0]) else { return false }
@@ -245,14 +244,14 @@ extension IOSession {
         }
         guard let node else { return false }
         let source: WriteSource = zero ? .zeroes(zeroFlags) : .pattern(pattern)
-        startAIO { [flags, quiet, machine] in
+        startAIO { [self, flags, quiet, machine] in
             let start = ContinuousClock.now
             let failure = await performWrite(node, offset: offset, count: count, source: source, flags: flags)
-            let report = IOReport(since: start)
+            let report = QemuIOReport(since: start)
             if let failure {
-                Console.out("aio_write failed: \(failure.errnoText)\n")
+                out("aio_write failed: \(failure.errnoText)\n")
             } else if !quiet {
-                Console.out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
+                out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
             }
         }
         return true
@@ -265,7 +264,7 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("discard")
             case .option(let c, _):
                 if c == "C" { machine = true } else { quiet = true }
@@ -274,19 +273,19 @@ extension IOSession {
         guard g.operands.count == 2 else { return usage("discard") }
         guard let offset = number(g.operands[0]), let count = number(g.operands[1]), let node else { return false }
         if count > BlockRequestLimits.maxBytes {
-            Console.out("length cannot exceed \(BlockRequestLimits.maxBytes), given \(g.operands[1])\n")
+            out("length cannot exceed \(BlockRequestLimits.maxBytes), given \(g.operands[1])\n")
             return false
         }
         let start = ContinuousClock.now
         do {
             try await node.checkedDiscard(at: offset, length: count)
         } catch {
-            Console.out("discard failed: \(error.asBlockError.errnoText)\n")
+            out("discard failed: \(error.asBlockError.errnoText)\n")
             return false
         }
-        let report = IOReport(since: start)
+        let report = QemuIOReport(since: start)
         if !quiet {
-            Console.out(report.lines("discard", offset: offset, count: count, total: count, machine: machine))
+            out(report.lines("discard", offset: offset, count: count, total: count, machine: machine))
         }
         return true
     }

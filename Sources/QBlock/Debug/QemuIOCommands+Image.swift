@@ -1,6 +1,5 @@
-import QBlock
 
-extension IOSession {
+extension QemuIOSession {
     /// `flush`
     func flush() async -> Bool {
         guard let node else { return false }
@@ -8,7 +7,7 @@ extension IOSession {
             try await node.flush()
             return true
         } catch {
-            Console.out("flush failed: \(error.asBlockError.errnoText)\n")
+            out("flush failed: \(error.asBlockError.errnoText)\n")
             return false
         }
     }
@@ -16,7 +15,7 @@ extension IOSession {
     /// `length`: the virtual size, as "1 MiB".
     func length() -> Bool {
         guard let node else { return false }
-        Console.out(QemuNumbers.formatSize(Double(node.length)) + "\n")
+        out(QemuNumbers.formatSize(Double(node.length)) + "\n")
         return true
     }
 
@@ -50,7 +49,7 @@ extension IOSession {
             text += "cluster size: \(QemuNumbers.formatSize(Double(clusterSize)))\n"
             text += "vm state offset: \(QemuNumbers.formatSize(Double(vmStateOffset)))\n"
         }
-        Console.out(text)
+        out(text)
         return true
     }
 
@@ -64,15 +63,15 @@ extension IOSession {
             do {
                 run = try await node.allocationRun(at: offset, length: remaining)
             } catch {
-                Console.report("Failed to get allocation status: \(error.asBlockError.errnoText)")
+                report("Failed to get allocation status: \(error.asBlockError.errnoText)")
                 return false
             }
             if run.length == 0 {
-                Console.report("Unexpected end of image")
+                report("Unexpected end of image")
                 return false
             }
             let state = run.allocated ? "    allocated" : "not allocated"
-            Console.out("\(QemuNumbers.formatSize(Double(run.length))) (0x\(String(run.length, radix: 16))) bytes "
+            out("\(QemuNumbers.formatSize(Double(run.length))) (0x\(String(run.length, radix: 16))) bytes "
                         + "\(state) at offset \(QemuNumbers.formatSize(Double(offset))) (0x\(String(offset, radix: 16)))\n")
             offset += run.length
             remaining -= run.length
@@ -96,7 +95,7 @@ extension IOSession {
             do {
                 run = try await node.allocation(at: offset, length: remaining)
             } catch {
-                Console.out("is_allocated failed: \(error.asBlockError.errnoText)\n")
+                out("is_allocated failed: \(error.asBlockError.errnoText)\n")
                 return false
             }
             offset += run.length
@@ -107,7 +106,7 @@ extension IOSession {
                 remaining = 0
             }
         }
-        Console.out("\(allocated)/\(count) bytes allocated at offset \(QemuNumbers.formatSize(Double(start)))\n")
+        out("\(allocated)/\(count) bytes allocated at offset \(QemuNumbers.formatSize(Double(start)))\n")
         return true
     }
 
@@ -118,11 +117,11 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("truncate")
             case .option(_, let arg):
                 guard let p = Preallocation(rawValue: arg ?? "") else {
-                    Console.report("Invalid preallocation mode '\(arg ?? "")'")
+                    report("Invalid preallocation mode '\(arg ?? "")'")
                     return false
                 }
                 prealloc = p
@@ -130,12 +129,12 @@ extension IOSession {
         }
         guard g.operands.count == 1 else { return usage("truncate") }
         guard let size = number(g.operands[0]), let node else { return false }
-        await drainAIO()
+        await waitForRequests()
         do {
             try await node.truncate(to: size, preallocation: prealloc)
             return true
         } catch {
-            Console.report(error.asBlockError.message)
+            report(error.asBlockError.message)
             return false
         }
     }
@@ -147,7 +146,7 @@ extension IOSession {
         for item in g.items {
             switch item {
             case .error(let message):
-                Console.err(message)
+                err(message)
                 return usage("open")
             case .option(let c, let arg):
                 switch c {
@@ -156,7 +155,7 @@ extension IOSession {
                 case "U": options.forceShare = true
                 case "t":
                     guard let mode = CacheMode(qemuName: arg ?? "") else {
-                        Console.report("Invalid cache option: \(arg ?? "")")
+                        report("Invalid cache option: \(arg ?? "")")
                         return false
                     }
                     options.cache = mode
@@ -165,7 +164,7 @@ extension IOSession {
                     for pair in (arg ?? "").split(separator: ",") {
                         let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
                         guard kv.count == 2, kv[0] == "driver" || kv[0] == "format" else {
-                            Console.report("Unsupported open option '\(pair)' (only driver=FMT is supported)")
+                            report("Unsupported open option '\(pair)' (only driver=FMT is supported)")
                             return false
                         }
                         options.format = kv[1]
@@ -175,15 +174,15 @@ extension IOSession {
         }
         guard g.operands.count == 1 else {
             if node != nil {
-                Console.report("file open already, try 'help close'")
+                report("file open already, try 'help close'")
                 return false
             }
             if g.operands.isEmpty {
-                Console.report("can't open: Must specify either driver or file")
+                report("can't open: Must specify either driver or file")
                 return false
             }
             return usage("open")
         }
-        return await openImage(g.operands[0], options: options)
+        return await open(g.operands[0], options: options)
     }
 }
