@@ -38,7 +38,8 @@ enum Daemon {
 
     static func spawnAndWait() -> Int32 {
         let proc = Process()
-        proc.executableURL = URL(fileURLWithPath: "/proc/self/exe")
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "/proc/self/exe"
+        proc.executableURL = URL(fileURLWithPath: exe)
         proc.arguments = Array(CommandLine.arguments.dropFirst())
         var env = ProcessInfo.processInfo.environment
         env[environmentKey] = "1"
