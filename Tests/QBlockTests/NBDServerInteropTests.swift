@@ -14,30 +14,48 @@ enum NBDHarness {
     struct Server {
         let pid: pid_t
         let socket: String
+        /// Our own child (reaped with waitpid) rather than a daemon.
+        let child: Bool
         var uri: String { "nbd+unix:///?socket=\(socket)" }
         func uri(_ name: String) -> String { "nbd+unix:///\(name)?socket=\(socket)" }
 
         /// SIGTERM, then waits (at most 10 s) for the process to be gone.
         func stop() {
             kill(pid, SIGTERM)
-            NBDHarness.waitGone(pid)
+            if child { _ = NBDHarness.reap(pid) } else { NBDHarness.waitGone(pid) }
         }
     }
 
-    /// posix_spawn + waitpid, with standard output and error appended to `output`
-    /// (Foundation's Process is avoided here: a daemonizing child confuses its reaping).
-    static func spawnAndWait(_ argv: [String], output: String) -> Int32 {
+    /// posix_spawn with standard output and error appended to `output`, a clean signal
+    /// mask and default dispositions (a test thread may block signals, and a child inherits
+    /// that). Foundation's Process is avoided: a daemonizing child confuses its reaping.
+    static func spawn(_ argv: [String], output: String) -> pid_t? {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGTERM, SIGINT, SIGHUP, SIGPIPE] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigmask(&attr, &empty)
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         var cargs = argv.map { strdup($0) } + [nil]
         defer { for a in cargs { free(a) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, nil, &cargs, environ)
-        guard rc == 0 else { return -1 }
+        guard posix_spawn(&pid, argv[0], &actions, &attr, &cargs, environ) == 0 else { return nil }
+        return pid
+    }
+
+    /// The exit status of a child (waits for it).
+    static func reap(_ pid: pid_t) -> Int32 {
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         return (status & 0x7f) == 0 ? (status >> 8) & 0xff : -1
@@ -62,23 +80,37 @@ enum NBDHarness {
         }
     }
 
-    /// Starts `nbd` (ours) or `qemu-nbd` on a Unix socket in `dir`.
+    /// Starts `nbd` (ours, with --fork and --pid-file: it returns once listening) or
+    /// `qemu-nbd` (in the foreground as our child: qemu-nbd 7.2's --fork writes the pid of
+    /// the parent that exits into the pid file) on a Unix socket in `dir`.
     static func start(_ tool: String, _ args: [String], image: String, dir: TempDir, tag: String) throws -> Server {
-        let socket = dir.file("\(tag).sock"), pidFile = dir.file("\(tag).pid")
-        let exe = tool == "nbd" ? (Tools.executable("nbd") ?? "nbd") : tool
-        // The daemon keeps the standard streams it inherits open (qemu-nbd does), so they go
-        // to a file rather than to pipes read until end of file.
-        let log = dir.file("\(tag).log")
-        FileManager.default.createFile(atPath: log, contents: nil)
-        let path = exe.hasPrefix("/") ? exe : (Tools.which(exe) ?? exe)
-        let argv = [path, "--fork", "--pid-file", pidFile, "-k", socket] + args + [image]
-        let status = spawnAndWait(argv, output: log)
-        let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-        guard status == 0, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
-            throw NBDStartFailed(description: "\(tool) \(args.joined(separator: " ")) did not start: \(output)")
+        let socket = dir.file("\(tag).sock"), pidFile = dir.file("\(tag).pid"), log = dir.file("\(tag).log")
+        if tool == "nbd" {
+            let argv = [Tools.executable("nbd") ?? "nbd", "--fork", "--pid-file", pidFile, "-k", socket] + args + [image]
+            let status = spawn(argv, output: log).map(reap) ?? -1
+            let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            guard status == 0, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+                  let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+                throw NBDStartFailed(description: "nbd \(args.joined(separator: " ")) did not start: \(output)")
+            }
+            return Server(pid: pid, socket: socket, child: false)
         }
-        return Server(pid: pid, socket: socket)
+        guard let pid = spawn([Tools.which(tool) ?? tool, "-k", socket] + args + [image], output: log) else {
+            throw NBDStartFailed(description: "\(tool) could not be started")
+        }
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket) {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid || Date() > deadline {
+                kill(pid, SIGKILL)
+                _ = waitpid(pid, &status, WNOHANG)
+                let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+                throw NBDStartFailed(description: "\(tool) \(args.joined(separator: " ")) did not start: \(output)")
+            }
+            usleep(10_000)
+        }
+        usleep(50_000)  // the socket file exists just before listen()
+        return Server(pid: pid, socket: socket, child: true)
     }
 
     /// Runs `body` against a server, stopping it afterwards whatever happens.

@@ -64,6 +64,12 @@ struct Nbd: AsyncParsableCommand {
     var filename: String
 
     static func main() async {
+        // A parent may have started us with termination signals blocked (a thread's mask is
+        // inherited); unblock them so that SIGTERM shuts the server down.
+        var set = sigset_t()
+        sigemptyset(&set)
+        for sig in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, sig) }
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         do {
             var command = try parseAsRoot(nil)
             if var asyncCommand = command as? AsyncParsableCommand {
