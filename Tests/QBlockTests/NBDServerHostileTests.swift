@@ -3,7 +3,7 @@ import Testing
 @testable import QBlock
 import TestSupport
 
-/// A raw NBD client over a Unix socket, blocking, with a 5 s receive timeout. Used only
+/// A raw NBD client over a Unix socket, blocking, with a 30 s receive timeout. Used only
 /// from pool threads (never on the cooperative pool).
 final class RawNBDClient {
     let fd: Int32
@@ -11,7 +11,7 @@ final class RawNBDClient {
     init?(path: String) {
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return nil }
-        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        var tv = timeval(tv_sec: 30, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
@@ -130,6 +130,7 @@ final class RawNBDClient {
                                options: .init(maxClients: 8, persistent: true))
         let sock = dir.file("s.sock")
         try server.listen(unix: sock)
+        try server.start()
         let running = Task { try await server.run() }
 
         let failures: [String] = await IOThreadPool.shared.run {
@@ -272,6 +273,7 @@ final class RawNBDClient {
                                options: .init(maxClients: 1, persistent: false))
         let sock = dir.file("s.sock")
         try server.listen(unix: sock)
+        try server.start()
         let running = Task { try await server.run() }
         let failures: [String] = await IOThreadPool.shared.run {
             var failures: [String] = []

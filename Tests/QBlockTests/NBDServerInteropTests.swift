@@ -114,6 +114,7 @@ enum NBDHarness {
     }
 
     /// Runs `body` against a server, stopping it afterwards whatever happens.
+    @discardableResult
     static func with<T>(_ tool: String, _ args: [String], image: String, dir: TempDir, tag: String,
                         _ body: (Server) throws -> T) throws -> T {
         let s = try start(tool, args, image: image, dir: dir, tag: tag)
@@ -270,6 +271,7 @@ struct NBDServerInteropTests {
             Issue.record("no port")
             return
         }
+        try server.start()
         let running = Task { try await server.run() }
         let uri = "nbd://127.0.0.1:\(port)/disk"
         let outcome: Result<Void, Error> = await IOThreadPool.shared.run {

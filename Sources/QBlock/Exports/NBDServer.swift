@@ -160,20 +160,29 @@ public final class NBDServer: @unchecked Sendable {
 
     // MARK: - Running
 
-    /// Serves clients until ``shutdown()`` — or, without ``Options/persistent``, until the
-    /// last client disconnects after at least one came.
-    /// - Throws: ``BlockError`` if there is nothing to listen on or the server ran already.
-    public func run() async throws {
+    /// Starts accepting clients on the listening sockets, from dedicated threads, without
+    /// waiting (``run()`` calls it if it was not called; calling it first means clients are
+    /// served even before the task that awaits ``run()`` is scheduled).
+    /// - Throws: ``BlockError`` if there is nothing to listen on or the server was shut down.
+    public func start() throws {
         let toStart: [Listener] = try condition.withLock {
-            guard state == .idle else { throw BlockError(.busy, "The NBD server is already running", operation: "run") }
-            guard !listeners.isEmpty else { throw BlockError(.invalidArgument, "The NBD server listens nowhere", operation: "run") }
-            guard case .success(let (r, w)) = SocketCalls.pipe() else { throw BlockError(.io, "Cannot create a pipe", operation: "run") }
+            if state == .running { return [] }
+            guard state == .idle else { throw BlockError(.closed, "The NBD server has been shut down", operation: "start") }
+            guard !listeners.isEmpty else { throw BlockError(.invalidArgument, "The NBD server listens nowhere", operation: "start") }
+            guard case .success(let (r, w)) = SocketCalls.pipe() else { throw BlockError(.io, "Cannot create a pipe", operation: "start") }
             wakeRead = r
             wakeWrite = w
             state = .running
             return listeners
         }
         for l in toStart { startAcceptor(l) }
+    }
+
+    /// Serves clients until ``shutdown()`` — or, without ``Options/persistent``, until the
+    /// last client disconnects after at least one came. Starts the server if needed.
+    /// - Throws: ``BlockError`` if there is nothing to listen on or the server was shut down.
+    public func run() async throws {
+        try start()
         await finished.wait()
         await stop()
     }

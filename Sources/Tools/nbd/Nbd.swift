@@ -126,6 +126,12 @@ struct Nbd: AsyncParsableCommand {
                 throw fail("Failed to write pid file '\(pidFile)'")
             }
         }
+        do {
+            try server.start()
+        } catch let e as BlockError {
+            try? await node.close()
+            throw fail(e.message)
+        }
         let signals = SignalWatcher { Task { await server.shutdown() } }
         Daemon.signalReady()
         var failure: BlockError?
