@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "QBlock", targets: ["QBlock"]),
         .executable(name: "img", targets: ["img"]),
         .executable(name: "io", targets: ["io"]),
+        .executable(name: "nbd", targets: ["nbd"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -31,6 +32,11 @@ let package = Package(
             name: "io",
             dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/io"
+        ),
+        .executableTarget(
+            name: "nbd",
+            dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/Tools/nbd"
         ),
         .executableTarget(
             name: "ReadWriteExample",

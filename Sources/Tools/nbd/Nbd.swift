@@ -1,0 +1,204 @@
+import ArgumentParser
+import Foundation
+import QBlock
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `nbd`: a qemu-nbd work-alike — exports one image over NBD with QBlock's server.
+@main
+struct Nbd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nbd",
+        abstract: "Export a disk image over NBD (qemu-nbd compatible).")
+
+    @Option(name: [.customShort("f"), .customLong("format")], help: "Image format (raw, qcow2); probed when omitted.")
+    var format: String?
+
+    @Option(name: [.customShort("x"), .customLong("export-name")], help: "Export name (default: empty).")
+    var exportName: String = ""
+
+    @Option(name: [.customShort("D"), .customLong("description")], help: "Export description.")
+    var exportDescription: String?
+
+    @Flag(name: [.customShort("r"), .customLong("read-only")], help: "Export read-only.")
+    var readOnly = false
+
+    @Flag(name: [.customShort("t"), .customLong("persistent")], help: "Keep serving after the last client disconnects.")
+    var persistent = false
+
+    @Option(name: [.customShort("e"), .customLong("shared")], help: "Clients served at once (default 1).")
+    var shared: String = "1"
+
+    @Option(name: [.customShort("k"), .customLong("socket")], help: "Listen on this Unix socket path instead of TCP.")
+    var socket: String?
+
+    @Option(name: [.customShort("b"), .customLong("bind")], help: "Address to listen on (default 0.0.0.0).")
+    var bind: String = "0.0.0.0"
+
+    @Option(name: [.customShort("p"), .customLong("port")], help: "TCP port to listen on (default 10809).")
+    var port: String = "10809"
+
+    @Option(name: .customLong("cache"), help: "Host cache mode: none, writeback, writethrough, directsync, unsafe.")
+    var cache: String?
+
+    @Option(name: .customLong("discard"), help: "Discard mode: ignore (default) or unmap.")
+    var discard: String = "ignore"
+
+    @Option(name: .customLong("detect-zeroes"), help: "Turn all-zero writes into zero writes: off, on, unmap.")
+    var detectZeroes: String = "off"
+
+    @Option(name: [.customShort("B"), .customLong("bitmap")], help: "Export a dirty bitmap (not supported yet).")
+    var bitmap: [String] = []
+
+    @Flag(name: [.customShort("A"), .customLong("allocation-depth")], help: "Offer the qemu:allocation-depth context.")
+    var allocationDepth = false
+
+    @Option(name: .customLong("pid-file"), help: "Write the server's process id to this file.")
+    var pidFile: String?
+
+    @Flag(name: .customLong("fork"), help: "Go to the background once the socket is listening.")
+    var fork = false
+
+    @Argument(help: "Image file name.")
+    var filename: String
+
+    static func main() async {
+        // A parent may have started us with termination signals blocked (a thread's mask is
+        // inherited); unblock them so that SIGTERM shuts the server down.
+        var set = sigset_t()
+        sigemptyset(&set)
+        for sig in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, sig) }
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+        do {
+            var command = try parseAsRoot(nil)
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch let code as ExitCode {
+            Glibc.exit(code.rawValue)
+        } catch let e as BlockError {
+            printError(e.message)
+            Glibc.exit(1)
+        } catch {
+            if exitCode(for: error) == .success { exit(withError: error) }
+            let message = fullMessage(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            printError(message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message)
+            writeStderr("Try 'nbd --help' for more information\n")
+            Glibc.exit(1)
+        }
+    }
+
+    func run() async throws {
+        let settings = try validateSettings()
+        if fork && Daemon.readyFD == nil {
+            // The parent: start the server as a detached child and wait until it listens.
+            throw ExitCode(Daemon.spawnAndWait())
+        }
+        if Daemon.readyFD != nil { _ = setsid() }
+
+        let node = try await openImage(settings)
+        let export: NBDExport
+        do {
+            export = try NBDExport(name: exportName, description: exportDescription, node: node, options: settings.exportOptions)
+        } catch let e as BlockError {
+            try? await node.close()
+            throw fail(e.message)
+        }
+        let server = NBDServer(exports: [export], options: NBDServer.Options(maxClients: settings.shared, persistent: persistent))
+        do {
+            if let socket {
+                try server.listen(unix: socket)
+            } else {
+                try server.listen(host: bind, port: settings.port)
+            }
+        } catch let e as BlockError {
+            try? await node.close()
+            throw fail(e.message)
+        }
+        if let pidFile {
+            let ok = FileManager.default.createFile(atPath: pidFile, contents: Data("\(getpid())\n".utf8))
+            if !ok {
+                await server.shutdown()
+                try? await node.close()
+                throw fail("Failed to write pid file '\(pidFile)'")
+            }
+        }
+        do {
+            try server.start()
+        } catch let e as BlockError {
+            try? await node.close()
+            throw fail(e.message)
+        }
+        let signals = SignalWatcher { Task { await server.shutdown() } }
+        Daemon.signalReady()
+        var failure: BlockError?
+        do {
+            try await server.run()
+        } catch let e as BlockError {
+            failure = e
+        }
+        signals.cancel()
+        do {
+            try await node.close()
+        } catch let e as BlockError {
+            if failure == nil { failure = e }
+        }
+        if let pidFile { unlink(pidFile) }
+        if let failure { throw fail(failure.message) }
+    }
+
+    struct Settings {
+        var shared: Int
+        var port: UInt16
+        var cache: CacheMode
+        var exportOptions: NBDExport.Options
+    }
+
+    /// Checks the options as qemu-nbd does, with its messages.
+    func validateSettings() throws -> Settings {
+        if !bitmap.isEmpty {
+            throw fail("Dirty bitmaps are not supported yet (-B \(bitmap[0])); export without -B")
+        }
+        guard let n = Int(shared), n >= 1 else { throw fail("Invalid shared device number '\(shared)'") }
+        guard let p = UInt16(port) else { throw fail("Invalid port number `\(port)'") }
+        var cacheMode = CacheMode.writeback
+        if let cache {
+            guard let c = CacheMode(qemuName: cache) else { throw fail("Invalid cache mode `\(cache)'") }
+            cacheMode = c
+        }
+        guard let d = NBDExport.DiscardMode(rawValue: discard) else { throw fail("Invalid discard mode `\(discard)'") }
+        guard let z = NBDExport.DetectZeroes(rawValue: detectZeroes) else {
+            throw fail("Invalid detect-zeroes mode '\(detectZeroes)'")
+        }
+        if z == .unmap && d != .unmap {
+            throw fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+        }
+        if let format, !ImageOpener.formats.contains(format) {
+            throw fail("Unknown file format '\(format)'")
+        }
+        if exportName.utf8.count > 4096 { throw fail("export name '\(exportName)' too long") }
+        if let d = exportDescription, d.utf8.count > 4096 { throw fail("description '\(d)' too long") }
+        // qemu-nbd advertises multi-connection exactly when more than one client may connect.
+        let options = NBDExport.Options(readOnly: readOnly, discard: d, detectZeroes: z, allocationDepth: allocationDepth,
+                                        writethrough: cacheMode.writeThrough, multiConnection: n > 1)
+        return Settings(shared: n, port: p, cache: cacheMode, exportOptions: options)
+    }
+
+    func openImage(_ s: Settings) async throws -> any BlockDriver {
+        let options = OpenOptions(format: format, readOnly: readOnly, cache: s.cache)
+        do {
+            let node = try await ImageOpener.open(filename, options: options)
+            if format == nil && node.driverName == "raw" && !readOnly {
+                writeStderr("WARNING: Image format was not specified for '\(filename)' and probing guessed raw.\n"
+                    + "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n"
+                    + "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+            }
+            return node
+        } catch let e as BlockError {
+            throw fail(e.message.hasPrefix("Could not open") ? e.message : "Failed to blk_new_open '\(filename)': \(e.message)")
+        }
+    }
+}
