@@ -3,10 +3,10 @@ import Testing
 
 /// The handshake and transmission state machines, without sockets or disks.
 @Suite struct NBDServerHandshakeTests {
-    static let rw = NBDExportInfo(name: "disk", description: "a disk", size: 1 << 20,
+    static let rw = NBDExportDescriptor(name: "disk", description: "a disk", size: 1 << 20,
                                   flags: [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendTrim, .sendWriteZeroes, .sendFastZero],
                                   allocationDepth: true)
-    static let ro = NBDExportInfo(name: "", size: 4096, flags: [.hasFlags, .readOnly, .sendFlush, .sendFUA, .sendCache])
+    static let ro = NBDExportDescriptor(name: "", size: 4096, flags: [.hasFlags, .readOnly, .sendFlush, .sendFUA, .sendCache])
 
     /// A machine past the client flags.
     func started(_ flags: NBD.ClientFlags = [.fixedNewstyle, .noZeroes]) -> NBDServerHandshake {

@@ -68,8 +68,8 @@ public final class NBDExport: Sendable {
     }
 
     /// The export as the handshake sees it: plain values.
-    public var info: NBDExportInfo {
-        NBDExportInfo(name: name, description: description, size: UInt64(max(0, node.length)),
+    public var info: NBDExportDescriptor {
+        NBDExportDescriptor(name: name, description: description, size: UInt64(max(0, node.length)),
                       flags: transmissionFlags, allocationDepth: options.allocationDepth)
     }
 
@@ -89,7 +89,7 @@ public final class NBDExport: Sendable {
 
 /// What the handshake needs to know about an export: its name, description, size and
 /// transmission flags. A value, so the handshake state machine stays free of I/O.
-public struct NBDExportInfo: Sendable, Equatable {
+public struct NBDExportDescriptor: Sendable, Equatable {
     public var name: String
     public var description: String?
     public var size: UInt64

@@ -16,7 +16,7 @@ public enum NBDMetaContext: UInt32, Sendable, Equatable, CaseIterable {
 
 /// What the handshake settled for the transmission phase.
 public struct NBDNegotiated: Sendable, Equatable {
-    public var export: NBDExportInfo
+    public var export: NBDExportDescriptor
     /// The transmission flags sent to the client (the export's, plus SEND_DF with
     /// structured replies).
     public var flags: NBD.TransmissionFlags
@@ -49,7 +49,7 @@ public struct NBDServerHandshake: Sendable {
         case finished
     }
 
-    private let exports: [NBDExportInfo]
+    private let exports: [NBDExportDescriptor]
     private var state = State.clientFlags
     private var fixedNewstyle = false
     private var noZeroes = false
@@ -60,7 +60,7 @@ public struct NBDServerHandshake: Sendable {
     public private(set) var optionCount = 0
 
     /// - Parameter exports: the exports offered, in the order NBD_OPT_LIST reports them.
-    public init(exports: [NBDExportInfo]) {
+    public init(exports: [NBDExportDescriptor]) {
         self.exports = exports
     }
 
@@ -120,15 +120,15 @@ public struct NBDServerHandshake: Sendable {
         return actions
     }
 
-    private func export(named name: String) -> NBDExportInfo? {
+    private func export(named name: String) -> NBDExportDescriptor? {
         exports.first { $0.name == name }
     }
 
-    private func transmissionFlags(_ e: NBDExportInfo) -> NBD.TransmissionFlags {
+    private func transmissionFlags(_ e: NBDExportDescriptor) -> NBD.TransmissionFlags {
         structuredReplies ? e.flags.union(.sendDF) : e.flags
     }
 
-    private func negotiated(_ e: NBDExportInfo) -> NBDNegotiated {
+    private func negotiated(_ e: NBDExportDescriptor) -> NBDNegotiated {
         let contexts = (selected?.export == e.name) ? (selected?.contexts ?? []) : []
         return NBDNegotiated(export: e, flags: transmissionFlags(e), structuredReplies: structuredReplies, contexts: contexts)
     }
@@ -240,7 +240,7 @@ public struct NBDServerHandshake: Sendable {
 
     /// The contexts one query names: exact names select; with LIST, the bare namespaces
     /// `base:` and `qemu:` list everything in them.
-    static func match(query: String, list: Bool, export: NBDExportInfo) -> Set<NBDMetaContext> {
+    static func match(query: String, list: Bool, export: NBDExportDescriptor) -> Set<NBDMetaContext> {
         if query.hasPrefix("base:") {
             let rest = query.dropFirst(5)
             return (rest == "allocation" || (list && rest.isEmpty)) ? [.baseAllocation] : []
