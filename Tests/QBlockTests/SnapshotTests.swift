@@ -149,7 +149,11 @@ import TestSupport
             if differing.count > 10 { break }
         }
         #expect(differing.isEmpty, "bytes differ outside the snapshot dates at \(differing) (\(options))")
-        #expect(fileStat(paths[0])?.blocks == fileStat(paths[1])?.blocks, "allocated blocks (discarded clusters) differ")
+        // Freed clusters are punched out of the host file by both tools. st_blocks also counts
+        // the file system's own block preallocation, which varies by a block or two with timing,
+        // so allow that much slack.
+        let qb = fileStat(paths[0])?.blocks ?? 0, ob = fileStat(paths[1])?.blocks ?? 0
+        #expect(abs(Int(qb) - Int(ob)) <= 16, "allocated blocks (discarded clusters) differ: \(qb) vs \(ob)")
     }
 
     @Test func compressedClustersAndBackingFile() throws {
