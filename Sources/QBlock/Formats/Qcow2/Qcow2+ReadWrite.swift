@@ -478,13 +478,19 @@ extension Qcow2Node {
         let m: Mapping
         do { m = try await lookup(offset, length) } catch { metaLock.unlock(); throw error }
         metaLock.unlock()
+        return status(of: m, at: offset)
+    }
+
+    /// The block status of a mapping run starting at guest `offset` (shared with snapshot views).
+    func status(of m: Mapping, at offset: Int64) -> BlockStatus {
         switch m.kind {
         case .unallocated:
-            let zero = backingNode == nil || offset >= backingNode!.length
-            if let b = backingNode, offset < b.length, offset + m.length > b.length {
-                return BlockStatus(flags: [], length: b.length - offset)
+            // Not allocated here: zeros unless a backing file covers the offset; a run stops
+            // where the backing file ends.
+            if let b = backingNode, offset < b.length {
+                return BlockStatus(flags: [], length: min(m.length, b.length - offset))
             }
-            return BlockStatus(flags: zero ? [.zero] : [], length: m.length)
+            return BlockStatus(flags: [.zero], length: m.length)
         case .zero:
             return BlockStatus(flags: [.zero, .allocated], length: m.length)
         case .zeroAllocated:

@@ -415,21 +415,6 @@ public final class Qcow2SnapshotReader: BlockDriver, @unchecked Sendable {
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         let m = try await node.metaLock.withLock { try await node.lookup(offset, length, in: l1) }
-        switch m.kind {
-        case .unallocated:
-            if let b = node.backing, offset < b.length {
-                if offset + m.length > b.length { return BlockStatus(flags: [], length: b.length - offset) }
-                return BlockStatus(flags: [], length: m.length)
-            }
-            return BlockStatus(flags: [.zero], length: m.length)
-        case .zero:
-            return BlockStatus(flags: [.zero, .allocated], length: m.length)
-        case .zeroAllocated:
-            return BlockStatus(flags: [.zero, .allocated], length: m.length, hostOffset: m.hostOffset)
-        case .normal:
-            return BlockStatus(flags: [.data, .allocated], length: m.length, hostOffset: m.hostOffset)
-        case .compressed:
-            return BlockStatus(flags: [.data, .allocated, .compressed], length: m.length)
-        }
+        return node.status(of: m, at: offset)
     }
 }
