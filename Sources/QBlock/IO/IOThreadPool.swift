@@ -58,10 +58,13 @@ public final class IOThreadPool: @unchecked Sendable {
     public func submit(_ job: @escaping () -> Void) {
         condition.lock()
         queue.append(job)
-        if idle > 0 {
-            condition.signal()
-        } else if threads < maxThreads {
+        // Every queued job needs a thread of its own: a signalled thread counts as idle until
+        // it wakes, so compare the jobs waiting with the idle threads, not just "any idle".
+        // (A job that blocks for long must never hold up the jobs queued behind it.)
+        if queue.count - head > idle && threads < maxThreads {
             startThread()
+        } else {
+            condition.signal()
         }
         condition.unlock()
     }
