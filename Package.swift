@@ -9,6 +9,7 @@ let package = Package(
         .executable(name: "img", targets: ["img"]),
         .executable(name: "io", targets: ["io"]),
         .executable(name: "nbd", targets: ["nbd"]),
+        .library(name: "QMachine", targets: ["QMachine"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -21,6 +22,12 @@ let package = Package(
             name: "QBlock",
             dependencies: ["CZlib", "CZstd", "CSupport"],
             path: "Sources/QBlock",
+            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+        ),
+        .target(
+            name: "QMachine",
+            dependencies: ["QBlock"],
+            path: "Sources/QMachine",
             swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
         ),
         .executableTarget(
@@ -57,6 +64,11 @@ let package = Package(
             name: "QBlockTests",
             dependencies: ["QBlock", "TestSupport"],
             path: "Tests/QBlockTests"
+        ),
+        .testTarget(
+            name: "QMachineTests",
+            dependencies: ["QMachine", "QBlock", "TestSupport"],
+            path: "Tests/QMachineTests"
         ),
     ],
     swiftLanguageModes: [.v5]
