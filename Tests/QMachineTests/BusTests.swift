@@ -28,7 +28,7 @@ private final class Scratch: BusDevice, @unchecked Sendable {
         #expect(!ram.contains(0x8000_0000, count: (1 << 20) + 1))
         #expect(!ram.contains(0x7fff_ffff, count: 2))
         #expect(ram.pointer(at: 0x8010_0000, count: 1) == nil)
-        try [1, 2, 3].withUnsafeBytes { try ram.write($0, at: 0x8000_1000) }
+        try ([1, 2, 3] as [UInt8]).withUnsafeBytes { try ram.write($0, at: 0x8000_1000) }
         var out = [UInt8](repeating: 0, count: 3)
         try out.withUnsafeMutableBytes { try ram.read(into: $0, at: 0x8000_1000) }
         #expect(out == [1, 2, 3])
