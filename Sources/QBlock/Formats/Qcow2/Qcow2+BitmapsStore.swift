@@ -175,7 +175,6 @@ extension Qcow2Node {
             var raw = [UInt8]()
             raw.reserveCapacity(Int(tableClusters) * cs)
             for e in table { raw.appendBE64(e) }
-            raw.append(contentsOf: [UInt8](repeating: 0, count: Int(tableClusters) * cs - raw.count))
             let off = try await allocateClusters(tableClusters)
             try await hostFile.write(at: off, bytes: raw)
             return (UInt64(off), UInt32(tableSize))
@@ -200,7 +199,7 @@ extension Qcow2Node {
             let clusters = (Int64(dir.count) + cs - 1) / cs
             let off = try await allocateClusters(clusters)
             do {
-                try await hostFile.write(at: off, bytes: dir + [UInt8](repeating: 0, count: Int(clusters * cs) - dir.count))
+                try await hostFile.write(at: off, bytes: dir)
                 // Counted and written before anything points at it.
                 try await l2Cache.flush()
                 try await refcountCache.flush()
