@@ -141,7 +141,7 @@ struct Qcow2BitmapTests {
     @Test func killedWriterLeavesBitmapsInUse() async throws {
         let dir = TempDir("bm")
         let path = try BitmapFixtures.qemuImage(dir)
-        let s = try NBDHarness.start("nbd", ["-f", "qcow2"], image: path, dir: dir, tag: "rw")
+        let s = try NBDHarness.start("nbd", ["-t", "-f", "qcow2"], image: path, dir: dir, tag: "rw")
         try mustRun("qemu-io", "-f", "raw", "-c", "write 0 64k", s.uri)
         kill(s.pid, SIGKILL)
         NBDHarness.waitGone(s.pid)

@@ -11,7 +11,8 @@ extension Convert {
         guard let q = sources[0] as? Qcow2Node, q.formatInfo.compat != "0.10" else {
             throw BlockError(.unsupported, "Source lacks bitmap support")
         }
-        if !skipBroken, let b = q.persistentBitmaps.all.first(where: { $0.isPersistent && $0.isInconsistent }) {
+        // QEMU walks a node's bitmaps newest first (the last in the directory first).
+        if !skipBroken, let b = q.persistentBitmaps.all.last(where: { $0.isPersistent && $0.isInconsistent }) {
             throw BlockError(.invalidArgument, "Cannot copy inconsistent bitmap '\(b.name)'\n"
                              + "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it")
         }
@@ -30,7 +31,7 @@ extension Convert {
     static func copyBitmaps(from source: any BlockDriver, to target: any BlockDriver, skipBroken: Bool,
                             warning: (@Sendable (String) -> Void)?) async throws {
         guard let src = source as? Qcow2Node, let dst = target as? Qcow2Node else { return }
-        for b in src.persistentBitmaps.all where b.isPersistent {
+        for b in src.persistentBitmaps.all.reversed() where b.isPersistent {
             if skipBroken && b.isInconsistent {
                 warning?("Skipping inconsistent bitmap '\(b.name)'")
                 continue

@@ -102,7 +102,9 @@ extension Qcow2Node {
         var dropped: [Qcow2BitmapEntry] = []
         var pending: [(index: Int, bitmap: DirtyBitmap)] = []
         let diskSize = Int64(header.size)
-        for b in persistentBitmaps.all where b.isPersistent && !b.isInconsistent {
+        // QEMU keeps a node's bitmaps newest first, so new bitmaps are appended to the
+        // directory in that order.
+        for b in persistentBitmaps.all.reversed() where b.isPersistent && !b.isInconsistent {
             if let m = Self.bitmapConstraintError(name: b.name, granularity: b.granularity, diskSize: diskSize,
                                                   clusterSize: clusterSize) {
                 throw BlockError(.invalidArgument, "Bitmap '\(b.name)' doesn't satisfy the constraints: \(m)", path: filename,
