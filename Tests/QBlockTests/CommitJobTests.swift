@@ -28,9 +28,9 @@ import TestSupport
         try await node.close()
         #expect(try JobFixture.backing(top) == base)
         #expect(try JobFixture.check(top))
-        #expect(try JobFixture.content(top) == model.data)
+        #expect(try JobFixture.same(top, model.data))
         // The base now holds what mid showed.
-        #expect(try JobFixture.content(base) == midContent)
+        #expect(try JobFixture.same(base, midContent))
     }
 
     @Test func commitIntoQcow2BaseInAGraph() async throws {
@@ -60,7 +60,7 @@ import TestSupport
         #expect(try JobFixture.backing(top) == base)
         #expect(try JobFixture.check(top))
         #expect(try JobFixture.check(base))
-        #expect(try JobFixture.content(top) == expected)
+        #expect(try JobFixture.same(top, expected))
     }
 
     @Test func cancelLeavesTheChainAsItWas() async throws {
@@ -77,6 +77,6 @@ import TestSupport
         #expect(events.names.contains("BLOCK_JOB_CANCELLED"))
         try await node.close()
         #expect(try JobFixture.backing(top) == mid)
-        #expect(try JobFixture.content(top) == expected)
+        #expect(try JobFixture.same(top, expected))
     }
 }

@@ -27,6 +27,15 @@ enum JobFixture {
         return try Data(contentsOf: URL(fileURLWithPath: out))
     }
 
+    /// Whether the image's content is `expected`; prints the differing 64k regions if not
+    /// (a Bool, so that a failing #expect does not diff megabytes).
+    static func same(_ path: String, _ expected: Data) throws -> Bool {
+        let got = try content(path)
+        if got == expected { return true }
+        print("\(path): 64k regions differing: \(differingRegions(got, expected))")
+        return false
+    }
+
     static func check(_ path: String) throws -> Bool {
         let r = try run("qemu-img", "check", path)
         if r.status != 0 { print(r) }
@@ -76,4 +85,18 @@ final class Flag: @unchecked Sendable {
     private var value = false
     func set() { lock.withLock { value = true } }
     var isSet: Bool { lock.withLock { value } }
+}
+
+/// The 64k-aligned regions where two contents differ (for failure messages).
+func differingRegions(_ a: Data, _ b: Data) -> [Int] {
+    guard a.count == b.count else { return [-1] }
+    var out: [Int] = []
+    let x = [UInt8](a), y = [UInt8](b)
+    var i = 0
+    while i < x.count {
+        let end = min(x.count, i + 65536)
+        if x[i..<end] != y[i..<end] { out.append(i / 65536) }
+        i = end
+    }
+    return out
 }
