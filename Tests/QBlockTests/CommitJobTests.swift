@@ -80,3 +80,37 @@ import TestSupport
         #expect(try JobFixture.same(top, expected))
     }
 }
+
+@Suite(.serialized) struct ActiveCommitTests {
+    @Test(arguments: MirrorCopyMode.allCases)
+    func activeCommitWithAWriterThenPivotToBase(_ mode: MirrorCopyMode) async throws {
+        guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
+        let d = TempDir("active-commit")
+        let (base, _, top) = try JobFixture.chain(d)
+        let model = ByteModel(try JobFixture.content(top))
+        let graph = BlockGraph()
+        let topNode = BlockNode(nodeName: "top", driver: try await ImageOpener.open(top))
+        try graph.add(topNode)
+        let backend = BlockBackend(name: "disk", node: topNode)
+        graph.attach(backend)
+        let m = JobManager()
+        let events = EventLog(m)
+        let commit = try await ActiveCommit.make(top: topNode, graph: graph, copyMode: mode)
+        let job = try m.start(commit, options: JobOptions(id: "commit0"))
+        while backend.node === topNode { try await Task.sleep(nanoseconds: 1_000_000) }
+        let stop = Flag()
+        let writer = Task { try await runWriter(backend, model: model, seed: 17, stop: { stop.isSet }, pause: 3_000_000) }
+        await job.wait(for: .ready)
+        try await Task.sleep(nanoseconds: 100_000_000)
+        try job.complete()
+        await job.wait(for: .null)
+        stop.set()
+        _ = try await writer.value
+        #expect(events.first("BLOCK_JOB_READY")?.data["type"] == .string("commit"))
+        #expect(backend.node === commit.targetNode)
+        #expect(backend.node.filename == base)
+        try await backend.node.close()
+        try await topNode.close()
+        #expect(try JobFixture.same(base, model.data))
+    }
+}

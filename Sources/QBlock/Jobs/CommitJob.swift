@@ -21,7 +21,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
 
     /// - Parameters:
     ///   - overlay: the image whose backing file is `top`.
-    ///   - base: an image below `top` in the chain (default: `top`'s backing file).
+    ///   - base: an image below `top` in the chain (default: the deepest, as QEMU's).
     ///   - backingFile: the name written into the overlay's header; default: the base's file name.
     ///   - graph: the graph holding the nodes, for reopening `base` read-write.
     /// - Throws: ``BlockError`` if `top` has no backing file or `base` is not below it.
@@ -30,7 +30,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
         guard let top = overlay.backing else {
             throw BlockError(.invalidArgument, "Top image has no backing file", operation: "block-commit")
         }
-        guard let b = base ?? top.backing else {
+        guard let b = base ?? (top.backing == nil ? nil : top.backingChain.last) else {
             throw BlockError(.invalidArgument, "Top image '\(top.filename)' has no backing file", operation: "block-commit")
         }
         guard top.backingChain.dropFirst().contains(where: { $0 === b }) else {
