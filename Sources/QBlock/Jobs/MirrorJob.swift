@@ -178,10 +178,11 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
                     continue
                 }
                 // In sync: nothing dirty, nothing in flight.
-                if !job.isReady {
+                if !job.isReady || SystemJobClock().now() - lastPersist > 1_000_000_000 {
                     try await persist()
-                    job.transitionToReady()
+                    lastPersist = SystemJobClock().now()
                 }
+                if !job.isReady { job.transitionToReady() }
                 if lock.withLock({ shouldComplete }) || job.isCancelRequested { break }
                 await job.yield()
             }
