@@ -14,6 +14,8 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     let graph: BlockGraph?
     let backingFile: String?
     let onError: BlockdevOnError
+    /// Close the images dropped from the chain at the end (off when a graph owns them).
+    public var closesRemovedImages = true
     /// Bytes per copy request (QEMU's `COMMIT_BUFFER_SIZE`).
     static let chunk: Int64 = 512 << 10
     private let lock = PosixMutex()
@@ -115,7 +117,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     /// Closes the images no longer in the chain (without closing `base` below them).
     public func clean(_ job: Job) async {
         let nodes = lock.withLock { removed }
-        guard let first = nodes.first else { return }
+        guard closesRemovedImages, let first = nodes.first else { return }
         if let last = nodes.last?.innermostDriver as? Qcow2Node { last.setBackingNode(nil) }
         try? await first.close()
     }

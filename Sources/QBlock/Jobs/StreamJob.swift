@@ -14,10 +14,13 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     public let filter: CopyOnReadNode
     let backingFile: String?
     let onError: BlockdevOnError
+    /// Close the images dropped from the chain at the end (off when a graph owns them).
+    public var closesRemovedImages = true
     /// Bytes per copy request (QEMU's `STREAM_CHUNK`).
     static let chunk: Int64 = 512 << 10
     private let lock = PosixMutex()
     private var removed: [any BlockDriver] = []
+    private var link: (graph: BlockGraph, top: BlockNode, filter: BlockNode)?
 
     /// - Parameters:
     ///   - top: the image to stream into (its backing chain must contain `base`).
@@ -37,6 +40,18 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
         self.backingFile = backingFile
         self.filter = filter ?? CopyOnReadNode(child: top, bottom: base)
         self.onError = onError
+    }
+
+    /// Puts the filter above `node` (the graph node of ``top``) for every user of it, so
+    /// that their writes are serialized with the copies; ``clean(_:)`` takes it out again.
+    /// - Parameter name: the filter's node name (`filter-node-name`); default: generated.
+    public func insertFilter(into graph: BlockGraph, above node: BlockNode, name: String? = nil) async throws {
+        let f = BlockNode(nodeName: name ?? graph.generateNodeName(), driver: filter)
+        try await graph.drained {
+            try graph.add(f)
+            graph.replace(node, with: f)
+        }
+        lock.withLock { link = (graph, node, f) }
     }
 
     public func run(_ job: Job) async throws {
@@ -91,10 +106,17 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     public func commit(_ job: Job) async {}
     public func abort(_ job: Job) async {}
 
-    /// Closes the images no longer in the chain (without closing `base` below them).
+    /// Takes the filter out, then closes the images no longer in the chain (without
+    /// closing `base` below them).
     public func clean(_ job: Job) async {
+        if let l = lock.withLock({ link }) {
+            await l.graph.drained {
+                l.graph.replace(l.filter, with: l.top)
+                l.graph.forget(l.filter)
+            }
+        }
         let nodes = lock.withLock { removed }
-        guard let first = nodes.first else { return }
+        guard closesRemovedImages, let first = nodes.first else { return }
         if let last = nodes.last as? Qcow2Node { await last.metaLock.withLock { last.backingNode = nil } }
         try? await first.close()
     }
