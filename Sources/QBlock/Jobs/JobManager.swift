@@ -79,6 +79,9 @@ public final class JobManager: @unchecked Sendable {
     /// Starts a job made by ``create(_:options:)``.
     func start(_ job: Job) { job.start() }
 
+    /// Drops a job that was created but could not be started (its setup failed).
+    func discard(_ job: Job) { remove(job) }
+
     private func remove(_ job: Job) {
         lock.withLock { jobs.removeAll { $0 === job } }
     }
