@@ -48,7 +48,7 @@ async def main(sock, d):
         try:
             await qmp.execute(cmd, args)
         except ExecuteError as e:
-            return e.error.desc
+            return e.received["error"]["desc"]
         raise AssertionError(f"{cmd} succeeded")
 
     await qmp.execute("blockdev-add", {"driver": "raw", "node-name": "base",
@@ -58,7 +58,7 @@ async def main(sock, d):
     await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
                                        "file": {"driver": "file", "filename": f"{d}/top.qcow2"}})
 
-    assert await error_of("block-job-pause", {"device": "nope"}) == "Block job nope not found"
+    assert await error_of("block-job-pause", {"device": "nope"}) == "Block job 'nope' not found"
     assert await error_of("job-dismiss", {"id": "nope"}) == "Job not found"
 
     # Stream mid into top, keeping base.
