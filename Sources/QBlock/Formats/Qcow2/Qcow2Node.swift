@@ -11,7 +11,8 @@ import Glibc
 /// - `Qcow2+Cluster.swift`: guest-to-host mapping through L1 and L2 tables;
 /// - `Qcow2+ReadWrite.swift`: the data path (reads, allocating writes, zeroes, discard);
 /// - `Qcow2+Compression.swift`: compressed clusters (deflate, zstd);
-/// - `Qcow2+Create.swift`, `Qcow2+Check.swift`, `Qcow2+Resize.swift`.
+/// - `Qcow2+Create.swift`, `Qcow2+Check.swift`, `Qcow2+Resize.swift`;
+/// - `Qcow2+Bitmaps.swift`, `Qcow2+BitmapsLoad.swift`, `Qcow2+BitmapsStore.swift`: persistent dirty bitmaps.
 ///
 /// Concurrency: metadata (L1, L2 and refcount tables, the header) is only touched with
 /// ``metaLock`` held, like QEMU's `s->lock`; guest data moves without it. Clusters being
