@@ -166,19 +166,23 @@ struct Qcow2BitmapTests {
         #expect(try !mustRun("qemu-img", "info", path).stdout.contains("name: b0"))
     }
 
-    /// An explicit store clears in_use; the next write marks the bitmaps in use again.
-    @Test func explicitStoreThenWriteMarksInUseAgain() async throws {
+    /// An explicit store writes the bits and marks the bitmaps in use again (the node stays
+    /// open read-write); storing twice and closing afterwards work, and QEMU reads the result.
+    @Test func explicitStoreKeepsBitmapsInUse() async throws {
         let dir = TempDir("bm")
         let path = try BitmapFixtures.qemuImage(dir)
         let node = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2"))
         let q = try #require(node as? Qcow2Node)
         #expect(q.persistentBitmapInfo.allSatisfy { $0.flags.contains(.inUse) })
-        try await q.storePersistentBitmaps()
-        #expect(q.persistentBitmapInfo.allSatisfy { !$0.flags.contains(.inUse) })
         try await write(node, at: 0, [1, 2, 3])
+        try await q.storePersistentBitmaps()
         #expect(q.persistentBitmapInfo.allSatisfy { $0.flags.contains(.inUse) })
+        try await q.storePersistentBitmaps()
+        let b1 = BitmapFixtures.map(of: try #require(q.persistentBitmaps.named("b1")), size: q.length)
         try await node.close()
         #expect(try BitmapFixtures.checkClean(path))
+        #expect(try !mustRun("qemu-img", "info", path).stdout.contains("in-use"))
+        #expect(try BitmapFixtures.map("qemu-nbd", path, "b1", dir: dir) == b1)
     }
 
     /// Resize (grow, shrink) and amend to compat=0.10 on an image with bitmaps give what

@@ -26,6 +26,7 @@ extension Qcow2Node {
                                     nodeName: String? = nil) throws -> DirtyBitmap {
         func fail(_ m: String) -> BlockError { BlockError(.invalidArgument, m, path: filename, operation: "add bitmap") }
         guard !name.isEmpty else { throw fail("Bitmap name cannot be empty") }
+        try checkWritable("add bitmap")
         if let g = granularity, g < 512 || g & (g - 1) != 0 || g > Int64(UInt32.max) {
             throw fail("Granularity must be power of 2 and at least 512")
         }
@@ -88,16 +89,23 @@ extension Qcow2Node {
         persistentBitmaps.remove(b)
     }
 
-    /// Writes every persistent, consistent bitmap into the image and clears its in_use
-    /// flag (done by ``close()``). After this, the next write through the node marks the
-    /// bitmaps in use again first; until then a crash keeps them.
-    /// - Throws: constraint errors with QEMU's messages, `.readOnly`, I/O errors (the
-    ///   image then keeps its previous bitmaps).
+    /// Writes every persistent, consistent bitmap into the image now (``close()`` does
+    /// the same and leaves them consistent on disk). As the node stays open read-write, the
+    /// stored bitmaps are marked in use again at once: only a clean close makes them
+    /// trustworthy after a crash, as in QEMU, since writes and bitmap operations go on.
+    /// - Throws: constraint errors with QEMU's messages, I/O errors (the image then keeps
+    ///   its previous bitmaps).
     public func storePersistentBitmaps() async throws {
-        try await metaLock.withLock { try await storeBitmapsLocked() }
+        try await metaLock.withLock {
+            try await storeBitmapsLocked()
+            if !isReadOnly && !closed { try await markBitmapsInUseLocked() }
+        }
     }
 
+    /// Stores the bitmaps and clears their in_use flags. Nothing to do on a read-only node
+    /// (its bitmaps are read-only, as QEMU's). Lock held.
     func storeBitmapsLocked() async throws {
+        guard !isReadOnly else { return }
         var list = bitmapDirectory
         var dropped: [Qcow2BitmapEntry] = []
         var pending: [(index: Int, bitmap: DirtyBitmap)] = []
@@ -133,7 +141,6 @@ extension Qcow2Node {
             }
         }
         guard !pending.isEmpty else { return }
-        guard !isReadOnly else { throw BlockError(.readOnly, "No write access", path: filename, operation: "store bitmaps") }
         var written: [Qcow2BitmapEntry] = []
         do {
             for p in pending {
@@ -148,7 +155,6 @@ extension Qcow2Node {
             throw error
         }
         for e in dropped { try? await freeBitmapClusters(e) }
-        bitmapsCleanOnDisk = true
     }
 
     /// Writes the data clusters and the table of `b`; returns the table's offset and size.

@@ -86,8 +86,6 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public let persistentBitmaps = DirtyBitmapSet()
     /// The bitmap directory as it is on disk.
     var bitmapDirectory: [Qcow2BitmapEntry] = []
-    /// The bitmaps on disk were stored and are not in use: mark them before the next write.
-    var bitmapsCleanOnDisk = false
 
     struct InflightAllocation {
         let firstCluster: Int64
@@ -214,7 +212,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         closed = true
         var firstError: Error?
         if !isReadOnly {
-            do { try await storePersistentBitmaps() } catch { firstError = error }
+            do { try await metaLock.withLock { try await storeBitmapsLocked() } } catch { firstError = error }
             do { try await flush() } catch { if firstError == nil { firstError = error } }
         }
         if let b = backingNode {
