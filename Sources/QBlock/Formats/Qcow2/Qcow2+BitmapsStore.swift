@@ -143,7 +143,8 @@ extension Qcow2Node {
         guard !pending.isEmpty else { return }
         var written: [Qcow2BitmapEntry] = []
         do {
-            for p in pending {
+            // Written in directory order, as QEMU does (so clusters are laid out alike).
+            for p in pending.sorted(by: { $0.index < $1.index }) {
                 let (offset, size) = try await writeBitmap(p.bitmap)
                 list[p.index].tableOffset = offset
                 list[p.index].tableSize = size
@@ -187,7 +188,7 @@ extension Qcow2Node {
             try await hostFile.write(at: off, bytes: raw)
             return (UInt64(off), UInt32(tableSize))
         } catch {
-            for e in table where e != 0 { try? await freeClusters(at: Int64(e), count: 1) }
+            for e in table where e != 0 { try? await freeClusters(at: Int64(e), count: 1, discardHost: true) }
             throw error
         }
     }
@@ -246,7 +247,8 @@ extension Qcow2Node {
         let table = try await readBitmapTable(e)
         for entry in table {
             let off = entry & Qcow2BitmapEntry.tableOffsetMask
-            if off != 0 { try await freeClusters(at: Int64(off), count: 1) }
+            // Data clusters are discarded in the file too (QEMU's QCOW2_DISCARD_ALWAYS).
+            if off != 0 { try await freeClusters(at: Int64(off), count: 1, discardHost: true) }
         }
         let cs = Int64(clusterSize)
         try await freeClusters(at: Int64(e.tableOffset), count: (Int64(e.tableSize) * 8 + cs - 1) / cs)
