@@ -245,6 +245,24 @@ struct Qcow2BitmapTests {
         #expect(try BitmapFixtures.checkClean(ours))
     }
 
+    /// A bitmaps extension whose autoclear bit was cleared (a program without bitmap
+    /// support wrote the image) is ignored with QEMU's warning; check reports the leaks as
+    /// qemu-img does; a read-write open drops it exactly as qemu-io's does.
+    @Test func staleExtensionIsDropped() throws {
+        let dir = TempDir("bm")
+        let path = try BitmapFixtures.qemuImage(dir)
+        try writeFile(path, at: 88, [UInt8](repeating: 0, count: 8))
+        for cmd in [["info"], ["check"], ["map"]] {
+            let q = try run("qemu-img", cmd + [path]), o = try run("img", cmd + [path])
+            #expect(o.status == q.status && o.stdout == q.stdout && o.stderr == asImg(q.stderr), "\(cmd)")
+        }
+        let ours = dir.file("ours.qcow2")
+        try FileManager.default.copyItem(atPath: path, toPath: ours)
+        try mustRun("qemu-io", "-f", "qcow2", "-c", "write 0 1k", path)
+        try mustRun("io", "-f", "qcow2", "-c", "write 0 1k", ours)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: ours)) == Data(contentsOf: URL(fileURLWithPath: path)))
+    }
+
     /// Damaged bitmap structures are refused at open with QEMU's message, without a crash
     /// and without a byte of the file changing.
     @Test(arguments: [("type", 16, [UInt8(2)]), ("granularity", 17, [40]), ("flags", 12, [0, 0, 0, 0x10]),

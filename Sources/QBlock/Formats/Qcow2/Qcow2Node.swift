@@ -86,6 +86,10 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public let persistentBitmaps = DirtyBitmapSet()
     /// The bitmap directory as it is on disk.
     var bitmapDirectory: [Qcow2BitmapEntry] = []
+    /// The image had a bitmaps extension without autoclear bit 0 when it was opened: a
+    /// program without bitmap support wrote it, so its bitmaps were ignored (and dropped
+    /// on a read-write open). Tools print QEMU's warning for it.
+    public private(set) var openedWithStaleBitmaps = false
 
     struct InflightAllocation {
         let firstCluster: Int64
@@ -158,6 +162,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
         try await node.loadSnapshotTable()
         try await node.loadPersistentBitmaps()
+        node.openedWithStaleBitmaps = header.autoclearFeatures & Qcow2Header.autoclearBitmaps == 0
+            && header.bitmapsExtensionData() != nil
         if let name = header.backingFileName, options.openBacking {
             node.backingNode = try await openBacking(name, header.backingFormat)
         }
