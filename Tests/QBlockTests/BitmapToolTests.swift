@@ -139,6 +139,10 @@ struct BitmapToolTests {
             #expect(try BitmapFixtures.map("qemu-nbd", ours, name, dir: dir) == (try BitmapFixtures.map("qemu-nbd", theirs, name, dir: dir)))
         }
         try mustRun("qemu-img", "compare", ours, theirs)
+        // (With 4 KiB clusters the copy itself lays clusters out differently, bitmaps or not.)
+        if !options.contains(where: { $0.hasPrefix("cluster_size") }) {
+            #expect(try Data(contentsOf: URL(fileURLWithPath: ours)) == Data(contentsOf: URL(fileURLWithPath: theirs)), "byte-identical")
+        }
     }
 
     /// A source with an inconsistent bitmap: refused, or skipped with a warning.
