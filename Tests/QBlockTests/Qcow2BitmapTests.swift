@@ -266,14 +266,22 @@ struct Qcow2BitmapTests {
     /// Damaged bitmap structures are refused at open with QEMU's message, without a crash
     /// and without a byte of the file changing.
     @Test(arguments: [("type", 16, [UInt8(2)]), ("granularity", 17, [40]), ("flags", 12, [0, 0, 0, 0x10]),
-                      ("table size", 8, [0, 0, 0, 7]), ("name size", 18, [0x04, 0x00])])
+                      ("table size", 8, [0, 0, 0, 7]), ("name size", 18, [0x04, 0x00]),
+                      ("duplicate name", 32 + 24, Array("b0".utf8)), ("count", -1, [])])
     func corruptDirectoryIsRefused(_ what: String, _ fieldOffset: Int, _ bytes: [UInt8]) async throws {
         let dir = TempDir("bm")
         let path = try BitmapFixtures.qemuImage(dir)
         let node = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2", readOnly: true))
         let ext = try #require(try (node as? Qcow2Node)?.validBitmapsExtension())
         try await node.close()
-        try writeFile(path, at: Int64(ext.directoryOffset) + Int64(fieldOffset), bytes)
+        if fieldOffset < 0 {
+            // The extension's bitmap count, one more than the directory holds.
+            let raw = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+            let at = try #require((0..<(raw.count - 4)).first { raw.be32($0) == 0x2385_2875 }) + 8
+            try writeFile(path, at: Int64(at), [0, 0, 0, UInt8(ext.count + 1)])
+        } else {
+            try writeFile(path, at: Int64(ext.directoryOffset) + Int64(fieldOffset), bytes)
+        }
         let before = try Data(contentsOf: URL(fileURLWithPath: path))
         await #expect(throws: BlockError.self, "\(what)") {
             _ = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2", readOnly: true))
