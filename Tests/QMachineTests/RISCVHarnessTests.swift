@@ -45,7 +45,8 @@ enum RVAsm {
     static let skipMessage = "no clang able to assemble riscv64 (the Swift toolchain's clang at /opt/swift/usr/bin); RISC-V program tests skipped"
 
     /// Macros and a default trap handler shared by all test programs. The default handler
-    /// records scause in s10, stval in s11 and sepc in s9, then shuts down.
+    /// records scause in s10, stval in s11 and sepc in s9, then shuts down. EXIT clobbers
+    /// a0, a1, a6 and a7; sp starts at the end of 4 MiB of RAM.
     static let prelude = """
         .option norvc
         .macro EXIT
@@ -67,6 +68,7 @@ enum RVAsm {
         .text
         .globl _start
         _start:
+          li sp, 0x80400000
           la t6, _default_trap
           csrw stvec, t6
           j _main

@@ -16,8 +16,26 @@ enum RISCVDecoder {
         return s | Int32((r >> 12) & 0xff) << 12 | Int32((r >> 20) & 1) << 11 | Int32((r >> 21) & 0x3ff) << 1
     }
 
-    /// Decodes a 32-bit instruction.
+    /// Decodes a 32-bit instruction; register fields an operation does not use are zero.
     static func decode(_ r: UInt32) -> DecodedInstruction {
+        var d = decodeFields(r)
+        switch d.op {
+        case .lui, .auipc, .jal:
+            d.rs1 = 0; d.rs2 = 0
+        case .jalr, .lb, .lh, .lw, .ld, .lbu, .lhu, .lwu, .addi, .slti, .sltiu, .xori, .ori, .andi,
+             .slli, .srli, .srai, .addiw, .slliw, .srliw, .sraiw, .flw, .fld:
+            d.rs2 = 0
+        case .beq, .bne, .blt, .bge, .bltu, .bgeu, .sb, .sh, .sw, .sd, .fsw, .fsd:
+            d.rd = 0
+        case .ebreak, .ecall, .sret, .wfi, .illegal:
+            d.rd = 0; d.rs1 = 0; d.rs2 = 0
+        default:
+            break
+        }
+        return d
+    }
+
+    private static func decodeFields(_ r: UInt32) -> DecodedInstruction {
         let rd = (r >> 7) & 31, rs1 = (r >> 15) & 31, rs2 = (r >> 20) & 31
         let f3 = (r >> 12) & 7, f7 = r >> 25
         let illegal = DecodedInstruction(.illegal, raw: r)
