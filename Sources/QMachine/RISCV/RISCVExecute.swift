@@ -7,7 +7,7 @@ extension RISCVHart {
         var remaining = budget
         st.pointee.endBlock = false
         st.pointee.trapped = false
-        while remaining > 0 {
+        loop: while remaining > 0 {
             remaining -= 1
             let pc = st.pointee.pc
             // Fetch from the decoded page of the current virtual page.
@@ -154,7 +154,7 @@ extension RISCVHart {
                 guard st.pointee.priv == Priv.supervisor else { illegal(d); break }
                 returnFromTrap()
                 st.pointee.instret &+= 1
-                continue
+                break loop  // pending interrupts are checked in the new privilege
             case .wfi:
                 guard st.pointee.priv == Priv.supervisor else { illegal(d); break }
                 st.pointee.wfi = true
