@@ -5,20 +5,30 @@ extension RISCVHart {
     func executeBlock(budget: Int) {
         let st = self.st, x = self.x
         var remaining = budget
+        // The pc of the instruction being executed lives in `pc` and is mirrored in
+        // st.pc (which traps read); instructions retired are counted locally.
+        var pc = st.pointee.pc
+        var retired: UInt64 = 0
         st.pointee.endBlock = false
         st.pointee.trapped = false
+        defer {
+            // A trap (or sret) has already pointed st.pc where execution continues.
+            if !st.pointee.trapped { st.pointee.pc = pc }
+            st.pointee.trapped = false
+            st.pointee.instret &+= retired
+        }
         loop: while remaining > 0 {
             remaining -= 1
-            let pc = st.pointee.pc
+            st.pointee.pc = pc
             // Fetch from the decoded page of the current virtual page.
             if pc &- st.pointee.fetchVBase >= 4096 {
-                guard refillFetch() else { break }
+                guard refillFetch() else { break loop }
             }
             let slot = st.pointee.fetchCode.unsafelyUnwrapped + Int((pc & 0xfff) >> 1)
             var d = slot.pointee
             if d.op == .undecoded {
                 var cacheable = false
-                guard let decoded = decodeAtPC(cacheable: &cacheable) else { break }
+                guard let decoded = decodeAtPC(cacheable: &cacheable) else { break loop }
                 d = decoded
                 if cacheable { slot.pointee = d }
             }
@@ -31,12 +41,12 @@ extension RISCVHart {
             case .auipc: x[rd] = pc &+ imm
             case .jal:
                 x[rd] = next; x[0] = 0
-                st.pointee.pc = pc &+ imm; st.pointee.instret &+= 1
+                pc = pc &+ imm; retired &+= 1
                 continue
             case .jalr:
                 let target = (rs1 &+ imm) & ~1
                 x[rd] = next; x[0] = 0
-                st.pointee.pc = target; st.pointee.instret &+= 1
+                pc = target; retired &+= 1
                 continue
             case .beq, .bne, .blt, .bge, .bltu, .bgeu:
                 let taken: Bool
@@ -48,34 +58,34 @@ extension RISCVHart {
                 case .bltu: taken = rs1 < rs2
                 default: taken = rs1 >= rs2
                 }
-                st.pointee.pc = taken ? pc &+ imm : next
-                st.pointee.instret &+= 1
+                pc = taken ? pc &+ imm : next
+                retired &+= 1
                 continue
             case .lb:
-                guard let v = load(rs1 &+ imm, Int8.self) else { break }
+                guard let v = load(rs1 &+ imm, Int8.self) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .lh:
-                guard let v = load(rs1 &+ imm, Int16.self) else { break }
+                guard let v = load(rs1 &+ imm, Int16.self) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .lw:
-                guard let v = load(rs1 &+ imm, Int32.self) else { break }
+                guard let v = load(rs1 &+ imm, Int32.self) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .ld:
-                guard let v = load(rs1 &+ imm, UInt64.self) else { break }
+                guard let v = load(rs1 &+ imm, UInt64.self) else { break loop }
                 x[rd] = v
             case .lbu:
-                guard let v = load(rs1 &+ imm, UInt8.self) else { break }
+                guard let v = load(rs1 &+ imm, UInt8.self) else { break loop }
                 x[rd] = UInt64(v)
             case .lhu:
-                guard let v = load(rs1 &+ imm, UInt16.self) else { break }
+                guard let v = load(rs1 &+ imm, UInt16.self) else { break loop }
                 x[rd] = UInt64(v)
             case .lwu:
-                guard let v = load(rs1 &+ imm, UInt32.self) else { break }
+                guard let v = load(rs1 &+ imm, UInt32.self) else { break loop }
                 x[rd] = UInt64(v)
-            case .sb: guard store(rs1 &+ imm, UInt8(truncatingIfNeeded: rs2)) else { break }
-            case .sh: guard store(rs1 &+ imm, UInt16(truncatingIfNeeded: rs2)) else { break }
-            case .sw: guard store(rs1 &+ imm, UInt32(truncatingIfNeeded: rs2)) else { break }
-            case .sd: guard store(rs1 &+ imm, rs2) else { break }
+            case .sb: guard store(rs1 &+ imm, UInt8(truncatingIfNeeded: rs2)) else { break loop }
+            case .sh: guard store(rs1 &+ imm, UInt16(truncatingIfNeeded: rs2)) else { break loop }
+            case .sw: guard store(rs1 &+ imm, UInt32(truncatingIfNeeded: rs2)) else { break loop }
+            case .sd: guard store(rs1 &+ imm, rs2) else { break loop }
             case .addi: x[rd] = rs1 &+ imm
             case .slti: x[rd] = Int64(bitPattern: rs1) < Int64(bitPattern: imm) ? 1 : 0
             case .sltiu: x[rd] = rs1 < imm ? 1 : 0
@@ -140,45 +150,55 @@ extension RISCVHart {
             case .fencei:
                 code.currentGeneration &+= 1
                 st.pointee.fetchVBase = .max
-                st.pointee.endBlock = true
+                pc = next; retired &+= 1
+                break loop
             case .ecall:
                 if st.pointee.priv == Priv.user {
                     raise(Cause.ecallFromU, tval: 0)
-                    break
+                    break loop
                 }
                 sbiCall()
+                x[0] = 0
+                pc = next; retired &+= 1
+                if st.pointee.endBlock { break loop }
+                continue
             case .ebreak:
                 raise(Cause.breakpoint, tval: pc)
-                break
+                break loop
             case .sret:
-                guard st.pointee.priv == Priv.supervisor else { illegal(d); break }
+                guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 returnFromTrap()
-                st.pointee.instret &+= 1
+                pc = st.pointee.pc; retired &+= 1
                 break loop  // pending interrupts are checked in the new privilege
             case .wfi:
-                guard st.pointee.priv == Priv.supervisor else { illegal(d); break }
+                guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 st.pointee.wfi = true
-                st.pointee.endBlock = true
+                pc = next; retired &+= 1
+                break loop
             case .sfencevma:
-                guard st.pointee.priv == Priv.supervisor else { illegal(d); break }
+                guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 flushTLB()
-                st.pointee.endBlock = true
+                pc = next; retired &+= 1
+                break loop
             case .csr:
-                guard executeCSR(d) else { break }
+                st.pointee.instret &+= retired; retired = 0
+                guard executeCSR(d) else { break loop }
+                x[0] = 0
+                pc = next; retired &+= 1
+                if st.pointee.endBlock { break loop }
+                continue
             case .amo:
-                guard executeAtomic(d) else { break }
+                guard executeAtomic(d) else { break loop }
             case .flw, .fld, .fsw, .fsd, .fp:
-                guard executeFloat(d) else { break }
+                guard executeFloat(d) else { break loop }
             case .illegal, .undecoded:
                 illegal(d)
+                break loop
             }
             x[0] = 0
-            if st.pointee.trapped { break }
-            st.pointee.pc = next
-            st.pointee.instret &+= 1
-            if st.pointee.endBlock { break }
+            pc = next
+            retired &+= 1
         }
-        st.pointee.trapped = false
     }
 
     @inline(__always) func sext32(_ v: UInt64) -> UInt64 {
