@@ -148,8 +148,7 @@ extension RISCVHart {
                 x[rd] = sext32(UInt64(b == 0 ? a : a % b))
             case .fence: break
             case .fencei:
-                code.currentGeneration &+= 1
-                st.pointee.fetchVBase = .max
+                instructionFence()
                 pc = next; retired &+= 1
                 break loop
             case .ecall:
