@@ -113,7 +113,7 @@ extension RISCVHart {
             }
             csrWrite(number, value)
         }
-        x[Int(d.rd)] = old
+        x[d.rd] = old
         return true
     }
 

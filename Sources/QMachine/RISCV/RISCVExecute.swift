@@ -34,8 +34,8 @@ extension RISCVHart {
             }
             let rs1 = x[Int(d.rs1)], rs2 = x[Int(d.rs2)]
             let imm = UInt64(bitPattern: Int64(d.imm))
-            let rd = Int(d.rd)
-            let next = pc &+ UInt64(d.length)
+            let rd = d.rd
+            let next = pc &+ d.length
             switch d.op {
             case .lui: x[rd] = imm
             case .auipc: x[rd] = pc &+ imm
@@ -204,8 +204,10 @@ extension RISCVHart {
         UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: v)))
     }
 
-    /// Raises an illegal-instruction exception with stval = the instruction bits.
+    /// Raises an illegal-instruction exception with stval = the instruction bits (read
+    /// again from memory for operations whose decoded form keeps an immediate instead).
     func illegal(_ d: DecodedInstruction) {
-        raise(Cause.illegalInstruction, tval: UInt64(d.raw))
+        let bits = d.op.carriesRaw ? d.raw : peekInstruction(at: st.pointee.pc) ?? 0
+        raise(Cause.illegalInstruction, tval: UInt64(bits))
     }
 }

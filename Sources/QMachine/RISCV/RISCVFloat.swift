@@ -60,7 +60,7 @@ extension RISCVHart {
     /// Loads, stores and OP-FP / fused instructions; false if it raised an exception.
     func executeFloat(_ d: DecodedInstruction) -> Bool {
         guard st.pointee.status & Status.fs != 0 else { illegal(d); return false }
-        let rd = Int(d.rd), rs1 = Int(d.rs1), rs2 = Int(d.rs2)
+        let rd = d.rd, rs1 = Int(d.rs1), rs2 = Int(d.rs2)
         switch d.op {
         case .flw:
             guard let v = load(x[rs1] &+ UInt64(bitPattern: Int64(d.imm)), UInt32.self) else { return false }
@@ -84,7 +84,7 @@ extension RISCVHart {
     /// Arithmetic; false for an illegal encoding (including a reserved rounding mode).
     private func executeFloatOp(_ d: DecodedInstruction) -> Bool {
         let raw = d.raw
-        let rd = Int(d.rd), rs1 = Int(d.rs1), rs2 = Int(d.rs2), rs3 = Int(raw >> 27)
+        let rd = d.rd, rs1 = Int(d.rs1), rs2 = Int(d.rs2), rs3 = Int(raw >> 27)
         let fmt = (raw >> 25) & 3
         guard fmt <= 1 else { return false }
         let double = fmt == 1
