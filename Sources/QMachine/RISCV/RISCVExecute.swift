@@ -9,6 +9,10 @@ extension RISCVHart {
         // st.pc (which traps read); instructions retired are counted locally.
         var pc = st.pointee.pc
         var retired: UInt64 = 0
+        // The fetch page, cached here: everything that changes translation or privilege
+        // ends the block, and pages whose code is invalidated stay allocated (emptied).
+        var fetchBase = st.pointee.fetchVBase
+        var fetchCode = st.pointee.fetchCode
         st.pointee.endBlock = false
         st.pointee.trapped = false
         defer {
@@ -21,10 +25,12 @@ extension RISCVHart {
             remaining -= 1
             st.pointee.pc = pc
             // Fetch from the decoded page of the current virtual page.
-            if pc &- st.pointee.fetchVBase >= 4096 {
+            if pc &- fetchBase >= 4096 {
                 guard refillFetch() else { break loop }
+                fetchBase = st.pointee.fetchVBase
+                fetchCode = st.pointee.fetchCode
             }
-            let slot = st.pointee.fetchCode.unsafelyUnwrapped + Int((pc & 0xfff) >> 1)
+            let slot = fetchCode.unsafelyUnwrapped + Int((pc & 0xfff) >> 1)
             var d = slot.pointee
             if d.op == .undecoded {
                 var cacheable = false
@@ -32,7 +38,8 @@ extension RISCVHart {
                 d = decoded
                 if cacheable { slot.pointee = d }
             }
-            let rs1 = x[Int(d.rs1)], rs2 = x[Int(d.rs2)]
+            // Operands are read in each case (x[r1], x[r2]), before the case writes x[rd].
+            let r1 = Int(d.rs1), r2 = Int(d.rs2)
             let imm = UInt64(bitPattern: Int64(d.imm))
             let rd = d.rd
             let next = pc &+ d.length
@@ -44,107 +51,107 @@ extension RISCVHart {
                 pc = pc &+ imm; retired &+= 1
                 continue
             case .jalr:
-                let target = (rs1 &+ imm) & ~1
+                let target = (x[r1] &+ imm) & ~1
                 x[rd] = next; x[0] = 0
                 pc = target; retired &+= 1
                 continue
             case .beq, .bne, .blt, .bge, .bltu, .bgeu:
                 let taken: Bool
                 switch d.op {
-                case .beq: taken = rs1 == rs2
-                case .bne: taken = rs1 != rs2
-                case .blt: taken = Int64(bitPattern: rs1) < Int64(bitPattern: rs2)
-                case .bge: taken = Int64(bitPattern: rs1) >= Int64(bitPattern: rs2)
-                case .bltu: taken = rs1 < rs2
-                default: taken = rs1 >= rs2
+                case .beq: taken = x[r1] == x[r2]
+                case .bne: taken = x[r1] != x[r2]
+                case .blt: taken = Int64(bitPattern: x[r1]) < Int64(bitPattern: x[r2])
+                case .bge: taken = Int64(bitPattern: x[r1]) >= Int64(bitPattern: x[r2])
+                case .bltu: taken = x[r1] < x[r2]
+                default: taken = x[r1] >= x[r2]
                 }
                 pc = taken ? pc &+ imm : next
                 retired &+= 1
                 continue
             case .lb:
-                guard let v = load(rs1 &+ imm, Int8.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, Int8.self) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .lh:
-                guard let v = load(rs1 &+ imm, Int16.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, Int16.self) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .lw:
-                guard let v = load(rs1 &+ imm, Int32.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, Int32.self) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .ld:
-                guard let v = load(rs1 &+ imm, UInt64.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt64.self) else { break loop }
                 x[rd] = v
             case .lbu:
-                guard let v = load(rs1 &+ imm, UInt8.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt8.self) else { break loop }
                 x[rd] = UInt64(v)
             case .lhu:
-                guard let v = load(rs1 &+ imm, UInt16.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt16.self) else { break loop }
                 x[rd] = UInt64(v)
             case .lwu:
-                guard let v = load(rs1 &+ imm, UInt32.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt32.self) else { break loop }
                 x[rd] = UInt64(v)
-            case .sb: guard store(rs1 &+ imm, UInt8(truncatingIfNeeded: rs2)) else { break loop }
-            case .sh: guard store(rs1 &+ imm, UInt16(truncatingIfNeeded: rs2)) else { break loop }
-            case .sw: guard store(rs1 &+ imm, UInt32(truncatingIfNeeded: rs2)) else { break loop }
-            case .sd: guard store(rs1 &+ imm, rs2) else { break loop }
-            case .addi: x[rd] = rs1 &+ imm
-            case .slti: x[rd] = Int64(bitPattern: rs1) < Int64(bitPattern: imm) ? 1 : 0
-            case .sltiu: x[rd] = rs1 < imm ? 1 : 0
-            case .xori: x[rd] = rs1 ^ imm
-            case .ori: x[rd] = rs1 | imm
-            case .andi: x[rd] = rs1 & imm
-            case .slli: x[rd] = rs1 << (imm & 63)
-            case .srli: x[rd] = rs1 >> (imm & 63)
-            case .srai: x[rd] = UInt64(bitPattern: Int64(bitPattern: rs1) >> (imm & 63))
-            case .add: x[rd] = rs1 &+ rs2
-            case .sub: x[rd] = rs1 &- rs2
-            case .sll: x[rd] = rs1 << (rs2 & 63)
-            case .slt: x[rd] = Int64(bitPattern: rs1) < Int64(bitPattern: rs2) ? 1 : 0
-            case .sltu: x[rd] = rs1 < rs2 ? 1 : 0
-            case .xor: x[rd] = rs1 ^ rs2
-            case .srl: x[rd] = rs1 >> (rs2 & 63)
-            case .sra: x[rd] = UInt64(bitPattern: Int64(bitPattern: rs1) >> (rs2 & 63))
-            case .or: x[rd] = rs1 | rs2
-            case .and: x[rd] = rs1 & rs2
-            case .addiw: x[rd] = sext32(rs1 &+ imm)
-            case .slliw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: rs1) << UInt32(imm & 31)))
-            case .srliw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: rs1) >> UInt32(imm & 31)))
-            case .sraiw: x[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: rs1) >> Int32(imm & 31)))
-            case .addw: x[rd] = sext32(rs1 &+ rs2)
-            case .subw: x[rd] = sext32(rs1 &- rs2)
-            case .sllw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: rs1) << UInt32(rs2 & 31)))
-            case .srlw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: rs1) >> UInt32(rs2 & 31)))
-            case .sraw: x[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: rs1) >> Int32(rs2 & 31)))
-            case .mul: x[rd] = rs1 &* rs2
+            case .sb: guard store(x[r1] &+ imm, UInt8(truncatingIfNeeded: x[r2])) else { break loop }
+            case .sh: guard store(x[r1] &+ imm, UInt16(truncatingIfNeeded: x[r2])) else { break loop }
+            case .sw: guard store(x[r1] &+ imm, UInt32(truncatingIfNeeded: x[r2])) else { break loop }
+            case .sd: guard store(x[r1] &+ imm, x[r2]) else { break loop }
+            case .addi: x[rd] = x[r1] &+ imm
+            case .slti: x[rd] = Int64(bitPattern: x[r1]) < Int64(bitPattern: imm) ? 1 : 0
+            case .sltiu: x[rd] = x[r1] < imm ? 1 : 0
+            case .xori: x[rd] = x[r1] ^ imm
+            case .ori: x[rd] = x[r1] | imm
+            case .andi: x[rd] = x[r1] & imm
+            case .slli: x[rd] = x[r1] << (imm & 63)
+            case .srli: x[rd] = x[r1] >> (imm & 63)
+            case .srai: x[rd] = UInt64(bitPattern: Int64(bitPattern: x[r1]) >> (imm & 63))
+            case .add: x[rd] = x[r1] &+ x[r2]
+            case .sub: x[rd] = x[r1] &- x[r2]
+            case .sll: x[rd] = x[r1] << (x[r2] & 63)
+            case .slt: x[rd] = Int64(bitPattern: x[r1]) < Int64(bitPattern: x[r2]) ? 1 : 0
+            case .sltu: x[rd] = x[r1] < x[r2] ? 1 : 0
+            case .xor: x[rd] = x[r1] ^ x[r2]
+            case .srl: x[rd] = x[r1] >> (x[r2] & 63)
+            case .sra: x[rd] = UInt64(bitPattern: Int64(bitPattern: x[r1]) >> (x[r2] & 63))
+            case .or: x[rd] = x[r1] | x[r2]
+            case .and: x[rd] = x[r1] & x[r2]
+            case .addiw: x[rd] = sext32(x[r1] &+ imm)
+            case .slliw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: x[r1]) << UInt32(imm & 31)))
+            case .srliw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: x[r1]) >> UInt32(imm & 31)))
+            case .sraiw: x[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: x[r1]) >> Int32(imm & 31)))
+            case .addw: x[rd] = sext32(x[r1] &+ x[r2])
+            case .subw: x[rd] = sext32(x[r1] &- x[r2])
+            case .sllw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: x[r1]) << UInt32(x[r2] & 31)))
+            case .srlw: x[rd] = sext32(UInt64(UInt32(truncatingIfNeeded: x[r1]) >> UInt32(x[r2] & 31)))
+            case .sraw: x[rd] = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: x[r1]) >> Int32(x[r2] & 31)))
+            case .mul: x[rd] = x[r1] &* x[r2]
             case .mulh:
-                x[rd] = UInt64(bitPattern: Int64(bitPattern: rs1).multipliedFullWidth(by: Int64(bitPattern: rs2)).high)
-            case .mulhu: x[rd] = rs1.multipliedFullWidth(by: rs2).high
+                x[rd] = UInt64(bitPattern: Int64(bitPattern: x[r1]).multipliedFullWidth(by: Int64(bitPattern: x[r2])).high)
+            case .mulhu: x[rd] = x[r1].multipliedFullWidth(by: x[r2]).high
             case .mulhsu:
-                // signed × unsigned: the unsigned high word, corrected when rs1 is negative.
-                var high = rs1.multipliedFullWidth(by: rs2).high
-                if Int64(bitPattern: rs1) < 0 { high = high &- rs2 }
+                // signed × unsigned: the unsigned high word, corrected when x[r1] is negative.
+                var high = x[r1].multipliedFullWidth(by: x[r2]).high
+                if Int64(bitPattern: x[r1]) < 0 { high = high &- x[r2] }
                 x[rd] = high
             case .div:
-                let a = Int64(bitPattern: rs1), b = Int64(bitPattern: rs2)
-                if b == 0 { x[rd] = .max } else if a == .min && b == -1 { x[rd] = rs1 } else { x[rd] = UInt64(bitPattern: a / b) }
-            case .divu: x[rd] = rs2 == 0 ? .max : rs1 / rs2
+                let a = Int64(bitPattern: x[r1]), b = Int64(bitPattern: x[r2])
+                if b == 0 { x[rd] = .max } else if a == .min && b == -1 { x[rd] = x[r1] } else { x[rd] = UInt64(bitPattern: a / b) }
+            case .divu: x[rd] = x[r2] == 0 ? .max : x[r1] / x[r2]
             case .rem:
-                let a = Int64(bitPattern: rs1), b = Int64(bitPattern: rs2)
-                if b == 0 { x[rd] = rs1 } else if a == .min && b == -1 { x[rd] = 0 } else { x[rd] = UInt64(bitPattern: a % b) }
-            case .remu: x[rd] = rs2 == 0 ? rs1 : rs1 % rs2
-            case .mulw: x[rd] = sext32(rs1 &* rs2)
+                let a = Int64(bitPattern: x[r1]), b = Int64(bitPattern: x[r2])
+                if b == 0 { x[rd] = x[r1] } else if a == .min && b == -1 { x[rd] = 0 } else { x[rd] = UInt64(bitPattern: a % b) }
+            case .remu: x[rd] = x[r2] == 0 ? x[r1] : x[r1] % x[r2]
+            case .mulw: x[rd] = sext32(x[r1] &* x[r2])
             case .divw:
-                let a = Int32(truncatingIfNeeded: rs1), b = Int32(truncatingIfNeeded: rs2)
+                let a = Int32(truncatingIfNeeded: x[r1]), b = Int32(truncatingIfNeeded: x[r2])
                 let q: Int32 = b == 0 ? -1 : (a == .min && b == -1 ? a : a / b)
                 x[rd] = UInt64(bitPattern: Int64(q))
             case .divuw:
-                let a = UInt32(truncatingIfNeeded: rs1), b = UInt32(truncatingIfNeeded: rs2)
+                let a = UInt32(truncatingIfNeeded: x[r1]), b = UInt32(truncatingIfNeeded: x[r2])
                 x[rd] = sext32(UInt64(b == 0 ? .max : a / b))
             case .remw:
-                let a = Int32(truncatingIfNeeded: rs1), b = Int32(truncatingIfNeeded: rs2)
+                let a = Int32(truncatingIfNeeded: x[r1]), b = Int32(truncatingIfNeeded: x[r2])
                 let r: Int32 = b == 0 ? a : (a == .min && b == -1 ? 0 : a % b)
                 x[rd] = UInt64(bitPattern: Int64(r))
             case .remuw:
-                let a = UInt32(truncatingIfNeeded: rs1), b = UInt32(truncatingIfNeeded: rs2)
+                let a = UInt32(truncatingIfNeeded: x[r1]), b = UInt32(truncatingIfNeeded: x[r2])
                 x[rd] = sext32(UInt64(b == 0 ? a : a % b))
             case .fence: break
             case .fencei:
