@@ -26,9 +26,9 @@ enum RISCVDecoder {
              .slli, .srli, .srai, .addiw, .slliw, .srliw, .sraiw, .flw, .fld:
             d.rs2 = 0
         case .beq, .bne, .blt, .bge, .bltu, .bgeu, .sb, .sh, .sw, .sd, .fsw, .fsd:
-            d.rdAndLength &= 0x80
+            d.rdAndLength = (d.rdAndLength & 0x80) | 32
         case .ebreak, .ecall, .sret, .wfi, .illegal:
-            d.rdAndLength &= 0x80; d.rs1 = 0; d.rs2 = 0
+            d.rdAndLength = (d.rdAndLength & 0x80) | 32; d.rs1 = 0; d.rs2 = 0
         default:
             break
         }

@@ -47,12 +47,12 @@ extension RISCVHart {
             case .lui: x[rd] = imm
             case .auipc: x[rd] = pc &+ imm
             case .jal:
-                x[rd] = next; x[0] = 0
+                x[rd] = next
                 pc = pc &+ imm; retired &+= 1
                 continue
             case .jalr:
                 let target = (x[r1] &+ imm) & ~1
-                x[rd] = next; x[0] = 0
+                x[rd] = next
                 pc = target; retired &+= 1
                 continue
             case .beq, .bne, .blt, .bge, .bltu, .bgeu:
@@ -164,7 +164,6 @@ extension RISCVHart {
                     break loop
                 }
                 sbiCall()
-                x[0] = 0
                 pc = next; retired &+= 1
                 if st.pointee.endBlock { break loop }
                 continue
@@ -189,7 +188,6 @@ extension RISCVHart {
             case .csr:
                 st.pointee.instret &+= retired; retired = 0
                 guard executeCSR(d) else { break loop }
-                x[0] = 0
                 pc = next; retired &+= 1
                 if st.pointee.endBlock { break loop }
                 continue
@@ -201,7 +199,6 @@ extension RISCVHart {
                 illegal(d)
                 break loop
             }
-            x[0] = 0
             pc = next
             retired &+= 1
         }

@@ -70,8 +70,9 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
         self.platform = platform
         st = .allocate(capacity: 1)
         st.initialize(to: HartState())
-        x = .allocate(capacity: 32)
-        x.initialize(repeating: 0, count: 32)
+        // x0...x31 and a sink (index 32) that instructions with rd = x0 write.
+        x = .allocate(capacity: 33)
+        x.initialize(repeating: 0, count: 33)
         f = .allocate(capacity: 32)
         f.initialize(repeating: 0, count: 32)
         tlb = .allocate(capacity: TLBEntry.total)

@@ -145,14 +145,15 @@ extension Op {
 /// expansion.
 struct DecodedInstruction {
     var op: Op = .undecoded
-    /// rd in bits 0-4; bit 7 set for a 4-byte instruction.
+    /// rd in bits 0-5, where x0 is 32 (a sink register, so writes need no x0 check);
+    /// bit 7 set for a 4-byte instruction.
     var rdAndLength: UInt8 = 0
     var rs1: UInt8 = 0
     var rs2: UInt8 = 0
     /// The immediate, sign-extended; for operations that `carriesRaw`, the instruction bits.
     var imm: Int32 = 0
 
-    @inline(__always) var rd: Int { Int(rdAndLength & 31) }
+    @inline(__always) var rd: Int { Int(rdAndLength & 63) }
     @inline(__always) var length: UInt64 { 2 &+ UInt64((rdAndLength >> 6) & 2) }
     /// The instruction bits, for operations that `carriesRaw`.
     @inline(__always) var raw: UInt32 { UInt32(bitPattern: imm) }
@@ -160,7 +161,8 @@ struct DecodedInstruction {
     init() {}
     init(_ op: Op, rd: UInt32 = 0, rs1: UInt32 = 0, rs2: UInt32 = 0, imm: Int32 = 0, raw: UInt32, length: UInt8 = 4) {
         self.op = op
-        self.rdAndLength = UInt8(truncatingIfNeeded: rd & 31) | (length == 4 ? 0x80 : 0)
+        let r = UInt8(truncatingIfNeeded: rd & 31)
+        self.rdAndLength = (r == 0 ? 32 : r) | (length == 4 ? 0x80 : 0)
         self.rs1 = UInt8(truncatingIfNeeded: rs1)
         self.rs2 = UInt8(truncatingIfNeeded: rs2)
         self.imm = op.carriesRaw ? Int32(bitPattern: raw) : imm
