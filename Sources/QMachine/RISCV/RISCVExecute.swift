@@ -23,9 +23,10 @@ extension RISCVHart {
         }
         loop: while remaining > 0 {
             remaining -= 1
-            st.pointee.pc = pc
+            // st.pc is only written before calls that may trap or read it.
             // Fetch from the decoded page of the current virtual page.
             if pc &- fetchBase >= 4096 {
+                st.pointee.pc = pc
                 guard refillFetch() else { break loop }
                 fetchBase = st.pointee.fetchVBase
                 fetchCode = st.pointee.fetchCode
@@ -34,6 +35,7 @@ extension RISCVHart {
             var d = slot.pointee
             if d.op == .undecoded {
                 var cacheable = false
+                st.pointee.pc = pc
                 guard let decoded = decodeAtPC(cacheable: &cacheable) else { break loop }
                 d = decoded
                 if cacheable { slot.pointee = d }
@@ -69,30 +71,30 @@ extension RISCVHart {
                 retired &+= 1
                 continue
             case .lb:
-                guard let v = load(x[r1] &+ imm, Int8.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, Int8.self, pc: pc) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .lh:
-                guard let v = load(x[r1] &+ imm, Int16.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, Int16.self, pc: pc) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .lw:
-                guard let v = load(x[r1] &+ imm, Int32.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, Int32.self, pc: pc) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
             case .ld:
-                guard let v = load(x[r1] &+ imm, UInt64.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt64.self, pc: pc) else { break loop }
                 x[rd] = v
             case .lbu:
-                guard let v = load(x[r1] &+ imm, UInt8.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt8.self, pc: pc) else { break loop }
                 x[rd] = UInt64(v)
             case .lhu:
-                guard let v = load(x[r1] &+ imm, UInt16.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt16.self, pc: pc) else { break loop }
                 x[rd] = UInt64(v)
             case .lwu:
-                guard let v = load(x[r1] &+ imm, UInt32.self) else { break loop }
+                guard let v = load(x[r1] &+ imm, UInt32.self, pc: pc) else { break loop }
                 x[rd] = UInt64(v)
-            case .sb: guard store(x[r1] &+ imm, UInt8(truncatingIfNeeded: x[r2])) else { break loop }
-            case .sh: guard store(x[r1] &+ imm, UInt16(truncatingIfNeeded: x[r2])) else { break loop }
-            case .sw: guard store(x[r1] &+ imm, UInt32(truncatingIfNeeded: x[r2])) else { break loop }
-            case .sd: guard store(x[r1] &+ imm, x[r2]) else { break loop }
+            case .sb: guard store(x[r1] &+ imm, UInt8(truncatingIfNeeded: x[r2]), pc: pc) else { break loop }
+            case .sh: guard store(x[r1] &+ imm, UInt16(truncatingIfNeeded: x[r2]), pc: pc) else { break loop }
+            case .sw: guard store(x[r1] &+ imm, UInt32(truncatingIfNeeded: x[r2]), pc: pc) else { break loop }
+            case .sd: guard store(x[r1] &+ imm, x[r2], pc: pc) else { break loop }
             case .addi: x[rd] = x[r1] &+ imm
             case .slti: x[rd] = Int64(bitPattern: x[r1]) < Int64(bitPattern: imm) ? 1 : 0
             case .sltiu: x[rd] = x[r1] < imm ? 1 : 0
@@ -159,6 +161,7 @@ extension RISCVHart {
                 pc = next; retired &+= 1
                 break loop
             case .ecall:
+                st.pointee.pc = pc
                 if st.pointee.priv == Priv.user {
                     raise(Cause.ecallFromU, tval: 0)
                     break loop
@@ -168,34 +171,42 @@ extension RISCVHart {
                 if st.pointee.endBlock { break loop }
                 continue
             case .ebreak:
+                st.pointee.pc = pc
                 raise(Cause.breakpoint, tval: pc)
                 break loop
             case .sret:
+                st.pointee.pc = pc
                 guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 returnFromTrap()
                 pc = st.pointee.pc; retired &+= 1
                 break loop  // pending interrupts are checked in the new privilege
             case .wfi:
+                st.pointee.pc = pc
                 guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 st.pointee.wfi = true
                 pc = next; retired &+= 1
                 break loop
             case .sfencevma:
+                st.pointee.pc = pc
                 guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 flushTLB()
                 pc = next; retired &+= 1
                 break loop
             case .csr:
+                st.pointee.pc = pc
                 st.pointee.instret &+= retired; retired = 0
                 guard executeCSR(d) else { break loop }
                 pc = next; retired &+= 1
                 if st.pointee.endBlock { break loop }
                 continue
             case .amo:
+                st.pointee.pc = pc
                 guard executeAtomic(d) else { break loop }
             case .flw, .fld, .fsw, .fsd, .fp:
+                st.pointee.pc = pc
                 guard executeFloat(d) else { break loop }
             case .illegal, .undecoded:
+                st.pointee.pc = pc
                 illegal(d)
                 break loop
             }

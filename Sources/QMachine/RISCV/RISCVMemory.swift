@@ -166,6 +166,20 @@ extension RISCVHart {
         return T(truncatingIfNeeded: v)
     }
 
+    /// `load` for the interpreter loop, which keeps the pc in a register: it is stored
+    /// for the trap only on the slow path.
+    @inline(__always)
+    func load<T: FixedWidthInteger>(_ va: UInt64, _: T.Type, pc: UInt64) -> T? {
+        let vpn = va >> 12
+        let e = tlb + (st.pointee.tlbMode << 8 | Int(vpn & 255))
+        if e.pointee.tag == vpn && va & 0xfff <= 4096 - UInt64(MemoryLayout<T>.size) {
+            return UnsafeRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.loadUnaligned(as: T.self)
+        }
+        st.pointee.pc = pc
+        guard let v = loadSlow(va, MemoryLayout<T>.size) else { return nil }
+        return T(truncatingIfNeeded: v)
+    }
+
     @inline(never)
     func loadSlow(_ va: UInt64, _ size: Int) -> UInt64? {
         if Int(va & 0xfff) + size > 4096 {
@@ -207,6 +221,19 @@ extension RISCVHart {
             UnsafeMutableRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.storeBytes(of: value, as: T.self)
             return true
         }
+        return storeSlow(va, UInt64(truncatingIfNeeded: value), MemoryLayout<T>.size)
+    }
+
+    /// `store` for the interpreter loop (see `load(_:_:pc:)`).
+    @inline(__always)
+    func store<T: FixedWidthInteger>(_ va: UInt64, _ value: T, pc: UInt64) -> Bool {
+        let vpn = va >> 12
+        let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int(vpn & 255)))
+        if e.pointee.tag == vpn && va & 0xfff <= 4096 - UInt64(MemoryLayout<T>.size) {
+            UnsafeMutableRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.storeBytes(of: value, as: T.self)
+            return true
+        }
+        st.pointee.pc = pc
         return storeSlow(va, UInt64(truncatingIfNeeded: value), MemoryLayout<T>.size)
     }
 
