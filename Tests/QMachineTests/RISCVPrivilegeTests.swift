@@ -147,6 +147,26 @@ struct RISCVPrivilegeTests {
         #expect(m.x(RVReg.s10) == 2 && m.x(RVReg.s11) == 0)
     }
 
+    @Test func userModeReadsTimeByDefault() throws {
+        let (m, exit) = try RVAsm.run(resumingHandler + """
+          csrr s2, scounteren
+          la t0, user
+          csrw sepc, t0
+          li t0, 0x100
+          csrc sstatus, t0
+          sret
+        user:
+          rdtime s3
+          rdcycle s4
+          li s0, 0x5e
+          ecall
+        """)
+        #expect(exit == .shutdown)
+        #expect(m.x(RVReg.s2) == 2, "scounteren.TM is set at reset (the vDSO reads time)")
+        #expect(m.x(RVReg.s3) > 0)
+        #expect(m.x(RVReg.s8) == 1 && m.x(RVReg.s10) == 2, "rdcycle stays denied (CY clear)")
+    }
+
     @Test func userModeEcallCountersAndPrivilegedInstructions() throws {
         let (m, exit) = try RVAsm.run(resumingHandler + """
           csrwi scounteren, 2

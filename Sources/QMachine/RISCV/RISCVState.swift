@@ -60,7 +60,10 @@ struct HartState {
     var scause: UInt64 = 0
     var stval: UInt64 = 0
     var satp: UInt64 = 0
-    var scounteren: UInt64 = 0
+    /// TM set at reset, as firmware-plus-Linux leave it on real boards: Linux sets
+    /// scounteren only in its SBI PMU driver (which this SBI does not offer), and its vDSO
+    /// reads `time` from U-mode.
+    var scounteren: UInt64 = 0x2
     var senvcfg: UInt64 = 0
     var fflags: UInt64 = 0
     var frm: UInt64 = 0
