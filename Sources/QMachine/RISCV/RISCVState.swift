@@ -90,7 +90,9 @@ struct HartState {
 
 /// One cached translation, for 4 KiB of virtual space: `host = va &+ addend`.
 struct TLBEntry {
-    /// Virtual page number, or `.max` when the entry is empty.
+    /// Load/store banks: the page's virtual address (low 12 bits zero), so that one compare
+    /// with `va & (~0xfff | (size - 1))` also sends misaligned accesses to the slow path.
+    /// Fetch bank: the virtual page number. `.max` when the entry is empty.
     var tag: UInt64 = .max
     var addend: UInt64 = 0
     /// RAM page index of the physical page.
