@@ -44,7 +44,11 @@ extension RISCVHart {
         default: mode = FE_TONEAREST
         }
         if mode != FE_TONEAREST { fesetround(mode) }
+        // Ordering with the fenv calls: `body` reads its operands from guest register memory,
+        // which those external calls might write, so the operation cannot move above them;
+        // its result is stored to memory they might read, so it cannot move below them.
         let r = body()
+        fpSink.storeBytes(of: r, as: T.self)
         let e = fetestexcept(RISCVHart.hostAllExceptions)
         if mode != FE_TONEAREST { fesetround(FE_TONEAREST) }
         var flags: UInt64 = 0
@@ -100,15 +104,15 @@ extension RISCVHart {
             let negProduct = opcode == 0x4b || opcode == 0x4f
             let negAddend = opcode == 0x47 || opcode == 0x4f
             if double {
-                var a = readD(rs1); let b = readD(rs2); var c = readD(rs3)
-                if negProduct { a = -a }
-                if negAddend { c = -c }
-                writeD(rd, hostFP(rm) { fma(a, b, c) })
+                writeD(rd, hostFP(rm) {
+                    let a = readD(rs1), b = readD(rs2), c = readD(rs3)
+                    return fma(negProduct ? -a : a, b, negAddend ? -c : c)
+                })
             } else {
-                var a = readS(rs1); let b = readS(rs2); var c = readS(rs3)
-                if negProduct { a = -a }
-                if negAddend { c = -c }
-                writeS(rd, hostFP(rm) { fmaf(a, b, c) })
+                writeS(rd, hostFP(rm) {
+                    let a = readS(rs1), b = readS(rs2), c = readS(rs3)
+                    return fmaf(negProduct ? -a : a, b, negAddend ? -c : c)
+                })
             }
             return true
         }
@@ -117,15 +121,19 @@ extension RISCVHart {
         case 0x00, 0x01, 0x02, 0x03:  // fadd fsub fmul fdiv
             guard rmValid else { return false }
             if double {
-                let a = readD(rs1), b = readD(rs2)
-                writeD(rd, hostFP(rm) { funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b })
+                writeD(rd, hostFP(rm) {
+                    let a = readD(rs1), b = readD(rs2)
+                    return funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b
+                })
             } else {
-                let a = readS(rs1), b = readS(rs2)
-                writeS(rd, hostFP(rm) { funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b })
+                writeS(rd, hostFP(rm) {
+                    let a = readS(rs1), b = readS(rs2)
+                    return funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b
+                })
             }
         case 0x0b:  // fsqrt
             guard rmValid, rs2 == 0 else { return false }
-            if double { let a = readD(rs1); writeD(rd, hostFP(rm) { a.squareRoot() }) } else { let a = readS(rs1); writeS(rd, hostFP(rm) { a.squareRoot() }) }
+            if double { writeD(rd, hostFP(rm) { readD(rs1).squareRoot() }) } else { writeS(rd, hostFP(rm) { readS(rs1).squareRoot() }) }
         case 0x04:  // fsgnj, fsgnjn, fsgnjx
             guard staticRM <= 2 else { return false }
             if double {
@@ -151,8 +159,7 @@ extension RISCVHart {
                 if a.isSignalingNaN { st.pointee.fflags |= FFlag.nv }
                 writeD(rd, Double(a))
             } else if !double && rs2 == 1 {
-                let a = readD(rs1)
-                writeS(rd, hostFP(rm) { Float(a) })
+                writeS(rd, hostFP(rm) { Float(readD(rs1)) })
             } else {
                 return false
             }
@@ -166,10 +173,10 @@ extension RISCVHart {
             x[xrd] = convertToInteger(v, kind: rs2, rm: rm)
         case 0x1a:  // fcvt.{s,d}.{w,wu,l,lu}
             guard rmValid, rs2 <= 3 else { return false }
-            let s = x[rs1]
             if double {
                 let r: Double = hostFP(rm) {
-                    switch rs2 {
+                    let s = x[rs1]
+                    return switch rs2 {
                     case 0: Double(Int32(truncatingIfNeeded: s))
                     case 1: Double(UInt32(truncatingIfNeeded: s))
                     case 2: Double(Int64(bitPattern: s))
@@ -179,7 +186,8 @@ extension RISCVHart {
                 writeD(rd, r)
             } else {
                 let r: Float = hostFP(rm) {
-                    switch rs2 {
+                    let s = x[rs1]
+                    return switch rs2 {
                     case 0: Float(Int32(truncatingIfNeeded: s))
                     case 1: Float(UInt32(truncatingIfNeeded: s))
                     case 2: Float(Int64(bitPattern: s))

@@ -57,6 +57,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     let x: UnsafeMutablePointer<UInt64>
     let f: UnsafeMutablePointer<UInt64>
     let tlb: UnsafeMutablePointer<TLBEntry>
+    /// Where F/D operations store their result before host FP flags are read (an ordering barrier).
+    let fpSink: UnsafeMutableRawPointer
     let code: CodeCache
 
     // Cross-thread state.
@@ -95,6 +97,7 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
         f.initialize(repeating: 0, count: 32)
         tlb = .allocate(capacity: TLBEntry.total)
         tlb.initialize(repeating: TLBEntry(), count: TLBEntry.total)
+        fpSink = .allocate(byteCount: 16, alignment: 16)
         code = CodeCache(ramBase: ram.base, ramSize: ram.size)
         sleepLock = .allocate(capacity: 1)
         pthread_mutex_init(sleepLock, nil)
@@ -111,7 +114,7 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     deinit {
         st.deinitialize(count: 1); st.deallocate()
-        x.deallocate(); f.deallocate(); tlb.deallocate()
+        x.deallocate(); f.deallocate(); tlb.deallocate(); fpSink.deallocate()
         pthread_cond_destroy(sleepCond); sleepCond.deallocate()
         pthread_mutex_destroy(sleepLock); sleepLock.deallocate()
     }
