@@ -29,9 +29,8 @@ import Synchronization
 /// looked at between blocks of at most 4096 instructions, and after instructions that may
 /// unmask an interrupt.
 ///
-/// Known deviations: round-to-nearest-max-magnitude (RMM) is done as round-to-nearest-even
-/// in F/D arithmetic (conversions to integers honour it); the hart has no ASID bits; `cycle`
-/// counts retired instructions.
+/// Known deviations: the hart has no ASID bits; `cycle` counts retired instructions; on hosts
+/// other than x86-64 (no 80-bit format), RMM rounding in F/D arithmetic is done as RNE.
 ///
 /// Threading: ``run()`` runs on one dedicated thread and owns all architectural state.
 /// ``requestStop()``, ``invalidateCode(physicalAddress:length:)`` and the interrupt lines may
