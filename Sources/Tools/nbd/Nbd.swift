@@ -103,7 +103,8 @@ struct Nbd: AsyncParsableCommand {
         let export: NBDExport
         do {
             var options = settings.exportOptions
-            options.bitmaps = try bitmap.map { try Self.findBitmap($0, from: node) }
+            // qemu-nbd prepends each -B to its list: contexts come in reverse order.
+            options.bitmaps = try bitmap.reversed().map { try Self.findBitmap($0, from: node) }
             export = try NBDExport(name: exportName, description: exportDescription, node: node, options: options)
         } catch let e as BlockError {
             try? await node.close()

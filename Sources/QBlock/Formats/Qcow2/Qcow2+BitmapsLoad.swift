@@ -96,7 +96,6 @@ extension Qcow2Node {
     /// a crash in between leaves either the old state or no valid bitmaps, never a
     /// half-written directory that is trusted. Lock held (or the node not yet shared).
     func markBitmapsInUseLocked() async throws {
-        bitmapsCleanOnDisk = false
         var list = bitmapDirectory
         var changed = false
         for i in list.indices where list[i].usable && !list[i].flags.contains(.inUse) {
@@ -118,17 +117,6 @@ extension Qcow2Node {
         try await writeHeader()
         try await hostFile.flush()
         bitmapDirectory = list
-    }
-
-    /// Called at the start of every write, write-zeroes and discard: after an explicit
-    /// ``storePersistentBitmaps()`` the bitmaps on disk are marked in use again before
-    /// the image changes.
-    @inline(__always)
-    func prepareBitmapsForWrite() async throws {
-        guard bitmapsCleanOnDisk else { return }
-        try await metaLock.withLock {
-            if bitmapsCleanOnDisk { try await markBitmapsInUseLocked() }
-        }
     }
 
     /// Called after every write, write-zeroes and discard (whether it succeeded or not, as

@@ -26,6 +26,7 @@ extension Qcow2Node {
                                     nodeName: String? = nil) throws -> DirtyBitmap {
         func fail(_ m: String) -> BlockError { BlockError(.invalidArgument, m, path: filename, operation: "add bitmap") }
         guard !name.isEmpty else { throw fail("Bitmap name cannot be empty") }
+        try checkWritable("add bitmap")
         if let g = granularity, g < 512 || g & (g - 1) != 0 || g > Int64(UInt32.max) {
             throw fail("Granularity must be power of 2 and at least 512")
         }
@@ -88,16 +89,23 @@ extension Qcow2Node {
         persistentBitmaps.remove(b)
     }
 
-    /// Writes every persistent, consistent bitmap into the image and clears its in_use
-    /// flag (done by ``close()``). After this, the next write through the node marks the
-    /// bitmaps in use again first; until then a crash keeps them.
-    /// - Throws: constraint errors with QEMU's messages, `.readOnly`, I/O errors (the
-    ///   image then keeps its previous bitmaps).
+    /// Writes every persistent, consistent bitmap into the image now (``close()`` does
+    /// the same and leaves them consistent on disk). As the node stays open read-write, the
+    /// stored bitmaps are marked in use again at once: only a clean close makes them
+    /// trustworthy after a crash, as in QEMU, since writes and bitmap operations go on.
+    /// - Throws: constraint errors with QEMU's messages, I/O errors (the image then keeps
+    ///   its previous bitmaps).
     public func storePersistentBitmaps() async throws {
-        try await metaLock.withLock { try await storeBitmapsLocked() }
+        try await metaLock.withLock {
+            try await storeBitmapsLocked()
+            if !isReadOnly && !closed { try await markBitmapsInUseLocked() }
+        }
     }
 
+    /// Stores the bitmaps and clears their in_use flags. Nothing to do on a read-only node
+    /// (its bitmaps are read-only, as QEMU's). Lock held.
     func storeBitmapsLocked() async throws {
+        guard !isReadOnly else { return }
         var list = bitmapDirectory
         var dropped: [Qcow2BitmapEntry] = []
         var pending: [(index: Int, bitmap: DirtyBitmap)] = []
@@ -133,10 +141,10 @@ extension Qcow2Node {
             }
         }
         guard !pending.isEmpty else { return }
-        guard !isReadOnly else { throw BlockError(.readOnly, "No write access", path: filename, operation: "store bitmaps") }
         var written: [Qcow2BitmapEntry] = []
         do {
-            for p in pending {
+            // Written in directory order, as QEMU does (so clusters are laid out alike).
+            for p in pending.sorted(by: { $0.index < $1.index }) {
                 let (offset, size) = try await writeBitmap(p.bitmap)
                 list[p.index].tableOffset = offset
                 list[p.index].tableSize = size
@@ -148,7 +156,6 @@ extension Qcow2Node {
             throw error
         }
         for e in dropped { try? await freeBitmapClusters(e) }
-        bitmapsCleanOnDisk = true
     }
 
     /// Writes the data clusters and the table of `b`; returns the table's offset and size.
@@ -181,7 +188,7 @@ extension Qcow2Node {
             try await hostFile.write(at: off, bytes: raw)
             return (UInt64(off), UInt32(tableSize))
         } catch {
-            for e in table where e != 0 { try? await freeClusters(at: Int64(e), count: 1) }
+            for e in table where e != 0 { try? await freeClusters(at: Int64(e), count: 1, discardHost: true) }
             throw error
         }
     }
@@ -240,7 +247,8 @@ extension Qcow2Node {
         let table = try await readBitmapTable(e)
         for entry in table {
             let off = entry & Qcow2BitmapEntry.tableOffsetMask
-            if off != 0 { try await freeClusters(at: Int64(off), count: 1) }
+            // Data clusters are discarded in the file too (QEMU's QCOW2_DISCARD_ALWAYS).
+            if off != 0 { try await freeClusters(at: Int64(off), count: 1, discardHost: true) }
         }
         let cs = Int64(clusterSize)
         try await freeClusters(at: Int64(e.tableOffset), count: (Int64(e.tableSize) * 8 + cs - 1) / cs)

@@ -63,7 +63,6 @@ extension Qcow2Node {
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try checkWritable("write")
         try checkRange(offset, Int64(buffer.count), "write")
-        try await prepareBitmapsForWrite()
         defer { markBitmaps(offset, Int64(buffer.count)) }
         var done = 0
         while done < buffer.count {
@@ -278,7 +277,6 @@ extension Qcow2Node {
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
         try checkRange(offset, length, "write zeroes")
-        try await prepareBitmapsForWrite()
         defer { markBitmaps(offset, length) }
         let cs = Int64(clusterSize)
         let end = offset + length
@@ -397,7 +395,6 @@ extension Qcow2Node {
     public func discard(at offset: Int64, length: Int64) async throws {
         try checkWritable("discard")
         try checkRange(offset, length, "discard")
-        try await prepareBitmapsForWrite()
         defer { markBitmaps(offset, length) }
         let cs = Int64(clusterSize)
         let start = (offset + cs - 1) / cs * cs

@@ -11,7 +11,8 @@ import Glibc
 /// - `Qcow2+Cluster.swift`: guest-to-host mapping through L1 and L2 tables;
 /// - `Qcow2+ReadWrite.swift`: the data path (reads, allocating writes, zeroes, discard);
 /// - `Qcow2+Compression.swift`: compressed clusters (deflate, zstd);
-/// - `Qcow2+Create.swift`, `Qcow2+Check.swift`, `Qcow2+Resize.swift`.
+/// - `Qcow2+Create.swift`, `Qcow2+Check.swift`, `Qcow2+Resize.swift`;
+/// - `Qcow2+Bitmaps.swift`, `Qcow2+BitmapsLoad.swift`, `Qcow2+BitmapsStore.swift`: persistent dirty bitmaps.
 ///
 /// Concurrency: metadata (L1, L2 and refcount tables, the header) is only touched with
 /// ``metaLock`` held, like QEMU's `s->lock`; guest data moves without it. Clusters being
@@ -85,8 +86,10 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public let persistentBitmaps = DirtyBitmapSet()
     /// The bitmap directory as it is on disk.
     var bitmapDirectory: [Qcow2BitmapEntry] = []
-    /// The bitmaps on disk were stored and are not in use: mark them before the next write.
-    var bitmapsCleanOnDisk = false
+    /// The image had a bitmaps extension without autoclear bit 0 when it was opened: a
+    /// program without bitmap support wrote it, so its bitmaps were ignored (and dropped
+    /// on a read-write open). Tools print QEMU's warning for it.
+    public private(set) var openedWithStaleBitmaps = false
 
     struct InflightAllocation {
         let firstCluster: Int64
@@ -159,6 +162,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
         try await node.loadSnapshotTable()
         try await node.loadPersistentBitmaps()
+        node.openedWithStaleBitmaps = header.autoclearFeatures & Qcow2Header.autoclearBitmaps == 0
+            && header.bitmapsExtensionData() != nil
         if let name = header.backingFileName, options.openBacking {
             node.backingNode = try await openBacking(name, header.backingFormat)
         }
@@ -213,7 +218,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         closed = true
         var firstError: Error?
         if !isReadOnly {
-            do { try await storePersistentBitmaps() } catch { firstError = error }
+            do { try await metaLock.withLock { try await storeBitmapsLocked() } } catch { firstError = error }
             do { try await flush() } catch { if firstError == nil { firstError = error } }
         }
         if let b = backingNode {
