@@ -62,7 +62,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     let refcountCache: Qcow2MetadataCache
     var refcountTable: [UInt64]
     /// Refcount entries per refcount block.
-    let refcountBlockEntries: Int
+    var refcountBlockEntries: Int
     /// Lowest cluster index that may be free.
     var freeClusterIndex: Int64 = 0
     /// Where the next compressed cluster's bytes may go (0: start a new host cluster); see `Qcow2+CompressedWrite.swift`.
