@@ -6,5 +6,10 @@
 extension QMPMonitor {
     static let standardGroups: [@Sendable (QMPMonitor) -> Void] = [
         { $0.registerCoreCommands() },
+        { $0.registerBlockCommands() },
+        { $0.registerNBDCommands() },
+        { $0.registerSnapshotCommands() },
+        { $0.registerBitmapCommands() },
+        { $0.registerTransactionCommands() },
     ]
 }

@@ -146,8 +146,8 @@ public final class QMPMonitor: @unchecked Sendable {
     }
 
     var versionObject: QObject {
-        let q = QObject.Dict([("micro", .int(Int64(version.micro))), ("minor", .int(Int64(version.minor))),
-                              ("major", .int(Int64(version.major)))])
+        let q = QObject.Dict([("major", .int(Int64(version.major))), ("minor", .int(Int64(version.minor))),
+                              ("micro", .int(Int64(version.micro)))])
         return .dict(QObject.Dict([("qemu", .dict(q)), ("package", .string(version.package))]))
     }
 
