@@ -283,18 +283,38 @@ struct QMPStreamer {
     /// Feeds received bytes; returns the messages (and errors) they complete.
     mutating func feed(_ input: UnsafeRawBufferPointer) -> [Output] {
         var out: [Output] = []
-        for c in input {
+        guard let base = input.baseAddress?.assumingMemoryBound(to: UInt8.self) else { return out }
+        let end = input.count
+        var i = 0
+        while i < end {
             if discarding {
-                if c == 0x0A { discarding = false; reset() }
+                // Skip to the next newline at C speed.
+                guard let nl = memchr(base + i, 0x0A, end - i) else { return out }
+                i = base.distance(to: nl.assumingMemoryBound(to: UInt8.self)) + 1
+                discarding = false
+                reset()
                 continue
             }
+            if inString != 0 && !escaped {
+                // Copy the run up to the next quote or backslash in one go.
+                let q = memchr(base + i, Int32(inString), end - i).map { base.distance(to: $0.assumingMemoryBound(to: UInt8.self)) } ?? end
+                let b = memchr(base + i, 0x5C, min(q, end) - i).map { base.distance(to: $0.assumingMemoryBound(to: UInt8.self)) } ?? end
+                let stop = min(q, b)
+                if stop > i {
+                    buffer.append(contentsOf: UnsafeBufferPointer(start: base + i, count: stop - i))
+                    i = stop
+                    if buffer.count > maxMessageSize { overflow("JSON token size limit exceeded", &out); continue }
+                    if i == end { break }
+                }
+            }
+            let c = base[i]
+            i += 1
             if inString != 0 {
                 buffer.append(c)
                 if escaped { escaped = false } else if c == UInt8(ascii: "\\") { escaped = true } else if c == inString {
                     inString = 0
                     if depth == 0 { out.append(complete()) }
                 }
-                if buffer.count > maxMessageSize { overflow("JSON token size limit exceeded", &out) }
                 continue
             }
             let isSpace = c == 0x20 || c == 0x0A || c == 0x0D || c == 0x09
