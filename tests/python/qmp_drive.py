@@ -22,7 +22,7 @@ except ImportError:
 async def main(path):
     client = QMPClient("qblock-test")
     await client.connect(path)
-    print(json.dumps({"greeting": client.greeting._raw if hasattr(client.greeting, "_raw") else {}}), flush=True)
+    print(json.dumps({"greeting": dict(client.greeting._raw)}), flush=True)
     events = []
 
     async def collect():
@@ -54,7 +54,10 @@ async def main(path):
         except ExecuteError as e:
             print(json.dumps({"error": {"class": e.error_class, "desc": e.error.error.desc}}), flush=True)
     collector.cancel()
-    await client.disconnect()
+    try:
+        await client.disconnect()
+    except (EOFError, ConnectionError, OSError):
+        pass  # the daemon went away after `quit`
 
 
 if __name__ == "__main__":
