@@ -40,6 +40,12 @@ class SnapshotBase {
         if !monitor.graph.backends(of: overlay).isEmpty { throw QMPError.generic("The overlay is already in use") }
     }
 
+    /// Flushes the node before writers are held, so that the flush inside the drained
+    /// section (which makes the backing image stable) has little left to write.
+    func preflush(_ node: BlockNode) async throws {
+        try await node.flush()
+    }
+
     func prepareDrained() async throws {
         guard let old else { return }
         try await old.flush()
@@ -105,7 +111,10 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             let o = try await block.open(QMPArguments(d), parent: nil, isRoot: false)
             block.setMonitorOwned(o, implicit: block.nodeInfo(o)?.implicit ?? [])
             overlay = o
+            try await preflush(node)
         } catch {
+            if let o = overlay { try? await monitor.block.delete(o) }
+            overlay = nil
             if created { unlink(file) }
             throw error
         }
@@ -137,6 +146,7 @@ final class SnapshotAction: SnapshotBase, QMPTransactionAction {
         guard let o = graph.node(named: overlayName) else { throw QMPError.noDevice(device: overlayName, node: overlayName) }
         if o === node { throw QMPError.generic("The overlay does not support backing images") }
         try checkOverlay(o)
+        try await preflush(node)
         old = node
         overlay = o
     }
