@@ -14,6 +14,51 @@ public final class QMPBlockState: @unchecked Sendable {
     private let lock = PosixMutex()
     private var owned: [String] = []
     private var info: [ObjectIdentifier: NodeInfo] = [:]
+    private var slots: [ObjectIdentifier: Int] = [:]
+    /// Nodes that go away when nothing uses them any more (snapshot overlays, as in QEMU).
+    private var autoDelete: [BlockNode] = []
+    /// Nodes reported read-only since a snapshot made them a backing image (QEMU reopens them so).
+    private var reportedReadOnly = Set<ObjectIdentifier>()
+
+    func setAutoDelete(_ node: BlockNode) { lock.withLock { autoDelete.append(node) } }
+
+    func markReadOnly(_ node: BlockNode) {
+        lock.withLock {
+            reportedReadOnly.insert(ObjectIdentifier(node))
+            if let f = node.driver.file as? BlockNode { reportedReadOnly.insert(ObjectIdentifier(f)) }
+        }
+    }
+
+    func isReportedReadOnly(_ node: BlockNode) -> Bool { lock.withLock { reportedReadOnly.contains(ObjectIdentifier(node)) } }
+
+    /// Deletes auto-deleted nodes nothing uses any more (after an export or a job let go).
+    func collectGarbage() async {
+        while true {
+            let candidates = lock.withLock { autoDelete }
+            guard let victim = candidates.first(where: { graph.user(of: $0) == nil }) else { return }
+            lock.withLock { autoDelete.removeAll { $0 === victim } }
+            try? await delete(victim)
+        }
+    }
+    private var slotCounter = 0
+
+    func nextSlot() -> Int { lock.withLock { slotCounter += 1; return slotCounter } }
+
+    /// The graph's nodes in QEMU's `query-named-block-nodes` order: newest first, a node
+    /// before its file, its backing chain before the node it was opened with. (Nodes added
+    /// to the graph by others take their place when first seen.)
+    var nodesInQemuOrder: [BlockNode] {
+        let nodes = graph.nodes
+        let order: [Int] = lock.withLock {
+            nodes.map { n in
+                if let s = slots[ObjectIdentifier(n)] { return s }
+                slotCounter += 1
+                slots[ObjectIdentifier(n)] = slotCounter
+                return slotCounter
+            }
+        }
+        return zip(nodes, order).sorted { $0.1 > $1.1 }.map(\.0)
+    }
 
     init(graph: BlockGraph) { self.graph = graph }
 
@@ -68,8 +113,10 @@ public final class QMPBlockState: @unchecked Sendable {
             for n in ctx.created { graph.forget(n) }
             throw error
         }
+        let slot = ctx.slot ?? nextSlot()
         lock.withLock {
             info[ObjectIdentifier(node)] = NodeInfo(cache: cache, noFlush: noFlush, detectZeroes: detectZeroes, implicit: ctx.created)
+            slots[ObjectIdentifier(node)] = slot
         }
         parent?.created.append(contentsOf: ctx.created + [node])
         return node
@@ -92,10 +139,13 @@ public final class QMPBlockState: @unchecked Sendable {
         if !ok { throw QMPError.generic("Invalid node-name: '\(name)'") }
     }
 
-    /// Why `node` cannot be deleted, in QEMU's words, or nil.
+    /// Why `node` cannot be deleted, in QEMU's words and order (`qmp_blockdev_del`), or nil.
     func busyReason(_ node: BlockNode) -> String? {
         if !graph.backends(of: node).isEmpty { return "Node \(node.nodeName) is in use" }
-        return graph.user(of: node)
+        if let why = graph.user(of: node), why.contains("backing hd") { return why }
+        if !isMonitorOwned(node.nodeName) { return "Node \(node.nodeName) is not owned by the monitor" }
+        if graph.user(of: node) != nil { return "Block device \(node.nodeName) is in use" }
+        return nil
     }
 
     /// Removes a monitor-owned node and the nodes it created, and closes them; a backing
@@ -110,8 +160,11 @@ public final class QMPBlockState: @unchecked Sendable {
         for n in implicit { graph.forget(n) }
         lock.withLock {
             owned.removeAll { $0 == node.nodeName }
+            autoDelete.removeAll { $0 === node }
+            reportedReadOnly.remove(ObjectIdentifier(node))
             info[ObjectIdentifier(node)] = nil
-            for n in implicit { info[ObjectIdentifier(n)] = nil }
+            slots[ObjectIdentifier(node)] = nil
+            for n in implicit { info[ObjectIdentifier(n)] = nil; slots[ObjectIdentifier(n)] = nil }
         }
         if let f = node.driver.file as? BlockNode, !mine.contains(ObjectIdentifier(f)) {
             // Its file is another node of the graph (named in `file`): closing would close
@@ -124,6 +177,7 @@ public final class QMPBlockState: @unchecked Sendable {
 
     /// Closes every monitor-owned node, overlays before their backing nodes (at shutdown).
     public func closeAll() async {
+        await collectGarbage()
         while true {
             let names = lock.withLock { owned }
             guard !names.isEmpty else { return }
@@ -153,7 +207,6 @@ extension QMPMonitor {
             guard let node = ctx.graph.node(named: name) else {
                 throw QMPError.generic("Failed to find node with node-name='\(name)'")
             }
-            guard block.isMonitorOwned(name) else { throw QMPError.generic("Node \(name) is not owned by the monitor") }
             if let why = block.busyReason(node) { throw QMPError.generic(why) }
             try await block.delete(node)
             return .dict(QObject.Dict())
@@ -162,7 +215,7 @@ extension QMPMonitor {
             let flat = try args.optionalBool("flat") ?? false
             try args.done()
             let block = ctx.monitor.block
-            return .list(ctx.graph.nodes.reversed().map { block.deviceInfo($0, flat: flat) })
+            return .list(block.nodesInQemuOrder.map { block.deviceInfo($0, flat: flat) })
         }
     }
 }

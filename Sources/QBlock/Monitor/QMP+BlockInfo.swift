@@ -5,7 +5,7 @@ extension QMPBlockState {
         var d = QObject.Dict()
         d["file"] = .string(node.filename)
         d["node-name"] = .string(node.nodeName)
-        d["ro"] = .bool(node.isReadOnly)
+        d["ro"] = .bool(node.isReadOnly || isReportedReadOnly(node))
         d["drv"] = .string(node.driverName)
         if let b = node.backing { d["backing_file"] = .string(b.filename) }
         var depth = 0

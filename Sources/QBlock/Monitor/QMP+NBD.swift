@@ -59,6 +59,7 @@ extension QMPMonitor {
         for id in await nbd.stop(graph: graph) {
             emit(event: "BLOCK_EXPORT_DELETED", data: QObject.Dict([("id", .string(id))]))
         }
+        await block.collectGarbage()
     }
 
     func registerNBDCommands() {
@@ -137,7 +138,10 @@ extension QMPMonitor {
             guard let e = state.export(id: id) else { throw QMPError.generic("Export '\(id)' is not found") }
             try? state.server?.removeExport(named: e.export.name)
             _ = state.remove(id: id)
-            if state.server?.clientCount ?? 0 == 0 { ctx.graph.detach(e.backend) }
+            if state.server?.clientCount ?? 0 == 0 {
+                ctx.graph.detach(e.backend)
+                await ctx.monitor.block.collectGarbage()
+            }
             ctx.emit(event: "BLOCK_EXPORT_DELETED", data: QObject.Dict([("id", .string(id))]))
             return .dict(QObject.Dict())
         }

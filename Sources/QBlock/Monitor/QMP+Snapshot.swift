@@ -55,6 +55,7 @@ class SnapshotBase {
         guard let old, let overlay, let q = overlay.innermostDriver as? Qcow2Node else { return }
         q.setBackingNode(old)
         monitor.graph.replace(old, with: overlay)
+        monitor.block.markReadOnly(old)
     }
 }
 
@@ -109,7 +110,7 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
         let block = monitor.block
         do {
             let o = try await block.open(QMPArguments(d), parent: nil, isRoot: false)
-            block.setMonitorOwned(o, implicit: block.nodeInfo(o)?.implicit ?? [])
+            block.setAutoDelete(o)
             overlay = o
             try await preflush(node)
         } catch {

@@ -47,6 +47,9 @@ public final class QMPOpenContext: @unchecked Sendable {
     let block: QMPBlockState
     /// Nodes created while opening (children first), for ownership and rollback.
     var created: [BlockNode] = []
+    /// The node's place in QEMU's node list, taken once its `file` child is open (QEMU names
+    /// a node after opening its file and before opening its backing file).
+    var slot: Int?
 
     init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState) {
         self.readOnly = readOnly
@@ -73,6 +76,7 @@ public final class QMPOpenContext: @unchecked Sendable {
     /// Like ``optionalChild(_:_:)`` for a mandatory child ("Parameter 'file' is missing").
     public func child(_ args: QMPArguments, _ key: String) async throws -> BlockNode {
         guard let n = try await optionalChild(args, key) else { throw args.missing(key) }
+        if key == "file" && slot == nil { slot = block.nextSlot() }
         return n
     }
 }
