@@ -94,6 +94,8 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             throw QMPError.generic(mode == "existing" ? "The overlay does not support backing images"
                                    : "Backing file not supported for file format '\(format)'")
         }
+        let t0 = QMPTrace.now()
+        defer { QMPTrace.log("snapshot prepare: \(QMPTrace.now() - t0) us") }
         if mode == "absolute-paths" {
             if access(file, F_OK) == 0 { unlink(file) }
             do {
@@ -112,6 +114,7 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             let o = try await block.open(QMPArguments(d), parent: nil, isRoot: false)
             block.setAutoDelete(o)
             overlay = o
+            QMPTrace.log("  created and opened: \(QMPTrace.now() - t0) us")
             try await preflush(node)
         } catch {
             if let o = overlay { try? await monitor.block.delete(o) }
