@@ -128,4 +128,30 @@ struct QMPDaemonTests {
             #expect(c.status == 0, "\(img): \(c)")
         }
     }
+
+    /// A command that hangs (an NBD server that never answers) holds neither the other
+    /// clients' queries nor `quit`.
+    @Test func slowCommandDoesNotBlockOtherClients() async throws {
+        let dir = TempDir("qmp-slow")
+        let mute = dir.file("mute.sock")
+        let listener = Process()
+        listener.executableURL = URL(fileURLWithPath: Tools.which("python3") ?? "/usr/bin/python3")
+        listener.arguments = ["-c", "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8); time.sleep(60)", mute]
+        try listener.run()
+        defer { listener.terminate() }
+        while !FileManager.default.fileExists(atPath: mute) { usleep(10_000) }
+        let d = try QMPHarness.startDaemon(dir: dir)
+        defer { d.stop() }
+        let a = try PyQMP(socket: d.socket), b = try PyQMP(socket: d.socket)
+        let hung = Task { try? await a.execute("blockdev-add", ["driver": "nbd", "node-name": "n", "server": ["type": "unix", "path": mute]]) }
+        try await Task.sleep(nanoseconds: 300_000_000)
+        let t0 = Date()
+        let v = try await b.execute("query-version")
+        #expect(v["return"] != nil)
+        #expect(try await b.execute("query-block-exports")["return"] != nil)
+        #expect(Date().timeIntervalSince(t0) < 2)
+        try await b.ok("quit")
+        #expect(d.stop() == 0)
+        _ = await hung.value
+    }
 }

@@ -145,7 +145,7 @@ extension QMPMonitor {
             ctx.emit(event: "BLOCK_EXPORT_DELETED", data: QObject.Dict([("id", .string(id))]))
             return .dict(QObject.Dict())
         }
-        register("query-block-exports") { args, ctx in
+        register("query-block-exports", exclusive: false) { args, ctx in
             try args.done()
             return .list(ctx.monitor.nbd.all.map { e in
                 .dict(QObject.Dict([("type", .string("nbd")), ("id", .string(e.id)),

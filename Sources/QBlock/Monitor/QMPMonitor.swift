@@ -19,8 +19,9 @@ import Glibc
 /// }
 /// ```
 ///
-/// Commands run one at a time across all clients (QEMU's big lock): a handler must not wait
-/// for anything long; long operations (jobs) start a task and return. Events go to every
+/// Commands run one at a time across all clients (QEMU's big lock), except those registered
+/// with `exclusive: false` (queries, `quit`): a handler must not wait for anything long;
+/// long operations (jobs) start a task and return. Events go to every
 /// client that has negotiated capabilities, and to in-process ``subscribe()`` streams.
 public final class QMPMonitor: @unchecked Sendable {
     /// A command: its arguments (read them, then call ``QMPArguments/done()``) and the
@@ -35,6 +36,7 @@ public final class QMPMonitor: @unchecked Sendable {
     private let lock = PosixMutex()
     private var handlers: [String: Handler] = [:]
     private var order: [String] = []
+    private var concurrent = Set<String>()
     private var sessions: [Int: QMPSession] = [:]
     private var subscribers: [Int: AsyncStream<QObject>.Continuation] = [:]
     private var nextID = 0
@@ -52,12 +54,17 @@ public final class QMPMonitor: @unchecked Sendable {
     // MARK: - Commands
 
     /// Adds (or replaces) command `name`.
-    public func register(_ name: String, handler: @escaping Handler) {
+    /// - Parameter exclusive: false for commands that only read thread-safe state (queries):
+    ///   they run at once, even while another client's command holds the monitor.
+    public func register(_ name: String, exclusive: Bool = true, handler: @escaping Handler) {
         lock.withLock {
             if handlers[name] == nil { order.append(name) }
             handlers[name] = handler
+            if exclusive { concurrent.remove(name) } else { concurrent.insert(name) }
         }
     }
+
+    func isExclusive(_ name: String) -> Bool { lock.withLock { !concurrent.contains(name) } }
 
     /// The registered command names, in registration order.
     public var commandNames: [String] { lock.withLock { order } }
@@ -92,8 +99,9 @@ public final class QMPMonitor: @unchecked Sendable {
             throw QMPError(.commandNotFound, "The command \(name) has not been found")
         }
         let ctx = QMPContext(monitor: self, session: nil)
-        await commandLock.lock()
-        defer { commandLock.unlock() }
+        let exclusive = isExclusive(name)
+        if exclusive { await commandLock.lock() }
+        defer { if exclusive { commandLock.unlock() } }
         do {
             return try await h(QMPArguments(arguments), ctx)
         } catch {
@@ -216,8 +224,9 @@ public final class QMPMonitor: @unchecked Sendable {
             return QMPMonitor.reply(error: QMPError(.commandNotFound, "The command \(name) has not been found"), id: id)
         }
         let ctx = QMPContext(monitor: self, session: session)
-        await commandLock.lock()
-        defer { commandLock.unlock() }
+        let exclusive = isExclusive(name)
+        if exclusive { await commandLock.lock() }
+        defer { if exclusive { commandLock.unlock() } }
         do {
             let r = try await h(QMPArguments(arguments), ctx)
             if name == "quit" { session.quitAfterReply = true }
