@@ -163,7 +163,12 @@ extension Qcow2Node {
             header.compatibleFeatures = 0
             header.autoclearFeatures = 0
             header.compressionType = 0
+            // v2 has no autoclear bits, so bitmaps cannot be kept: like QEMU, their clusters
+            // are left behind as leaks (`check -r leaks` frees them); unlike QEMU, the then
+            // stale extension is dropped rather than warned about at every open.
             header.otherExtensions.removeAll { $0.type == Qcow2Header.ExtensionType.bitmaps.rawValue }
+            for b in persistentBitmaps.all { persistentBitmaps.remove(b) }
+            bitmapDirectory = []
             try await writeHeader()
             try await hostFile.flush()
         }

@@ -192,7 +192,7 @@ extension Qcow2Node {
         for c in 0..<limit {
             let computed = c < Int64(rc.refs.count) ? rc.refs[Int(c)] : 0
             let stored = try await refcount(of: c)
-            if computed > 0 { highest = c }
+            if computed > 0 || stored > 0 { highest = c }  // QEMU counts leaked clusters too
             if stored < computed {
                 rc.result.messages.append("ERROR cluster \(c) refcount=\(stored) reference=\(computed)")
                 rc.result.corruptions += 1
