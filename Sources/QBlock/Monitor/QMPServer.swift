@@ -163,7 +163,8 @@ final class QMPConnection: @unchecked Sendable {
             threadEnded()
         }
         reader.name = "qblock-qmp-read-\(id)"
-        reader.stackSize = 512 * 1024
+        // The parser recurses once per nesting level (at most 1024): room for that in debug builds.
+        reader.stackSize = 8 << 20
         let writer = Thread { [self] in
             writeLoop()
             threadEnded()
