@@ -43,6 +43,7 @@ public final class QMPOpenContext: @unchecked Sendable {
     public let readOnly: Bool
     /// Host cache mode from `cache.direct` / `cache.no-flush`.
     public let cache: CacheMode
+    /// The graph the nodes go into.
     public let graph: BlockGraph
     let block: QMPBlockState
     /// Nodes created while opening (children first), for ownership and rollback.
