@@ -151,7 +151,7 @@ extension QMPBlockdevDrivers {
             }
             let fmt: String
             if let format { fmt = format } else if NBDURI.isNBDURI(path) { fmt = "raw" } else {
-                fmt = (try? ImageOpener.probe(path)) ?? "raw"
+                fmt = await IOThreadPool.shared.run { (try? ImageOpener.probe(path)) ?? "raw" }
             }
             let d = QObject.Dict([("driver", .string(fmt)), ("read-only", .bool(true)), ("file", fileArgs)])
             do {
