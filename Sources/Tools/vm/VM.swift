@@ -138,7 +138,11 @@ struct VM: AsyncParsableCommand {
         case .shutdown: return
         case .reset: Self.fail("guest requested a reboot")
         case .stopped: Self.fail("stopped by a signal")
-        case .crashed(let message): Self.fail("guest crashed: \(message)")
+        case .crashed(let message):
+            // The CPU's message may already start with "guest crash:"; say it once.
+            var m = Substring(message)
+            for prefix in ["guest crashed: ", "guest crash: "] where m.hasPrefix(prefix) { m = m.dropFirst(prefix.count) }
+            Self.fail("guest crashed: \(m)")
         }
     }
 
