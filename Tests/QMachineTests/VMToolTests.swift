@@ -137,7 +137,7 @@ enum TinyKernel {
 
     @Test(arguments: [
         ("missing kernel", ["--kernel", "/nonexistent/Image"], "vm: kernel '/nonexistent/Image' does not exist"),
-        ("not a kernel", ["--kernel", "/etc/hostname"], "is not a RISC-V Linux Image"),
+        ("not a kernel", ["--kernel", "@text"], "is not a RISC-V Linux Image"),
         ("kernel is a directory", ["--kernel", "/tmp"], "is a directory"),
         ("missing initrd", ["--kernel", "@kernel", "--initrd", "/nonexistent/initrd"], "vm: initrd '/nonexistent/initrd' does not exist"),
         ("bad initrd", ["--kernel", "@kernel", "--initrd", "@garbage"], "is neither a cpio archive nor a compressed one"),
@@ -152,7 +152,8 @@ enum TinyKernel {
         let k = file("k.Image", TinyKernel.shutdown)
         let g = file("garbage", Array("this is not an initramfs\n".utf8))
         let big = file("big.Image", LoaderTests.header(imageSize: 64 << 20) + [UInt8](repeating: 0, count: 4096))
-        let a = args.map { $0 == "@kernel" ? k : $0 == "@garbage" ? g : $0 == "@big" ? big : $0 }
+        let text = file("notes.txt", Array(String(repeating: "not a kernel\n", count: 100).utf8))
+        let a = args.map { $0 == "@kernel" ? k : $0 == "@garbage" ? g : $0 == "@big" ? big : $0 == "@text" ? text : $0 }
         let r = try await VMTool.run(a, timeout: 30)
         #expect(!r.timedOut, "\(name): \(r)")
         #expect(r.status != 0, "\(name): \(r)")
