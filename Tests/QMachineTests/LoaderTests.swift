@@ -92,3 +92,70 @@ import TestSupport
         }
     }
 }
+
+/// A CPU that only records how the machine set it up.
+final class FakeCPU: RISCVBootCPU, @unchecked Sendable {
+    var pc: UInt64 = 0
+    var regs = [UInt64](repeating: 0, count: 32)
+    let sei = TestLine(), mei = TestLine()
+    var invalidated: [(UInt64, UInt64)] = []
+    func setRegister(_ index: Int, _ value: UInt64) { regs[index] = value }
+    var supervisorExternalInterrupt: any InterruptLine { sei }
+    var machineExternalInterrupt: any InterruptLine { mei }
+    func invalidateCode(physicalAddress: UInt64, length: UInt64) { invalidated.append((physicalAddress, length)) }
+    var instructionsRetired: UInt64 { 0 }
+    func run() -> VCPUExit { .shutdown }
+    func requestStop() {}
+
+    static let model = RISCVCPUModel(isa: "rv64imac_zicsr", mmuType: "riscv,sv39", timebaseFrequency: 10_000_000) { _, _, _, _ in FakeCPU() }
+}
+
+@Suite struct LoaderMachineTests {
+    @Test func machineLoadsKernelInitrdAndDeviceTree() async throws {
+        let dir = TempDir("machine")
+        let kernel = LoaderTests.header(imageSize: 3 << 20) + [UInt8](repeating: 0x13, count: 8192)
+        FileManager.default.createFile(atPath: dir.file("Image"), contents: Data(kernel))
+        let initrd = Array("070701".utf8) + [UInt8](repeating: 0x30, count: 5000)
+        FileManager.default.createFile(atPath: dir.file("initrd"), contents: Data(initrd))
+        let serial = BufferSerialBackend()
+        var config = RISCVVirtMachine.Configuration(kernelPath: dir.file("Image"), serial: serial)
+        config.memorySize = 256 << 20
+        config.initrdPath = dir.file("initrd")
+        config.bootargs = "console=ttyS0 quiet"
+        let m = try RISCVVirtMachine(config, cpu: FakeCPU.model)
+        let cpu = try #require(m.cpu as? FakeCPU)
+        #expect(cpu.pc == 0x8020_0000)
+        #expect(cpu.regs[10] == 0 && cpu.regs[11] == m.layout.fdtAddress)
+        #expect(m.layout.fdtAddress == 0x8000_0000 + (256 << 20) - (2 << 20))
+        #expect(m.layout.initrdStart == 0x8020_0000 + (128 << 20))
+
+        var k = [UInt8](repeating: 0, count: kernel.count)
+        try k.withUnsafeMutableBytes { try m.ram.read(into: $0, at: 0x8020_0000) }
+        #expect(same(k, kernel))
+        var i = [UInt8](repeating: 0, count: initrd.count)
+        try i.withUnsafeMutableBytes { try m.ram.read(into: $0, at: m.layout.initrdStart!) }
+        #expect(same(i, initrd))
+        var dtb = [UInt8](repeating: 0, count: m.deviceTree.count)
+        try dtb.withUnsafeMutableBytes { try m.ram.read(into: $0, at: m.layout.fdtAddress) }
+        let tree = try FDTReader.decode(dtb).root
+        let start = m.layout.initrdStart!
+        #expect(tree.node(at: "chosen")?.cells("linux,initrd-start") == [UInt32(start >> 32), UInt32(truncatingIfNeeded: start)])
+        #expect(tree.node(at: "chosen")?.strings("bootargs") == ["console=ttyS0 quiet"])
+        #expect(tree.node(at: "cpus/cpu@0")?.strings("riscv,isa") == ["rv64imac_zicsr"])
+
+        // The UART's interrupt reaches the hart's S-mode input through the PLIC.
+        m.plic.write(offset: 10 * 4, size: 4, value: 1)
+        m.plic.write(offset: PLIC.enableBase + PLIC.enableStride, size: 4, value: 1 << 10)
+        #expect(m.bus.write(0x1000_0001, size: 1, value: 0x02))    // UART IER: THR empty
+        #expect(cpu.sei.level && !cpu.mei.level)
+        #expect(m.bus.read(0x0c20_1004, size: 4) == 10)             // claim (context 1)
+        #expect(m.bus.read(0x1000_0002, size: 1)! & 0x0f == 0x02)   // IIR: THR empty, now cleared
+        m.bus.write(0x0c20_1004, size: 4, value: 10)                 // complete
+        #expect(!cpu.sei.level)
+        // Eight virtio slots, the first empty one reads device id 0.
+        #expect(m.bus.read(0x1000_1000, size: 4) == 0x7472_6976)
+        #expect(m.bus.read(0x1000_8008, size: 4) == 0)
+        #expect(m.bus.read(0x1000_9000, size: 4) == nil)
+        #expect(m.runBlocking() == .shutdown)
+    }
+}

@@ -121,6 +121,44 @@ enum TinyKernel {
         }
     }
 
+    @Test func serialToAUnixSocket() async throws {
+        guard VMTool.path != nil else { Issue.record("vm not built"); return }
+        let sock = dir.file("serial.sock")
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, c) in sock.utf8.enumerated() { p[i] = c }
+        }
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(bound == 0 && listen(fd, 1) == 0)
+        // Accept and read to end of file on a plain thread (not the cooperative pool).
+        final class Box: @unchecked Sendable { var data: [UInt8] = []; let done = DispatchSemaphore(value: 0) }
+        let box = Box()
+        Thread {
+            let c = accept(fd, nil, nil)
+            var buf = [UInt8](repeating: 0, count: 256)
+            while c >= 0 {
+                let n = buf.withUnsafeMutableBytes { read(c, $0.baseAddress, 256) }
+                if n <= 0 { break }
+                box.data += buf[0..<n]
+            }
+            if c >= 0 { close(c) }
+            box.done.signal()
+        }.start()
+        let r = try await VMTool.run(["--kernel", file("hello.Image", TinyKernel.shutdown), "--memory", "64M",
+                                      "--serial", "unix:\(sock)"], timeout: 60)
+        #expect(r.status == 0 && r.stdout.isEmpty, "\(r)")
+        while box.done.wait(timeout: .now()) == .timedOut { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(String(decoding: box.data, as: UTF8.self) == "hi\n")
+        let missing = try await VMTool.run(["--kernel", file("hello2.Image", TinyKernel.shutdown), "--serial", "unix:\(dir.file("none.sock"))"], timeout: 30)
+        #expect(missing.status == 1 && missing.stderr.contains("cannot connect to serial socket"), "\(missing)")
+    }
+
     @Test func rebootRequestIsAnError() async throws {
         guard VMTool.path != nil else { Issue.record("vm not built"); return }
         let r = try await VMTool.run(["--kernel", file("reboot.Image", TinyKernel.reboot), "--memory", "64M"], timeout: 60)
