@@ -19,9 +19,9 @@ struct GuestBuildFailed: Error, CustomStringConvertible {
 
     struct Guest { var kernel: String; var initrd: String }
 
-    /// Builds (or finds cached) the kernel and the disk-pattern initramfs; nil to skip.
-    static func guest() throws -> Guest? {
-        let r = try run("/bin/bash", ["\(repo)/scripts/guest/build-guest.sh", "--test", "\(repo)/scripts/guest/tests/disk-pattern.sh"])
+    /// Builds (or finds cached) the kernel and the initramfs running `test`; nil to skip.
+    static func guest(_ test: String = "disk-pattern") throws -> Guest? {
+        let r = try run("/bin/bash", ["\(repo)/scripts/guest/build-guest.sh", "--test", "\(repo)/scripts/guest/tests/\(test).sh"])
         if r.status == 2 {
             print("BootTests skipped: the Debian riscv64 guest cannot be downloaded (\(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))")
             return nil
@@ -104,5 +104,15 @@ struct GuestBuildFailed: Error, CustomStringConvertible {
             if depth == 0 { #expect(start >= 4 << 20 && start + length <= 6 << 20, "only the written range is in the overlay: \(map)") }
         }
         #expect(overlayBytes == 2 << 20, "written clusters live in the overlay: \(map)")
+    }
+
+    @Test func consoleInputReachesTheGuest() async throws {
+        guard VMTool.path != nil else { Issue.record("vm not built"); return }
+        guard let g = try Self.guest("console-echo") else { return }
+        let r = try await VMTool.run([
+            "--kernel", g.kernel, "--initrd", g.initrd, "--memory", "256M", "--append", "console=ttyS0 cryptomgr.notests",
+        ], timeout: Self.timeout, replies: [(after: "guest: type a line", send: "hello from the host\n")])
+        #expect(r.status == 0 && !r.timedOut, "\(r)")
+        #expect(r.stdout.contains("guest: got <hello from the host>"), "\(r)")
     }
 }

@@ -28,25 +28,48 @@ enum VMTool {
         var description: String { "exit \(status)\(timedOut ? " (killed after timeout)" : "") in \(String(format: "%.1f", seconds)) s\nstdout:\n\(stdout.suffix(6000))\nstderr:\n\(stderr)" }
     }
 
-    static func run(_ args: [String], timeout: Double) async throws -> Result {
+    /// Runs vm; each time its output first contains `replies[i].after`, `replies[i].send`
+    /// is written to its standard input (closed once every reply is sent).
+    static func run(_ args: [String], timeout: Double, replies: [(after: String, send: String)] = []) async throws -> Result {
         guard let path else { throw RunError.notFound("vm") }
         let proc = Process()
         proc.executableURL = URL(fileURLWithPath: path)
         proc.arguments = args
-        let out = Pipe(), err = Pipe()
+        let out = Pipe(), err = Pipe(), input = Pipe()
         proc.standardOutput = out
         proc.standardError = err
-        proc.standardInput = FileHandle.nullDevice
-        final class Box: @unchecked Sendable { var data = Data() }
+        proc.standardInput = replies.isEmpty ? FileHandle.nullDevice : input
+        final class Box: @unchecked Sendable {
+            let lock = NSLock()
+            var data = Data()
+            func append(_ d: Data) { lock.lock(); data.append(d); lock.unlock() }
+            var text: String { lock.lock(); defer { lock.unlock() }; return String(decoding: data, as: UTF8.self) }
+        }
         let o = Box(), e = Box()
         let group = DispatchGroup()
-        group.enter(); group.enter()
         let start = ContinuousClock.now
         try proc.run()
-        DispatchQueue.global().async { o.data = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-        DispatchQueue.global().async { e.data = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+        for (pipe, box) in [(out, o), (err, e)] {
+            group.enter()
+            Thread {
+                let h = pipe.fileHandleForReading
+                while true {
+                    let d = h.availableData
+                    if d.isEmpty { break }
+                    box.append(d)
+                }
+                group.leave()
+            }.start()
+        }
+        var pending = replies[...]
+        if pending.isEmpty == false { try? input.fileHandleForReading.close() }
         var timedOut = false
         while proc.isRunning {
+            if let next = pending.first, o.text.contains(next.after) {
+                try? input.fileHandleForWriting.write(contentsOf: Data(next.send.utf8))
+                pending = pending.dropFirst()
+                if pending.isEmpty { try? input.fileHandleForWriting.close() }
+            }
             if ContinuousClock.now - start > .milliseconds(Int(timeout * 1000)) {
                 timedOut = true
                 kill(proc.processIdentifier, SIGKILL)
@@ -57,8 +80,7 @@ enum VMTool {
         proc.waitUntilExit()
         while group.wait(timeout: .now()) == .timedOut { try? await Task.sleep(for: .milliseconds(10)) }
         let d = ContinuousClock.now - start
-        return Result(status: proc.terminationStatus, stdout: String(decoding: o.data, as: UTF8.self),
-                      stderr: String(decoding: e.data, as: UTF8.self), timedOut: timedOut,
+        return Result(status: proc.terminationStatus, stdout: o.text, stderr: e.text, timedOut: timedOut,
                       seconds: Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
     }
 }
