@@ -105,16 +105,16 @@ struct RISCVFloatTests {
     @Test(arguments: cases) func floatingPoint(_ c: Case) throws {
         let (m, exit) = try RVAsm.run("FPON\n  csrwi fflags, 0\n  " + c.code + "\n  csrr s3, fflags\n")
         #expect(exit == .shutdown)
-        #expect(m.x(s10) == 0, "no trap (scause \(m.x(s10)))")
-        #expect(m.x(s2) == c.result, "\(c.name): 0x\(String(m.x(s2), radix: 16)), expected 0x\(String(c.result, radix: 16))")
-        #expect(m.x(s3) == c.flags, "\(c.name): fflags \(m.x(s3)), expected \(c.flags)")
+        #expect(m.x(RVReg.s10) == 0, "no trap (scause \(m.x(RVReg.s10)))")
+        #expect(m.x(RVReg.s2) == c.result, "\(c.name): 0x\(String(m.x(RVReg.s2), radix: 16)), expected 0x\(String(c.result, radix: 16))")
+        #expect(m.x(RVReg.s3) == c.flags, "\(c.name): fflags \(m.x(RVReg.s3)), expected \(c.flags)")
     }
 
     @Test func fsOffTrapsAndFPUseMakesStateDirty() throws {
         let (m1, _) = try RVAsm.run("fadd.d f0, f1, f2")
-        #expect(m1.x(s10) == 2 && m1.x(s11) == 0x0220_f053, "FP instruction with FS=Off is illegal")
+        #expect(m1.x(RVReg.s10) == 2 && m1.x(RVReg.s11) == 0x0220_f053, "FP instruction with FS=Off is illegal")
         let (m2, _) = try RVAsm.run("csrr t0, fflags")
-        #expect(m2.x(s10) == 2, "fflags with FS=Off is illegal")
+        #expect(m2.x(RVReg.s10) == 2, "fflags with FS=Off is illegal")
         let (m3, exit) = try RVAsm.run("""
           li t0, 0x2000
           csrs sstatus, t0
@@ -128,9 +128,9 @@ struct RISCVFloatTests {
           csrw fcsr, t0
         """)
         #expect(exit == .shutdown)
-        #expect(m3.x(s2) & 0x6000 == 0x2000 && m3.x(s2) >> 63 == 0, "FS=Initial, SD clear")
-        #expect(m3.x(s3) & 0x6000 == 0x6000 && m3.x(s3) >> 63 == 1, "FS=Dirty and SD after an FP write")
-        #expect(m3.x(s4) & 0x6000 == 0 && m3.x(s10) == 2, "FS=Off again: fcsr traps")
+        #expect(m3.x(RVReg.s2) & 0x6000 == 0x2000 && m3.x(RVReg.s2) >> 63 == 0, "FS=Initial, SD clear")
+        #expect(m3.x(RVReg.s3) & 0x6000 == 0x6000 && m3.x(RVReg.s3) >> 63 == 1, "FS=Dirty and SD after an FP write")
+        #expect(m3.x(RVReg.s4) & 0x6000 == 0 && m3.x(RVReg.s10) == 2, "FS=Off again: fcsr traps")
     }
 
     @Test func compressedFloatLoadsAndStores() throws {
@@ -152,7 +152,7 @@ struct RISCVFloatTests {
         1:
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 0x4009_21fb_5444_2d18)
-        #expect(m.x(s3) == 0x4009_21fb_5444_2d18)
+        #expect(m.x(RVReg.s2) == 0x4009_21fb_5444_2d18)
+        #expect(m.x(RVReg.s3) == 0x4009_21fb_5444_2d18)
     }
 }

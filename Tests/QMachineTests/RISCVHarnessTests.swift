@@ -132,21 +132,34 @@ enum RVAsm {
         return (m, exit)
     }
 
+    /// Runs the hart on the calling thread; a timer (which blocks no thread) stops it after `seconds`.
     static func runWithWatchdog(_ hart: RISCVHart, seconds: Double) -> VCPUExit {
-        let done = DispatchSemaphore(value: 0)
-        DispatchQueue.global().async {
-            if done.wait(timeout: .now() + seconds) == .timedOut { hart.requestStop() }
+        final class Done: @unchecked Sendable { let lock = NSLock(); var done = false }
+        let state = Done()
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) {
+            state.lock.withLock { if !state.done { hart.requestStop() } }
         }
         let exit = hart.run()
-        done.signal()
+        state.lock.withLock { state.done = true }
         return exit
     }
 }
 
-// Register numbers used by the tests.
-let t0 = 5, t1 = 6, t2 = 7, s0 = 8, s1 = 9, a0 = 10, a1 = 11, a2 = 12, a3 = 13, a4 = 14, a5 = 15
-let s2 = 18, s3 = 19, s4 = 20, s5 = 21, s6 = 22, s7 = 23, s8 = 24, s9 = 25, s10 = 26, s11 = 27
-let t3 = 28, t4 = 29, t5 = 30
+/// Runs `body` on a new thread after `delay` seconds (not on a shared pool a busy test run may exhaust).
+func rvAfter(_ delay: Double, _ body: @escaping @Sendable () -> Void) {
+    let t = Thread {
+        Thread.sleep(forTimeInterval: delay)
+        body()
+    }
+    t.start()
+}
+
+/// Integer register numbers by ABI name, for reading results.
+enum RVReg {
+    static let t0 = 5, t1 = 6, t2 = 7, s0 = 8, s1 = 9, a0 = 10, a1 = 11, a2 = 12, a3 = 13, a4 = 14, a5 = 15
+    static let s2 = 18, s3 = 19, s4 = 20, s5 = 21, s6 = 22, s7 = 23, s8 = 24, s9 = 25, s10 = 26, s11 = 27
+    static let t3 = 28, t4 = 29, t5 = 30
+}
 
 @Suite(.enabled(if: RVAsm.available, Comment(rawValue: RVAsm.skipMessage)))
 struct RISCVHarnessTests {
@@ -156,7 +169,7 @@ struct RISCVHarnessTests {
           addi s2, s2, 2
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 42)
+        #expect(m.x(RVReg.s2) == 42)
         #expect(m.hart.instructionsRetired > 5)
     }
 
@@ -190,11 +203,11 @@ struct RISCVHarnessTests {
         """, input: [0x41])
         #expect(exit == .shutdown)
         #expect(m.console.text == "hiabc")
-        #expect(m.x(s3) == 3)
-        #expect(m.x(s2) == 2 << 24)
-        #expect(m.x(s4) == 1)
-        #expect(m.x(s5) == 0)
-        #expect(Int64(bitPattern: m.x(s6)) == -2)
-        #expect(m.x(s7) == 0x41)
+        #expect(m.x(RVReg.s3) == 3)
+        #expect(m.x(RVReg.s2) == 2 << 24)
+        #expect(m.x(RVReg.s4) == 1)
+        #expect(m.x(RVReg.s5) == 0)
+        #expect(Int64(bitPattern: m.x(RVReg.s6)) == -2)
+        #expect(m.x(RVReg.s7) == 0x41)
     }
 }

@@ -116,15 +116,15 @@ struct RISCVPrivilegeTests {
           csrw stvec, t6
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 0x8000_0002_000C_6122, "sstatus: SIE SPIE SPP FS SUM MXR, UXL=2, SD")
-        #expect(m.x(s3) == 0x222)
-        #expect(m.x(s4) == 0x2, "only SSIP is writable")
-        #expect(m.x(s5) == 0x8000_1000, "reserved stvec mode reads as direct")
-        #expect(m.x(s6) == 0, "Sv57 is not supported: satp unchanged")
-        #expect(m.x(s7) == UInt64(9) << 60 | 0x80100, "Sv48 accepted, no ASID bits")
-        #expect(m.x(s8) == UInt64(8) << 60 | 0x80100)
-        #expect(m.x(a2) == 17 && m.x(a3) == .max)
-        #expect(m.x(a4) == 0x8000_1000)
+        #expect(m.x(RVReg.s2) == 0x8000_0002_000C_6122, "sstatus: SIE SPIE SPP FS SUM MXR, UXL=2, SD")
+        #expect(m.x(RVReg.s3) == 0x222)
+        #expect(m.x(RVReg.s4) == 0x2, "only SSIP is writable")
+        #expect(m.x(RVReg.s5) == 0x8000_1000, "reserved stvec mode reads as direct")
+        #expect(m.x(RVReg.s6) == 0, "Sv57 is not supported: satp unchanged")
+        #expect(m.x(RVReg.s7) == UInt64(9) << 60 | 0x80100, "Sv48 accepted, no ASID bits")
+        #expect(m.x(RVReg.s8) == UInt64(8) << 60 | 0x80100)
+        #expect(m.x(RVReg.a2) == 17 && m.x(RVReg.a3) == .max)
+        #expect(m.x(RVReg.a4) == 0x8000_1000)
     }
 
     @Test(arguments: [
@@ -138,13 +138,13 @@ struct RISCVPrivilegeTests {
     func illegalInstructionsTrapWithTheirBits(_ insn: String, _ bits: UInt64) throws {
         let (m, exit) = try RVAsm.run(insn)
         #expect(exit == .shutdown)
-        #expect(m.x(s10) == 2)
-        #expect(m.x(s11) == bits)
+        #expect(m.x(RVReg.s10) == 2)
+        #expect(m.x(RVReg.s11) == bits)
     }
 
     @Test func compressedIllegalReportsSixteenBits() throws {
         let (m, _) = try RVAsm.run(".half 0x0000\n.half 0x0001")
-        #expect(m.x(s10) == 2 && m.x(s11) == 0)
+        #expect(m.x(RVReg.s10) == 2 && m.x(RVReg.s11) == 0)
     }
 
     @Test func userModeEcallCountersAndPrivilegedInstructions() throws {
@@ -177,12 +177,12 @@ struct RISCVPrivilegeTests {
           ecall
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(a2) == 8, "ecall from U")
-        #expect(m.x(a4) == 2, "sstatus from U is illegal")
-        #expect(m.x(s2) == 0, "time allowed by scounteren.TM")
-        #expect(m.x(s4) == 2, "cycle denied by scounteren.CY")
-        #expect(m.x(s5) == 2 && m.x(s6) == 2 && m.x(t2) == 2, "sret, wfi, sfence.vma from U are illegal")
-        #expect(m.x(t3) == 3, "ebreak")
+        #expect(m.x(RVReg.a2) == 8, "ecall from U")
+        #expect(m.x(RVReg.a4) == 2, "sstatus from U is illegal")
+        #expect(m.x(RVReg.s2) == 0, "time allowed by scounteren.TM")
+        #expect(m.x(RVReg.s4) == 2, "cycle denied by scounteren.CY")
+        #expect(m.x(RVReg.s5) == 2 && m.x(RVReg.s6) == 2 && m.x(RVReg.t2) == 2, "sret, wfi, sfence.vma from U are illegal")
+        #expect(m.x(RVReg.t3) == 3, "ebreak")
     }
 
     @Test func pageFaultsReportCauseAndAddress() throws {
@@ -226,16 +226,16 @@ struct RISCVPrivilegeTests {
           mv s1, a1
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s3) == 0, "read-only page is readable")
-        #expect(m.x(s4) == 15 && m.x(s5) == 0x4000_0000, "store to a read-only page")
-        #expect(m.x(s6) == 13 && m.x(s7) == 0x5000_0000, "unmapped load")
-        #expect(m.x(t2) == 13, "S-mode load from a U page without SUM")
+        #expect(m.x(RVReg.s3) == 0, "read-only page is readable")
+        #expect(m.x(RVReg.s4) == 15 && m.x(RVReg.s5) == 0x4000_0000, "store to a read-only page")
+        #expect(m.x(RVReg.s6) == 13 && m.x(RVReg.s7) == 0x5000_0000, "unmapped load")
+        #expect(m.x(RVReg.t2) == 13, "S-mode load from a U page without SUM")
         #expect(m.x(28) & 0xC0 == 0xC0, "hardware set A and D on the U page (pte=0x\(String(m.x(28), radix: 16)))")
         #expect(m.x(29) == 12 && m.x(30) == 0x4000_2000, "fetch from a non-executable page")
-        #expect(m.x(a3) == 13, "misaligned superpage")
-        #expect(m.x(s0) == 13, "address not sign-extended from bit 38")
-        #expect(m.x(s1) == 77, "the SUM store landed")
-        #expect(m.x(s8) == 6)
+        #expect(m.x(RVReg.a3) == 13, "misaligned superpage")
+        #expect(m.x(RVReg.s0) == 13, "address not sign-extended from bit 38")
+        #expect(m.x(RVReg.s1) == 77, "the SUM store landed")
+        #expect(m.x(RVReg.s8) == 6)
     }
 
     @Test func sv48TranslatesWithFourLevels() throws {
@@ -257,7 +257,7 @@ struct RISCVPrivilegeTests {
         2:
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 0x1234)
+        #expect(m.x(RVReg.s2) == 0x1234)
     }
 
     @Test func misalignedAccessesAreEmulated() throws {
@@ -280,12 +280,12 @@ struct RISCVPrivilegeTests {
         1:
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s8) == 0, "no traps")
-        #expect(m.x(s2) == 0x1122_3344_5566_7788)
-        #expect(m.x(s3) == 0x3344_5566)
-        #expect(m.x(s4) == 0x1122)
-        #expect(m.x(s5) == 0x1122_3344_5566_7788, "across a page boundary")
-        #expect(m.x(s6) == 0x3344_5566)
+        #expect(m.x(RVReg.s8) == 0, "no traps")
+        #expect(m.x(RVReg.s2) == 0x1122_3344_5566_7788)
+        #expect(m.x(RVReg.s3) == 0x3344_5566)
+        #expect(m.x(RVReg.s4) == 0x1122)
+        #expect(m.x(RVReg.s5) == 0x1122_3344_5566_7788, "across a page boundary")
+        #expect(m.x(RVReg.s6) == 0x3344_5566)
         #expect(m.device.lastWrite?.offset == 1 && m.device.lastWrite?.size == 4)
     }
 
@@ -294,7 +294,7 @@ struct RISCVPrivilegeTests {
           li t0, 0x20000000
           ld t1, 0(t0)
         """)
-        #expect(m.x(s10) == 5 && m.x(s11) == 0x2000_0000)
+        #expect(m.x(RVReg.s10) == 5 && m.x(RVReg.s11) == 0x2000_0000)
     }
 
     @Test func interruptPriorityAndGating() throws {
@@ -322,9 +322,9 @@ struct RISCVPrivilegeTests {
             m.hart.supervisorExternalInterrupt.set(true)
         }
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 0, "SIE=0 in S-mode masks interrupts")
-        #expect(m.x(s3) == 0x09_01_05, "SEI, then SSI, then STI (got 0x\(String(m.x(s3), radix: 16)))")
-        #expect(m.x(s4) & 0x222 == 0x202, "SBI IPI sets SSIP; set_timer(-1) clears STIP; SEIP follows the line")
+        #expect(m.x(RVReg.s2) == 0, "SIE=0 in S-mode masks interrupts")
+        #expect(m.x(RVReg.s3) == 0x09_01_05, "SEI, then SSI, then STI (got 0x\(String(m.x(RVReg.s3), radix: 16)))")
+        #expect(m.x(RVReg.s4) & 0x222 == 0x202, "SBI IPI sets SSIP; set_timer(-1) clears STIP; SEIP follows the line")
     }
 
     @Test func softwareBeforeTimerAndVectoredMode() throws {
@@ -365,10 +365,10 @@ struct RISCVPrivilegeTests {
         done:
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 0)
-        #expect(m.x(s3) == 1)
-        #expect(m.x(s4) == UInt64(1) << 63 | 1)
-        #expect(m.x(s5) == UInt64(1) << 63 | 5)
+        #expect(m.x(RVReg.s2) == 0)
+        #expect(m.x(RVReg.s3) == 1)
+        #expect(m.x(RVReg.s4) == UInt64(1) << 63 | 1)
+        #expect(m.x(RVReg.s5) == UInt64(1) << 63 | 5)
     }
 
     @Test func userModeTakesInterruptsWhateverSIE() throws {
@@ -391,9 +391,9 @@ struct RISCVPrivilegeTests {
           ecall
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 0, "masked in S-mode with SIE=0")
-        #expect(m.x(s3) == 1, "taken in U-mode with SIE=0: s6=\(m.x(s6)) s8=\(m.x(s8)) s10=\(m.x(s10)) s9=\(String(m.x(s9), radix: 16)) sip=\(m.csr(0x144)) sie=\(m.csr(0x104))")
-        #expect(m.x(s4) == 8)
+        #expect(m.x(RVReg.s2) == 0, "masked in S-mode with SIE=0")
+        #expect(m.x(RVReg.s3) == 1, "taken in U-mode with SIE=0: s6=\(m.x(RVReg.s6)) s8=\(m.x(RVReg.s8)) s10=\(m.x(RVReg.s10)) s9=\(String(m.x(RVReg.s9), radix: 16)) sip=\(m.csr(0x144)) sie=\(m.csr(0x104))")
+        #expect(m.x(RVReg.s4) == 8)
     }
 
     @Test func wfiWakesOnTimer() throws {
@@ -409,9 +409,9 @@ struct RISCVPrivilegeTests {
           csrr s4, sip
         """)
         #expect(exit == .shutdown)
-        let elapsed = m.x(s3) &- m.x(s2)
+        let elapsed = m.x(RVReg.s3) &- m.x(RVReg.s2)
         #expect(elapsed >= 200_000 && elapsed < 20_000_000, "woke after \(elapsed) ticks")
-        #expect(m.x(s4) & 0x20 != 0)
+        #expect(m.x(RVReg.s4) & 0x20 != 0)
     }
 
     @Test func wfiWakesOnTheExternalLine() throws {
@@ -424,12 +424,12 @@ struct RISCVPrivilegeTests {
           csrr s4, sip
         """)
         let line = m.hart.supervisorExternalInterrupt
-        DispatchQueue.global().asyncAfter(deadline: .now() + 0.1) { line.set(true) }
+        rvAfter(0.1) { line.set(true) }
         let exit = RVAsm.runWithWatchdog(m.hart, seconds: 10)
         #expect(exit == .shutdown)
-        let elapsed = m.x(s3) &- m.x(s2)
+        let elapsed = m.x(RVReg.s3) &- m.x(RVReg.s2)
         #expect(elapsed >= 500_000 && elapsed < 50_000_000, "woke after \(elapsed) ticks")
-        #expect(m.x(s4) & 0x200 != 0)
+        #expect(m.x(RVReg.s4) & 0x200 != 0)
     }
 
     @Test func requestStopWakesWFI() throws {
@@ -438,7 +438,7 @@ struct RISCVPrivilegeTests {
           wfi
         """)
         let hart = m.hart
-        DispatchQueue.global().asyncAfter(deadline: .now() + 0.1) { hart.requestStop() }
+        rvAfter(0.1) { hart.requestStop() }
         let start = Date()
         #expect(RVAsm.runWithWatchdog(hart, seconds: 10) == .stopped)
         #expect(Date().timeIntervalSince(start) < 5)
@@ -480,8 +480,8 @@ struct RISCVPrivilegeTests {
           ret
         """)
         #expect(RVAsm.runWithWatchdog(m.hart, seconds: 10) == .shutdown)
-        #expect(m.x(s2) == 7, "the patched instruction ran")
-        #expect(m.x(s3) == 1)
+        #expect(m.x(RVReg.s2) == 7, "the patched instruction ran")
+        #expect(m.x(RVReg.s3) == 1)
         // "DMA" over func: return 2 instead, then run again from the start.
         let funcAddress = RVAsm.ramBase + 4096
         var insn: UInt32 = 0x0020_0793  // li a5, 2
@@ -489,7 +489,7 @@ struct RISCVPrivilegeTests {
         m.hart.invalidateCode(physicalAddress: funcAddress, length: 4)
         m.hart.pc = RVAsm.ramBase
         #expect(RVAsm.runWithWatchdog(m.hart, seconds: 10) == .shutdown)
-        #expect(m.x(s3) == 2, "decoded code for the DMA'd page was dropped")
+        #expect(m.x(RVReg.s3) == 2, "decoded code for the DMA'd page was dropped")
     }
 
     @Test func instretCountsRetiredInstructions() throws {
@@ -502,7 +502,7 @@ struct RISCVPrivilegeTests {
           rdinstret s3
         """)
         #expect(exit == .shutdown)
-        #expect(m.x(s2) == 100)
-        #expect(m.x(s3) > 200 && m.x(s3) < 260)
+        #expect(m.x(RVReg.s2) == 100)
+        #expect(m.x(RVReg.s3) > 200 && m.x(RVReg.s3) < 260)
     }
 }

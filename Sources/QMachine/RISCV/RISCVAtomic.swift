@@ -8,7 +8,7 @@ extension RISCVHart {
         let funct5 = raw >> 27
         let address = x[Int(d.rs1)]
         let src = x[Int(d.rs2)]
-        let rd = Int(d.rd)
+        let rd = d.rd
         if address & (size - 1) != 0 {
             // AMOs and LR/SC must be naturally aligned.
             raise(funct5 == 0x02 ? Cause.loadMisaligned : Cause.storeMisaligned, tval: address)

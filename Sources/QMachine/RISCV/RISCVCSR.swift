@@ -113,7 +113,7 @@ extension RISCVHart {
             }
             csrWrite(number, value)
         }
-        x[Int(d.rd)] = old
+        x[d.rd] = old
         return true
     }
 
@@ -157,14 +157,17 @@ extension RISCVHart {
             st.pointee.frm = (value >> 5) & 7
             st.pointee.status |= Status.fsDirty
         case CSR.sstatus:
+            // Linux toggles SIE around every spinlock: only enabling interrupts ends the
+            // block (to take what is pending); SUM changes the TLB bank, MXR empties the TLB.
             let old = st.pointee.status
             st.pointee.status = (old & ~Status.writable) | (value & Status.writable)
             if (old ^ value) & Status.mxr != 0 { flushTLB() }
-            privilegeChanged()
-            st.pointee.endBlock = true
+            if (old ^ value) & Status.sum != 0 { privilegeChanged() }
+            if old & Status.sie == 0 && value & Status.sie != 0 { st.pointee.endBlock = true }
         case CSR.sie:
+            let old = st.pointee.sie
             st.pointee.sie = value & Interrupt.supervisorMask
-            st.pointee.endBlock = true
+            if st.pointee.sie & ~old != 0 { st.pointee.endBlock = true }
         case CSR.stvec:
             // Modes 0 (direct) and 1 (vectored); the reserved modes read back as direct.
             st.pointee.stvec = value & 3 >= 2 ? value & ~3 : value
@@ -176,7 +179,7 @@ extension RISCVHart {
         case CSR.stval: st.pointee.stval = value
         case CSR.sip:
             st.pointee.sipSoft = value & Interrupt.ssi
-            st.pointee.endBlock = true
+            if st.pointee.sipSoft != 0 { st.pointee.endBlock = true }
         case CSR.satp:
             // WARL: Bare, Sv39 and Sv48; other modes (Sv57) leave satp unchanged. No ASID bits.
             let mode = value >> 60

@@ -26,9 +26,9 @@ enum RISCVDecoder {
              .slli, .srli, .srai, .addiw, .slliw, .srliw, .sraiw, .flw, .fld:
             d.rs2 = 0
         case .beq, .bne, .blt, .bge, .bltu, .bgeu, .sb, .sh, .sw, .sd, .fsw, .fsd:
-            d.rd = 0
+            d.rdAndLength = (d.rdAndLength & 0x80) | 32
         case .ebreak, .ecall, .sret, .wfi, .illegal:
-            d.rd = 0; d.rs1 = 0; d.rs2 = 0
+            d.rdAndLength = (d.rdAndLength & 0x80) | 32; d.rs1 = 0; d.rs2 = 0
         default:
             break
         }
@@ -146,9 +146,7 @@ enum RISCVDecoder {
             if f3 == 3 { return make(.fsd, immS(r)) }
             return illegal
         case 0x43, 0x47, 0x4b, 0x4f, 0x53:
-            var d = make(.fp)
-            d.rs3 = UInt8(r >> 27)
-            return d
+            return make(.fp)
         default:
             return illegal
         }

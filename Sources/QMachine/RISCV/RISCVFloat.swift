@@ -60,7 +60,7 @@ extension RISCVHart {
     /// Loads, stores and OP-FP / fused instructions; false if it raised an exception.
     func executeFloat(_ d: DecodedInstruction) -> Bool {
         guard st.pointee.status & Status.fs != 0 else { illegal(d); return false }
-        let rd = Int(d.rd), rs1 = Int(d.rs1), rs2 = Int(d.rs2)
+        let rd = d.rd & 31, rs1 = Int(d.rs1), rs2 = Int(d.rs2)  // rd names an f register
         switch d.op {
         case .flw:
             guard let v = load(x[rs1] &+ UInt64(bitPattern: Int64(d.imm)), UInt32.self) else { return false }
@@ -84,7 +84,8 @@ extension RISCVHart {
     /// Arithmetic; false for an illegal encoding (including a reserved rounding mode).
     private func executeFloatOp(_ d: DecodedInstruction) -> Bool {
         let raw = d.raw
-        let rd = Int(d.rd), rs1 = Int(d.rs1), rs2 = Int(d.rs2), rs3 = Int(raw >> 27)
+        // f destinations use rd; integer destinations use xrd (x0 is the sink, 32).
+        let rd = d.rd & 31, xrd = d.rd, rs1 = Int(d.rs1), rs2 = Int(d.rs2), rs3 = Int(raw >> 27)
         let fmt = (raw >> 25) & 3
         guard fmt <= 1 else { return false }
         let double = fmt == 1
@@ -158,13 +159,11 @@ extension RISCVHart {
         case 0x14:  // feq flt fle
             let r: Bool
             if double { guard let v = compare(readD(rs1), readD(rs2), staticRM) else { return false }; r = v } else { guard let v = compare(readS(rs1), readS(rs2), staticRM) else { return false }; r = v }
-            x[rd] = r ? 1 : 0
-            x[0] = 0
+            x[xrd] = r ? 1 : 0
         case 0x18:  // fcvt.{w,wu,l,lu}.{s,d}
             guard rmValid, rs2 <= 3 else { return false }
             let v = double ? readD(rs1) : Double(readS(rs1))
-            x[rd] = convertToInteger(v, kind: rs2, rm: rm)
-            x[0] = 0
+            x[xrd] = convertToInteger(v, kind: rs2, rm: rm)
         case 0x1a:  // fcvt.{s,d}.{w,wu,l,lu}
             guard rmValid, rs2 <= 3 else { return false }
             let s = x[rs1]
@@ -192,13 +191,12 @@ extension RISCVHart {
         case 0x1c:  // fmv.x.w / fmv.x.d, fclass
             guard rs2 == 0 else { return false }
             if staticRM == 0 {
-                x[rd] = double ? f[rs1] : UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: f[rs1])))
+                x[xrd] = double ? f[rs1] : UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: f[rs1])))
             } else if staticRM == 1 {
-                x[rd] = double ? classify(readD(rs1)) : classify(readS(rs1))
+                x[xrd] = double ? classify(readD(rs1)) : classify(readS(rs1))
             } else {
                 return false
             }
-            x[0] = 0
         case 0x1e:  // fmv.w.x / fmv.d.x
             guard rs2 == 0, staticRM == 0 else { return false }
             f[rd] = double ? x[rs1] : boxS(UInt32(truncatingIfNeeded: x[rs1]))

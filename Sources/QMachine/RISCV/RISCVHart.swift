@@ -70,8 +70,9 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
         self.platform = platform
         st = .allocate(capacity: 1)
         st.initialize(to: HartState())
-        x = .allocate(capacity: 32)
-        x.initialize(repeating: 0, count: 32)
+        // x0...x31 and a sink (index 32) that instructions with rd = x0 write.
+        x = .allocate(capacity: 33)
+        x.initialize(repeating: 0, count: 33)
         f = .allocate(capacity: 32)
         f.initialize(repeating: 0, count: 32)
         tlb = .allocate(capacity: TLBEntry.total)
@@ -215,9 +216,14 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     /// Takes the highest-priority pending, enabled interrupt (SEI > SSI > STI).
     func checkInterrupts() {
-        let pending = pendingInterrupts() & st.pointee.sie
-        guard pending != 0 else { return }
         guard st.pointee.priv == Priv.user || st.pointee.status & Status.sie != 0 else { return }
+        let enabled = st.pointee.sie
+        guard enabled != 0 else { return }
+        var pending = (st.pointee.sipSoft | (lines.load(ordering: .relaxed) & Interrupt.sei)) & enabled
+        if enabled & Interrupt.sti != 0 && st.pointee.stimecmp != .max && timeNow() >= st.pointee.stimecmp {
+            pending |= Interrupt.sti
+        }
+        guard pending != 0 else { return }
         let cause: UInt64
         if pending & Interrupt.sei != 0 { cause = 9 } else if pending & Interrupt.ssi != 0 { cause = 1 } else { cause = 5 }
         trap(cause: cause | (1 << 63), tval: 0)

@@ -74,8 +74,7 @@ extension RISCVHart {
         case .rfence:
             switch fid {
             case 0:  // remote_fence_i
-                code.currentGeneration &+= 1
-                st.pointee.fetchVBase = .max
+                instructionFence()
                 st.pointee.endBlock = true
             case 1, 2:  // remote_sfence_vma(_asid)
                 flushTLB()

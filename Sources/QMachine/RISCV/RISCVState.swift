@@ -129,27 +129,42 @@ enum Op: UInt8 {
     case flw, fld, fsw, fsd, fp
 }
 
-/// A decoded instruction (16 bytes). Compressed instructions decode to the operation of
-/// their 32-bit expansion, with `length` 2 and `raw` the 16-bit encoding.
+extension Op {
+    /// Operations whose ``DecodedInstruction/imm`` holds the instruction bits instead of an
+    /// immediate (their handlers decode the remaining fields from them).
+    var carriesRaw: Bool {
+        switch self {
+        case .illegal, .csr, .amo, .fp, .ecall, .ebreak, .sret, .wfi, .sfencevma, .fence, .fencei: true
+        default: false
+        }
+    }
+}
+
+/// A decoded instruction (8 bytes, so the decoded copy of a hot 4 KiB code page fits in
+/// 16 KiB of host cache). Compressed instructions decode to the operation of their 32-bit
+/// expansion.
 struct DecodedInstruction {
     var op: Op = .undecoded
-    var rd: UInt8 = 0
+    /// rd in bits 0-5, where x0 is 32 (a sink register, so writes need no x0 check);
+    /// bit 7 set for a 4-byte instruction.
+    var rdAndLength: UInt8 = 0
     var rs1: UInt8 = 0
     var rs2: UInt8 = 0
-    var length: UInt8 = 4
-    var rs3: UInt8 = 0
-    var pad: UInt16 = 0
+    /// The immediate, sign-extended; for operations that `carriesRaw`, the instruction bits.
     var imm: Int32 = 0
-    var raw: UInt32 = 0
+
+    @inline(__always) var rd: Int { Int(rdAndLength & 63) }
+    @inline(__always) var length: UInt64 { 2 &+ UInt64((rdAndLength >> 6) & 2) }
+    /// The instruction bits, for operations that `carriesRaw`.
+    @inline(__always) var raw: UInt32 { UInt32(bitPattern: imm) }
 
     init() {}
     init(_ op: Op, rd: UInt32 = 0, rs1: UInt32 = 0, rs2: UInt32 = 0, imm: Int32 = 0, raw: UInt32, length: UInt8 = 4) {
         self.op = op
-        self.rd = UInt8(truncatingIfNeeded: rd)
+        let r = UInt8(truncatingIfNeeded: rd & 31)
+        self.rdAndLength = (r == 0 ? 32 : r) | (length == 4 ? 0x80 : 0)
         self.rs1 = UInt8(truncatingIfNeeded: rs1)
         self.rs2 = UInt8(truncatingIfNeeded: rs2)
-        self.imm = imm
-        self.raw = raw
-        self.length = length
+        self.imm = op.carriesRaw ? Int32(bitPattern: raw) : imm
     }
 }
