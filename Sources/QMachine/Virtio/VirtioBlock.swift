@@ -68,7 +68,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public var queueMaxSizes: [UInt16] { [queueSize] }
 
     public var deviceFeatures: UInt64 {
-        var f = VirtioFeature.version1 | VirtioFeature.ringIndirectDesc | Feature.segMax | Feature.blkSize | Feature.flush
+        var f = VirtioFeature.version1 | VirtioFeature.ringIndirectDesc | VirtioFeature.ringEventIdx
+            | Feature.segMax | Feature.blkSize | Feature.flush
         if readOnly { f |= Feature.readOnly } else { f |= Feature.discard | Feature.writeZeroes }
         return f
     }
@@ -102,6 +103,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public func activate(features: UInt64, queues: [Virtqueue?], transport: any VirtioTransportCallbacks) {
         lock.withLock {
             queue = queues.first ?? nil
+            queue?.eventIndex = features & VirtioFeature.ringEventIdx != 0
             self.transport = transport
             broken = false
         }
@@ -121,14 +123,20 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public func notify(queue index: Int) {
         guard index == 0 else { return }
         var failure: String?
-        var completedInline = false
+        var interrupt = false
         var toStart: [Request] = []
         lock.withLock {
             guard let q = queue, !broken else { return }
+            let oldUsed = q.usedIndex
             while true {
                 let chain: Virtqueue.Chain?
                 do { chain = try q.pop() } catch { failure = "\(error)"; break }
-                guard let chain else { break }
+                guard let chain else {
+                    // Event-idx: ask for the next notification, then look once more for
+                    // entries the driver made available without notifying.
+                    if q.eventIndex && q.publishAvailEvent() { continue }
+                    break
+                }
                 switch parse(chain, q) {
                 case .start(let r):
                     inFlight += 1
@@ -137,16 +145,16 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                     write(status: status, at: statusAddress)
                     q.push(head: chain.head, written: 1)
                     completed += 1
-                    completedInline = true
                 case .broken(let why):
                     failure = why
                 }
                 if failure != nil { break }
             }
             if failure != nil { broken = true }
+            interrupt = q.needsInterrupt(since: oldUsed)
         }
         if let failure { transport?.deviceNeedsReset("virtio-blk: \(failure)") }
-        if completedInline { interruptIfWanted() }
+        if interrupt { signal() }
         for r in toStart {
             Task.detached { [self] in await self.execute(r) }
         }
@@ -355,24 +363,22 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     private func finish(_ r: Request, _ status: Status, _ written: Int) {
-        let signal: Bool = lock.withLock {
+        let interrupt: Bool = lock.withLock {
             defer {
                 inFlight -= 1
                 if inFlight == 0 { lock.broadcast() }
             }
             guard let q = queue else { return false }
             write(status: status, at: r.statusAddress)
+            let old = q.usedIndex
             q.push(head: r.head, written: UInt32(written + 1))
             completed += 1
-            return true
+            return q.needsInterrupt(since: old)
         }
-        if signal { interruptIfWanted() }
+        if interrupt { signal() }
     }
 
-    private func interruptIfWanted() {
-        let (t, suppressed): ((any VirtioTransportCallbacks)?, Bool) = lock.withLock {
-            (transport, (queue?.availFlags ?? 0) & Virtqueue.availNoInterrupt != 0)
-        }
-        if !suppressed { t?.signalUsedBuffers(queue: 0) }
+    private func signal() {
+        lock.withLock { transport }?.signalUsedBuffers(queue: 0)
     }
 }
