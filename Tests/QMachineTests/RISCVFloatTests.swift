@@ -37,6 +37,18 @@ struct RISCVFloatTests {
         Case(name: "fadd.s rup", code: S(one, tiny, "fadd.s f0, f1, f2, rup"), result: boxed | 0x3f80_0001, flags: NX),
         Case(name: "fadd.s dyn frm=rup", code: "fsrmi 3\n" + S(one, tiny, "fadd.s f0, f1, f2, dyn"), result: boxed | 0x3f80_0001, flags: NX),
         Case(name: "fsub.s -tiny rdn", code: S(s(-1), tiny, "fsub.s f0, f1, f2, rdn"), result: boxed | 0xbf80_0001, flags: NX),
+        // Round to nearest, ties to max magnitude.
+        Case(name: "fadd.s rmm tie", code: S(one, tiny, "fadd.s f0, f1, f2, rmm"), result: boxed | 0x3f80_0001, flags: NX),
+        Case(name: "fsub.s rmm negative tie", code: S(s(-1), tiny, "fsub.s f0, f1, f2, rmm"), result: boxed | 0xbf80_0001, flags: NX),
+        Case(name: "fadd.s rmm below half", code: S(one, s(0x1p-25), "fadd.s f0, f1, f2, rmm"), result: boxed | 0x3f80_0000, flags: NX),
+        Case(name: "fadd.s dyn frm=rmm", code: "fsrmi 4\n" + S(one, tiny, "fadd.s f0, f1, f2, dyn"), result: boxed | 0x3f80_0001, flags: NX),
+        Case(name: "fadd.d rmm tie", code: D(d(1), d(0x1p-53), "0", "fadd.d f0, f1, f2, rmm"), result: 0x3ff0_0000_0000_0001, flags: NX),
+        Case(name: "fmadd.d rmm tie", code: D(d(1), d(1), d(0x1p-53), "fmadd.d f0, f1, f2, f3, rmm"), result: 0x3ff0_0000_0000_0001, flags: NX),
+        Case(name: "fmul.d rmm overflow", code: D(d(.greatestFiniteMagnitude), d(2), "0", "fmul.d f0, f1, f2, rmm"), result: Double.infinity.bitPattern, flags: OF | NX),
+        Case(name: "fdiv.s rmm 1/3", code: S(one, s(3), "fdiv.s f0, f1, f2, rmm"), result: boxed | 0x3eaa_aaab, flags: NX),
+        Case(name: "fcvt.s.d rmm tie", code: D(d(1 + 0x1p-24), "0", "0", "fcvt.s.d f0, f1, rmm"), result: boxed | 0x3f80_0001, flags: NX),
+        Case(name: "fcvt.s.l rmm tie", code: "li t0, 16777217\n fcvt.s.l f0, t0, rmm\n fmv.x.d s2, f0\n", result: boxed | 0x4b80_0001, flags: NX),
+        Case(name: "fcvt.d.l rmm tie", code: "li t0, 0x20000000000001\n fcvt.d.l f0, t0, rmm\n fmv.x.d s2, f0\n", result: (9007199254740994.0).bitPattern, flags: NX),
         // fflags.
         Case(name: "fdiv.d 1/0", code: D(d(1), d(0), "0", "fdiv.d f0, f1, f2"), result: Double.infinity.bitPattern, flags: DZ),
         Case(name: "fdiv.d 0/0", code: D(d(0), d(0), "0", "fdiv.d f0, f1, f2"), result: 0x7ff8_0000_0000_0000, flags: NV),

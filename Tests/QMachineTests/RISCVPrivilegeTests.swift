@@ -147,6 +147,26 @@ struct RISCVPrivilegeTests {
         #expect(m.x(RVReg.s10) == 2 && m.x(RVReg.s11) == 0)
     }
 
+    @Test func userModeReadsTimeByDefault() throws {
+        let (m, exit) = try RVAsm.run(resumingHandler + """
+          csrr s2, scounteren
+          la t0, user
+          csrw sepc, t0
+          li t0, 0x100
+          csrc sstatus, t0
+          sret
+        user:
+          rdtime s3
+          rdcycle s4
+          li s0, 0x5e
+          ecall
+        """)
+        #expect(exit == .shutdown)
+        #expect(m.x(RVReg.s2) == 2, "scounteren.TM is set at reset (the vDSO reads time)")
+        #expect(m.x(RVReg.s3) > 0)
+        #expect(m.x(RVReg.s8) == 1 && m.x(RVReg.s10) == 2, "rdcycle stays denied (CY clear)")
+    }
+
     @Test func userModeEcallCountersAndPrivilegedInstructions() throws {
         let (m, exit) = try RVAsm.run(resumingHandler + """
           csrwi scounteren, 2
@@ -236,6 +256,41 @@ struct RISCVPrivilegeTests {
         #expect(m.x(RVReg.s0) == 13, "address not sign-extended from bit 38")
         #expect(m.x(RVReg.s1) == 77, "the SUM store landed")
         #expect(m.x(RVReg.s8) == 6)
+    }
+
+    @Test func mxrAndSupervisorFetchFromUserPages() throws {
+        let (m, exit) = try RVAsm.run(resumingHandler + pageTables + """
+          li t0, 0x80102000
+          li t1, (0x80103 << 10) | 0x49
+          sd t1, 24(t0)
+          li t1, (0x80103 << 10) | 0x5B
+          sd t1, 32(t0)
+          sfence.vma
+          li a2, 0x40003000
+          ld t0, 0(a2)
+          mv s2, s10
+          li s10, 0
+          li t1, 0x80000
+          csrs sstatus, t1
+          ld s3, 0(a2)
+          mv s4, s10
+          csrc sstatus, t1
+          ld t0, 0(a2)
+          mv a4, s10
+          li t1, 0x40000
+          csrs sstatus, t1
+          li a3, 0x40004000
+          la ra, 1f
+          jr a3
+        1:
+          mv s5, s10
+          mv a5, s11
+        """)
+        #expect(exit == .shutdown)
+        #expect(m.x(RVReg.s2) == 13, "load from an execute-only page")
+        #expect(m.x(RVReg.s4) == 0, "allowed with MXR")
+        #expect(m.x(RVReg.a4) == 13, "clearing MXR takes effect (the TLB was emptied)")
+        #expect(m.x(RVReg.s5) == 12 && m.x(RVReg.a5) == 0x4000_4000, "S-mode never executes U pages, even with SUM")
     }
 
     @Test func sv48TranslatesWithFourLevels() throws {

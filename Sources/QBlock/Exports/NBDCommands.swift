@@ -88,6 +88,13 @@ extension NBDConnection {
         var chunks: [[UInt8]] = []
         for (i, context) in tx.contexts.enumerated() {
             var extents: [(UInt32, UInt32)] = []
+            if case .dirtyBitmap(let index) = context, index < export.options.bitmaps.count {
+                Self.bitmapExtents(export.options.bitmaps[index], offset: Int64(offset), length: Int64(length),
+                                   limit: limit, into: &extents)
+                chunks.append(NBDEncode.blockStatusChunk(cookie: cookie, contextID: context.rawValue, extents: extents,
+                                                         done: i == tx.contexts.count - 1))
+                continue
+            }
             var pos = Int64(offset)
             let end = Int64(offset) + Int64(length)
             while pos < end {
@@ -97,6 +104,7 @@ extension NBDConnection {
                 switch context {
                 case .baseAllocation: flags = NBDTransmission.allocationFlags(data: s.data, zero: s.zero)
                 case .allocationDepth: flags = s.present ? UInt32(s.depth + 1) : 0
+                case .dirtyBitmap: flags = 0
                 }
                 guard NBDTransmission.addExtent(&extents, length: UInt32(n), flags: flags, limit: limit) else { break }
                 pos += n
@@ -105,6 +113,24 @@ extension NBDConnection {
                                                      done: i == tx.contexts.count - 1))
         }
         await reply(chunks.map { .bytes($0) })
+    }
+}
+
+extension NBDConnection {
+    /// `qemu:dirty-bitmap:` extents of `[offset, offset+length)` as qemu-nbd's
+    /// `bitmap_to_extents`: alternating clean (0) and dirty (NBD_STATE_DIRTY) runs, merged,
+    /// at most `limit` of them.
+    static func bitmapExtents(_ b: DirtyBitmap, offset: Int64, length: Int64, limit: Int, into extents: inout [(UInt32, UInt32)]) {
+        let end = offset + length
+        var start = offset
+        while start < end, let (o, l) = b.nextDirtyArea(from: start, maxLength: end - start) {
+            if o > start {
+                guard NBDTransmission.addExtent(&extents, length: UInt32(o - start), flags: 0, limit: limit) else { return }
+            }
+            guard NBDTransmission.addExtent(&extents, length: UInt32(l), flags: NBD.stateDirty, limit: limit) else { return }
+            start = o + l
+        }
+        if end > start { _ = NBDTransmission.addExtent(&extents, length: UInt32(end - start), flags: 0, limit: limit) }
     }
 }
 

@@ -30,9 +30,15 @@ public final class NBDExport: Sendable {
         /// whenever it is set, because every connection shares one node (a flush on one
         /// connection flushes what all of them wrote).
         public var multiConnection: Bool?
+        /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` metadata contexts (qemu-nbd
+        /// `-B NAME`): a block status reply flags dirty areas 1 (NBD_STATE_DIRTY), clean 0.
+        /// They are marked busy while the export exists.
+        public var bitmaps: [DirtyBitmap]
 
         public init(readOnly: Bool = false, discard: DiscardMode = .ignore, detectZeroes: DetectZeroes = .off,
-                    allocationDepth: Bool = false, writethrough: Bool = false, multiConnection: Bool? = nil) {
+                    allocationDepth: Bool = false, writethrough: Bool = false, multiConnection: Bool? = nil,
+                    bitmaps: [DirtyBitmap] = []) {
+            self.bitmaps = bitmaps
             self.readOnly = readOnly
             self.discard = discard
             self.detectZeroes = detectZeroes
@@ -61,16 +67,32 @@ public final class NBDExport: Sendable {
             throw BlockError(.readOnly, "Cannot export read-only node '\(node.filename)' writable", path: node.filename,
                              operation: "add export")
         }
+        for b in options.bitmaps {
+            if let e = Qcow2Node.bitmapUseError(b, allowReadOnly: true) { throw e }
+            if options.readOnly && !node.isReadOnly && b.isEnabled {
+                throw BlockError(.invalidArgument, "Enabled bitmap '\(b.name)' incompatible with readonly export",
+                                 operation: "add export")
+            }
+        }
+        if Set(options.bitmaps.map(\.name)).count != options.bitmaps.count {
+            throw BlockError(.invalidArgument, "Duplicate bitmap names in export", operation: "add export")
+        }
         self.name = name
         self.description = description
         self.node = node
         self.options = options
+        for b in options.bitmaps { b.isBusy = true }
+    }
+
+    deinit {
+        for b in options.bitmaps { b.isBusy = false }
     }
 
     /// The export as the handshake sees it: plain values.
     public var info: NBDExportDescriptor {
         NBDExportDescriptor(name: name, description: description, size: UInt64(max(0, node.length)),
-                      flags: transmissionFlags, allocationDepth: options.allocationDepth)
+                      flags: transmissionFlags, allocationDepth: options.allocationDepth,
+                      bitmapNames: options.bitmaps.map(\.name))
     }
 
     /// The transmission flags qemu-nbd advertises for this export (SEND_DF is added per
@@ -96,8 +118,12 @@ public struct NBDExportDescriptor: Sendable, Equatable {
     public var flags: NBD.TransmissionFlags
     /// Whether `qemu:allocation-depth` is offered.
     public var allocationDepth: Bool
+    /// Names of the bitmaps offered as `qemu:dirty-bitmap:NAME`, in context id order.
+    public var bitmapNames: [String]
 
-    public init(name: String, description: String? = nil, size: UInt64, flags: NBD.TransmissionFlags, allocationDepth: Bool = false) {
+    public init(name: String, description: String? = nil, size: UInt64, flags: NBD.TransmissionFlags, allocationDepth: Bool = false,
+                bitmapNames: [String] = []) {
+        self.bitmapNames = bitmapNames
         self.name = name
         self.description = description
         self.size = size

@@ -1,15 +1,31 @@
-/// A metadata context a client can select with NBD_OPT_SET_META_CONTEXT. The raw value
-/// is the context id sent on the wire (the ids qemu-nbd uses).
-public enum NBDMetaContext: UInt32, Sendable, Equatable, CaseIterable {
+/// A metadata context a client can select with NBD_OPT_SET_META_CONTEXT. ``rawValue``
+/// is the context id sent on the wire (the ids qemu-nbd uses: 0, 1, then 2 + the
+/// bitmap's index for `qemu:dirty-bitmap:NAME`).
+public enum NBDMetaContext: Sendable, Hashable, Comparable {
     /// `base:allocation`: HOLE and ZERO flags.
-    case baseAllocation = 0
+    case baseAllocation
     /// `qemu:allocation-depth`: 0 unallocated, 1 the top image, 2 its backing file, ...
-    case allocationDepth = 1
+    case allocationDepth
+    /// `qemu:dirty-bitmap:NAME` for the export's bitmap at this index: flag 1 (DIRTY) or 0.
+    case dirtyBitmap(Int)
 
-    public var name: String {
+    /// The context id.
+    public var rawValue: UInt32 {
+        switch self {
+        case .baseAllocation: return 0
+        case .allocationDepth: return 1
+        case .dirtyBitmap(let i): return 2 + UInt32(i)
+        }
+    }
+
+    public static func < (a: NBDMetaContext, b: NBDMetaContext) -> Bool { a.rawValue < b.rawValue }
+
+    /// The context's name for `export`.
+    public func name(in export: NBDExportDescriptor) -> String {
         switch self {
         case .baseAllocation: return NBD.contextBaseAllocation
         case .allocationDepth: return NBD.contextAllocationDepth
+        case .dirtyBitmap(let i): return NBD.contextDirtyBitmapPrefix + export.bitmapNames[i]
         }
     }
 }
@@ -219,15 +235,16 @@ public struct NBDServerHandshake: Sendable {
             if isList && req.queries.isEmpty {
                 matched.insert(.baseAllocation)
                 if e.allocationDepth { matched.insert(.allocationDepth) }
+                for i in e.bitmapNames.indices { matched.insert(.dirtyBitmap(i)) }
             }
             for q in req.queries {
                 matched.formUnion(Self.match(query: q, list: isList, export: e))
             }
-            let contexts = NBDMetaContext.allCases.filter { matched.contains($0) }
+            let contexts = matched.sorted()
             var out: [Action] = contexts.map { c in
                 var w = NBDWriter()
                 w.u32(c.rawValue)
-                w.string(c.name)
+                w.string(c.name(in: e))
                 return .send(NBDEncode.optionReply(option: option, type: .metaContext, payload: w.bytes))
             }
             if !isList { selected = (e.name, contexts) }
@@ -247,8 +264,18 @@ public struct NBDServerHandshake: Sendable {
         }
         if query.hasPrefix("qemu:") {
             let rest = query.dropFirst(5)
-            guard export.allocationDepth else { return [] }
-            return (rest == "allocation-depth" || (list && rest.isEmpty)) ? [.allocationDepth] : []
+            let bitmaps = Set(export.bitmapNames.indices.map { NBDMetaContext.dirtyBitmap($0) })
+            if rest.isEmpty {
+                guard list else { return [] }
+                return bitmaps.union(export.allocationDepth ? [.allocationDepth] : [])
+            }
+            if rest == "allocation-depth" { return export.allocationDepth ? [.allocationDepth] : [] }
+            if rest.hasPrefix("dirty-bitmap:") {
+                let name = rest.dropFirst("dirty-bitmap:".count)
+                if name.isEmpty { return list ? bitmaps : [] }
+                if let i = export.bitmapNames.firstIndex(where: { $0 == name }) { return [.dirtyBitmap(i)] }
+            }
+            return []
         }
         return []
     }

@@ -164,6 +164,8 @@ public enum NBD {
     /// base:allocation status flags.
     public static let stateHole: UInt32 = 1 << 0
     public static let stateZero: UInt32 = 1 << 1
+    /// `qemu:dirty-bitmap:` status flag: the area is dirty.
+    public static let stateDirty: UInt32 = 1 << 0
 
     public static let contextBaseAllocation = "base:allocation"
     public static let contextAllocationDepth = "qemu:allocation-depth"

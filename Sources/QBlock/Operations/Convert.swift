@@ -35,6 +35,12 @@ public struct ConvertOptions: Sendable {
     /// Copy an internal snapshot of the (single, qcow2) source instead of its current state
     /// (`-l`): "ID_OR_NAME" or "snapshot.id=ID,snapshot.name=NAME".
     public var snapshot: String?
+    /// Copy the source's persistent bitmaps into the qcow2 target (`--bitmaps`).
+    public var bitmaps = false
+    /// With `bitmaps`, skip inconsistent bitmaps instead of failing (`--skip-broken-bitmaps`).
+    public var skipBrokenBitmaps = false
+    /// Receives warnings qemu-img prints as "warning: ..." (a skipped bitmap).
+    public var warning: (@Sendable (String) -> Void)?
 
     public init() {}
 
@@ -49,6 +55,9 @@ public struct ConvertOptions: Sendable {
         }
         if targetIsZero && !skipCreate {
             throw BlockError(.invalidArgument, "--target-is-zero requires use of -n flag")
+        }
+        if skipBrokenBitmaps && !bitmaps {
+            throw BlockError(.invalidArgument, "Use of --skip-broken-bitmaps requires --bitmaps")
         }
         if sourceCount < 1 {
             throw BlockError(.invalidArgument, "Must specify image file name")
@@ -113,6 +122,12 @@ public enum Convert {
                 throw BlockError(.notFound, "Failed to load snapshot: \(error.asBlockError.message)")
             }
         }
+        if options.bitmaps {
+            do { try checkSourceBitmaps(opened, skipBroken: options.skipBrokenBitmaps) } catch {
+                await closeAll()
+                throw error
+            }
+        }
         let sourceLengths = sourcesForCopy.map { qemuLength($0) }
         let total = sourceLengths.reduce(0, +)
         let targetNode: any BlockDriver
@@ -125,11 +140,15 @@ public enum Convert {
         }
         let job: ConvertJob
         do {
+            if options.bitmaps { try checkTargetBitmaps(targetNode) }
             job = try ConvertJob(sources: sourcesForCopy, lengths: sourceLengths, target: targetNode, targetHasBacking: targetBacking != nil,
                                  options: options, progress: progress)
             try await job.run()
             if let q = targetNode as? Qcow2Node, options.compress { try await q.finishCompressedWrites() }
             try await targetNode.flush()
+            if options.bitmaps {
+                try await copyBitmaps(from: opened[0], to: targetNode, skipBroken: options.skipBrokenBitmaps, warning: options.warning)
+            }
         } catch {
             try? await targetNode.close()
             await closeAll()

@@ -68,6 +68,7 @@ public struct ImageInfo: Sendable, Equatable {
             data["extended-l2"] = .bool(i.extendedL2)
             data["lazy-refcounts"] = .bool(i.lazyRefcounts)
             data["corrupt"] = .bool(i.corrupt)
+            if !i.bitmaps.isEmpty { data["bitmaps"] = .list(i.bitmaps.map(\.qobject)) }
         }
         data["refcount-bits"] = .int(Int64(i.refcountBits))
         data["compression-type"] = .string(i.compressionType.name)

@@ -8,9 +8,9 @@ enum FFlag {
 }
 
 /// The F and D extensions. Arithmetic runs on the host FPU under the guest's rounding mode
-/// (round-to-nearest-max-magnitude, which hosts lack, is done as round-to-nearest-even except
-/// in conversions to integers), host exception flags become fflags, and NaN results are the
-/// RISC-V canonical NaN. Comparisons, min/max, sign injection, classification and
+/// (round-to-nearest-max-magnitude, which hosts lack, is derived from a wider computation:
+/// see `fpResult`), host exception flags become fflags, and NaN results are the RISC-V
+/// canonical NaN. Comparisons, min/max, sign injection, classification and
 /// float-to-integer conversions are done in software to follow the RISC-V rules exactly.
 extension RISCVHart {
     /// FE_ALL_EXCEPT (a macro Swift does not import).
@@ -44,7 +44,11 @@ extension RISCVHart {
         default: mode = FE_TONEAREST
         }
         if mode != FE_TONEAREST { fesetround(mode) }
+        // Ordering with the fenv calls: `body` reads its operands from guest register memory,
+        // which those external calls might write, so the operation cannot move above them;
+        // its result is stored to memory they might read, so it cannot move below them.
         let r = body()
+        fpSink.storeBytes(of: r, as: T.self)
         let e = fetestexcept(RISCVHart.hostAllExceptions)
         if mode != FE_TONEAREST { fesetround(FE_TONEAREST) }
         var flags: UInt64 = 0
@@ -55,6 +59,41 @@ extension RISCVHart {
         if e & FE_INVALID != 0 { flags |= FFlag.nv }
         st.pointee.fflags |= flags
         return r
+    }
+
+    // MARK: Round to nearest, ties to max magnitude (RMM)
+
+    #if arch(x86_64)
+    typealias WideDouble = Float80
+    @inline(__always) func wideFMA(_ a: WideDouble, _ b: WideDouble, _ c: WideDouble) -> WideDouble { fmal(a, b, c) }
+    #else
+    typealias WideDouble = Double  // unused: RMM falls back to RNE
+    @inline(__always) func wideFMA(_ a: WideDouble, _ b: WideDouble, _ c: WideDouble) -> WideDouble { fma(a, b, c) }
+    #endif
+
+    /// An F/D result under guest rounding mode `rm`. Hosts have no RMM: for it, the flags come
+    /// from the round-to-nearest-even computation (`body`; NX, OF and UF agree), and the value
+    /// from `wide` — the operation computed toward zero in a format with at least two more
+    /// bits of precision, so the comparison with the midpoint is exact — rounded with ties
+    /// away from zero. Without a wide format (non-x86 hosts) RMM behaves as RNE.
+    @inline(__always) func fpResult<T: BinaryFloatingPoint, W: BinaryFloatingPoint>(_ rm: UInt64, _ body: () -> T, wide: () -> W) -> T {
+        let r = hostFP(rm, body)
+        #if arch(x86_64)
+        guard rm == 4, !r.isNaN else { return r }
+        fesetround(FE_TOWARDZERO)
+        let w = wide()
+        let lo = T(w)
+        fpSink.storeBytes(of: w, as: W.self)
+        fpSink.storeBytes(of: lo, toByteOffset: 0, as: T.self)
+        fesetround(FE_TONEAREST)
+        if w.isInfinite || W(lo) == w { return lo }
+        let hi = w < 0 ? lo.nextDown : lo.nextUp
+        let halfUlp = W(lo.ulp) / 2
+        let midpoint = hi.isInfinite ? W(lo) + (w < 0 ? -halfUlp : halfUlp) : (W(lo) + W(hi)) / 2
+        return w.magnitude >= midpoint.magnitude ? hi : lo
+        #else
+        return r
+        #endif
     }
 
     /// Loads, stores and OP-FP / fused instructions; false if it raised an exception.
@@ -100,15 +139,21 @@ extension RISCVHart {
             let negProduct = opcode == 0x4b || opcode == 0x4f
             let negAddend = opcode == 0x47 || opcode == 0x4f
             if double {
-                var a = readD(rs1); let b = readD(rs2); var c = readD(rs3)
-                if negProduct { a = -a }
-                if negAddend { c = -c }
-                writeD(rd, hostFP(rm) { fma(a, b, c) })
+                writeD(rd, fpResult(rm, {
+                    let a = readD(rs1), b = readD(rs2), c = readD(rs3)
+                    return fma(negProduct ? -a : a, b, negAddend ? -c : c)
+                }, wide: {
+                    let a = WideDouble(readD(rs1)), b = WideDouble(readD(rs2)), c = WideDouble(readD(rs3))
+                    return wideFMA(negProduct ? -a : a, b, negAddend ? -c : c)
+                }))
             } else {
-                var a = readS(rs1); let b = readS(rs2); var c = readS(rs3)
-                if negProduct { a = -a }
-                if negAddend { c = -c }
-                writeS(rd, hostFP(rm) { fmaf(a, b, c) })
+                writeS(rd, fpResult(rm, {
+                    let a = readS(rs1), b = readS(rs2), c = readS(rs3)
+                    return fmaf(negProduct ? -a : a, b, negAddend ? -c : c)
+                }, wide: {
+                    let a = Double(readS(rs1)), b = Double(readS(rs2)), c = Double(readS(rs3))
+                    return fma(negProduct ? -a : a, b, negAddend ? -c : c)
+                }))
             }
             return true
         }
@@ -117,15 +162,29 @@ extension RISCVHart {
         case 0x00, 0x01, 0x02, 0x03:  // fadd fsub fmul fdiv
             guard rmValid else { return false }
             if double {
-                let a = readD(rs1), b = readD(rs2)
-                writeD(rd, hostFP(rm) { funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b })
+                writeD(rd, fpResult(rm, {
+                    let a = readD(rs1), b = readD(rs2)
+                    return funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b
+                }, wide: {
+                    let a = WideDouble(readD(rs1)), b = WideDouble(readD(rs2))
+                    return funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b
+                }))
             } else {
-                let a = readS(rs1), b = readS(rs2)
-                writeS(rd, hostFP(rm) { funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b })
+                writeS(rd, fpResult(rm, {
+                    let a = readS(rs1), b = readS(rs2)
+                    return funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b
+                }, wide: {
+                    let a = Double(readS(rs1)), b = Double(readS(rs2))
+                    return funct5 == 0 ? a + b : funct5 == 1 ? a - b : funct5 == 2 ? a * b : a / b
+                }))
             }
         case 0x0b:  // fsqrt
             guard rmValid, rs2 == 0 else { return false }
-            if double { let a = readD(rs1); writeD(rd, hostFP(rm) { a.squareRoot() }) } else { let a = readS(rs1); writeS(rd, hostFP(rm) { a.squareRoot() }) }
+            if double {
+                writeD(rd, fpResult(rm, { readD(rs1).squareRoot() }, wide: { WideDouble(readD(rs1)).squareRoot() }))
+            } else {
+                writeS(rd, fpResult(rm, { readS(rs1).squareRoot() }, wide: { Double(readS(rs1)).squareRoot() }))
+            }
         case 0x04:  // fsgnj, fsgnjn, fsgnjx
             guard staticRM <= 2 else { return false }
             if double {
@@ -151,8 +210,7 @@ extension RISCVHart {
                 if a.isSignalingNaN { st.pointee.fflags |= FFlag.nv }
                 writeD(rd, Double(a))
             } else if !double && rs2 == 1 {
-                let a = readD(rs1)
-                writeS(rd, hostFP(rm) { Float(a) })
+                writeS(rd, fpResult(rm, { Float(readD(rs1)) }, wide: { readD(rs1) }))
             } else {
                 return false
             }
@@ -166,27 +224,36 @@ extension RISCVHart {
             x[xrd] = convertToInteger(v, kind: rs2, rm: rm)
         case 0x1a:  // fcvt.{s,d}.{w,wu,l,lu}
             guard rmValid, rs2 <= 3 else { return false }
-            let s = x[rs1]
+            // Integers convert exactly to the wide format (64-bit significand).
+            func wideValue() -> WideDouble {
+                let v = x[rs1]
+                return switch rs2 {
+                case 0: WideDouble(Int32(truncatingIfNeeded: v))
+                case 1: WideDouble(UInt32(truncatingIfNeeded: v))
+                case 2: WideDouble(Int64(bitPattern: v))
+                default: WideDouble(v)
+                }
+            }
             if double {
-                let r: Double = hostFP(rm) {
-                    switch rs2 {
-                    case 0: Double(Int32(truncatingIfNeeded: s))
-                    case 1: Double(UInt32(truncatingIfNeeded: s))
-                    case 2: Double(Int64(bitPattern: s))
-                    default: Double(s)
+                writeD(rd, fpResult(rm, {
+                    let v = x[rs1]
+                    return switch rs2 {
+                    case 0: Double(Int32(truncatingIfNeeded: v))
+                    case 1: Double(UInt32(truncatingIfNeeded: v))
+                    case 2: Double(Int64(bitPattern: v))
+                    default: Double(v)
                     }
-                }
-                writeD(rd, r)
+                }, wide: wideValue))
             } else {
-                let r: Float = hostFP(rm) {
-                    switch rs2 {
-                    case 0: Float(Int32(truncatingIfNeeded: s))
-                    case 1: Float(UInt32(truncatingIfNeeded: s))
-                    case 2: Float(Int64(bitPattern: s))
-                    default: Float(s)
+                writeS(rd, fpResult(rm, {
+                    let v = x[rs1]
+                    return switch rs2 {
+                    case 0: Float(Int32(truncatingIfNeeded: v))
+                    case 1: Float(UInt32(truncatingIfNeeded: v))
+                    case 2: Float(Int64(bitPattern: v))
+                    default: Float(v)
                     }
-                }
-                writeS(rd, r)
+                }, wide: wideValue))
             }
         case 0x1c:  // fmv.x.w / fmv.x.d, fclass
             guard rs2 == 0 else { return false }

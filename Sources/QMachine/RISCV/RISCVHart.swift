@@ -18,12 +18,29 @@ import Synchronization
 /// - `RISCVAtomic.swift` — the A extension;
 /// - `RISCVSBI.swift` — the SBI firmware (SBI specification v2.0).
 ///
+/// Design: an interpreter over instructions decoded once and cached per guest-physical RAM
+/// page (8 bytes per 2-byte slot, filled lazily). Stores by the hart to a page holding decoded
+/// code empty it (such pages never get store TLB entries, so only the slow path checks);
+/// devices report DMA with ``invalidateCode(physicalAddress:length:)``; so the cache is always
+/// coherent and `fence.i` discards nothing. Loads and stores hit a direct-mapped TLB (256
+/// sets per privilege/SUM bank and access kind) that maps a virtual page to host memory;
+/// misses walk Sv39/Sv48 page tables, set A/D in hardware, and go to the ``Bus`` for devices.
+/// Misaligned accesses are emulated. Interrupts, stop requests and DMA invalidations are
+/// looked at between blocks of at most 4096 instructions, and after instructions that may
+/// unmask an interrupt.
+///
+/// Known deviations: the hart has no ASID bits; `cycle` counts retired instructions; on hosts
+/// other than x86-64 (no 80-bit format), RMM rounding in F/D arithmetic is done as RNE.
+///
 /// Threading: ``run()`` runs on one dedicated thread and owns all architectural state.
 /// ``requestStop()``, ``invalidateCode(physicalAddress:length:)`` and the interrupt lines may
 /// be called from any thread.
 public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     /// The `riscv,isa` string of the device tree.
     public static let isaString = "rv64imafdc_zicntr_zicsr_zifencei"
+    /// `riscv,isa-base` and `riscv,isa-extensions`, the newer device-tree form of the same.
+    public static let isaBase = "rv64i"
+    public static let isaExtensions = ["i", "m", "a", "f", "d", "c", "zicntr", "zicsr", "zifencei"]
     /// The `mmu-type` of the device tree: the widest translation mode implemented (Sv39 is also accepted).
     public static let mmuType = "riscv,sv48"
     /// Frequency of the `time` CSR (host monotonic time).
@@ -39,6 +56,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     let x: UnsafeMutablePointer<UInt64>
     let f: UnsafeMutablePointer<UInt64>
     let tlb: UnsafeMutablePointer<TLBEntry>
+    /// Where F/D operations store their result before host FP flags are read (an ordering barrier).
+    let fpSink: UnsafeMutableRawPointer
     let code: CodeCache
 
     // Cross-thread state.
@@ -77,6 +96,7 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
         f.initialize(repeating: 0, count: 32)
         tlb = .allocate(capacity: TLBEntry.total)
         tlb.initialize(repeating: TLBEntry(), count: TLBEntry.total)
+        fpSink = .allocate(byteCount: 16, alignment: 16)
         code = CodeCache(ramBase: ram.base, ramSize: ram.size)
         sleepLock = .allocate(capacity: 1)
         pthread_mutex_init(sleepLock, nil)
@@ -93,7 +113,7 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     deinit {
         st.deinitialize(count: 1); st.deallocate()
-        x.deallocate(); f.deallocate(); tlb.deallocate()
+        x.deallocate(); f.deallocate(); tlb.deallocate(); fpSink.deallocate()
         pthread_cond_destroy(sleepCond); sleepCond.deallocate()
         pthread_mutex_destroy(sleepLock); sleepLock.deallocate()
     }

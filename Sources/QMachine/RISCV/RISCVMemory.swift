@@ -157,9 +157,8 @@ extension RISCVHart {
 
     @inline(__always)
     func load<T: FixedWidthInteger>(_ va: UInt64, _: T.Type) -> T? {
-        let vpn = va >> 12
-        let e = tlb + (st.pointee.tlbMode << 8 | Int(vpn & 255))
-        if e.pointee.tag == vpn && va & 0xfff <= 4096 - UInt64(MemoryLayout<T>.size) {
+        let e = tlb + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255))
+        if e.pointee.tag == va & (~0xfff | UInt64(MemoryLayout<T>.size - 1)) {
             return UnsafeRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.loadUnaligned(as: T.self)
         }
         guard let v = loadSlow(va, MemoryLayout<T>.size) else { return nil }
@@ -170,9 +169,8 @@ extension RISCVHart {
     /// for the trap only on the slow path.
     @inline(__always)
     func load<T: FixedWidthInteger>(_ va: UInt64, _: T.Type, pc: UInt64) -> T? {
-        let vpn = va >> 12
-        let e = tlb + (st.pointee.tlbMode << 8 | Int(vpn & 255))
-        if e.pointee.tag == vpn && va & 0xfff <= 4096 - UInt64(MemoryLayout<T>.size) {
+        let e = tlb + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255))
+        if e.pointee.tag == va & (~0xfff | UInt64(MemoryLayout<T>.size - 1)) {
             return UnsafeRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.loadUnaligned(as: T.self)
         }
         st.pointee.pc = pc
@@ -191,10 +189,20 @@ extension RISCVHart {
             }
             return v
         }
+        let hit = tlb + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255))
+        if hit.pointee.tag == va & ~0xfff {  // misaligned inside a mapped page
+            let host = UnsafeRawPointer(bitPattern: UInt(va &+ hit.pointee.addend)).unsafelyUnwrapped
+            switch size {
+            case 1: return UInt64(host.load(as: UInt8.self))
+            case 2: return UInt64(host.loadUnaligned(as: UInt16.self))
+            case 4: return UInt64(host.loadUnaligned(as: UInt32.self))
+            default: return host.loadUnaligned(as: UInt64.self)
+            }
+        }
         guard let pa = translate(va, .load) else { return nil }
         if let host = ram.pointer(at: pa, count: UInt64(size)) {
             let e = tlb + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255))
-            e.pointee.tag = va >> 12
+            e.pointee.tag = va & ~0xfff
             e.pointee.addend = UInt64(UInt(bitPattern: host)) &- va
             e.pointee.page = Int((pa - ram.base) >> 12)
             switch size {
@@ -215,9 +223,8 @@ extension RISCVHart {
 
     @inline(__always)
     func store<T: FixedWidthInteger>(_ va: UInt64, _ value: T) -> Bool {
-        let vpn = va >> 12
-        let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int(vpn & 255)))
-        if e.pointee.tag == vpn && va & 0xfff <= 4096 - UInt64(MemoryLayout<T>.size) {
+        let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255)))
+        if e.pointee.tag == va & (~0xfff | UInt64(MemoryLayout<T>.size - 1)) {
             UnsafeMutableRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.storeBytes(of: value, as: T.self)
             return true
         }
@@ -227,9 +234,8 @@ extension RISCVHart {
     /// `store` for the interpreter loop (see `load(_:_:pc:)`).
     @inline(__always)
     func store<T: FixedWidthInteger>(_ va: UInt64, _ value: T, pc: UInt64) -> Bool {
-        let vpn = va >> 12
-        let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int(vpn & 255)))
-        if e.pointee.tag == vpn && va & 0xfff <= 4096 - UInt64(MemoryLayout<T>.size) {
+        let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255)))
+        if e.pointee.tag == va & (~0xfff | UInt64(MemoryLayout<T>.size - 1)) {
             UnsafeMutableRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.storeBytes(of: value, as: T.self)
             return true
         }
@@ -248,6 +254,17 @@ extension RISCVHart {
             }
             return true
         }
+        let hit = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255)))
+        if hit.pointee.tag == va & ~0xfff {  // misaligned inside a mapped page
+            let host = UnsafeMutableRawPointer(bitPattern: UInt(va &+ hit.pointee.addend)).unsafelyUnwrapped
+            switch size {
+            case 1: host.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
+            case 2: host.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
+            case 4: host.storeBytes(of: UInt32(truncatingIfNeeded: value), as: UInt32.self)
+            default: host.storeBytes(of: value, as: UInt64.self)
+            }
+            return true
+        }
         guard let pa = translate(va, .store) else { return false }
         if let host = ram.pointer(at: pa, count: UInt64(size)) {
             let page = Int((pa - ram.base) >> 12)
@@ -256,7 +273,7 @@ extension RISCVHart {
                 if page == st.pointee.fetchPage { st.pointee.fetchVBase = .max }
             }
             let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255)))
-            e.pointee.tag = va >> 12
+            e.pointee.tag = va & ~0xfff
             e.pointee.addend = UInt64(UInt(bitPattern: host)) &- va
             e.pointee.page = page
             switch size {

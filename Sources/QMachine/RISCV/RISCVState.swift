@@ -60,7 +60,10 @@ struct HartState {
     var scause: UInt64 = 0
     var stval: UInt64 = 0
     var satp: UInt64 = 0
-    var scounteren: UInt64 = 0
+    /// TM set at reset, as firmware-plus-Linux leave it on real boards: Linux sets
+    /// scounteren only in its SBI PMU driver (which this SBI does not offer), and its vDSO
+    /// reads `time` from U-mode.
+    var scounteren: UInt64 = 0x2
     var senvcfg: UInt64 = 0
     var fflags: UInt64 = 0
     var frm: UInt64 = 0
@@ -87,7 +90,9 @@ struct HartState {
 
 /// One cached translation, for 4 KiB of virtual space: `host = va &+ addend`.
 struct TLBEntry {
-    /// Virtual page number, or `.max` when the entry is empty.
+    /// Load/store banks: the page's virtual address (low 12 bits zero), so that one compare
+    /// with `va & (~0xfff | (size - 1))` also sends misaligned accesses to the slow path.
+    /// Fetch bank: the virtual page number. `.max` when the entry is empty.
     var tag: UInt64 = .max
     var addend: UInt64 = 0
     /// RAM page index of the physical page.

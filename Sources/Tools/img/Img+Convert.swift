@@ -26,6 +26,8 @@ struct ImgConvert: AsyncParsableCommand {
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the sources shared.") var forceShare = false
     @Option(name: .customShort("l"), help: "Convert this internal snapshot (ID_OR_NAME or snapshot.id=,snapshot.name=).") var snapshot: String?
     @Option(name: .customShort("s"), help: "Convert this internal snapshot (deprecated form of -l).") var snapshotLegacy: String?
+    @Flag(name: .customLong("bitmaps"), help: "Copy the source's persistent bitmaps.") var bitmaps = false
+    @Flag(name: .customLong("skip-broken-bitmaps"), help: "With --bitmaps, skip inconsistent bitmaps.") var skipBrokenBitmaps = false
     @Argument(help: "Source images, then the target.") var files: [String] = []
 
     func run() async throws {
@@ -41,6 +43,9 @@ struct ImgConvert: AsyncParsableCommand {
         o.targetIsZero = targetIsZero
         o.outOfOrderWrites = outOfOrder
         o.forceShare = forceShare
+        o.bitmaps = bitmaps
+        o.skipBrokenBitmaps = skipBrokenBitmaps
+        o.warning = { printError("warning: \($0)") }
         if let coroutines {
             guard let m = Int(coroutines), m >= 1, m <= Convert.maxParallelRequests else {
                 throw fail("Invalid number of coroutines. Allowed number of coroutines is between 1 and \(Convert.maxParallelRequests)")

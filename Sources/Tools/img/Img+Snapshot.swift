@@ -63,7 +63,7 @@ struct ImgSnapshot: AsyncParsableCommand {
             do {
                 try await qcow2.applySnapshot(idOrName: name)
             } catch let e as BlockError {
-                let why = e.message.hasPrefix("Failed to load snapshot") ? e.message : "Failed to load snapshot: " + e.message
+                let why = e.message.hasPrefix("Failed to load snapshot") || e.code == .busy ? e.message : "Failed to load snapshot: " + e.message
                 throw fail("Could not apply snapshot '\(name)': \(why)")
             }
         } else if let name = delete {

@@ -48,7 +48,7 @@ struct Nbd: AsyncParsableCommand {
     @Option(name: .customLong("detect-zeroes"), help: "Turn all-zero writes into zero writes: off, on, unmap.")
     var detectZeroes: String = "off"
 
-    @Option(name: [.customShort("B"), .customLong("bitmap")], help: "Export a dirty bitmap (not supported yet).")
+    @Option(name: [.customShort("B"), .customLong("bitmap")], help: "Export the persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME context (repeatable).")
     var bitmap: [String] = []
 
     @Flag(name: [.customShort("A"), .customLong("allocation-depth")], help: "Offer the qemu:allocation-depth context.")
@@ -102,10 +102,14 @@ struct Nbd: AsyncParsableCommand {
         let node = try await openImage(settings)
         let export: NBDExport
         do {
-            export = try NBDExport(name: exportName, description: exportDescription, node: node, options: settings.exportOptions)
+            var options = settings.exportOptions
+            // qemu-nbd prepends each -B to its list: contexts come in reverse order.
+            options.bitmaps = try bitmap.reversed().map { try Self.findBitmap($0, from: node) }
+            export = try NBDExport(name: exportName, description: exportDescription, node: node, options: options)
         } catch let e as BlockError {
             try? await node.close()
-            throw fail(e.message)
+            // qemu-nbd prints the error without its hint line.
+            throw fail(String(e.message.split(separator: "\n").first ?? ""))
         }
         let server = NBDServer(exports: [export], options: NBDServer.Options(maxClients: settings.shared, persistent: persistent))
         do {
@@ -150,6 +154,17 @@ struct Nbd: AsyncParsableCommand {
         if let failure { throw fail(failure.message) }
     }
 
+    /// The bitmap `name` of `node` or of the first image below it that has one, as qemu-nbd
+    /// searches its backing chain.
+    static func findBitmap(_ name: String, from node: any BlockDriver) throws -> DirtyBitmap {
+        var n: (any BlockDriver)? = node
+        while let cur = n {
+            if let b = (cur as? Qcow2Node)?.persistentBitmaps.named(name) { return b }
+            n = cur.backing
+        }
+        throw BlockError(.notFound, "Bitmap '\(name)' is not found", operation: "add export")
+    }
+
     struct Settings {
         var shared: Int
         var port: UInt16
@@ -159,9 +174,6 @@ struct Nbd: AsyncParsableCommand {
 
     /// Checks the options as qemu-nbd does, with its messages.
     func validateSettings() throws -> Settings {
-        if !bitmap.isEmpty {
-            throw fail("Dirty bitmaps are not supported yet (-B \(bitmap[0])); export without -B")
-        }
         guard let n = Int(shared), n >= 1 else { throw fail("Invalid shared device number '\(shared)'") }
         guard let p = UInt16(port) else { throw fail("Invalid port number `\(port)'") }
         var cacheMode = CacheMode.writeback

@@ -101,13 +101,11 @@ extension Qcow2Node {
             if newVersion < 3 {
                 throw BlockError(.invalidArgument, "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
             }
-            throw BlockError(.unsupported, "Changing the refcount width of an existing image is not supported by this implementation",
-                             path: filename, operation: "amend")
         }
         if options.lazyRefcounts == true && newVersion < 3 {
             throw BlockError(.invalidArgument, "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
         }
-        if newVersion < oldVersion && header.refcountOrder != 4 {
+        if newVersion < oldVersion && (options.refcountBits ?? header.refcountBits) != 16 {
             throw BlockError(.unsupported, "compat=0.10 requires refcount_bits=16", path: filename, operation: "amend")
         }
         if newVersion > oldVersion {
@@ -119,6 +117,9 @@ extension Qcow2Node {
                 try await writeHeader()
                 try await hostFile.flush()
             }
+        }
+        if let bits = options.refcountBits, bits != header.refcountBits {
+            try await changeRefcountWidth(to: bits)
         }
         let lazyNow = header.compatibleFeatures & Qcow2Header.compatibleLazyRefcounts != 0
         if let lazy = options.lazyRefcounts, lazy != lazyNow {
@@ -147,10 +148,6 @@ extension Qcow2Node {
         if header.refcountOrder != 4 {
             throw BlockError(.unsupported, "compat=0.10 requires refcount_bits=16", path: filename, operation: "amend")
         }
-        if header.nbSnapshots > 0 {
-            throw BlockError(.unsupported, "Downgrading an image with internal snapshots is not supported by this implementation",
-                             path: filename, operation: "amend")
-        }
         try await metaLock.withLock {
             if header.compressionType != 0, try await hasCompressedClusters() {
                 throw BlockError(.unsupported, "Cannot downgrade an image with zstd compression type and existing compressed clusters",
@@ -166,7 +163,12 @@ extension Qcow2Node {
             header.compatibleFeatures = 0
             header.autoclearFeatures = 0
             header.compressionType = 0
+            // v2 has no autoclear bits, so bitmaps cannot be kept: like QEMU, their clusters
+            // are left behind as leaks (`check -r leaks` frees them); unlike QEMU, the then
+            // stale extension is dropped rather than warned about at every open.
             header.otherExtensions.removeAll { $0.type == Qcow2Header.ExtensionType.bitmaps.rawValue }
+            for b in persistentBitmaps.all { persistentBitmaps.remove(b) }
+            bitmapDirectory = []
             try await writeHeader()
             try await hostFile.flush()
         }
@@ -183,48 +185,81 @@ extension Qcow2Node {
         return false
     }
 
-    /// Replaces every zero cluster of the active L1 table with something a v2 reader
-    /// understands (QEMU's `qcow2_expand_zero_clusters`). Lock held.
+    /// Replaces every zero cluster, in the active L1 table and in every snapshot's, with
+    /// something a v2 reader understands (QEMU's `qcow2_expand_zero_clusters`): without a
+    /// backing file an unallocated zero cluster becomes unallocated; otherwise it gets a
+    /// newly allocated cluster of zeros; a preallocated zero cluster has its data zeroed.
+    ///
+    /// L2 tables are changed in place even when snapshots share them: what they read does
+    /// not change for any L1 table referencing them. A new data cluster gets the L2
+    /// table's refcount (every sharer references it) and the COPIED flag only when that
+    /// count is 1. Lock held.
     private func expandZeroClusters() async throws {
         let hasBacking = backingNode != nil || header.backingFileName != nil
+        let cs = Int64(clusterSize)
         let zeros = AlignedBuffer(count: clusterSize)
-        for i in 0..<l1Table.count {
-            let l2 = try await l2Offset(i)
-            if l2 == 0 { continue }
-            var any = false
-            do {
+        var l1s: [[UInt64]] = [l1Table]
+        for (offset, size) in try await readSnapshotTable().l1s where size > 0 {
+            let raw = try await hostFile.read(at: offset, count: size * 8)
+            l1s.append((0..<size).map { raw.be64($0 * 8) })
+        }
+        var visited = Set<Int64>()
+        // References dropped: applied once the L2 tables no longer point there are on disk.
+        var released: [(cluster: Int64, count: Int64)] = []
+        for l1 in l1s {
+            for e in l1 {
+                let l2 = Int64(e & Qcow2Node.l1OffsetMask)
+                guard l2 != 0, visited.insert(l2).inserted else { continue }
                 let t = try await l2Cache.get(l2)
+                var any = false
                 for j in 0..<l2Entries {
                     let k = kind(of: t.bytes.be64(j * 8))
                     if k == .zero || k == .zeroAllocated { any = true; break }
                 }
-            }
-            if !any { continue }
-            let t = try await l2TableForWrite(i)
-            l2Cache.pin(t)
-            defer { l2Cache.release(t) }
-            for j in 0..<l2Entries {
-                let e = t.bytes.be64(j * 8)
-                switch kind(of: e) {
-                case .zero:
-                    if !hasBacking {
-                        t.bytes.setBE64(j * 8, 0)
-                    } else {
-                        let host = try await allocateClusters(1)
-                        try await zeros.withUnsafeBytes { try await hostFile.write(at: host, from: $0, flags: []) }
-                        try await l2Cache.setDependency(on: refcountCache)
-                        t.bytes.setBE64(j * 8, UInt64(host) | Qcow2Node.copied)
+                if !any { continue }
+                let l2Refcount = try await refcount(of: l2 / cs)
+                l2Cache.pin(t)
+                defer { l2Cache.release(t) }
+                for j in 0..<l2Entries {
+                    let entry = t.bytes.be64(j * 8)
+                    switch kind(of: entry) {
+                    case .zero:
+                        if !hasBacking {
+                            t.bytes.setBE64(j * 8, 0)
+                        } else {
+                            let host = try await allocateClusters(1)
+                            if l2Refcount > 1 { try await updateRefcount(host / cs, by: Int64(l2Refcount) - 1) }
+                            try await zeros.withUnsafeBytes { try await hostFile.write(at: host, from: $0, flags: []) }
+                            try await l2Cache.setDependency(on: refcountCache)
+                            t.bytes.setBE64(j * 8, UInt64(host) | (l2Refcount == 1 ? Qcow2Node.copied : 0))
+                        }
+                        l2Cache.markDirty(t)
+                    case .zeroAllocated:
+                        let host = Int64(entry & Qcow2Node.l2OffsetMask)
+                        if try await refcount(of: host / cs) <= l2Refcount {
+                            // Only this table's sharers use the cluster: zero it in place.
+                            try await zeros.withUnsafeBytes { try await hostFile.write(at: host, from: $0, flags: []) }
+                            t.bytes.setBE64(j * 8, entry & ~Qcow2Node.zeroFlag)
+                        } else {
+                            // Another table reads the cluster as data: give this one its own zeros.
+                            let fresh = try await allocateClusters(1)
+                            if l2Refcount > 1 { try await updateRefcount(fresh / cs, by: Int64(l2Refcount) - 1) }
+                            try await zeros.withUnsafeBytes { try await hostFile.write(at: fresh, from: $0, flags: []) }
+                            try await l2Cache.setDependency(on: refcountCache)
+                            t.bytes.setBE64(j * 8, UInt64(fresh) | (l2Refcount == 1 ? Qcow2Node.copied : 0))
+                            released.append((host / cs, Int64(l2Refcount)))
+                        }
+                        l2Cache.markDirty(t)
+                    default:
+                        break
                     }
-                    l2Cache.markDirty(t)
-                case .zeroAllocated:
-                    let host = Int64(e & Qcow2Node.l2OffsetMask)
-                    try await zeros.withUnsafeBytes { try await hostFile.write(at: host, from: $0, flags: []) }
-                    t.bytes.setBE64(j * 8, e & ~Qcow2Node.zeroFlag)
-                    l2Cache.markDirty(t)
-                default:
-                    break
                 }
             }
+        }
+        if !released.isEmpty {
+            try await l2Cache.flush()
+            try await hostFile.flush()
+            for r in released { try await updateRefcount(r.cluster, by: -r.count) }
         }
     }
 }

@@ -192,7 +192,7 @@ extension Qcow2Node {
         for c in 0..<limit {
             let computed = c < Int64(rc.refs.count) ? rc.refs[Int(c)] : 0
             let stored = try await refcount(of: c)
-            if computed > 0 { highest = c }
+            if computed > 0 || stored > 0 { highest = c }  // QEMU counts leaked clusters too
             if stored < computed {
                 rc.result.messages.append("ERROR cluster \(c) refcount=\(stored) reference=\(computed)")
                 rc.result.corruptions += 1
@@ -305,59 +305,19 @@ extension Qcow2Node {
     /// Writes a new refcount table and blocks, computed from the references, after the end
     /// of the image, and switches the header to them.
     private func rebuildRefcounts() async throws {
-        let cs = Int64(clusterSize)
-        let rbe = Int64(refcountBlockEntries)
         let counted = try await countReferences(includeRefcountStructure: false)
-        var refs = counted.refs
-        // Anything still referenced past the file end moves the area further out.
-        var areaStart = max(Int64(refs.count), (hostFile.length + cs - 1) / cs)
-        if let lastUsed = refs.lastIndex(where: { $0 > 0 }) { areaStart = max(areaStart, Int64(lastUsed) + 1) }
-        var blocks: Int64 = 0
-        var tableClusters: Int64 = 1
-        for _ in 0..<64 {
-            let areaEnd = areaStart + blocks + tableClusters
-            let needBlocks = (areaEnd + rbe - 1) / rbe
-            let needTable = (needBlocks * 8 + cs - 1) / cs
-            if needBlocks == blocks && needTable == tableClusters { break }
-            blocks = needBlocks
-            tableClusters = needTable
-        }
-        let areaEnd = areaStart + blocks + tableClusters
-        if Int64(refs.count) < areaEnd { refs.append(contentsOf: [UInt64](repeating: 0, count: Int(areaEnd) - refs.count)) }
-        for c in areaStart..<areaEnd { refs[Int(c)] = 1 }
-        // Only blocks that cover something are written; empty ranges get table entry 0.
-        var table = [UInt64](repeating: 0, count: Int(tableClusters * cs / 8))
-        var next = areaStart
-        let buf = AlignedBuffer(count: clusterSize)
-        for b in 0..<blocks {
-            let first = b * rbe
-            let slice = refs[Int(first)..<Int(min(first + rbe, Int64(refs.count)))]
-            let blockCluster = next
-            next += 1
-            let bytes = buf.withUnsafeMutableBytes { $0 }
-            memset(bytes.baseAddress!, 0, clusterSize)
-            for (k, v) in slice.enumerated() where v > 0 {
-                setRefcountValue(in: bytes, k, min(v, maxRefcount))
-            }
-            try await buf.withUnsafeBytes { try await hostFile.write(at: blockCluster * cs, from: $0, flags: []) }
-            table[Int(b)] = UInt64(blockCluster * cs)
-        }
-        let tableStart = areaStart + blocks
-        var raw: [UInt8] = []
-        raw.reserveCapacity(table.count * 8)
-        for v in table { raw.appendBE64(v) }
-        try await hostFile.write(at: tableStart * cs, bytes: raw)
-        try await hostFile.flush()
-        header.refcountTableOffset = UInt64(tableStart * cs)
-        header.refcountTableClusters = UInt32(tableClusters)
+        let built = try await writeRefcountStructure(refs: counted.refs, order: Int(header.refcountOrder))
+        let cs = Int64(clusterSize)
+        header.refcountTableOffset = UInt64(built.tableStart * cs)
+        header.refcountTableClusters = UInt32(built.tableClusters)
         var f: [UInt8] = []
         f.appendBE64(header.refcountTableOffset)
         f.appendBE32(header.refcountTableClusters)
         try await hostFile.write(at: 48, bytes: f)
         try await hostFile.flush()
-        refcountTable = table
+        refcountTable = built.table
         refcountCache.invalidateAll()
         freeClusterIndex = 0
-        noteAllocated(areaStart, areaEnd - areaStart)
+        noteAllocated(built.areaStart, built.areaEnd - built.areaStart)
     }
 }

@@ -147,6 +147,7 @@ extension Qcow2Node {
             try await write(at: guestOffset, from: data, flags: [])
             return
         }
+        defer { markBitmaps(guestOffset, Int64(data.count)) }
         let cluster = guestOffset >> Int64(clusterBits)
         let l1Index = Int(cluster / Int64(l2Entries))
         let l2Index = Int(cluster % Int64(l2Entries))

@@ -126,6 +126,12 @@ extension Qcow2Node {
         if header.nbSnapshots > 0 && newSize < Int64(header.size) {
             throw BlockError(.unsupported, "Can't resize an image which has snapshots", path: filename, operation: "truncate")
         }
+        // QEMU's qcow2_truncate_bitmaps_check: loaded bitmaps are resized in memory and
+        // stored with the new size; one that cannot be used blocks the resize.
+        for b in persistentBitmaps.all where b.isPersistent {
+            if let e = Self.bitmapUseError(b) { throw e }
+        }
+        defer { persistentBitmaps.resize(to: Int64(header.size)) }
         try await metaLock.withLock {
             let old = Int64(header.size)
             if newSize < old {

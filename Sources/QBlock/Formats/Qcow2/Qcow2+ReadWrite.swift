@@ -63,6 +63,7 @@ extension Qcow2Node {
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try checkWritable("write")
         try checkRange(offset, Int64(buffer.count), "write")
+        defer { markBitmaps(offset, Int64(buffer.count)) }
         var done = 0
         while done < buffer.count {
             let n = try await writeRun(at: offset + Int64(done),
@@ -276,6 +277,7 @@ extension Qcow2Node {
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
         try checkRange(offset, length, "write zeroes")
+        defer { markBitmaps(offset, length) }
         let cs = Int64(clusterSize)
         let end = offset + length
         let size = Int64(header.size)
@@ -393,6 +395,7 @@ extension Qcow2Node {
     public func discard(at offset: Int64, length: Int64) async throws {
         try checkWritable("discard")
         try checkRange(offset, length, "discard")
+        defer { markBitmaps(offset, length) }
         let cs = Int64(clusterSize)
         let start = (offset + cs - 1) / cs * cs
         var end = (offset + length) / cs * cs

@@ -14,7 +14,18 @@ extension Qcow2Node {
 
     @inline(__always)
     func refcountValue(in block: UnsafeMutableRawBufferPointer, _ i: Int) -> UInt64 {
-        switch header.refcountOrder {
+        Qcow2Node.refcountValue(order: Int(header.refcountOrder), in: block, i)
+    }
+
+    @inline(__always)
+    func setRefcountValue(in block: UnsafeMutableRawBufferPointer, _ i: Int, _ v: UInt64) {
+        Qcow2Node.setRefcountValue(order: Int(header.refcountOrder), in: block, i, v)
+    }
+
+    /// Entry `i` of a refcount block whose entries are `1 << order` bits wide.
+    @inline(__always)
+    static func refcountValue(order: Int, in block: UnsafeMutableRawBufferPointer, _ i: Int) -> UInt64 {
+        switch order {
         case 0: return UInt64((block[i / 8] >> UInt8(i % 8)) & 0x1)
         case 1: return UInt64((block[i / 4] >> UInt8(2 * (i % 4))) & 0x3)
         case 2: return UInt64((block[i / 2] >> UInt8(4 * (i % 2))) & 0xf)
@@ -26,8 +37,8 @@ extension Qcow2Node {
     }
 
     @inline(__always)
-    func setRefcountValue(in block: UnsafeMutableRawBufferPointer, _ i: Int, _ v: UInt64) {
-        switch header.refcountOrder {
+    static func setRefcountValue(order: Int, in block: UnsafeMutableRawBufferPointer, _ i: Int, _ v: UInt64) {
+        switch order {
         case 0:
             let s = UInt8(i % 8)
             block[i / 8] = (block[i / 8] & ~(0x1 << s)) | (UInt8(v & 0x1) << s)

@@ -86,6 +86,10 @@ extension Qcow2Node {
     ///   directory") when no snapshot matches; `.readOnly`; `.corrupt`; I/O errors.
     public func applySnapshot(idOrName: String) async throws {
         try checkWritable("snapshot apply")
+        // QEMU's bdrv_snapshot_goto: bitmaps would not describe the reverted content.
+        if !persistentBitmaps.isEmpty {
+            throw BlockError(.busy, "Device has active dirty bitmaps", errno: EBUSY, path: filename, operation: "snapshot apply")
+        }
         try await withDrainedMetadata {
             guard let sn = findSnapshot(id: idOrName, name: nil) ?? findSnapshot(id: nil, name: idOrName) else {
                 throw BlockError(.notFound, "Failed to load snapshot: No such file or directory", errno: ENOENT,

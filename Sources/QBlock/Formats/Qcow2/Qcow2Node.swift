@@ -11,7 +11,8 @@ import Glibc
 /// - `Qcow2+Cluster.swift`: guest-to-host mapping through L1 and L2 tables;
 /// - `Qcow2+ReadWrite.swift`: the data path (reads, allocating writes, zeroes, discard);
 /// - `Qcow2+Compression.swift`: compressed clusters (deflate, zstd);
-/// - `Qcow2+Create.swift`, `Qcow2+Check.swift`, `Qcow2+Resize.swift`.
+/// - `Qcow2+Create.swift`, `Qcow2+Check.swift`, `Qcow2+Resize.swift`;
+/// - `Qcow2+Bitmaps.swift`, `Qcow2+BitmapsLoad.swift`, `Qcow2+BitmapsStore.swift`: persistent dirty bitmaps.
 ///
 /// Concurrency: metadata (L1, L2 and refcount tables, the header) is only touched with
 /// ``metaLock`` held, like QEMU's `s->lock`; guest data moves without it. Clusters being
@@ -46,7 +47,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
                         lazyRefcounts: header.compatibleFeatures & Qcow2Header.compatibleLazyRefcounts != 0,
                         refcountBits: header.refcountBits, corrupt: isCorrupt,
                         extendedL2: header.incompatibleFeatures & Qcow2Header.Incompatible.extendedL2 != 0,
-                        compressionType: Qcow2CompressionType(rawValue: header.compressionType) ?? .zlib)
+                        compressionType: Qcow2CompressionType(rawValue: header.compressionType) ?? .zlib,
+                        bitmaps: persistentBitmapInfo)
     }
 
     // MARK: State (guarded by metaLock unless noted)
@@ -62,7 +64,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     let refcountCache: Qcow2MetadataCache
     var refcountTable: [UInt64]
     /// Refcount entries per refcount block.
-    let refcountBlockEntries: Int
+    var refcountBlockEntries: Int
     /// Lowest cluster index that may be free.
     var freeClusterIndex: Int64 = 0
     /// Where the next compressed cluster's bytes may go (0: start a new host cluster); see `Qcow2+CompressedWrite.swift`.
@@ -79,6 +81,15 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     var snapshotList: [Qcow2Snapshot] = []
     /// Bytes the snapshot table occupies at `header.snapshotsOffset` (unpadded, as QEMU counts).
     var snapshotTableSize = 0
+    /// The persistent dirty bitmaps of the image (`Qcow2+Bitmaps*.swift`): loaded at open,
+    /// marked by every write, write-zeroes and discard, stored at close.
+    public let persistentBitmaps = DirtyBitmapSet()
+    /// The bitmap directory as it is on disk.
+    var bitmapDirectory: [Qcow2BitmapEntry] = []
+    /// The image had a bitmaps extension without autoclear bit 0 when it was opened: a
+    /// program without bitmap support wrote it, so its bitmaps were ignored (and dropped
+    /// on a read-write open). Tools print QEMU's warning for it.
+    public private(set) var openedWithStaleBitmaps = false
 
     struct InflightAllocation {
         let firstCluster: Int64
@@ -150,6 +161,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         }
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
         try await node.loadSnapshotTable()
+        try await node.loadPersistentBitmaps()
+        node.openedWithStaleBitmaps = header.autoclearFeatures & Qcow2Header.autoclearBitmaps == 0
+            && header.bitmapsExtensionData() != nil
         if let name = header.backingFileName, options.openBacking {
             node.backingNode = try await openBacking(name, header.backingFormat)
         }
@@ -159,22 +173,25 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         return node
     }
 
-    /// On a read-write open: repair after an unclean shutdown (dirty bit) and clear
-    /// autoclear feature bits this implementation does not maintain.
+    /// On a read-write open: clear autoclear feature bits this implementation does not
+    /// maintain (bit 0, bitmaps, is kept; a bitmaps extension without it is stale, written
+    /// by a program without bitmap support, and is dropped as QEMU does), repair after an
+    /// unclean shutdown (dirty bit), and mark the persistent bitmaps in use.
     private func prepareForWriting(options: OpenOptions) async throws {
-        var rewrite = false
-        if header.autoclearFeatures != 0 {
-            header.autoclearFeatures = 0
-            header.otherExtensions.removeAll { $0.type == Qcow2Header.ExtensionType.bitmaps.rawValue }
-            rewrite = true
+        let kept = header.autoclearFeatures & Qcow2Header.autoclearBitmaps
+        let stale = kept == 0 && header.bitmapsExtensionData() != nil
+        if header.autoclearFeatures != kept || stale {
+            header.autoclearFeatures = kept
+            if stale { header.setBitmapsExtension(nil) }
+            try await writeHeader()
         }
-        if rewrite { try await writeHeader() }
         if isDirty && !options.forRepair {
             _ = try await check(repair: .all)
             header.incompatibleFeatures &= ~Qcow2Header.Incompatible.dirty
             try await writeHeader()
             try await hostFile.flush()
         }
+        try await markBitmapsInUseLocked()
     }
 
     /// Writes the header cluster from `header`.
@@ -201,7 +218,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         closed = true
         var firstError: Error?
         if !isReadOnly {
-            do { try await flush() } catch { firstError = error }
+            do { try await metaLock.withLock { try await storeBitmapsLocked() } } catch { firstError = error }
+            do { try await flush() } catch { if firstError == nil { firstError = error } }
         }
         if let b = backingNode {
             do { try await b.close() } catch { if firstError == nil { firstError = error } }

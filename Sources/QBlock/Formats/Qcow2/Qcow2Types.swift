@@ -87,6 +87,9 @@ public struct Qcow2FormatInfo: Sendable, Equatable {
     public var corrupt: Bool
     public var extendedL2: Bool
     public var compressionType: Qcow2CompressionType
+    /// The persistent bitmaps as listed on disk (`qemu-img info` shows them for v3 images
+    /// that have any).
+    public var bitmaps: [Qcow2BitmapInfo] = []
 }
 
 /// How `check` repairs what it finds (`-r leaks` / `-r all`).

@@ -1,0 +1,72 @@
+/// A named node of the block graph: a format or protocol driver plus what the graph keeps
+/// for every node, whatever its driver (QEMU's `BlockDriverState` around a `BlockDriver`):
+/// the node name and the runtime dirty bitmaps that writes through the node mark.
+///
+/// A node is itself a ``BlockDriver`` that forwards to its driver, so it can stand as the
+/// backing file of an overlay (a live snapshot makes the old top node the overlay's
+/// backing) and be wrapped by filters and backends. Persistent qcow2 bitmaps are the
+/// qcow2 driver's own (it marks them); ``bitmaps`` holds the ones that live only in memory.
+public final class BlockNode: BlockDriver, @unchecked Sendable {
+    /// The node name (`node-name` in QMP), unique in its graph.
+    public let nodeName: String
+    /// The driver doing the I/O.
+    public let driver: any BlockDriver
+    /// Runtime dirty bitmaps; every successful write, write-zeroes and discard through
+    /// this node marks the enabled ones.
+    public let bitmaps = DirtyBitmapSet()
+
+    public init(nodeName: String, driver: any BlockDriver) {
+        self.nodeName = nodeName
+        self.driver = driver
+    }
+
+    public var driverName: String { driver.driverName }
+    public var filename: String { driver.filename }
+    public var length: Int64 { driver.length }
+    public var isReadOnly: Bool { driver.isReadOnly }
+    public var requestAlignment: Int { driver.requestAlignment }
+    public var file: (any BlockDriver)? { driver.file }
+    public var backing: (any BlockDriver)? { driver.backing }
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await driver.read(at: offset, into: buffer)
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await driver.write(at: offset, from: buffer, flags: flags)
+        bitmaps.mark(offset: offset, length: Int64(buffer.count))
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try await driver.writeZeroes(at: offset, length: length, flags: flags)
+        bitmaps.mark(offset: offset, length: length)
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        try await driver.discard(at: offset, length: length)
+        bitmaps.mark(offset: offset, length: length)
+    }
+
+    public func flush() async throws { try await driver.flush() }
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try await driver.blockStatus(at: offset, length: length)
+    }
+
+    public func truncate(to length: Int64, preallocation: Preallocation) async throws {
+        try await driver.truncate(to: length, preallocation: preallocation)
+        bitmaps.resize(to: driver.length)
+    }
+
+    public func close() async throws { try await driver.close() }
+}
+
+extension BlockDriver {
+    /// The driver below any graph wrappers (a ``BlockNode``'s driver, recursively), for
+    /// format-specific operations such as qcow2's backing link.
+    public var innermostDriver: any BlockDriver {
+        var d: any BlockDriver = self
+        while let n = d as? BlockNode { d = n.driver }
+        return d
+    }
+}
