@@ -60,7 +60,7 @@ import QBlock
         let bin = try KVMGuestKit.build("virtio-blk-test", in: dir)
         let node = try await DriveSpec(file: disk, format: "qcow2").open()
         let serial = BufferSerialBackend()
-        var config = X86MicroMachine.Configuration(firmwarePath: bin, serial: serial)
+        var config = KVMGuestKit.configuration(bin, serial: serial)
         config.drives = [.init(node: node, id: "disk0")]
         let machine = try X86MicroMachine(config)
         let start = ContinuousClock.now
@@ -79,7 +79,7 @@ import QBlock
         let dir = TempDir("kvm-blk")
         let bin = try KVMGuestKit.build("virtio-blk-test", in: dir)
         let serial = BufferSerialBackend()
-        let machine = try X86MicroMachine(.init(firmwarePath: bin, serial: serial))
+        let machine = try X86MicroMachine(KVMGuestKit.configuration(bin, serial: serial))
         let exit = await machine.run(timeout: 60)
         #expect(exit == .shutdown)
         #expect(serial.text.hasSuffix("FAIL no virtio-blk device\n"), "\(serial.text)")
