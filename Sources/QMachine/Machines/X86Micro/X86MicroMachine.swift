@@ -136,9 +136,12 @@ public final class X86MicroMachine: @unchecked Sendable {
 
     // MARK: - Running
 
-    /// Runs the vCPUs, one thread each, until the run ends (see the type's description)
-    /// or `timeout` seconds pass (then the vCPUs are stopped and the result is `.stopped`).
-    public func run(timeout: Double? = nil) async -> VCPUExit {
+    /// Runs the vCPUs, one thread each, until the run ends (see the type's description).
+    public func run() async -> VCPUExit { await run(timeout: nil) }
+
+    /// ``run()``, stopping the vCPUs after `timeout` seconds (nil: no limit); the result
+    /// is then `.stopped`.
+    public func run(timeout: Double?) async -> VCPUExit {
         await withCheckedContinuation { (k: CheckedContinuation<VCPUExit, Never>) in
             let t = Thread { k.resume(returning: self.runBlocking(timeout: timeout)) }
             t.name = "x86-micro-run"
