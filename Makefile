@@ -2,7 +2,7 @@
 SWIFT        ?= swift
 SCRATCH      ?= .build
 SWIFT_FLAGS  ?= --scratch-path $(SCRATCH)
-APT_PACKAGES := zlib1g-dev libzstd-dev qemu-utils libnbd-bin nbdkit fio
+APT_PACKAGES := zlib1g-dev libzstd-dev qemu-utils qemu-system-common libnbd-bin nbdkit fio
 
 .PHONY: all build release test demo bench clean deps
 
@@ -21,6 +21,11 @@ deps:
 		$$SUDO apt-get update -qq >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+	@# The QMP tests drive the monitor with QEMU's own Python client.
+	@python3 -c 'import qemu.qmp' 2>/dev/null || { echo "Installing qemu.qmp (pip)"; \
+		python3 -m pip install -q qemu.qmp 2>/dev/null || python3 -m pip install -q --break-system-packages qemu.qmp || \
+		echo "warning: could not install qemu.qmp; QMP tests will be skipped"; }
 
 build: deps
 	$(SWIFT) build $(SWIFT_FLAGS)
@@ -47,3 +52,23 @@ bench: release
 
 clean:
 	rm -rf $(SCRATCH)
+
+# QMachine: the riscv64 test guest (Debian 13 kernel Image + busybox initramfs, downloaded
+# once into .build-guest with a private apt configuration; exit 2 = offline, the boot tests
+# then skip), and the optimized vm the boot tests run (the interpreter is ~10x slower in debug).
+APT_PACKAGES += device-tree-compiler cpio
+.PHONY: guest vm-release boot
+guest:
+	@bash scripts/guest/build-guest.sh --test scripts/guest/tests/disk-pattern.sh >/dev/null || [ $$? = 2 ]
+
+vm-release: deps
+	$(SWIFT) build $(SWIFT_FLAGS) -c release --product vm
+
+test: guest vm-release
+
+# Boots the guest once on a scratch raw disk: make boot
+boot: guest vm-release
+	@set -e; eval "$$(bash scripts/guest/build-guest.sh --test scripts/guest/tests/disk-pattern.sh)"; \
+	disk="$$(mktemp /tmp/vm-boot.XXXXXX.raw)"; truncate -s 64M "$$disk"; \
+	"$$($(SWIFT) build $(SWIFT_FLAGS) -c release --show-bin-path)/vm" --kernel "$$KERNEL" --initrd "$$INITRD" \
+		--append "console=ttyS0 cryptomgr.notests" --drive "file=$$disk,format=raw"; rm -f "$$disk"

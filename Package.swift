@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "io", targets: ["io"]),
         .executable(name: "nbd", targets: ["nbd"]),
         .library(name: "QMachine", targets: ["QMachine"]),
+        .executable(name: "vm", targets: ["vm"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -18,6 +19,7 @@ let package = Package(
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .target(name: "CSupport", path: "Sources/CSupport"),
+        .target(name: "CKVM", path: "Sources/CKVM"),
         .target(
             name: "QBlock",
             dependencies: ["CZlib", "CZstd", "CSupport"],
@@ -26,7 +28,7 @@ let package = Package(
         ),
         .target(
             name: "QMachine",
-            dependencies: ["QBlock"],
+            dependencies: ["QBlock", "CKVM"],
             path: "Sources/QMachine",
             swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
         ),
@@ -44,6 +46,11 @@ let package = Package(
             name: "nbd",
             dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/nbd"
+        ),
+        .executableTarget(
+            name: "vm",
+            dependencies: ["QMachine", "QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/Tools/vm"
         ),
         .executableTarget(
             name: "ReadWriteExample",

@@ -1,0 +1,189 @@
+import ArgumentParser
+import Foundation
+import QBlock
+import QMachine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `vm`: boots a Linux kernel on a QMachine machine, with disks served by QBlock.
+///
+///     vm --machine riscv64-virt --kernel Image [--initrd FILE] [--append "…"]
+///        [--drive file=PATH[,format=qcow2|raw][,id=NAME][,readonly=on]]… [--memory 512M]
+///        [--serial stdio|unix:PATH]
+///     vm --machine x86_64-micro --accel kvm --firmware FILE [--drive …]… [--memory 16M]
+///
+/// Exit status: 0 when the guest powers off; 1 on a crash, a reboot request (treated as
+/// QEMU's -no-reboot does), or anything that stops the machine from starting.
+@main
+struct VM: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm",
+        abstract: "Run a virtual machine (riscv64-virt, x86_64-micro) with virtio-blk disks on QBlock.")
+
+    @Option(name: .customLong("machine"), help: "Machine type (riscv64-virt, x86_64-micro).")
+    var machine: String = RISCVVirtMachine.name
+
+    @Option(name: .customLong("accel"), help: "Accelerator: tcg (software CPU, riscv64-virt) or kvm (x86_64-micro).")
+    var accel: String?
+
+    @Option(name: .customLong("kernel"), help: "Linux kernel Image to boot (riscv64-virt).")
+    var kernel: String?
+
+    @Option(name: .customLong("firmware"), help: "Flat binary entered in 64-bit mode at 1 MiB (x86_64-micro).")
+    var firmware: String?
+
+    @Option(name: .customLong("initrd"), help: "Initial ramdisk (cpio, optionally compressed).")
+    var initrd: String?
+
+    @Option(name: .customLong("append"), help: "Kernel command line.")
+    var append: String = ""
+
+    @Option(name: .customLong("drive"), help: "A virtio-blk disk: file=PATH[,format=raw|qcow2][,id=NAME][,readonly=on]. Repeatable; the first is /dev/vda.")
+    var drives: [String] = []
+
+    @Option(name: [.customShort("m"), .customLong("memory")], help: "Guest RAM (e.g. 512M, 1G; default 512M, 16M for x86_64-micro).")
+    var memory: String?
+
+    @Option(name: .customLong("serial"), help: "Serial port: stdio or unix:PATH (connect to a listening socket).")
+    var serial: String = "stdio"
+
+    static func main() async {
+        do {
+            var command = try parseAsRoot(nil)
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch let e as MachineError {
+            fail(e.description)
+        } catch let e as BlockError {
+            fail(e.description)
+        } catch {
+            exit(withError: error)
+        }
+    }
+
+    static func fail(_ message: String) -> Never {
+        FileHandle.standardError.write(Data("vm: \(message)\n".utf8))
+        Foundation.exit(1)
+    }
+
+    func validate() throws {
+        switch machine {
+        case RISCVVirtMachine.name:
+            guard kernel != nil else { throw ValidationError("\(machine) needs --kernel") }
+            guard accel == nil || accel == "tcg" else { throw ValidationError("\(machine) runs on the software CPU only (--accel tcg)") }
+        case X86MicroMachine.name:
+            guard firmware != nil else { throw ValidationError("\(machine) needs --firmware") }
+            guard accel == nil || accel == "kvm" else { throw ValidationError("\(machine) runs on KVM only (--accel kvm)") }
+        default:
+            throw ValidationError("unknown machine '\(machine)' (available: \(RISCVVirtMachine.name), \(X86MicroMachine.name))")
+        }
+        guard serial == "stdio" || serial.hasPrefix("unix:") else {
+            throw ValidationError("--serial takes stdio or unix:PATH")
+        }
+    }
+
+    func run() async throws {
+        let memorySize = try memory.map { try MemorySize.parse($0) }
+        let specs = try drives.map { try DriveSpec(parsing: $0) }
+
+        // Open every drive before the machine exists; close them on any way out.
+        var opened: [RISCVVirtMachine.Drive] = []
+        func closeAll() async -> (any Error)? {
+            var first: (any Error)?
+            for d in opened {
+                do { try await d.node.close() } catch { if first == nil { first = error } }
+            }
+            opened = []
+            return first
+        }
+        do {
+            for (i, s) in specs.enumerated() {
+                let node = try await s.open()
+                opened.append(.init(node: node, id: s.id ?? "drive\(i)", readOnly: s.readOnly))
+            }
+        } catch {
+            _ = await closeAll()
+            throw error
+        }
+
+        let backend: any SerialBackend
+        do {
+            backend = serial == "stdio" ? FDSerialBackend.stdio() : try FDSerialBackend.unixSocket(path: String(serial.dropFirst(5)))
+        } catch {
+            _ = await closeAll()
+            throw error
+        }
+
+        let vm: any RunnableMachine
+        do {
+            if machine == X86MicroMachine.name, let firmware {
+                var config = X86MicroMachine.Configuration(firmwarePath: firmware, serial: backend)
+                config.memorySize = memorySize ?? X86MicroMachine.defaultMemorySize
+                config.drives = opened
+                vm = try X86MicroMachine(config)
+            } else {
+                var config = RISCVVirtMachine.Configuration(kernelPath: kernel ?? "", serial: backend)
+                config.memorySize = memorySize ?? 512 << 20
+                config.initrdPath = initrd
+                config.bootargs = append
+                config.drives = opened
+                vm = try RISCVVirtMachine(config, cpu: .software)
+            }
+        } catch {
+            backend.close()
+            _ = await closeAll()
+            throw error
+        }
+
+        // SIGINT/SIGTERM stop the hart; the disks are then flushed and closed as on power-off.
+        let signals = stopOnSignals(vm)
+        let started = ContinuousClock.now
+        let exit = await vm.run()
+        signals.forEach { $0.cancel() }
+        let quiesceError: (any Error)?
+        do { try await vm.quiesce(); quiesceError = nil } catch { quiesceError = error }
+        backend.close()
+        let closeError = await closeAll()
+        if ProcessInfo.processInfo.environment["VM_STATS"] != nil {
+            let secs = Double((ContinuousClock.now - started).components.attoseconds) / 1e18 + Double((ContinuousClock.now - started).components.seconds)
+            let retired = (vm as? RISCVVirtMachine).map { String(format: ", %llu instructions retired", $0.cpu.instructionsRetired) } ?? ""
+            FileHandle.standardError.write(Data((String(format: "vm: %.2f s", secs) + retired + "\n").utf8))
+        }
+        if let e = quiesceError ?? closeError { Self.fail("cannot flush the disks: \(e)") }
+
+        switch exit {
+        case .shutdown: return
+        case .reset: Self.fail("guest requested a reboot")
+        case .stopped: Self.fail("stopped by a signal")
+        case .crashed(let message):
+            // The CPU's message may already start with "guest crash:"; say it once.
+            var m = Substring(message)
+            for prefix in ["guest crashed: ", "guest crash: "] where m.hasPrefix(prefix) { m = m.dropFirst(prefix.count) }
+            Self.fail("guest crashed: \(m)")
+        }
+    }
+
+    /// Installs SIGINT/SIGTERM handlers that stop the hart.
+    private func stopOnSignals(_ vm: any RunnableMachine) -> [any DispatchSourceSignal] {
+        [SIGINT, SIGTERM].map { sig in
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { vm.stop() }
+            s.resume()
+            return s
+        }
+    }
+}
+
+/// What the tool needs of a machine, whichever it is.
+protocol RunnableMachine: AnyObject, Sendable {
+    func run() async -> VCPUExit
+    func stop()
+    func quiesce() async throws
+}
+extension RISCVVirtMachine: RunnableMachine {}
+extension X86MicroMachine: RunnableMachine {}
