@@ -47,3 +47,23 @@ bench: release
 
 clean:
 	rm -rf $(SCRATCH)
+
+# QMachine: the riscv64 test guest (Debian 13 kernel Image + busybox initramfs, downloaded
+# once into .build-guest with a private apt configuration; exit 2 = offline, the boot tests
+# then skip), and the optimized vm the boot tests run (the interpreter is ~10x slower in debug).
+APT_PACKAGES += device-tree-compiler cpio
+.PHONY: guest vm-release boot
+guest:
+	@bash scripts/guest/build-guest.sh --test scripts/guest/tests/disk-pattern.sh >/dev/null || [ $$? = 2 ]
+
+vm-release: deps
+	$(SWIFT) build $(SWIFT_FLAGS) -c release --product vm
+
+test: guest vm-release
+
+# Boots the guest once on a scratch raw disk: make boot
+boot: guest vm-release
+	@set -e; eval "$$(bash scripts/guest/build-guest.sh --test scripts/guest/tests/disk-pattern.sh)"; \
+	disk="$$(mktemp /tmp/vm-boot.XXXXXX.raw)"; truncate -s 64M "$$disk"; \
+	"$$($(SWIFT) build $(SWIFT_FLAGS) -c release --show-bin-path)/vm" --kernel "$$KERNEL" --initrd "$$INITRD" \
+		--append "console=ttyS0 cryptomgr.notests" --drive "file=$$disk,format=raw"; rm -f "$$disk"

@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "io", targets: ["io"]),
         .executable(name: "nbd", targets: ["nbd"]),
         .library(name: "QMachine", targets: ["QMachine"]),
+        .executable(name: "vm", targets: ["vm"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -44,6 +45,11 @@ let package = Package(
             name: "nbd",
             dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/nbd"
+        ),
+        .executableTarget(
+            name: "vm",
+            dependencies: ["QMachine", "QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/Tools/vm"
         ),
         .executableTarget(
             name: "ReadWriteExample",

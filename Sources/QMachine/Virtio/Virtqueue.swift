@@ -1,0 +1,171 @@
+import Synchronization
+
+/// A split virtqueue (Virtio 1.2, section 2.7 "Split Virtqueues") in guest RAM:
+///
+/// ```
+/// descriptor table  16 bytes × size:  addr u64, len u32, flags u16 (NEXT 1, WRITE 2, INDIRECT 4), next u16
+/// available ring    flags u16 (NO_INTERRUPT 1), idx u16, ring[size] u16, (used_event u16)
+/// used ring         flags u16 (NO_NOTIFY 1), idx u16, ring[size] {id u32, len u32}, (avail_event u16)
+/// ```
+/// All fields are little-endian. Every guest address is checked against ``GuestRAM`` before
+/// it is touched; a malformed ring or chain throws ``VirtqueueError`` and never reads or
+/// writes outside RAM.
+public final class Virtqueue: @unchecked Sendable {
+    public struct Descriptor: Sendable, Equatable {
+        public var address: UInt64
+        public var length: UInt32
+        public var writable: Bool
+    }
+
+    /// One request: the head index to return in the used ring, and its buffers in order
+    /// (device-readable first, then device-writable).
+    public struct Chain: Sendable {
+        public var head: UInt16
+        public var readable: [Descriptor]
+        public var writable: [Descriptor]
+        public var readableLength: Int { readable.reduce(0) { $0 + Int($1.length) } }
+        public var writableLength: Int { writable.reduce(0) { $0 + Int($1.length) } }
+    }
+
+    enum Flag { static let next: UInt16 = 1, write: UInt16 = 2, indirect: UInt16 = 4 }
+    public static let availNoInterrupt: UInt16 = 1
+
+    public let ram: GuestRAM
+    public let size: UInt16
+    public let descAddress: UInt64
+    public let availAddress: UInt64
+    public let usedAddress: UInt64
+    /// The next available-ring entry to take.
+    public private(set) var lastAvail: UInt16 = 0
+    /// The next used-ring index to publish.
+    public private(set) var usedIndex: UInt16 = 0
+
+    /// - Throws: ``VirtqueueError`` when the size is not a power of two or a ring lies
+    ///   outside RAM or is misaligned.
+    public init(ram: GuestRAM, size: UInt16, desc: UInt64, avail: UInt64, used: UInt64) throws {
+        guard size > 0, size & (size - 1) == 0 else { throw VirtqueueError("queue size \(size) is not a power of two") }
+        let n = UInt64(size)
+        guard desc % 16 == 0, avail % 2 == 0, used % 4 == 0 else { throw VirtqueueError("misaligned ring address") }
+        guard ram.contains(desc, count: 16 * n) else { throw VirtqueueError("descriptor table 0x\(String(desc, radix: 16)) outside RAM") }
+        guard ram.contains(avail, count: 6 + 2 * n) else { throw VirtqueueError("available ring 0x\(String(avail, radix: 16)) outside RAM") }
+        guard ram.contains(used, count: 6 + 8 * n) else { throw VirtqueueError("used ring 0x\(String(used, radix: 16)) outside RAM") }
+        self.ram = ram
+        self.size = size
+        descAddress = desc
+        availAddress = avail
+        usedAddress = used
+    }
+
+    // MARK: - Little-endian access to checked ring addresses
+
+    @inline(__always) private func load16(_ a: UInt64) -> UInt16 {
+        // SAFETY: every ring address was checked against RAM in init; offsets stay inside the rings.
+        UInt16(littleEndian: ram.host.load(fromByteOffset: Int(a - ram.base), as: UInt16.self))
+    }
+    @inline(__always) private func load32(_ a: UInt64) -> UInt32 {
+        UInt32(littleEndian: ram.host.loadUnaligned(fromByteOffset: Int(a - ram.base), as: UInt32.self))
+    }
+    @inline(__always) private func load64(_ a: UInt64) -> UInt64 {
+        UInt64(littleEndian: ram.host.loadUnaligned(fromByteOffset: Int(a - ram.base), as: UInt64.self))
+    }
+    @inline(__always) private func store16(_ a: UInt64, _ v: UInt16) {
+        ram.host.storeBytes(of: v.littleEndian, toByteOffset: Int(a - ram.base), as: UInt16.self)
+    }
+    @inline(__always) private func store32(_ a: UInt64, _ v: UInt32) {
+        ram.host.storeBytes(of: v.littleEndian, toByteOffset: Int(a - ram.base), as: UInt32.self)
+    }
+
+    /// The driver's available index.
+    public var availIndex: UInt16 { load16(availAddress + 2) }
+    /// The available ring's flags (NO_INTERRUPT).
+    public var availFlags: UInt16 { load16(availAddress) }
+
+    /// Takes the next available chain, or nil when the ring is empty.
+    /// - Throws: ``VirtqueueError`` when the ring or the chain is malformed; the entry is
+    ///   consumed (so a caller that fails the request moves on) unless the available index
+    ///   itself is impossible.
+    public func pop() throws -> Chain? {
+        let avail = availIndex
+        if avail == lastAvail { return nil }
+        if avail &- lastAvail > size {
+            throw VirtqueueError("available index \(avail) is more than \(size) ahead of \(lastAvail)")
+        }
+        // Read the ring entry only after the index (the driver wrote the entry first).
+        atomicMemoryFence(ordering: .acquiring)
+        let head = load16(availAddress + 4 + 2 * UInt64(lastAvail % size))
+        lastAvail &+= 1
+        return try walk(head: head)
+    }
+
+    /// Parses the chain starting at `head` (Virtio 1.2, 2.7.5 and 2.7.5.3 "Indirect Descriptors").
+    public func walk(head: UInt16) throws -> Chain {
+        guard head < size else { throw BadChain(head: head, why: "head index \(head) >= queue size \(size)") }
+        var chain = Chain(head: head, readable: [], writable: [])
+        var table = descAddress
+        var tableSize = UInt64(size)
+        var index = UInt64(head)
+        var seen = 0
+        var inIndirect = false
+        var total: UInt64 = 0
+        while true {
+            seen += 1
+            guard seen <= Int(tableSize) + (inIndirect ? 1 : 0) else { throw BadChain(head: head, why: "descriptor loop") }
+            let d = table + 16 * index
+            let addr = load64(d), len = load32(d + 8), flags = load16(d + 12), next = load16(d + 14)
+            if flags & Flag.indirect != 0 {
+                guard !inIndirect else { throw BadChain(head: head, why: "nested indirect table") }
+                guard flags & Flag.next == 0 else { throw BadChain(head: head, why: "indirect descriptor with NEXT") }
+                guard len > 0, len % 16 == 0, ram.contains(addr, count: UInt64(len)) else {
+                    throw BadChain(head: head, why: "indirect table 0x\(String(addr, radix: 16))+\(len) invalid")
+                }
+                table = addr
+                tableSize = UInt64(len / 16)
+                index = 0
+                seen = 0
+                inIndirect = true
+                continue
+            }
+            guard ram.contains(addr, count: UInt64(len)) else {
+                throw BadChain(head: head, why: "buffer 0x\(String(addr, radix: 16))+\(len) outside RAM")
+            }
+            total += UInt64(len)
+            guard total <= 1 << 32 else { throw BadChain(head: head, why: "chain longer than 4 GiB") }
+            let writable = flags & Flag.write != 0
+            if writable {
+                chain.writable.append(Descriptor(address: addr, length: len, writable: true))
+            } else {
+                guard chain.writable.isEmpty else { throw BadChain(head: head, why: "readable descriptor after a writable one") }
+                chain.readable.append(Descriptor(address: addr, length: len, writable: false))
+            }
+            guard flags & Flag.next != 0 else { break }
+            guard UInt64(next) < tableSize else { throw BadChain(head: head, why: "next index \(next) out of range") }
+            index = UInt64(next)
+        }
+        return chain
+    }
+
+    /// Publishes a used element: writes it, then (after a release fence) the used index.
+    public func push(head: UInt16, written: UInt32) {
+        let slot = usedAddress + 4 + 8 * UInt64(usedIndex % size)
+        store32(slot, UInt32(head))
+        store32(slot + 4, written)
+        atomicMemoryFence(ordering: .releasing)
+        usedIndex &+= 1
+        store16(usedAddress + 2, usedIndex)
+        // The index must be visible before the driver is interrupted and reads it.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+    }
+}
+
+/// A malformed ring.
+public struct VirtqueueError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    public init(_ d: String) { description = d }
+}
+
+/// A malformed chain: the head is known, so the request can be failed and returned.
+public struct BadChain: Error, CustomStringConvertible, Sendable {
+    public let head: UInt16
+    public let why: String
+    public var description: String { "descriptor chain at \(head): \(why)" }
+}

@@ -1,0 +1,159 @@
+import ArgumentParser
+import Foundation
+import QBlock
+import QMachine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `vm`: boots a Linux kernel on a QMachine machine, with disks served by QBlock.
+///
+///     vm --machine riscv64-virt --kernel Image [--initrd FILE] [--append "…"]
+///        [--drive file=PATH[,format=qcow2|raw][,id=NAME][,readonly=on]]… [--memory 512M]
+///        [--serial stdio|unix:PATH]
+///
+/// Exit status: 0 when the guest powers off; 1 on a crash, a reboot request (treated as
+/// QEMU's -no-reboot does), or anything that stops the machine from starting.
+@main
+struct VM: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm",
+        abstract: "Run a virtual machine (riscv64-virt) with virtio-blk disks on QBlock.")
+
+    @Option(name: .customLong("machine"), help: "Machine type (riscv64-virt).")
+    var machine: String = RISCVVirtMachine.name
+
+    @Option(name: .customLong("kernel"), help: "Linux kernel Image to boot.")
+    var kernel: String
+
+    @Option(name: .customLong("initrd"), help: "Initial ramdisk (cpio, optionally compressed).")
+    var initrd: String?
+
+    @Option(name: .customLong("append"), help: "Kernel command line.")
+    var append: String = ""
+
+    @Option(name: .customLong("drive"), help: "A virtio-blk disk: file=PATH[,format=raw|qcow2][,id=NAME][,readonly=on]. Repeatable; the first is /dev/vda.")
+    var drives: [String] = []
+
+    @Option(name: [.customShort("m"), .customLong("memory")], help: "Guest RAM (e.g. 512M, 1G).")
+    var memory: String = "512M"
+
+    @Option(name: .customLong("serial"), help: "Serial port: stdio or unix:PATH (connect to a listening socket).")
+    var serial: String = "stdio"
+
+    static func main() async {
+        do {
+            var command = try parseAsRoot(nil)
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch let e as MachineError {
+            fail(e.description)
+        } catch let e as BlockError {
+            fail(e.description)
+        } catch {
+            exit(withError: error)
+        }
+    }
+
+    static func fail(_ message: String) -> Never {
+        FileHandle.standardError.write(Data("vm: \(message)\n".utf8))
+        Foundation.exit(1)
+    }
+
+    func validate() throws {
+        guard machine == RISCVVirtMachine.name else {
+            throw ValidationError("unknown machine '\(machine)' (available: \(RISCVVirtMachine.name))")
+        }
+        guard serial == "stdio" || serial.hasPrefix("unix:") else {
+            throw ValidationError("--serial takes stdio or unix:PATH")
+        }
+    }
+
+    func run() async throws {
+        let memorySize = try MemorySize.parse(memory)
+        let specs = try drives.map { try DriveSpec(parsing: $0) }
+
+        // Open every drive before the machine exists; close them on any way out.
+        var opened: [RISCVVirtMachine.Drive] = []
+        func closeAll() async -> (any Error)? {
+            var first: (any Error)?
+            for d in opened {
+                do { try await d.node.close() } catch { if first == nil { first = error } }
+            }
+            opened = []
+            return first
+        }
+        do {
+            for (i, s) in specs.enumerated() {
+                let node = try await s.open()
+                opened.append(.init(node: node, id: s.id ?? "drive\(i)", readOnly: s.readOnly))
+            }
+        } catch {
+            _ = await closeAll()
+            throw error
+        }
+
+        let backend: any SerialBackend
+        do {
+            backend = serial == "stdio" ? FDSerialBackend.stdio() : try FDSerialBackend.unixSocket(path: String(serial.dropFirst(5)))
+        } catch {
+            _ = await closeAll()
+            throw error
+        }
+
+        var config = RISCVVirtMachine.Configuration(kernelPath: kernel, serial: backend)
+        config.memorySize = memorySize
+        config.initrdPath = initrd
+        config.bootargs = append
+        config.drives = opened
+
+        let vm: RISCVVirtMachine
+        do {
+            vm = try RISCVVirtMachine(config, cpu: .software)
+        } catch {
+            backend.close()
+            _ = await closeAll()
+            throw error
+        }
+
+        // SIGINT/SIGTERM stop the hart; the disks are then flushed and closed as on power-off.
+        let signals = stopOnSignals(vm)
+        let started = ContinuousClock.now
+        let exit = await vm.run()
+        signals.forEach { $0.cancel() }
+        let quiesceError: (any Error)?
+        do { try await vm.quiesce(); quiesceError = nil } catch { quiesceError = error }
+        backend.close()
+        let closeError = await closeAll()
+        if ProcessInfo.processInfo.environment["VM_STATS"] != nil {
+            let secs = Double((ContinuousClock.now - started).components.attoseconds) / 1e18 + Double((ContinuousClock.now - started).components.seconds)
+            FileHandle.standardError.write(Data(String(format: "vm: %.2f s, %llu instructions retired\n", secs, vm.cpu.instructionsRetired).utf8))
+        }
+        if let e = quiesceError ?? closeError { Self.fail("cannot flush the disks: \(e)") }
+
+        switch exit {
+        case .shutdown: return
+        case .reset: Self.fail("guest requested a reboot")
+        case .stopped: Self.fail("stopped by a signal")
+        case .crashed(let message):
+            // The CPU's message may already start with "guest crash:"; say it once.
+            var m = Substring(message)
+            for prefix in ["guest crashed: ", "guest crash: "] where m.hasPrefix(prefix) { m = m.dropFirst(prefix.count) }
+            Self.fail("guest crashed: \(m)")
+        }
+    }
+
+    /// Installs SIGINT/SIGTERM handlers that stop the hart.
+    private func stopOnSignals(_ vm: RISCVVirtMachine) -> [any DispatchSourceSignal] {
+        [SIGINT, SIGTERM].map { sig in
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { vm.stop() }
+            s.resume()
+            return s
+        }
+    }
+}
