@@ -22,6 +22,11 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+	@# The QMP tests drive the monitor with QEMU's own Python client.
+	@python3 -c 'import qemu.qmp' 2>/dev/null || { echo "Installing qemu.qmp (pip)"; \
+		python3 -m pip install -q qemu.qmp 2>/dev/null || python3 -m pip install -q --break-system-packages qemu.qmp || \
+		echo "warning: could not install qemu.qmp; QMP tests will be skipped"; }
+
 build: deps
 	$(SWIFT) build $(SWIFT_FLAGS)
 

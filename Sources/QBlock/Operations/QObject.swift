@@ -14,6 +14,10 @@ public indirect enum QObject: Sendable, Equatable {
     case string(String)
     case dict(Dict)
     case list([QObject])
+    /// JSON `null` (QMP arguments such as `"backing": null`).
+    case null
+    /// A JSON number with a fraction or exponent (QEMU's `QNum` holding a double).
+    case double(Double)
 
     /// An insertion-ordered dictionary that iterates in QEMU's `QDict` order.
     public struct Dict: Sendable, Equatable {
@@ -71,6 +75,8 @@ public indirect enum QObject: Sendable, Equatable {
         switch v {
         case .int(let i): out += String(i)
         case .bool(let b): out += b ? "true" : "false"
+        case .null: out += "null"
+        case .double(let d): out += QObject.doubleText(d)
         case .string(let s): out += quote(s)
         case .dict(let d):
             out += "{"
@@ -140,6 +146,8 @@ public indirect enum QObject: Sendable, Equatable {
         case .int(let i): return String(i)
         case .bool(let b): return b ? "true" : "false"
         case .string(let s): return s
+        case .null: return "null"
+        case .double(let d): return QObject.doubleText(d)
         default: return nil
         }
     }

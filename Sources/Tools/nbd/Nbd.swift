@@ -60,8 +60,11 @@ struct Nbd: AsyncParsableCommand {
     @Flag(name: .customLong("fork"), help: "Go to the background once the socket is listening.")
     var fork = false
 
+    @Option(name: .customLong("qmp"), help: "Daemon mode: serve a QMP monitor on this Unix socket (the image is optional).")
+    var qmp: String?
+
     @Argument(help: "Image file name.")
-    var filename: String
+    var filename: String?
 
     static func main() async {
         // A parent may have started us with termination signals blocked (a thread's mask is
@@ -93,13 +96,15 @@ struct Nbd: AsyncParsableCommand {
 
     func run() async throws {
         let settings = try validateSettings()
+        if qmp == nil && filename == nil { throw fail("Expected exactly one image file name") }
         if fork && Daemon.readyFD == nil {
             // The parent: start the server as a detached child and wait until it listens.
             throw ExitCode(Daemon.spawnAndWait())
         }
         if Daemon.readyFD != nil { _ = setsid() }
+        if let qmp { return try await runDaemon(qmp: qmp, settings: settings) }
 
-        let node = try await openImage(settings)
+        let node = try await openImage(settings, filename: filename ?? "")
         let export: NBDExport
         do {
             var options = settings.exportOptions
@@ -199,7 +204,7 @@ struct Nbd: AsyncParsableCommand {
         return Settings(shared: n, port: p, cache: cacheMode, exportOptions: options)
     }
 
-    func openImage(_ s: Settings) async throws -> any BlockDriver {
+    func openImage(_ s: Settings, filename: String) async throws -> any BlockDriver {
         let options = OpenOptions(format: format, readOnly: readOnly, cache: s.cache)
         do {
             let node = try await ImageOpener.open(filename, options: options)

@@ -1,0 +1,221 @@
+/// What the block commands keep besides the graph: which nodes the monitor added (only
+/// those `blockdev-del` accepts), the nodes each one created implicitly (its `file`, an
+/// auto-opened backing chain), and per-node open options for `query-named-block-nodes`.
+public final class QMPBlockState: @unchecked Sendable {
+    struct NodeInfo {
+        var cache: CacheMode
+        var noFlush: Bool
+        var detectZeroes: String
+        /// Nodes created with this one that go away with it (children first).
+        var implicit: [BlockNode]
+    }
+
+    let graph: BlockGraph
+    private let lock = PosixMutex()
+    private var owned: [String] = []
+    private var info: [ObjectIdentifier: NodeInfo] = [:]
+    private var slots: [ObjectIdentifier: Int] = [:]
+    /// Nodes that go away when nothing uses them any more (snapshot overlays, as in QEMU).
+    private var autoDelete: [BlockNode] = []
+    /// Nodes reported read-only since a snapshot made them a backing image (QEMU reopens them so).
+    private var reportedReadOnly = Set<ObjectIdentifier>()
+
+    func setAutoDelete(_ node: BlockNode) { lock.withLock { autoDelete.append(node) } }
+
+    func markReadOnly(_ node: BlockNode) {
+        lock.withLock {
+            reportedReadOnly.insert(ObjectIdentifier(node))
+            if let f = node.driver.file as? BlockNode { reportedReadOnly.insert(ObjectIdentifier(f)) }
+        }
+    }
+
+    func isReportedReadOnly(_ node: BlockNode) -> Bool { lock.withLock { reportedReadOnly.contains(ObjectIdentifier(node)) } }
+
+    /// Deletes auto-deleted nodes nothing uses any more (after an export or a job let go).
+    func collectGarbage() async {
+        while true {
+            let candidates = lock.withLock { autoDelete }
+            guard let victim = candidates.first(where: { graph.user(of: $0) == nil }) else { return }
+            lock.withLock { autoDelete.removeAll { $0 === victim } }
+            try? await delete(victim)
+        }
+    }
+    private var slotCounter = 0
+
+    func nextSlot() -> Int { lock.withLock { slotCounter += 1; return slotCounter } }
+
+    /// The graph's nodes in QEMU's `query-named-block-nodes` order: newest first, a node
+    /// before its file, its backing chain before the node it was opened with. (Nodes added
+    /// to the graph by others take their place when first seen.)
+    var nodesInQemuOrder: [BlockNode] {
+        let nodes = graph.nodes
+        let order: [Int] = lock.withLock {
+            nodes.map { n in
+                if let s = slots[ObjectIdentifier(n)] { return s }
+                slotCounter += 1
+                slots[ObjectIdentifier(n)] = slotCounter
+                return slotCounter
+            }
+        }
+        return zip(nodes, order).sorted { $0.1 > $1.1 }.map(\.0)
+    }
+
+    init(graph: BlockGraph) { self.graph = graph }
+
+    func isMonitorOwned(_ name: String) -> Bool { lock.withLock { owned.contains(name) } }
+    func setMonitorOwned(_ node: BlockNode, implicit: [BlockNode]) {
+        lock.withLock {
+            owned.append(node.nodeName)
+            info[ObjectIdentifier(node), default: NodeInfo(cache: .writeback, noFlush: false, detectZeroes: "off", implicit: [])].implicit = implicit
+        }
+    }
+    func nodeInfo(_ node: BlockNode) -> NodeInfo? { lock.withLock { info[ObjectIdentifier(node)] } }
+
+    /// Opens a node tree from `blockdev-add` arguments and adds every node to the graph.
+    /// On failure, whatever was created is closed and removed.
+    func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool) async throws -> BlockNode {
+        let driver = try args.enumValue("driver", QMPBlockdevDrivers.names)
+        let nodeName = try args.optionalString("node-name")
+        if isRoot && nodeName == nil { throw QMPError.generic("'node-name' must be specified for the root node") }
+        if let nodeName { try Self.checkNodeName(nodeName) }
+        let readOnly = try args.optionalBool("read-only") ?? (parent?.readOnly ?? false)
+        var direct = parent?.cache.direct ?? false
+        var noFlush = false
+        if let cache = try args.optionalObject("cache") {
+            direct = try cache.optionalBool("direct") ?? direct
+            noFlush = try cache.optionalBool("no-flush") ?? false
+            try cache.done()
+        }
+        _ = try args.optionalEnum("discard", ["ignore", "unmap"])
+        let detectZeroes = try args.optionalEnum("detect-zeroes", ["off", "on", "unmap"]) ?? "off"
+        _ = try args.optionalBool("auto-read-only")
+        _ = try args.optionalBool("force-share")
+        let cache: CacheMode = noFlush ? .unsafe : (direct ? .none : .writeback)
+        if let nodeName, graph.node(named: nodeName) != nil {
+            throw QMPError.generic("Duplicate nodes with node-name='\(nodeName)'")
+        }
+        guard let opener = QMPBlockdevDrivers.opener(driver) else {
+            throw QMPError.generic("Parameter 'driver' does not accept value '\(driver)'")
+        }
+        let ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self)
+        let opened: any BlockDriver
+        do {
+            opened = try await opener(args, ctx)
+        } catch {
+            await rollBack(ctx.created)
+            throw error
+        }
+        let node = BlockNode(nodeName: nodeName ?? graph.generateNodeName(), driver: opened)
+        do {
+            try graph.add(node)
+        } catch {
+            try? await opened.close()
+            for n in ctx.created { graph.forget(n) }
+            throw error
+        }
+        let slot = ctx.slot ?? nextSlot()
+        lock.withLock {
+            info[ObjectIdentifier(node)] = NodeInfo(cache: cache, noFlush: noFlush, detectZeroes: detectZeroes, implicit: ctx.created)
+            slots[ObjectIdentifier(node)] = slot
+        }
+        parent?.created.append(contentsOf: ctx.created + [node])
+        return node
+    }
+
+    private func rollBack(_ nodes: [BlockNode]) async {
+        for n in nodes.reversed() { graph.forget(n) }
+        // Closing the topmost created node closes its children with it.
+        var closed = Set<ObjectIdentifier>()
+        for n in nodes.reversed() where !closed.contains(ObjectIdentifier(n)) {
+            try? await n.close()
+            var c: (any BlockDriver)? = n
+            while let d = c { closed.insert(ObjectIdentifier(d as AnyObject)); c = d.file }
+        }
+    }
+
+    static func checkNodeName(_ name: String) throws {
+        let ok = name.utf8.count < 32 && (name.first?.isLetter ?? false)
+            && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == ".") }
+        if !ok { throw QMPError.generic("Invalid node-name: '\(name)'") }
+    }
+
+    /// Why `node` cannot be deleted, in QEMU's words and order (`qmp_blockdev_del`), or nil.
+    func busyReason(_ node: BlockNode) -> String? {
+        if !graph.backends(of: node).isEmpty { return "Node \(node.nodeName) is in use" }
+        if let why = graph.user(of: node), why.contains("backing hd") { return why }
+        if !isMonitorOwned(node.nodeName) { return "Node \(node.nodeName) is not owned by the monitor" }
+        if graph.user(of: node) != nil { return "Block device \(node.nodeName) is in use" }
+        return nil
+    }
+
+    /// Removes a monitor-owned node and the nodes it created, and closes them; a backing
+    /// node that is not its own (a snapshot's old top) is unlinked first and stays open.
+    func delete(_ node: BlockNode) async throws {
+        let implicit = nodeInfo(node)?.implicit ?? []
+        let mine = Set(implicit.map { ObjectIdentifier($0) })
+        if let q = node.innermostDriver as? Qcow2Node, let b = q.backing as? BlockNode, !mine.contains(ObjectIdentifier(b)) {
+            q.setBackingNode(nil)
+        }
+        graph.forget(node)
+        for n in implicit { graph.forget(n) }
+        lock.withLock {
+            owned.removeAll { $0 == node.nodeName }
+            autoDelete.removeAll { $0 === node }
+            reportedReadOnly.remove(ObjectIdentifier(node))
+            info[ObjectIdentifier(node)] = nil
+            slots[ObjectIdentifier(node)] = nil
+            for n in implicit { info[ObjectIdentifier(n)] = nil; slots[ObjectIdentifier(n)] = nil }
+        }
+        if let f = node.driver.file as? BlockNode, !mine.contains(ObjectIdentifier(f)) {
+            // Its file is another node of the graph (named in `file`): closing would close
+            // that node too, so only flush.
+            try await node.flush()
+        } else {
+            try await node.close()
+        }
+    }
+
+    /// Closes every monitor-owned node, overlays before their backing nodes (at shutdown).
+    public func closeAll() async {
+        await collectGarbage()
+        while true {
+            let names = lock.withLock { owned }
+            guard !names.isEmpty else { return }
+            let free = names.compactMap { graph.node(named: $0) }.filter { graph.user(of: $0) == nil || !graph.backends(of: $0).isEmpty }
+            let victims = free.isEmpty ? names.compactMap { graph.node(named: $0) } : free
+            if victims.isEmpty { lock.withLock { owned.removeAll() }; return }
+            for n in victims { try? await delete(n) }
+        }
+    }
+}
+
+extension QMPMonitor {
+    /// The block commands' state (owned nodes, open options).
+    public var block: QMPBlockState { state(QMPBlockState.self) { QMPBlockState(graph: graph) } }
+
+    func registerBlockCommands() {
+        register("blockdev-add") { args, ctx in
+            let block = ctx.monitor.block
+            let node = try await block.open(args, parent: nil, isRoot: true)
+            block.setMonitorOwned(node, implicit: block.nodeInfo(node)?.implicit ?? [])
+            return .dict(QObject.Dict())
+        }
+        register("blockdev-del") { args, ctx in
+            let name = try args.string("node-name")
+            try args.done()
+            let block = ctx.monitor.block
+            guard let node = ctx.graph.node(named: name) else {
+                throw QMPError.generic("Failed to find node with node-name='\(name)'")
+            }
+            if let why = block.busyReason(node) { throw QMPError.generic(why) }
+            try await block.delete(node)
+            return .dict(QObject.Dict())
+        }
+        register("query-named-block-nodes") { args, ctx in
+            let flat = try args.optionalBool("flat") ?? false
+            try args.done()
+            let block = ctx.monitor.block
+            return .list(block.nodesInQemuOrder.map { block.deviceInfo($0, flat: flat) })
+        }
+    }
+}

@@ -1,0 +1,159 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Live external snapshots: `blockdev-snapshot-sync` (create or open an overlay file) and
+/// `blockdev-snapshot` (an overlay node already added). Both put the overlay above the
+/// node, with the node as its backing, and switch every user of the node to the overlay.
+///
+/// The overlay is created and opened before writers are held; while they are held (the
+/// graph's drained section) only the node is flushed, the backing link set and the users
+/// switched, so the pause a writer sees is a flush and two pointer updates.
+extension QMPMonitor {
+    func registerSnapshotCommands() {
+        register("blockdev-snapshot-sync") { args, ctx in
+            let action = try SnapshotSyncAction(args, monitor: ctx.monitor)
+            try await QMPTransaction.run([action], graph: ctx.graph)
+            return .dict(QObject.Dict())
+        }
+        register("blockdev-snapshot") { args, ctx in
+            let action = try SnapshotAction(args, monitor: ctx.monitor)
+            try await QMPTransaction.run([action], graph: ctx.graph)
+            return .dict(QObject.Dict())
+        }
+    }
+}
+
+/// Shared by both snapshot actions: checks, and the drained switch.
+class SnapshotBase {
+    let monitor: QMPMonitor
+    var old: BlockNode?
+    var overlay: BlockNode?
+
+    init(monitor: QMPMonitor) { self.monitor = monitor }
+
+    func checkOverlay(_ overlay: BlockNode) throws {
+        guard let q = overlay.innermostDriver as? Qcow2Node else {
+            throw QMPError.generic("The overlay does not support backing images")
+        }
+        if q.backing != nil { throw QMPError.generic("The overlay already has a backing image") }
+        if !monitor.graph.backends(of: overlay).isEmpty { throw QMPError.generic("The overlay is already in use") }
+    }
+
+    /// Flushes the node before writers are held, so that the flush inside the drained
+    /// section (which makes the backing image stable) has little left to write.
+    func preflush(_ node: BlockNode) async throws {
+        try await node.flush()
+    }
+
+    func prepareDrained() async throws {
+        guard let old else { return }
+        try await old.flush()
+    }
+
+    func commitDrained() {
+        guard let old, let overlay, let q = overlay.innermostDriver as? Qcow2Node else { return }
+        q.setBackingNode(old)
+        monitor.graph.replace(old, with: overlay)
+        monitor.block.markReadOnly(old)
+    }
+}
+
+/// `blockdev-snapshot-sync`: device or node-name, snapshot-file, snapshot-node-name, format,
+/// mode (absolute-paths creates the overlay with the node's file as backing file, as
+/// `qemu-img create -b` does; existing opens the file as it is).
+final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
+    let device: String?
+    let nodeName: String?
+    let file: String
+    let overlayName: String?
+    let format: String
+    let mode: String
+    private var created = false
+
+    init(_ args: QMPArguments, monitor: QMPMonitor) throws {
+        device = try args.optionalString("device")
+        nodeName = try args.optionalString("node-name")
+        file = try args.string("snapshot-file")
+        overlayName = try args.optionalString("snapshot-node-name")
+        format = try args.optionalString("format") ?? "qcow2"
+        mode = try args.optionalEnum("mode", ["existing", "absolute-paths"]) ?? "absolute-paths"
+        try args.done()
+        super.init(monitor: monitor)
+    }
+
+    func prepare() async throws {
+        let graph = monitor.graph
+        let found = [device, nodeName].compactMap { $0 }.lazy.compactMap { graph.node(named: $0) }.first
+        guard let node = found else { throw QMPError.noDevice(device: device ?? "", node: nodeName ?? "") }
+        if let overlayName {
+            if graph.node(named: overlayName) != nil { throw QMPError.generic("New overlay node-name already in use") }
+            try QMPBlockState.checkNodeName(overlayName)
+        }
+        guard format == "qcow2" else {
+            throw QMPError.generic(mode == "existing" ? "The overlay does not support backing images"
+                                   : "Backing file not supported for file format '\(format)'")
+        }
+        let t0 = QMPTrace.now()
+        defer { QMPTrace.log("snapshot prepare: \(QMPTrace.now() - t0) us") }
+        if mode == "absolute-paths" {
+            if access(file, F_OK) == 0 { unlink(file) }
+            do {
+                try await ImageCreator.create(format: "qcow2", path: file, size: qemuLength(node), options: [],
+                                              backingFile: node.filename, backingFormat: node.driverName)
+            } catch let e as BlockError {
+                throw QMPError.generic(e.message)
+            }
+            created = true
+        }
+        var d = QObject.Dict([("driver", .string("qcow2")), ("backing", .null),
+                              ("file", .dict(QObject.Dict([("driver", .string("file")), ("filename", .string(file))])))])
+        if let overlayName { d["node-name"] = .string(overlayName) }
+        let block = monitor.block
+        do {
+            let o = try await block.open(QMPArguments(d), parent: nil, isRoot: false)
+            block.setAutoDelete(o)
+            overlay = o
+            QMPTrace.log("  created and opened: \(QMPTrace.now() - t0) us")
+            try await preflush(node)
+        } catch {
+            if let o = overlay { try? await monitor.block.delete(o) }
+            overlay = nil
+            if created { unlink(file) }
+            throw error
+        }
+        old = node
+    }
+
+    func abort() async {
+        if let overlay { try? await monitor.block.delete(overlay) }
+        overlay = nil
+        if created { unlink(file) }
+    }
+}
+
+/// `blockdev-snapshot`: node, overlay (a node added with `blockdev-add`, without backing).
+final class SnapshotAction: SnapshotBase, QMPTransactionAction {
+    let nodeName: String
+    let overlayName: String
+
+    init(_ args: QMPArguments, monitor: QMPMonitor) throws {
+        nodeName = try args.string("node")
+        overlayName = try args.string("overlay")
+        try args.done()
+        super.init(monitor: monitor)
+    }
+
+    func prepare() async throws {
+        let graph = monitor.graph
+        guard let node = graph.node(named: nodeName) else { throw QMPError.noDevice(device: nodeName, node: nodeName) }
+        guard let o = graph.node(named: overlayName) else { throw QMPError.noDevice(device: overlayName, node: overlayName) }
+        if o === node { throw QMPError.generic("The overlay does not support backing images") }
+        try checkOverlay(o)
+        try await preflush(node)
+        old = node
+        overlay = o
+    }
+
+    func abort() async {}
+}

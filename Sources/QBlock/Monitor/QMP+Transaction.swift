@@ -1,0 +1,132 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One action of a `transaction` (QEMU's `TransactionActionDrv`): ``prepare()`` does
+/// everything that can fail, outside the drained section when it can (creating and opening
+/// overlays); ``commitDrained()`` runs with every user of the graph drained and must be quick;
+/// ``commit()`` finishes; ``abort()`` undoes a successful ``prepare()``.
+protocol QMPTransactionAction: AnyObject {
+    func prepare() async throws
+    /// Work that must happen while writers are held, and may still fail (a flush).
+    func prepareDrained() async throws
+    /// The switch itself: never fails.
+    func commitDrained()
+    func commit() async
+    func abort() async
+}
+
+extension QMPTransactionAction {
+    func prepareDrained() async throws {}
+    func commitDrained() {}
+    func commit() async {}
+}
+
+/// Runs actions all or none: every action is prepared; then, with the graph drained, each
+/// action's drained preparation runs and, if all succeeded, each commits; on any failure the
+/// prepared actions are aborted in reverse order and the graph and files are as before.
+enum QMPTransaction {
+    /// - Parameter drain: false for actions that only touch bitmaps (no writer is held).
+    static func run(_ actions: [QMPTransactionAction], graph: BlockGraph, drain: Bool = true) async throws {
+        var prepared: [QMPTransactionAction] = []
+        do {
+            for a in actions {
+                try await a.prepare()
+                prepared.append(a)
+            }
+            if drain {
+                let t0 = QMPTrace.now()
+                var t1 = t0, t2 = t0
+                try await graph.drained {
+                    t1 = QMPTrace.now()
+                    for a in actions { try await a.prepareDrained() }
+                    t2 = QMPTrace.now()
+                    for a in actions { a.commitDrained() }
+                }
+                QMPTrace.log("transaction: drain \(t1 - t0) us, drained work \(t2 - t1) us, switch+undrain \(QMPTrace.now() - t2) us")
+            } else {
+                for a in actions { try await a.prepareDrained() }
+                for a in actions { a.commitDrained() }
+            }
+        } catch {
+            for a in prepared.reversed() { await a.abort() }
+            throw error
+        }
+        for a in actions { await a.commit() }
+    }
+}
+
+extension QMPMonitor {
+    /// Builds the transaction action for `type` with arguments `data`.
+    func transactionAction(type: String, data: QMPArguments) throws -> QMPTransactionAction {
+        switch type {
+        case "blockdev-snapshot-sync": return try SnapshotSyncAction(data, monitor: self)
+        case "blockdev-snapshot": return try SnapshotAction(data, monitor: self)
+        case "block-dirty-bitmap-add": return try BitmapAddAction(data, graph: graph)
+        case "block-dirty-bitmap-remove": return try BitmapSimpleAction(.remove, data, graph: graph)
+        case "block-dirty-bitmap-clear": return try BitmapSimpleAction(.clear, data, graph: graph)
+        case "block-dirty-bitmap-enable": return try BitmapSimpleAction(.enable, data, graph: graph)
+        case "block-dirty-bitmap-disable": return try BitmapSimpleAction(.disable, data, graph: graph)
+        case "block-dirty-bitmap-merge": return try BitmapMergeAction(data, graph: graph)
+        default: throw QMPError.generic("Parameter 'type' does not accept value '\(type)'")
+        }
+    }
+
+    static let transactionTypes = ["abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+                                   "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+                                   "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-internal-sync",
+                                   "blockdev-snapshot-sync", "drive-backup"]
+
+    func registerTransactionCommands() {
+        register("transaction") { args, ctx in
+            let list = try args.list("actions")
+            if let props = try args.optionalObject("properties") {
+                _ = try props.optionalEnum("completion-mode", ["individual", "grouped"])
+                try props.done()
+            }
+            try args.done()
+            var actions: [QMPTransactionAction] = []
+            for (i, item) in list.enumerated() {
+                guard case .dict(let d) = item else {
+                    throw QMPError.generic("Invalid parameter type for 'actions[\(i)]', expected: object")
+                }
+                let a = QMPArguments(d)
+                let type = try a.enumValue("type", QMPMonitor.transactionTypes)
+                if type == "abort" {
+                    _ = try a.optionalObject("data")
+                    try a.done()
+                    actions.append(AbortAction())
+                    continue
+                }
+                let data = try a.optionalObject("data") ?? QMPArguments(QObject.Dict(), path: "data")
+                try a.done()
+                actions.append(try ctx.monitor.transactionAction(type: type, data: data))
+            }
+            try await QMPTransaction.run(actions, graph: ctx.graph)
+            return .dict(QObject.Dict())
+        }
+    }
+}
+
+/// The `abort` action: fails the transaction on purpose (QEMU's test of rollback).
+final class AbortAction: QMPTransactionAction {
+    func prepare() async throws { throw QMPError.generic("Transaction aborted using Abort action") }
+    func abort() async {}
+}
+
+/// Timing lines on standard error when `QBLOCK_QMP_TRACE` is set (for the pause benchmark).
+enum QMPTrace {
+    static let enabled = getenv("QBLOCK_QMP_TRACE") != nil
+
+    static func now() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1000
+    }
+
+    static func log(_ s: @autoclosure () -> String) {
+        guard enabled else { return }
+        var line = s() + "\n"
+        line.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
+    }
+}

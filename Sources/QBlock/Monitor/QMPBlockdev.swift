@@ -1,0 +1,236 @@
+/// The drivers `blockdev-add` knows, by QAPI name. A driver reads its own members from the
+/// arguments (the common ones — `driver`, `node-name`, `read-only`, `cache`, `discard`,
+/// `detect-zeroes`, `auto-read-only`, `force-share` — are read before it is called) and
+/// returns the opened driver; children (`file`, `backing`, a filter's child) are opened
+/// with ``QMPOpenContext/child(_:_:)``.
+///
+/// A driver from another file registers itself once, before use:
+/// ```swift
+/// QMPBlockdevDrivers.register("copy-on-read") { args, ctx in
+///     let child = try await ctx.child(args, "file")
+///     try args.done()
+///     return CopyOnReadFilter(child: child)
+/// }
+/// ```
+public enum QMPBlockdevDrivers {
+    /// Opens a driver from its `blockdev-add` arguments.
+    public typealias Opener = @Sendable (QMPArguments, QMPOpenContext) async throws -> any BlockDriver
+
+    private static let lock = PosixMutex()
+    nonisolated(unsafe) private static var table: [String: Opener] = [
+        "file": QMPBlockdevDrivers.openFile,
+        "raw": QMPBlockdevDrivers.openRaw,
+        "qcow2": QMPBlockdevDrivers.openQcow2,
+        "nbd": QMPBlockdevDrivers.openNBD,
+    ]
+
+    /// Adds (or replaces) driver `name`.
+    public static func register(_ name: String, opener: @escaping Opener) {
+        lock.withLock { table[name] = opener }
+    }
+
+    /// The driver names, sorted.
+    public static var names: [String] { lock.withLock { table.keys.sorted() } }
+
+    static func opener(_ name: String) -> Opener? { lock.withLock { table[name] } }
+}
+
+/// What a `blockdev-add` driver opener gets besides its arguments: the open mode, the graph,
+/// and a way to open or look up its children. Nodes it creates are recorded so that a
+/// failed `blockdev-add` closes them again and `blockdev-del` removes them with their parent.
+public final class QMPOpenContext: @unchecked Sendable {
+    /// Open read-only (`read-only`).
+    public let readOnly: Bool
+    /// Host cache mode from `cache.direct` / `cache.no-flush`.
+    public let cache: CacheMode
+    public let graph: BlockGraph
+    let block: QMPBlockState
+    /// Nodes created while opening (children first), for ownership and rollback.
+    var created: [BlockNode] = []
+    /// The node's place in QEMU's node list, taken once its `file` child is open (QEMU names
+    /// a node after opening its file and before opening its backing file).
+    var slot: Int?
+
+    init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState) {
+        self.readOnly = readOnly
+        self.cache = cache
+        self.graph = graph
+        self.block = block
+    }
+
+    /// Opens child `key` of `args`: a nested object is opened as a new (implicit) node, a
+    /// string names an existing node. Returns nil when the member is absent.
+    public func optionalChild(_ args: QMPArguments, _ key: String) async throws -> BlockNode? {
+        guard let v = args.value(key) else { return nil }
+        switch v {
+        case .string(let name):
+            guard let n = graph.node(named: name) else { throw QMPError.noDevice(device: name, node: name) }
+            return n
+        case .dict(let d):
+            return try await block.open(QMPArguments(d, path: args.name(key)), parent: self, isRoot: false)
+        default:
+            throw QMPError.generic("Invalid parameter type for '\(args.name(key))', expected: BlockdevRef")
+        }
+    }
+
+    /// Like ``optionalChild(_:_:)`` for a mandatory child ("Parameter 'file' is missing").
+    public func child(_ args: QMPArguments, _ key: String) async throws -> BlockNode {
+        guard let n = try await optionalChild(args, key) else { throw args.missing(key) }
+        if key == "file" && slot == nil { slot = block.nextSlot() }
+        return n
+    }
+}
+
+extension QMPBlockdevDrivers {
+    static func openFile(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
+        let filename = try args.string("filename")
+        _ = try args.optionalEnum("locking", ["auto", "on", "off"])
+        _ = try args.optionalEnum("aio", ["threads", "native", "io_uring"])
+        _ = try args.optionalString("pr-manager")
+        _ = try args.optionalBool("drop-cache")
+        _ = try args.optionalBool("x-check-cache-dropped")
+        _ = try args.optionalInt("aio-max-batch")
+        try args.done()
+        let readOnly = ctx.readOnly, cache = ctx.cache
+        let result: Result<FileNode, BlockError> = await IOThreadPool.shared.run {
+            do {
+                let f = try FileNode(path: filename, readOnly: readOnly, cache: cache, locking: false)
+                let (perm, shared) = ImageOpener.lockPermissions(format: "file", options: OpenOptions(readOnly: readOnly))
+                do { try f.lock(perm: perm, shared: shared) } catch let e as BlockError {
+                    Task { try? await f.close() }
+                    return .failure(BlockError(e.code, "Failed to get \"\(readOnly ? "consistent read" : "write")\" lock\nIs another process using the image [\(filename)]?"))
+                }
+                return .success(f)
+            } catch let e as BlockError {
+                return .failure(BlockError(e.code, "Could not open '\(filename)': \(e.message)"))
+            } catch {
+                return .failure(BlockError(.io, "Could not open '\(filename)': \(error)"))
+            }
+        }
+        return try result.get()
+    }
+
+    static func openRaw(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
+        let offset = try args.optionalUInt("offset") ?? 0
+        let size = try args.optionalUInt("size")
+        let file = try await ctx.child(args, "file")
+        try args.done()
+        return RawNode(file: file, offset: Int64(offset), size: size.map { Int64($0) })
+    }
+
+    static func openQcow2(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
+        for key in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
+            _ = try args.optionalBool(key)
+        }
+        let cacheSize = try args.optionalUInt("l2-cache-size")
+        for key in ["cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"] {
+            _ = try args.optionalUInt(key)
+        }
+        _ = try args.optionalString("overlap-check")
+        _ = try args.optionalString("data-file")
+        // backing: absent → the image's own backing file; null → none; a name or an object.
+        let backingValue = args.value("backing")
+        let file = try await ctx.child(args, "file")
+        var explicitBacking: BlockNode?
+        if let backingValue, backingValue != .null {
+            explicitBacking = try await ctx.optionalChild(args, "backing")
+        }
+        try args.done()
+        var options = OpenOptions(format: "qcow2", readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
+        options.openBacking = backingValue == nil
+        if let cacheSize { options.l2CacheSize = Int(cacheSize) }
+        let imageName = file.filename
+        let node = try await Qcow2Node.open(file: file, options: options) { name, format in
+            let path = ImageOpener.resolveBackingPath(name, relativeTo: imageName)
+            let fileArgs: QObject
+            if NBDURI.isNBDURI(path) {
+                fileArgs = .string(path)
+            } else {
+                fileArgs = .dict(QObject.Dict([("driver", .string("file")), ("filename", .string(path))]))
+            }
+            let fmt: String
+            if let format { fmt = format } else if NBDURI.isNBDURI(path) { fmt = "raw" } else {
+                fmt = (try? ImageOpener.probe(path)) ?? "raw"
+            }
+            let d = QObject.Dict([("driver", .string(fmt)), ("read-only", .bool(true)), ("file", fileArgs)])
+            do {
+                return try await ctx.block.open(QMPArguments(d, path: "backing"), parent: ctx, isRoot: false)
+            } catch {
+                throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
+            }
+        }
+        if let explicitBacking { node.setBackingNode(explicitBacking) }
+        return node
+    }
+
+    static func openNBD(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
+        let server = try args.object("server")
+        let export = try args.optionalString("export") ?? ""
+        _ = try args.optionalString("tls-creds")
+        _ = try args.optionalString("tls-hostname")
+        _ = try args.optionalString("x-dirty-bitmap")
+        _ = try args.optionalUInt("reconnect-delay", bits: 32)
+        _ = try args.optionalUInt("open-timeout", bits: 32)
+        let address = try QMPSocketAddress.parse(server, legacy: false)
+        try args.done()
+        let encoded = export.addingPercentEncodingForNBD()
+        let text: String
+        switch address {
+        case .unix(let path): text = "nbd+unix:///\(encoded)?socket=\(path)"
+        case .tcp(let host, let port): text = "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(encoded)"
+        }
+        do {
+            return try await NBDClientNode.connect(try NBDURI(text), readOnly: ctx.readOnly)
+        } catch let e as BlockError {
+            if case .unix(let path) = address, e.errno != nil {
+                throw QMPError.generic("Failed to connect to '\(path)': \(BlockError.strerror(e.errno ?? 0))")
+            }
+            throw QMPError.generic(e.message)
+        }
+    }
+}
+
+/// QAPI's `SocketAddress` (flat: `{"type": "unix", "path": …}`) and `SocketAddressLegacy`
+/// (`{"type": "unix", "data": {"path": …}}`, used by `nbd-server-start`).
+enum QMPSocketAddress {
+    static func parse(_ a: QMPArguments, legacy: Bool) throws -> NBDServer.Address {
+        let type = try a.enumValue("type", ["inet", "unix", "vsock", "fd"])
+        let body = legacy ? try a.object("data") : a
+        let result: NBDServer.Address
+        switch type {
+        case "unix":
+            let path = try body.string("path")
+            _ = try body.optionalBool("abstract")
+            _ = try body.optionalBool("tight")
+            result = .unix(path: path)
+        case "inet":
+            let host = try body.string("host")
+            let port = try body.string("port")
+            for k in ["numeric", "ipv4", "ipv6", "keep-alive", "mptcp"] { _ = try body.optionalBool(k) }
+            _ = try body.optionalUInt("to", bits: 16)
+            guard let p = UInt16(port) else { throw QMPError.generic("Parameter 'port' expects a port number") }
+            result = .tcp(host: host, port: p)
+        default:
+            throw QMPError.generic("Socket address type '\(type)' is not supported here")
+        }
+        if legacy { try body.done() }
+        try a.done()
+        return result
+    }
+}
+
+extension String {
+    /// Percent-encodes what an NBD URI path may not hold.
+    func addingPercentEncodingForNBD() -> String {
+        var out = ""
+        for b in utf8 {
+            let c = Character(UnicodeScalar(b))
+            if (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || "-._~".contains(c) {
+                out.append(c)
+            } else {
+                out += "%" + (b < 16 ? "0" : "") + String(b, radix: 16, uppercase: true)
+            }
+        }
+        return out
+    }
+}

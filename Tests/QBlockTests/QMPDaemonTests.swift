@@ -1,0 +1,157 @@
+import Foundation
+import Testing
+@testable import QBlock
+import TestSupport
+
+/// `nbd --qmp` driven by the real `qemu.qmp` client: the wire protocol, and live snapshots
+/// under a writer going through an NBD export, checked byte for byte and with qemu-img.
+@Suite(.serialized, .enabled(if: QMPHarness.ready, Comment(rawValue: QMPHarness.missing)))
+struct QMPDaemonTests {
+    @Test func protocolChecksWithQemuQmp() throws {
+        let dir = TempDir("qmp-proto")
+        try truncateFile(dir.file("ev.raw"), to: 16 << 20)
+        let d = try QMPHarness.startDaemon(dir: dir)
+        defer { d.stop() }
+        let r = try run(Tools.which("python3") ?? "python3", ["\(QMPHarness.pythonDir)/qmp_protocol.py", d.socket, dir.file("ev.raw")])
+        #expect(r.status == 0, "\(r)")
+        #expect(r.stdout.contains("0 failed"), "\(r)")
+    }
+
+    /// Opens `name` (qcow2) as node `name` and exports it writable under the same name.
+    private func addDisk(_ py: PyQMP, _ dir: TempDir, _ name: String) async throws {
+        try await py.ok("blockdev-add", ["driver": "qcow2", "node-name": name,
+                                         "file": ["driver": "file", "filename": dir.file("\(name).qcow2")]])
+        try await py.ok("block-export-add", ["type": "nbd", "id": "e-\(name)", "node-name": name, "writable": true, "name": name])
+    }
+
+    private func exportNodes(_ py: PyQMP) async throws -> [String: String] {
+        let list = try await py.ok("query-block-exports") as? [[String: Any]] ?? []
+        var m: [String: String] = [:]
+        for e in list { m[e["id"] as? String ?? ""] = e["node-name"] as? String }
+        return m
+    }
+
+    @Test func liveSnapshotUnderWriter() async throws {
+        let dir = TempDir("qmp-snap")
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("d0.qcow2"), "8M")
+        let d = try QMPHarness.startDaemon(dir: dir)
+        defer { d.stop() }
+        let py = try PyQMP(socket: d.socket)
+        try await py.ok("nbd-server-start", ["addr": ["type": "unix", "data": ["path": dir.file("nbd.sock")]]])
+        try await addDisk(py, dir, "d0")
+        let writer = try await ModelWriter(uri: "nbd+unix:///d0?socket=\(dir.file("nbd.sock"))", blocks: 2048)
+        writer.start(seed: 1)
+        try await Task.sleep(nanoseconds: 300_000_000)
+        try await py.ok("blockdev-snapshot-sync", ["node-name": "d0", "snapshot-file": dir.file("s1.qcow2"),
+                                                   "snapshot-node-name": "s1", "format": "qcow2"])
+        #expect(try await exportNodes(py)["e-d0"] == "s1")
+        let before = writer.writes
+        try await Task.sleep(nanoseconds: 300_000_000)
+        let failure = await writer.stop()
+        #expect(failure == nil, "writer failed: \(String(describing: failure))")
+        #expect(writer.writes > before, "the writer kept going after the snapshot")
+        #expect(try await writer.mismatches().isEmpty)
+        let nodes = try await py.ok("query-named-block-nodes") as? [[String: Any]] ?? []
+        let s1 = nodes.first { $0["node-name"] as? String == "s1" }
+        #expect(s1?["backing_file"] as? String == dir.file("d0.qcow2"))
+        #expect(s1?["backing_file_depth"] as? Int == 1)
+        // The old top cannot go while the overlay uses it.
+        let del = try await py.execute("blockdev-del", ["node-name": "d0"])
+        #expect((del["error"] as? [String: Any])?["desc"] as? String == "Node 'd0' is busy: node is used as backing hd of 's1'")
+        try? await writer.node.close()
+        try await py.ok("quit")
+        #expect(d.stop() == 0)
+        try writer.writeModel(to: dir.file("model.raw"))
+        for img in ["d0.qcow2", "s1.qcow2"] {
+            let c = try run("qemu-img", ["check", dir.file(img)])
+            #expect(c.status == 0, "\(img): \(c)")
+        }
+        let cmp = try run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", dir.file("s1.qcow2"), dir.file("model.raw")])
+        #expect(cmp.status == 0, "\(cmp)")
+        // Later writes landed in the overlay: it has data of its own.
+        let map = try run("qemu-img", ["map", "--output=json", dir.file("s1.qcow2")])
+        #expect(map.stdout.contains("\"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "\(map.stdout)")
+        print("live snapshot: \(writer.writes) writes, longest \(String(format: "%.2f", writer.maxLatency * 1000)) ms")
+    }
+
+    @Test func transactionOverTwoDisksIsAtomic() async throws {
+        let dir = TempDir("qmp-txn")
+        for n in ["a", "b"] { try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("\(n).qcow2"), "4M") }
+        let d = try QMPHarness.startDaemon(dir: dir)
+        defer { d.stop() }
+        let py = try PyQMP(socket: d.socket)
+        try await py.ok("nbd-server-start", ["addr": ["type": "unix", "data": ["path": dir.file("nbd.sock")]]])
+        try await addDisk(py, dir, "a")
+        try await addDisk(py, dir, "b")
+        let wa = try await ModelWriter(uri: "nbd+unix:///a?socket=\(dir.file("nbd.sock"))", blocks: 1024)
+        let wb = try await ModelWriter(uri: "nbd+unix:///b?socket=\(dir.file("nbd.sock"))", blocks: 1024)
+        wa.start(seed: 2)
+        wb.start(seed: 3)
+        try await Task.sleep(nanoseconds: 200_000_000)
+        let nodesBefore = try await py.ok("query-named-block-nodes", ["flat": true]) as? [[String: Any]] ?? []
+
+        // The second action fails (its directory does not exist): nothing may change.
+        let bad = try await py.execute("transaction", ["actions": [
+            ["type": "blockdev-snapshot-sync", "data": ["node-name": "a", "snapshot-file": dir.file("x-a.qcow2"), "snapshot-node-name": "xa"]],
+            ["type": "block-dirty-bitmap-add", "data": ["node": "b", "name": "tb"]],
+            ["type": "blockdev-snapshot-sync", "data": ["node-name": "b", "snapshot-file": dir.file("missing/x-b.qcow2"), "snapshot-node-name": "xb"]],
+        ]])
+        #expect(bad["error"] != nil, "\(bad)")
+        #expect(!FileManager.default.fileExists(atPath: dir.file("x-a.qcow2")), "a created overlay is removed")
+        let nodesAfter = try await py.ok("query-named-block-nodes", ["flat": true]) as? [[String: Any]] ?? []
+        #expect(nodesAfter.map { $0["node-name"] as? String } == nodesBefore.map { $0["node-name"] as? String })
+        #expect(nodesAfter.allSatisfy { $0["dirty-bitmaps"] == nil }, "the bitmap added by the transaction is gone")
+        #expect(try await exportNodes(py) == ["e-a": "a", "e-b": "b"])
+
+        // Both snapshots at once.
+        try await py.ok("transaction", ["actions": [
+            ["type": "blockdev-snapshot-sync", "data": ["node-name": "a", "snapshot-file": dir.file("a1.qcow2"), "snapshot-node-name": "a1"]],
+            ["type": "blockdev-snapshot-sync", "data": ["node-name": "b", "snapshot-file": dir.file("b1.qcow2"), "snapshot-node-name": "b1"]],
+        ]])
+        #expect(try await exportNodes(py) == ["e-a": "a1", "e-b": "b1"])
+        try await Task.sleep(nanoseconds: 200_000_000)
+        for w in [wa, wb] {
+            let failure = await w.stop()
+            #expect(failure == nil, "writer failed: \(String(describing: failure))")
+            #expect(try await w.mismatches().isEmpty)
+            try? await w.node.close()
+        }
+        try await py.ok("quit")
+        #expect(d.stop() == 0)
+        for (w, top) in [(wa, "a1"), (wb, "b1")] {
+            try w.writeModel(to: dir.file("\(top).raw"))
+            let cmp = try run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", dir.file("\(top).qcow2"), dir.file("\(top).raw")])
+            #expect(cmp.status == 0, "\(cmp)")
+        }
+        for img in ["a.qcow2", "b.qcow2", "a1.qcow2", "b1.qcow2"] {
+            let c = try run("qemu-img", ["check", dir.file(img)])
+            #expect(c.status == 0, "\(img): \(c)")
+        }
+    }
+
+    /// A command that hangs (an NBD server that never answers) holds neither the other
+    /// clients' queries nor `quit`.
+    @Test func slowCommandDoesNotBlockOtherClients() async throws {
+        let dir = TempDir("qmp-slow")
+        let mute = dir.file("mute.sock")
+        let listener = Process()
+        listener.executableURL = URL(fileURLWithPath: Tools.which("python3") ?? "/usr/bin/python3")
+        listener.arguments = ["-c", "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8); time.sleep(60)", mute]
+        try listener.run()
+        defer { listener.terminate() }
+        while !FileManager.default.fileExists(atPath: mute) { usleep(10_000) }
+        let d = try QMPHarness.startDaemon(dir: dir)
+        defer { d.stop() }
+        let a = try PyQMP(socket: d.socket), b = try PyQMP(socket: d.socket)
+        let hung = Task { try? await a.execute("blockdev-add", ["driver": "nbd", "node-name": "n", "server": ["type": "unix", "path": mute]]) }
+        try await Task.sleep(nanoseconds: 300_000_000)
+        let t0 = Date()
+        let v = try await b.execute("query-version")
+        #expect(v["return"] != nil)
+        #expect(try await b.execute("query-block-exports")["return"] != nil)
+        #expect(Date().timeIntervalSince(t0) < 2)
+        try await b.ok("quit")
+        #expect(d.stop() == 0)
+        _ = await hung.value
+    }
+}

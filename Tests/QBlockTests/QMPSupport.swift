@@ -1,0 +1,191 @@
+import Foundation
+@testable import QBlock
+import TestSupport
+
+/// Runs `nbd --qmp` daemons and drives them with the real `qemu.qmp` Python client
+/// (`tests/python/qmp_drive.py`), for the QMP test suites.
+enum QMPHarness {
+    static let pythonDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("tests/python").path
+
+    /// Whether python3 with qemu.qmp is there (`make test` installs it).
+    static let havePython: Bool = {
+        guard let py = Tools.which("python3") else { return false }
+        return (try? run(py, ["-c", "import qemu.qmp"]))?.status == 0
+    }()
+    static let ready = havePython && Tools.qemuAvailable && Tools.executable("nbd") != nil
+    static let missing = "needs python3 with qemu.qmp (pip install qemu.qmp; make test does it), qemu-img and the built nbd tool; skipped"
+
+    struct Daemon {
+        let pid: pid_t
+        let socket: String
+        let log: String
+
+        /// Sends SIGTERM (if still running) and reaps the process; returns its exit status.
+        @discardableResult
+        func stop() -> Int32 {
+            kill(pid, SIGTERM)
+            return NBDHarness.reap(pid)
+        }
+    }
+
+    /// Starts `nbd --qmp SOCKET [args]` and waits until the socket exists.
+    static func startDaemon(dir: TempDir, tag: String = "qmp", args: [String] = []) throws -> Daemon {
+        let socket = dir.file("\(tag).sock"), log = dir.file("\(tag).log")
+        guard let pid = NBDHarness.spawn([Tools.executable("nbd") ?? "nbd", "--qmp", socket] + args, output: log) else {
+            throw NBDStartFailed(description: "nbd --qmp could not be started")
+        }
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket) {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid || Date() > deadline {
+                kill(pid, SIGKILL)
+                throw NBDStartFailed(description: "nbd --qmp did not start: \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+            }
+            usleep(10_000)
+        }
+        usleep(20_000)
+        return Daemon(pid: pid, socket: socket, log: log)
+    }
+}
+
+/// A `qmp_drive.py` child: one QMP command per call through `qemu.qmp.QMPClient`.
+final class PyQMP: @unchecked Sendable {
+    private let proc = Process()
+    private let input = Pipe()
+    private let output = Pipe()
+    private var pending = Data()
+
+    init(socket: String) throws {
+        proc.executableURL = URL(fileURLWithPath: Tools.which("python3") ?? "/usr/bin/python3")
+        proc.arguments = ["\(QMPHarness.pythonDir)/qmp_drive.py", socket]
+        proc.standardInput = input
+        proc.standardOutput = output
+        proc.standardError = FileHandle.standardError
+        try proc.run()
+        _ = try readLine()  // the greeting marker
+    }
+
+    deinit {
+        try? input.fileHandleForWriting.close()
+        proc.waitUntilExit()
+    }
+
+    private func readLine() throws -> String {
+        while true {
+            if let nl = pending.firstIndex(of: 0x0A) {
+                let line = String(decoding: pending[pending.startIndex..<nl], as: UTF8.self)
+                pending = Data(pending[(nl + 1)...])
+                return line
+            }
+            let chunk = output.fileHandleForReading.availableData
+            if chunk.isEmpty { throw QMPTestError(description: "qmp_drive.py: end of output") }
+            pending.append(chunk)
+        }
+    }
+
+    /// Runs `name` with `arguments` (a JSON object text); returns the reply as a dictionary
+    /// (`return` or `error`).
+    func execute(_ name: String, _ arguments: [String: Any]? = nil) async throws -> [String: Any] {
+        var req: [String: Any] = ["execute": name]
+        if let arguments { req["arguments"] = arguments }
+        return try await send(req)
+    }
+
+    func waitEvent(_ name: String, timeout: Double = 5) async throws -> [String: Any] {
+        try await send(["wait-event": name, "timeout": timeout])
+    }
+
+    private func send(_ req: [String: Any]) async throws -> [String: Any] {
+        var data = try JSONSerialization.data(withJSONObject: req)
+        data.append(0x0A)
+        input.fileHandleForWriting.write(data)
+        let line: Result<String, Error> = await IOThreadPool.shared.run { Result { try self.readLine() } }
+        let text = try line.get()
+        return (try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any]) ?? [:]
+    }
+
+    /// Executes and fails unless the reply is a `return`.
+    @discardableResult
+    func ok(_ name: String, _ arguments: [String: Any]? = nil) async throws -> Any {
+        let r = try await execute(name, arguments)
+        guard let v = r["return"] else {
+            throw QMPTestError(description: "\(name) failed: \(r)")
+        }
+        return v
+    }
+}
+
+/// A client writing 4 KiB blocks through an NBD export, one request at a time, keeping a
+/// model of what each block must hold and the longest time a write took.
+final class ModelWriter: @unchecked Sendable {
+    static let block = 4096
+    let node: NBDClientNode
+    let blocks: Int
+    private let lock = NSLock()
+    private(set) var model: [UInt8]
+    private(set) var writes = 0
+    private(set) var maxLatency: Double = 0
+    private var stopFlag = false
+    private var task: Task<Error?, Never>?
+
+    init(uri: String, blocks: Int) async throws {
+        node = try await NBDClientNode.connect(try NBDURI(uri), readOnly: false)
+        self.blocks = blocks
+        model = [UInt8](repeating: 0, count: blocks)
+    }
+
+    func start(seed: UInt64) {
+        task = Task {
+            var rng = seed
+            var i = 0
+            while !lock.withLock({ stopFlag }) {
+                rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                let b = Int((rng >> 33) % UInt64(blocks))
+                let value = UInt8(i % 251 + 1)
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                do {
+                    try await node.write(at: Int64(b * ModelWriter.block), bytes: [UInt8](repeating: value, count: ModelWriter.block))
+                } catch {
+                    return error
+                }
+                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                lock.withLock {
+                    model[b] = value
+                    writes += 1
+                    maxLatency = max(maxLatency, dt)
+                }
+                i += 1
+            }
+            return nil
+        }
+    }
+
+    /// Stops writing; returns the writer's error, if any.
+    func stop() async -> Error? {
+        lock.withLock { stopFlag = true }
+        return await task?.value ?? nil
+    }
+
+    /// Blocks whose content differs from the model, read back through the export.
+    func mismatches() async throws -> [Int] {
+        var bad: [Int] = []
+        for b in 0..<blocks {
+            let data = try await node.read(at: Int64(b * ModelWriter.block), count: ModelWriter.block)
+            if data.contains(where: { $0 != model[b] }) { bad.append(b) }
+        }
+        return bad
+    }
+
+    /// The model as a raw image file (for qemu-img compare).
+    func writeModel(to path: String) throws {
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(blocks * ModelWriter.block)
+        for v in model { bytes.append(contentsOf: [UInt8](repeating: v, count: ModelWriter.block)) }
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+    }
+}
+
+struct QMPTestError: Error, CustomStringConvertible {
+    let description: String
+}
