@@ -43,6 +43,15 @@ except ImportError:
 DISK_SIZE = "256M"
 
 
+NARRATION = {
+    "snapshot": "blockdev-snapshot-sync: new writes go to a qcow2 overlay, the base becomes its backing file",
+    "stopcont": "stop (vCPU parked, disks drained and flushed), qemu-img convert of the disk, cont",
+    "stream": "block-stream: copy the base's blocks up into the overlay, then drop the backing file",
+    "mirror-nbd": "blockdev-mirror copy-mode=write-blocking to an NBD server, then block-job-complete (pivot)",
+    "mirror-bg": "blockdev-mirror copy-mode=background to a file, block-job-cancel after READY (a point-in-time copy)",
+}
+
+
 class Failure(Exception):
     pass
 
@@ -65,7 +74,10 @@ class Guest:
         append = "console=ttyS0 cryptomgr.notests quiet WSYNC=%d" % self.args.sync_every
         cmd = [self.args.vm, "--kernel", self.args.kernel, "--initrd", self.args.initrd, "--memory", "256M",
                "--append", append, "--drive", self.drive, "--qmp", self.qmp_path]
-        self.proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
+        env = dict(os.environ)
+        if self.args.trace:
+            env["QBLOCK_QMP_TRACE"] = "1"
+        self.proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.PIPE,
                                                          stdout=asyncio.subprocess.PIPE,
                                                          stderr=asyncio.subprocess.PIPE)
         self.reader = asyncio.create_task(self._read())
@@ -233,7 +245,8 @@ class Run:
 
     async def start_qemu_nbd(self, image):
         sock = self.path("target.sock")
-        self.nbd = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, "-x", "target", "--cache=writeback", image],
+        server = self.args.nbd_server
+        self.nbd = subprocess.Popen([server, "-f", "qcow2", "-k", sock, "-x", "target", "--cache=writeback", image],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(200):
             if os.path.exists(sock):
@@ -292,26 +305,35 @@ class Run:
         base = await self.g.mark()
         await asyncio.sleep(0.3)
         t0 = time.monotonic()
+        err0 = len(self.g.stderr)
         await action()
         dt = time.monotonic() - t0
         await asyncio.sleep(max(0.0, 1.0 - 0.3 - dt))
         during = await self.g.mark()
-        self.results[name] = {"baseline": base, "during": during}
-        print("livevm: latency %-12s baseline max %6.2f ms (%d writes), during max %6.2f ms (%d writes)" % (
-            name, base["maxlat_us"] / 1000, base["blocks"], during["maxlat_us"] / 1000, during["blocks"]), flush=True)
+        held = None
+        for line in self.g.stderr[err0:].decode(errors="replace").splitlines():
+            m = re.search(r"transaction: drain (\d+) us, drained work (\d+) us, switch\+undrain (\d+) us", line)
+            if m:
+                held = sum(map(int, m.groups()))
+        self.results[name] = {"baseline": base, "during": during, "held_us": held}
+        print("livevm: latency %-12s baseline max %6.2f ms (%d writes), during max %6.2f ms (%d writes)%s" % (
+            name, base["maxlat_us"] / 1000, base["blocks"], during["maxlat_us"] / 1000, during["blocks"],
+            "" if held is None else ", writers held %.2f ms" % (held / 1000)), flush=True)
 
     async def throughput_window(self, name, seconds=3.0):
         await self.g.mark()
         await asyncio.sleep(seconds)
         m = await self.g.mark()
         rate = m["blocks"] * 4096 / (m["us"] / 1e6) / 1024
-        self.results[name] = {"blocks": m["blocks"], "us": m["us"], "KiB/s": rate, "maxlat_us": m["maxlat_us"]}
+        self.ntp = getattr(self, "ntp", 0) + 1
+        self.results["tp%d" % self.ntp] = {"mode": name, "blocks": m["blocks"], "us": m["us"], "KiB/s": rate, "maxlat_us": m["maxlat_us"]}
         print("livevm: throughput %-24s %8.1f KiB/s (%d writes in %.1f s)" % (name, rate, m["blocks"], m["us"] / 1e6), flush=True)
 
     # --- the run -------------------------------------------------------------------------
 
     async def main(self):
         a = self.args
+        self.disk_bytes = int(DISK_SIZE[:-1]) << 20
         base = self.path("base.qcow2")
         subprocess.run(["qemu-img", "create", "-f", "qcow2", base, DISK_SIZE], check=True, capture_output=True)
         self.active = (base, "qcow2")
@@ -335,12 +357,11 @@ class Run:
             self.time("boot to writer", time.monotonic() - t0)
             await self.g.wait_acked(64)
             for step in a.steps:
-                if step == "latency":
-                    await self.bench_latency()
+                if step in ("lat-snapshot", "lat-pivot", "throughput"):
+                    await getattr(self, "bench_" + step.replace("-", "_"))()
                     continue
-                if step == "throughput":
-                    await self.bench_throughput()
-                    continue
+                if a.narrate:
+                    print("\nlivevm: --- %s: %s (guest has written %d blocks so far)" % (step, NARRATION.get(step, ""), self.g.acked), flush=True)
                 await getattr(self, "step_" + step.replace("-", "_"))()
                 await self.g.wait_acked(self.g.acked + 32)
             t0 = time.monotonic()
@@ -388,27 +409,38 @@ class Run:
                 print("livevm: %s is consistent: blocks 0..%d (the guest had acknowledged >= %d)" % (name, k - 1, at_least), flush=True)
         if self.problems:
             raise Failure("\n".join(self.problems))
+        if self.args.reference:
+            # What the final image must hold: the acknowledged blocks, zeros after them.
+            with open(self.args.reference, "wb") as f:
+                for n in range(acked):
+                    f.write(blocks.expected(n))
+                f.truncate(self.disk_bytes)
 
-    async def bench_latency(self):
-        ov = self.path("bench-overlay.qcow2")
+    async def bench_lat_snapshot(self):
+        self.nsnap = getattr(self, "nsnap", 0) + 1
+        ov = self.path("bench-overlay%d.qcow2" % self.nsnap)
 
         async def snap():
             await self.execute("blockdev-snapshot-sync", {"device": "disk0", "snapshot-file": ov,
-                                                          "snapshot-node-name": "bench-ov", "format": "qcow2"})
-        await self.latency_window("snapshot", snap)
+                                                          "snapshot-node-name": "bench-ov%d" % self.nsnap, "format": "qcow2"})
+        await self.latency_window("snapshot%d" % self.nsnap, snap)
         self.active = (ov, "qcow2")
         self.images.append((ov, "qcow2"))
-        target = self.path("bench-target.qcow2")
+
+    async def bench_lat_pivot(self):
+        self.npivot = getattr(self, "npivot", 0) + 1
+        target = self.path("bench-target%d.qcow2" % self.npivot)
         subprocess.run(["qemu-img", "create", "-f", "qcow2", target, DISK_SIZE], check=True, capture_output=True)
-        await self.execute("blockdev-add", {"driver": "qcow2", "node-name": "btarget",
+        job = "bm%d" % self.npivot
+        await self.execute("blockdev-add", {"driver": "qcow2", "node-name": "bt%d" % self.npivot,
                                             "file": {"driver": "file", "filename": target}})
-        await self.execute("blockdev-mirror", {"job-id": "bm", "device": "disk0", "target": "btarget", "sync": "full"})
-        await self.wait_event("BLOCK_JOB_READY", 300, device="bm")
+        await self.execute("blockdev-mirror", {"job-id": job, "device": "disk0", "target": "bt%d" % self.npivot, "sync": "full"})
+        await self.wait_event("BLOCK_JOB_READY", 300, device=job)
 
         async def pivot():
-            await self.execute("block-job-complete", {"device": "bm"})
-            await self.wait_event("BLOCK_JOB_COMPLETED", 60, device="bm")
-        await self.latency_window("pivot", pivot)
+            await self.execute("block-job-complete", {"device": job})
+            await self.wait_event("BLOCK_JOB_COMPLETED", 60, device=job)
+        await self.latency_window("pivot%d" % self.npivot, pivot)
         self.active = (target, "qcow2")
         self.images.append((target, "qcow2"))
 
@@ -440,6 +472,10 @@ def main():
     p.add_argument("--sync-every", type=int, default=32)
     p.add_argument("--boot-timeout", type=float, default=300)
     p.add_argument("--json")
+    p.add_argument("--trace", action="store_true", help="run vm with QBLOCK_QMP_TRACE=1 (drained-section timing)")
+    p.add_argument("--nbd-server", default="qemu-nbd", help="the NBD server for mirror-nbd (qemu-nbd or this project's nbd)")
+    p.add_argument("--reference", help="write a raw image of exactly the acknowledged blocks here")
+    p.add_argument("--narrate", action="store_true", help="say what each step does (make demo)")
     a = p.parse_args()
     a.steps = [s for s in a.steps.split(",") if s]
     for tool in ("qemu-img", "qemu-nbd"):
