@@ -64,4 +64,20 @@ import TestSupport
         guard let r = try scenario(["snapshot", "stopcont", "stream", "mirror-nbd", "mirror-bg"]) else { return }
         #expect(r.stdout.contains("livevm: PASS"), "\(r)")
     }
+
+    /// The machine commands on a kernel that only loops (no guest download needed):
+    /// query-status, query-named-block-nodes, stop/cont with their events once each,
+    /// system_powerdown, and the three ways to end: quit, system_reset, SIGTERM.
+    @Test(arguments: ["quit", "reset", "signal"])
+    func machineCommands(_ which: String) throws {
+        guard let vm = VMTool.path else { Issue.record("vm not built"); return }
+        guard let python = Tools.which("python3") else { print("LiveVMTests skipped: python3 missing"); return }
+        let dir = TempDir("livevm-ctl")
+        let kernel = dir.file("loop.Image")
+        FileManager.default.createFile(atPath: kernel, contents: Data(TinyKernel.image([0x0000_006f])))   // j .
+        let r = try run("/usr/bin/timeout", ["--signal=KILL", "180", python, "\(Self.repo)/tests/python/livevm/control.py",
+                                             "--vm", vm, "--kernel", kernel, "--workdir", dir.path, "--case", which])
+        if r.status == 77 { print("LiveVMTests skipped: \(r.stdout)"); return }
+        #expect(r.status == 0 && r.stdout.contains("control: PASS"), "\(r)")
+    }
 }

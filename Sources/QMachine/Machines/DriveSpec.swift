@@ -3,8 +3,8 @@ import QBlock
 
 /// A `--drive` argument: `file=PATH[,format=qcow2|raw][,id=NAME][,node-name=NAME][,readonly=on|off]`
 /// (QEMU's -drive syntax, the subset this machine uses; a bare PATH means file=PATH).
-/// `node-name` names the format node in the block graph (`vm --qmp`); QEMU generates one
-/// when it is absent.
+/// `node-name` names the format node in the block graph (`vm --qmp`); without it the node
+/// is `ID-format`.
 public struct DriveSpec: Sendable, Equatable {
     public var file: String
     public var format: String?

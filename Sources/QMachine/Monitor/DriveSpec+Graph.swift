@@ -31,10 +31,13 @@ extension DriveSpec {
     /// `query-named-block-nodes` shows it as QEMU would) and attaches a ``BlockBackend``
     /// named `id`: the handle the device model holds, which live snapshots and mirror
     /// pivots switch to a new node without the device noticing.
-    /// - Parameter id: the drive id (QMP's device name).
+    /// - Parameter id: the drive id (QMP's device name); the format node is named
+    ///   `node-name`, or `ID-format` when the drive has none.
     /// - Throws: ``QMPError`` with QEMU's wording ("Could not open 'PATH': …").
     public func attach(to monitor: QMPMonitor, id: String) async throws -> BlockBackend {
-        let name = nodeName ?? monitor.graph.generateNodeName()
+        // QEMU generates "#block…" names for -drive; blockdev-add refuses them, so a drive
+        // without node-name gets libvirt's convention instead.
+        let name = nodeName ?? "\(id)-format"
         try await monitor.execute("blockdev-add", arguments: try blockdevArguments(nodeName: name))
         guard let node = monitor.graph.node(named: name) else {
             throw QMPError.generic("node '\(name)' vanished after blockdev-add")
