@@ -18,7 +18,7 @@ public protocol MonitoredMachine: AnyObject, Sendable {
 /// Behaviour, as QEMU 7.2's `riscv64` `virt` board with `-no-reboot` (the `vm` tool treats
 /// a guest reboot as a power-off):
 /// - `stop` parks the vCPU, waits for every virtio-blk request in flight and flushes every
-///   writable drive before it answers (`STOP` is sent just before the answer), so an
+///   writable drive and every node of the graph before it answers (`STOP` is sent just before the answer), so an
 ///   external copy of a stopped guest's disks is consistent; a second `stop` does nothing.
 /// - `cont` resumes a paused guest (`RESUME`); on a running guest it does nothing; after
 ///   a shutdown it fails as QEMU does ("Resetting the Virtual Machine is required").
@@ -101,6 +101,9 @@ public final class MachineControl: @unchecked Sendable {
             try args.done()
             guard status == .running else { return .dict(QObject.Dict()) }
             try await machine.pause()
+            // bdrv_flush_all: every node, not only the devices' tops (a job may have written
+            // below them, as commit does into the base).
+            for n in ctx.graph.nodes where !n.isReadOnly { try await n.flush() }
             let stopped: Bool = lock.withLock {
                 guard _status == .running else { return false }
                 _status = .paused
