@@ -46,7 +46,14 @@ struct QMPDaemonTests {
                                                    "snapshot-node-name": "s1", "format": "qcow2"])
         #expect(try await exportNodes(py)["e-d0"] == "s1")
         let before = writer.writes
-        try await Task.sleep(nanoseconds: 300_000_000)
+        try await Task.sleep(nanoseconds: 200_000_000)
+        // A second snapshot with an overlay node added beforehand (blockdev-snapshot).
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("s2.qcow2"), "8M")
+        try await py.ok("blockdev-add", ["driver": "qcow2", "node-name": "s2", "backing": NSNull(),
+                                         "file": ["driver": "file", "filename": dir.file("s2.qcow2")]])
+        try await py.ok("blockdev-snapshot", ["node": "s1", "overlay": "s2"])
+        #expect(try await exportNodes(py)["e-d0"] == "s2")
+        try await Task.sleep(nanoseconds: 200_000_000)
         let failure = await writer.stop()
         #expect(failure == nil, "writer failed: \(String(describing: failure))")
         #expect(writer.writes > before, "the writer kept going after the snapshot")
@@ -62,15 +69,20 @@ struct QMPDaemonTests {
         try await py.ok("quit")
         #expect(d.stop() == 0)
         try writer.writeModel(to: dir.file("model.raw"))
-        for img in ["d0.qcow2", "s1.qcow2"] {
+        // s2 was created without a backing file name: point it at s1 (as a management tool
+        // does with change-backing-file) before reading the chain offline.
+        try mustRun("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", dir.file("s1.qcow2"), "-F", "qcow2", dir.file("s2.qcow2"))
+        for img in ["d0.qcow2", "s1.qcow2", "s2.qcow2"] {
             let c = try run("qemu-img", ["check", dir.file(img)])
             #expect(c.status == 0, "\(img): \(c)")
         }
-        let cmp = try run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", dir.file("s1.qcow2"), dir.file("model.raw")])
+        let cmp = try run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", dir.file("s2.qcow2"), dir.file("model.raw")])
         #expect(cmp.status == 0, "\(cmp)")
-        // Later writes landed in the overlay: it has data of its own.
-        let map = try run("qemu-img", ["map", "--output=json", dir.file("s1.qcow2")])
-        #expect(map.stdout.contains("\"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "\(map.stdout)")
+        // Later writes landed in each overlay: both have data of their own.
+        for img in ["s1.qcow2", "s2.qcow2"] {
+            let map = try run("qemu-img", ["map", "--output=json", "-U", dir.file(img)])
+            #expect(map.stdout.contains("\"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "\(img): \(map.stdout)")
+        }
         print("live snapshot: \(writer.writes) writes, longest \(String(format: "%.2f", writer.maxLatency * 1000)) ms")
     }
 

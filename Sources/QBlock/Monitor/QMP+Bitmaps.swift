@@ -8,7 +8,7 @@ extension QMPMonitor {
             ("block-dirty-bitmap-enable", .enable), ("block-dirty-bitmap-disable", .disable),
         ]
         register("block-dirty-bitmap-add") { args, ctx in
-            try await QMPTransaction.run([try BitmapAddAction(args, graph: ctx.graph)], graph: ctx.graph, drain: false)
+            try await QMPTransaction.run([try BitmapAddAction(args, graph: ctx.graph, block: ctx.monitor.block)], graph: ctx.graph, drain: false)
             return .dict(QObject.Dict())
         }
         for (name, kind) in simple {
@@ -32,8 +32,22 @@ enum BitmapLookup {
 
     static func bitmap(_ graph: BlockGraph, node: String, name: String) throws -> (BlockNode, DirtyBitmap) {
         let n = try self.node(graph, node)
-        guard let b = n.bitmaps.named(name) else { throw QMPError.generic("Dirty bitmap '\(name)' not found") }
+        guard let b = find(n, name) else { throw QMPError.generic("Dirty bitmap '\(name)' not found") }
         return (n, b)
+    }
+
+    /// The node's persistent (qcow2) bitmaps, if its format stores them.
+    static func persistentSet(_ node: BlockNode) -> DirtyBitmapSet? {
+        (node.innermostDriver as? Qcow2Node)?.persistentBitmaps
+    }
+
+    /// Every bitmap of the node: persistent ones (the qcow2 driver marks them) and runtime ones.
+    static func all(_ node: BlockNode) -> [DirtyBitmap] {
+        (persistentSet(node)?.all ?? []) + node.bitmaps.all
+    }
+
+    static func find(_ node: BlockNode, _ name: String) -> DirtyBitmap? {
+        persistentSet(node)?.named(name) ?? node.bitmaps.named(name)
     }
 
     /// QEMU's default granularity: the cluster size clamped to [4 KiB, 64 KiB], else 64 KiB.
@@ -56,10 +70,12 @@ final class BitmapAddAction: QMPTransactionAction {
     let nodeName: String, name: String
     let granularity: UInt64?
     let persistent: Bool, disabled: Bool
-    private var added: (BlockNode, DirtyBitmap)?
+    private var added: (BlockNode, DirtyBitmap, DirtyBitmapSet)?
+    private weak var block: QMPBlockState?
 
-    init(_ args: QMPArguments, graph: BlockGraph) throws {
+    init(_ args: QMPArguments, graph: BlockGraph, block: QMPBlockState? = nil) throws {
         self.graph = graph
+        self.block = block
         nodeName = try args.string("node")
         name = try args.string("name")
         granularity = try args.optionalUInt("granularity", bits: 32)
@@ -74,19 +90,26 @@ final class BitmapAddAction: QMPTransactionAction {
         if name.utf8.count > 1023 { throw QMPError.generic("Bitmap name too long: \(name)") }
         let g = granularity.map { Int64($0) } ?? BitmapLookup.defaultGranularity(node)
         if g < 512 || g & (g - 1) != 0 { throw QMPError.generic("Granularity must be power of 2 and at least 512") }
-        if node.bitmaps.named(name) != nil { throw QMPError.generic("Bitmap already exists: \(name)") }
+        if BitmapLookup.find(node, name) != nil { throw QMPError.generic("Bitmap already exists: \(name)") }
         if persistent {
-            // Persistent bitmaps need the qcow2 bitmaps extension (not wired to the monitor yet).
-            throw QMPError.generic("Can't store persistent bitmaps to \(nodeName): Operation not supported")
+            guard let q = node.innermostDriver as? Qcow2Node else {
+                throw QMPError.generic("Can't store persistent bitmaps to \(nodeName): Operation not supported")
+            }
+            let b = try q.addPersistentBitmap(name: name, granularity: granularity.map { Int64($0) }, disabled: disabled,
+                                              nodeName: nodeName)
+            added = (node, b, q.persistentBitmaps)
+            block?.noteBitmap(b)
+            return
         }
         let b = try DirtyBitmap(name: name, size: node.length, granularity: g)
         b.isEnabled = !disabled
         try node.bitmaps.add(b)
-        added = (node, b)
+        added = (node, b, node.bitmaps)
+        block?.noteBitmap(b)
     }
 
     func abort() async {
-        if let (n, b) = added { n.bitmaps.remove(b) }
+        if let (_, b, set) = added { set.remove(b) }
     }
 }
 
@@ -106,10 +129,18 @@ final class BitmapSimpleAction: QMPTransactionAction {
         try args.done()
     }
 
+    private var removedPersistent: Qcow2Node?
+
     func prepare() async throws {
         let (n, b) = try BitmapLookup.bitmap(graph, node: nodeName, name: name)
         if kind == .remove {
             if b.isBusy { throw QMPError.generic("Bitmap '\(name)' is currently in use by another operation and cannot be used") }
+            // As QEMU: a persistent bitmap leaves the image at once; an abort puts the
+            // bitmap back on the node (stored again when the node is closed).
+            if b.isPersistent, let q = n.innermostDriver as? Qcow2Node, q.persistentBitmaps.named(name) === b {
+                try await q.removePersistentBitmap(named: name)
+                removedPersistent = q
+            }
         } else {
             try BitmapLookup.checkUsable(b)
         }
@@ -119,14 +150,16 @@ final class BitmapSimpleAction: QMPTransactionAction {
     func commitDrained() {
         guard let (n, b) = target else { return }
         switch kind {
-        case .remove: n.bitmaps.remove(b)
+        case .remove: if removedPersistent == nil { n.bitmaps.remove(b) }
         case .clear: b.clear()
         case .enable: b.isEnabled = true
         case .disable: b.isEnabled = false
         }
     }
 
-    func abort() async {}
+    func abort() async {
+        if let q = removedPersistent, let (_, b) = target { try? q.persistentBitmaps.add(b) }
+    }
 }
 
 /// `block-dirty-bitmap-merge`: node, target, bitmaps (names on the node, or {node, name}).
@@ -164,7 +197,9 @@ final class BitmapMergeAction: QMPTransactionAction {
         for (n, name) in sources {
             let (_, b) = try BitmapLookup.bitmap(graph, node: n, name: name)
             try BitmapLookup.checkUsable(b)
-            if b.size != target.size { throw QMPError.generic("Bitmaps are incompatible and can't be merged") }
+            if b.size != target.size {
+                throw QMPError.generic("Bitmaps are of different sizes (destination size is \(target.size), source size is \(b.size)) and can't be merged")
+            }
             list.append(b)
         }
         resolved = (target, list)

@@ -20,6 +20,29 @@ public final class QMPBlockState: @unchecked Sendable {
     /// Nodes reported read-only since a snapshot made them a backing image (QEMU reopens them so).
     private var reportedReadOnly = Set<ObjectIdentifier>()
 
+    private var bitmapSeq: [ObjectIdentifier: Int] = [:]
+    private var bitmapCounter = 0
+
+    /// Records a new bitmap's age (QEMU lists a node's bitmaps newest first).
+    func noteBitmap(_ b: DirtyBitmap) {
+        lock.withLock { bitmapCounter += 1; bitmapSeq[ObjectIdentifier(b)] = bitmapCounter }
+    }
+
+    /// The node's bitmaps, persistent and runtime, newest first (bitmaps loaded from the
+    /// image count as older than any added since, in directory order).
+    func orderedBitmaps(_ node: BlockNode) -> [DirtyBitmap] {
+        let all = BitmapLookup.all(node)
+        let seqs: [Int] = lock.withLock {
+            all.map { b in
+                if let s = bitmapSeq[ObjectIdentifier(b)] { return s }
+                bitmapCounter += 1
+                bitmapSeq[ObjectIdentifier(b)] = bitmapCounter
+                return bitmapCounter
+            }
+        }
+        return zip(all, seqs).sorted { $0.1 > $1.1 }.map(\.0)
+    }
+
     func setAutoDelete(_ node: BlockNode) { lock.withLock { autoDelete.append(node) } }
 
     func markReadOnly(_ node: BlockNode) {

@@ -19,7 +19,7 @@ extension QMPBlockState {
         d["cache"] = .dict(QObject.Dict([("writeback", .bool(!cache.writeThrough)), ("direct", .bool(cache.direct)),
                                          ("no-flush", .bool(info?.noFlush ?? false))]))
         d["write_threshold"] = .int(0)
-        let bitmaps = node.bitmaps.all
+        let bitmaps = orderedBitmaps(node)
         if !bitmaps.isEmpty { d["dirty-bitmaps"] = .list(bitmaps.map(Self.dirtyInfo)) }
         return .dict(d)
     }

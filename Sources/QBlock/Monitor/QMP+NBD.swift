@@ -105,10 +105,18 @@ extension QMPMonitor {
             guard let server = state.server else { throw QMPError.generic("NBD server not running") }
             if state.export(id: id) != nil { throw QMPError.generic("Block export id '\(id)' is already in use") }
             guard let node = ctx.graph.node(named: nodeName) else { throw QMPError.noDevice(node: nodeName) }
-            for b in bitmaps where node.bitmaps.named(b) == nil {
-                throw QMPError.generic("Bitmap '\(b)' is not found")
+            // As QEMU, a bitmap is looked for on the node and down its backing chain.
+            var exported: [DirtyBitmap] = []
+            for name in bitmaps {
+                var found: DirtyBitmap?
+                var cur: (any BlockDriver)? = node
+                while let c = cur, found == nil {
+                    if let n = c as? BlockNode { found = BitmapLookup.find(n, name) }
+                    cur = c.backing
+                }
+                guard let found else { throw QMPError.generic("Bitmap '\(name)' is not found") }
+                exported.append(found)
             }
-            if !bitmaps.isEmpty { throw QMPError.generic("Exporting dirty bitmaps over NBD is not supported yet") }
             let exportName = name ?? nodeName
             if server.exportNames.contains(exportName) {
                 throw QMPError.generic("NBD export '\(exportName)' already exists")
@@ -119,7 +127,8 @@ extension QMPMonitor {
             let backend = BlockBackend(name: "", node: node)
             let export = try NBDExport(name: exportName, description: description, node: backend,
                                        options: NBDExport.Options(readOnly: !writable, allocationDepth: allocationDepth,
-                                                                  writethrough: writethrough, multiConnection: true))
+                                                                  writethrough: writethrough, multiConnection: true,
+                                                                  bitmaps: exported))
             ctx.graph.attach(backend)
             do {
                 try server.addExport(export)

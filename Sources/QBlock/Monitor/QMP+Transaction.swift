@@ -62,7 +62,7 @@ extension QMPMonitor {
         switch type {
         case "blockdev-snapshot-sync": return try SnapshotSyncAction(data, monitor: self)
         case "blockdev-snapshot": return try SnapshotAction(data, monitor: self)
-        case "block-dirty-bitmap-add": return try BitmapAddAction(data, graph: graph)
+        case "block-dirty-bitmap-add": return try BitmapAddAction(data, graph: graph, block: block)
         case "block-dirty-bitmap-remove": return try BitmapSimpleAction(.remove, data, graph: graph)
         case "block-dirty-bitmap-clear": return try BitmapSimpleAction(.clear, data, graph: graph)
         case "block-dirty-bitmap-enable": return try BitmapSimpleAction(.enable, data, graph: graph)
