@@ -115,4 +115,34 @@ struct GuestBuildFailed: Error, CustomStringConvertible {
         #expect(r.status == 0 && !r.timedOut, "\(r)")
         #expect(r.stdout.contains("guest: got <hello from the host>"), "\(r)")
     }
+
+    @Test func twoDrivesReadOnlySerialAndDiscard() async throws {
+        guard VMTool.path != nil else { Issue.record("vm not built"); return }
+        guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
+        guard let g = try Self.guest("two-drives") else { return }
+        let dir = TempDir("boot")
+        let a = dir.file("a.qcow2"), b = dir.file("b.raw")
+        try mustRun("qemu-img", "create", "-f", "qcow2", a, "32M")
+        try mustRun("qemu-io", "-c", "write -P 0x33 0 32M", a)
+        try mustRun("qemu-img", "create", "-f", "raw", b, "8M")
+        try mustRun("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 1M", b)
+        let before = try Data(contentsOf: URL(fileURLWithPath: b))
+        let r = try await VMTool.run([
+            "--kernel", g.kernel, "--initrd", g.initrd, "--memory", "256M", "--append", "console=ttyS0 cryptomgr.notests",
+            "--drive", "file=\(a),format=qcow2,id=system", "--drive", "file=\(b),format=raw,id=data-disk-7,readonly=on",
+        ], timeout: Self.timeout)
+        #expect(r.status == 0 && !r.timedOut, "\(r)")
+        for line in ["guest: vda size=65536 ro=0 serial=system", "guest: vdb size=16384 ro=1 serial=data-disk-7",
+                     "guest: vdb write refused", "guest: discard ok", "guest: test exit 0"] {
+            #expect(r.stdout.contains(line), "\(line): \(r)")
+        }
+        // The guest read the host's pattern from the read-only disk, which is unchanged.
+        let md5 = try run("/bin/sh", ["-c", "head -c 1048576 '\(b)' | md5sum | cut -d' ' -f1"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(r.stdout.contains("guest: vdb md5 \(md5)"), "\(r)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: b)) == before)
+        // blkdiscard of the whole qcow2 disk: clean image that reads as zeros.
+        #expect(try run("qemu-img", ["check", a]).status == 0)
+        let io = try run("qemu-io", ["-c", "read -P 0 0 32M", a])
+        #expect(!io.stdout.contains("Pattern verification failed"), "\(io)")
+    }
 }

@@ -85,6 +85,9 @@ fetch() {
     if ! apt-get "${apt_opts[@]}" update -qq >"$GUEST_DIR/apt-update.log" 2>&1; then
         log "apt-get update failed (see $GUEST_DIR/apt-update.log)"; return 2
     fi
+    if ! ls "$apt_root/lists/"*_Packages* >/dev/null 2>&1; then
+        log "no package lists could be fetched from $MIRROR (offline?); see $GUEST_DIR/apt-update.log"; return 2
+    fi
     # The metapackage depends on the current versioned kernel package.
     kpkg="$(apt-cache "${apt_opts[@]}" depends linux-image-riscv64 2>/dev/null \
         | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-riscv64\)$/\1/p' | head -1)"

@@ -186,7 +186,17 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
     /// Quiesces the disks after the hart stopped: resets the virtio devices (waiting for
     /// requests in flight) and flushes every drive. The caller closes the nodes it opened.
     public func quiesce() async throws {
-        for s in virtio { s.write(offset: VirtioMMIO.Reg.status.rawValue, size: 4, value: 0) }
+        // A reset blocks until the device's request tasks finish; those run on the
+        // cooperative pool, so the blocking wait must not occupy one of its threads.
+        let slots = virtio
+        await withCheckedContinuation { (k: CheckedContinuation<Void, Never>) in
+            let t = Thread {
+                for s in slots { s.write(offset: VirtioMMIO.Reg.status.rawValue, size: 4, value: 0) }
+                k.resume()
+            }
+            t.name = "virtio-reset"
+            t.start()
+        }
         var firstError: (any Error)?
         for d in configuration.drives where !d.readOnly {
             do { try await d.node.flush() } catch { if firstError == nil { firstError = error } }

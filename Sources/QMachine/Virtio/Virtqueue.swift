@@ -59,8 +59,9 @@ public final class Virtqueue: @unchecked Sendable {
     // MARK: - Little-endian access to checked ring addresses
 
     @inline(__always) private func load16(_ a: UInt64) -> UInt16 {
-        // SAFETY: every ring address was checked against RAM in init; offsets stay inside the rings.
-        UInt16(littleEndian: ram.host.load(fromByteOffset: Int(a - ram.base), as: UInt16.self))
+        // SAFETY: every address was checked against RAM (rings in init, indirect tables in
+        // walk); indirect tables may be misaligned, so loads never assume alignment.
+        UInt16(littleEndian: ram.host.loadUnaligned(fromByteOffset: Int(a - ram.base), as: UInt16.self))
     }
     @inline(__always) private func load32(_ a: UInt64) -> UInt32 {
         UInt32(littleEndian: ram.host.loadUnaligned(fromByteOffset: Int(a - ram.base), as: UInt32.self))
