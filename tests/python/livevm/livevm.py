@@ -195,11 +195,13 @@ class Run:
     # --- steps ---------------------------------------------------------------------------
 
     async def step_snapshot(self):
-        ov = self.path("overlay.qcow2")
+        self.nov = getattr(self, "nov", 0) + 1
+        suffix = "" if self.nov == 1 else str(self.nov)
+        ov, name = self.path("overlay%s.qcow2" % suffix), "overlay%s" % suffix
         await self.timed("snapshot", "blockdev-snapshot-sync",
-                         {"device": "disk0", "snapshot-file": ov, "snapshot-node-name": "overlay", "format": "qcow2"})
+                         {"device": "disk0", "snapshot-file": ov, "snapshot-node-name": name, "format": "qcow2"})
         names = [n["node-name"] for n in await self.execute("query-named-block-nodes")]
-        if "overlay" not in names:
+        if name not in names:
             raise Failure("overlay missing from query-named-block-nodes: %s" % names)
         self.active = (ov, "qcow2")
         self.images.append((ov, "qcow2"))
