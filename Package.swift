@@ -66,6 +66,11 @@ let package = Package(
             dependencies: ["QBlock", "TestSupport"],
             path: "Tests/Stress"
         ),
+        .executableTarget(
+            name: "qblock-mirror-crash",
+            dependencies: ["QBlock", "TestSupport"],
+            path: "Tests/MirrorCrash"
+        ),
         .testTarget(
             name: "QBlockTests",
             dependencies: ["QBlock", "TestSupport"],

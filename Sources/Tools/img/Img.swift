@@ -12,7 +12,7 @@ struct Img: AsyncParsableCommand {
         abstract: "Create, inspect, check and resize disk images (qemu-img compatible).",
         subcommands: [ImgCreate.self, ImgInfo.self, ImgCheck.self, ImgMap.self, ImgResize.self, ImgBench.self,
                       ImgCompare.self, ImgRebase.self, ImgCommit.self, ImgAmend.self, ImgSnapshot.self,
-                      ImgConvert.self, ImgMeasure.self, ImgDD.self, ImgBitmap.self])
+                      ImgConvert.self, ImgMeasure.self, ImgDD.self, ImgBitmap.self, ImgMirrorFinish.self])
 
     static func main() async {
         let args = preprocess(Array(CommandLine.arguments.dropFirst()))

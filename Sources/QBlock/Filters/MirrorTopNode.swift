@@ -1,0 +1,130 @@
+/// How a mirror treats writes that arrive while it runs (QAPI's `MirrorCopyMode`).
+public enum MirrorCopyMode: String, Sendable, CaseIterable {
+    /// Writes go to the source and mark the job's dirty bitmap; the job copies later.
+    case background
+    /// A write completes once it reached both the source and the target, so a writer
+    /// faster than the copy adds no new work and the mirror converges.
+    case writeBlocking = "write-blocking"
+}
+
+/// The filter a mirror inserts above its source (QEMU's `mirror_top` node): every user of
+/// the source is switched to it, so that it sees every write. Reads pass through.
+///
+/// In background mode a completed write marks the dirty bitmap and wakes the job. In
+/// write-blocking mode the write is then also written to the target, holding its clusters
+/// in the ``RangeLock`` the job's copies take too, and the clusters it covers entirely are
+/// clean afterwards. Before a flush completes, new dirty bits reach the persistent bitmap
+/// file when there is one.
+public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
+    public let driverName = "mirror_top"
+    /// The source node.
+    public let source: any BlockDriver
+    let target: any BlockDriver
+    let bitmap: DirtyBitmap
+    /// Copies and write-blocking writes on overlapping clusters exclude each other.
+    let ranges: RangeLock
+    private let lock = PosixMutex()
+    private var mode: MirrorCopyMode
+    private var onDirty: (@Sendable () -> Void)?
+    private var sideFile: BitmapSideFile?
+
+    init(source: any BlockDriver, target: any BlockDriver, bitmap: DirtyBitmap, ranges: RangeLock,
+         mode: MirrorCopyMode, sideFile: BitmapSideFile?, onDirty: @escaping @Sendable () -> Void) {
+        self.source = source
+        self.target = target
+        self.bitmap = bitmap
+        self.ranges = ranges
+        self.mode = mode
+        self.sideFile = sideFile
+        self.onDirty = onDirty
+    }
+
+    /// Stops copying to the target and waking the job (the job is ending); writes still mark the bitmap.
+    func detachJob() {
+        lock.withLock {
+            mode = .background
+            onDirty = nil
+        }
+    }
+
+    public var filename: String { source.filename }
+    public var length: Int64 { source.length }
+    public var isReadOnly: Bool { source.isReadOnly }
+    public var requestAlignment: Int { source.requestAlignment }
+    public var file: (any BlockDriver)? { nil }
+    public var backing: (any BlockDriver)? { source }
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await source.read(at: offset, into: buffer)
+    }
+
+    /// Runs a write-like request on the source, then on the target (write-blocking) or marks it dirty.
+    private func mirrored(_ offset: Int64, _ length: Int64, toSource: () async throws -> Void,
+                          toTarget: () async throws -> Void) async throws {
+        let (current, wake) = lock.withLock { (mode, onDirty) }
+        guard current == .writeBlocking else {
+            try await toSource()
+            bitmap.mark(offset: offset, length: length)
+            wake?()
+            return
+        }
+        let g = bitmap.granularity
+        let start = offset / g * g
+        let end = (offset + length + g - 1) / g * g
+        try await ranges.withRange(start, end) {
+            try await toSource()
+            do {
+                try await toTarget()
+            } catch {
+                // The target missed it: copy it later.
+                bitmap.mark(offset: offset, length: length)
+                wake?()
+                return
+            }
+            // Whole clusters covered by the write now match on both sides.
+            let fullStart = (offset + g - 1) / g * g
+            let fullEnd = min((offset + length) / g * g, self.length)
+            if fullEnd > fullStart { bitmap.reset(offset: fullStart, length: fullEnd - fullStart) }
+        }
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await mirrored(offset, Int64(buffer.count),
+                           toSource: { try await source.write(at: offset, from: buffer, flags: flags) },
+                           toTarget: { try await target.write(at: offset, from: buffer, flags: flags) })
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try await mirrored(offset, length,
+                           toSource: { try await source.writeZeroes(at: offset, length: length, flags: flags) },
+                           toTarget: { try await target.writeZeroes(at: offset, length: length, flags: flags) })
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        // What a discarded range reads as depends on the source: copy whatever it is later.
+        try await source.discard(at: offset, length: length)
+        bitmap.mark(offset: offset, length: length)
+        lock.withLock { onDirty }?()
+    }
+
+    /// Flushes the source; with a persistent bitmap, its new dirty bits are durable first,
+    /// so that no write acknowledged by this flush can be missing from the file.
+    public func flush() async throws {
+        let (side, current) = lock.withLock { (sideFile, mode) }
+        if let side { try await side.syncNewlyDirty() }
+        try await source.flush()
+        // Write-blocking writes cleared their bits: the target must hold them durably too.
+        if current == .writeBlocking { try await target.flush() }
+    }
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try await source.blockStatus(at: offset, length: length)
+    }
+
+    public func truncate(to length: Int64, preallocation: Preallocation) async throws {
+        throw BlockError(.busy, "Cannot resize a node that is being mirrored", operation: "truncate")
+    }
+
+    /// A filter does not own the source: closing it closes nothing.
+    public func close() async throws {}
+}

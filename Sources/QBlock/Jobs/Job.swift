@@ -1,0 +1,346 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Options every job takes (the common arguments of QEMU's job-starting commands).
+public struct JobOptions: Sendable {
+    /// The job ID (`job-id`); must be well formed and unused.
+    public var id: String
+    /// Finalize as soon as the body succeeded (`auto-finalize`); otherwise wait in
+    /// `pending` for `job-finalize`.
+    public var autoFinalize: Bool
+    /// Disappear once concluded (`auto-dismiss`); otherwise wait in `concluded` for `job-dismiss`.
+    public var autoDismiss: Bool
+    /// Bytes per second (`speed`); 0 is unlimited.
+    public var speed: UInt64
+    /// The clock for rate limiting.
+    public var clock: any JobClock
+
+    public init(id: String, autoFinalize: Bool = true, autoDismiss: Bool = true, speed: UInt64 = 0,
+                clock: any JobClock = SystemJobClock()) {
+        self.id = id
+        self.autoFinalize = autoFinalize
+        self.autoDismiss = autoDismiss
+        self.speed = speed
+        self.clock = clock
+    }
+}
+
+/// One job: the generic part QEMU keeps in `job.c` and `blockjob.c` — status, pause
+/// counting, cancellation, progress, rate limit, error policy and events — around a
+/// ``JobDriver`` that does the work.
+///
+/// The lifecycle follows ``JobStateMachine``; every verb is checked against its table
+/// first. The driver's body runs in its own task; the verbs only change state under a
+/// lock and wake the body, so they never wait for I/O.
+public final class Job: @unchecked Sendable {
+    /// The job ID.
+    public let id: String
+    /// The driver doing the work.
+    public let driver: any JobDriver
+    /// The job's type.
+    public var type: JobType { driver.jobType }
+    let clock: any JobClock
+    let emit: @Sendable (JobEvent) -> Void
+    let onDismiss: @Sendable (Job) -> Void
+
+    // MARK: State, guarded by `lock`
+    let lock = PosixMutex()
+    var sm = JobStateMachine()
+    var autoFinalize: Bool
+    var autoDismiss: Bool
+    var pauseCount = 0
+    var userPaused = false
+    var paused = false
+    var busy = false
+    var cancelRequested = false
+    var forceCancel = false
+    var progressCurrent: UInt64 = 0
+    var progressTotal: UInt64 = 0
+    var bucket: TokenBucket
+    var ioStatus: BlockIOStatus = .ok
+    var errorMessage: String?
+    var failure: Error?
+    var wakeup: UnsafeContinuation<Void, Never>?
+    var wakeGeneration: UInt64 = 0
+    var kickPending = false
+    /// Events produced under `lock`, delivered by ``flushEvents()`` once it is released.
+    var queuedEvents: [JobEvent] = []
+    let emitLock = PosixMutex()
+    var statusWaiters: [(when: @Sendable (JobStatus) -> Bool, wake: UnsafeContinuation<JobStatus, Never>)] = []
+
+    init(options: JobOptions, driver: any JobDriver, emit: @escaping @Sendable (JobEvent) -> Void,
+         onDismiss: @escaping @Sendable (Job) -> Void) {
+        id = options.id
+        self.driver = driver
+        clock = options.clock
+        autoFinalize = options.autoFinalize
+        autoDismiss = options.autoDismiss
+        bucket = TokenBucket(rate: options.speed)
+        self.emit = emit
+        self.onDismiss = onDismiss
+        transitionLocked(.created)
+        flushEvents()
+    }
+
+    // MARK: Observing
+
+    /// The current status.
+    public var status: JobStatus { lock.withLock { sm.status } }
+    /// Bytes done and bytes to do, as `query-jobs` reports them.
+    public var progress: (current: UInt64, total: UInt64) { lock.withLock { (progressCurrent, progressTotal) } }
+    /// The rate limit in bytes per second (0: none).
+    public var speed: UInt64 { lock.withLock { bucket.rate } }
+    /// The block job I/O status (`failed`/`nospace` after an error that stopped the job).
+    public var blockIOStatus: BlockIOStatus { lock.withLock { ioStatus } }
+    /// The error that failed the job, as QEMU words it.
+    public var error: String? { lock.withLock { errorMessage } }
+    /// True if the driver body should stop as soon as possible (forced cancel).
+    public var isCancelled: Bool { lock.withLock { forceCancel } }
+    /// True if any cancel (forced or not) was requested.
+    public var isCancelRequested: Bool { lock.withLock { cancelRequested } }
+    /// True in `ready` and `standby`.
+    public var isReady: Bool { lock.withLock { sm.isReady } }
+    /// True while a pause is requested or in effect.
+    public var isPaused: Bool { lock.withLock { pauseCount > 0 } }
+
+    /// Waits until the status satisfies `predicate` and returns that status.
+    @discardableResult
+    public func wait(until predicate: @escaping @Sendable (JobStatus) -> Bool) async -> JobStatus {
+        await withUnsafeContinuation { (c: UnsafeContinuation<JobStatus, Never>) in
+            let now: JobStatus? = lock.withLock {
+                if predicate(sm.status) { return sm.status }
+                statusWaiters.append((predicate, c))
+                return nil
+            }
+            if let now { c.resume(returning: now) }
+        }
+    }
+
+    /// Waits until the status is `status`.
+    public func wait(for status: JobStatus) async {
+        await wait { $0 == status }
+    }
+
+    /// Waits until the job has concluded (or was dismissed).
+    public func waitConcluded() async {
+        await wait { $0 == .concluded || $0 == .null }
+    }
+
+    // MARK: For drivers
+
+    /// Sets the total amount of work (bytes).
+    public func setProgressTotal(_ total: UInt64) { lock.withLock { progressTotal = total } }
+    /// Adds to the total amount of work (a mirror's dirty areas).
+    public func increaseProgressTotal(_ delta: UInt64) { lock.withLock { progressTotal += delta } }
+    /// Records `bytes` of work done.
+    public func progressDone(_ bytes: UInt64) { lock.withLock { progressCurrent += bytes } }
+
+    /// Moves a running job to `ready` and emits `BLOCK_JOB_READY`.
+    public func transitionToReady() {
+        let done: Bool = withState {
+            guard sm.status == .running else { return false }
+            transitionLocked(.ready)
+            return true
+        }
+        if done { send(blockEvent("BLOCK_JOB_READY")) }
+    }
+
+    /// Accounts `bytes` moved and waits as long as the rate limit asks (QEMU's
+    /// `block_job_ratelimit_sleep`); also a pause point.
+    public func rateLimit(_ bytes: Int64) async {
+        var delay = lock.withLock { bucket.account(bytes, now: clock.now()) }
+        while delay > 0 && !isCancelled {
+            await sleep(nanoseconds: delay)
+            delay = lock.withLock { bucket.pendingDelay(now: clock.now()) }
+        }
+        await pausePoint()
+    }
+
+    /// Sleeps for `nanoseconds` unless woken by a cancel, pause or speed change, then
+    /// honours a pause request.
+    public func sleep(nanoseconds: UInt64) async {
+        if isCancelled { return }
+        if !lock.withLock({ pauseCount > 0 }) {
+            let generation = lock.withLock { wakeGeneration &+ 1 }
+            let clock = self.clock
+            let timer = Task { [weak self] in
+                await clock.sleep(nanoseconds: nanoseconds)
+                self?.kick(generation: generation)
+            }
+            await waitForKick()
+            timer.cancel()
+        }
+        await pausePoint()
+    }
+
+    /// Waits until something wakes the job — a complete, cancel, pause or speed change,
+    /// or ``wake()`` — then honours a pause request (QEMU's `job_yield`).
+    public func yield() async {
+        if isCancelled { return }
+        if !lock.withLock({ pauseCount > 0 }) { await waitForKick() }
+        await pausePoint()
+    }
+
+    /// Wakes the body from ``yield()`` or ``sleep(nanoseconds:)`` (new work arrived).
+    public func wake() { kick() }
+
+    /// Pauses here while a pause is requested (QEMU's `job_pause_point`): the status
+    /// becomes `paused` (or `standby` when ready) until the job is resumed or cancelled.
+    public func pausePoint() async {
+        while true {
+            let previous: JobStatus? = withState {
+                guard pauseCount > 0 && !forceCancel else { return nil }
+                let s = sm.status
+                transitionLocked(s == .ready ? .standby : .paused)
+                paused = true
+                busy = false
+                return s
+            }
+            guard let previous else { return }
+            repeat { await waitForKick() } while lock.withLock({ pauseCount > 0 && !forceCancel })
+            withState {
+                paused = false
+                busy = true
+                transitionLocked(previous)
+            }
+        }
+    }
+
+    /// Applies the error policy `policy` to `error` (QEMU's `block_job_error_action`):
+    /// emits `BLOCK_JOB_ERROR` and, for `stop`, pauses the job as if a user had, with
+    /// the I/O status set. The caller rethrows on `.report`, goes on on `.ignore`, and on
+    /// `.stop` calls ``pausePoint()`` and retries.
+    public func errorAction(for error: Error, isRead: Bool, policy: BlockdevOnError) -> BlockErrorAction {
+        let errno = error.asBlockError.errno ?? EIO
+        let action: BlockErrorAction
+        switch policy {
+        case .enospc, .auto: action = errno == ENOSPC ? .stop : .report
+        case .stop: action = .stop
+        case .report: action = .report
+        case .ignore: action = .ignore
+        }
+        if !isCancelled {
+            var d = QObject.Dict()
+            d["device"] = .string(id)
+            d["operation"] = .string(isRead ? "read" : "write")
+            d["action"] = .string(action.rawValue)
+            send(JobEvent(name: "BLOCK_JOB_ERROR", data: d))
+        }
+        if action == .stop {
+            lock.withLock {
+                if !userPaused {
+                    pauseCount += 1
+                    userPaused = true
+                }
+                if ioStatus == .ok { ioStatus = errno == ENOSPC ? .nospace : .failed }
+            }
+        }
+        return action
+    }
+
+    // MARK: Internals
+
+    /// Moves to `to` (caller holds the lock) and emits `JOB_STATUS_CHANGE`.
+    func transitionLocked(_ to: JobStatus) {
+        let from = sm.status
+        do { try sm.transition(to: to) } catch {
+            assertionFailure("job \(id): illegal transition \(from) -> \(to)")
+            return
+        }
+        if from != to {
+            var d = QObject.Dict()
+            d["id"] = .string(id)
+            d["status"] = .string(to.rawValue)
+            queuedEvents.append(JobEvent(name: "JOB_STATUS_CHANGE", data: d))
+        }
+        let ready = statusWaiters.filter { $0.when(to) }
+        statusWaiters.removeAll { $0.when(to) }
+        for w in ready { w.wake.resume(returning: to) }
+    }
+
+    /// Runs `body` under the state lock, then delivers the events it queued (so that an
+    /// event subscriber may query the job).
+    @discardableResult
+    func withState<R>(_ body: () throws -> R) rethrows -> R {
+        let r = try lock.withLock(body)
+        flushEvents()
+        return r
+    }
+
+    /// Delivers queued events in order.
+    func flushEvents() {
+        emitLock.withLock {
+            while true {
+                let batch: [JobEvent] = lock.withLock {
+                    let b = queuedEvents
+                    queuedEvents = []
+                    return b
+                }
+                if batch.isEmpty { return }
+                for e in batch { emit(e) }
+            }
+        }
+    }
+
+    /// Emits `event` after any queued ones.
+    func send(_ event: JobEvent) {
+        lock.withLock { queuedEvents.append(event) }
+        flushEvents()
+    }
+
+    /// Wakes the body from a sleep or pause (QEMU's `job_enter`).
+    func kick(generation: UInt64? = nil) {
+        let c: UnsafeContinuation<Void, Never>? = lock.withLock {
+            if let generation, generation != wakeGeneration { return nil }
+            if let w = wakeup {
+                wakeup = nil
+                return w
+            }
+            if generation == nil { kickPending = true }
+            return nil
+        }
+        c?.resume()
+    }
+
+    func waitForKick() async {
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            let now: Bool = lock.withLock {
+                if kickPending { kickPending = false; return true }
+                wakeGeneration &+= 1
+                wakeup = c
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    /// A `BLOCK_JOB_*` event with QEMU's common fields.
+    func blockEvent(_ name: String, error: String? = nil) -> JobEvent {
+        var d = QObject.Dict()
+        lock.withLock {
+            d["type"] = .string(type.rawValue)
+            d["device"] = .string(id)
+            d["len"] = .int(Int64(progressTotal))
+            d["offset"] = .int(Int64(progressCurrent))
+            d["speed"] = .int(Int64(bucket.rate))
+        }
+        if let error { d["error"] = .string(error) }
+        return JobEvent(name: name, data: d)
+    }
+}
+
+/// An event a job emits, as QMP sends it (`data` holds QEMU's fields).
+public struct JobEvent: Sendable, CustomStringConvertible {
+    /// The QMP event name: `JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, ...
+    public let name: String
+    /// The event's `data` member.
+    public let data: QObject.Dict
+    public init(name: String, data: QObject.Dict) {
+        self.name = name
+        self.data = data
+    }
+    public var description: String {
+        "\(name) {" + data.entries.map { "\($0.key): \($0.value)" }.joined(separator: ", ") + "}"
+    }
+}

@@ -1,0 +1,169 @@
+/// The registry of jobs (QEMU's job list): creates and starts jobs, finds them by ID,
+/// and sends every job's events to one sink the monitor subscribes to.
+public final class JobManager: @unchecked Sendable {
+    private let lock = PosixMutex()
+    private var jobs: [Job] = []
+    private var sinks: [(id: Int, sink: @Sendable (JobEvent) -> Void)] = []
+    private var nextSinkID = 0
+    private var reserved: Set<String> = []
+
+    public init() {}
+
+    /// Adds an event subscriber; returns a token for ``unsubscribe(_:)``.
+    @discardableResult
+    public func subscribe(_ sink: @escaping @Sendable (JobEvent) -> Void) -> Int {
+        lock.withLock {
+            nextSinkID += 1
+            sinks.append((nextSinkID, sink))
+            return nextSinkID
+        }
+    }
+
+    /// Removes a subscriber.
+    public func unsubscribe(_ token: Int) {
+        lock.withLock { sinks.removeAll { $0.id == token } }
+    }
+
+    func emit(_ event: JobEvent) {
+        for s in lock.withLock({ sinks }) { s.sink(event) }
+    }
+
+    /// The jobs, oldest first (dismissed jobs are gone).
+    public var all: [Job] { lock.withLock { jobs } }
+
+    /// The job with ID `id`.
+    public func job(_ id: String) -> Job? { lock.withLock { jobs.first { $0.id == id } } }
+
+    /// The job with ID `id`, or QEMU's error for a missing one.
+    /// - Throws: ``BlockError`` "Job 'ID' not found" (QMP class DeviceNotActive for block jobs).
+    public func find(_ id: String) throws -> Job {
+        guard let j = job(id) else { throw BlockError(.notFound, "Job '\(id)' not found", operation: "job") }
+        return j
+    }
+
+    /// Whether `id` is a well-formed QEMU ID: a letter, then letters, digits, '-', '.', '_'.
+    public static func isWellFormed(_ id: String) -> Bool {
+        guard let first = id.unicodeScalars.first, first.isASCIILetter else { return false }
+        return id.unicodeScalars.allSatisfy { $0.isASCIILetter || ("0"..."9").contains($0) || $0 == "-" || $0 == "." || $0 == "_" }
+    }
+
+    /// Registers a job driven by `driver` and starts it.
+    /// - Throws: ``BlockError`` "Invalid job ID 'X'" or "Job ID 'X' already in use".
+    @discardableResult
+    public func start(_ driver: any JobDriver, options: JobOptions) throws -> Job {
+        let job = try create(driver, options: options)
+        job.start()
+        return job
+    }
+
+    /// Registers a job without starting it (the caller finishes its setup, then calls
+    /// ``Job/start()`` through ``start(_:)``).
+    func create(_ driver: any JobDriver, options: JobOptions) throws -> Job {
+        guard Self.isWellFormed(options.id) else {
+            throw BlockError(.invalidArgument, "Invalid job ID '\(options.id)'", operation: "job")
+        }
+        let inUse = BlockError(.invalidArgument, "Job ID '\(options.id)' already in use", operation: "job")
+        try lock.withLock {
+            if jobs.contains(where: { $0.id == options.id }) || reserved.contains(options.id) { throw inUse }
+            reserved.insert(options.id)
+        }
+        let job = Job(options: options, driver: driver, emit: { [weak self] in self?.emit($0) },
+                      onDismiss: { [weak self] j in self?.remove(j) })
+        lock.withLock {
+            reserved.remove(options.id)
+            jobs.append(job)
+        }
+        return job
+    }
+
+    /// Starts a job made by ``create(_:options:)``.
+    func start(_ job: Job) { job.start() }
+
+    /// Drops a job that was created but could not be started (its setup failed).
+    func discard(_ job: Job) { remove(job) }
+
+    private func remove(_ job: Job) {
+        lock.withLock { jobs.removeAll { $0 === job } }
+    }
+}
+
+extension Unicode.Scalar {
+    var isASCIILetter: Bool { ("a"..."z").contains(self) || ("A"..."Z").contains(self) }
+}
+
+/// What `query-jobs` reports for one job (QAPI's `JobInfo`).
+public struct JobInfo: Sendable, Equatable {
+    public var id: String
+    public var type: JobType
+    public var status: JobStatus
+    public var currentProgress: UInt64
+    public var totalProgress: UInt64
+    public var error: String?
+
+    /// The QMP representation.
+    public var qobject: QObject {
+        var d = QObject.Dict()
+        d["id"] = .string(id)
+        d["type"] = .string(type.rawValue)
+        d["status"] = .string(status.rawValue)
+        d["current-progress"] = .int(Int64(currentProgress))
+        d["total-progress"] = .int(Int64(totalProgress))
+        if let error { d["error"] = .string(error) }
+        return .dict(d)
+    }
+}
+
+/// What `query-block-jobs` reports for one job (QAPI's `BlockJobInfo`).
+public struct BlockJobInfo: Sendable, Equatable {
+    public var type: JobType
+    public var device: String
+    public var len: UInt64
+    public var offset: UInt64
+    public var busy: Bool
+    public var paused: Bool
+    public var speed: UInt64
+    public var ioStatus: BlockIOStatus
+    public var ready: Bool
+    public var status: JobStatus
+    public var autoFinalize: Bool
+    public var autoDismiss: Bool
+    public var error: String?
+
+    /// The QMP representation.
+    public var qobject: QObject {
+        var d = QObject.Dict()
+        d["type"] = .string(type.rawValue)
+        d["device"] = .string(device)
+        d["len"] = .int(Int64(len))
+        d["offset"] = .int(Int64(offset))
+        d["busy"] = .bool(busy)
+        d["paused"] = .bool(paused)
+        d["speed"] = .int(Int64(speed))
+        d["io-status"] = .string(ioStatus.rawValue)
+        d["ready"] = .bool(ready)
+        d["status"] = .string(status.rawValue)
+        d["auto-finalize"] = .bool(autoFinalize)
+        d["auto-dismiss"] = .bool(autoDismiss)
+        if let error { d["error"] = .string(error) }
+        return .dict(d)
+    }
+}
+
+extension Job {
+    /// This job as `query-jobs` shows it.
+    public var info: JobInfo {
+        lock.withLock {
+            JobInfo(id: id, type: type, status: sm.status, currentProgress: progressCurrent,
+                    totalProgress: progressTotal, error: errorMessage)
+        }
+    }
+
+    /// This job as `query-block-jobs` shows it.
+    public var blockInfo: BlockJobInfo {
+        lock.withLock {
+            BlockJobInfo(type: type, device: id, len: progressTotal, offset: progressCurrent, busy: busy,
+                         paused: pauseCount > 0, speed: bucket.rate, ioStatus: ioStatus, ready: sm.isReady,
+                         status: sm.status, autoFinalize: autoFinalize, autoDismiss: autoDismiss, error: errorMessage)
+        }
+    }
+}

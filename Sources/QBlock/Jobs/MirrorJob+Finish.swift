@@ -1,0 +1,82 @@
+/// The end of a mirror: the final pass and the switch to the target (pivot), or the
+/// return of the users to the source; and the persistent bitmap's lazy clean bits.
+extension MirrorJob {
+    /// Makes the side file's clean bits durable: with every copy and write-blocking write
+    /// held off (the whole disk's range), the target is flushed, then 0 bits are written.
+    /// Call only with no copy in flight.
+    func persist() async throws {
+        guard let side = lock.withLock({ sideFile }) else { return }
+        try await ranges.withRange(0, max(1, sourceNode.length)) {
+            try await targetNode.flush()
+            _ = try await side.writeBackClean()
+        }
+    }
+
+    /// The final pass, inside a drained section: what writers dirtied last is copied, the
+    /// target flushed; then every user of the filter is switched to the target (complete)
+    /// or back to the source (cancel after ready).
+    public func prepare(_ job: Job) async throws {
+        let pivot = lock.withLock { shouldComplete } && !job.isCancelRequested
+        guard let filter = lock.withLock({ filterNode }) else { return }
+        try await graph.drained {
+            while let area = nextDirty(from: 0) {
+                bitmap.reset(offset: area.offset, length: area.length)
+                lock.withLock { bytesInFlight += area.length }
+                do { try await copyOrThrow(area, job) } catch {
+                    bitmap.mark(offset: area.offset, length: area.length)
+                    throw error
+                }
+            }
+            try await targetNode.flush()
+            (filter.driver as? MirrorTopNode)?.detachJob()
+            if pivot {
+                // A target of sync=top/none (or an active commit's base) keeps the source's backing chain.
+                if options.sync != .full, options.commitBase == nil, let q = targetNode.innermostDriver as? Qcow2Node,
+                   q.backing == nil, q.backingFileName != nil {
+                    q.setBackingNode(sourceNode.backing)
+                }
+                if graph.node(named: targetNode.nodeName) == nil { try? graph.add(targetNode) }
+                graph.replace(filter, with: targetNode)
+            } else {
+                graph.replace(filter, with: sourceNode)
+            }
+            graph.forget(filter)
+            lock.withLock { filterNode = nil }
+        }
+        try await persist()
+    }
+
+    /// Copies one area, throwing on any error (the final pass has no error policy left to apply).
+    private func copyOrThrow(_ area: (offset: Int64, length: Int64), _ job: Job) async throws {
+        defer { lock.withLock { bytesInFlight -= area.length } }
+        let buf = AlignedBuffer(count: Int(area.length))
+        try await buf.withUnsafeMutableBytes { b in
+            try await sourceNode.read(at: area.offset, into: b)
+            try await targetNode.write(at: area.offset, from: UnsafeRawBufferPointer(b), flags: [])
+        }
+        job.progressDone(UInt64(area.length))
+    }
+
+    public func commit(_ job: Job) async {}
+
+    /// A failed or force-cancelled mirror: the users go back to the source.
+    public func abort(_ job: Job) async {
+        guard let filter = lock.withLock({ filterNode }) else { return }
+        await graph.drained {
+            (filter.driver as? MirrorTopNode)?.detachJob()
+            graph.replace(filter, with: sourceNode)
+            graph.forget(filter)
+        }
+        lock.withLock { filterNode = nil }
+        try? await persist()
+    }
+
+    /// Closes the side file (its bits stay: all clear after a completed mirror).
+    public func clean(_ job: Job) async {
+        let side: BitmapSideFile? = lock.withLock {
+            defer { sideFile = nil }
+            return sideFile
+        }
+        try? await side?.close()
+    }
+}
