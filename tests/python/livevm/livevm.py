@@ -52,6 +52,10 @@ NARRATION = {
 }
 
 
+NEEDS = {"stream": "block-stream", "mirror-nbd": "blockdev-mirror", "mirror-bg": "blockdev-mirror",
+         "lat-pivot": "blockdev-mirror", "throughput": "blockdev-mirror"}
+
+
 class Failure(Exception):
     pass
 
@@ -358,7 +362,12 @@ class Run:
             await self.g.wait_for("the writer to start", lambda: any("writer: start" in l for l in self.g.lines), a.boot_timeout)
             self.time("boot to writer", time.monotonic() - t0)
             await self.g.wait_acked(64)
+            commands = {c["name"] for c in await self.execute("query-commands")}
             for step in a.steps:
+                need = NEEDS.get(step)
+                if need and need not in commands:
+                    print("livevm: SKIP step %s: %s is not available in this build" % (step, need), flush=True)
+                    continue
                 if step in ("lat-snapshot", "lat-pivot", "throughput"):
                     await getattr(self, "bench_" + step.replace("-", "_"))()
                     continue
