@@ -40,7 +40,7 @@ except ImportError:
     print("livevm: SKIP qemu.qmp is not installed")
     sys.exit(77)
 
-DISK_SIZE = "256M"
+DISK_SIZE = os.environ.get("LIVEVM_DISK_SIZE", "256M")
 
 
 NARRATION = {
@@ -321,6 +321,10 @@ class Run:
             m = re.search(r"transaction: drain (\d+) us, drained work (\d+) us, switch\+undrain (\d+) us", line)
             if m:
                 held = sum(map(int, m.groups()))
+            m = re.search(r"mirror prepare: drain (\d+) us, final copy (\d+) us, target flush (\d+) us, switch\+undrain (\d+) us", line)
+            if m:
+                held = sum(map(int, m.groups()))
+                print("livevm:   " + line.strip(), flush=True)
         self.results[name] = {"baseline": base, "during": during, "held_us": held}
         print("livevm: latency %-12s baseline max %6.2f ms (%d writes), during max %6.2f ms (%d writes)%s" % (
             name, base["maxlat_us"] / 1000, base["blocks"], during["maxlat_us"] / 1000, during["blocks"],
