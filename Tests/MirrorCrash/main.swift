@@ -10,8 +10,8 @@ import QBlock
 import TestSupport
 
 let args = CommandLine.arguments
-guard args.count == 6, let seed = UInt64(args[4]), let speed = UInt64(args[5]) else {
-    fputs("usage: qblock-mirror-crash SOURCE TARGET BITMAP SEED SPEED\n", stderr)
+guard args.count >= 6, let seed = UInt64(args[4]), let speed = UInt64(args[5]) else {
+    fputs("usage: qblock-mirror-crash SOURCE TARGET BITMAP SEED SPEED [COPY-MODE]\n", stderr)
     exit(2)
 }
 do {
@@ -27,7 +27,8 @@ do {
         if e.name == "BLOCK_JOB_READY" { print("READY"); fflush(stdout) }
     }
     let mirror = try MirrorJob(source: source, target: target, graph: graph,
-                               options: MirrorOptions(sync: .full, targetIsZeroed: true, bitmapFile: args[3]))
+                               options: MirrorOptions(sync: .full, copyMode: MirrorCopyMode(rawValue: args.count > 6 ? args[6] : "background") ?? .background,
+                                                      targetIsZeroed: true, bitmapFile: args[3]))
     _ = try jobs.start(mirror, options: JobOptions(id: "mirror0", speed: speed))
     while backend.node === source { try await Task.sleep(nanoseconds: 1_000_000) }
     print("STARTED")

@@ -18,8 +18,10 @@ import TestSupport
         return nil
     }()
 
-    @Test(arguments: [(UInt64(1), 0.4, UInt64(2 << 20)), (UInt64(2), 1.5, UInt64(0)), (UInt64(3), 0.9, UInt64(6 << 20))])
-    func killThenFinishOffline(seed: UInt64, delay: Double, speed: UInt64) async throws {
+    @Test(arguments: [(UInt64(1), 0.4, UInt64(2 << 20), "background"), (UInt64(2), 1.5, UInt64(0), "background"),
+                      (UInt64(3), 0.9, UInt64(6 << 20), "background"), (UInt64(4), 1.2, UInt64(0), "write-blocking"),
+                      (UInt64(5), 0.5, UInt64(3 << 20), "write-blocking")])
+    func killThenFinishOffline(seed: UInt64, delay: Double, speed: UInt64, mode: String) async throws {
         guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
         guard let crash = Self.crashBinary else {
             Issue.record("qblock-mirror-crash executable not found next to the tests")
@@ -35,7 +37,7 @@ import TestSupport
 
         let p = Process()
         p.executableURL = URL(fileURLWithPath: crash)
-        p.arguments = [src, tgt, bits, String(seed), String(speed)]
+        p.arguments = [src, tgt, bits, String(seed), String(speed), mode]
         let out = Pipe()
         p.standardOutput = out
         p.standardError = FileHandle.nullDevice
@@ -46,7 +48,7 @@ import TestSupport
         let lines = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).split(separator: "\n")
         let flushed = lines.compactMap { $0.hasPrefix("FLUSHED ") ? Int($0.dropFirst(8)) : nil }.last ?? -1
         let wasReady = lines.contains("READY")
-        print("mirror crash seed=\(seed): killed after \(delay)s, \(flushed + 1) flushes, ready=\(wasReady)")
+        print("mirror crash seed=\(seed) \(mode): killed after \(delay)s, \(flushed + 1) flushes, ready=\(wasReady)")
         #expect(lines.contains("STARTED"))
 
         // What must be there: the initial content and every flushed write; the writes

@@ -21,6 +21,9 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
     public let source: any BlockDriver
     let target: any BlockDriver
     let bitmap: DirtyBitmap
+    /// With a side file: the bits it persists — a superset of ``bitmap`` whose bits are
+    /// cleared only once the target holds the copied data durably (by the job's persist step).
+    let persistent: DirtyBitmap?
     /// Copies and write-blocking writes on overlapping clusters exclude each other.
     let ranges: RangeLock
     private let lock = PosixMutex()
@@ -28,11 +31,12 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
     private var onDirty: (@Sendable () -> Void)?
     private var sideFile: BitmapSideFile?
 
-    init(source: any BlockDriver, target: any BlockDriver, bitmap: DirtyBitmap, ranges: RangeLock,
+    init(source: any BlockDriver, target: any BlockDriver, bitmap: DirtyBitmap, persistent: DirtyBitmap?, ranges: RangeLock,
          mode: MirrorCopyMode, sideFile: BitmapSideFile?, onDirty: @escaping @Sendable () -> Void) {
         self.source = source
         self.target = target
         self.bitmap = bitmap
+        self.persistent = persistent
         self.ranges = ranges
         self.mode = mode
         self.sideFile = sideFile
@@ -64,7 +68,7 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
         let (current, wake) = lock.withLock { (mode, onDirty) }
         guard current == .writeBlocking else {
             try await toSource()
-            bitmap.mark(offset: offset, length: length)
+            markDirty(offset, length)
             wake?()
             return
         }
@@ -77,7 +81,7 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
                 try await toTarget()
             } catch {
                 // The target missed it: copy it later.
-                bitmap.mark(offset: offset, length: length)
+                markDirty(offset, length)
                 wake?()
                 return
             }
@@ -86,6 +90,13 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
             let fullEnd = min((offset + length) / g * g, self.length)
             if fullEnd > fullStart { bitmap.reset(offset: fullStart, length: fullEnd - fullStart) }
         }
+    }
+
+    /// Marks the job's bitmap, then the persistent one (in that order: the job's persist
+    /// step rebuilds the persistent bits from the job's).
+    func markDirty(_ offset: Int64, _ length: Int64) {
+        bitmap.mark(offset: offset, length: length)
+        persistent?.mark(offset: offset, length: length)
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
@@ -103,7 +114,7 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
     public func discard(at offset: Int64, length: Int64) async throws {
         // What a discarded range reads as depends on the source: copy whatever it is later.
         try await source.discard(at: offset, length: length)
-        bitmap.mark(offset: offset, length: length)
+        markDirty(offset, length)
         lock.withLock { onDirty }?()
     }
 

@@ -139,11 +139,15 @@ extension Job {
             transitionLocked(.pending)
             return autoFinalize
         }
-        var d = QObject.Dict()
-        d["type"] = .string(type.rawValue)
-        d["id"] = .string(id)
-        send(JobEvent(name: "BLOCK_JOB_PENDING", data: d))
-        if finalizeNow { await doFinalize() }
+        if finalizeNow {
+            await doFinalize()
+        } else {
+            // Only a job waiting for job-finalize announces it (QEMU's job_transition_to_pending).
+            var d = QObject.Dict()
+            d["type"] = .string(type.rawValue)
+            d["id"] = .string(id)
+            send(JobEvent(name: "BLOCK_JOB_PENDING", data: d))
+        }
     }
 
     func doFinalize() async {

@@ -309,10 +309,12 @@ public final class Job: @unchecked Sendable {
                 if kickPending { kickPending = false; return true }
                 wakeGeneration &+= 1
                 wakeup = c
+                busy = false
                 return false
             }
             if now { c.resume() }
         }
+        lock.withLock { busy = true }
     }
 
     /// A `BLOCK_JOB_*` event with QEMU's common fields.

@@ -2,12 +2,21 @@
 /// return of the users to the source; and the persistent bitmap's lazy clean bits.
 extension MirrorJob {
     /// Makes the side file's clean bits durable: with every copy and write-blocking write
-    /// held off (the whole disk's range), the target is flushed, then 0 bits are written.
-    /// Call only with no copy in flight.
+    /// held off (the whole disk's range), the target is flushed, then the persistent bits
+    /// become the job's bits (clusters copied since the last persist are now durable on the
+    /// target) and the 0 bits are written. Call only with no copy in flight.
+    ///
+    /// Between two persists a copied cluster stays marked in the file even though the job
+    /// already reset its bit: a flush then finds it still dirty there, so a crash before the
+    /// target is flushed cannot lose a flushed write.
     func persist() async throws {
-        guard let side = lock.withLock({ sideFile }) else { return }
+        guard let side = lock.withLock({ sideFile }), let persisted = lock.withLock({ persistentBitmap }) else { return }
         try await ranges.withRange(0, max(1, sourceNode.length)) {
             try await targetNode.flush()
+            // Writers mark the job's bitmap before the persistent one, so a mark racing
+            // with this rebuild is kept by the merge.
+            persisted.clear()
+            try persisted.merge(from: bitmap)
             _ = try await side.writeBackClean()
         }
     }

@@ -67,6 +67,8 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
     var bytesInFlight: Int64 = 0
     var filterNode: BlockNode?
     var sideFile: BitmapSideFile?
+    /// The bits the side file holds (see ``MirrorTopNode/persistent``).
+    var persistentBitmap: DirtyBitmap?
 
     /// - Parameters:
     ///   - source: the node to copy (its users are switched to the mirror's filter while the job runs).
@@ -106,13 +108,22 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
 
     public func run(_ job: Job) async throws {
         if let path = options.bitmapFile {
-            let side = try await BitmapSideFile.open(path: path, bitmap: bitmap)
-            lock.withLock { sideFile = side }
+            let persisted = try DirtyBitmap(name: "", size: bitmap.size, granularity: granularity)
+            let side = try await BitmapSideFile.open(path: path, bitmap: persisted)
+            // A file left by an earlier mirror: what it marks is still to copy.
+            try bitmap.merge(from: persisted)
+            lock.withLock {
+                sideFile = side
+                persistentBitmap = persisted
+            }
         }
         // The filter first, so that no write between the initial scan and the switch is missed.
         try await insertFilter(job)
         try await markInitial()
-        if let side = lock.withLock({ sideFile }) { _ = try await side.syncNewlyDirty() }
+        if let side = lock.withLock({ sideFile }), let persisted = lock.withLock({ persistentBitmap }) {
+            try persisted.merge(from: bitmap)
+            _ = try await side.syncNewlyDirty()
+        }
         try await copyLoop(job)
     }
 
@@ -136,7 +147,8 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
     /// Puts the filter above the source for every user.
     func insertFilter(_ job: Job) async throws {
         let side = lock.withLock { sideFile }
-        let top = MirrorTopNode(source: sourceNode, target: targetNode, bitmap: bitmap, ranges: ranges,
+        let top = MirrorTopNode(source: sourceNode, target: targetNode, bitmap: bitmap,
+                                persistent: lock.withLock { persistentBitmap }, ranges: ranges,
                                 mode: options.copyMode, sideFile: side, onDirty: { [weak job] in job?.wake() })
         let node = BlockNode(nodeName: graph.generateNodeName(), driver: top)
         try await graph.drained {
