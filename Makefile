@@ -2,7 +2,7 @@
 SWIFT        ?= swift
 SCRATCH      ?= .build
 SWIFT_FLAGS  ?= --scratch-path $(SCRATCH)
-APT_PACKAGES := zlib1g-dev libzstd-dev qemu-utils libnbd-bin nbdkit fio
+APT_PACKAGES := zlib1g-dev libzstd-dev qemu-utils qemu-system-common libnbd-bin nbdkit fio
 
 .PHONY: all build release test demo bench clean deps
 

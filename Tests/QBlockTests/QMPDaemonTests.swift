@@ -166,4 +166,23 @@ struct QMPDaemonTests {
         #expect(d.stop() == 0)
         _ = await hung.value
     }
+
+    /// `nbd --qmp` with an image: qemu-nbd's export plus the monitor; SIGTERM ends it cleanly.
+    @Test func daemonWithImageOnCommandLine() async throws {
+        let dir = TempDir("qmp-image")
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("disk.qcow2"), "4M")
+        let d = try QMPHarness.startDaemon(dir: dir, args: ["-k", dir.file("nbd.sock"), "-x", "disk", "-f", "qcow2", dir.file("disk.qcow2")])
+        let py = try PyQMP(socket: d.socket)
+        let exports = try await py.ok("query-block-exports") as? [[String: Any]] ?? []
+        #expect(exports.first?["id"] as? String == "export0")
+        #expect(exports.first?["node-name"] as? String == "disk0")
+        try mustRun("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", "nbd+unix:///disk?socket=\(dir.file("nbd.sock"))")
+        try await py.ok("blockdev-snapshot-sync", ["node-name": "disk0", "snapshot-file": dir.file("s.qcow2")])
+        try mustRun("qemu-io", "-f", "raw", "-c", "write -P 0x6b 64k 64k", "nbd+unix:///disk?socket=\(dir.file("nbd.sock"))")
+        #expect(d.stop() == 0, "SIGTERM: a clean exit")
+        #expect(!FileManager.default.fileExists(atPath: d.socket), "the monitor socket is removed")
+        try mustRun("qemu-io", "-c", "read -P 0x5a 0 64k", "-c", "read -P 0x6b 64k 64k", dir.file("s.qcow2"))
+        try mustRun("qemu-io", "-c", "read -P 0 64k 64k", dir.file("disk.qcow2"))
+        for img in ["disk.qcow2", "s.qcow2"] { try mustRun("qemu-img", "check", "-q", dir.file(img)) }
+    }
 }

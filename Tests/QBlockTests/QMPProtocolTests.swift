@@ -137,4 +137,25 @@ struct QMPProtocolTests {
             #expect(try run("qemu-img", ["check", dir.file("d.qcow2")]).status == 0)
         }
     }
+
+    @Test func eventsReachSubscribersWithTimestamps() async throws {
+        let m = QMPMonitor()
+        var received: [String] = []
+        let s1 = m.openSession { received.append($0.dictValue?["event"]?.stringValue ?? "?") }
+        let stream = m.subscribe()
+        m.emit(event: "EARLY")              // s1 has not negotiated: not sent to it
+        s1.negotiated = true
+        m.emit(event: "JOB_STATUS_CHANGE", data: QObject.Dict([("id", .string("j")), ("status", .string("running"))]))
+        var it = stream.makeAsyncIterator()
+        let first = await it.next(), second = await it.next()
+        #expect(first?.dictValue?["event"] == .string("EARLY"))
+        let e = try #require(second?.dictValue)
+        #expect(e["event"] == .string("JOB_STATUS_CHANGE"))
+        #expect(e["data"]?.compactJSON == #"{"status": "running", "id": "j"}"# || e["data"]?.dictValue?["id"] == .string("j"))
+        let ts = try #require(e["timestamp"]?.dictValue)
+        #expect((ts["seconds"]?.intValue ?? 0) > 1_700_000_000)
+        #expect((0..<1_000_000).contains(ts["microseconds"]?.intValue ?? -1))
+        #expect(received == ["JOB_STATUS_CHANGE"])
+        m.closeSession(s1)
+    }
 }

@@ -116,7 +116,7 @@ final class PyQMP: @unchecked Sendable {
     }
 }
 
-/// A client writing 4 KiB blocks through an NBD export, one request at a time, keeping a
+/// A client writing 4 KiB blocks through an NBD export, several requests in flight, keeping a
 /// model of what each block must hold and the longest time a write took.
 final class ModelWriter: @unchecked Sendable {
     static let block = 4096
@@ -135,30 +135,43 @@ final class ModelWriter: @unchecked Sendable {
         model = [UInt8](repeating: 0, count: blocks)
     }
 
-    func start(seed: UInt64) {
+    /// Starts `lanes` concurrent writers; lane k owns the blocks b with b % lanes == k and
+    /// writes them one at a time, so the model stays exact with requests in flight at once.
+    func start(seed: UInt64, lanes: Int = 4) {
         task = Task {
-            var rng = seed
-            var i = 0
-            while !lock.withLock({ stopFlag }) {
-                rng = rng &* 6364136223846793005 &+ 1442695040888963407
-                let b = Int((rng >> 33) % UInt64(blocks))
-                let value = UInt8(i % 251 + 1)
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                do {
-                    try await node.write(at: Int64(b * ModelWriter.block), bytes: [UInt8](repeating: value, count: ModelWriter.block))
-                } catch {
-                    return error
+            await withTaskGroup(of: Error?.self) { group in
+                for lane in 0..<lanes {
+                    group.addTask { await self.lane(lane, of: lanes, seed: seed &+ UInt64(lane)) }
                 }
-                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                lock.withLock {
-                    model[b] = value
-                    writes += 1
-                    maxLatency = max(maxLatency, dt)
-                }
-                i += 1
+                for await e in group where e != nil { return e }
+                return nil
             }
-            return nil
         }
+    }
+
+    private func lane(_ lane: Int, of lanes: Int, seed: UInt64) async -> Error? {
+        var rng = seed
+        var i = lane
+        let owned = (blocks - lane + lanes - 1) / lanes
+        while !lock.withLock({ stopFlag }) {
+            rng = rng &* 6364136223846793005 &+ 1442695040888963407
+            let b = Int((rng >> 33) % UInt64(owned)) * lanes + lane
+            let value = UInt8(i % 251 + 1)
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            do {
+                try await node.write(at: Int64(b * ModelWriter.block), bytes: [UInt8](repeating: value, count: ModelWriter.block))
+            } catch {
+                return error
+            }
+            let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            lock.withLock {
+                model[b] = value
+                writes += 1
+                maxLatency = max(maxLatency, dt)
+            }
+            i += lanes
+        }
+        return nil
     }
 
     /// Stops writing; returns the writer's error, if any.

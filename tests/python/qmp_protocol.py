@@ -76,8 +76,34 @@ def raw_checks(path):
     check("huge input refused", "error" in e, e)
     e = r.send(b'[' * 5000 + b']' * 5000 + b'\n')
     check("deep nesting refused", "error" in e, e)
+    e = r.send(b'{"execute": "query-version", "arguments": {"x": ' + b'[' * 1000 + b']' * 1000 + b'}}\n')
+    check("1000 levels parsed", e.get("error", {}).get("desc") == "Parameter 'x' is unexpected", str(e)[:80])
+    many = b", ".join(b'"k%d": 1' % i for i in range(200000))
+    e = r.send(b'{"execute": "query-version", "arguments": {' + many + b'}}\n')
+    check("200000 members answered", e.get("error", {}).get("desc") == "Parameter 'k0' is unexpected", str(e)[:120])
     e = r.send(b'{"execute": "query-version", "id": [1, {"a": null}]}\n')
     check("still alive, id echoed", "return" in e and e.get("id") == [1, {"a": None}], e)
+    # Pipelined commands are answered in order.
+    r.s.sendall(b"".join(b'{"execute": "query-version", "id": %d}\n' % i for i in range(100)))
+    ids = [r.line().get("id") for _ in range(100)]
+    check("pipelined replies in order", ids == list(range(100)), ids[:10])
+    # Binary garbage gets errors, never a crash; the connection still works afterwards.
+    r.s.sendall(bytes(range(1, 32)) + b"\xff\xfe\n" + b'{"execute": "query-version", "id": "after"}\n')
+    seen = None
+    for _ in range(64):
+        m = r.line()
+        if m.get("id") == "after":
+            seen = m
+            break
+        if "error" not in m:
+            break
+    check("garbage answered with errors", seen is not None and "return" in seen, seen)
+    # A client that leaves with a command in flight does no harm.
+    q = Raw(path)
+    q.line()
+    q.s.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-named-block-nodes"}\n')
+    q.s.close()
+    check("after a client left", "return" in r.send(b'{"execute": "query-commands"}\n'))
     return r
 
 

@@ -198,16 +198,17 @@ public final class QMPBlockState: @unchecked Sendable {
         }
     }
 
-    /// Closes every monitor-owned node, overlays before their backing nodes (at shutdown).
+    /// Closes every node the monitor added or created (snapshot overlays too), overlays
+    /// before their backing nodes, whatever users remain (at shutdown).
     public func closeAll() async {
-        await collectGarbage()
         while true {
-            let names = lock.withLock { owned }
-            guard !names.isEmpty else { return }
-            let free = names.compactMap { graph.node(named: $0) }.filter { graph.user(of: $0) == nil || !graph.backends(of: $0).isEmpty }
-            let victims = free.isEmpty ? names.compactMap { graph.node(named: $0) } : free
-            if victims.isEmpty { lock.withLock { owned.removeAll() }; return }
-            for n in victims { try? await delete(n) }
+            let candidates: [BlockNode] = lock.withLock { owned.compactMap { graph.node(named: $0) } + autoDelete }
+            guard !candidates.isEmpty else { return }
+            let nodes = graph.nodes
+            let free = candidates.filter { n in
+                !nodes.contains { o in o !== n && ((o.driver.backing as AnyObject?) === n || (o.driver.file as AnyObject?) === n) }
+            }
+            for n in free.isEmpty ? candidates : free { try? await delete(n) }
         }
     }
 }

@@ -2,6 +2,7 @@
 /// Each export serves a ``BlockBackend`` attached to the graph, so that a live snapshot or a
 /// mirror pivot switches what the export's clients read and write.
 public final class QMPNBDState: @unchecked Sendable {
+    /// One `block-export-add` export: its id, the NBD export and the backend it serves.
     public struct Export {
         public let id: String
         public let export: NBDExport
@@ -22,6 +23,7 @@ public final class QMPNBDState: @unchecked Sendable {
     /// The exports, in the order added.
     public var all: [Export] { lock.withLock { exports } }
 
+    /// The export with id `id`.
     public func export(id: String) -> Export? { lock.withLock { exports.first { $0.id == id } } }
 
     func add(_ e: Export) { lock.withLock { exports.append(e) } }

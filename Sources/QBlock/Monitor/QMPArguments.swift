@@ -10,9 +10,12 @@ public struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
         case kvmMissingCap = "KVMMissingCap"
     }
 
+    /// The `class` member.
     public var errorClass: ErrorClass
+    /// The `desc` member: the message, worded as QEMU words it.
     public var desc: String
 
+    /// An error of class `errorClass` with message `desc`.
     public init(_ errorClass: ErrorClass = .genericError, _ desc: String) {
         self.errorClass = errorClass
         self.desc = desc
@@ -87,31 +90,37 @@ public final class QMPArguments: @unchecked Sendable {
     /// "Parameter 'x' is missing".
     public func missing(_ key: String) -> QMPError { .generic("Parameter '\(name(key))' is missing") }
 
+    /// Member `key` as a string, nil when absent.
     public func optionalString(_ key: String) throws -> String? {
         guard let v = value(key) else { return nil }
         guard case .string(let s) = v else { throw typeError(key, "string") }
         return s
     }
 
+    /// Mandatory string member `key`.
     public func string(_ key: String) throws -> String {
         guard let s = try optionalString(key) else { throw missing(key) }
         return s
     }
 
+    /// Member `key` as a boolean, nil when absent.
     public func optionalBool(_ key: String) throws -> Bool? {
         guard let v = value(key) else { return nil }
         guard case .bool(let b) = v else { throw typeError(key, "boolean") }
         return b
     }
 
+    /// Boolean member `key`, `d` when absent.
     public func bool(_ key: String, default d: Bool) throws -> Bool { try optionalBool(key) ?? d }
 
+    /// Member `key` as an integer (QAPI `int`), nil when absent.
     public func optionalInt(_ key: String) throws -> Int64? {
         guard let v = value(key) else { return nil }
         guard case .int(let i) = v else { throw typeError(key, "integer") }
         return i
     }
 
+    /// Mandatory integer member `key`.
     public func int(_ key: String) throws -> Int64 {
         guard let i = try optionalInt(key) else { throw missing(key) }
         return i
@@ -135,6 +144,7 @@ public final class QMPArguments: @unchecked Sendable {
         return s
     }
 
+    /// Mandatory enum member `key`.
     public func enumValue(_ key: String, _ values: [String]) throws -> String {
         guard let s = try optionalEnum(key, values) else { throw missing(key) }
         return s
@@ -147,17 +157,20 @@ public final class QMPArguments: @unchecked Sendable {
         return QMPArguments(d, path: name(key))
     }
 
+    /// Mandatory nested object `key`.
     public func object(_ key: String) throws -> QMPArguments {
         guard let o = try optionalObject(key) else { throw missing(key) }
         return o
     }
 
+    /// Member `key` as a list, nil when absent.
     public func optionalList(_ key: String) throws -> [QObject]? {
         guard let v = value(key) else { return nil }
         guard case .list(let l) = v else { throw typeError(key, "array") }
         return l
     }
 
+    /// Mandatory list member `key`.
     public func list(_ key: String) throws -> [QObject] {
         guard let l = try optionalList(key) else { throw missing(key) }
         return l

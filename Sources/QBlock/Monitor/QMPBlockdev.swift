@@ -43,6 +43,7 @@ public final class QMPOpenContext: @unchecked Sendable {
     public let readOnly: Bool
     /// Host cache mode from `cache.direct` / `cache.no-flush`.
     public let cache: CacheMode
+    /// The graph the nodes go into.
     public let graph: BlockGraph
     let block: QMPBlockState
     /// Nodes created while opening (children first), for ownership and rollback.
@@ -150,7 +151,7 @@ extension QMPBlockdevDrivers {
             }
             let fmt: String
             if let format { fmt = format } else if NBDURI.isNBDURI(path) { fmt = "raw" } else {
-                fmt = (try? ImageOpener.probe(path)) ?? "raw"
+                fmt = await IOThreadPool.shared.run { (try? ImageOpener.probe(path)) ?? "raw" }
             }
             let d = QObject.Dict([("driver", .string(fmt)), ("read-only", .bool(true)), ("file", fileArgs)])
             do {

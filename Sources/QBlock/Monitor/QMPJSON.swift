@@ -129,9 +129,10 @@ struct QMPJSONParser {
         try enter()
         defer { depth -= 1 }
         pos += 1
-        var dict = QObject.Dict()
+        var entries: [(key: String, value: QObject)] = []
+        var keys = Set<String>()
         skipSpace()
-        if pos < bytes.count, bytes[pos] == UInt8(ascii: "}") { pos += 1; return .dict(dict) }
+        if pos < bytes.count, bytes[pos] == UInt8(ascii: "}") { pos += 1; return .dict(QObject.Dict()) }
         while true {
             skipSpace()
             guard pos < bytes.count else { throw error("premature EOI") }
@@ -145,12 +146,12 @@ struct QMPJSONParser {
             pos += 1
             skipSpace()
             let value = try parseValue()
-            if dict[key] != nil { throw error("duplicate key") }
-            dict[key] = value
+            if !keys.insert(key).inserted { throw error("duplicate key") }
+            entries.append((key, value))
             skipSpace()
             guard pos < bytes.count else { throw error("premature EOI") }
             if bytes[pos] == UInt8(ascii: ",") { pos += 1; continue }
-            if bytes[pos] == UInt8(ascii: "}") { pos += 1; return .dict(dict) }
+            if bytes[pos] == UInt8(ascii: "}") { pos += 1; return .dict(QObject.Dict(distinctEntries: entries)) }
             throw error("expected separator in dict")
         }
     }

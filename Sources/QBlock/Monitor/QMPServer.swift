@@ -11,6 +11,7 @@ import Foundation
 /// reading. Replies and events go through the client's writer queue, so a client that
 /// does not read never blocks the monitor (past 64 MiB of unread output it is dropped).
 public final class QMPServer: @unchecked Sendable {
+    /// The monitor served.
     public let monitor: QMPMonitor
     private let condition = NSCondition()
     private var listenFD: Int32 = -1
@@ -22,6 +23,7 @@ public final class QMPServer: @unchecked Sendable {
     private var acceptorRunning = false
     private var stopping = false
 
+    /// A server for `monitor`; call ``listen(unix:)`` to start it.
     public init(monitor: QMPMonitor) { self.monitor = monitor }
 
     deinit {
@@ -163,7 +165,8 @@ final class QMPConnection: @unchecked Sendable {
             threadEnded()
         }
         reader.name = "qblock-qmp-read-\(id)"
-        reader.stackSize = 512 * 1024
+        // The parser recurses once per nesting level (at most 1024): room for that in debug builds.
+        reader.stackSize = 8 << 20
         let writer = Thread { [self] in
             writeLoop()
             threadEnded()

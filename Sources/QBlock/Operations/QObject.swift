@@ -27,6 +27,11 @@ public indirect enum QObject: Sendable, Equatable {
             for (k, v) in pairs { self[k] = v }
         }
 
+        /// Entries whose keys the caller knows to be distinct (the JSON parser): O(n).
+        init(distinctEntries: [(key: String, value: QObject)]) {
+            entries = distinctEntries
+        }
+
         public subscript(key: String) -> QObject? {
             get { entries.first { $0.key == key }?.value }
             set {
