@@ -145,4 +145,28 @@ struct GuestBuildFailed: Error, CustomStringConvertible {
         let io = try run("qemu-io", ["-c", "read -P 0 0 32M", a])
         #expect(!io.stdout.contains("Pattern verification failed"), "\(io)")
     }
+
+    @Test func diskServedOverNBD() async throws {
+        guard let nbd = Tools.executable("nbd") else { Issue.record("nbd not built"); return }
+        guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
+        let dir = TempDir("boot")
+        let image = dir.file("served.qcow2"), sock = dir.file("nbd.sock")
+        try mustRun("qemu-img", "create", "-f", "qcow2", image, "64M")
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: nbd)
+        server.arguments = ["-k", sock, "-f", "qcow2", image]
+        server.standardOutput = FileHandle.nullDevice
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        defer { if server.isRunning { server.terminate() }; server.waitUntilExit() }
+        let start = ContinuousClock.now
+        while !FileManager.default.fileExists(atPath: sock) && ContinuousClock.now - start < .seconds(10) {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        guard try await boot(drive: "file=nbd+unix:///?socket=\(sock),format=raw", pattern: 0x4d, seekMiB: 3, countMiB: 4) != nil else { return }
+        while server.isRunning && ContinuousClock.now - start < .seconds(30) { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(try run("qemu-img", ["check", image]).status == 0)
+        let io = try run("qemu-io", ["-c", "read -P 0x4d 3M 4M", "-c", "read -P 0 0 3M", image])
+        #expect(io.status == 0 && !io.stdout.contains("Pattern verification failed"), "\(io)")
+    }
 }

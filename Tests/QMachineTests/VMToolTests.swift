@@ -117,6 +117,8 @@ enum TinyKernel {
     static let reboot = image(systemReset(1))
     /// An all-zero word: illegal instruction, with stvec still 0.
     static let crash = image([0])
+    /// Spins forever (`j .`).
+    static let spin = image([0x0000_006f])
 }
 
 @Suite struct VMToolTests {
@@ -179,6 +181,30 @@ enum TinyKernel {
         #expect(String(decoding: box.data, as: UTF8.self) == "hi\n")
         let missing = try await VMTool.run(["--kernel", file("hello2.Image", TinyKernel.shutdown), "--serial", "unix:\(dir.file("none.sock"))"], timeout: 30)
         #expect(missing.status == 1 && missing.stderr.contains("cannot connect to serial socket"), "\(missing)")
+    }
+
+    @Test func sigtermStopsTheGuestAndClosesTheDrives() async throws {
+        guard let vm = VMTool.path else { Issue.record("vm not built"); return }
+        let disk = dir.file("spin.qcow2")
+        try await ImageCreator.create(format: "qcow2", path: disk, size: 1 << 20)
+        let proc = Process()
+        proc.executableURL = URL(fileURLWithPath: vm)
+        proc.arguments = ["--kernel", file("spin.Image", TinyKernel.spin), "--memory", "64M", "--drive", "file=\(disk),format=qcow2"]
+        let err = Pipe()
+        proc.standardError = err
+        proc.standardOutput = FileHandle.nullDevice
+        proc.standardInput = FileHandle.nullDevice
+        try proc.run()
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(proc.isRunning, "the guest spins")
+        proc.terminate()   // SIGTERM
+        let start = ContinuousClock.now
+        while proc.isRunning && ContinuousClock.now - start < .seconds(20) { try await Task.sleep(for: .milliseconds(20)) }
+        if proc.isRunning { kill(proc.processIdentifier, SIGKILL); Issue.record("vm ignored SIGTERM") }
+        proc.waitUntilExit()
+        let msg = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(proc.terminationStatus == 1 && msg.contains("vm: stopped by a signal"), "\(proc.terminationStatus) \(msg)")
+        if Tools.qemuAvailable { #expect(try run("qemu-img", ["check", disk]).status == 0, "flushed, closed and unlocked") }
     }
 
     @Test func rebootRequestIsAnError() async throws {

@@ -70,7 +70,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public var queueMaxSizes: [UInt16] { [queueSize] }
 
     public var deviceFeatures: UInt64 {
-        var f = VirtioFeature.version1 | VirtioFeature.ringIndirectDesc | Feature.segMax | Feature.blkSize | Feature.flush
+        var f = VirtioFeature.version1 | VirtioFeature.ringIndirectDesc | VirtioFeature.ringEventIdx
+            | Feature.segMax | Feature.blkSize | Feature.flush
         if readOnly { f |= Feature.readOnly } else { f |= Feature.discard | Feature.writeZeroes }
         return f
     }
@@ -104,6 +105,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public func activate(features: UInt64, queues: [Virtqueue?], transport: any VirtioTransportCallbacks) {
         lock.withLock {
             queue = queues.first ?? nil
+            queue?.eventIndex = features & VirtioFeature.ringEventIdx != 0
             self.transport = transport
             broken = false
         }
@@ -123,14 +125,20 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public func notify(queue index: Int) {
         guard index == 0 else { return }
         var failure: String?
-        var completedInline = false
+        var interrupt = false
         var toStart: [Request] = []
         lock.withLock {
             guard let q = queue, !broken else { return }
+            let oldUsed = q.usedIndex
             while true {
                 let chain: Virtqueue.Chain?
                 do { chain = try q.pop() } catch { failure = "\(error)"; break }
-                guard let chain else { break }
+                guard let chain else {
+                    // Event-idx: ask for the next notification, then look once more for
+                    // entries the driver made available without notifying.
+                    if q.eventIndex && q.publishAvailEvent() { continue }
+                    break
+                }
                 switch parse(chain, q) {
                 case .start(let r):
                     inFlight += 1
@@ -139,16 +147,16 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                     write(status: status, at: statusAddress)
                     q.push(head: chain.head, written: 1)
                     completed += 1
-                    completedInline = true
                 case .broken(let why):
                     failure = why
                 }
                 if failure != nil { break }
             }
             if failure != nil { broken = true }
+            interrupt = q.needsInterrupt(since: oldUsed)
         }
         if let failure { transport?.deviceNeedsReset("virtio-blk: \(failure)") }
-        if completedInline { interruptIfWanted() }
+        if interrupt { signal() }
         for r in toStart {
             Task.detached { [self] in await self.execute(r) }
         }
@@ -186,7 +194,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         guard chain.readableLength >= 16 else { return .done(.ioError, statusAddress) }
         var header = [UInt8](repeating: 0, count: 16)
         var readable = chain.readable
-        gather(&readable, into: &header, q.ram)
+        do { try gather(&readable, into: &header, q.ram) } catch { return .broken("\(error)") }
         let rawType = UInt32(header[0]) | UInt32(header[1]) << 8 | UInt32(header[2]) << 16 | UInt32(header[3]) << 24
         var sector: UInt64 = 0
         for i in 0..<8 { sector |= UInt64(header[8 + i]) << (8 * i) }
@@ -220,15 +228,13 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     /// Copies bytes from the front of `buffers` into `out`, and drops them from `buffers`.
-    private func gather(_ buffers: inout [Virtqueue.Descriptor], into out: inout [UInt8], _ ram: GuestRAM) {
+    private func gather(_ buffers: inout [Virtqueue.Descriptor], into out: inout [UInt8], _ ram: GuestRAM) throws {
         var filled = 0
         while filled < out.count, !buffers.isEmpty {
             let d = buffers[0]
             let n = min(Int(d.length), out.count - filled)
-            // SAFETY: descriptor ranges were checked against RAM when the chain was walked.
-            out.withUnsafeMutableBytes { o in
-                o.baseAddress!.advanced(by: filled).copyMemory(from: ram.host + Int(d.address - ram.base), byteCount: n)
-            }
+            let src = try host(ram, d.address, n)
+            out.withUnsafeMutableBytes { o in o.baseAddress!.advanced(by: filled).copyMemory(from: src, byteCount: n) }
             filled += n
             if n == Int(d.length) { buffers.removeFirst() } else {
                 buffers[0].address += UInt64(n)
@@ -259,7 +265,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             case .getID:
                 var id = Array(serial.utf8.prefix(Self.idLength))
                 if id.count < Self.idLength { id.append(0) }
-                written = copyOut(id, to: r.data, ram)
+                written = try copyOut(id, to: r.data, ram)
                 status = .ok
             case .discard, .writeZeroes:
                 status = try await ranges(r, ram)
@@ -273,16 +279,15 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     private func readData(_ r: Request, _ ram: GuestRAM) async throws {
         if r.data.count == 1 {
             let d = r.data[0]
-            // SAFETY: the range was checked against RAM when the chain was walked.
-            let p = UnsafeMutableRawBufferPointer(start: ram.host + Int(d.address - ram.base), count: Int(d.length))
+            let p = UnsafeMutableRawBufferPointer(start: try host(ram, d.address, Int(d.length)), count: Int(d.length))
             try await node.read(at: r.offset, into: p)
         } else if r.dataLength > 0 {
             let buf = AlignedBuffer(count: r.dataLength)
             try await buf.withUnsafeMutableBytes { try await node.read(at: r.offset, into: $0) }
-            buf.withUnsafeBytes { src in
+            try buf.withUnsafeBytes { src in
                 var o = 0
                 for d in r.data {
-                    (ram.host + Int(d.address - ram.base)).copyMemory(from: src.baseAddress! + o, byteCount: Int(d.length))
+                    try host(ram, d.address, Int(d.length)).copyMemory(from: src.baseAddress! + o, byteCount: Int(d.length))
                     o += Int(d.length)
                 }
             }
@@ -293,14 +298,14 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     private func writeData(_ r: Request, _ ram: GuestRAM) async throws {
         if r.data.count == 1 {
             let d = r.data[0]
-            let p = UnsafeRawBufferPointer(start: ram.host + Int(d.address - ram.base), count: Int(d.length))
+            let p = UnsafeRawBufferPointer(start: try host(ram, d.address, Int(d.length)), count: Int(d.length))
             try await node.write(at: r.offset, from: p, flags: [])
         } else if r.dataLength > 0 {
             let buf = AlignedBuffer(count: r.dataLength)
-            buf.withUnsafeMutableBytes { dst in
+            try buf.withUnsafeMutableBytes { dst in
                 var o = 0
                 for d in r.data {
-                    (dst.baseAddress! + o).copyMemory(from: ram.host + Int(d.address - ram.base), byteCount: Int(d.length))
+                    (dst.baseAddress! + o).copyMemory(from: try host(ram, d.address, Int(d.length)), byteCount: Int(d.length))
                     o += Int(d.length)
                 }
             }
@@ -312,7 +317,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     private func ranges(_ r: Request, _ ram: GuestRAM) async throws -> Status {
         var bytes = [UInt8](repeating: 0, count: r.dataLength)
         var data = r.data
-        gather(&data, into: &bytes, ram)
+        try gather(&data, into: &bytes, ram)
         let capacity = node.length / Int64(Self.sectorSize) * Int64(Self.sectorSize)
         for s in stride(from: 0, to: bytes.count, by: 16) {
             var sector: UInt64 = 0
@@ -333,11 +338,12 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         return .ok
     }
 
-    private func copyOut(_ bytes: [UInt8], to buffers: [Virtqueue.Descriptor], _ ram: GuestRAM) -> Int {
+    private func copyOut(_ bytes: [UInt8], to buffers: [Virtqueue.Descriptor], _ ram: GuestRAM) throws -> Int {
         var o = 0
         for d in buffers where o < bytes.count {
             let n = min(Int(d.length), bytes.count - o)
-            bytes.withUnsafeBytes { (ram.host + Int(d.address - ram.base)).copyMemory(from: $0.baseAddress! + o, byteCount: n) }
+            let dst = try host(ram, d.address, n)
+            bytes.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + o, byteCount: n) }
             guestMemoryWritten?(d.address, UInt64(n))
             o += n
         }
@@ -345,30 +351,36 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     private func write(status: Status, at address: UInt64) {
-        guard let q = queue else { return }
-        // SAFETY: the status byte lies inside a writable descriptor checked against RAM.
-        (q.ram.host + Int(address - q.ram.base)).storeBytes(of: status.rawValue, as: UInt8.self)
+        guard let q = queue, let p = q.ram.pointer(at: address, count: 1) else { return }
+        p.storeBytes(of: status.rawValue, as: UInt8.self)
+    }
+
+    /// The host address of `count` bytes of guest RAM, through GuestRAM's checked accessor
+    /// (the chain walk checked them already; this keeps every access checked).
+    private func host(_ ram: GuestRAM, _ address: UInt64, _ count: Int) throws -> UnsafeMutableRawPointer {
+        guard let p = ram.pointer(at: address, count: UInt64(count)) else {
+            throw VirtqueueError("buffer 0x\(String(address, radix: 16))+\(count) outside RAM")
+        }
+        return p
     }
 
     private func finish(_ r: Request, _ status: Status, _ written: Int) {
-        let signal: Bool = lock.withLock {
+        let interrupt: Bool = lock.withLock {
             defer {
                 inFlight -= 1
                 if inFlight == 0 { lock.broadcast() }
             }
             guard let q = queue else { return false }
             write(status: status, at: r.statusAddress)
+            let old = q.usedIndex
             q.push(head: r.head, written: UInt32(written + 1))
             completed += 1
-            return true
+            return q.needsInterrupt(since: old)
         }
-        if signal { interruptIfWanted() }
+        if interrupt { signal() }
     }
 
-    private func interruptIfWanted() {
-        let (t, suppressed): ((any VirtioTransportCallbacks)?, Bool) = lock.withLock {
-            (transport, (queue?.availFlags ?? 0) & Virtqueue.availNoInterrupt != 0)
-        }
-        if !suppressed { t?.signalUsedBuffers(queue: 0) }
+    private func signal() {
+        lock.withLock { transport }?.signalUsedBuffers(queue: 0)
     }
 }

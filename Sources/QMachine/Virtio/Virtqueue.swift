@@ -39,6 +39,9 @@ public final class Virtqueue: @unchecked Sendable {
     public private(set) var lastAvail: UInt16 = 0
     /// The next used-ring index to publish.
     public private(set) var usedIndex: UInt16 = 0
+    /// VIRTIO_F_EVENT_IDX was negotiated: interrupts follow the driver's used_event, and the
+    /// device publishes avail_event (Virtio 1.2, 2.7.7 and 2.7.10).
+    public var eventIndex = false
 
     /// - Throws: ``VirtqueueError`` when the size is not a power of two or a ring lies
     ///   outside RAM or is misaligned.
@@ -143,6 +146,28 @@ public final class Virtqueue: @unchecked Sendable {
             index = UInt64(next)
         }
         return chain
+    }
+
+    /// Whether the driver wants an interrupt now that the used index moved from `old` to
+    /// ``usedIndex``: with event-idx, when the move crossed used_event (vring_need_event);
+    /// without, unless the available ring's NO_INTERRUPT flag is set.
+    public func needsInterrupt(since old: UInt16) -> Bool {
+        guard old != usedIndex else { return false }
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        if eventIndex {
+            let event = load16(availAddress + 4 + 2 * UInt64(size))   // used_event
+            return usedIndex &- event &- 1 < usedIndex &- old
+        }
+        return availFlags & Self.availNoInterrupt == 0
+    }
+
+    /// Tells the driver (event-idx) to notify again once it makes entry ``lastAvail``
+    /// available; then, after a full fence, whether entries arrived meanwhile.
+    /// - Returns: true if the available ring holds entries not yet taken.
+    public func publishAvailEvent() -> Bool {
+        store16(usedAddress + 4 + 8 * UInt64(size), lastAvail)      // avail_event
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        return availIndex != lastAvail
     }
 
     /// Publishes a used element: writes it, then (after a release fence) the used index.
