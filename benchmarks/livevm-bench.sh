@@ -14,6 +14,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 BIN="${BIN:-$(cd "$repo" && swift build -c release --show-bin-path)}"
 ROUNDS="${1:-3}"
+export LIVEVM_DISK_SIZE="${LIVEVM_DISK_SIZE:-1024M}"   # room for ~90 s of appends
 [ -x "$BIN/vm" ] || { echo "livevm-bench: $BIN/vm not built (make release)"; exit 1; }
 set +e
 guest="$(bash "$repo/guests/riscv-writer/make-guest.sh")"
