@@ -27,9 +27,9 @@ one() {  # one KIND WRITES -> "ready complete"
   local kind=$1 writes=$2 d="$W/$1-$2" pid out
   rm -rf "$d"; mkdir -p "$d"; cp "$W/golden.qcow2" "$d/src.qcow2"
   if [ "$kind" = ours ]; then
-    "$BIN/nbd" --qmp "$d/qmp.sock" & pid=$!
+    "$BIN/nbd" --qmp "$d/qmp.sock" >/dev/null 2>&1 & pid=$!
   else
-    qemu-storage-daemon --chardev socket,id=c0,path="$d/qmp.sock",server=on,wait=off --monitor chardev=c0 & pid=$!
+    qemu-storage-daemon --chardev socket,id=c0,path="$d/qmp.sock",server=on,wait=off --monitor chardev=c0 >/dev/null 2>&1 & pid=$!
   fi
   for _ in $(seq 200); do [ -S "$d/qmp.sock" ] && break; sleep 0.02; done
   out=$(python3 "$RUN" "$d/qmp.sock" "$d" --writes "$writes")

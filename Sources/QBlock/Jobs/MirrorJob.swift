@@ -189,7 +189,14 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
                     }
                     continue
                 }
-                // In sync: nothing dirty, nothing in flight.
+                // In sync: nothing dirty, nothing in flight. Before announcing ready the
+                // target is flushed (as QEMU's mirror does), so that completing is quick.
+                if !job.isReady {
+                    do { try await targetNode.flush() } catch {
+                        if job.errorAction(for: error, isRead: false, policy: options.onTargetError) == .report { throw error }
+                        continue
+                    }
+                }
                 if !job.isReady || SystemJobClock().now() - lastPersist > 1_000_000_000 {
                     try await persist()
                     lastPersist = SystemJobClock().now()

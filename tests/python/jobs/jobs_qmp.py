@@ -14,8 +14,12 @@ Prints one JSON line {"ok": true, "events": [...]} or raises.
 """
 import asyncio
 import json
+import logging
 import sys
 import time
+
+# quit closes the connection under the client's reader: not an error here.
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 try:
     from qemu.qmp import QMPClient, ExecuteError
@@ -93,7 +97,10 @@ async def main(sock, d):
     except Exception:
         pass
     collector.cancel()
-    await qmp.disconnect()
+    try:
+        await qmp.disconnect()
+    except (EOFError, ConnectionError):
+        pass
     print(json.dumps({"ok": True, "events": [e for e, _ in seen]}), flush=True)
 
 

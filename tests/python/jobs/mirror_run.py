@@ -16,11 +16,15 @@ Exits 3 if qemu.qmp is missing.
 import argparse
 import asyncio
 import json
+import logging
 import random
 import shutil
 import subprocess
 import sys
 import time
+
+# quit closes the connection under the client's reader: not an error here.
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 try:
     from qemu.qmp import QMPClient
@@ -120,7 +124,10 @@ async def main():
     except Exception:
         pass
     collector.cancel()
-    await qmp.disconnect()
+    try:
+        await qmp.disconnect()
+    except (EOFError, ConnectionError):
+        pass
     if cmds:
         argv = ["qemu-io", "-f", "qcow2"]
         for c in cmds:
