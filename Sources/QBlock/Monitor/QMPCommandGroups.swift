@@ -11,5 +11,7 @@ extension QMPMonitor {
         { $0.registerSnapshotCommands() },
         { $0.registerBitmapCommands() },
         { $0.registerTransactionCommands() },
+        { $0.registerJobCommands() },
+        { $0.registerMirrorCommands() },
     ]
 }
