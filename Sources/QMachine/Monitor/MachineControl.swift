@@ -100,16 +100,22 @@ public final class MachineControl: @unchecked Sendable {
         monitor.register("stop") { [unowned self] args, ctx in
             try args.done()
             guard status == .running else { return .dict(QObject.Dict()) }
-            try await machine.pause()
-            // bdrv_flush_all: every node, not only the devices' tops (a job may have written
-            // below them, as commit does into the base).
-            for n in ctx.graph.nodes where !n.isReadOnly { try await n.flush() }
+            var failure: (any Error)?
+            do {
+                try await machine.pause()
+                // bdrv_flush_all: every node, not only the devices' tops (a job may have
+                // written below them, as commit does into the base).
+                for n in ctx.graph.nodes where !n.isReadOnly { try await n.flush() }
+            } catch {
+                failure = error     // as QEMU: the guest stays stopped, the command fails
+            }
             let stopped: Bool = lock.withLock {
                 guard _status == .running else { return false }
                 _status = .paused
                 return true
             }
-            if stopped { ctx.emit(event: "STOP") } else { machine.resume() }
+            if stopped { ctx.emit(event: "STOP") }
+            if let failure { throw failure }
             return .dict(QObject.Dict())
         }
         monitor.register("cont") { [unowned self] args, ctx in
