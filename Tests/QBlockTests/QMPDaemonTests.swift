@@ -156,6 +156,12 @@ struct QMPDaemonTests {
         defer { d.stop() }
         let a = try PyQMP(socket: d.socket), b = try PyQMP(socket: d.socket)
         let hung = Task { try? await a.execute("blockdev-add", ["driver": "nbd", "node-name": "n", "server": ["type": "unix", "path": mute]]) }
+        // A second client queues more commands than the per-client limit behind a hung one.
+        let c = try QMPHarness.rawClient(d.socket)
+        defer { close(c) }
+        let burst = "{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": \"nbd\", \"node-name\": \"m\", \"server\": {\"type\": \"unix\", \"path\": \"\(mute)\"}}}\n"
+            + String(repeating: "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": \"x\"}}\n", count: 20)
+        _ = burst.withCString { send(c, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
         try await Task.sleep(nanoseconds: 300_000_000)
         let t0 = Date()
         let v = try await b.execute("query-version")

@@ -29,6 +29,23 @@ enum QMPHarness {
         }
     }
 
+    /// A plain connected Unix socket to `path` (for raw protocol abuse).
+    static func rawClient(_ path: String) throws -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            let b = Array(path.utf8)
+            p.copyBytes(from: b)
+            p[b.count] = 0
+        }
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard fd >= 0, r == 0 else { throw QMPTestError(description: "cannot connect to \(path)") }
+        return fd
+    }
+
     /// Starts `nbd --qmp SOCKET [args]` and waits until the socket exists.
     static func startDaemon(dir: TempDir, tag: String = "qmp", args: [String] = []) throws -> Daemon {
         let socket = dir.file("\(tag).sock"), log = dir.file("\(tag).log")

@@ -6,20 +6,31 @@ import Glibc
 /// everything that can fail, outside the drained section when it can (creating and opening
 /// overlays); ``commitDrained()`` runs with every user of the graph drained and must be quick;
 /// ``commit()`` finishes; ``abort()`` undoes a successful ``prepare()``.
-protocol QMPTransactionAction: AnyObject {
+///
+/// Other command groups add action types with ``QMPMonitor/registerTransactionAction(_:make:)``.
+public protocol QMPTransactionAction: AnyObject {
+    /// Everything that can fail, before writers are held.
     func prepare() async throws
     /// Work that must happen while writers are held, and may still fail (a flush).
     func prepareDrained() async throws
-    /// The switch itself: never fails.
+    /// The switch itself, writers held: never fails.
     func commitDrained()
+    /// After the switch, writers running again.
     func commit() async
+    /// Undoes a successful ``prepare()``.
     func abort() async
 }
 
 extension QMPTransactionAction {
-    func prepareDrained() async throws {}
-    func commitDrained() {}
-    func commit() async {}
+    public func prepareDrained() async throws {}
+    public func commitDrained() {}
+    public func commit() async {}
+}
+
+/// Transaction action types added by other command groups.
+final class QMPTransactionRegistry: @unchecked Sendable {
+    let lock = PosixMutex()
+    var makers: [String: @Sendable (QMPArguments, QMPContext) throws -> QMPTransactionAction] = [:]
 }
 
 /// Runs actions all or none: every action is prepared; then, with the graph drained, each
@@ -57,8 +68,18 @@ enum QMPTransaction {
 }
 
 extension QMPMonitor {
+    /// Adds action `type` to `transaction` (e.g. `drive-backup` from the jobs group): `make`
+    /// reads the action's `data` (call ``QMPArguments/done()``) and returns the action.
+    public func registerTransactionAction(_ type: String,
+                                          make: @escaping @Sendable (QMPArguments, QMPContext) throws -> QMPTransactionAction) {
+        let r = state(QMPTransactionRegistry.self) { QMPTransactionRegistry() }
+        r.lock.withLock { r.makers[type] = make }
+    }
+
     /// Builds the transaction action for `type` with arguments `data`.
-    func transactionAction(type: String, data: QMPArguments) throws -> QMPTransactionAction {
+    func transactionAction(type: String, data: QMPArguments, context: QMPContext) throws -> QMPTransactionAction {
+        let r = state(QMPTransactionRegistry.self) { QMPTransactionRegistry() }
+        if let make = r.lock.withLock({ r.makers[type] }) { return try make(data, context) }
         switch type {
         case "blockdev-snapshot-sync": return try SnapshotSyncAction(data, monitor: self)
         case "blockdev-snapshot": return try SnapshotAction(data, monitor: self)
@@ -91,7 +112,9 @@ extension QMPMonitor {
                     throw QMPError.generic("Invalid parameter type for 'actions[\(i)]', expected: object")
                 }
                 let a = QMPArguments(d)
-                let type = try a.enumValue("type", QMPMonitor.transactionTypes)
+                let registry = ctx.monitor.state(QMPTransactionRegistry.self) { QMPTransactionRegistry() }
+                let extra = registry.lock.withLock { Array(registry.makers.keys) }
+                let type = try a.enumValue("type", QMPMonitor.transactionTypes + extra)
                 if type == "abort" {
                     _ = try a.optionalObject("data")
                     try a.done()
@@ -100,7 +123,7 @@ extension QMPMonitor {
                 }
                 let data = try a.optionalObject("data") ?? QMPArguments(QObject.Dict(), path: "data")
                 try a.done()
-                actions.append(try ctx.monitor.transactionAction(type: type, data: data))
+                actions.append(try ctx.monitor.transactionAction(type: type, data: data, context: ctx))
             }
             try await QMPTransaction.run(actions, graph: ctx.graph)
             return .dict(QObject.Dict())

@@ -224,7 +224,11 @@ final class QMPConnection: @unchecked Sendable {
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { return }
             for out in streamer.feed(UnsafeRawBufferPointer(rebasing: buf[0..<n])) {
-                slots.wait()
+                // Wait for a free slot; give up when the connection is closing (a command
+                // ahead may never finish).
+                while slots.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
+                    if condition.withLock({ closing }) { return }
+                }
                 continuation.yield(out)
             }
         }
