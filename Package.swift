@@ -19,6 +19,7 @@ let package = Package(
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .target(name: "CSupport", path: "Sources/CSupport"),
+        .target(name: "CKVM", path: "Sources/CKVM"),
         .target(
             name: "QBlock",
             dependencies: ["CZlib", "CZstd", "CSupport"],
@@ -27,7 +28,7 @@ let package = Package(
         ),
         .target(
             name: "QMachine",
-            dependencies: ["QBlock"],
+            dependencies: ["QBlock", "CKVM"],
             path: "Sources/QMachine",
             swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
         ),

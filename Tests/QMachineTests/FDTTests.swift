@@ -6,7 +6,9 @@ import TestSupport
 @Suite struct FDTTests {
     static func virtTree(initrd: (start: UInt64, end: UInt64)? = (0x8820_0000, 0x8830_0000)) -> VirtDeviceTree {
         VirtDeviceTree(ramBase: 0x8000_0000, ramSize: 512 << 20,
-                       cpu: .init(isa: "rv64imafdc_zicsr_zifencei", mmuType: "riscv,sv39", timebaseFrequency: 10_000_000),
+                       cpu: .init(isa: "rv64imafdc_zicsr_zifencei", isaBase: "rv64i",
+                                  isaExtensions: ["i", "m", "a", "f", "d", "c", "zicsr", "zifencei"],
+                                  mmuType: "riscv,sv39", timebaseFrequency: 10_000_000),
                        plicBase: 0x0c00_0000, plicSize: 0x20_2000, plicSources: 95,
                        uartBase: 0x1000_0000, uartIRQ: 10, uartClock: 3_686_400,
                        virtioSlots: (0..<8).map { (0x1000_1000 + UInt64($0) * 0x1000, 0x1000, UInt32(1 + $0)) },
@@ -57,6 +59,8 @@ import TestSupport
         let cpu = try #require(cpus.node(at: "cpu@0"))
         #expect(cpu.strings("riscv,isa") == ["rv64imafdc_zicsr_zifencei"])
         #expect(cpu.strings("mmu-type") == ["riscv,sv39"])
+        #expect(cpu.strings("riscv,isa-base") == ["rv64i"])
+        #expect(cpu.strings("riscv,isa-extensions") == ["i", "m", "a", "f", "d", "c", "zicsr", "zifencei"])
         #expect(cpu.strings("status") == ["okay"] && cpu.strings("device_type") == ["cpu"])
         let intc = try #require(cpu.node(at: "interrupt-controller"))
         #expect(intc.strings("compatible") == ["riscv,cpu-intc"])

@@ -5,10 +5,13 @@
 public struct VirtDeviceTree: Sendable {
     public struct CPU: Sendable {
         public var isa: String
+        public var isaBase: String?
+        public var isaExtensions: [String]?
         public var mmuType: String
         public var timebaseFrequency: UInt64
-        public init(isa: String, mmuType: String, timebaseFrequency: UInt64) {
-            self.isa = isa; self.mmuType = mmuType; self.timebaseFrequency = timebaseFrequency
+        public init(isa: String, isaBase: String? = nil, isaExtensions: [String]? = nil, mmuType: String, timebaseFrequency: UInt64) {
+            self.isa = isa; self.isaBase = isaBase; self.isaExtensions = isaExtensions
+            self.mmuType = mmuType; self.timebaseFrequency = timebaseFrequency
         }
     }
 
@@ -83,6 +86,10 @@ public struct VirtDeviceTree: Sendable {
         f.property("status", string: "okay")
         f.property("compatible", string: "riscv")
         f.property("riscv,isa", string: cpu.isa)
+        if let base = cpu.isaBase, let ext = cpu.isaExtensions {
+            f.property("riscv,isa-base", string: base)
+            f.property("riscv,isa-extensions", strings: ext)
+        }
         f.property("mmu-type", string: cpu.mmuType)
         f.beginNode("interrupt-controller")
         f.property("#interrupt-cells", u32: 1)

@@ -17,14 +17,20 @@ public protocol RISCVBootCPU: VirtualCPU {
 
 /// A kind of RISC-V CPU: what the device tree says about it and how to make one.
 public struct RISCVCPUModel: Sendable {
+    /// `riscv,isa` (deprecated by the binding, still read by every kernel).
     public var isa: String
+    /// `riscv,isa-base` and `riscv,isa-extensions` (the current binding), when known.
+    public var isaBase: String?
+    public var isaExtensions: [String]?
     public var mmuType: String
     public var timebaseFrequency: UInt64
     public var make: @Sendable (_ hartID: UInt64, _ ram: GuestRAM, _ bus: Bus, _ platform: any SBIPlatform) -> any RISCVBootCPU
 
-    public init(isa: String, mmuType: String, timebaseFrequency: UInt64,
+    public init(isa: String, isaBase: String? = nil, isaExtensions: [String]? = nil, mmuType: String, timebaseFrequency: UInt64,
                 make: @escaping @Sendable (UInt64, GuestRAM, Bus, any SBIPlatform) -> any RISCVBootCPU) {
         self.isa = isa
+        self.isaBase = isaBase
+        self.isaExtensions = isaExtensions
         self.mmuType = mmuType
         self.timebaseFrequency = timebaseFrequency
         self.make = make

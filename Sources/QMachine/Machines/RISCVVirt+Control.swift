@@ -6,22 +6,17 @@ import QBlock
 /// (``VirtualCPU/requestStop()``), and the thread parks instead of ending; `resume()` lets it
 /// call `run()` again on the same hart, which keeps all of its state. A paused machine's
 /// disks are quiet: every virtio-blk request taken from a queue has completed (its used
-/// element and interrupt are posted; the guest sees them after `cont`) and every writable
-/// drive has been flushed — an external copy of the disks is consistent.
+/// element and interrupt are posted; the guest sees them after `cont`); `MachineControl`
+/// then flushes every node, so that an external copy of the disks is consistent.
 extension RISCVVirtMachine {
-    /// Stops the hart, waits for every virtio-blk request in flight, flushes the drives.
-    /// Returns at once if the hart already finished.
-    /// - Throws: the first flush error (the machine stays paused).
+    /// Stops the hart and waits for every virtio-blk request in flight (the caller then
+    /// flushes the disks: `MachineControl` flushes every node of the graph). Returns at once
+    /// if the hart already finished. Never throws.
     public func pause() async throws {
         await gate.pause(cpu)
         while blocks.contains(where: { $0.requestsInFlight > 0 }) {
             try? await Task.sleep(nanoseconds: 200_000)
         }
-        var firstError: (any Error)?
-        for d in configuration.drives where !d.readOnly {
-            do { try await d.node.flush() } catch { if firstError == nil { firstError = error } }
-        }
-        if let firstError { throw firstError }
     }
 
     /// Lets a paused hart run again.

@@ -113,7 +113,8 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
         func tree(_ initrdRange: (UInt64, UInt64)?) -> [UInt8] {
             VirtDeviceTree(
                 ramBase: Self.ramBase, ramSize: config.memorySize,
-                cpu: .init(isa: model.isa, mmuType: model.mmuType, timebaseFrequency: model.timebaseFrequency),
+                cpu: .init(isa: model.isa, isaBase: model.isaBase, isaExtensions: model.isaExtensions,
+                           mmuType: model.mmuType, timebaseFrequency: model.timebaseFrequency),
                 plicBase: Self.plicBase, plicSize: plic.windowSize, plicSources: UInt32(Self.plicSources - 1),
                 uartBase: Self.uartBase, uartIRQ: UInt32(Self.uartIRQ), uartClock: Self.uartClock,
                 virtioSlots: (0..<Self.virtioSlots).map {

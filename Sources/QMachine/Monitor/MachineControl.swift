@@ -2,7 +2,8 @@ import QBlock
 
 /// What QMP's machine commands need from a running machine.
 public protocol MonitoredMachine: AnyObject, Sendable {
-    /// Stops the vCPUs and quiesces the disks: no request in flight, every drive flushed.
+    /// Stops the vCPUs and waits until no device request is in flight (the caller flushes).
+    /// Throws, with nothing changed, when the machine cannot be paused.
     func pause() async throws
     /// Lets paused vCPUs run again.
     func resume()
@@ -100,9 +101,9 @@ public final class MachineControl: @unchecked Sendable {
         monitor.register("stop") { [unowned self] args, ctx in
             try args.done()
             guard status == .running else { return .dict(QObject.Dict()) }
+            try await machine.pause()
             var failure: (any Error)?
             do {
-                try await machine.pause()
                 // bdrv_flush_all: every node, not only the devices' tops (a job may have
                 // written below them, as commit does into the base).
                 for n in ctx.graph.nodes where !n.isReadOnly { try await n.flush() }
@@ -153,3 +154,12 @@ public final class MachineControl: @unchecked Sendable {
 }
 
 extension RISCVVirtMachine: MonitoredMachine {}
+
+/// `x86_64-micro` (KVM): `quit`, `system_reset` and the `SHUTDOWN` events work; `stop` is
+/// refused (its vCPU threads end on a stop request rather than park).
+extension X86MicroMachine: MonitoredMachine {
+    public func pause() async throws {
+        throw QMPError.generic("stop is not supported on \(X86MicroMachine.name)")
+    }
+    public func resume() {}
+}

@@ -11,6 +11,7 @@ import Glibc
 ///     vm --machine riscv64-virt --kernel Image [--initrd FILE] [--append "…"]
 ///        [--drive file=PATH[,format=qcow2|raw][,id=NAME][,readonly=on]]… [--memory 512M]
 ///        [--serial stdio|unix:PATH] [--qmp PATH]
+///     vm --machine x86_64-micro --accel kvm --firmware FILE [--drive …]… [--memory 16M] [--qmp PATH]
 ///
 /// Drives live in a block graph behind backends named by their `id` (QBlock's
 /// `BlockBackend`), so `--qmp PATH` serves QBlock's QMP monitor on a Unix socket with every
@@ -24,13 +25,19 @@ import Glibc
 struct VM: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vm",
-        abstract: "Run a virtual machine (riscv64-virt) with virtio-blk disks on QBlock.")
+        abstract: "Run a virtual machine (riscv64-virt, x86_64-micro) with virtio-blk disks on QBlock.")
 
-    @Option(name: .customLong("machine"), help: "Machine type (riscv64-virt).")
+    @Option(name: .customLong("machine"), help: "Machine type (riscv64-virt, x86_64-micro).")
     var machine: String = RISCVVirtMachine.name
 
-    @Option(name: .customLong("kernel"), help: "Linux kernel Image to boot.")
-    var kernel: String
+    @Option(name: .customLong("accel"), help: "Accelerator: tcg (software CPU, riscv64-virt) or kvm (x86_64-micro).")
+    var accel: String?
+
+    @Option(name: .customLong("kernel"), help: "Linux kernel Image to boot (riscv64-virt).")
+    var kernel: String?
+
+    @Option(name: .customLong("firmware"), help: "Flat binary entered in 64-bit mode at 1 MiB (x86_64-micro).")
+    var firmware: String?
 
     @Option(name: .customLong("initrd"), help: "Initial ramdisk (cpio, optionally compressed).")
     var initrd: String?
@@ -41,8 +48,8 @@ struct VM: AsyncParsableCommand {
     @Option(name: .customLong("drive"), help: "A virtio-blk disk: file=PATH[,format=raw|qcow2][,id=NAME][,readonly=on]. Repeatable; the first is /dev/vda.")
     var drives: [String] = []
 
-    @Option(name: [.customShort("m"), .customLong("memory")], help: "Guest RAM (e.g. 512M, 1G).")
-    var memory: String = "512M"
+    @Option(name: [.customShort("m"), .customLong("memory")], help: "Guest RAM (e.g. 512M, 1G; default 512M, 16M for x86_64-micro).")
+    var memory: String?
 
     @Option(name: .customLong("serial"), help: "Serial port: stdio or unix:PATH (connect to a listening socket).")
     var serial: String = "stdio"
@@ -75,8 +82,15 @@ struct VM: AsyncParsableCommand {
     }
 
     func validate() throws {
-        guard machine == RISCVVirtMachine.name else {
-            throw ValidationError("unknown machine '\(machine)' (available: \(RISCVVirtMachine.name))")
+        switch machine {
+        case RISCVVirtMachine.name:
+            guard kernel != nil else { throw ValidationError("\(machine) needs --kernel") }
+            guard accel == nil || accel == "tcg" else { throw ValidationError("\(machine) runs on the software CPU only (--accel tcg)") }
+        case X86MicroMachine.name:
+            guard firmware != nil else { throw ValidationError("\(machine) needs --firmware") }
+            guard accel == nil || accel == "kvm" else { throw ValidationError("\(machine) runs on KVM only (--accel kvm)") }
+        default:
+            throw ValidationError("unknown machine '\(machine)' (available: \(RISCVVirtMachine.name), \(X86MicroMachine.name))")
         }
         guard serial == "stdio" || serial.hasPrefix("unix:") else {
             throw ValidationError("--serial takes stdio or unix:PATH")
@@ -84,7 +98,7 @@ struct VM: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let memorySize = try MemorySize.parse(memory)
+        let memorySize = try memory.map { try MemorySize.parse($0) }
         let specs = try drives.map { try DriveSpec(parsing: $0) }
 
         // Open every drive into the monitor's graph before the machine exists (the device
@@ -121,15 +135,21 @@ struct VM: AsyncParsableCommand {
             throw error
         }
 
-        var config = RISCVVirtMachine.Configuration(kernelPath: kernel, serial: backend)
-        config.memorySize = memorySize
-        config.initrdPath = initrd
-        config.bootargs = append
-        config.drives = opened
-
-        let vm: RISCVVirtMachine
+        let vm: any RunnableMachine
         do {
-            vm = try RISCVVirtMachine(config, cpu: .software)
+            if machine == X86MicroMachine.name, let firmware {
+                var config = X86MicroMachine.Configuration(firmwarePath: firmware, serial: backend)
+                config.memorySize = memorySize ?? X86MicroMachine.defaultMemorySize
+                config.drives = opened
+                vm = try X86MicroMachine(config)
+            } else {
+                var config = RISCVVirtMachine.Configuration(kernelPath: kernel ?? "", serial: backend)
+                config.memorySize = memorySize ?? 512 << 20
+                config.initrdPath = initrd
+                config.bootargs = append
+                config.drives = opened
+                vm = try RISCVVirtMachine(config, cpu: .software)
+            }
         } catch {
             backend.close()
             _ = await closeAll()
@@ -161,7 +181,8 @@ struct VM: AsyncParsableCommand {
         await server?.shutdown()
         if ProcessInfo.processInfo.environment["VM_STATS"] != nil {
             let secs = Double((ContinuousClock.now - started).components.attoseconds) / 1e18 + Double((ContinuousClock.now - started).components.seconds)
-            FileHandle.standardError.write(Data(String(format: "vm: %.2f s, %llu instructions retired\n", secs, vm.cpu.instructionsRetired).utf8))
+            let retired = (vm as? RISCVVirtMachine).map { String(format: ", %llu instructions retired", $0.cpu.instructionsRetired) } ?? ""
+            FileHandle.standardError.write(Data((String(format: "vm: %.2f s", secs) + retired + "\n").utf8))
         }
         if let e = quiesceError ?? closeError { Self.fail("cannot flush the disks: \(e)") }
 
@@ -192,3 +213,12 @@ struct VM: AsyncParsableCommand {
         }
     }
 }
+
+/// What the tool needs of a machine, whichever it is (the QMP machine commands too).
+protocol RunnableMachine: MonitoredMachine {
+    func run() async -> VCPUExit
+    func stop()
+    func quiesce() async throws
+}
+extension RISCVVirtMachine: RunnableMachine {}
+extension X86MicroMachine: RunnableMachine {}
