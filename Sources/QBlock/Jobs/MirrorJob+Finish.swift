@@ -27,7 +27,14 @@ extension MirrorJob {
     public func prepare(_ job: Job) async throws {
         let pivot = lock.withLock { shouldComplete } && !job.isCancelRequested
         guard let filter = lock.withLock({ filterNode }) else { return }
+        // Flush the target before holding writers (as snapshots do): the flush inside the
+        // drained section then only has the last pass's writes left.
+        try? await targetNode.flush()
+        let t0 = QMPTrace.now()
+        var t1: Int64 = 0, t2: Int64 = 0, t3: Int64 = 0
+        defer { QMPTrace.log("mirror prepare: drain \(t1 - t0) us, final copy \(t2 - t1) us, target flush \(t3 - t2) us, switch+undrain \(QMPTrace.now() - t3) us") }
         try await graph.drained {
+            t1 = QMPTrace.now()
             while let area = nextDirty(from: 0) {
                 bitmap.reset(offset: area.offset, length: area.length)
                 lock.withLock { bytesInFlight += area.length }
@@ -36,7 +43,9 @@ extension MirrorJob {
                     throw error
                 }
             }
+            t2 = QMPTrace.now()
             try await targetNode.flush()
+            t3 = QMPTrace.now()
             (filter.driver as? MirrorTopNode)?.detachJob()
             if pivot {
                 // A target of sync=top/none (or an active commit's base) keeps the source's backing chain.

@@ -132,6 +132,8 @@ enum QMPJobs {
 
     /// The node `device` names (a node name; the daemon has no devices).
     static func node(_ graph: BlockGraph, _ device: String) throws -> BlockNode {
+        // A device name (a `vm` drive id) names its backend's current node first.
+        if let b = graph.backends.first(where: { !$0.name.isEmpty && $0.name == device }) { return b.node }
         guard let n = graph.node(named: device) else { throw QMPError.noDevice(device: device, node: device) }
         return n
     }

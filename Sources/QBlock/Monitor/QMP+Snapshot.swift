@@ -84,7 +84,9 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
 
     func prepare() async throws {
         let graph = monitor.graph
-        let found = [device, nodeName].compactMap { $0 }.lazy.compactMap { graph.node(named: $0) }.first
+        // `device` names a device's backend (a `vm` drive id) first, as QEMU's bdrv_lookup_bs.
+        let byDevice = device.flatMap { d in graph.backends.first { !$0.name.isEmpty && $0.name == d }?.node }
+        let found = byDevice ?? [device, nodeName].compactMap { $0 }.lazy.compactMap { graph.node(named: $0) }.first
         guard let node = found else { throw QMPError.noDevice(device: device ?? "", node: nodeName ?? "") }
         if let overlayName {
             if graph.node(named: overlayName) != nil { throw QMPError.generic("New overlay node-name already in use") }

@@ -1,21 +1,24 @@
 import Foundation
 import QBlock
 
-/// A `--drive` argument: `file=PATH[,format=qcow2|raw][,id=NAME][,readonly=on|off]`
+/// A `--drive` argument: `file=PATH[,format=qcow2|raw][,id=NAME][,node-name=NAME][,readonly=on|off]`
 /// (QEMU's -drive syntax, the subset this machine uses; a bare PATH means file=PATH).
+/// `node-name` names the format node in the block graph (`vm --qmp`); without it the node
+/// is `ID-format`.
 public struct DriveSpec: Sendable, Equatable {
     public var file: String
     public var format: String?
     public var id: String?
+    public var nodeName: String?
     public var readOnly: Bool
 
-    public init(file: String, format: String? = nil, id: String? = nil, readOnly: Bool = false) {
-        self.file = file; self.format = format; self.id = id; self.readOnly = readOnly
+    public init(file: String, format: String? = nil, id: String? = nil, nodeName: String? = nil, readOnly: Bool = false) {
+        self.file = file; self.format = format; self.id = id; self.nodeName = nodeName; self.readOnly = readOnly
     }
 
     /// - Throws: `.invalidArgument` with the offending key.
     public init(parsing text: String) throws {
-        var file: String?, format: String?, id: String?, ro = false
+        var file: String?, format: String?, id: String?, nodeName: String?, ro = false
         // QEMU escapes a comma in a value by doubling it.
         var parts: [String] = []
         var cur = ""
@@ -44,6 +47,7 @@ public struct DriveSpec: Sendable, Equatable {
                 }
                 format = value
             case "id": id = value
+            case "node-name": nodeName = value
             case "readonly":
                 switch value {
                 case "on", "true", "yes": ro = true
@@ -61,7 +65,7 @@ public struct DriveSpec: Sendable, Equatable {
         guard let file, !file.isEmpty else {
             throw MachineError(.invalidArgument, "drive '\(text)' has no file=", operation: "parse --drive")
         }
-        self.init(file: file, format: format, id: id, readOnly: ro)
+        self.init(file: file, format: format, id: id, nodeName: nodeName, readOnly: ro)
     }
 
     /// Opens the image through QBlock's opener (backing chains included).

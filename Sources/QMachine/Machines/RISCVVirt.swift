@@ -61,6 +61,8 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
 
     private let lock = DeviceLock()
     private var running = false
+    /// Parks the hart's thread for QMP `stop` and lets it go on `cont` (RISCVVirt+Control.swift).
+    let gate = VCPUGate()
 
     /// Builds the machine and loads the kernel, initrd and device tree into RAM.
     /// - Throws: ``MachineError`` `.badImage` for a missing or invalid kernel or initrd,
@@ -170,7 +172,7 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
         let cpu = self.cpu!
         lock.withLock { running = true }
         let t = Thread { [self] in
-            let exit = cpu.run()
+            let exit = gate.run(cpu)
             lock.withLock { running = false }
             finished(exit)
         }
@@ -179,8 +181,8 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
         t.start()
     }
 
-    /// Asks the hart to stop (it returns `.stopped`).
-    public func stop() { cpu.requestStop() }
+    /// Asks the hart to stop for good: ``run()`` returns `.stopped` (a paused hart too).
+    public func stop() { gate.quit(cpu) }
 
     /// Quiesces the disks after the hart stopped: resets the virtio devices (waiting for
     /// requests in flight) and flushes every drive. The caller closes the nodes it opened.

@@ -52,6 +52,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     private var config: [UInt8]
     /// Requests completed (statistics and tests).
     public private(set) var completed = 0
+    /// Requests taken from the queue and not yet completed (`stop` waits for none).
+    public var requestsInFlight: Int { lock.withLock { inFlight } }
 
     /// - Parameters:
     ///   - serial: the id GET_ID returns (at most 20 bytes are used).

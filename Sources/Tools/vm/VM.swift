@@ -10,11 +10,17 @@ import Glibc
 ///
 ///     vm --machine riscv64-virt --kernel Image [--initrd FILE] [--append "…"]
 ///        [--drive file=PATH[,format=qcow2|raw][,id=NAME][,readonly=on]]… [--memory 512M]
-///        [--serial stdio|unix:PATH]
-///     vm --machine x86_64-micro --accel kvm --firmware FILE [--drive …]… [--memory 16M]
+///        [--serial stdio|unix:PATH] [--qmp PATH]
+///     vm --machine x86_64-micro --accel kvm --firmware FILE [--drive …]… [--memory 16M] [--qmp PATH]
 ///
-/// Exit status: 0 when the guest powers off; 1 on a crash, a reboot request (treated as
-/// QEMU's -no-reboot does), or anything that stops the machine from starting.
+/// Drives live in a block graph behind backends named by their `id` (QBlock's
+/// `BlockBackend`), so `--qmp PATH` serves QBlock's QMP monitor on a Unix socket with every
+/// block command acting on the guest's disks, plus the machine commands of
+/// `MachineControl` (`stop`, `cont`, `query-status`, `system_reset`, `quit`, …).
+///
+/// Exit status: 0 when the guest powers off (or on QMP `quit`/`system_reset`); 1 on a
+/// crash, a reboot request (treated as QEMU's -no-reboot does), a signal, or anything that
+/// stops the machine from starting.
 @main
 struct VM: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -48,6 +54,9 @@ struct VM: AsyncParsableCommand {
     @Option(name: .customLong("serial"), help: "Serial port: stdio or unix:PATH (connect to a listening socket).")
     var serial: String = "stdio"
 
+    @Option(name: .customLong("qmp"), help: "Serve QMP on a Unix socket at PATH (as QEMU's -qmp unix:PATH,server=on,wait=off).")
+    var qmp: String?
+
     static func main() async {
         do {
             var command = try parseAsRoot(nil)
@@ -60,6 +69,8 @@ struct VM: AsyncParsableCommand {
             fail(e.description)
         } catch let e as BlockError {
             fail(e.description)
+        } catch let e as QMPError {
+            fail(e.desc)
         } catch {
             exit(withError: error)
         }
@@ -90,20 +101,26 @@ struct VM: AsyncParsableCommand {
         let memorySize = try memory.map { try MemorySize.parse($0) }
         let specs = try drives.map { try DriveSpec(parsing: $0) }
 
-        // Open every drive before the machine exists; close them on any way out.
+        // Open every drive into the monitor's graph before the machine exists (the device
+        // models get the backends); close them on any way out.
+        let monitor = QMPMonitor()
         var opened: [RISCVVirtMachine.Drive] = []
         func closeAll() async -> (any Error)? {
             var first: (any Error)?
             for d in opened {
-                do { try await d.node.close() } catch { if first == nil { first = error } }
+                do { try await d.node.flush() } catch where !d.readOnly { if first == nil { first = error } } catch {}
+                if let b = d.node as? BlockBackend { monitor.graph.detach(b) }
             }
             opened = []
+            await monitor.stopNBDServer()
+            await monitor.block.closeAll()
             return first
         }
         do {
             for (i, s) in specs.enumerated() {
-                let node = try await s.open()
-                opened.append(.init(node: node, id: s.id ?? "drive\(i)", readOnly: s.readOnly))
+                let id = s.id ?? "drive\(i)"
+                let backend = try await s.attach(to: monitor, id: id)
+                opened.append(.init(node: backend, id: id, readOnly: s.readOnly))
             }
         } catch {
             _ = await closeAll()
@@ -139,15 +156,29 @@ struct VM: AsyncParsableCommand {
             throw error
         }
 
+        let control = MachineControl(monitor: monitor, machine: vm)
+        var server: QMPServer?
+        if let qmp {
+            let s = QMPServer(monitor: monitor)
+            do { try s.listen(unix: qmp) } catch {
+                backend.close()
+                _ = await closeAll()
+                throw error
+            }
+            server = s
+        }
+
         // SIGINT/SIGTERM stop the hart; the disks are then flushed and closed as on power-off.
-        let signals = stopOnSignals(vm)
+        let signals = stopOnSignals(control)
         let started = ContinuousClock.now
         let exit = await vm.run()
+        let cause = control.machineEnded(exit)
         signals.forEach { $0.cancel() }
         let quiesceError: (any Error)?
         do { try await vm.quiesce(); quiesceError = nil } catch { quiesceError = error }
         backend.close()
         let closeError = await closeAll()
+        await server?.shutdown()
         if ProcessInfo.processInfo.environment["VM_STATS"] != nil {
             let secs = Double((ContinuousClock.now - started).components.attoseconds) / 1e18 + Double((ContinuousClock.now - started).components.seconds)
             let retired = (vm as? RISCVVirtMachine).map { String(format: ", %llu instructions retired", $0.cpu.instructionsRetired) } ?? ""
@@ -155,6 +186,10 @@ struct VM: AsyncParsableCommand {
         }
         if let e = quiesceError ?? closeError { Self.fail("cannot flush the disks: \(e)") }
 
+        switch cause {
+        case .hostQMPQuit, .hostQMPSystemReset: return
+        default: break
+        }
         switch exit {
         case .shutdown: return
         case .reset: Self.fail("guest requested a reboot")
@@ -168,19 +203,19 @@ struct VM: AsyncParsableCommand {
     }
 
     /// Installs SIGINT/SIGTERM handlers that stop the hart.
-    private func stopOnSignals(_ vm: any RunnableMachine) -> [any DispatchSourceSignal] {
+    private func stopOnSignals(_ control: MachineControl) -> [any DispatchSourceSignal] {
         [SIGINT, SIGTERM].map { sig in
             signal(sig, SIG_IGN)
             let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { vm.stop() }
+            s.setEventHandler { control.requestShutdown(.hostSignal) }
             s.resume()
             return s
         }
     }
 }
 
-/// What the tool needs of a machine, whichever it is.
-protocol RunnableMachine: AnyObject, Sendable {
+/// What the tool needs of a machine, whichever it is (the QMP machine commands too).
+protocol RunnableMachine: MonitoredMachine {
     func run() async -> VCPUExit
     func stop()
     func quiesce() async throws
