@@ -213,24 +213,29 @@ extension Qcow2Node {
             // Full, or freed since (then it may be reused for anything): start afresh.
             if rc == maxRefcount || rc == 0 { offset = 0 }
         }
-        let freeInCluster = offset == 0 ? 0 : cs - (offset & (cs - 1))
-        if offset == 0 || freeInCluster < Int64(size) {
-            var newCluster: Int64
-            while true {
-                newCluster = try await findFreeClusters(1)
-                try await ensureRefcountBlock(for: newCluster)
-                if try await refcount(of: newCluster) == 0 { break }
+        var freeInCluster = cs - (offset & (cs - 1))
+        while true {
+            if offset == 0 || freeInCluster < Int64(size) {
+                let newCluster = try await findFreeClusters(1)
+                if offset == 0 || (offset + cs - 1) / cs * cs != newCluster << cbits {
+                    offset = newCluster << cbits
+                    freeInCluster = cs
+                } else {
+                    freeInCluster += cs
+                }
             }
-            let roundedUp = (offset + cs - 1) / cs * cs
-            if offset == 0 || roundedUp != newCluster << cbits {
-                offset = newCluster << cbits
+            let first = offset >> cbits
+            let last = (offset + Int64(size) - 1) >> cbits
+            if let missing = firstClusterWithoutBlock(first, last + 1) {
+                // As QEMU: make the block, then start over in a new cluster.
+                try await restartAfterNewBlock(first, missing)
+                offset = 0
+                continue
             }
-            if newCluster == freeClusterIndex { freeClusterIndex = newCluster + 1 }
-            noteAllocated(newCluster, 1)
+            for c in first...last { try await updateRefcount(c, by: 1) }
+            noteAllocated(first, last - first + 1)
+            break
         }
-        let first = offset >> cbits
-        let last = (offset + Int64(size) - 1) >> cbits
-        for c in first...last { try await updateRefcount(c, by: 1) }
         freeByteOffset = offset + Int64(size)
         if freeByteOffset & (cs - 1) == 0 { freeByteOffset = 0 }
         return offset

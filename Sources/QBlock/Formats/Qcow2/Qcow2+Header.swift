@@ -255,12 +255,14 @@ struct Qcow2Header: Equatable {
             ext.append(contentsOf: [UInt8](repeating: 0, count: (8 - data.count % 8) % 8))
         }
         if let f = backingFormat { add(ExtensionType.backingFormat.rawValue, Array(f.utf8)) }
-        // The feature name table is optional: like QEMU, leave it out when it does not fit.
+        // The feature name table is optional. QEMU leaves it out for clusters of 4 KiB and
+        // less (it would crowd out a backing file name there); we also leave it out when it
+        // does not fit.
         let fixedSize = version >= 3 ? Int(headerLength) : Qcow2Header.v2Length
         let others = otherExtensions.reduce(0) { $0 + 8 + ($1.data.count + 7) / 8 * 8 }
         let nameSize = backingFileName?.utf8.count ?? 0
         let tableSize = 8 + Qcow2Header.featureTable.count * 48
-        if version >= 3 && fixedSize + ext.count + tableSize + others + 8 + nameSize <= clusterSize {
+        if version >= 3 && clusterSize > 4096 && fixedSize + ext.count + tableSize + others + 8 + nameSize <= clusterSize {
             var t: [UInt8] = []
             for f in Qcow2Header.featureTable {
                 t.append(f.type)

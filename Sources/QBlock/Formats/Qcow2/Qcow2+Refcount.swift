@@ -123,6 +123,8 @@ extension Qcow2Node {
                     // The new block's own count needs a block too: make that one first.
                     try await ensureRefcountBlock(for: blockCluster)
                     if refcountTable[ti] != 0 { return }
+                    // Then try the same cluster again, as QEMU does.
+                    if blockCluster < freeClusterIndex { freeClusterIndex = blockCluster }
                     continue
                 }
                 // Its own count lives in another block; that update goes to disk first.
@@ -139,7 +141,6 @@ extension Qcow2Node {
             try await hostFile.write(at: blockOffset, from: UnsafeRawBufferPointer(e.bytes), flags: [])
             e.dirty = false
             noteAllocated(blockCluster, 1)
-            if blockCluster == freeClusterIndex { freeClusterIndex += 1 }
             try await hostFile.flush()
             refcountTable[ti] = UInt64(blockOffset)
             try await writeRefcountTableEntry(ti)
@@ -246,42 +247,51 @@ extension Qcow2Node {
 
     // MARK: Allocation
 
-    /// Finds `count` contiguous free clusters (without taking them). Refcount blocks that
-    /// must exist for them are created first, so the result stays free.
+    /// Finds `count` contiguous free clusters at or after the free-cluster index, without
+    /// taking them, and moves the index past them: QEMU's `alloc_clusters_noref`, whose
+    /// search order decides the layout of every image it writes.
     func findFreeClusters(_ count: Int64) async throws -> Int64 {
         var start = freeClusterIndex
-        var run: Int64 = 0
         var c = start
-        var firstFree: Int64 = -1
-        while run < count {
-            if try await refcount(of: c) == 0 {
-                if firstFree < 0 { firstFree = c }
-                run += 1
-            } else {
-                run = 0
-                start = c + 1
-            }
+        while c < start + count {
+            if try await refcount(of: c) != 0 { start = c + 1 }
             c += 1
         }
-        // Everything below the first free cluster seen is in use: start there next time.
-        freeClusterIndex = firstFree
+        freeClusterIndex = start + count
         return start
     }
 
-    /// Allocates `count` contiguous clusters and returns the host offset of the first.
+    /// The first cluster of `first..<end` whose refcount block does not exist yet.
+    func firstClusterWithoutBlock(_ first: Int64, _ end: Int64) -> Int64? {
+        let n = Int64(refcountBlockEntries)
+        var c = first
+        while c < end {
+            let ti = Int(c / n)
+            if ti >= refcountTable.count || refcountTable[ti] == 0 { return c }
+            c = (c / n + 1) * n
+        }
+        return nil
+    }
+
+    /// Where QEMU's `update_refcount` stops to create the refcount block that cluster `missing`
+    /// needs, it undoes what it did to `first..<missing` and has its caller search again,
+    /// starting no later than `first` ("try the same ones first").
+    func restartAfterNewBlock(_ first: Int64, _ missing: Int64) async throws {
+        try await ensureRefcountBlock(for: missing)
+        if first < freeClusterIndex { freeClusterIndex = first }
+    }
+
+    /// Allocates `count` contiguous clusters and returns the host offset of the first
+    /// (QEMU's `qcow2_alloc_clusters`, with the same placement of new refcount blocks: after
+    /// the run, which is then searched for again).
     func allocateClusters(_ count: Int64) async throws -> Int64 {
         while true {
             let start = try await findFreeClusters(count)
-            // Creating refcount blocks may itself take clusters in the run; then look again.
-            for c in start..<(start + count) { try await ensureRefcountBlock(for: c) }
-            var stillFree = true
-            for c in start..<(start + count) where try await refcount(of: c) != 0 {
-                stillFree = false
-                break
+            if let missing = firstClusterWithoutBlock(start, start + count) {
+                try await restartAfterNewBlock(start, missing)
+                continue
             }
-            if !stillFree { continue }
             for c in start..<(start + count) { try await updateRefcount(c, by: 1) }
-            if start == freeClusterIndex { freeClusterIndex = start + count }
             noteAllocated(start, count)
             return start << Int64(clusterBits)
         }
