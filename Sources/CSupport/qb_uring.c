@@ -74,8 +74,13 @@ fail:
     return NULL;
 }
 
-int qb_uring_submit(qb_uring *r, int op, int fd, void *buf, uint32_t len, int64_t offset, uint64_t user_data) {
-    pthread_mutex_lock(&r->lock);
+int qb_uring_submit(qb_uring *r, int op, int fd, void *buf, uint32_t len, int64_t offset, uint64_t user_data,
+                    int try_only) {
+    if (try_only) {
+        if (pthread_mutex_trylock(&r->lock) != 0) return QB_URING_BUSY;
+    } else {
+        pthread_mutex_lock(&r->lock);
+    }
     unsigned tail = *r->sq_tail;
     unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
     if (tail - head >= r->sq_entries) {

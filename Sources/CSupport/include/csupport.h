@@ -24,4 +24,6 @@ int qb_falloc_keep_size(void);
 int qb_o_direct(void);
 int qb_seek_data(void);
 int qb_seek_hole(void);
+/// Whether the `len` bytes at `buf` are all zero.
+int qb_buffer_is_zero(const void *buf, size_t len);
 #endif

@@ -179,10 +179,6 @@ extension NBDExport {
 
     static func isZero(_ data: UnsafeRawBufferPointer) -> Bool {
         guard let base = data.baseAddress, data.count > 0 else { return true }
-        let words = data.count / 8
-        let w = UnsafeRawPointer(base)
-        for i in 0..<words where w.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }
-        for i in (words * 8)..<data.count where data[i] != 0 { return false }
-        return true
+        return QBlock.isZero(base, data.count)
     }
 }

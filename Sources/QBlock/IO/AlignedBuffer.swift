@@ -11,17 +11,28 @@ public final class AlignedBuffer: @unchecked Sendable {
     public let alignment: Int
     private let base: UnsafeMutableRawPointer
 
+    /// The size of a transparent huge page on the platforms we run on.
+    static let hugePageSize = 2 << 20
+
     /// Allocates `count` bytes (at least one) aligned to `alignment`, zero-filled.
-    public init(count: Int, alignment: Int = 4096) {
+    /// With `hugePages`, a buffer of 2 MiB or more is aligned to 2 MiB and offered to the
+    /// kernel for transparent huge pages: a copy loop's buffers then fault in once per 2 MiB
+    /// rather than once per page, and copies into them miss the TLB far less.
+    public init(count: Int, alignment: Int = 4096, hugePages: Bool = false) {
+        let huge = hugePages && count >= AlignedBuffer.hugePageSize
+        let align = huge ? max(alignment, AlignedBuffer.hugePageSize) : alignment
         self.count = count
-        self.alignment = alignment
+        self.alignment = align
         var p: UnsafeMutableRawPointer?
         let size = max(count, 1)
-        if posix_memalign(&p, alignment, (size + alignment - 1) / alignment * alignment) != 0 || p == nil {
+        let rounded = (size + align - 1) / align * align
+        if posix_memalign(&p, align, rounded) != 0 || p == nil {
             // Allocation failure of a few MiB is not a condition callers can handle either.
             preconditionFailure("out of memory allocating \(count) bytes")
         }
         base = p!
+        // Only advice: where THP is off the buffer simply stays in small pages.
+        if huge { _ = madvise(base, rounded, MADV_HUGEPAGE) }
         memset(base, 0, size)
     }
 

@@ -4,10 +4,15 @@ import Glibc
 import CSupport
 import Foundation
 
-/// Positional I/O through one process-wide io_uring ring: requests are submitted from the
-/// calling task without a thread hop, and a dedicated reaper thread resumes each awaiting
-/// task when its completion arrives. Where the kernel refuses io_uring (or
+/// Positional I/O through a few process-wide io_uring rings: requests are submitted from
+/// the calling task without a thread hop, and a dedicated reaper thread per ring resumes each
+/// awaiting task when its completion arrives. Where the kernel refuses io_uring (or
 /// `QBLOCK_IO=threads` is set) ``shared`` is nil and callers use ``IOThreadPool``.
+///
+/// Why several rings: the kernel performs a buffered read or write inline while it takes the
+/// submission (the page-cache copy happens inside `io_uring_enter`, under the ring's lock),
+/// so two tasks submitting to one ring copy one after the other. With a ring per core and a
+/// submitter that skips a ring another thread is in, those copies run on all cores at once.
 final class IORing: @unchecked Sendable {
     enum Op: Int32 {
         case read = 0
@@ -17,7 +22,8 @@ final class IORing: @unchecked Sendable {
 
     static let shared: IORing? = {
         if ProcessInfo.processInfo.environment["QBLOCK_IO"] == "threads" { return nil }
-        return IORing(entries: 256)
+        let count = min(8, max(1, ProcessInfo.processInfo.activeProcessorCount))
+        return IORing(rings: count, entries: 256)
     }()
 
     /// Holds the continuation of one request while the kernel has it.
@@ -26,20 +32,28 @@ final class IORing: @unchecked Sendable {
         init(_ c: UnsafeContinuation<Int32, Never>) { continuation = c }
     }
 
-    private let ring: OpaquePointer
+    private let rings: [OpaquePointer]
+    /// Where the next submission starts looking for a free ring (a hint; races are harmless).
+    private let nextRing = PosixMutex()
+    private var next = 0
 
-    /// SAFETY: the ring lives for the whole process; its submission side is locked in C and
-    /// only the reaper thread touches the completion side.
+    /// SAFETY: a ring lives for the whole process; its submission side is locked in C and
+    /// only its reaper thread touches the completion side.
     private struct RingHandle: @unchecked Sendable { let pointer: OpaquePointer }
 
-    private init?(entries: UInt32) {
-        guard let r = qb_uring_create(entries) else { return nil }
-        ring = r
-        let handle = RingHandle(pointer: r)
-        let t = Thread { IORing.reap(handle.pointer) }
-        t.name = "qblock-uring"
-        t.stackSize = 256 * 1024
-        t.start()
+    private init?(rings count: Int, entries: UInt32) {
+        var made: [OpaquePointer] = []
+        for i in 0..<count {
+            guard let r = qb_uring_create(entries) else { break }
+            made.append(r)
+            let handle = RingHandle(pointer: r)
+            let t = Thread { IORing.reap(handle.pointer) }
+            t.name = "qblock-uring-\(i)"
+            t.stackSize = 256 * 1024
+            t.start()
+        }
+        if made.isEmpty { return nil }
+        rings = made
     }
 
     private static func reap(_ ring: OpaquePointer) {
@@ -59,7 +73,22 @@ final class IORing: @unchecked Sendable {
         await withUnsafeContinuation { (c: UnsafeContinuation<Int32, Never>) in
             let waiter = Unmanaged.passRetained(Waiter(c))
             let token = UInt64(UInt(bitPattern: waiter.toOpaque()))
-            let r = qb_uring_submit(ring, op.rawValue, fd, buffer, UInt32(count), offset, token)
+            let n = rings.count
+            let start: Int = nextRing.withLock {
+                let s = next
+                next = (next + 1) % n
+                return s
+            }
+            // The first ring no other thread is submitting to; if all are taken, wait for one.
+            var r = Int32(QB_URING_BUSY)
+            if n > 1 {
+                for k in 0..<n where r == Int32(QB_URING_BUSY) {
+                    r = qb_uring_submit(rings[(start + k) % n], op.rawValue, fd, buffer, UInt32(count), offset, token, 1)
+                }
+            }
+            if r == Int32(QB_URING_BUSY) {
+                r = qb_uring_submit(rings[start], op.rawValue, fd, buffer, UInt32(count), offset, token, 0)
+            }
             if r != 0 {
                 waiter.release()
                 c.resume(returning: r)

@@ -28,6 +28,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     private var closed = false
     /// Serializes read-modify-write cycles of unaligned O_DIRECT writes.
     private let rmwLock = AsyncMutex()
+    /// Buffered writes to a regular file, one at a time and back to back (see ``SerialWriteQueue``).
+    private var serialWrites: SerialWriteQueue?
     private var supportsZeroRange = true
     private var supportsPunchHole = true
 
@@ -82,6 +84,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
             cachedLength = Int64(st.st_size)
         }
         directAlignment = cache.direct ? max(512, Int(st.st_blksize) > 4096 ? 4096 : Int(st.st_blksize)) : 1
+        if !cache.direct && !isBlockDevice && !readOnly { serialWrites = SerialWriteQueue(fd: fd, pool: pool) }
         if locking {
             let p = perm ?? (readOnly ? [.consistentRead] : [.consistentRead, .write])
             do {
@@ -293,6 +296,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     /// Writes all of `count` bytes.
     private func pwriteFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
+        if let serialWrites { return await serialWrites.write(p, count, offset) }
         let fd = self.fd
         var done = 0
         if let ring = IORing.shared, !Syscalls.intercepted {
