@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CSupport
 
 // The copy engine of `Convert`: chunk iteration, the workers, in-order write turns.
 
@@ -214,7 +215,7 @@ final class ConvertJob: @unchecked Sendable {
     // MARK: Copy
 
     private func worker() async {
-        let buffer = AlignedBuffer(count: bufferSize)
+        let buffer = AlignedBuffer(count: bufferSize, hugePages: true)
         var compressor: Qcow2ClusterCompressor?
         if compress, let q = qcow2Target {
             do { compressor = try q.makeCompressor() } catch { fail(error); return }
@@ -246,16 +247,27 @@ final class ConvertJob: @unchecked Sendable {
                     error = Self.wrap(e, "error while reading at byte \(chunk.offset)")
                 }
             }
+            // The turn orders the allocations (the layout is qemu-img's); a chunk whose last
+            // request is a qcow2 data write hands the turn on once its clusters are placed,
+            // so that the next chunk's write is queued while this one's data is copied.
+            var turnHeld = ordered
             if ordered { await turnstile.wait(for: chunk.ticket) }
+            let endTurn = {
+                if turnHeld {
+                    turnHeld = false
+                    self.turnstile.done(chunk.ticket)
+                }
+            }
             if error == nil && !failed {
                 do {
-                    try await write(chunk, buffer, compressor: compressor, compressedLength: compressedLength, allZero: allZero)
+                    try await write(chunk, buffer, compressor: compressor, compressedLength: compressedLength,
+                                    allZero: allZero, placed: endTurn)
                 } catch let e {
                     error = Self.wrap(e, "error while writing at byte \((e as? BlockError)?.offset ?? chunk.offset)")
                 }
             }
             if error == nil && chunk.status == .data { reportProgress(chunk.length) }
-            if ordered { turnstile.done(chunk.ticket) }
+            endTurn()
             if let error {
                 fail(error)
                 return
@@ -306,8 +318,10 @@ final class ConvertJob: @unchecked Sendable {
         }
     }
 
+    /// Writes one chunk. `placed` is called once the last request of the chunk has its
+    /// clusters (qcow2 targets only); the caller ends the turn itself otherwise.
     private func write(_ chunk: Chunk, _ buffer: AlignedBuffer, compressor: Qcow2ClusterCompressor?,
-                       compressedLength: Int?, allZero: Bool) async throws {
+                       compressedLength: Int?, allZero: Bool, placed: @escaping () -> Void) async throws {
         switch chunk.status {
         case .backing:
             return
@@ -326,7 +340,7 @@ final class ConvertJob: @unchecked Sendable {
                 return
             }
             if minSparseSectors == 0 {
-                try await target.write(at: chunk.offset, from: UnsafeRawBufferPointer(start: base, count: Int(chunk.length)), flags: [])
+                try await writeData(chunk.offset, UnsafeRawBufferPointer(start: base, count: Int(chunk.length)), placed: placed)
                 return
             }
             // Split into data and zero runs (whole sectors; a short last sector is data).
@@ -338,13 +352,22 @@ final class ConvertJob: @unchecked Sendable {
                                                                sectorNumber: (chunk.offset + Int64(done)) / 512)
                 let n = min(runSectors * 512, count - done)
                 if isData {
-                    try await target.write(at: chunk.offset + Int64(done),
-                                           from: UnsafeRawBufferPointer(start: base + done, count: n), flags: [])
+                    let last = done + n == count
+                    try await writeData(chunk.offset + Int64(done), UnsafeRawBufferPointer(start: base + done, count: n),
+                                        placed: last ? placed : nil)
                 } else {
                     try await writeZeroes(chunk.offset + Int64(done), Int64(n))
                 }
                 done += n
             }
+        }
+    }
+
+    private func writeData(_ offset: Int64, _ data: UnsafeRawBufferPointer, placed: (() -> Void)?) async throws {
+        if let q = qcow2Target, let placed {
+            try await q.write(at: offset, from: data, flags: [], placed: placed)
+        } else {
+            try await target.write(at: offset, from: data, flags: [])
         }
     }
 
@@ -411,19 +434,5 @@ final class ConvertJob: @unchecked Sendable {
 /// Whether `count` bytes at `p` are all zero.
 @inline(__always)
 func isZero(_ p: UnsafeRawPointer, _ count: Int) -> Bool {
-    var i = 0
-    // Word-wise, eight words at a time: stops at the first non-zero word.
-    while i + 64 <= count {
-        let a = p.loadUnaligned(fromByteOffset: i, as: UInt64.self) | p.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)
-            | p.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self) | p.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)
-        let b = p.loadUnaligned(fromByteOffset: i + 32, as: UInt64.self) | p.loadUnaligned(fromByteOffset: i + 40, as: UInt64.self)
-            | p.loadUnaligned(fromByteOffset: i + 48, as: UInt64.self) | p.loadUnaligned(fromByteOffset: i + 56, as: UInt64.self)
-        if a | b != 0 { return false }
-        i += 64
-    }
-    while i < count {
-        if p.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
-        i += 1
-    }
-    return true
+    qb_buffer_is_zero(p, count) != 0
 }

@@ -61,13 +61,24 @@ extension Qcow2Node {
     // MARK: Write
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, placed: nil)
+    }
+
+    /// Writes like ``write(at:from:flags:)``, and calls `placed` as soon as every cluster the
+    /// request needs has its host offset (allocated or found), before the last data write:
+    /// a caller that orders its requests for the image's layout (convert's in-order writes)
+    /// can let the next request allocate while this one's data is still being written.
+    /// `placed` is not called when the request fails before that point.
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+               placed: (() -> Void)?) async throws {
         try checkWritable("write")
         try checkRange(offset, Int64(buffer.count), "write")
         defer { markBitmaps(offset, Int64(buffer.count)) }
         var done = 0
         while done < buffer.count {
             let n = try await writeRun(at: offset + Int64(done),
-                                       from: UnsafeRawBufferPointer(rebasing: buffer[done...]), flags: flags)
+                                       from: UnsafeRawBufferPointer(rebasing: buffer[done...]), flags: flags,
+                                       placed: placed)
             done += n
         }
         if flags.contains(.fua) { try await flush() }
@@ -94,6 +105,14 @@ extension Qcow2Node {
         case inPlace(host: Int64, length: Int)
         /// New clusters were allocated for the run; data must be written, then L2 updated.
         case allocated(Allocation)
+
+        /// The bytes of the request the plan covers.
+        var length: Int {
+            switch self {
+            case .inPlace(_, let n): return n
+            case .allocated(let a): return a.runBytes
+            }
+        }
     }
 
     private struct Allocation {
@@ -107,7 +126,8 @@ extension Qcow2Node {
     }
 
     /// Writes the first run of `buffer` that needs the same treatment; returns its length.
-    private func writeRun(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws -> Int {
+    private func writeRun(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                          placed: (() -> Void)?) async throws -> Int {
         let cbits = Int64(clusterBits)
         let firstCluster = offset >> cbits
         let lastCluster = (offset + Int64(buffer.count) - 1) >> cbits
@@ -122,6 +142,7 @@ extension Qcow2Node {
                 throw error
             }
             metaLock.unlock()
+            if let placed, plan.length == buffer.count { placed() }
             switch plan {
             case .inPlace(let host, let n):
                 try await hostFile.write(at: host, from: UnsafeRawBufferPointer(rebasing: buffer[0..<n]), flags: [])
