@@ -5,14 +5,16 @@
 # plus `cp --sparse=always` for the raw copy. Prints a table with the ratios.
 #
 #   BIN=<dir with img> bash benchmarks/img-convert.sh     (make bench sets BIN)
-# Environment: SIZE_MB (default 1024), RUNS (best of, default 3), WORK (scratch directory).
+# Environment: SIZE_MB (default 1024), RUNS (runs of each tool, alternating; default 9), CRUNS
+# (the same for the compressed cases; default 3), WORK (scratch directory).
 set -euo pipefail
 BIN="${BIN:-$(swift build -c release --show-bin-path 2>/dev/null)}"
 IMG="$(cd "$BIN" && pwd)/img"
 [ -x "$IMG" ] || { echo "img not found in $BIN (build with: swift build -c release)"; exit 1; }
 command -v qemu-img >/dev/null || { echo "qemu-img not installed; benchmark skipped"; exit 0; }
 SIZE_MB="${SIZE_MB:-1024}"
-RUNS="${RUNS:-3}"
+RUNS="${RUNS:-9}"
+CRUNS="${CRUNS:-3}"   # the compressed cases take seconds per run
 WORK="${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/img-convert-bench.XXXXXX")}"
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
@@ -41,37 +43,42 @@ while [ $((i * stripe)) -lt "$SIZE_MB" ]; do
 done
 sync
 
-best() { # best wall time of RUNS runs of the command, in seconds
-    local b=""
-    for _ in $(seq "$RUNS"); do
-        rm -f out.*
-        # Write back the previous run's output first, so that neither tool pays for it.
-        sync
-        local s e
-        s=$(date +%s.%N)
-        "$@" >/dev/null 2>err.txt || { echo "failed: $* ($(cat err.txt))" >&2; exit 1; }
-        e=$(date +%s.%N)
-        b=$(echo "$s $e ${b:-}" | awk '{t=$2-$1; if ($3 == "" || t < $3) print t; else print $3}')
-    done
-    echo "$b"
+once() { # wall time of one run of the command, in seconds
+    rm -f out.*
+    # Write back the previous run's output first, so that no run pays for another's.
+    sync
+    local s e
+    s=$(date +%s.%N)
+    "$@" >/dev/null 2>err.txt || { echo "failed: $* ($(cat err.txt))" >&2; exit 1; }
+    e=$(date +%s.%N)
+    echo "$s $e" | awk '{print $2 - $1}'
 }
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+least() { tr ' ' '\n' | sed '/^$/d' | sort -g | head -1; }
 
-printf "%-28s %10s %12s %12s %8s\n" "case (${SIZE_MB} MiB source)" "img (s)" "qemu-img (s)" "cp (s)" "ratio"
-row() { # name, then img args (qemu-img gets the same)
+printf "%-26s %9s %9s %11s %9s %9s %7s\n" "case (${SIZE_MB} MiB source)" "img" "qemu-img" "cp (best)" "img best" "qemu best" "ratio"
+row() { # name, then convert's arguments (the same for both tools); the runs alternate
     local name=$1; shift
-    local a q
-    a=$(best "$IMG" convert "$@")
-    q=$(best qemu-img convert "$@")
-    printf "%-28s %10.3f %12.3f %12s %7.2fx\n" "$name" "$a" "$q" "-" "$(echo "$a $q" | awk '{print $2/$1}')"
+    local a="" q="" c="" cpcol="-" runs=$RUNS
+    case "$name" in *" -c "*) runs=$CRUNS ;; esac
+    for _ in $(seq "$runs"); do
+        a="$a $(once "$IMG" convert "$@")"
+        q="$q $(once qemu-img convert "$@")"
+        [ "$name" = "raw -> raw" ] && c="$c $(once cp --sparse=always src.raw out.raw)"
+    done
+    local ma mq
+    ma=$(echo "$a" | median); mq=$(echo "$q" | median)
+    [ -n "$c" ] && cpcol=$(printf "%.3f/%.3f" "$(echo "$c" | median)" "$(echo "$c" | least)")
+    printf "%-26s %9.3f %9.3f %11s %9.3f %9.3f %6.2fx\n" "$name" "$ma" "$mq" "$cpcol" \
+        "$(echo "$a" | least)" "$(echo "$q" | least)" "$(echo "$ma $mq" | awk '{print $2/$1}')"
 }
-a=$(best "$IMG" convert -O raw src.raw out.raw)
-q=$(best qemu-img convert -O raw src.raw out.raw)
-c=$(best cp --sparse=always src.raw out.raw)
-printf "%-28s %10.3f %12.3f %12.3f %7.2fx\n" "raw -> raw" "$a" "$q" "$c" "$(echo "$a $q" | awk '{print $2/$1}')"
+row "raw -> raw" -O raw src.raw out.raw
 row "raw -> qcow2" -O qcow2 src.raw out.qcow2
 row "qcow2 -> raw" -O raw src.qcow2 out.raw
 row "qcow2 -> qcow2" -O qcow2 src.qcow2 out.qcow2
 row "qcow2 -> qcow2 -c zlib" -c -O qcow2 -o compression_type=zlib src.qcow2 out.qcow2
 row "qcow2 -> qcow2 -c zstd" -c -O qcow2 -o compression_type=zstd src.qcow2 out.qcow2
 row "chain -> qcow2 (flatten)" -O qcow2 top.qcow2 out.qcow2
-echo "ratio = qemu-img time / img time (higher is better for img); $(nproc) cores; best of $RUNS"
+echo "seconds, median of $RUNS alternating runs ($CRUNS compressed; best in the next columns);"
+echo "ratio = qemu-img median / img median"
+echo "(higher is better for img); $(nproc) cores"
