@@ -174,6 +174,52 @@ struct QMPDaemonTests {
     }
 
     /// `nbd --qmp` with an image: qemu-nbd's export plus the monitor; SIGTERM ends it cleanly.
+    /// QEMU's export removal modes: safe refuses an export with a client ("still in use"),
+    /// hard disconnects it and `BLOCK_EXPORT_DELETED` follows; the same through the older
+    /// `nbd-server-add`/`nbd-server-remove`, whose export id is its name.
+    @Test func exportRemovalModes() async throws {
+        let dir = TempDir("qmp-exports")
+        try mustRun("qemu-img", "create", "-q", "-f", "raw", dir.file("d.raw"), "4M")
+        try mustRun("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 1M", dir.file("d.raw"))
+        let d = try QMPHarness.startDaemon(dir: dir)
+        defer { d.stop() }
+        let py = try PyQMP(socket: d.socket)
+        let sock = dir.file("nbd.sock")
+        try await py.ok("nbd-server-start", ["addr": ["type": "unix", "data": ["path": sock]]])
+        try await py.ok("blockdev-add", ["driver": "raw", "node-name": "d0",
+                                         "file": ["driver": "file", "filename": dir.file("d.raw")]])
+        try await py.ok("block-export-add", ["type": "nbd", "id": "e0", "node-name": "d0", "name": "disk"])
+        let client = try await NBDClientNode.connect(try NBDURI("nbd+unix:///disk?socket=\(sock)"), readOnly: true)
+        #expect(try await read(client, at: 0, count: 4096).allSatisfy { $0 == 0x3c })
+        let safe = try await py.execute("block-export-del", ["id": "e0"])
+        #expect((safe["error"] as? [String: Any])?["desc"] as? String == "export 'e0' still in use", "\(safe)")
+        #expect((try await py.ok("query-block-exports") as? [Any])?.count == 1)
+        try await py.ok("block-export-del", ["id": "e0", "mode": "hard"])
+        let ev = try await py.waitEvent("BLOCK_EXPORT_DELETED")
+        #expect((ev["data"] as? [String: Any])?["id"] as? String == "e0", "\(ev)")
+        await #expect(throws: (any Error).self) { _ = try await read(client, at: 0, count: 4096) }
+        try? await client.close()
+        #expect((try await py.ok("query-block-exports") as? [Any])?.isEmpty == true)
+        // The older pair: a writable request on a read-only node is quietly downgraded.
+        try await py.ok("nbd-server-add", ["device": "d0", "writable": true])
+        let c2 = try await NBDClientNode.connect(try NBDURI("nbd+unix:///d0?socket=\(sock)"), readOnly: false)
+        let busy = try await py.execute("nbd-server-remove", ["name": "d0"])
+        #expect((busy["error"] as? [String: Any])?["desc"] as? String == "export 'd0' still in use", "\(busy)")
+        try await write(c2, at: 0, [UInt8](repeating: 0x4d, count: 4096))
+        try await c2.close()
+        // The server notices the disconnect on its own thread; retry until it has.
+        var removed = false
+        for _ in 0..<50 where !removed {
+            removed = try await py.execute("nbd-server-remove", ["name": "d0"])["return"] != nil
+            if !removed { try await Task.sleep(nanoseconds: 20_000_000) }
+        }
+        #expect(removed)
+        let missing = try await py.execute("nbd-server-remove", ["name": "d0"])
+        #expect((missing["error"] as? [String: Any])?["desc"] as? String == "Export 'd0' is not found", "\(missing)")
+        try await py.ok("blockdev-del", ["node-name": "d0"])
+        try mustRun("qemu-io", "-f", "raw", "-c", "read -P 0x4d 0 4k", "-c", "read -P 0x3c 4k 1020k", dir.file("d.raw"))
+    }
+
     @Test func daemonWithImageOnCommandLine() async throws {
         let dir = TempDir("qmp-image")
         try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("disk.qcow2"), "4M")

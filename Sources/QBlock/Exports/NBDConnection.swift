@@ -24,7 +24,13 @@ final class NBDConnection: @unchecked Sendable {
     private let condition = NSCondition()
     private var inFlight = 0
     let buffers = NBDBufferPool()
-    private(set) var export: NBDExport?
+    private(set) var export: NBDExport? {
+        get { condition.withLock { _export } }
+        set { condition.withLock { _export = newValue } }
+    }
+    private var _export: NBDExport?
+    /// The name of the export the handshake chose (nil before).
+    var exportName: String? { export?.name }
     private(set) var transmission: NBDTransmission?
 
     init(id: Int, fd: Int32, server: NBDServer, exports: [NBDExport]) {

@@ -109,6 +109,26 @@ public final class NBDServer: @unchecked Sendable {
     /// Clients connected now.
     public var clientCount: Int { condition.withLock { connections.count } }
 
+    /// Clients whose handshake chose export `name` and that are still connected.
+    public func clientCount(export name: String) -> Int {
+        condition.withLock { connections.values.filter { $0.exportName == name }.count }
+    }
+
+    /// Disconnects every client of export `name` (`block-export-del` in hard mode).
+    public func disconnectClients(export name: String) {
+        let users = condition.withLock { connections.values.filter { $0.exportName == name } }
+        for c in users { c.abort() }
+    }
+
+    /// Returns once no client of export `name` is connected.
+    public func waitForClients(export name: String) async {
+        await IOThreadPool.shared.run { [self] in
+            condition.lock()
+            while connections.values.contains(where: { $0.exportName == name }) { condition.wait() }
+            condition.unlock()
+        }
+    }
+
     // MARK: - Listening
 
     /// Listens on a Unix-domain socket at `path` (replacing a stale socket file there).

@@ -37,6 +37,9 @@ public final class QMPNBDState: @unchecked Sendable {
         }
     }
 
+    /// A deleted export's backend, once its last client has gone.
+    func forgetRetired(_ backend: BlockBackend) { lock.withLock { retired.removeAll { $0 === backend } } }
+
     /// Stops the server, ends every export and detaches their backends.
     func stop(graph: BlockGraph) async -> [String] {
         let (s, ids, backends): (NBDServer?, [String], [BlockBackend]) = lock.withLock {
@@ -103,57 +106,46 @@ extension QMPMonitor {
             let allocationDepth = try args.optionalBool("allocation-depth") ?? false
             try args.done()
             guard type == "nbd" else { throw QMPError.generic("Export type '\(type)' is not supported") }
-            let state = ctx.monitor.nbd
-            guard let server = state.server else { throw QMPError.generic("NBD server not running") }
-            if state.export(id: id) != nil { throw QMPError.generic("Block export id '\(id)' is already in use") }
             guard let node = ctx.graph.node(named: nodeName) else { throw QMPError.noDevice(node: nodeName) }
-            // As QEMU, a bitmap is looked for on the node and down its backing chain.
-            var exported: [DirtyBitmap] = []
-            for name in bitmaps {
-                var found: DirtyBitmap?
-                var cur: (any BlockDriver)? = node
-                while let c = cur, found == nil {
-                    if let n = c as? BlockNode { found = BitmapLookup.find(n, name) }
-                    cur = c.backing
-                }
-                guard let found else { throw QMPError.generic("Bitmap '\(name)' is not found") }
-                exported.append(found)
-            }
-            let exportName = name ?? nodeName
-            if server.exportNames.contains(exportName) {
-                throw QMPError.generic("NBD export '\(exportName)' already exists")
-            }
-            if writable && node.isReadOnly {
-                throw QMPError.generic("Could not open node '\(nodeName)' read-write: node is read-only")
-            }
-            let backend = BlockBackend(name: "", node: node)
-            let export = try NBDExport(name: exportName, description: description, node: backend,
-                                       options: NBDExport.Options(readOnly: !writable, allocationDepth: allocationDepth,
-                                                                  writethrough: writethrough, multiConnection: true,
-                                                                  bitmaps: exported))
-            ctx.graph.attach(backend)
-            do {
-                try server.addExport(export)
-            } catch {
-                ctx.graph.detach(backend)
-                throw error
-            }
-            state.add(QMPNBDState.Export(id: id, export: export, backend: backend))
+            try ctx.monitor.addNBDExport(NBDExportRequest(id: id, node: node, name: name ?? nodeName, description: description,
+                                                          writable: writable, writethrough: writethrough,
+                                                          bitmaps: bitmaps, allocationDepth: allocationDepth))
             return .dict(QObject.Dict())
         }
         register("block-export-del") { args, ctx in
             let id = try args.string("id")
-            _ = try args.optionalEnum("mode", ["safe", "hard"])
+            let mode = try args.optionalEnum("mode", ["safe", "hard"]) ?? "safe"
             try args.done()
-            let state = ctx.monitor.nbd
-            guard let e = state.export(id: id) else { throw QMPError.generic("Export '\(id)' is not found") }
-            try? state.server?.removeExport(named: e.export.name)
-            _ = state.remove(id: id)
-            if state.server?.clientCount ?? 0 == 0 {
-                ctx.graph.detach(e.backend)
-                await ctx.monitor.block.collectGarbage()
+            try await ctx.monitor.deleteExport(id: id, hard: mode == "hard")
+            return .dict(QObject.Dict())
+        }
+        // The older pair, still used by scripts: the export's id is its name.
+        register("nbd-server-add") { args, ctx in
+            let device = try args.string("device")
+            let name = try args.optionalString("name")
+            let description = try args.optionalString("description")
+            var writable = try args.optionalBool("writable") ?? false
+            let bitmap = try args.optionalString("bitmap")
+            try args.done()
+            if ctx.monitor.nbd.server == nil { throw QMPError.generic("NBD server not running") }
+            // `device` is a device's backend first, then a node (QEMU's bdrv_lookup_bs).
+            let byDevice = ctx.graph.backends.first { !$0.name.isEmpty && $0.name == device }?.node
+            guard let node = byDevice ?? ctx.graph.node(named: device) else {
+                throw QMPError.noDevice(device: device, node: device)
             }
-            ctx.emit(event: "BLOCK_EXPORT_DELETED", data: QObject.Dict([("id", .string(id))]))
+            // Unlike block-export-add, a read-only node is quietly exported read-only.
+            if node.isReadOnly { writable = false }
+            try ctx.monitor.addNBDExport(NBDExportRequest(id: name ?? device, node: node, name: name ?? device,
+                                                          description: description, writable: writable, writethrough: false,
+                                                          bitmaps: bitmap.map { [$0] } ?? [], allocationDepth: false))
+            return .dict(QObject.Dict())
+        }
+        register("nbd-server-remove") { args, ctx in
+            let name = try args.string("name")
+            let mode = try args.optionalEnum("mode", ["safe", "hard"]) ?? "safe"
+            try args.done()
+            if ctx.monitor.nbd.server == nil { throw QMPError.generic("NBD server not running") }
+            try await ctx.monitor.deleteExport(id: name, hard: mode == "hard")
             return .dict(QObject.Dict())
         }
         register("query-block-exports", exclusive: false) { args, ctx in

@@ -1,0 +1,81 @@
+/// What `block-export-add` (or `nbd-server-add`) asks for, checked against the graph.
+struct NBDExportRequest {
+    let id: String
+    let node: BlockNode
+    let name: String
+    let description: String?
+    let writable: Bool
+    let writethrough: Bool
+    let bitmaps: [String]
+    let allocationDepth: Bool
+}
+
+extension QMPMonitor {
+    /// Adds an NBD export serving `request.node` through a new backend in the graph.
+    /// Errors are QEMU's, in QEMU's order.
+    func addNBDExport(_ request: NBDExportRequest) throws {
+        let state = nbd
+        guard let server = state.server else { throw QMPError.generic("NBD server not running") }
+        if state.export(id: request.id) != nil { throw QMPError.generic("Block export id '\(request.id)' is already in use") }
+        // As QEMU, a bitmap is looked for on the node and down its backing chain.
+        var exported: [DirtyBitmap] = []
+        for name in request.bitmaps {
+            var found: DirtyBitmap?
+            var cur: (any BlockDriver)? = request.node
+            while let c = cur, found == nil {
+                if let n = c as? BlockNode { found = BitmapLookup.find(n, name) }
+                cur = c.backing
+            }
+            guard let found else { throw QMPError.generic("Bitmap '\(name)' is not found") }
+            exported.append(found)
+        }
+        if server.exportNames.contains(request.name) {
+            throw QMPError.generic("NBD export '\(request.name)' already exists")
+        }
+        if request.writable && request.node.isReadOnly {
+            throw QMPError.generic("Could not open node '\(request.node.nodeName)' read-write: node is read-only")
+        }
+        let backend = BlockBackend(name: "", node: request.node)
+        let export = try NBDExport(name: request.name, description: request.description, node: backend,
+                                   options: NBDExport.Options(readOnly: !request.writable, allocationDepth: request.allocationDepth,
+                                                              writethrough: request.writethrough, multiConnection: true,
+                                                              bitmaps: exported))
+        graph.attach(backend)
+        do {
+            try server.addExport(export)
+        } catch {
+            graph.detach(backend)
+            throw error
+        }
+        state.add(QMPNBDState.Export(id: request.id, export: export, backend: backend))
+    }
+
+    /// `block-export-del`: in safe mode an export with clients is refused ("still in use", as
+    /// QEMU); in hard mode its clients are disconnected. The export leaves the list at once;
+    /// `BLOCK_EXPORT_DELETED` follows when its last client is gone.
+    func deleteExport(id: String, hard: Bool) async throws {
+        let state = nbd
+        guard let e = state.export(id: id) else { throw QMPError.generic("Export '\(id)' is not found") }
+        let server = state.server
+        let users = server?.clientCount(export: e.export.name) ?? 0
+        if users > 0 && !hard { throw QMPError.generic("export '\(id)' still in use") }
+        try? server?.removeExport(named: e.export.name)
+        _ = state.remove(id: id)
+        guard let server, users > 0 else {
+            await finishDeletingExport(id: id, backend: e.backend)
+            return
+        }
+        server.disconnectClients(export: e.export.name)
+        Task {
+            await server.waitForClients(export: e.export.name)
+            await self.finishDeletingExport(id: id, backend: e.backend)
+        }
+    }
+
+    private func finishDeletingExport(id: String, backend: BlockBackend) async {
+        graph.detach(backend)
+        nbd.forgetRetired(backend)
+        emit(event: "BLOCK_EXPORT_DELETED", data: QObject.Dict([("id", .string(id))]))
+        await block.collectGarbage()
+    }
+}
