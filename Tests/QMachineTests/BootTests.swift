@@ -9,31 +9,11 @@ import TestSupport
 /// prints both checksums; then the host checks the image with qemu-img and qemu-io.
 /// The guest comes from scripts/guest/build-guest.sh (downloaded once into .build-guest);
 /// without network the tests skip with a message.
-struct GuestBuildFailed: Error, CustomStringConvertible {
-    let result: RunResult
-    var description: String { "scripts/guest/build-guest.sh failed: \(result)" }
-}
-
 @Suite(.serialized) struct BootTests {
-    static let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-
-    struct Guest { var kernel: String; var initrd: String }
-
-    /// Builds (or finds cached) the kernel and the initramfs running `test`; nil to skip.
-    static func guest(_ test: String = "disk-pattern") throws -> Guest? {
-        let r = try run("/bin/bash", ["\(repo)/scripts/guest/build-guest.sh", "--test", "\(repo)/scripts/guest/tests/\(test).sh"])
-        if r.status == 2 {
-            print("BootTests skipped: the Debian riscv64 guest cannot be downloaded (\(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))")
-            return nil
-        }
-        guard r.status == 0 else { throw GuestBuildFailed(result: r) }
-        var k: String?, i: String?
-        for line in r.stdout.split(separator: "\n") {
-            if line.hasPrefix("KERNEL=") { k = String(line.dropFirst(7)) }
-            if line.hasPrefix("INITRD=") { i = String(line.dropFirst(7)) }
-        }
-        guard let k, let i else { throw GuestBuildFailed(result: r) }
-        return Guest(kernel: k, initrd: i)
+    /// The kernel and the initramfs running `test`; nil to skip.
+    static func guest(_ test: String = "disk-pattern") throws -> GuestImages? {
+        try GuestImages.build("scripts/guest/build-guest.sh",
+                              ["--test", "\(GuestImages.repo)/scripts/guest/tests/\(test).sh"], suite: "BootTests")
     }
 
     /// The optimized tool boots in well under a minute; a debug build is ~10× slower.

@@ -13,25 +13,11 @@ import TestSupport
 /// Skipped with a message when the guest cannot be downloaded, or qemu.qmp / QEMU's tools
 /// are missing.
 @Suite(.serialized) struct LiveVMTests {
-    static let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    static let repo = GuestImages.repo
 
-    struct Guest { var kernel: String; var initrd: String }
-
-    /// Builds (or finds cached) the kernel and the lvwriter initramfs; nil to skip.
-    static func guest() throws -> Guest? {
-        let r = try run("/bin/bash", ["\(repo)/guests/riscv-writer/make-guest.sh"])
-        if r.status == 2 {
-            print("LiveVMTests skipped: the Debian riscv64 guest cannot be downloaded (\(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))")
-            return nil
-        }
-        guard r.status == 0 else { throw GuestBuildFailed(result: r) }
-        var k: String?, i: String?
-        for line in r.stdout.split(separator: "\n") {
-            if line.hasPrefix("KERNEL=") { k = String(line.dropFirst(7)) }
-            if line.hasPrefix("INITRD=") { i = String(line.dropFirst(7)) }
-        }
-        guard let k, let i else { throw GuestBuildFailed(result: r) }
-        return Guest(kernel: k, initrd: i)
+    /// The kernel and the lvwriter initramfs; nil to skip.
+    static func guest() throws -> GuestImages? {
+        try GuestImages.build("guests/riscv-writer/make-guest.sh", suite: "LiveVMTests")
     }
 
     /// Runs livevm.py with `steps`; nil when skipped.
