@@ -24,7 +24,8 @@ final class NBDConnection: @unchecked Sendable {
     private let condition = NSCondition()
     private var inFlight = 0
     let buffers = NBDBufferPool()
-    private(set) var export: NBDExport? {
+    /// Set by the server (``NBDServer/attach(_:to:)``) under its lock.
+    var export: NBDExport? {
         get { condition.withLock { _export } }
         set { condition.withLock { _export = newValue } }
     }
@@ -59,9 +60,10 @@ final class NBDConnection: @unchecked Sendable {
 
     private func run() {
         defer { SocketCalls.close(fd) }
+        // The export must still be offered: one deleted during the handshake is not served.
         guard let negotiated = handshake(),
-              let export = exportsSnapshot.first(where: { $0.name == negotiated.export.name }) else { return }
-        self.export = export
+              let export = exportsSnapshot.first(where: { $0.name == negotiated.export.name }),
+              server?.attach(self, to: export) ?? false else { return }
         var tx = NBDTransmission(negotiated)
         transmission = tx
         writer.start(name: "qblock-nbd-write-\(id)")

@@ -96,15 +96,38 @@ public final class NBDServer: @unchecked Sendable {
     /// Removes an export from the list new clients see (clients using it keep it).
     /// - Throws: ``BlockError`` `.notFound` if there is none of that name.
     public func removeExport(named name: String) throws {
+        _ = try removeExport(named: name, force: true)
+    }
+
+    public var exportNames: [String] { condition.withLock { exports.map(\.name) } }
+
+    /// Makes `c` a client of `export` if the export is still offered. Under the server's lock,
+    /// so that a removal sees either the client or no export.
+    func attach(_ c: NBDConnection, to export: NBDExport) -> Bool {
+        condition.withLock {
+            guard exports.contains(where: { $0 === export }) else { return false }
+            c.export = export
+            return true
+        }
+    }
+
+    /// Removes export `name` from the list unless clients use it and `force` is false;
+    /// returns how many clients it has (their connections keep it until they end).
+    /// - Throws: ``BlockError`` `.notFound` if there is none of that name, `.busy` if it has
+    ///   clients and `force` is false.
+    public func removeExport(named name: String, force: Bool) throws -> Int {
         try condition.withLock {
             guard let i = exports.firstIndex(where: { $0.name == name }) else {
                 throw BlockError(.notFound, "Export '\(name)' is not found", operation: "remove export")
             }
+            let users = connections.values.filter { $0.exportName == name }.count
+            if users > 0 && !force {
+                throw BlockError(.busy, "export '\(name)' still in use", operation: "remove export")
+            }
             exports.remove(at: i)
+            return users
         }
     }
-
-    public var exportNames: [String] { condition.withLock { exports.map(\.name) } }
 
     /// Clients connected now.
     public var clientCount: Int { condition.withLock { connections.count } }

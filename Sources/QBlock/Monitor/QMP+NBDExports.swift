@@ -57,9 +57,14 @@ extension QMPMonitor {
         let state = nbd
         guard let e = state.export(id: id) else { throw QMPError.generic("Export '\(id)' is not found") }
         let server = state.server
-        let users = server?.clientCount(export: e.export.name) ?? 0
-        if users > 0 && !hard { throw QMPError.generic("export '\(id)' still in use") }
-        try? server?.removeExport(named: e.export.name)
+        var users = 0
+        do {
+            users = try server?.removeExport(named: e.export.name, force: hard) ?? 0
+        } catch let error as BlockError where error.code == .busy {
+            throw QMPError.generic("export '\(id)' still in use")
+        } catch {
+            // Not offered any more (the server was replaced): nothing to refuse.
+        }
         _ = state.remove(id: id)
         guard let server, users > 0 else {
             await finishDeletingExport(id: id, backend: e.backend)
