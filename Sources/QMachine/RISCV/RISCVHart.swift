@@ -59,6 +59,9 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     /// Where F/D operations store their result before host FP flags are read (an ordering barrier).
     let fpSink: UnsafeMutableRawPointer
     let code: CodeCache
+    /// Where an instruction that straddles two pages is decoded for one execution (it is
+    /// not cached): slot 0, then `.pageEnd` slots, where its sequential successor lands.
+    let straddle: UnsafeMutablePointer<DecodedInstruction>
 
     // Cross-thread state.
     let stopFlag = Atomic<Bool>(false)
@@ -98,6 +101,9 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
         tlb.initialize(repeating: TLBEntry(), count: TLBEntry.total)
         fpSink = .allocate(byteCount: 16, alignment: 16)
         code = CodeCache(ramBase: ram.base, ramSize: ram.size)
+        straddle = .allocate(capacity: 3)
+        straddle.initialize(to: DecodedInstruction())
+        CodeCache.setSentinels(straddle + 1)
         sleepLock = .allocate(capacity: 1)
         pthread_mutex_init(sleepLock, nil)
         sleepCond = .allocate(capacity: 1)
@@ -113,7 +119,7 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     deinit {
         st.deinitialize(count: 1); st.deallocate()
-        x.deallocate(); f.deallocate(); tlb.deallocate(); fpSink.deallocate()
+        x.deallocate(); f.deallocate(); tlb.deallocate(); fpSink.deallocate(); straddle.deallocate()
         pthread_cond_destroy(sleepCond); sleepCond.deallocate()
         pthread_mutex_destroy(sleepLock); sleepLock.deallocate()
     }
