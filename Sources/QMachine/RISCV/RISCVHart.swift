@@ -19,7 +19,10 @@ import Synchronization
 /// - `RISCVSBI.swift` — the SBI firmware (SBI specification v2.0).
 ///
 /// Design: an interpreter over instructions decoded once and cached per guest-physical RAM
-/// page (8 bytes per 2-byte slot, filled lazily). Stores by the hart to a page holding decoded
+/// page (8 bytes per 2-byte slot, filled lazily). The loop keeps a pointer to the current
+/// slot: sequential instructions advance it and land on a `.pageEnd` sentinel past the
+/// page's last slot, so only jumps and taken branches check the page bounds, and an empty
+/// slot is just one more case of the dispatch switch. Stores by the hart to a page holding decoded
 /// code empty it (such pages never get store TLB entries, so only the slow path checks);
 /// devices report DMA with ``invalidateCode(physicalAddress:length:)``; so the cache is always
 /// coherent and `fence.i` discards nothing. Loads and stores hit a direct-mapped TLB (256
