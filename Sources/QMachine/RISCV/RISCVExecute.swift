@@ -4,72 +4,88 @@ extension RISCVHart {
     /// pending interrupts and stop requests are seen at block boundaries).
     func executeBlock(budget: Int) {
         let st = self.st, x = self.x
-        var remaining = budget
         // The pc of the instruction being executed lives in `pc` and is mirrored in
         // st.pc (which traps read); instructions retired are counted locally.
         var pc = st.pointee.pc
-        var retired: UInt64 = 0
-        // The fetch page, cached here: everything that changes translation or privilege
-        // ends the block, and pages whose code is invalidated stay allocated (emptied).
-        var fetchBase = st.pointee.fetchVBase
-        var fetchCode = st.pointee.fetchCode
+        var retired = 0
+        var limit = budget
         st.pointee.endBlock = false
         st.pointee.trapped = false
         defer {
             // A trap (or sret) has already pointed st.pc where execution continues.
             if !st.pointee.trapped { st.pointee.pc = pc }
             st.pointee.trapped = false
-            st.pointee.instret &+= retired
+            st.pointee.instret &+= UInt64(retired)
         }
-        loop: while remaining > 0 {
-            remaining -= 1
-            // st.pc is only written before calls that may trap or read it.
-            // Fetch from the decoded page of the current virtual page.
-            if pc &- fetchBase >= 4096 {
-                st.pointee.pc = pc
-                guard refillFetch() else { break loop }
-                fetchBase = st.pointee.fetchVBase
-                fetchCode = st.pointee.fetchCode
-            }
-            let slot = fetchCode.unsafelyUnwrapped + Int((pc & 0xfff) >> 1)
-            var d = slot.pointee
-            if d.op == .undecoded {
-                var cacheable = false
-                st.pointee.pc = pc
-                guard let decoded = decodeAtPC(cacheable: &cacheable) else { break loop }
-                d = decoded
-                if cacheable { slot.pointee = d }
-            }
+        // The fetch page, cached here: everything that changes translation or privilege
+        // ends the block, and pages whose code is invalidated stay allocated (emptied).
+        // (`.max` means none; it is tested apart, as `pc &- .max` is small for pc < 4095.)
+        if st.pointee.fetchVBase == .max || pc &- st.pointee.fetchVBase >= 4096 {
+            guard refillFetch() else { return }
+        }
+        var fetchBase = st.pointee.fetchVBase
+        var fetchCode = st.pointee.fetchCode.unsafelyUnwrapped
+        // The decoded slot of `pc`. Sequential instructions advance it (running off the page
+        // lands on a `.pageEnd` slot), jumps and taken branches locate their target, so
+        // only they check page bounds; empty slots decode and dispatch again.
+        var slot = fetchCode + Int((pc &- fetchBase) >> 1)
+        loop: while retired < limit {
+            let d = slot.pointee
             // Operands are read in each case (x[r1], x[r2]), before the case writes x[rd].
             let r1 = Int(d.rs1), r2 = Int(d.rs2)
             let imm = UInt64(bitPattern: Int64(d.imm))
             let rd = d.rd
-            let next = pc &+ d.length
             switch d.op {
+            case .undecoded:
+                // st.pc is only written before calls that may trap or read it.
+                var cacheable = false
+                st.pointee.pc = pc
+                guard let decoded = decodeAtPC(cacheable: &cacheable) else { break loop }
+                if cacheable {
+                    slot.pointee = decoded
+                } else {
+                    straddle.pointee = decoded
+                    slot = straddle
+                }
+                continue
+            case .pageEnd:
+                st.pointee.pc = pc
+                guard refillFetch() else { break loop }
+                fetchBase = st.pointee.fetchVBase
+                fetchCode = st.pointee.fetchCode.unsafelyUnwrapped
+                slot = fetchCode + Int((pc &- fetchBase) >> 1)
+                continue
             case .lui: x[rd] = imm
             case .auipc: x[rd] = pc &+ imm
             case .jal:
-                x[rd] = next
-                pc = pc &+ imm; retired &+= 1
+                x[rd] = pc &+ d.length
+                pc = pc &+ imm
+                slot = Self.locate(pc, fetchBase, fetchCode)
+                retired &+= 1
                 continue
             case .jalr:
                 let target = (x[r1] &+ imm) & ~1
-                x[rd] = next
-                pc = target; retired &+= 1
-                continue
-            case .beq, .bne, .blt, .bge, .bltu, .bgeu:
-                let taken: Bool
-                switch d.op {
-                case .beq: taken = x[r1] == x[r2]
-                case .bne: taken = x[r1] != x[r2]
-                case .blt: taken = Int64(bitPattern: x[r1]) < Int64(bitPattern: x[r2])
-                case .bge: taken = Int64(bitPattern: x[r1]) >= Int64(bitPattern: x[r2])
-                case .bltu: taken = x[r1] < x[r2]
-                default: taken = x[r1] >= x[r2]
-                }
-                pc = taken ? pc &+ imm : next
+                x[rd] = pc &+ d.length
+                pc = target
+                slot = Self.locate(pc, fetchBase, fetchCode)
                 retired &+= 1
                 continue
+            case .beq:
+                if x[r1] == x[r2] { pc = pc &+ imm; slot = Self.locate(pc, fetchBase, fetchCode); retired &+= 1; continue }
+            case .bne:
+                if x[r1] != x[r2] { pc = pc &+ imm; slot = Self.locate(pc, fetchBase, fetchCode); retired &+= 1; continue }
+            case .blt:
+                if Int64(bitPattern: x[r1]) < Int64(bitPattern: x[r2]) {
+                    pc = pc &+ imm; slot = Self.locate(pc, fetchBase, fetchCode); retired &+= 1; continue
+                }
+            case .bge:
+                if Int64(bitPattern: x[r1]) >= Int64(bitPattern: x[r2]) {
+                    pc = pc &+ imm; slot = Self.locate(pc, fetchBase, fetchCode); retired &+= 1; continue
+                }
+            case .bltu:
+                if x[r1] < x[r2] { pc = pc &+ imm; slot = Self.locate(pc, fetchBase, fetchCode); retired &+= 1; continue }
+            case .bgeu:
+                if x[r1] >= x[r2] { pc = pc &+ imm; slot = Self.locate(pc, fetchBase, fetchCode); retired &+= 1; continue }
             case .lb:
                 guard let v = load(x[r1] &+ imm, Int8.self, pc: pc) else { break loop }
                 x[rd] = UInt64(bitPattern: Int64(v))
@@ -158,7 +174,7 @@ extension RISCVHart {
             case .fence: break
             case .fencei:
                 instructionFence()
-                pc = next; retired &+= 1
+                pc = pc &+ d.length; retired &+= 1
                 break loop
             case .ecall:
                 st.pointee.pc = pc
@@ -167,9 +183,7 @@ extension RISCVHart {
                     break loop
                 }
                 sbiCall()
-                pc = next; retired &+= 1
-                if st.pointee.endBlock { break loop }
-                continue
+                if st.pointee.endBlock { pc = pc &+ d.length; retired &+= 1; break loop }
             case .ebreak:
                 st.pointee.pc = pc
                 raise(Cause.breakpoint, tval: pc)
@@ -184,35 +198,44 @@ extension RISCVHart {
                 st.pointee.pc = pc
                 guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 st.pointee.wfi = true
-                pc = next; retired &+= 1
+                pc = pc &+ d.length; retired &+= 1
                 break loop
             case .sfencevma:
                 st.pointee.pc = pc
                 guard st.pointee.priv == Priv.supervisor else { illegal(d); break loop }
                 flushTLB()
-                pc = next; retired &+= 1
+                pc = pc &+ d.length; retired &+= 1
                 break loop
             case .csr:
                 st.pointee.pc = pc
-                st.pointee.instret &+= retired; retired = 0
+                st.pointee.instret &+= UInt64(retired)
+                limit -= retired; retired = 0
                 guard executeCSR(d) else { break loop }
-                pc = next; retired &+= 1
-                if st.pointee.endBlock { break loop }
-                continue
+                if st.pointee.endBlock { pc = pc &+ d.length; retired &+= 1; break loop }
             case .amo:
                 st.pointee.pc = pc
                 guard executeAtomic(d) else { break loop }
             case .flw, .fld, .fsw, .fsd, .fp:
                 st.pointee.pc = pc
                 guard executeFloat(d) else { break loop }
-            case .illegal, .undecoded:
+            case .illegal:
                 st.pointee.pc = pc
                 illegal(d)
                 break loop
             }
-            pc = next
+            // The sequential successor.
+            pc = pc &+ d.length
+            slot += Int(d.length >> 1)
             retired &+= 1
         }
+    }
+
+    /// The decoded slot of a jump target: in the current page, or a `.pageEnd` slot that
+    /// makes the interpreter translate the target.
+    @inline(__always)
+    static func locate(_ target: UInt64, _ fetchBase: UInt64, _ fetchCode: UnsafeMutablePointer<DecodedInstruction>) -> UnsafeMutablePointer<DecodedInstruction> {
+        let offset = target &- fetchBase
+        return fetchCode + (offset < 4096 ? Int(offset >> 1) : CodeCache.slots)
     }
 
     @inline(__always) func sext32(_ v: UInt64) -> UInt64 {

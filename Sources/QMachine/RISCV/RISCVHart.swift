@@ -19,7 +19,10 @@ import Synchronization
 /// - `RISCVSBI.swift` — the SBI firmware (SBI specification v2.0).
 ///
 /// Design: an interpreter over instructions decoded once and cached per guest-physical RAM
-/// page (8 bytes per 2-byte slot, filled lazily). Stores by the hart to a page holding decoded
+/// page (8 bytes per 2-byte slot, filled lazily). The loop keeps a pointer to the current
+/// slot: sequential instructions advance it and land on a `.pageEnd` sentinel past the
+/// page's last slot, so only jumps and taken branches check the page bounds, and an empty
+/// slot is just one more case of the dispatch switch. Stores by the hart to a page holding decoded
 /// code empty it (such pages never get store TLB entries, so only the slow path checks);
 /// devices report DMA with ``invalidateCode(physicalAddress:length:)``; so the cache is always
 /// coherent and `fence.i` discards nothing. Loads and stores hit a direct-mapped TLB (256
@@ -59,6 +62,9 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     /// Where F/D operations store their result before host FP flags are read (an ordering barrier).
     let fpSink: UnsafeMutableRawPointer
     let code: CodeCache
+    /// Where an instruction that straddles two pages is decoded for one execution (it is
+    /// not cached): slot 0, then `.pageEnd` slots, where its sequential successor lands.
+    let straddle: UnsafeMutablePointer<DecodedInstruction>
 
     // Cross-thread state.
     let stopFlag = Atomic<Bool>(false)
@@ -98,6 +104,9 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
         tlb.initialize(repeating: TLBEntry(), count: TLBEntry.total)
         fpSink = .allocate(byteCount: 16, alignment: 16)
         code = CodeCache(ramBase: ram.base, ramSize: ram.size)
+        straddle = .allocate(capacity: 3)
+        straddle.initialize(to: DecodedInstruction())
+        CodeCache.setSentinels(straddle + 1)
         sleepLock = .allocate(capacity: 1)
         pthread_mutex_init(sleepLock, nil)
         sleepCond = .allocate(capacity: 1)
@@ -113,7 +122,7 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     deinit {
         st.deinitialize(count: 1); st.deallocate()
-        x.deallocate(); f.deallocate(); tlb.deallocate(); fpSink.deallocate()
+        x.deallocate(); f.deallocate(); tlb.deallocate(); fpSink.deallocate(); straddle.deallocate()
         pthread_cond_destroy(sleepCond); sleepCond.deallocate()
         pthread_mutex_destroy(sleepLock); sleepLock.deallocate()
     }

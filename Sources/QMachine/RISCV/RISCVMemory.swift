@@ -3,13 +3,17 @@ import Glibc
 #endif
 
 /// Decoded instructions cached per guest-physical RAM page: 2048 slots of
-/// ``DecodedInstruction`` per 4 KiB (one per 2-byte offset), filled lazily.
+/// ``DecodedInstruction`` per 4 KiB (one per 2-byte offset), filled lazily, and two
+/// `.pageEnd` slots after them, where sequential execution off the end of the page lands
+/// (so the interpreter checks page bounds only on jumps and branches).
 ///
 /// A page "has code" once the hart fetched from it; stores to such a page (by the hart, or
 /// DMA reported through ``RISCVHart/invalidateCode(physicalAddress:length:)``) empty it.
 /// The cache is therefore always coherent with RAM, and `fence.i` has nothing to discard.
 final class CodeCache {
     static let slots = 2048
+    /// Slots allocated per page: `slots` and the two `.pageEnd` sentinels.
+    static let allocated = slots + 2
     let ramBase: UInt64
     let pageCount: Int
     let pages: UnsafeMutablePointer<UnsafeMutablePointer<DecodedInstruction>?>
@@ -32,14 +36,22 @@ final class CodeCache {
     /// The decoded page for RAM page `i`.
     @inline(__always) func page(_ i: Int) -> UnsafeMutablePointer<DecodedInstruction> {
         if let p = pages[i] { return p }
-        let p = UnsafeMutablePointer<DecodedInstruction>.allocate(capacity: CodeCache.slots)
+        let p = UnsafeMutablePointer<DecodedInstruction>.allocate(capacity: CodeCache.allocated)
         clear(p)
+        CodeCache.setSentinels(p + CodeCache.slots)
         pages[i] = p
         return p
     }
 
     @inline(__always) func clear(_ p: UnsafeMutablePointer<DecodedInstruction>) {
         memset(p, 0, CodeCache.slots * MemoryLayout<DecodedInstruction>.stride)
+    }
+
+    /// Writes the two `.pageEnd` slots at `p`.
+    static func setSentinels(_ p: UnsafeMutablePointer<DecodedInstruction>) {
+        var end = DecodedInstruction()
+        end.op = .pageEnd
+        p.initialize(repeating: end, count: 2)
     }
 
     /// Empties RAM page `i` (a store hit it).

@@ -122,6 +122,8 @@ enum Access: Int {
 /// Interpreter operations; `undecoded` (0) marks an empty slot of the decoded-code cache.
 enum Op: UInt8 {
     case undecoded = 0
+    /// The two slots past the end of a decoded page: sequential execution ran off the page.
+    case pageEnd
     case illegal
     case lui, auipc, jal, jalr, beq, bne, blt, bge, bltu, bgeu
     case lb, lh, lw, ld, lbu, lhu, lwu, sb, sh, sw, sd
@@ -139,7 +141,7 @@ extension Op {
     /// immediate (their handlers decode the remaining fields from them).
     var carriesRaw: Bool {
         switch self {
-        case .illegal, .csr, .amo, .fp, .ecall, .ebreak, .sret, .wfi, .sfencevma, .fence, .fencei: true
+        case .illegal, .csr, .amo, .fp, .ecall, .ebreak, .sret, .wfi, .sfencevma, .fence, .fencei, .pageEnd: true
         default: false
         }
     }
