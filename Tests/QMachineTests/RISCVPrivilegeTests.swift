@@ -547,6 +547,30 @@ struct RISCVPrivilegeTests {
         #expect(m.x(RVReg.s3) == 2, "decoded code for the DMA'd page was dropped")
     }
 
+    /// A page emptied by a store and decoded again in the same block is watched again: a
+    /// second store to it (through the store TLB entry the first one left) must still drop
+    /// the instruction decoded in between, so that after fence.i the new one runs.
+    @Test func codeDecodedAfterAnInvalidationIsWatchedAgain() throws {
+        let (m, exit) = try RVAsm.run("""
+          li s4, 0
+          la t0, patch
+          li t1, 0x00500913
+          sw t1, 0(t0)
+        patch:
+          li s2, 1
+          bnez s4, done
+          li s4, 1
+          li t1, 0x00700913
+          sw t1, 0(t0)
+          fence.i
+          j patch
+        done:
+          mv s3, s2
+        """)
+        #expect(exit == .shutdown)
+        #expect(m.x(RVReg.s3) == 7, "the instruction patched a second time ran (li s2, 7)")
+    }
+
     @Test func instretCountsRetiredInstructions() throws {
         let (m, exit) = try RVAsm.run("""
           li s2, 0

@@ -42,6 +42,9 @@ extension RISCVHart {
                 st.pointee.pc = pc
                 guard let decoded = decodeAtPC(cacheable: &cacheable) else { break loop }
                 if cacheable {
+                    // A store may have emptied this page earlier in the block: watch it again
+                    // before caching, or later stores would miss this instruction.
+                    watchFetchPage()
                     slot.pointee = decoded
                 } else {
                     straddle.pointee = decoded

@@ -133,6 +133,17 @@ extension RISCVHart {
         st.pointee.fetchVBase = .max
     }
 
+    /// Marks the fetch page as holding decoded code, so that stores to it empty it (their
+    /// store TLB entries, which skip that check, are dropped).
+    @inline(__always)
+    func watchFetchPage() {
+        let page = st.pointee.fetchPage
+        if !code.hasCode[page] {
+            code.hasCode[page] = true
+            dropStoreEntries(page: page)
+        }
+    }
+
     /// Removes store entries that point at RAM page `page` (it now holds decoded code).
     func dropStoreEntries(page: Int) {
         for i in TLBEntry.storeBank..<TLBEntry.fetchBank where tlb[i].page == page { tlb[i].tag = .max }
@@ -326,12 +337,9 @@ extension RISCVHart {
             e.pointee.tag = vpn
             e.pointee.page = page
         }
-        if !code.hasCode[page] {
-            code.hasCode[page] = true
-            dropStoreEntries(page: page)
-        }
-        st.pointee.fetchCode = code.page(page)
         st.pointee.fetchPage = page
+        watchFetchPage()
+        st.pointee.fetchCode = code.page(page)
         st.pointee.fetchVBase = va & ~0xfff
         return true
     }
