@@ -112,10 +112,11 @@ struct Qcow2NoSpaceTests {
         let node = try await ImageOpener.open(path)
         let qnode = try #require(node as? Qcow2Node)
         let file = try #require(qnode.hostFile as? FileNode)
-        let injector = Injector(fd: file.fd, fault: c.fault, err: c.err, seed: c.seed)
-        let previous = Syscalls.injector
-        Syscalls.injector = { call, fd, offset in injector.decide(call, fd, offset) ?? previous?(call, fd, offset) }
-        defer { Syscalls.injector = previous }
+        let injector = Injector(fault: c.fault, err: c.err, seed: c.seed)
+        let fd = file.fd
+        Syscalls.setFaultHook(fd: fd) { call, offset in injector.decide(call, offset) }
+        // Removed before the descriptor closes (numbers are reused by other tests' files).
+        defer { Syscalls.setFaultHook(fd: fd, nil) }
 
         var rng = Rng(c.seed)
         var round = 0
@@ -146,6 +147,7 @@ struct Qcow2NoSpaceTests {
         print("nospace \(c.seed): \(injector.failures) writes refused, \(failed) requests or flushes failed")
         #expect(injector.failures > 0, "\(c): the fault never hit")
         if c.ending == .killDuring {
+            Syscalls.setFaultHook(fd: fd, nil)
             try await kill(qnode)
             model.crashed()
             try verify(path, dir, model, c, afterCrash: true)
@@ -166,11 +168,13 @@ struct Qcow2NoSpaceTests {
         if c.ending == .killAfter {
             // Unflushed writes then a kill: their bytes are unknown.
             _ = try await runRound(qnode, &model, &rng, round: round, c)
+            Syscalls.setFaultHook(fd: fd, nil)
             try await kill(qnode)
             model.crashed()
             try verify(path, dir, model, c, afterCrash: true)
             return
         }
+        Syscalls.setFaultHook(fd: fd, nil)
         try await node.close()
         try verify(path, dir, model, c, afterCrash: false)
     }
@@ -384,7 +388,6 @@ struct Rng {
 
 /// Decides, per `pwrite` on one file descriptor, whether it fails.
 final class Injector: @unchecked Sendable {
-    let fd: Int32
     let fault: Qcow2NoSpaceTests.Fault
     let err: Int32
     private let lock = NSLock()
@@ -394,8 +397,7 @@ final class Injector: @unchecked Sendable {
     private var limit: Int64 = 0
     private(set) var failures = 0
 
-    init(fd: Int32, fault: Qcow2NoSpaceTests.Fault, err: Int32, seed: UInt64) {
-        self.fd = fd
+    init(fault: Qcow2NoSpaceTests.Fault, err: Int32, seed: UInt64) {
         self.fault = fault
         self.err = err
         rng = Rng(seed ^ 0x5eed)
@@ -414,8 +416,8 @@ final class Injector: @unchecked Sendable {
 
     func stop() { lock.lock(); active = false; lock.unlock() }
 
-    func decide(_ call: Syscalls.Call, _ fd: Int32, _ offset: Int64) -> Int32? {
-        guard call == .pwrite, fd == self.fd else { return nil }
+    func decide(_ call: Syscalls.Call, _ offset: Int64) -> Int32? {
+        guard call == .pwrite else { return nil }
         lock.lock(); defer { lock.unlock() }
         guard active else { return nil }
         let fail: Bool
