@@ -66,6 +66,10 @@ struct Qcow2NoSpaceTests {
         Case(seed: 10, clusterSize: 512, backing: true, fault: .allWrites, ending: .killDuring),
         Case(seed: 11, clusterSize: 4096, compressed: true, fault: .existingArea, ending: .killDuring),
         Case(seed: 12, clusterSize: 512, refcountBits: 64, compressed: true, fault: .random, ending: .killAfter),
+        // Found by randomCase: a failed compressed write freed its fresh cluster, a data
+        // write was given it whole, and the next compressed write packed its bytes after
+        // the failed one's, over that data ("Could not decompress cluster").
+        Case(seed: 797604440426, clusterSize: 512, backing: true, compressed: true, fault: .allWrites),
     ]
 
     @Test(arguments: fixedCases)

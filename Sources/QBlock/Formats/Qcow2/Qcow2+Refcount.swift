@@ -98,6 +98,9 @@ extension Qcow2Node {
         refcountCache.markDirty(e)
         if new == 0 {
             if cluster < freeClusterIndex { freeClusterIndex = cluster }
+            // Compressed data must not go on in a cluster that is free again: it may be
+            // handed out whole before the next compressed write looks at its count.
+            if freeByteOffset != 0 && freeByteOffset >> Int64(clusterBits) == cluster { freeByteOffset = 0 }
             if discardHost {
                 // The lock is held, so the cluster cannot be reused before the hole is punched.
                 try? await hostFile.discard(at: cluster << Int64(clusterBits), length: Int64(clusterSize))
