@@ -186,6 +186,8 @@ struct MirrorSetup {
     }
 
     @Test func targetENOSPCStopsThenResumes() async throws {
+        await syscallHooks.lock()
+        defer { syscallHooks.unlock() }
         guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
         let s = try await MirrorSetup.make("mirror-enospc", sync: .full)
         let fd = try #require(s.target.innermostDriver.file as? FileNode).fd
