@@ -47,9 +47,12 @@ struct Qcow2NoSpaceTests {
         var fault: Fault
         var err: Int32 = ENOSPC
         var ending: Ending = .close
+        /// Longest request; large requests on 512-byte clusters with 64-bit refcounts make the
+        /// refcount table grow while writes fail.
+        var maxLength = 200_000
         var description: String {
             "seed=\(seed) cluster_size=\(clusterSize) refcount_bits=\(refcountBits) backing=\(backing) "
-                + "compressed=\(compressed) fault=\(fault.rawValue) errno=\(err == ENOSPC ? "ENOSPC" : "EIO") ending=\(ending.rawValue)"
+                + "compressed=\(compressed) fault=\(fault.rawValue) errno=\(err == ENOSPC ? "ENOSPC" : "EIO") ending=\(ending.rawValue) max_length=\(maxLength)"
         }
     }
 
@@ -70,6 +73,9 @@ struct Qcow2NoSpaceTests {
         // write was given it whole, and the next compressed write packed its bytes after
         // the failed one's, over that data ("Could not decompress cluster").
         Case(seed: 797604440426, clusterSize: 512, backing: true, compressed: true, fault: .allWrites),
+        Case(seed: 13, clusterSize: 512, refcountBits: 64, fault: .beyondEnd, maxLength: 1 << 20),
+        Case(seed: 14, clusterSize: 512, refcountBits: 64, fault: .random, err: EIO, maxLength: 1 << 20),
+        Case(seed: 15, clusterSize: 512, refcountBits: 64, compressed: true, fault: .allWrites, maxLength: 1 << 20),
     ]
 
     @Test(arguments: fixedCases)
@@ -124,8 +130,9 @@ struct Qcow2NoSpaceTests {
 
         var rng = Rng(c.seed)
         var round = 0
-        // 1. Healthy rounds, then a flush everything must survive.
-        for _ in 0..<3 {
+        // 1. Healthy rounds, then a flush everything must survive. (One when requests are
+        // large, so that the refcount table still has to grow once writes fail.)
+        for _ in 0..<(c.maxLength > 200_000 ? 1 : 3) {
             let failures = try await runRound(qnode, &model, &rng, round: round, c)
             #expect(failures.isEmpty, "\(c): writes failed before any fault: \(failures.prefix(2))")
             round += 1
@@ -133,6 +140,7 @@ struct Qcow2NoSpaceTests {
         try await qnode.flush()
         model.flushed()
         // 2. The fault.
+        let tableBefore = qnode.header.refcountTableClusters
         injector.start(fileLength: file.length, clusterSize: c.clusterSize)
         var failed = 0
         for _ in 0..<4 {
@@ -148,7 +156,8 @@ struct Qcow2NoSpaceTests {
             do { try await qnode.flush(); model.flushed() } catch { failed += 1 }
             round += 1
         }
-        print("nospace \(c.seed): \(injector.failures) writes refused, \(failed) requests or flushes failed")
+        print("nospace \(c.seed): \(injector.failures) writes refused, \(failed) requests or flushes failed; "
+              + "refcount table \(tableBefore) → \(qnode.header.refcountTableClusters) clusters")
         #expect(injector.failures > 0, "\(c): the fault never hit")
         if c.ending == .killDuring {
             Syscalls.setFaultHook(fd: fd, nil)
@@ -221,7 +230,8 @@ struct Qcow2NoSpaceTests {
                     offset = Int(rng.next() % UInt64(size / cs)) * cs
                     length = cs
                 } else {
-                    length = 1 + Int(rng.next() % UInt64(min(3 * cs + 1000, 200_000)))
+                    let longest = c.maxLength > 200_000 ? c.maxLength : min(3 * cs + 1000, c.maxLength)
+                    length = 1 + Int(rng.next() % UInt64(longest))
                     offset = Int(rng.next() % UInt64(size - length))
                 }
                 if !taken.contains(where: { $0.overlaps(offset..<(offset + length)) }) { break }
@@ -274,6 +284,80 @@ struct Qcow2NoSpaceTests {
             }
         }
         return failures
+    }
+
+    // MARK: One kind of metadata write refused
+
+    enum Target: String, CaseIterable, Sendable {
+        /// The header (the refcount table switch when the table grows).
+        case header
+        /// L1 entries (new L2 tables).
+        case l1Table
+        /// Refcount table entries (new refcount blocks).
+        case refcountTable
+        /// Anything past the end of the file as it was (new tables, blocks, data).
+        case pastTheEnd
+    }
+
+    /// Sequential 64 KiB writes over a 512-byte-cluster image with 64-bit refcounts (a new L2
+    /// table every 32 KiB, a new refcount block every 32 KiB, the refcount table grows) while
+    /// one kind of metadata write is refused; then the failed requests are written again.
+    @Test(arguments: Target.allCases)
+    func oneKindOfMetadataWriteRefused(_ target: Target) async throws {
+        let dir = TempDir("qblock-nospace")
+        let path = dir.file("img.qcow2")
+        let size = 8 << 20
+        _ = try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path, String(size))
+        let node = try await ImageOpener.open(path)
+        let q = try #require(node as? Qcow2Node)
+        let fd = try #require(q.hostFile as? FileNode).fd
+        let l1 = Int64(q.header.l1TableOffset)..<(Int64(q.header.l1TableOffset) + Int64(q.header.l1Size) * 8)
+        let rt = Int64(q.header.refcountTableOffset)..<(Int64(q.header.refcountTableOffset) + Int64(q.header.refcountTableClusters) * 512)
+        let end = q.hostFile.length
+        let refused = Counter()
+        Syscalls.setFaultHook(fd: fd) { call, offset in
+            guard call == .pwrite else { return nil }
+            let hit: Bool
+            switch target {
+            case .header: hit = offset < 512
+            case .l1Table: hit = l1.contains(offset)
+            case .refcountTable: hit = rt.contains(offset)
+            case .pastTheEnd: hit = offset >= end
+            }
+            if hit { refused.add() }
+            return hit ? ENOSPC : nil
+        }
+        defer { Syscalls.setFaultHook(fd: fd, nil) }
+        var model = Model(size: size)
+        var failedOffsets: [Int] = []
+        for off in stride(from: 0, to: size, by: 65536) {
+            let data = [UInt8](repeating: UInt8(truncatingIfNeeded: off >> 16) | 1, count: 65536)
+            do {
+                try await write(q, at: Int64(off), data)
+                model.set(off, data)
+            } catch {
+                let e = try #require(error as? BlockError)
+                #expect(e.errno == ENOSPC && e.path != nil, "\(e)")
+                model.forget(off, 65536)
+                failedOffsets.append(off)
+            }
+        }
+        _ = try? await q.flush()
+        print("nospace \(target): \(refused.value) writes refused, \(failedOffsets.count) requests failed")
+        #expect(refused.value > 0 && !failedOffsets.isEmpty)
+        Syscalls.setFaultHook(fd: fd, nil)
+        for off in failedOffsets {
+            let data = [UInt8](repeating: 0xa5, count: 65536)
+            try await write(q, at: Int64(off), data)
+            model.set(off, data)
+        }
+        try await node.close()
+        let check = try run("qemu-img", "check", path)
+        #expect(check.status == 0, "\(target): \(check)")
+        let raw = dir.file("out.raw")
+        _ = try mustRun("qemu-img", "convert", "-O", "raw", path, raw)
+        let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: raw)))
+        #expect(model.firstMismatch(bytes) == nil, "\(target): differs at \(model.firstMismatch(bytes) ?? -1)")
     }
 
     // MARK: A real full file system
@@ -388,6 +472,13 @@ struct Rng {
         z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
         return z ^ (z >> 31)
     }
+}
+
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func add() { lock.lock(); n += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return n }
 }
 
 /// Decides, per `pwrite` on one file descriptor, whether it fails.

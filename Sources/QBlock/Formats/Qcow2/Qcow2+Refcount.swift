@@ -236,8 +236,12 @@ extension Qcow2Node {
             let bytes = buf.withUnsafeMutableBytes { $0 }
             memset(bytes.baseAddress!, 0, clusterSize)
             let first = Int64(nb.index) * rbe
-            for c in max(first, areaStart)..<min(first + rbe, areaEnd) {
+            // A block for an index before the area (the area starts further on after a growth
+            // that failed half-way) counts nothing.
+            var c = max(first, areaStart)
+            while c < min(first + rbe, areaEnd) {
                 setRefcountValue(in: bytes, Int(c - first), 1)
+                c += 1
             }
             try await buf.withUnsafeBytes { try await hostFile.write(at: nb.cluster << Int64(clusterBits), from: $0, flags: []) }
             refcountCache.discard(nb.cluster << Int64(clusterBits))
