@@ -55,6 +55,8 @@ import TestSupport
     /// A write that fails in the middle of a queue of buffered writes fails alone, with its
     /// error; the writes queued around it land, and the file takes writes afterwards.
     @Test func aFailingQueuedWriteFailsAlone() async throws {
+        await syscallHooks.lock()
+        defer { syscallHooks.unlock() }
         let dir = TempDir()
         let path = dir.file("e.raw")
         try truncateFile(path, to: 1 << 20)

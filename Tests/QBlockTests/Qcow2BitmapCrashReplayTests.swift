@@ -11,6 +11,8 @@ import TestSupport
 @Suite(.serialized, .enabled(if: BitmapFixtures.ready, Comment(rawValue: NBDHarness.missing)))
 struct Qcow2BitmapCrashReplayTests {
     @Test func everyPrefixKeepsBitmapsOldOrNew() async throws {
+        await syscallHooks.lock()
+        defer { syscallHooks.unlock() }
         let dir = TempDir("bmcrash")
         let path = try BitmapFixtures.qemuImage(dir)
         let initial = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))

@@ -41,6 +41,8 @@ import TestSupport
 
     @Test(arguments: [(UInt64(21), 65536), (UInt64(22), 4096), (UInt64(23), 512)])
     func everyPrefixOfTheWriteLogIsConsistent(seed: UInt64, clusterSize: Int) async throws {
+        await syscallHooks.lock()
+        defer { syscallHooks.unlock() }
         print("crash replay seed=\(seed) cluster_size=\(clusterSize)")
         let dir = try tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }

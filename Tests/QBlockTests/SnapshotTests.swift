@@ -392,6 +392,8 @@ extension RunResult {
     /// the writes the operation made. The node is left open (its fd stays ours, so the
     /// injector never touches another test's file); qemu-img reads with -U.
     func attempt(_ op: Op, fixture: String, copy: String, allowed: Int) async throws -> Int {
+        await syscallHooks.lock()
+        defer { syscallHooks.unlock() }
         try? FileManager.default.removeItem(atPath: copy)
         try FileManager.default.copyItem(atPath: fixture, toPath: copy)
         let node = try await ImageOpener.open(copy, options: OpenOptions())

@@ -73,6 +73,8 @@ import TestSupport
     }
 
     @Test func enospcStopsAndResumes() async throws {
+        await syscallHooks.lock()
+        defer { syscallHooks.unlock() }
         guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
         let d = TempDir("stream")
         let (_, _, top) = try JobFixture.chain(d)

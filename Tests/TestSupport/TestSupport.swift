@@ -180,3 +180,9 @@ public func mustRun(_ tool: String, _ args: String..., cwd: String? = nil) throw
     if r.status != 0 { throw CommandFailed(command: ([tool] + args).joined(separator: " "), result: r) }
     return r
 }
+
+/// Held by every test that installs a process-wide system-call hook (`Syscalls.injector`,
+/// `Syscalls.recorder`) for as long as the hook is installed: suites run side by side, and
+/// one test's hook must not fail, record or remove another's. (Per-descriptor hooks,
+/// `Syscalls.setFaultHook(fd:_:)`, need no lock.)
+public let syscallHooks = AsyncMutex()

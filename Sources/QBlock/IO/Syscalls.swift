@@ -34,11 +34,30 @@ public enum Syscalls {
     /// is set, I/O goes through these functions rather than io_uring.
     nonisolated(unsafe) public static var recorder: (@Sendable (RecordedCall) -> Void)?
 
+    /// Per-descriptor fault hooks (see ``setFaultHook(fd:_:)``), guarded by `faultHookLock`.
+    nonisolated(unsafe) private static var faultHooks: [Int32: @Sendable (Call, Int64) -> Int32?] = [:]
+    nonisolated(unsafe) private static var faultHookCount = 0
+    private static let faultHookLock = PosixMutex()
+
+    /// Installs (or with nil, removes) a fault hook for one file descriptor: given a call and
+    /// offset on `fd`, it returns an errno to fail with, or nil. Unlike ``injector``, hooks
+    /// of tests running side by side neither replace nor remove each other. Remove the hook
+    /// before the descriptor is closed: descriptor numbers are reused.
+    public static func setFaultHook(fd: Int32, _ hook: (@Sendable (Call, Int64) -> Int32?)?) {
+        faultHookLock.withLock {
+            faultHooks[fd] = hook
+            faultHookCount = faultHooks.count
+        }
+    }
+
     /// True when tests intercept calls (io_uring is bypassed then).
-    static var intercepted: Bool { injector != nil || recorder != nil }
+    static var intercepted: Bool { injector != nil || recorder != nil || faultHookCount > 0 }
 
     @inline(__always)
     static func injected(_ call: Call, _ fd: Int32, _ offset: Int64) -> Errno? {
+        if faultHookCount > 0, let hook = faultHookLock.withLock({ faultHooks[fd] }), let e = hook(call, offset) {
+            return Errno(e)
+        }
         guard let inj = injector, let e = inj(call, fd, offset) else { return nil }
         return Errno(e)
     }

@@ -124,17 +124,27 @@ extension Qcow2Node {
             contents = Array(UnsafeRawBufferPointer(t.bytes))
         }
         let newOffset = try await allocateClusters(1)
-        let e = try await l2Cache.getEmpty(newOffset)
-        if let contents {
-            contents.withUnsafeBytes { e.bytes.copyMemory(from: $0) }
+        let oldL1 = l1Table[i]
+        do {
+            let e = try await l2Cache.getEmpty(newOffset)
+            if let contents {
+                contents.withUnsafeBytes { e.bytes.copyMemory(from: $0) }
+            }
+            // The table and its refcount must be on disk before L1 points to it.
+            try await l2Cache.setDependency(on: refcountCache)
+            try await l2Cache.flush()
+            try await refcountCache.flush()
+            try await hostFile.flush()
+            l1Table[i] = UInt64(newOffset) | Qcow2Node.copied
+            try await writeL1Entry(i)
+        } catch {
+            // L1 does not point to the new table: forget it and give its cluster back, as
+            // QEMU's l2_allocate does. A table shared with a snapshot stays as it was.
+            l1Table[i] = oldL1
+            l2Cache.discard(newOffset)
+            await releaseUnreferenced(newOffset >> Int64(clusterBits), 1)
+            throw error
         }
-        // The table and its refcount must be on disk before L1 points to it.
-        try await l2Cache.setDependency(on: refcountCache)
-        try await l2Cache.flush()
-        try await refcountCache.flush()
-        try await hostFile.flush()
-        l1Table[i] = UInt64(newOffset) | Qcow2Node.copied
-        try await writeL1Entry(i)
         if old != 0 {
             try await freeClusters(at: old, count: 1)
         }

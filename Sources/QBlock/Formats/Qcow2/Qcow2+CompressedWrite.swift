@@ -188,18 +188,27 @@ extension Qcow2Node {
             event.signal()
         }
         let cbits = Int64(clusterBits)
+        let first = host >> cbits
+        let clusters = ((host + Int64(compressed.count) - 1) >> cbits) - first + 1
         if let failure {
-            for c in (host >> cbits)...((host + Int64(compressed.count) - 1) >> cbits) {
-                try? await updateRefcount(c, by: -1)
-            }
+            await releaseUnreferenced(first, clusters)
             throw failure
         }
-        let t = try await l2TableForWrite(l1Index)
-        let sectors = UInt64(((host + Int64(compressed.count) - 1) >> 9) - (host >> 9))
-        let shift = UInt64(62 - (clusterBits - 8))
-        t.bytes.setBE64(l2Index * 8, UInt64(host) | Qcow2Node.compressedFlag | (sectors << shift))
-        try await l2Cache.setDependency(on: refcountCache)
-        l2Cache.markDirty(t)
+        do {
+            let t = try await l2TableForWrite(l1Index)
+            l2Cache.pin(t)
+            defer { l2Cache.release(t) }
+            // Before the entry changes: setting the dependency may write the L2 cache, and the
+            // reference must not reach the disk before the count.
+            try await l2Cache.setDependency(on: refcountCache)
+            let sectors = UInt64(((host + Int64(compressed.count) - 1) >> 9) - (host >> 9))
+            let shift = UInt64(62 - (clusterBits - 8))
+            t.bytes.setBE64(l2Index * 8, UInt64(host) | Qcow2Node.compressedFlag | (sectors << shift))
+            l2Cache.markDirty(t)
+        } catch {
+            await releaseUnreferenced(first, clusters)
+            throw error
+        }
     }
 
     /// QEMU's `qcow2_alloc_bytes`: `size` bytes (at most a cluster) for compressed data,
@@ -232,7 +241,16 @@ extension Qcow2Node {
                 offset = 0
                 continue
             }
-            for c in first...last { try await updateRefcount(c, by: 1) }
+            var c = first
+            do {
+                while c <= last {
+                    try await updateRefcount(c, by: 1)
+                    c += 1
+                }
+            } catch {
+                await releaseUnreferenced(first, c - first)
+                throw error
+            }
             noteAllocated(first, last - first + 1)
             break
         }

@@ -12,6 +12,12 @@ import Glibc
 /// freeing makes the refcount cache depend on the L2 cache (a reference is dropped before
 /// the count is). A process killed at any point therefore leaves at worst leaked clusters.
 ///
+/// A write that fails (ENOSPC, EIO) leaves its table dirty: it is written again at the next
+/// flush, and a dependency that could not be flushed stays in place. When the least recently
+/// used table cannot be evicted because its write fails, a clean table is evicted instead, or
+/// the cache grows (up to twice its capacity), so that lookups needed to undo a failed
+/// allocation do not fail for want of room.
+///
 /// Not thread-safe: every call is made with the qcow2 metadata lock held.
 final class Qcow2MetadataCache {
     final class Entry {
@@ -44,9 +50,11 @@ final class Qcow2MetadataCache {
         self.name = name
         self.file = file
         self.tableSize = tableSize
-        entries = (0..<max(2, capacity)).map { _ in Entry(size: tableSize) }
+        baseCapacity = max(2, capacity)
+        entries = (0..<baseCapacity).map { _ in Entry(size: tableSize) }
     }
 
+    private let baseCapacity: Int
     var capacity: Int { entries.count }
 
     /// The table at `offset`, read from disk if not cached. The entry is pinned: call
@@ -96,13 +104,36 @@ final class Qcow2MetadataCache {
         }
         if v.offset >= 0 {
             if v.dirty {
-                try await flushDependency()
-                try await writeEntry(v)
+                do {
+                    try await flushDependency()
+                    try await writeEntry(v)
+                } catch {
+                    // The table stays dirty for a later flush; find room elsewhere.
+                    return try spareEntry(orThrow: error)
+                }
             }
-            index[v.offset] = nil
-            v.offset = -1
+            evict(v)
         }
         return v
+    }
+
+    /// A clean unpinned entry (the least recently used), or a new one while the cache is
+    /// below twice its capacity.
+    private func spareEntry(orThrow error: Error) throws -> Entry {
+        let clean = entries.filter { $0.pins == 0 && !$0.dirty }.min { $0.lastUsed < $1.lastUsed }
+        if let c = clean {
+            if c.offset >= 0 { evict(c) }
+            return c
+        }
+        guard entries.count < 2 * baseCapacity else { throw error }
+        let e = Entry(size: tableSize)
+        entries.append(e)
+        return e
+    }
+
+    private func evict(_ e: Entry) {
+        index[e.offset] = nil
+        e.offset = -1
     }
 
     func markDirty(_ e: Entry) { e.dirty = true }

@@ -163,12 +163,20 @@ extension Qcow2Node {
                     metaLock.unlock()
                     a.event.signal()
                 }
+                let clusters = Int64(a.oldEntries.count)
                 if let failure {
-                    // The data never became reachable: give the clusters back.
-                    try? await freeClusters(at: a.host, count: Int64(a.oldEntries.count))
+                    // The data never became reachable: give the clusters back (QEMU's
+                    // qcow2_alloc_cluster_abort), without waiting for any other write.
+                    await releaseUnreferenced(a.host >> cbits, clusters)
                     throw failure
                 }
-                try await commitAllocation(a)
+                do {
+                    try await commitAllocation(a)
+                } catch {
+                    await releaseUnreferenced(a.host >> cbits, clusters)
+                    throw error
+                }
+                try await freeReplaced(a.oldEntries)
                 return a.runBytes
             }
         }
@@ -204,7 +212,8 @@ extension Qcow2Node {
                                      oldEntries: oldEntries, guestStart: guestStart, runBytes: runBytes, event: event))
     }
 
-    /// Points the L2 entries at the newly written clusters and frees what they replaced. Lock held.
+    /// Points the L2 entries at the newly written clusters. Lock held. When it throws, no
+    /// entry was changed.
     private func commitAllocation(_ a: Allocation) async throws {
         let cs = Int64(clusterSize)
         let t = try await l2TableForWrite(a.l1Index)
@@ -218,7 +227,12 @@ extension Qcow2Node {
             t.bytes.setBE64((a.firstL2 + i) * 8, UInt64(a.host + Int64(i) * cs) | Qcow2Node.copied)
         }
         l2Cache.markDirty(t)
-        for e in a.oldEntries {
+    }
+
+    /// Drops the references the L2 entries `oldEntries` held before an allocating write
+    /// replaced them. Lock held.
+    private func freeReplaced(_ oldEntries: [UInt64]) async throws {
+        for e in oldEntries {
             switch kind(of: e) {
             case .normal, .zeroAllocated:
                 try await freeClusters(at: Int64(e & Qcow2Node.l2OffsetMask), count: 1)

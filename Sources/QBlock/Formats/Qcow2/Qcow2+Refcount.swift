@@ -98,6 +98,9 @@ extension Qcow2Node {
         refcountCache.markDirty(e)
         if new == 0 {
             if cluster < freeClusterIndex { freeClusterIndex = cluster }
+            // Compressed data must not go on in a cluster that is free again: it may be
+            // handed out whole before the next compressed write looks at its count.
+            if freeByteOffset != 0 && freeByteOffset >> Int64(clusterBits) == cluster { freeByteOffset = 0 }
             if discardHost {
                 // The lock is held, so the cluster cannot be reused before the hole is punched.
                 try? await hostFile.discard(at: cluster << Int64(clusterBits), length: Int64(clusterSize))
@@ -128,23 +131,52 @@ extension Qcow2Node {
                     continue
                 }
                 // Its own count lives in another block; that update goes to disk first.
-                try await updateRefcount(blockCluster, by: 1)
-                try await refcountCache.flush()
-                try await hostFile.flush()
+                do {
+                    try await updateRefcount(blockCluster, by: 1)
+                } catch {
+                    if blockCluster < freeClusterIndex { freeClusterIndex = blockCluster }
+                    throw error
+                }
             }
             let blockOffset = blockCluster << Int64(clusterBits)
-            let e = try await refcountCache.getEmpty(blockOffset)
-            if selfDescribing {
-                setRefcountValue(in: e.bytes, Int(blockCluster % Int64(refcountBlockEntries)), 1)
+            do {
+                try await installRefcountBlock(blockOffset, tableIndex: ti, selfDescribing: selfDescribing)
+            } catch {
+                // Nothing points to the block: forget it and give its cluster back (QEMU's
+                // alloc_refcount_block leaves the table entry unset the same way).
+                refcountCache.discard(blockOffset)
+                if !selfDescribing { await releaseUnreferenced(blockCluster, 1) }
+                if blockCluster < freeClusterIndex { freeClusterIndex = blockCluster }
+                throw error
             }
-            // The block must be on disk before the table points to it.
-            try await hostFile.write(at: blockOffset, from: UnsafeRawBufferPointer(e.bytes), flags: [])
-            e.dirty = false
-            noteAllocated(blockCluster, 1)
-            try await hostFile.flush()
-            refcountTable[ti] = UInt64(blockOffset)
-            try await writeRefcountTableEntry(ti)
             return
+        }
+    }
+
+    /// Writes a new, empty refcount block at `blockOffset` (counting itself when it falls in
+    /// its own range) and points refcount table entry `ti` at it, each step on disk before
+    /// the next. On failure the in-memory table is as before.
+    private func installRefcountBlock(_ blockOffset: Int64, tableIndex ti: Int, selfDescribing: Bool) async throws {
+        let blockCluster = blockOffset >> Int64(clusterBits)
+        if !selfDescribing {
+            try await refcountCache.flush()
+            try await hostFile.flush()
+        }
+        let e = try await refcountCache.getEmpty(blockOffset)
+        if selfDescribing {
+            setRefcountValue(in: e.bytes, Int(blockCluster % Int64(refcountBlockEntries)), 1)
+        }
+        // The block must be on disk before the table points to it.
+        try await hostFile.write(at: blockOffset, from: UnsafeRawBufferPointer(e.bytes), flags: [])
+        e.dirty = false
+        noteAllocated(blockCluster, 1)
+        try await hostFile.flush()
+        refcountTable[ti] = UInt64(blockOffset)
+        do {
+            try await writeRefcountTableEntry(ti)
+        } catch {
+            refcountTable[ti] = 0
+            throw error
         }
     }
 
@@ -204,45 +236,62 @@ extension Qcow2Node {
             let bytes = buf.withUnsafeMutableBytes { $0 }
             memset(bytes.baseAddress!, 0, clusterSize)
             let first = Int64(nb.index) * rbe
-            for c in max(first, areaStart)..<min(first + rbe, areaEnd) {
+            // A block for an index before the area (the area starts further on after a growth
+            // that failed half-way) counts nothing.
+            var c = max(first, areaStart)
+            while c < min(first + rbe, areaEnd) {
                 setRefcountValue(in: bytes, Int(c - first), 1)
+                c += 1
             }
             try await buf.withUnsafeBytes { try await hostFile.write(at: nb.cluster << Int64(clusterBits), from: $0, flags: []) }
             refcountCache.discard(nb.cluster << Int64(clusterBits))
         }
-        // Area clusters covered by blocks that already existed.
-        for c in areaStart..<areaEnd {
-            let b = Int(c / rbe)
-            if !newBlocks.contains(where: { $0.index == b }) {
-                let off = Int64(newTable[b] & Qcow2Node.l1OffsetMask)
-                let e = try await refcountCache.get(off)
-                let i = Int(c % rbe)
-                setRefcountValue(in: e.bytes, i, refcountValue(in: e.bytes, i) + 1)
-                refcountCache.markDirty(e)
+        // Area clusters covered by blocks that already existed. Until the header points to
+        // the new table, a failure undoes these counts: nothing refers to the area then.
+        var counted: [Int64] = []
+        do {
+            for c in areaStart..<areaEnd {
+                let b = Int(c / rbe)
+                if !newBlocks.contains(where: { $0.index == b }) {
+                    let off = Int64(newTable[b] & Qcow2Node.l1OffsetMask)
+                    let e = try await refcountCache.get(off)
+                    let i = Int(c % rbe)
+                    setRefcountValue(in: e.bytes, i, refcountValue(in: e.bytes, i) + 1)
+                    refcountCache.markDirty(e)
+                    counted.append(c)
+                }
             }
+            try await refcountCache.flush()
+            // The new table.
+            var raw = [UInt8](repeating: 0, count: tableClusters * clusterSize)
+            raw.withUnsafeMutableBytes { b in for (i, v) in newTable.enumerated() { b.setBE64(i * 8, v) } }
+            try await hostFile.write(at: tableStart << Int64(clusterBits), bytes: raw)
+            noteAllocated(areaStart, areaEnd - areaStart)
+            try await hostFile.flush()
+            // Switch the header to it (offset and size are adjacent fields: one write).
+            var fields: [UInt8] = []
+            fields.appendBE64(UInt64(tableStart << Int64(clusterBits)))
+            fields.appendBE32(UInt32(tableClusters))
+            try await hostFile.write(at: 48, bytes: fields)
+        } catch {
+            for c in counted { await releaseUnreferenced(c, 1) }
+            throw error
         }
-        try await refcountCache.flush()
-        // The new table.
-        var raw = [UInt8](repeating: 0, count: tableClusters * clusterSize)
-        raw.withUnsafeMutableBytes { b in for (i, v) in newTable.enumerated() { b.setBE64(i * 8, v) } }
-        try await hostFile.write(at: tableStart << Int64(clusterBits), bytes: raw)
-        noteAllocated(areaStart, areaEnd - areaStart)
-        try await hostFile.flush()
-        // Switch the header to it (offset and size are adjacent fields: one write).
         let oldOffset = Int64(header.refcountTableOffset)
         let oldClusters = Int64(header.refcountTableClusters)
         header.refcountTableOffset = UInt64(tableStart << Int64(clusterBits))
         header.refcountTableClusters = UInt32(tableClusters)
-        var fields: [UInt8] = []
-        fields.appendBE64(header.refcountTableOffset)
-        fields.appendBE32(header.refcountTableClusters)
-        try await hostFile.write(at: 48, bytes: fields)
-        try await hostFile.flush()
         refcountTable = newTable
-        // Free the old table.
-        for c in 0..<oldClusters {
-            try await updateRefcount((oldOffset >> Int64(clusterBits)) + c, by: -1)
+        // The old table is free once the header is on disk; if the sync fails, the next
+        // flush syncs before applying the free.
+        let synced: Error?
+        do { try await hostFile.flush(); synced = nil } catch { synced = error }
+        if synced == nil {
+            try await freeClusters(at: oldOffset, count: oldClusters)
+        } else {
+            pendingFrees.append(PendingFree(cluster: oldOffset >> Int64(clusterBits), count: oldClusters, discardHost: false))
         }
+        if let synced { throw synced }
     }
 
     // MARK: Allocation
@@ -291,7 +340,17 @@ extension Qcow2Node {
                 try await restartAfterNewBlock(start, missing)
                 continue
             }
-            for c in start..<(start + count) { try await updateRefcount(c, by: 1) }
+            var counted: Int64 = 0
+            do {
+                while counted < count {
+                    try await updateRefcount(start + counted, by: 1)
+                    counted += 1
+                }
+            } catch {
+                await releaseUnreferenced(start, counted)
+                if start < freeClusterIndex { freeClusterIndex = start }
+                throw error
+            }
             noteAllocated(start, count)
             return start << Int64(clusterBits)
         }
@@ -301,12 +360,23 @@ extension Qcow2Node {
         if first + count > endCluster { endCluster = first + count }
     }
 
-    /// Drops one reference to each of `count` clusters starting at host offset `offset`.
+    /// Drops one reference to each of `count` clusters starting at host offset `offset`,
+    /// after the L2 cache (which dropped the references) reaches the disk. A count that
+    /// cannot be changed now because the host file refuses writes is changed at the next
+    /// flush (`Qcow2+DeferredFree.swift`): the caller's change stands.
+    /// - Throws: `.corrupt` on underflow.
     func freeClusters(at offset: Int64, count: Int64, discardHost: Bool = false) async throws {
-        try await refcountCache.setDependency(on: l2Cache)
         let first = offset >> Int64(clusterBits)
-        for c in first..<(first + count) {
-            try await updateRefcount(c, by: -1, discardHost: discardHost)
+        var c = first
+        do {
+            try await refcountCache.setDependency(on: l2Cache)
+            while c < first + count {
+                try await updateRefcount(c, by: -1, discardHost: discardHost)
+                c += 1
+            }
+        } catch {
+            guard isRetryable(error) else { throw error }
+            pendingFrees.append(PendingFree(cluster: c, count: first + count - c, discardHost: discardHost))
         }
     }
 
@@ -315,9 +385,6 @@ extension Qcow2Node {
         let (off, size) = compressedLocation(entry)
         let first = off >> Int64(clusterBits)
         let last = (off + Int64(size) - 1) >> Int64(clusterBits)
-        for c in first...last {
-            try await refcountCache.setDependency(on: l2Cache)
-            try await updateRefcount(c, by: -1, discardHost: discardHost)
-        }
+        try await freeClusters(at: first << Int64(clusterBits), count: last - first + 1, discardHost: discardHost)
     }
 }

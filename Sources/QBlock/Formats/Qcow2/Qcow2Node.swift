@@ -71,6 +71,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     var freeByteOffset: Int64 = 0
     /// One past the highest cluster index ever in use (file end, in clusters).
     var endCluster: Int64
+    /// Reference drops that could not be applied when the host file refused a write; retried
+    /// at the next flush (`Qcow2+DeferredFree.swift`).
+    var pendingFrees: [PendingFree] = []
     /// Guest clusters whose allocation is under way.
     var inflight: [InflightAllocation] = []
     /// The last decompressed cluster (L2 entry → data).
@@ -207,6 +210,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public func flush() async throws {
         if isReadOnly { return }
         try await metaLock.withLock {
+            try await retryPendingFrees()
             try await l2Cache.flush()
             try await refcountCache.flush()
         }
