@@ -68,6 +68,8 @@ public final class Job: @unchecked Sendable {
     var queuedEvents: [JobEvent] = []
     let emitLock = PosixMutex()
     var statusWaiters: [(when: @Sendable (JobStatus) -> Bool, wake: UnsafeContinuation<JobStatus, Never>)] = []
+    /// Waiters whose status came, woken by ``flushEvents()`` after the events.
+    var queuedWakes: [(UnsafeContinuation<JobStatus, Never>, JobStatus)] = []
 
     init(options: JobOptions, driver: any JobDriver, emit: @escaping @Sendable (JobEvent) -> Void,
          onDismiss: @escaping @Sendable (Job) -> Void) {
@@ -113,7 +115,11 @@ public final class Job: @unchecked Sendable {
                 statusWaiters.append((predicate, c))
                 return nil
             }
-            if let now { c.resume(returning: now) }
+            if let now {
+                // The transition's events may still be queued: deliver them first.
+                flushEvents()
+                c.resume(returning: now)
+            }
         }
     }
 
@@ -254,9 +260,10 @@ public final class Job: @unchecked Sendable {
             d["status"] = .string(to.rawValue)
             queuedEvents.append(JobEvent(name: "JOB_STATUS_CHANGE", data: d))
         }
-        let ready = statusWaiters.filter { $0.when(to) }
+        // Waiters wake after the events are delivered (``flushEvents()``), so that one
+        // who saw the status also sees its JOB_STATUS_CHANGE.
+        for w in statusWaiters where w.when(to) { queuedWakes.append((w.wake, to)) }
         statusWaiters.removeAll { $0.when(to) }
-        for w in ready { w.wake.resume(returning: to) }
     }
 
     /// Runs `body` under the state lock, then delivers the events it queued (so that an
@@ -268,17 +275,19 @@ public final class Job: @unchecked Sendable {
         return r
     }
 
-    /// Delivers queued events in order.
+    /// Delivers queued events in order, then wakes the status waiters they concern.
     func flushEvents() {
         emitLock.withLock {
             while true {
-                let batch: [JobEvent] = lock.withLock {
-                    let b = queuedEvents
+                let (batch, wakes) = lock.withLock {
+                    let b = (queuedEvents, queuedWakes)
                     queuedEvents = []
+                    queuedWakes = []
                     return b
                 }
-                if batch.isEmpty { return }
+                if batch.isEmpty && wakes.isEmpty { return }
                 for e in batch { emit(e) }
+                for (c, status) in wakes { c.resume(returning: status) }
             }
         }
     }
