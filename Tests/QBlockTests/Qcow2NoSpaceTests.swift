@@ -89,7 +89,7 @@ struct Qcow2NoSpaceTests {
         let env = ProcessInfo.processInfo.environment["QBLOCK_NOSPACE_SEED"].flatMap { UInt64($0) }
         let seed = env ?? UInt64.random(in: 1_000...UInt64(1) << 40)
         if env != nil && i > 0 { return }
-        var r = Rng(seed)
+        var r = SplitMix(seed: seed)
         let sizes = [512, 4096, 65536]
         let cs = sizes[Int(r.next() % 3)]
         let c = Case(seed: seed, clusterSize: cs, refcountBits: cs == 512 && r.next() % 2 == 0 ? 64 : 16,
@@ -128,7 +128,7 @@ struct Qcow2NoSpaceTests {
         // Removed before the descriptor closes (numbers are reused by other tests' files).
         defer { Syscalls.setFaultHook(fd: fd, nil) }
 
-        var rng = Rng(c.seed)
+        var rng = SplitMix(seed: c.seed)
         var round = 0
         // 1. Healthy rounds, then a flush everything must survive. (One when requests are
         // large, so that the refcount table still has to grow once writes fail.)
@@ -216,7 +216,7 @@ struct Qcow2NoSpaceTests {
     enum OpKind { case write, compressed, zero }
 
     /// One round of concurrent, non-overlapping requests. Returns the errors of the failed ones.
-    static func runRound(_ q: Qcow2Node, _ model: inout Model, _ rng: inout Rng, round: Int, _ c: Case) async throws -> [Error] {
+    static func runRound(_ q: Qcow2Node, _ model: inout Model, _ rng: inout SplitMix, round: Int, _ c: Case) async throws -> [Error] {
         let cs = c.clusterSize
         var ops: [(kind: OpKind, offset: Int, data: [UInt8])] = []
         var taken: [Range<Int>] = []
@@ -461,19 +461,6 @@ struct Model {
     }
 }
 
-/// SplitMix64.
-struct Rng {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
-
 final class Counter: @unchecked Sendable {
     private let lock = NSLock()
     private var n = 0
@@ -486,7 +473,7 @@ final class Injector: @unchecked Sendable {
     let fault: Qcow2NoSpaceTests.Fault
     let err: Int32
     private let lock = NSLock()
-    private var rng: Rng
+    private var rng: SplitMix
     private var active = false
     private var skip = 0
     private var limit: Int64 = 0
@@ -495,7 +482,7 @@ final class Injector: @unchecked Sendable {
     init(fault: Qcow2NoSpaceTests.Fault, err: Int32, seed: UInt64) {
         self.fault = fault
         self.err = err
-        rng = Rng(seed ^ 0x5eed)
+        rng = SplitMix(seed: seed ^ 0x5eed)
     }
 
     func start(fileLength: Int64, clusterSize: Int) {
