@@ -6,7 +6,7 @@
 /// Copies are made a cluster at a time under a ``RangeLock``; writes through the filter
 /// take the same lock, so a copy never overwrites newer data, and a read of a cluster
 /// being copied waits for the copy.
-public final class CopyOnReadNode: BlockDriver, @unchecked Sendable {
+public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     public let driverName = "copy-on-read"
     /// The node reads copy into (the top of the chain).
     public let child: any BlockDriver
@@ -22,7 +22,7 @@ public final class CopyOnReadNode: BlockDriver, @unchecked Sendable {
     public init(child: any BlockDriver, bottom: (any BlockDriver)? = nil) {
         self.child = child
         self.bottom = bottom
-        granularity = Int64((child as? Qcow2Node)?.clusterSize ?? 65536)
+        granularity = Int64(child.formatClusterSize ?? 65536)
     }
 
     public var filename: String { child.filename }
@@ -30,6 +30,7 @@ public final class CopyOnReadNode: BlockDriver, @unchecked Sendable {
     public var isReadOnly: Bool { child.isReadOnly }
     public var requestAlignment: Int { child.requestAlignment }
     public var file: (any BlockDriver)? { child }
+    public var filteredChild: any BlockDriver { child }
     public var backing: (any BlockDriver)? { nil }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
@@ -50,9 +51,11 @@ public final class CopyOnReadNode: BlockDriver, @unchecked Sendable {
 
     /// Whether the run at `offset` comes from below the child but above `bottom`.
     func needsCopy(at offset: Int64, length: Int64) async throws -> (Bool, Int64) {
-        let st = try await child.blockStatus(at: offset, length: length)
-        if st.flags.contains(.allocated) || child.backing == nil { return (false, st.length) }
-        let above = try await ChainStatus.isAllocatedAbove(child.backing, base: bottom, at: offset, length: st.length)
+        // The image below any filters on the child holds the allocation and the backing link.
+        let image = child.skippingFilters
+        let st = try await image.blockStatus(at: offset, length: length)
+        if st.flags.contains(.allocated) || image.backing == nil { return (false, st.length) }
+        let above = try await ChainStatus.isAllocatedAbove(image.backing, base: bottom, at: offset, length: st.length)
         return (above.allocated, above.length)
     }
 

@@ -11,16 +11,18 @@ public enum MirrorCopyMode: String, Sendable, CaseIterable {
 /// the source is switched to it, so that it sees every write. Reads pass through.
 ///
 /// In background mode a completed write marks the dirty bitmap and wakes the job. In
-/// write-blocking mode the write is then also written to the target, holding its clusters
-/// in the ``RangeLock`` the job's copies take too, and the clusters it covers entirely are
-/// clean afterwards. Before a flush completes, new dirty bits reach the persistent bitmap
+/// write-blocking mode the write is then also written to the target as whole copy units
+/// (parts of a unit the write does not cover are read back from the source), holding those
+/// units in the ``RangeLock`` the job's copies take too; they are clean afterwards. Before a flush completes, new dirty bits reach the persistent bitmap
 /// file when there is one.
-public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
+public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     public let driverName = "mirror_top"
     /// The source node.
     public let source: any BlockDriver
     let target: any BlockDriver
     let bitmap: DirtyBitmap
+    /// Writes to the target cover whole units of this many bytes (the job's copy unit).
+    let align: Int64
     /// With a side file: the bits it persists — a superset of ``bitmap`` whose bits are
     /// cleared only once the target holds the copied data durably (by the job's persist step).
     let persistent: DirtyBitmap?
@@ -31,11 +33,12 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
     private var onDirty: (@Sendable () -> Void)?
     private var sideFile: BitmapSideFile?
 
-    init(source: any BlockDriver, target: any BlockDriver, bitmap: DirtyBitmap, persistent: DirtyBitmap?, ranges: RangeLock,
+    init(source: any BlockDriver, target: any BlockDriver, bitmap: DirtyBitmap, align: Int64, persistent: DirtyBitmap?, ranges: RangeLock,
          mode: MirrorCopyMode, sideFile: BitmapSideFile?, onDirty: @escaping @Sendable () -> Void) {
         self.source = source
         self.target = target
         self.bitmap = bitmap
+        self.align = align
         self.persistent = persistent
         self.ranges = ranges
         self.mode = mode
@@ -57,6 +60,7 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
     public var requestAlignment: Int { source.requestAlignment }
     public var file: (any BlockDriver)? { nil }
     public var backing: (any BlockDriver)? { source }
+    public var filteredChild: any BlockDriver { source }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await source.read(at: offset, into: buffer)
@@ -72,23 +76,33 @@ public final class MirrorTopNode: BlockDriver, @unchecked Sendable {
             wake?()
             return
         }
-        let g = bitmap.granularity
-        let start = offset / g * g
-        let end = (offset + length + g - 1) / g * g
+        // The write goes to the target as whole copy units: a part of a unit alone would
+        // make the target fill the rest of its cluster from its own backing file (not linked
+        // during the job, or holding older data than the source), hiding the source's data.
+        // So a unit the write covers only in part is read back from the source, which holds
+        // the new data and, under the range lock, nothing newer.
+        let start = offset / align * align
+        let end = min(self.length, (offset + length + align - 1) / align * align)
         try await ranges.withRange(start, end) {
             try await toSource()
             do {
-                try await toTarget()
+                if start == offset && end == offset + length {
+                    try await toTarget()
+                } else {
+                    let buf = AlignedBuffer(count: Int(end - start))
+                    try await buf.withUnsafeMutableBytes { b in
+                        try await source.read(at: start, into: b)
+                        try await target.write(at: start, from: UnsafeRawBufferPointer(b), flags: [])
+                    }
+                }
             } catch {
                 // The target missed it: copy it later.
                 markDirty(offset, length)
                 wake?()
                 return
             }
-            // Whole clusters covered by the write now match on both sides.
-            let fullStart = (offset + g - 1) / g * g
-            let fullEnd = min((offset + length) / g * g, self.length)
-            if fullEnd > fullStart { bitmap.reset(offset: fullStart, length: fullEnd - fullStart) }
+            // Every unit the write touched now matches on both sides.
+            bitmap.reset(offset: start, length: end - start)
         }
     }
 

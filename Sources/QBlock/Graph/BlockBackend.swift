@@ -7,7 +7,7 @@
 /// at that moment. ``drainBegin()`` holds new requests at the door and returns once the
 /// ones in flight have finished; ``replaceNode(_:)`` may then switch the node, and
 /// ``drainEnd()`` lets the held requests go on to the new node. Drained sections nest.
-public final class BlockBackend: BlockDriver, @unchecked Sendable {
+public final class BlockBackend: BlockFilter, @unchecked Sendable {
     /// The device or export name ("" for an anonymous user such as a job).
     public let name: String
     private let lock = PosixMutex()
@@ -24,6 +24,8 @@ public final class BlockBackend: BlockDriver, @unchecked Sendable {
 
     /// The node requests go to now.
     public var node: BlockNode { lock.withLock { current } }
+    /// A backend holds no content: status questions go to its current node.
+    public var filteredChild: any BlockDriver { node }
     /// Requests in flight (for tests and query commands).
     public var requestsInFlight: Int { lock.withLock { inFlight } }
 

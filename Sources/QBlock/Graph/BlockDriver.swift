@@ -115,3 +115,56 @@ extension BlockDriver {
         try await buf.withUnsafeBytes { try await self.write(at: offset, from: $0, flags: flags) }
     }
 }
+
+/// A node that forwards I/O to one child and adds behaviour but no content of its own
+/// (QEMU's filter drivers: `copy-on-read`, the mirror's `mirror_top`, later throttle and
+/// copy-before-write). Questions about what a disk holds — allocation, the backing chain,
+/// block status walks — look through a filter to its child (QEMU's `bdrv_skip_filters`);
+/// reads and writes still go through the filter, which is where its behaviour lives.
+public protocol BlockFilter: BlockDriver {
+    /// The node this filter forwards to.
+    var filteredChild: any BlockDriver { get }
+}
+
+/// A format whose allocation unit matters to writers above it: a write smaller than one
+/// unit makes the format copy the rest of the unit from its backing file.
+public protocol ClusteredFormat: BlockDriver {
+    /// Bytes per allocation unit (a qcow2 cluster).
+    var clusterSize: Int { get }
+}
+
+extension BlockDriver {
+    /// The filter's child when this node (below any graph wrapper) is a filter, else nil.
+    public var filterChild: (any BlockDriver)? {
+        (innermostDriver as? any BlockFilter)?.filteredChild
+    }
+
+    /// This node with every filter above real content skipped (QEMU's `bdrv_skip_filters`).
+    public var skippingFilters: any BlockDriver {
+        var d: any BlockDriver = self
+        while let c = d.filterChild { d = c }
+        return d
+    }
+
+    /// The allocation unit of the format below any filters and graph wrappers, if it has one.
+    public var formatClusterSize: Int? {
+        (skippingFilters.innermostDriver as? any ClusteredFormat)?.clusterSize
+    }
+
+    /// Whether two references name the same node, looking through filters and graph wrappers.
+    public func isSameNode(as other: (any BlockDriver)?) -> Bool {
+        guard let other else { return false }
+        if self === other { return true }
+        return skippingFilters.innermostDriver === other.skippingFilters.innermostDriver
+    }
+}
+
+/// A format with a backing file whose link can be changed while open (qcow2): live
+/// snapshots, stream, commit and mirror pivots re-link the chain.
+public protocol BackingLinked: BlockDriver {
+    /// The backing file name recorded in the image, if any (it may not be open).
+    var backingFileName: String? { get }
+    /// Replaces the node reads fall through to for unallocated data. Call only while no
+    /// request is in flight on this node (inside a drained section).
+    func setBackingNode(_ node: (any BlockDriver)?)
+}

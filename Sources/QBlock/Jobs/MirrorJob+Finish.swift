@@ -48,10 +48,14 @@ extension MirrorJob {
             t3 = QMPTrace.now()
             (filter.driver as? MirrorTopNode)?.detachJob()
             if pivot {
-                // A target of sync=top/none (or an active commit's base) keeps the source's backing chain.
-                if options.sync != .full, options.commitBase == nil, let q = targetNode.innermostDriver as? Qcow2Node,
-                   q.backing == nil, q.backingFileName != nil {
-                    q.setBackingNode(sourceNode.backing)
+                // drive-mirror's sync=top/none target continues into the source's chain:
+                // its backing becomes the source's backing node (top) or the source (none).
+                if options.commitBase == nil, let b = options.targetBacking {
+                    guard let linked = targetNode.skippingFilters.innermostDriver as? any BackingLinked else {
+                        throw BlockError(.unsupported, "Target '\(targetNode.nodeName)' (\(targetNode.driverName)) cannot take a backing file",
+                                         operation: "mirror")
+                    }
+                    if !(linked.backing?.isSameNode(as: b) ?? false) { linked.setBackingNode(b) }
                 }
                 if graph.node(named: targetNode.nodeName) == nil { try? graph.add(targetNode) }
                 graph.replace(filter, with: targetNode)

@@ -26,10 +26,16 @@ public struct MirrorOptions: Sendable {
     /// A persistent dirty bitmap in a side file (extension argument `x-bitmap-file`): a
     /// mirror killed with the process can be finished offline from it.
     public var bitmapFile: String?
+    /// The node the target is linked to as its backing file when the job pivots: for
+    /// `drive-mirror`, the source's backing node (sync=top) or the source itself
+    /// (sync=none). Nil leaves the target's backing link as it is (`blockdev-mirror`, and
+    /// sync=full).
+    public var targetBacking: (any BlockDriver)?
 
     public init(sync: MirrorSync = .full, copyMode: MirrorCopyMode = .background, granularity: Int64? = nil,
                 bufSize: Int64 = 16 << 20, onSourceError: BlockdevOnError = .report, onTargetError: BlockdevOnError = .report,
-                targetIsZeroed: Bool = false, commitBase: (any BlockDriver)? = nil, bitmapFile: String? = nil) {
+                targetIsZeroed: Bool = false, commitBase: (any BlockDriver)? = nil, bitmapFile: String? = nil,
+                targetBacking: (any BlockDriver)? = nil) {
         self.sync = sync
         self.copyMode = copyMode
         self.granularity = granularity
@@ -39,6 +45,7 @@ public struct MirrorOptions: Sendable {
         self.targetIsZeroed = targetIsZeroed
         self.commitBase = commitBase
         self.bitmapFile = bitmapFile
+        self.targetBacking = targetBacking
     }
 }
 
@@ -59,6 +66,11 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
     /// The job's dirty bitmap (granularity-sized bits over the source).
     public let bitmap: DirtyBitmap
     let ranges = RangeLock()
+    /// Every write to the target covers whole units of this many bytes (a multiple of the
+    /// granularity): the granularity, or the target's cluster size when that is larger, so
+    /// the target never fills the rest of a cluster from a backing file that may not be
+    /// linked yet or may not match the source there. The bytes come from the source.
+    let copyAlign: Int64
     /// Bytes per copy request.
     let chunk: Int64
     let maxInFlight: Int
@@ -87,11 +99,18 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
         if let g = options.granularity, options.bufSize < g {
             throw BlockError(.invalidArgument, "Parameter 'buf-size' must be greater than or equal to the granularity", operation: "mirror")
         }
-        let cluster = Int64((target.innermostDriver as? Qcow2Node)?.clusterSize ?? 65536)
-        granularity = options.granularity ?? min(65536, max(4096, cluster))
+        let cluster = target.formatClusterSize.map(Int64.init)
+        granularity = options.granularity ?? min(65536, max(4096, cluster ?? 65536))
         bitmap = try DirtyBitmap(name: "", size: source.length, granularity: granularity)
-        chunk = max(granularity, min(1 << 20, options.bufSize) / granularity * granularity)
+        // Both are powers of two, so the larger is a multiple of the smaller.
+        copyAlign = max(granularity, cluster ?? granularity)
+        chunk = max(copyAlign, min(1 << 20, options.bufSize) / copyAlign * copyAlign)
         maxInFlight = max(1, Int(options.bufSize / chunk))
+        if options.targetBacking != nil, options.commitBase == nil,
+           !(target.skippingFilters.innermostDriver is any BackingLinked) {
+            throw BlockError(.unsupported, "Target '\(target.nodeName)' (\(target.driverName)) cannot take a backing file",
+                             operation: "mirror")
+        }
         sourceNode = source
         targetNode = target
         self.graph = graph
@@ -147,7 +166,7 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
     /// Puts the filter above the source for every user.
     func insertFilter(_ job: Job) async throws {
         let side = lock.withLock { sideFile }
-        let top = MirrorTopNode(source: sourceNode, target: targetNode, bitmap: bitmap,
+        let top = MirrorTopNode(source: sourceNode, target: targetNode, bitmap: bitmap, align: copyAlign,
                                 persistent: lock.withLock { persistentBitmap }, ranges: ranges,
                                 mode: options.copyMode, sideFile: side, onDirty: { [weak job] in job?.wake() })
         let node = BlockNode(nodeName: graph.generateNodeName(), driver: top)
@@ -209,10 +228,14 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
         }
     }
 
-    /// The first dirty area at or after `offset`, at most one request long.
+    /// The first dirty area at or after `offset`, widened to whole copy units and at most
+    /// one request long.
     func nextDirty(from offset: Int64) -> (offset: Int64, length: Int64)? {
         guard let a = bitmap.nextDirtyArea(from: offset) else { return nil }
-        return (a.offset, min(a.length, chunk))
+        let start = a.offset / copyAlign * copyAlign
+        let wanted = a.offset + min(a.length, chunk)
+        let end = min(sourceNode.length, start + chunk, (wanted + copyAlign - 1) / copyAlign * copyAlign)
+        return (start, end - start)
     }
 
     /// Copies one dirty area (its bits already reset) from the source to the target.

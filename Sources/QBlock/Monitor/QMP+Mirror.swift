@@ -21,27 +21,49 @@ extension QMPMonitor {
             if let nodeName, ctx.graph.node(named: nodeName) != nil {
                 throw QMPError.generic("Duplicate nodes with node-name='\(nodeName)'")
             }
-            let fmt = format ?? (mode == "existing" ? nil : source.innermostDriver.driverName)
+            let fmt = format ?? (mode == "existing" ? nil : source.skippingFilters.innermostDriver.driverName)
+            var options = common.options
+            // What the target continues into (QEMU's target_backing_bs): the source's
+            // backing node for sync=top (full when there is none), the source itself for
+            // sync=none, nothing for sync=full.
+            var targetBacking: (any BlockDriver)?
+            switch options.sync {
+            case .full: targetBacking = nil
+            case .top:
+                targetBacking = source.skippingFilters.backing
+                if targetBacking == nil { options.sync = .full }
+            case .none: targetBacking = source
+            }
             var zeroed = false
             if mode == "absolute-paths" {
-                var backingName: String?
-                var backingFormat: String?
-                if common.options.sync != .full, let b = source.backing {
-                    backingName = b.innermostDriver.filename
-                    backingFormat = b.innermostDriver.driverName
-                }
+                let backing = targetBacking?.skippingFilters.innermostDriver
                 do {
                     try await ImageCreator.create(format: fmt ?? "qcow2", path: target, size: source.length,
-                                                  backingFile: backingName, backingFormat: backingFormat)
+                                                  backingFile: backing?.filename, backingFormat: backing?.driverName)
                 } catch let e as BlockError { throw QMPError.generic(e.message) }
-                zeroed = common.options.sync == .full
+                zeroed = options.sync == .full
             }
             let driver: any BlockDriver
             do {
                 driver = try await ImageOpener.open(target, options: OpenOptions(format: fmt, readOnly: false, openBacking: false))
             } catch let e as BlockError { throw QMPError.generic(e.message) }
+            if mode == "existing", let wanted = targetBacking {
+                // QEMU opens the existing target's own backing file at the pivot. Ours links
+                // the node of the source's chain that is that file; another file would be a
+                // second, unsynchronized opening of an image in use, so it is refused.
+                let recorded = (driver as? any BackingLinked)?.backingFileName
+                targetBacking = recorded.flatMap { name in
+                    Self.chainNode(of: source, matching: ImageOpener.resolveBackingPath(name, relativeTo: target))
+                }
+                if recorded != nil && targetBacking == nil {
+                    try? await driver.close()
+                    throw QMPError.generic("The backing file of '\(target)' is not an image of the source's backing chain")
+                }
+                if recorded == nil { targetBacking = nil }
+                _ = wanted
+            }
+            options.targetBacking = targetBacking
             let tnode = BlockNode(nodeName: nodeName ?? ctx.graph.generateNodeName(), driver: driver)
-            var options = common.options
             options.targetIsZeroed = zeroed
             do {
                 try ctx.graph.add(tnode)
@@ -74,6 +96,22 @@ extension QMPMonitor {
             }
             return CopyOnReadNode(child: child, bottom: bottom)
         }
+    }
+
+    /// The node of `source`'s backing chain (the source included) whose image file is `path`.
+    static func chainNode(of source: BlockNode, matching path: String) -> (any BlockDriver)? {
+        func canonical(_ p: String) -> String {
+            guard let r = realpath(p, nil) else { return p }
+            defer { free(r) }
+            return String(cString: r)
+        }
+        let want = canonical(path)
+        var cur: (any BlockDriver)? = source
+        while let c = cur {
+            if canonical(c.skippingFilters.innermostDriver.filename) == want { return c }
+            cur = c.skippingFilters.backing
+        }
+        return nil
     }
 
     func startMirror(source: BlockNode, target: BlockNode, options: MirrorOptions, job: JobOptions) throws {

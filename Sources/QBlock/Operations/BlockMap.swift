@@ -63,7 +63,8 @@ public enum BlockMap {
     public static func status(of node: any BlockDriver, at offset: Int64, length: Int64) async throws -> MapEntry {
         var bytes = length
         var depth: Int64 = 0
-        var cur: any BlockDriver = node
+        // A filter (copy-on-read, mirror_top) answers for the node it filters.
+        var cur: any BlockDriver = node.skippingFilters
         while true {
             let nodeLength = qemuLength(cur)
             var s: BlockStatus
@@ -92,7 +93,7 @@ public enum BlockMap {
                     if offset >= qemuLength(below) {
                         flags.insert(.zero)
                     } else {
-                        cur = below
+                        cur = below.skippingFilters
                         depth += 1
                         continue
                     }

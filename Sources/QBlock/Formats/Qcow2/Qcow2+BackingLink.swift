@@ -10,3 +10,5 @@ extension Qcow2Node {
         backingNode = node
     }
 }
+
+extension Qcow2Node: ClusteredFormat, BackingLinked {}
