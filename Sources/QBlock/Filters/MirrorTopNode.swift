@@ -21,8 +21,11 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     public let source: any BlockDriver
     let target: any BlockDriver
     let bitmap: DirtyBitmap
-    /// Writes to the target cover whole units of this many bytes (the job's copy unit).
+    /// The job's copy unit (a multiple of the bitmap's granularity).
     let align: Int64
+    /// Whether writes to the target must cover whole units: the target has clusters, and
+    /// would fill the rest of one from its backing file.
+    let wholeUnits: Bool
     /// With a side file: the bits it persists — a superset of ``bitmap`` whose bits are
     /// cleared only once the target holds the copied data durably (by the job's persist step).
     let persistent: DirtyBitmap?
@@ -39,6 +42,7 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
         self.target = target
         self.bitmap = bitmap
         self.align = align
+        wholeUnits = target.formatClusterSize != nil
         self.persistent = persistent
         self.ranges = ranges
         self.mode = mode
@@ -81,12 +85,13 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
         // during the job, or holding older data than the source), hiding the source's data.
         // So a unit the write covers only in part is read back from the source, which holds
         // the new data and, under the range lock, nothing newer.
+        // A target without clusters (raw, NBD) takes the write as it is: nothing is filled in.
         let start = offset / align * align
         let end = min(self.length, (offset + length + align - 1) / align * align)
         try await ranges.withRange(start, end) {
             try await toSource()
             do {
-                if start == offset && end == offset + length {
+                if !wholeUnits || (start == offset && end == offset + length) {
                     try await toTarget()
                 } else {
                     let buf = AlignedBuffer(count: Int(end - start))
@@ -101,8 +106,15 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
                 wake?()
                 return
             }
-            // Every unit the write touched now matches on both sides.
-            bitmap.reset(offset: start, length: end - start)
+            // Every unit the write touched now matches on both sides (for a target that
+            // took the write as it is, the units the write covers entirely).
+            if wholeUnits {
+                bitmap.reset(offset: start, length: end - start)
+            } else {
+                let fullStart = (offset + align - 1) / align * align
+                let fullEnd = (offset + length) == self.length ? self.length : (offset + length) / align * align
+                if fullEnd > fullStart { bitmap.reset(offset: fullStart, length: fullEnd - fullStart) }
+            }
         }
     }
 
