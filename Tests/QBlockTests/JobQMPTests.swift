@@ -58,7 +58,8 @@ import TestSupport
     /// (tests/python/jobs/live_regressions.py): the copy-on-read filter under a read-only
     /// export, drive-mirror's target chain for sync=none/top, and write-blocking mirrors
     /// with sub-cluster writes (QEMU 7.2 zero-fills those; ours must not).
-    @Test(arguments: ["cor", "mirror-none", "mirror-top", "blocking-top", "blocking-none"])
+    @Test(arguments: ["cor", "mirror-none", "mirror-top", "blocking-top", "blocking-none", "granularity-top",
+                      "granularity-blocking-none", "existing-top", "existing-none"])
     func liveRegression(_ name: String) async throws {
         guard Self.ready else { print("qemu tools, nbd or python qemu.qmp missing: QMP job test skipped"); return }
         let d = TempDir("qmp-regression")
@@ -72,7 +73,9 @@ import TestSupport
     }
 
     /// The same cases against qemu-storage-daemon, where QEMU is right (the write-blocking
-    /// ones are a QEMU 7.2 bug): the script's model is QEMU's behaviour, not only ours.
+    /// ones are a QEMU 7.2 bug, and so are the granularity/existing cases: qsd 7.2 aborts on
+    /// granularity-top, zero-fills existing-top and fails existing-none with "Invalid
+    /// argument"): the script's model is QEMU's behaviour, not only ours.
     @Test(arguments: ["cor", "mirror-none", "mirror-top"])
     func liveRegressionAgainstQemu(_ name: String) async throws {
         guard Self.ready, let qsd = Tools.which("qemu-storage-daemon") else {

@@ -11,7 +11,9 @@ CASE is one of:
                   itself, so after the pivot target -> source -> base holds every byte;
   mirror-top      drive-mirror sync=top: target -> base after the pivot;
   blocking-top    copy-mode write-blocking with sync=top and small unaligned writes;
-  blocking-none   the same with sync=none.
+  blocking-none   the same with sync=none;
+  granularity-*   a granularity below the target's cluster size;
+  existing-*      mode=existing onto a target the user made with the right backing file.
 
 Every case compares the bytes a client reads (and, after the daemon quit, what the image
 files hold through their recorded backing chains) with a model kept in Python, and checks
@@ -181,14 +183,21 @@ async def case_cor(s, d, rng):
     return model, {"src.qcow2": f"{d}/base.qcow2"}, ["src.qcow2"]
 
 
-async def mirror_case(s, d, rng, sync, copy_mode, writes):
+async def mirror_case(s, d, rng, sync, copy_mode, writes, existing=None, extra=None):
+    """existing: qemu-img create options for a target made before the job (mode=existing)."""
     model = Model(SIZE)
     make_chain(d, [(0, 16 * MiB, 0x11)], [(4 * MiB, 4 * MiB, 0x22), (12 * MiB, 512 * 1024, 0x23)], model)
     await s.x("blockdev-add", {"driver": "qcow2", "node-name": "src",
                                "file": {"driver": "file", "filename": f"{d}/src.qcow2"}})
     uri = await s.export("src", "src", writable=True)
+    mode = "absolute-paths"
+    if existing is not None:
+        mode = "existing"
+        backing = {"full": [], "top": ["-b", f"{d}/base.qcow2"], "none": ["-b", f"{d}/src.qcow2"]}[sync]
+        sh("qemu-img", "create", "-q", "-f", "qcow2", *existing, *backing, *(["-F", "qcow2"] if backing else []),
+           f"{d}/tgt.qcow2", str(SIZE))
     await s.x("drive-mirror", {"job-id": "m0", "device": "src", "target": f"{d}/tgt.qcow2", "format": "qcow2",
-                               "sync": sync, "mode": "absolute-paths", "copy-mode": copy_mode})
+                               "sync": sync, "mode": mode, "copy-mode": copy_mode, **(extra or {})})
     cmds = []
     for _ in range(writes):
         # Small writes, most of them not cluster aligned, over data of the top image, of the
@@ -223,6 +232,18 @@ CASES = {
     "mirror-top": lambda s, d, r: mirror_case(s, d, r, "top", "background", 40),
     "blocking-top": lambda s, d, r: mirror_case(s, d, r, "top", "write-blocking", 200),
     "blocking-none": lambda s, d, r: mirror_case(s, d, r, "none", "write-blocking", 200),
+    # A granularity below the target's cluster size: copies must not leave a cluster half
+    # filled from a backing file that is not linked during the job.
+    "granularity-top": lambda s, d, r: mirror_case(s, d, r, "top", "background", 80,
+                                                   extra={"granularity": 4096, "buf-size": 65536}),
+    "granularity-blocking-none": lambda s, d, r: mirror_case(s, d, r, "none", "write-blocking", 80,
+                                                             extra={"granularity": 8192}),
+    # mode=existing: the target was made by the user with the right backing file and a
+    # cluster size of 1 MiB (above the default granularity).
+    "existing-top": lambda s, d, r: mirror_case(s, d, r, "top", "write-blocking", 80,
+                                                existing=["-o", "cluster_size=1M"]),
+    "existing-none": lambda s, d, r: mirror_case(s, d, r, "none", "background", 80,
+                                                 existing=["-o", "cluster_size=1M"]),
 }
 
 
