@@ -31,6 +31,12 @@ public struct MirrorOptions: Sendable {
     /// (sync=none). Nil leaves the target's backing link as it is (`blockdev-mirror`, and
     /// sync=full).
     public var targetBacking: (any BlockDriver)?
+    /// The node name of the filter the job inserts above the source (`filter-node-name`);
+    /// nil: a generated one.
+    public var filterNodeName: String?
+    /// Whether areas that read as zeros may be deallocated on the target rather than
+    /// written as zeros (`unmap`, default true); both read back as zeros.
+    public var unmap: Bool = true
 
     public init(sync: MirrorSync = .full, copyMode: MirrorCopyMode = .background, granularity: Int64? = nil,
                 bufSize: Int64 = 16 << 20, onSourceError: BlockdevOnError = .report, onTargetError: BlockdevOnError = .report,
@@ -169,7 +175,7 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
         let top = MirrorTopNode(source: sourceNode, target: targetNode, bitmap: bitmap, align: copyAlign,
                                 persistent: lock.withLock { persistentBitmap }, ranges: ranges,
                                 mode: options.copyMode, sideFile: side, onDirty: { [weak job] in job?.wake() })
-        let node = BlockNode(nodeName: graph.generateNodeName(), driver: top)
+        let node = BlockNode(nodeName: options.filterNodeName ?? graph.generateNodeName(), driver: top)
         try await graph.drained {
             try graph.add(node)
             graph.replace(sourceNode, with: node)
@@ -249,7 +255,8 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
                     try await sourceNode.read(at: area.offset, into: b)
                     isRead = false
                     if b.allSatisfy({ $0 == 0 }) {
-                        try await targetNode.writeZeroes(at: area.offset, length: area.length, flags: [])
+                        try await targetNode.writeZeroes(at: area.offset, length: area.length,
+                                                         flags: options.unmap ? [.mayUnmap] : [])
                     } else {
                         try await targetNode.write(at: area.offset, from: UnsafeRawBufferPointer(b), flags: [])
                     }

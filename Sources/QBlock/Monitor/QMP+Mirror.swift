@@ -13,11 +13,15 @@ extension QMPMonitor {
             let target = try args.string("target")
             let format = try args.optionalString("format")
             let nodeName = try args.optionalString("node-name")
-            _ = try args.optionalString("replaces")
+            let replaces = try args.optionalString("replaces")
             let common = try QMPMirrorArgs(args, device: device)
             let mode = try args.optionalEnum("mode", ["existing", "absolute-paths"]) ?? "absolute-paths"
             try args.done()
             let source = try QMPJobs.node(ctx.graph, device)
+            if replaces != nil && nodeName == nil {
+                throw QMPError.generic("a node-name must be provided when replacing a named node of the graph")
+            }
+            try Self.checkReplaces(replaces, source: source, graph: ctx.graph)
             if let nodeName, ctx.graph.node(named: nodeName) != nil {
                 throw QMPError.generic("Duplicate nodes with node-name='\(nodeName)'")
             }
@@ -78,11 +82,16 @@ extension QMPMonitor {
         register("blockdev-mirror") { args, ctx in
             let device = try args.string("device")
             let target = try args.string("target")
-            _ = try args.optionalString("replaces")
-            _ = try args.optionalString("filter-node-name")
-            let common = try QMPMirrorArgs(args, device: device)
+            let replaces = try args.optionalString("replaces")
+            let filterName = try args.optionalString("filter-node-name")
+            var common = try QMPMirrorArgs(args, device: device)
             try args.done()
             let source = try QMPJobs.node(ctx.graph, device)
+            try Self.checkReplaces(replaces, source: source, graph: ctx.graph)
+            if let filterName {
+                if ctx.graph.node(named: filterName) != nil { throw QMPError.generic("Duplicate nodes with node-name='\(filterName)'") }
+                common.options.filterNodeName = filterName
+            }
             let tnode = try QMPJobs.node(ctx.graph, target)
             if tnode === source { throw QMPError.generic("Can't mirror node into itself") }
             try ctx.monitor.startMirror(source: source, target: tnode, options: common.options, job: common.job)
@@ -95,6 +104,19 @@ extension QMPMonitor {
                 return n
             }
             return CopyOnReadNode(child: child, bottom: bottom)
+        }
+    }
+
+    /// `replaces`: the node the target takes the place of at the pivot. Only the source
+    /// itself can be replaced here (QEMU's other case, a quorum child, has no quorum driver
+    /// to come from); anything else is refused rather than ignored.
+    static func checkReplaces(_ replaces: String?, source: BlockNode, graph: BlockGraph) throws {
+        guard let replaces else { return }
+        guard let node = graph.node(named: replaces) else {
+            throw QMPError.generic("Cannot find device='' nor node-name='\(replaces)'")
+        }
+        guard node.isSameNode(as: source) else {
+            throw QMPError.generic("Replacing node '\(replaces)' is not supported: only the mirror's source can be replaced")
         }
     }
 
@@ -144,7 +166,7 @@ struct QMPMirrorArgs {
         }
         options.onSourceError = try QMPJobs.onError(args, "on-source-error")
         options.onTargetError = try QMPJobs.onError(args, "on-target-error")
-        _ = try args.optionalBool("unmap")
+        options.unmap = try args.optionalBool("unmap") ?? true
         if let m = try args.optionalEnum("copy-mode", MirrorCopyMode.allCases.map(\.rawValue)) {
             options.copyMode = MirrorCopyMode(rawValue: m) ?? .background
         }
