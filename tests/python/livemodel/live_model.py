@@ -338,7 +338,10 @@ def gen_step(rng, size):
     if r < 0.70:
         return {"kind": "cor", "bottom": rng.random() if rng.random() < 0.4 else None,
                 "reads": [[c[1], c[2]] for c in gen_burst(rng, size, nmax=6)]}
-    return {"kind": "mirror", "cmd": rng.choice(["drive", "blockdev"]), "sync": rng.choice(["full", "top", "none"]),
+    # blockdev-mirror keeps the target's backing as opened, and its source must stay a root
+    # node, so sync=none (whose target must be backed by the source) is a drive-mirror case.
+    cmd = rng.choice(["drive", "blockdev"])
+    return {"kind": "mirror", "cmd": cmd, "sync": rng.choice(["full", "top", "none"] if cmd == "drive" else ["full", "top"]),
             "copy_mode": rng.choice(["background", "write-blocking"]), "mode": rng.choice(["absolute-paths", "existing"]),
             "granularity": (g := rng.choice(GRANULARITIES)), "buf_size": (b if (b := rng.choice(BUF_SIZES)) is None or b >= (g or 0) else None), "cluster": rng.choice(CLUSTERS),
             "end": rng.choice(["complete", "complete", "cancel", "force"]), "speed": rng.random() < 0.4,
@@ -974,7 +977,11 @@ class Run:
         else:
             tgt.cluster = 65536
         if st["cmd"] == "blockdev":
-            await self.x("blockdev-add", self.overlay_args(tgt))
+            # blockdev-mirror leaves the target's backing as the user opened it: open it with the
+            # backing the result must have (the source's backing for top, the source for none).
+            targs = self.overlay_args(tgt)
+            targs["backing"] = header_backing.node if header_backing else None
+            await self.x("blockdev-add", targs)
             tgt.owned = True
             args["target"] = tgt.node
             await self.x("blockdev-mirror", args)
