@@ -40,7 +40,7 @@ import TestSupport
     }
 
     /// Runs the script once; prints its output when it fails (the reproducer is in it).
-    static func runScript(_ kind: String, seed: Int, steps: String = steps, shrinkSeconds: Int = 60) throws -> RunResult {
+    static func runScript(_ kind: String, seed: Int, steps: String = steps, shrinkSeconds: Int = 20) throws -> RunResult {
         let d = TempDir("livemodel")
         var args = [script, kind, d.path, "--seed", String(seed), "--steps", steps, "--quiet",
                     "--daemon-cmd", Tools.executable("nbd")!, "--shrink-seconds", String(shrinkSeconds)]
