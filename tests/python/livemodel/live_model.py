@@ -93,7 +93,7 @@ class NBDClient:
     CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
     FLAG_FUA, FLAG_NO_HOLE = 1, 2
 
-    def __init__(self, path, name):
+    def __init__(self, path, name, structured=True):
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.s.settimeout(NBD_TIMEOUT)
         self.s.connect(path)
@@ -102,6 +102,13 @@ class NBDClient:
         if magic != 0x4E42444D41474943 or opt_magic != 0x49484156454F5054:
             raise Failure("nbd-error", "bad NBD greeting")
         self.s.sendall(struct.pack(">I", 3 if hflags & 2 else 1))   # FIXED_NEWSTYLE | NO_ZEROES
+        # Structured replies, as QEMU's client asks: reads may then come back as data and hole chunks.
+        self.structured = False
+        if structured:
+            self.s.sendall(struct.pack(">QII", 0x49484156454F5054, 8, 0))   # NBD_OPT_STRUCTURED_REPLY
+            rmagic, _opt, rtype, rlen = struct.unpack(">QIII", self._recv(20))
+            self._recv(rlen)
+            self.structured = rtype == 1
         n = name.encode()
         data = struct.pack(">I", len(n)) + n + struct.pack(">H", 0)
         self.s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(data)) + data)  # NBD_OPT_GO
@@ -133,24 +140,47 @@ class NBDClient:
         return self.handle
 
     def _reply(self, expect_len_by_handle):
-        magic, err, handle = struct.unpack(">IIQ", self._recv(16))
-        if magic != 0x67446698:
+        magic = struct.unpack(">I", self._recv(4))[0]
+        if magic == 0x67446698:                       # simple reply
+            err, handle = struct.unpack(">IQ", self._recv(12))
+            n = expect_len_by_handle.get(handle, 0)
+            return handle, err, (self._recv(n) if err == 0 and n else b"")
+        if magic != 0x668E33EF:
             raise Failure("nbd-error", f"bad reply magic {magic:#x}")
-        data = b""
-        n = expect_len_by_handle.get(handle, 0)
-        if err == 0 and n:
-            data = self._recv(n)
-        return handle, err, data
+        # Structured: chunks until one with the DONE flag; a read is assembled from data and holes.
+        handle, err, buf = None, 0, None
+        while True:
+            if magic != 0x668E33EF:
+                raise Failure("nbd-error", f"bad structured reply magic {magic:#x}")
+            flags, rtype, handle, length = struct.unpack(">HHQI", self._recv(16))
+            payload = self._recv(length)
+            n = expect_len_by_handle.get(handle, 0)
+            if buf is None:
+                buf = bytearray(n)
+                base = self.read_offsets.get(handle, 0)
+            if rtype == 1:                             # OFFSET_DATA
+                off = struct.unpack(">Q", payload[:8])[0] - base
+                buf[off:off + length - 8] = payload[8:]
+            elif rtype == 2:                           # OFFSET_HOLE
+                off, hl = struct.unpack(">QI", payload[:12])
+                buf[off - base:off - base + hl] = bytes(hl)
+            elif rtype & 0x8000:                       # errors
+                err = struct.unpack(">I", payload[:4])[0] or 5
+            if flags & 1:
+                return handle, err, bytes(buf) if n else b""
+            magic = struct.unpack(">I", self._recv(4))[0]
 
     def run(self, ops):
         """Sends `ops` (tuples (cmd, off, len, flags, data)) all at once, then collects the replies.
         Returns {index: data} for reads; raises on any error."""
         handles, lens = {}, {}
+        self.read_offsets = {}
         for i, (cmd, off, length, flags, data) in enumerate(ops):
             h = self._send(cmd, off, length, flags, data)
             handles[h] = i
             if cmd == self.CMD_READ:
                 lens[h] = length
+                self.read_offsets[h] = off
         out = {}
         for _ in ops:
             h, err, data = self._reply(lens)
