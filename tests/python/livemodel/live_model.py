@@ -480,8 +480,15 @@ class Run:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise Failure("daemon", f"{argv[0]} did not start: {self.daemon_tail()}")
             await asyncio.sleep(0.01)
-        self.qmp = QMPClient(f"live-model-{self.kind}")
-        await asyncio.wait_for(self.qmp.connect(sock), 10)
+        for attempt in range(50):
+            self.qmp = QMPClient(f"live-model-{self.kind}")
+            try:
+                await asyncio.wait_for(self.qmp.connect(sock), 10)
+                break
+            except Exception as e:      # the socket file may exist a moment before it listens
+                if attempt == 49 or self.proc.poll() is not None:
+                    raise Failure("daemon", f"cannot connect to {sock}: {e!r} {self.daemon_tail()}")
+                await asyncio.sleep(0.05)
         self.collector = asyncio.create_task(self.collect())
 
     def daemon_tail(self):
@@ -1087,6 +1094,8 @@ class Run:
             return None
         except Failure as f:
             return (self.step_index, f)
+        except Exception as e:          # a harness-side surprise is still a failure of this run, not a crash
+            return (self.step_index, Failure("harness", f"{type(e).__name__}: {e}"))
         finally:
             await self.cleanup()
 
