@@ -4,7 +4,7 @@ SCRATCH      ?= .build
 SWIFT_FLAGS  ?= --scratch-path $(SCRATCH)
 APT_PACKAGES := zlib1g-dev libzstd-dev qemu-utils qemu-system-common libnbd-bin nbdkit fio
 
-.PHONY: all build release test demo bench clean deps
+.PHONY: all build release test demo bench clean deps soak
 
 all: build
 
@@ -38,6 +38,13 @@ test: deps
 	# --no-parallel: on 2 cores, suites that block on child processes (qemu-img, qemu-io) and
 	# CPU-heavy replay tests can starve the in-process NBD servers of the other suites.
 	$(SWIFT) test $(SWIFT_FLAGS) --skip-build --no-parallel
+
+# The randomized live-operations model test in its long mode: new seeds for SOAK_SECONDS
+# (default one hour) against nbd --qmp; every seed is printed, failures are shrunk.
+SOAK_SECONDS ?= 3600
+soak: deps
+	$(SWIFT) build $(SWIFT_FLAGS) --build-tests
+	QBLOCK_LIVEMODEL_SECONDS=$(SOAK_SECONDS) $(SWIFT) test $(SWIFT_FLAGS) --skip-build --filter 'LiveModelTests/soak'
 
 demo: release
 	BIN="$$($(SWIFT) build $(SWIFT_FLAGS) -c release --show-bin-path)" bash scripts/demo.sh
