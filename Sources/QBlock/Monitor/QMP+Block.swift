@@ -45,6 +45,37 @@ public final class QMPBlockState: @unchecked Sendable {
 
     func setAutoDelete(_ node: BlockNode) { lock.withLock { autoDelete.append(node) } }
 
+    /// Nodes a running job uses (counted): garbage collection leaves them alone, since the
+    /// graph does not see a job's references.
+    private var held: [ObjectIdentifier: Int] = [:]
+
+    /// Marks `nodes` as used by a job until ``release(_:)``.
+    func hold(_ nodes: [BlockNode]) {
+        lock.withLock { for n in nodes { held[ObjectIdentifier(n), default: 0] += 1 } }
+    }
+
+    /// Ends a ``hold(_:)``.
+    func release(_ nodes: [BlockNode]) {
+        lock.withLock {
+            for n in nodes {
+                let k = ObjectIdentifier(n)
+                if let c = held[k] { held[k] = c > 1 ? c - 1 : nil }
+            }
+        }
+    }
+
+    /// Holds `nodes` while `job` runs, then deletes the implicitly created nodes it left
+    /// unused (a cancelled drive-mirror's target, a pivoted mirror's old source that was a
+    /// snapshot overlay), which flushes and closes them, as QEMU drops its last reference.
+    func holdWhileRunning(_ job: Job, _ nodes: [BlockNode]) {
+        hold(nodes)
+        Task {
+            await job.waitConcluded()
+            self.release(nodes)
+            await self.collectGarbage()
+        }
+    }
+
     func markReadOnly(_ node: BlockNode) {
         lock.withLock {
             reportedReadOnly.insert(ObjectIdentifier(node))
@@ -58,7 +89,8 @@ public final class QMPBlockState: @unchecked Sendable {
     func collectGarbage() async {
         while true {
             let candidates = lock.withLock { autoDelete }
-            guard let victim = candidates.first(where: { graph.user(of: $0) == nil }) else { return }
+            let busy = lock.withLock { Set(held.keys) }
+            guard let victim = candidates.first(where: { graph.user(of: $0) == nil && !busy.contains(ObjectIdentifier($0)) }) else { return }
             lock.withLock { autoDelete.removeAll { $0 === victim } }
             try? await delete(victim)
         }
@@ -210,6 +242,12 @@ public final class QMPBlockState: @unchecked Sendable {
             }
             for n in free.isEmpty ? candidates : free { try? await delete(n) }
         }
+    }
+
+    /// Flushes every node still in the graph (at shutdown, after ``closeAll()``): a node
+    /// nobody owns any more must still not lose an acknowledged write.
+    public func flushRemaining() async {
+        for n in graph.nodes { try? await n.flush() }
     }
 }
 

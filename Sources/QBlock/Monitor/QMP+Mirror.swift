@@ -72,6 +72,8 @@ extension QMPMonitor {
             do {
                 try ctx.graph.add(tnode)
                 try ctx.monitor.startMirror(source: source, target: tnode, options: options, job: common.job)
+                // The target is the job's: unused once the job ends without a pivot, it is closed.
+                ctx.monitor.block.setAutoDelete(tnode)
             } catch {
                 ctx.graph.forget(tnode)
                 try? await driver.close()
@@ -140,7 +142,8 @@ extension QMPMonitor {
         let driver: MirrorJob
         do { driver = try MirrorJob(source: source, target: target, graph: graph, options: options) }
         catch let e as BlockError { throw QMPError.generic(e.message) }
-        _ = try jobs.startForQMP(driver, options: job)
+        let started = try jobs.startForQMP(driver, options: job)
+        block.holdWhileRunning(started, [source, target])
     }
 }
 

@@ -39,6 +39,7 @@ extension Nbd {
         await server.shutdown()
         await monitor.stopNBDServer()
         await monitor.block.closeAll()
+        await monitor.block.flushRemaining()
     }
 
     /// Opens the image as node `disk0` and exports it, with the monitor's commands.

@@ -114,6 +114,7 @@ struct VM: AsyncParsableCommand {
             opened = []
             await monitor.stopNBDServer()
             await monitor.block.closeAll()
+            await monitor.block.flushRemaining()
             return first
         }
         do {
