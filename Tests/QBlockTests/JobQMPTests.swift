@@ -59,7 +59,7 @@ import TestSupport
     /// export, drive-mirror's target chain for sync=none/top, and write-blocking mirrors
     /// with sub-cluster writes (QEMU 7.2 zero-fills those; ours must not).
     @Test(arguments: ["cor", "mirror-none", "mirror-top", "blocking-top", "blocking-none", "granularity-top",
-                      "granularity-blocking-none", "existing-top", "existing-none"])
+                      "granularity-blocking-none", "existing-top", "existing-none", "nbd-top", "nbd-full"])
     func liveRegression(_ name: String) async throws {
         guard Self.ready else { print("qemu tools, nbd or python qemu.qmp missing: QMP job test skipped"); return }
         let d = TempDir("qmp-regression")
@@ -76,7 +76,7 @@ import TestSupport
     /// ones are a QEMU 7.2 bug, and so are the granularity/existing cases: qsd 7.2 aborts on
     /// granularity-top, zero-fills existing-top and fails existing-none with "Invalid
     /// argument"): the script's model is QEMU's behaviour, not only ours.
-    @Test(arguments: ["cor", "mirror-none", "mirror-top"])
+    @Test(arguments: ["cor", "mirror-none", "mirror-top", "nbd-top", "nbd-full"])
     func liveRegressionAgainstQemu(_ name: String) async throws {
         guard Self.ready, let qsd = Tools.which("qemu-storage-daemon") else {
             print("qemu-storage-daemon or python qemu.qmp missing: differential case skipped"); return

@@ -13,7 +13,8 @@ CASE is one of:
   blocking-top    copy-mode write-blocking with sync=top and small unaligned writes;
   blocking-none   the same with sync=none;
   granularity-*   a granularity below the target's cluster size;
-  existing-*      mode=existing onto a target the user made with the right backing file.
+  existing-*      mode=existing onto a target the user made with the right backing file;
+  nbd-*           mode=existing onto an NBD target served by qemu-nbd.
 
 Every case compares the bytes a client reads (and, after the daemon quit, what the image
 files hold through their recorded backing chains) with a model kept in Python, and checks
@@ -191,12 +192,27 @@ async def mirror_case(s, d, rng, sync, copy_mode, writes, existing=None, extra=N
                                "file": {"driver": "file", "filename": f"{d}/src.qcow2"}})
     uri = await s.export("src", "src", writable=True)
     mode = "absolute-paths"
-    if existing is not None:
+    target = f"{d}/tgt.qcow2"
+    fmt = "qcow2"
+    if existing == "nbd":
+        # The target is an image with the right backing file, served by qemu-nbd; the
+        # mirror sees a raw NBD disk.
+        backing = {"full": [], "top": ["-b", f"{d}/base.qcow2"], "none": ["-b", f"{d}/src.qcow2"]}[sync]
+        sh("qemu-img", "create", "-q", "-f", "qcow2", *backing, *(["-F", "qcow2"] if backing else []),
+           f"{d}/tgt.qcow2", str(SIZE))
+        s.nbd_target = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", f"{d}/tgt.sock", "-t", "--shared=4",
+                                         f"{d}/tgt.qcow2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(500):
+            if os.path.exists(f"{d}/tgt.sock"):
+                break
+            time.sleep(0.01)
+        mode, target, fmt = "existing", f"nbd+unix:///?socket={d}/tgt.sock", "raw"
+    elif existing is not None:
         mode = "existing"
         backing = {"full": [], "top": ["-b", f"{d}/base.qcow2"], "none": ["-b", f"{d}/src.qcow2"]}[sync]
         sh("qemu-img", "create", "-q", "-f", "qcow2", *existing, *backing, *(["-F", "qcow2"] if backing else []),
            f"{d}/tgt.qcow2", str(SIZE))
-    await s.x("drive-mirror", {"job-id": "m0", "device": "src", "target": f"{d}/tgt.qcow2", "format": "qcow2",
+    await s.x("drive-mirror", {"job-id": "m0", "device": "src", "target": target, "format": fmt,
                                "sync": sync, "mode": mode, "copy-mode": copy_mode, **(extra or {})})
     cmds = []
     for _ in range(writes):
@@ -222,6 +238,11 @@ async def mirror_case(s, d, rng, sync, copy_mode, writes, existing=None, extra=N
     expect_same("read through the export after the pivot", read_all(uri, "raw", f"{d}/out.raw"), bytes(model.data))
     await s.x("block-export-del", {"id": "src"})
     await asyncio.sleep(0.05)
+    if existing == "nbd":
+        # Let the target server go: the files are checked offline next.
+        await s.x("quit")
+        s.nbd_target.terminate()
+        s.nbd_target.wait(timeout=20)
     expected_backing = {"full": None, "top": f"{d}/base.qcow2", "none": f"{d}/src.qcow2"}[sync]
     return model, {"tgt.qcow2": expected_backing}, ["tgt.qcow2", "src.qcow2"]
 
@@ -244,6 +265,9 @@ CASES = {
                                                 existing=["-o", "cluster_size=1M"]),
     "existing-none": lambda s, d, r: mirror_case(s, d, r, "none", "background", 80,
                                                  existing=["-o", "cluster_size=1M"]),
+    # An NBD target (qemu-nbd serving an image with the right backing file).
+    "nbd-top": lambda s, d, r: mirror_case(s, d, r, "top", "write-blocking", 80, existing="nbd"),
+    "nbd-full": lambda s, d, r: mirror_case(s, d, r, "full", "background", 80, existing="nbd"),
 }
 
 
