@@ -27,6 +27,7 @@ extension QMPMonitor {
             do { try await stream.insertFilter(into: ctx.graph, above: node, name: filterName) }
             catch { ctx.monitor.jobs.discard(job); throw QMPError.from(error) }
             ctx.monitor.jobs.start(job)
+            ctx.monitor.block.holdWhileRunning(job, [])
             return .dict(QObject.Dict())
         }
     }
@@ -65,7 +66,8 @@ extension QMPMonitor {
                 let driver: MirrorJob
                 do { driver = try await ActiveCommit.make(top: node, base: baseBD, graph: ctx.graph, onError: onError) }
                 catch let e as BlockError { throw QMPError.generic(e.message) }
-                _ = try ctx.monitor.jobs.startForQMP(driver, options: options)
+                let job = try ctx.monitor.jobs.startForQMP(driver, options: options)
+                ctx.monitor.block.holdWhileRunning(job, [])
             } else {
                 var overlay: any BlockDriver = node
                 while let b = overlay.backing, b !== topBD { overlay = b }
@@ -76,7 +78,8 @@ extension QMPMonitor {
                 do { commit = try CommitJob(overlay: q, base: baseBD, backingFile: backingFile, graph: ctx.graph, onError: onError) }
                 catch let e as BlockError { throw QMPError.generic(e.message) }
                 commit.closesRemovedImages = false
-                _ = try ctx.monitor.jobs.startForQMP(commit, options: options)
+                let job = try ctx.monitor.jobs.startForQMP(commit, options: options)
+                ctx.monitor.block.holdWhileRunning(job, [])
             }
             return .dict(QObject.Dict())
         }
