@@ -69,7 +69,7 @@ import TestSupport
         let (_, _, top) = try JobFixture.chain(d)
         let node = try #require(try await ImageOpener.open(top) as? Qcow2Node)
         let base = try #require(node.backingChain.last)
-        let cor = CopyOnReadNode(child: node, bottom: base)
+        let cor = CopyOnReadNode(child: node, base: base)
         _ = try await cor.read(at: 3 << 20, count: 65536)       // base only: not copied
         _ = try await cor.read(at: 512 << 10, count: 65536)     // mid: copied
         #expect(!(try await node.blockStatus(at: 3 << 20, length: 65536)).flags.contains(.allocated))

@@ -1,5 +1,5 @@
 /// The `copy-on-read` filter (QEMU's `block/copy-on-read.c`): data a read finds below its
-/// child — in the backing chain, above `bottom` — is written into the child, so that the
+/// child — in the backing chain, above `base` — is written into the child, so that the
 /// child gradually stops depending on its backing files. `block-stream` copies through
 /// one of these.
 ///
@@ -10,18 +10,19 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     public let driverName = "copy-on-read"
     /// The node reads copy into (the top of the chain).
     public let child: any BlockDriver
-    /// Data at or below this node is not copied (QEMU's `bottom` option); nil: copy all.
-    public let bottom: (any BlockDriver)?
+    /// Data at or below this node is not copied (a stream's base); nil: copy all. QMP's
+    /// `bottom` option names the lowest node that *is* copied: its backing node is this.
+    public let base: (any BlockDriver)?
     /// Serializes copies and writes on overlapping clusters.
     public let ranges = RangeLock()
     let granularity: Int64
 
     /// - Parameters:
     ///   - child: the image to copy into.
-    ///   - bottom: the first node whose data is not copied (the stream base).
-    public init(child: any BlockDriver, bottom: (any BlockDriver)? = nil) {
+    ///   - base: the first node whose data is not copied (the stream base).
+    public init(child: any BlockDriver, base: (any BlockDriver)? = nil) {
         self.child = child
-        self.bottom = bottom
+        self.base = base
         granularity = Int64(child.formatClusterSize ?? 65536)
     }
 
@@ -49,13 +50,13 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
         }
     }
 
-    /// Whether the run at `offset` comes from below the child but above `bottom`.
+    /// Whether the run at `offset` comes from below the child but above `base`.
     func needsCopy(at offset: Int64, length: Int64) async throws -> (Bool, Int64) {
         // The image below any filters on the child holds the allocation and the backing link.
         let image = child.skippingFilters
         let st = try await image.blockStatus(at: offset, length: length)
         if st.flags.contains(.allocated) || image.backing == nil { return (false, st.length) }
-        let above = try await ChainStatus.isAllocatedAbove(image.backing, base: bottom, at: offset, length: st.length)
+        let above = try await ChainStatus.isAllocatedAbove(image.backing, base: base, at: offset, length: st.length)
         return (above.allocated, above.length)
     }
 

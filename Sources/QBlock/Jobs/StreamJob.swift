@@ -38,7 +38,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
         self.top = top
         self.base = base
         self.backingFile = backingFile
-        self.filter = filter ?? CopyOnReadNode(child: top, bottom: base)
+        self.filter = filter ?? CopyOnReadNode(child: top, base: base)
         self.onError = onError
     }
 

@@ -101,11 +101,21 @@ extension QMPMonitor {
         }
         QMPBlockdevDrivers.register("copy-on-read") { args, ctx in
             let child = try await ctx.child(args, "file")
-            let bottom = try args.optionalString("bottom").map { name -> any BlockDriver in
+            let bottomName = try args.optionalString("bottom")
+            try args.done()
+            // `bottom` is the lowest node whose data is still copied (inclusive): the
+            // filter stops at its backing node.
+            var base: (any BlockDriver)?
+            if let name = bottomName {
                 guard let n = ctx.graph.node(named: name) else { throw QMPError.noDevice(device: name, node: name) }
-                return n
+                var cur: (any BlockDriver)? = child.skippingFilters
+                while let c = cur, !c.isSameNode(as: n) { cur = c.backing?.skippingFilters }
+                guard let found = cur else {
+                    throw QMPError.generic("Node '\(name)' is not in the backing chain of '\(child.nodeName)'")
+                }
+                base = found.backing
             }
-            return CopyOnReadNode(child: child, bottom: bottom)
+            return CopyOnReadNode(child: child, base: base)
         }
     }
 

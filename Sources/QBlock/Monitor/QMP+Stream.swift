@@ -18,7 +18,7 @@ extension QMPMonitor {
                 throw QMPError.generic("Block format '\(node.driverName)' used by node '\(device)' does not support streaming")
             }
             let baseBD = try QMPJobs.chainNode(node, node: baseNode, file: base, graph: ctx.graph)
-            let filter = CopyOnReadNode(child: node, bottom: baseBD)
+            let filter = CopyOnReadNode(child: node, base: baseBD)
             let stream: StreamJob
             do { stream = try StreamJob(top: top, base: baseBD, backingFile: backingFile, filter: filter, onError: onError) }
             catch let e as BlockError { throw QMPError.generic(e.message) }
