@@ -60,6 +60,24 @@ struct QMPSurfaceTests {
         try Self.compareWithQemu("transcript-surface.jsonl")
     }
 
+    /// blockdev-snapshot-internal-sync / -delete-internal-sync (SnapshotInfo, times masked)
+    /// and x-debug-block-dirty-bitmap-sha256 after NBD writes: the same hashes as QEMU's.
+    @Test func internalSnapshotsAndBitmapHashesMatchQemuStorageDaemon() throws {
+        try Self.compareWithQemu("transcript-internal-snapshot.jsonl")
+    }
+
+    @Test func bitmapHashIsSHA256OfLittleEndianWords() throws {
+        // Known answers: SHA-256 of "abc", and of 32 zero bytes (an empty 16 MiB bitmap at 64 KiB).
+        #expect(SHA256.hex(Array("abc".utf8)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        #expect(SHA256.hex([UInt8](repeating: 0, count: 32)) == "66687aadf862bd776c8fc18b8e9f8e20089714856ee233b3902a591d0d5f2925")
+        let b = try DirtyBitmap(name: "b", size: 16 << 20, granularity: 65536)
+        b.mark(offset: 0, length: 1)
+        b.mark(offset: 65 * 65536, length: 65536 * 2)
+        let words = QMPMonitor.hbitmapWords(b)
+        #expect(words.count == 32)
+        #expect(words[0] == 1 && words[8] == 0b110 && words.enumerated().allSatisfy { [0, 8].contains($0.offset) || $0.element == 0 })
+    }
+
     // MARK: - In process
 
     static func parse(_ json: String) throws -> QObject.Dict {

@@ -15,5 +15,7 @@ extension QMPMonitor {
         { $0.registerMirrorCommands() },
         { $0.registerBlockQueryCommands() },
         { $0.registerBackupCommands() },
+        { $0.registerInternalSnapshotCommands() },
+        { $0.registerDebugCommands() },
     ]
 }
