@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A user's handle on a node of the graph (QEMU's `BlockBackend`): what an NBD export, a
 /// device model or a job holds instead of the node itself, so that the graph can switch
 /// the user to another node (a live snapshot's overlay, a mirror's target) without the
@@ -10,15 +14,19 @@
 public final class BlockBackend: BlockFilter, @unchecked Sendable {
     /// The device or export name ("" for an anonymous user such as a job).
     public let name: String
+    /// The device model using the backend, as QEMU's `qdev` names it (a QOM path), if any.
+    public let qdev: String?
     private let lock = PosixMutex()
     private var current: BlockNode
     private var inFlight = 0
     private var quiesce = 0
     private var held: [UnsafeContinuation<Void, Never>] = []
     private var drainWaiters: [UnsafeContinuation<Void, Never>] = []
+    private var accounting = BlockBackendStats()
 
-    public init(name: String = "", node: BlockNode) {
+    public init(name: String = "", node: BlockNode, qdev: String? = nil) {
         self.name = name
+        self.qdev = qdev
         self.current = node
     }
 
@@ -26,6 +34,8 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
     public var node: BlockNode { lock.withLock { current } }
     /// A backend holds no content: status questions go to its current node.
     public var filteredChild: any BlockDriver { node }
+    /// What this backend's requests have done so far (QEMU's `BlockAcctStats`).
+    public var stats: BlockBackendStats { lock.withLock { accounting } }
     /// Requests in flight (for tests and query commands).
     public var requestsInFlight: Int { lock.withLock { inFlight } }
 
@@ -87,7 +97,15 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 
     @inline(__always)
     private func leave() {
+        leave(nil, bytes: 0, ok: true, start: 0)
+    }
+
+    /// Ends a request and accounts it (in the lock `leave` takes anyway).
+    @inline(__always)
+    private func leave(_ kind: BlockBackendStats.Kind?, bytes: Int64, ok: Bool, start: UInt64) {
+        let now = kind == nil ? 0 : BlockBackendStats.now()
         let wake: [UnsafeContinuation<Void, Never>] = lock.withLock {
+            if let kind { accounting.account(kind, bytes: bytes, ok: ok, nanoseconds: now &- start, at: now) }
             inFlight -= 1
             guard inFlight == 0, !drainWaiters.isEmpty else { return [] }
             defer { drainWaiters.removeAll() }
@@ -107,33 +125,53 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
     public var backing: (any BlockDriver)? { node.backing }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        let start = BlockBackendStats.now()
         let n = await enter()
-        defer { leave() }
-        try await n.read(at: offset, into: buffer)
+        do { try await n.read(at: offset, into: buffer) } catch {
+            leave(.read, bytes: Int64(buffer.count), ok: false, start: start)
+            throw error
+        }
+        leave(.read, bytes: Int64(buffer.count), ok: true, start: start)
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        let start = BlockBackendStats.now()
         let n = await enter()
-        defer { leave() }
-        try await n.write(at: offset, from: buffer, flags: flags)
+        do { try await n.write(at: offset, from: buffer, flags: flags) } catch {
+            leave(.write, bytes: Int64(buffer.count), ok: false, start: start)
+            throw error
+        }
+        leave(.write, bytes: Int64(buffer.count), ok: true, start: start)
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        let start = BlockBackendStats.now()
         let n = await enter()
-        defer { leave() }
-        try await n.writeZeroes(at: offset, length: length, flags: flags)
+        do { try await n.writeZeroes(at: offset, length: length, flags: flags) } catch {
+            leave(.write, bytes: length, ok: false, start: start)
+            throw error
+        }
+        leave(.write, bytes: length, ok: true, start: start)
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        let start = BlockBackendStats.now()
         let n = await enter()
-        defer { leave() }
-        try await n.discard(at: offset, length: length)
+        do { try await n.discard(at: offset, length: length) } catch {
+            leave(.unmap, bytes: length, ok: false, start: start)
+            throw error
+        }
+        leave(.unmap, bytes: length, ok: true, start: start)
     }
 
     public func flush() async throws {
+        let start = BlockBackendStats.now()
         let n = await enter()
-        defer { leave() }
-        try await n.flush()
+        do { try await n.flush() } catch {
+            leave(.flush, bytes: 0, ok: false, start: start)
+            throw error
+        }
+        leave(.flush, bytes: 0, ok: true, start: start)
     }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
@@ -153,5 +191,45 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
     public func close() async throws {
         await drainBegin()
         drainEnd()
+    }
+}
+
+/// A backend's request accounting, as QEMU's `BlockAcctStats` counts it: bytes, operations,
+/// failures and total time per kind (write-zeroes count as writes, discards as unmaps),
+/// and when the last request ended (`idle_time_ns`).
+public struct BlockBackendStats: Sendable, Equatable {
+    public enum Kind: Sendable { case read, write, flush, unmap }
+    public struct PerKind: Sendable, Equatable {
+        public var bytes: Int64 = 0
+        public var operations: Int64 = 0
+        public var failed: Int64 = 0
+        public var totalTimeNs: Int64 = 0
+    }
+    public var read = PerKind()
+    public var write = PerKind()
+    public var flush = PerKind()
+    public var unmap = PerKind()
+    /// CLOCK_MONOTONIC time (ns) at which the last request ended; 0 before any.
+    public var lastAccessNs: UInt64 = 0
+
+    mutating func account(_ kind: Kind, bytes: Int64, ok: Bool, nanoseconds: UInt64, at now: UInt64) {
+        func add(_ k: inout PerKind) {
+            if ok { k.bytes += bytes; k.operations += 1; k.totalTimeNs += Int64(clamping: nanoseconds) } else { k.failed += 1 }
+        }
+        switch kind {
+        case .read: add(&read)
+        case .write: add(&write)
+        case .flush: add(&flush)
+        case .unmap: add(&unmap)
+        }
+        lastAccessNs = now
+    }
+
+    /// CLOCK_MONOTONIC in nanoseconds.
+    @inline(__always)
+    public static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 }

@@ -14,6 +14,8 @@ public final class BlockNode: BlockDriver, @unchecked Sendable {
     /// Runtime dirty bitmaps; every successful write, write-zeroes and discard through
     /// this node marks the enabled ones.
     public let bitmaps = DirtyBitmapSet()
+    /// Write threshold, highest offset written, discard counts (see ``NodeIOWatch``).
+    public let watch = NodeIOWatch()
 
     public init(nodeName: String, driver: any BlockDriver) {
         self.nodeName = nodeName
@@ -33,18 +35,28 @@ public final class BlockNode: BlockDriver, @unchecked Sendable {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        watch.willWrite(offset: offset, length: Int64(buffer.count))
         try await driver.write(at: offset, from: buffer, flags: flags)
         bitmaps.mark(offset: offset, length: Int64(buffer.count))
+        watch.didWrite(end: offset + Int64(buffer.count))
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        watch.willWrite(offset: offset, length: length)
         try await driver.writeZeroes(at: offset, length: length, flags: flags)
         bitmaps.mark(offset: offset, length: length)
+        watch.didWrite(end: offset + length)
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        try await driver.discard(at: offset, length: length)
+        watch.willWrite(offset: offset, length: length)
+        do { try await driver.discard(at: offset, length: length) } catch {
+            watch.didDiscard(length: length, ok: false)
+            throw error
+        }
+        watch.didDiscard(length: length, ok: true)
         bitmaps.mark(offset: offset, length: length)
+        watch.didWrite(end: offset + length)
     }
 
     public func flush() async throws { try await driver.flush() }

@@ -18,7 +18,7 @@ extension QMPBlockState {
         let cache = info?.cache ?? .writeback
         d["cache"] = .dict(QObject.Dict([("writeback", .bool(!cache.writeThrough)), ("direct", .bool(cache.direct)),
                                          ("no-flush", .bool(info?.noFlush ?? false))]))
-        d["write_threshold"] = .int(0)
+        d["write_threshold"] = .int(Int64(bitPattern: node.watch.writeThreshold))
         let bitmaps = orderedBitmaps(node)
         if !bitmaps.isEmpty { d["dirty-bitmaps"] = .list(bitmaps.map(Self.dirtyInfo)) }
         return .dict(d)

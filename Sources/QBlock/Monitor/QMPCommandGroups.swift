@@ -13,5 +13,9 @@ extension QMPMonitor {
         { $0.registerTransactionCommands() },
         { $0.registerJobCommands() },
         { $0.registerMirrorCommands() },
+        { $0.registerBlockQueryCommands() },
+        { $0.registerBackupCommands() },
+        { $0.registerInternalSnapshotCommands() },
+        { $0.registerDebugCommands() },
     ]
 }

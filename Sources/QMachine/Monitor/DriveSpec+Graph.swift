@@ -34,7 +34,8 @@ extension DriveSpec {
     /// - Parameter id: the drive id (QMP's device name); the format node is named
     ///   `node-name`, or `ID-format` when the drive has none.
     /// - Throws: ``QMPError`` with QEMU's wording ("Could not open 'PATH': …").
-    public func attach(to monitor: QMPMonitor, id: String) async throws -> BlockBackend {
+    /// - Parameter qdev: the device's QOM path, reported as `qdev` by `query-block`.
+    public func attach(to monitor: QMPMonitor, id: String, qdev: String? = nil) async throws -> BlockBackend {
         // QEMU generates "#block…" names for -drive; blockdev-add refuses them, so a drive
         // without node-name gets libvirt's convention instead.
         let name = nodeName ?? "\(id)-format"
@@ -42,7 +43,7 @@ extension DriveSpec {
         guard let node = monitor.graph.node(named: name) else {
             throw QMPError.generic("node '\(name)' vanished after blockdev-add")
         }
-        let backend = BlockBackend(name: id, node: node)
+        let backend = BlockBackend(name: id, node: node, qdev: qdev)
         monitor.graph.attach(backend)
         return backend
     }

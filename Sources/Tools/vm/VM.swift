@@ -120,7 +120,8 @@ struct VM: AsyncParsableCommand {
         do {
             for (i, s) in specs.enumerated() {
                 let id = s.id ?? "drive\(i)"
-                let backend = try await s.attach(to: monitor, id: id)
+                // Like QEMU's -drive if=virtio: an anonymous virtio-blk device per drive.
+                let backend = try await s.attach(to: monitor, id: id, qdev: "/machine/peripheral-anon/device[\(i)]/virtio-backend")
                 opened.append(.init(node: backend, id: id, readOnly: s.readOnly))
             }
         } catch {

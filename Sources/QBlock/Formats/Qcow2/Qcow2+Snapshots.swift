@@ -31,13 +31,14 @@ extension Qcow2Node {
     /// does: a disk-only snapshot (no VM state) with the next free numeric id, dated now
     /// (microsecond precision, like qemu-img) and icount 0.
     /// - Parameter name: the snapshot's name (tag). Names need not be unique.
+    /// - Parameter icount: the instruction count stored with it (nil: none, QEMU's -1).
     /// - Returns: the new snapshot's table entry.
     /// - Throws: ``BlockError`` `.readOnly` on a read-only node; `.invalidArgument` for a name
     ///   longer than 65535 bytes; `.noSpace` (EFBIG) past 65536 snapshots; `.corrupt` for
     ///   damaged metadata; I/O errors. On failure the image is unchanged apart from possibly
     ///   leaked clusters.
     @discardableResult
-    public func createSnapshot(name: String) async throws -> Qcow2Snapshot {
+    public func createSnapshot(name: String, icount: UInt64? = 0) async throws -> Qcow2Snapshot {
         try checkWritable("snapshot create")
         if name.utf8.count > Int(UInt16.max) {
             throw BlockError(.invalidArgument, "Snapshot name too long", path: filename, operation: "snapshot create")
@@ -69,7 +70,7 @@ extension Qcow2Node {
             }
             let snapshot = Qcow2Snapshot(id: id, name: name, dateSeconds: UInt32(truncatingIfNeeded: tv.tv_sec),
                                          dateNanoseconds: UInt32(tv.tv_usec) * 1000, vmClockNanoseconds: 0,
-                                         vmStateSize: 0, diskSize: header.size, icount: 0,
+                                         vmStateSize: 0, diskSize: header.size, icount: icount,
                                          l1TableOffset: UInt64(l1Offset), l1Size: UInt32(l1Table.count))
             try await writeSnapshotTable(snapshotList + [snapshot])
             return snapshot
