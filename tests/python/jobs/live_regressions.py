@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +58,13 @@ def qemu_io(target, cmds, fmt=None):
     for c in cmds:
         argv += ["-c", c]
     sh(*argv, target)
+
+
+def default_signals():
+    """A test runner may start us with SIGTERM blocked or ignored: a server we start must
+    still stop when asked."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Model:
@@ -201,7 +209,8 @@ async def mirror_case(s, d, rng, sync, copy_mode, writes, existing=None, extra=N
         sh("qemu-img", "create", "-q", "-f", "qcow2", *backing, *(["-F", "qcow2"] if backing else []),
            f"{d}/tgt.qcow2", str(SIZE))
         s.nbd_target = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", f"{d}/tgt.sock", "-t", "--shared=4",
-                                         f"{d}/tgt.qcow2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                         f"{d}/tgt.qcow2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        preexec_fn=default_signals)
         for _ in range(500):
             if os.path.exists(f"{d}/tgt.sock"):
                 break
@@ -242,7 +251,11 @@ async def mirror_case(s, d, rng, sync, copy_mode, writes, existing=None, extra=N
         # Let the target server go: the files are checked offline next.
         await s.x("quit")
         s.nbd_target.terminate()
-        s.nbd_target.wait(timeout=20)
+        try:
+            s.nbd_target.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            s.nbd_target.kill()
+            s.nbd_target.wait(timeout=20)
     expected_backing = {"full": None, "top": f"{d}/base.qcow2", "none": f"{d}/src.qcow2"}[sync]
     return model, {"tgt.qcow2": expected_backing}, ["tgt.qcow2", "src.qcow2"]
 
