@@ -271,6 +271,9 @@ extension QMPMonitor {
             }
             if let why = block.busyReason(node) { throw QMPError.generic(why) }
             try await block.delete(node)
+            // Its implicit backing nodes (a snapshot's old top) may be unused now: QEMU drops
+            // them with their last reference.
+            await block.collectGarbage()
             return .dict(QObject.Dict())
         }
         register("query-named-block-nodes") { args, ctx in
