@@ -6,6 +6,8 @@ public final class QMPBlockState: @unchecked Sendable {
         var cache: CacheMode
         var noFlush: Bool
         var detectZeroes: String
+        /// `discard`: "unmap" lets discard requests through to the image, "ignore" drops them.
+        var discard: String = "ignore"
         /// Nodes created with this one that go away with it (children first).
         var implicit: [BlockNode]
     }
@@ -126,6 +128,16 @@ public final class QMPBlockState: @unchecked Sendable {
     }
     func nodeInfo(_ node: BlockNode) -> NodeInfo? { lock.withLock { info[ObjectIdentifier(node)] } }
 
+    /// A node that takes another's place (a snapshot overlay, a drive-mirror target) opens
+    /// with that node's `discard` choice, as QEMU reuses its open flags (detect-zeroes is not
+    /// one of them).
+    func inheritOptions(_ node: BlockNode, from old: BlockNode) {
+        lock.withLock {
+            guard let src = info[ObjectIdentifier(old)] else { return }
+            info[ObjectIdentifier(node), default: NodeInfo(cache: src.cache, noFlush: src.noFlush, detectZeroes: "off", implicit: [])].discard = src.discard
+        }
+    }
+
     /// Opens a node tree from `blockdev-add` arguments and adds every node to the graph.
     /// On failure, whatever was created is closed and removed.
     func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool) async throws -> BlockNode {
@@ -141,7 +153,7 @@ public final class QMPBlockState: @unchecked Sendable {
             noFlush = try cache.optionalBool("no-flush") ?? false
             try cache.done()
         }
-        _ = try args.optionalEnum("discard", ["ignore", "unmap"])
+        let discard = try args.optionalEnum("discard", ["ignore", "unmap"]) ?? "ignore"
         let detectZeroes = try args.optionalEnum("detect-zeroes", ["off", "on", "unmap"]) ?? "off"
         _ = try args.optionalBool("auto-read-only")
         _ = try args.optionalBool("force-share")
@@ -170,7 +182,8 @@ public final class QMPBlockState: @unchecked Sendable {
         }
         let slot = ctx.slot ?? nextSlot()
         lock.withLock {
-            info[ObjectIdentifier(node)] = NodeInfo(cache: cache, noFlush: noFlush, detectZeroes: detectZeroes, implicit: ctx.created)
+            info[ObjectIdentifier(node)] = NodeInfo(cache: cache, noFlush: noFlush, detectZeroes: detectZeroes, discard: discard,
+                                                    implicit: ctx.created)
             slots[ObjectIdentifier(node)] = slot
         }
         parent?.created.append(contentsOf: ctx.created + [node])

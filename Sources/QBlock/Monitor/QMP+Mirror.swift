@@ -74,6 +74,7 @@ extension QMPMonitor {
                 try ctx.monitor.startMirror(source: source, target: tnode, options: options, job: common.job)
                 // The target is the job's: unused once the job ends without a pivot, it is closed.
                 ctx.monitor.block.setAutoDelete(tnode)
+                ctx.monitor.block.inheritOptions(tnode, from: source)
             } catch {
                 ctx.graph.forget(tnode)
                 try? await driver.close()

@@ -36,8 +36,14 @@ extension QMPMonitor {
             throw QMPError.generic("Could not open node '\(request.node.nodeName)' read-write: node is read-only")
         }
         let backend = BlockBackend(name: "", node: request.node)
+        // The node's own discard and detect-zeroes choices govern what clients' TRIM and
+        // zero writes do, as in QEMU (the flags live on the node there).
+        let info = block.nodeInfo(request.node)
+        let discard: NBDExport.DiscardMode = info?.discard == "unmap" ? .unmap : .ignore
+        let detect = NBDExport.DetectZeroes(rawValue: info?.detectZeroes ?? "off") ?? .off
         let export = try NBDExport(name: request.name, description: request.description, node: backend,
-                                   options: NBDExport.Options(readOnly: !request.writable, allocationDepth: request.allocationDepth,
+                                   options: NBDExport.Options(readOnly: !request.writable, discard: discard, detectZeroes: detect,
+                                                              allocationDepth: request.allocationDepth,
                                                               writethrough: request.writethrough, multiConnection: true,
                                                               bitmaps: exported))
         graph.attach(backend)

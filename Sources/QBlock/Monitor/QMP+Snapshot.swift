@@ -115,6 +115,7 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
         do {
             let o = try await block.open(QMPArguments(d), parent: nil, isRoot: false)
             block.setAutoDelete(o)
+            block.inheritOptions(o, from: node)
             overlay = o
             QMPTrace.log("  created and opened: \(QMPTrace.now() - t0) us")
             try await preflush(node)
