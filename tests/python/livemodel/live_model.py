@@ -400,7 +400,17 @@ def step_tags(st):
             tags.add("cancel")
     if k == "active-commit" and st["end"] == "cancel":
         tags.add("cancel")
+    if k == "crash-mirror":
+        tags |= {"crash", "mirror", st["copy_mode"]}
     return tags
+
+
+def gen_crash(rng, size):
+    """The last step of some runs: a mirror with a persistent bitmap (x-bitmap-file, ours
+    only) killed with SIGKILL, then finished offline with `img mirror-finish`."""
+    return {"kind": "crash-mirror", "copy_mode": rng.choice(["background", "write-blocking"]),
+            "ready": rng.random() < 0.5, "slow": rng.random() < 0.5,
+            "burst": gen_burst(rng, size, nmax=6), "burst2": gen_burst(rng, size, nmax=4)}
 
 
 def generate(seed, steps, size, exclude):
@@ -411,6 +421,9 @@ def generate(seed, steps, size, exclude):
         if step_tags(st) & exclude:
             continue
         out.append(st)
+    crash = random.Random(seed * 31 + 7)
+    if steps > 0 and "crash" not in exclude and crash.random() < 0.3:
+        out[-1] = gen_crash(crash, size)
     return out
 
 
@@ -1074,6 +1087,51 @@ class Run:
         if tgt is not m.active:
             tgt.state, tgt.stamp = "frozen", m.stamp(tgt)
 
+    async def step_crash_mirror(self, st):
+        """drive-mirror sync=full with x-bitmap-file; writes, a flush, maybe ready, more writes
+        and a flush; then SIGKILL. Offline, `img mirror-finish` must make the target read
+        exactly as the source (every write was flushed before the kill), and both images
+        must pass qemu-img check. Ends the run (the daemon is gone)."""
+        if self.kind == "qsd":
+            raise Skip()   # QEMU has no persistent mirror bitmap
+        m = self.model
+        src = m.active
+        tgt = self.path("crash-target.qcow2")
+        bitmap = self.path("crash.bitmap")
+        args = {"job-id": "crash", "device": src.node, "sync": "full", "target": tgt, "format": "qcow2",
+                "mode": "absolute-paths", "copy-mode": st["copy_mode"], "x-bitmap-file": bitmap}
+        if st["slow"]:
+            args["speed"] = 2 * MiB
+        await self.x("drive-mirror", args)
+        await self.burst(st["burst"])
+        await self.nbd_call(self.nbd.flush)
+        if st["ready"]:
+            if st["slow"]:
+                await self.x("block-job-set-speed", {"device": "crash", "speed": 0})
+            await self.wait_event(lambda e: e["event"] == "BLOCK_JOB_READY" and e["data"].get("device") == "crash",
+                                  "crash mirror ready")
+        await self.burst(st["burst2"])
+        await self.nbd_call(self.nbd.flush)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(15)
+        self.crashed = True
+        img = os.path.join(os.path.dirname(self.daemon_cmd or shutil.which("nbd") or "nbd"), "img")
+        p = tool([img, "mirror-finish", "-b", bitmap, "-f", "qcow2", "-F", "qcow2", src.path, tgt], check=False)
+        if p.returncode != 0:
+            raise Failure("crash-finish", f"img mirror-finish failed: {(p.stdout + p.stderr).strip()[:300]}")
+        want = m.view(src)
+        with tempfile.TemporaryDirectory() as t:
+            raw = os.path.join(t, "t.raw")
+            tool(["qemu-img", "convert", "-U", "-O", "raw", tgt, raw])
+            with open(raw, "rb") as f:
+                got = f.read()
+        if got != want:
+            raise Failure("crash-mirror-mismatch", f"target after kill -9 and mirror-finish: {self.describe_diff(got, want)}")
+        for path in (src.path, tgt):
+            c = tool(["qemu-img", "check", "-U", path], check=False)
+            if c.returncode not in (0, 3):   # 3: leaked clusters, which QEMU allows after a crash
+                raise Failure("crash-check", f"qemu-img check {os.path.basename(path)} after kill -9: {c.stdout.strip()[:300]}")
+
     # ---- the run
     async def run(self):
         """Runs every step; returns None, or (step index, Failure)."""
@@ -1090,6 +1148,10 @@ class Run:
                     await fn(st)
                 except Skip:
                     skipped = True
+                if getattr(self, "crashed", False):
+                    self.log(f"step {i:2} {describe(st)}: target complete after kill -9  {time.monotonic() - t0:.2f}s")
+                    self.step_index = len(self.steps)
+                    return None
                 self.model.settle()
                 await self.release_dropped()
                 await self.check_export(f"after step {i} ({st['kind']})")
@@ -1358,6 +1420,10 @@ def main():
             steps = json.load(f)
     else:
         steps = generate(seed, a.steps, size, exclude)
+    if a.daemon_kind == "diff":
+        # QEMU has no persistent mirror bitmap: the crash step is ours alone, and the two runs
+        # must do the same writes to be compared.
+        steps = [st for st in steps if st["kind"] != "crash-mirror"]
     print(f"live_model: kind={a.daemon_kind} seed={seed} steps={len(steps)} exclude={sorted(exclude)}", flush=True)
     os.makedirs(a.workdir, exist_ok=True)
     t0 = time.monotonic()
