@@ -17,5 +17,6 @@ extension QMPMonitor {
         { $0.registerBackupCommands() },
         { $0.registerInternalSnapshotCommands() },
         { $0.registerDebugCommands() },
+        { $0.registerCreateCommands() },
     ]
 }
