@@ -117,6 +117,49 @@ struct QMPSurface2Tests {
         #expect(try run("qemu-img", "check", dir.file("x.qcow2")).status == 0)
     }
 
+    // MARK: - object-add / object-del
+
+    /// secret (data, file, base64), iothread, duplicate and unknown ids, refused types.
+    @Test func objectsMatchQemuStorageDaemon() throws {
+        _ = try Self.compareWithQemu("transcript-objects.jsonl") { dir in
+            try Array("secret1".utf8).withUnsafeBytes { _ = FileManager.default.createFile(atPath: dir.file("sec.txt"), contents: Data($0)) }
+        }
+    }
+
+    /// In process: what a secret holds, query-iothreads, the refused types (not accepted
+    /// and ignored: nothing is recorded).
+    @Test func objectsInProcess() async throws {
+        let m = QMPMonitor()
+        try await m.execute("object-add", arguments: try Self.parse(#"{"qom-type": "secret", "id": "k", "data": "cGFzc3dvcmQ=", "format": "base64"}"#))
+        #expect(m.objects.secret("k") == Array("password".utf8))
+        try await m.execute("object-add", arguments: try Self.parse(#"{"qom-type": "secret", "id": "r", "data": "pw"}"#))
+        #expect(m.objects.secret("r") == Array("pw".utf8))
+        await #expect(throws: QMPError.generic("Encrypted secrets (keyid, iv) are not supported by this implementation")) {
+            try await m.execute("object-add", arguments: try Self.parse(#"{"qom-type": "secret", "id": "e", "data": "x", "keyid": "k", "iv": "AAAA"}"#))
+        }
+        #expect(m.objects.secret("e") == nil)
+        try await m.execute("object-add", arguments: try Self.parse(#"{"qom-type": "iothread", "id": "io0", "poll-max-ns": 100, "aio-max-batch": 7}"#))
+        try await m.execute("object-add", arguments: try Self.parse(#"{"qom-type": "iothread", "id": "io1"}"#))
+        guard case .list(let threads) = try await m.execute("query-iothreads"), threads.count == 2,
+              case .dict(let t0) = threads[0], case .dict(let t1) = threads[1] else { Issue.record("query-iothreads"); return }
+        #expect(t0["id"] == .string("io0") && t0["poll-max-ns"] == .int(100) && t0["aio-max-batch"] == .int(7))
+        #expect(t1["id"] == .string("io1") && t1["poll-max-ns"] == .int(32768) && t1["poll-grow"] == .int(0))
+        #expect(t0["thread-id"] == .int(Int64(getpid())))
+        for (type, message) in [("throttle-group", "throttle-group objects are not supported by this implementation (no I/O throttling)"),
+                                ("tls-creds-x509", "TLS credentials support requires GNUTLS"),
+                                ("memory-backend-ram", "invalid object type: memory-backend-ram")] {
+            await #expect(throws: QMPError.generic(message)) {
+                try await m.execute("object-add", arguments: try Self.parse(#"{"qom-type": "\#(type)", "id": "t"}"#))
+            }
+        }
+        await #expect(throws: QMPError.generic("object 't' not found")) {
+            try await m.execute("object-del", arguments: try Self.parse(#"{"id": "t"}"#))
+        }
+        try await m.execute("object-del", arguments: try Self.parse(#"{"id": "io0"}"#))
+        guard case .list(let after) = try await m.execute("query-iothreads") else { return }
+        #expect(after.count == 1)
+    }
+
     static func parse(_ json: String) throws -> QObject.Dict {
         guard case .dict(let d) = try QObject.parseJSON(json) else { throw QMPTestError(description: "not an object: \(json)") }
         return d

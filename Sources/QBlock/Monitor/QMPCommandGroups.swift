@@ -18,5 +18,6 @@ extension QMPMonitor {
         { $0.registerInternalSnapshotCommands() },
         { $0.registerDebugCommands() },
         { $0.registerCreateCommands() },
+        { $0.registerObjectCommands() },
     ]
 }
