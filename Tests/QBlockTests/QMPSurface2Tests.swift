@@ -160,6 +160,59 @@ struct QMPSurface2Tests {
         #expect(after.count == 1)
     }
 
+    // MARK: - query-qmp-schema
+
+    /// The schema lists exactly the commands query-commands lists, every type it names is
+    /// defined, and a few commands' argument members are what their handlers read.
+    @Test func schemaDescribesEveryRegisteredCommand() async throws {
+        let m = QMPMonitor()
+        let registered = Set(m.commandNames + ["qmp_capabilities"])
+        #expect(registered.subtracting(QMPSchema.commandNames).isEmpty,
+                "commands without a schema entry: \(registered.subtracting(QMPSchema.commandNames).sorted())")
+        guard case .list(let schema) = try await m.execute("query-qmp-schema"),
+              case .list(let commands) = try await m.execute("query-commands") else { Issue.record("replies"); return }
+        var byName: [String: QObject.Dict] = [:]
+        for case .dict(let d) in schema { if case .string(let n)? = d["name"] { byName[n] = d } }
+        let schemaCommands = Set(byName.values.filter { $0["meta-type"] == .string("command") }.compactMap { d -> String? in
+            if case .string(let n)? = d["name"] { return n } else { return nil } })
+        let listed = Set(commands.compactMap { c -> String? in
+            if case .dict(let d) = c, case .string(let n)? = d["name"] { return n } else { return nil } })
+        #expect(schemaCommands == listed)
+        // Every reference resolves.
+        for d in byName.values {
+            var refs: [QObject?] = [d["arg-type"], d["ret-type"], d["element-type"]]
+            if case .list(let ms)? = d["members"] { for case .dict(let md) in ms { refs.append(md["type"]) } }
+            if case .list(let vs)? = d["variants"] { for case .dict(let vd) in vs { refs.append(vd["type"]) } }
+            for case .string(let r)? in refs { #expect(byName[r] != nil, "\(d["name"] ?? .null) refers to undefined \(r)") }
+        }
+        // blockdev-create: job-id and options, options a union on driver with file and qcow2.
+        guard case .string(let argType)? = byName["blockdev-create"]?["arg-type"], case .list(let members)? = byName[argType]?["members"]
+        else { Issue.record("blockdev-create"); return }
+        let names: [QObject] = members.compactMap { if case .dict(let d) = $0 { return d["name"] } else { return nil } }
+        #expect(names == [QObject.string("job-id"), QObject.string("options")])
+
+        // Handlers read exactly the schema's members: each member given alone (with a wrong
+        // type) is never "unexpected"; a member not in the schema is.
+        for command in ["blockdev-del", "block_resize", "block-dirty-bitmap-add", "object-del", "blockdev-create",
+                        "block-export-del", "block-set-write-threshold", "query-named-block-nodes", "x-debug-block-dirty-bitmap-sha256",
+                        "blockdev-snapshot-sync", "block-job-set-speed", "nbd-server-stop", "query-iothreads"] {
+            let schemaMembers = try #require(QMPSchema.argumentMembers(command) ?? (byName[command] != nil ? [] : nil), "\(command)")
+            for member in schemaMembers {
+                do {
+                    try await m.execute(command, arguments: QObject.Dict([(member.name, .list([]))]))
+                } catch let e as QMPError {
+                    #expect(e.desc != "Parameter '\(member.name)' is unexpected", "\(command): \(member.name) is in the schema")
+                }
+            }
+            let mandatory = schemaMembers.filter { !$0.optional }
+            if mandatory.isEmpty {
+                await #expect(throws: QMPError.generic("Parameter 'not-a-member' is unexpected"), "\(command)") {
+                    try await m.execute(command, arguments: QObject.Dict([("not-a-member", .int(1))]))
+                }
+            }
+        }
+    }
+
     static func parse(_ json: String) throws -> QObject.Dict {
         guard case .dict(let d) = try QObject.parseJSON(json) else { throw QMPTestError(description: "not an object: \(json)") }
         return d

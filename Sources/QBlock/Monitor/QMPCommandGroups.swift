@@ -19,5 +19,6 @@ extension QMPMonitor {
         { $0.registerDebugCommands() },
         { $0.registerCreateCommands() },
         { $0.registerObjectCommands() },
+        { $0.registerSchemaCommands() },
     ]
 }
