@@ -160,6 +160,18 @@ struct QMPSurface2Tests {
         #expect(after.count == 1)
     }
 
+    // MARK: - x-debug-query-block-graph
+
+    /// Node and edge numbering and order, permissions of qcow2 (file, backing), raw and an
+    /// export's backend, as qemu-storage-daemon reports them.
+    @Test func blockGraphMatchesQemuStorageDaemon() throws {
+        _ = try Self.compareWithQemu("transcript-graph.jsonl") { dir in
+            try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("base.qcow2"), "1M")
+            try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", dir.file("top.qcow2"))
+            try truncateFile(dir.file("r.raw"), to: 1 << 20)
+        }
+    }
+
     // MARK: - query-qmp-schema
 
     /// The schema lists exactly the commands query-commands lists, every type it names is

@@ -20,5 +20,6 @@ extension QMPMonitor {
         { $0.registerCreateCommands() },
         { $0.registerObjectCommands() },
         { $0.registerSchemaCommands() },
+        { $0.registerBlockGraphCommands() },
     ]
 }
