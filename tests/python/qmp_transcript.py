@@ -14,6 +14,9 @@ Two more kinds of line:
                              reply (values known to differ for reasons outside the test)
   {"run": [ARGV...]}         runs a program (qemu-io through an export, say) and prints
                              "run: STATUS"
+  {"wait-job": ID, "timeout": S}
+                             consumes job ID's JOB_STATUS_CHANGE events until it concludes
+                             (or is dismissed) and prints "job ID: STATUS STATUS ..."
 """
 import json
 import re
@@ -74,6 +77,26 @@ for line in open(sys.argv[2]):
                     break
                 events.append(ev)
         show(TIMESTAMP.sub("", found) if found else "timeout " + name)
+        continue
+    if line.startswith('{"wait-job"'):
+        req = json.loads(line)
+        job = req["wait-job"]
+        deadline = time.time() + req.get("timeout", 10)
+        seen = []
+        while not seen or seen[-1] not in ("concluded", "null"):
+            for i, ev in enumerate(events):
+                e = json.loads(ev)
+                if e.get("event") == "JOB_STATUS_CHANGE" and e["data"]["id"] == job:
+                    seen.append(e["data"]["status"])
+                    events.pop(i)
+                    break
+            else:
+                ev = readline(deadline - time.time())
+                if ev is None:
+                    seen.append("timeout")
+                    break
+                events.append(ev)
+        print("job %s: %s" % (job, " ".join(seen)), flush=True)
         continue
     if line.startswith('{"run"'):
         r = subprocess.run(json.loads(line)["run"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

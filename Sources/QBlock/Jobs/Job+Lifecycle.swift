@@ -180,7 +180,9 @@ extension Job {
 
     func conclude(error: String?) {
         let cancelled = isCancelled
-        send(cancelled ? blockEvent("BLOCK_JOB_CANCELLED") : blockEvent("BLOCK_JOB_COMPLETED", error: error))
+        if type.isBlockJob {
+            send(cancelled ? blockEvent("BLOCK_JOB_CANCELLED") : blockEvent("BLOCK_JOB_COMPLETED", error: error))
+        }
         let dismissNow: Bool = withState {
             transitionLocked(.concluded)
             return autoDismiss

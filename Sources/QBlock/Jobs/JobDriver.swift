@@ -2,6 +2,16 @@
 public enum JobType: String, Sendable, CaseIterable {
     case commit, stream, mirror, backup, create, amend
     case snapshotLoad = "snapshot-load", snapshotSave = "snapshot-save", snapshotDelete = "snapshot-delete"
+
+    /// Whether jobs of this type are block jobs (QEMU's `BlockJob`): they appear in
+    /// `query-block-jobs` and send the `BLOCK_JOB_*` events. `create`, `amend` and the
+    /// snapshot jobs are plain jobs with `JOB_STATUS_CHANGE` only.
+    public var isBlockJob: Bool {
+        switch self {
+        case .commit, .stream, .mirror, .backup: return true
+        case .create, .amend, .snapshotLoad, .snapshotSave, .snapshotDelete: return false
+        }
+    }
 }
 
 /// What a job does about an I/O error (QAPI's `BlockdevOnError`).

@@ -74,11 +74,12 @@ extension QMPMonitor {
         }
         register("query-block-jobs", exclusive: false) { args, ctx in
             try args.done()
-            return .list(ctx.monitor.jobs.all.filter { $0.status != .null }.map { $0.blockInfo.qobject })
+            return .list(ctx.monitor.jobs.all.reversed().filter { $0.status != .null && $0.type.isBlockJob }.map { $0.blockInfo.qobject })
         }
         register("query-jobs", exclusive: false) { args, ctx in
             try args.done()
-            return .list(ctx.monitor.jobs.all.filter { $0.status != .null }.map { $0.info.qobject })
+            // Newest first, as QEMU's job list (new jobs go to its head).
+            return .list(ctx.monitor.jobs.all.reversed().filter { $0.status != .null }.map { $0.info.qobject })
         }
         registerStreamCommand()
         registerCommitCommand()
@@ -95,7 +96,7 @@ extension QMPMonitor {
 
     /// A block job by ID: QEMU's `find_block_job` error.
     func blockJob(_ id: String) throws -> Job {
-        guard let j = jobs.job(id), j.status != .null else { throw QMPError(.deviceNotActive, "Block job '\(id)' not found") }
+        guard let j = jobs.job(id), j.status != .null, j.type.isBlockJob else { throw QMPError(.deviceNotActive, "Block job '\(id)' not found") }
         return j
     }
 }

@@ -51,7 +51,8 @@ public struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
 /// - a missing mandatory member: "Parameter 'x' is missing";
 /// - a member of the wrong JSON type: "Invalid parameter type for 'x', expected: string";
 /// - an out-of-range unsigned value: "Parameter 'x' expects uint32_t";
-/// - an enum value not in the list: "Parameter 'x' does not accept value 'y'";
+/// - an enum value not in the list: "Parameter 'x' does not accept value 'y'" (the member's
+///   own name, without the path, as QEMU's enum visitor words it);
 /// - a member nobody read: "Parameter 'x' is unexpected", from ``done()``.
 ///
 /// Nested objects report full names (`addr.data.path`). A handler reads every member it
@@ -140,7 +141,8 @@ public final class QMPArguments: @unchecked Sendable {
     /// A member whose value must be one of `values` (a QAPI enum).
     public func optionalEnum(_ key: String, _ values: [String]) throws -> String? {
         guard let s = try optionalString(key) else { return nil }
-        guard values.contains(s) else { throw QMPError.generic("Parameter '\(name(key))' does not accept value '\(s)'") }
+        // QEMU's enum visitor names the member without its path (unlike the other errors).
+        guard values.contains(s) else { throw QMPError.generic("Parameter '\(key)' does not accept value '\(s)'") }
         return s
     }
 

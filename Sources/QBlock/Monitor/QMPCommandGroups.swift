@@ -17,5 +17,9 @@ extension QMPMonitor {
         { $0.registerBackupCommands() },
         { $0.registerInternalSnapshotCommands() },
         { $0.registerDebugCommands() },
+        { $0.registerCreateCommands() },
+        { $0.registerObjectCommands() },
+        { $0.registerSchemaCommands() },
+        { $0.registerBlockGraphCommands() },
     ]
 }

@@ -216,7 +216,7 @@ public enum ImageCreator {
     /// Creates a raw file as QEMU's file driver does: the size is rounded up to 512 bytes,
     /// the file truncated to zero and then to the size with the preallocation asked for, and
     /// the first block of a file that was empty is written so that it is allocated.
-    static func createRaw(_ plan: Plan) async throws {
+    static func createRaw(_ plan: Plan, nocow: Bool = false, roundUp: Bool = true) async throws {
         var prealloc = Preallocation.off
         if let p = plan.values["preallocation"] {
             guard let mode = Preallocation(rawValue: p) else {
@@ -224,7 +224,7 @@ public enum ImageCreator {
             }
             prealloc = mode
         }
-        let size = (plan.size + 511) / 512 * 512
+        let size = roundUp ? (plan.size + 511) / 512 * 512 : plan.size
         let file: FileNode
         do {
             file = try FileNode(path: plan.path, readOnly: false, perm: [.write, .resize],
@@ -238,6 +238,8 @@ public enum ImageCreator {
         }
         do {
             try await file.truncate(to: 0, preallocation: .off)
+            // As QEMU: a hint for copy-on-write file systems, its failure ignored.
+            if nocow { FileAttributes.setNoCOW(plan.path) }
             if prealloc == .metadata {
                 // QEMU's file driver fails here too, leaving the emptied file behind.
                 try? await file.close()

@@ -9,12 +9,44 @@ extension Qcow2Node {
     /// Creates (or overwrites) a qcow2 image at `path` with virtual size `size`.
     /// - Throws: ``BlockError`` `.invalidArgument` for option combinations qemu-img refuses.
     public static func create(path: String, size: Int64, options o: Qcow2CreateOptions) async throws {
-        if size < 0 { throw BlockError(.invalidArgument, "Image size must be a non-negative number") }
         // qemu-img rounds the size up to whole 512-byte sectors.
-        let size = (size + 511) / 512 * 512
+        let size = try checkCreate(size: size < 0 ? size : (size + 511) / 512 * 512, options: o)
+        let file = try FileNode(path: path, readOnly: false, perm: [.consistentRead, .write, .resize],
+                                shared: [.consistentRead, .writeUnchanged], create: true)
+        do {
+            try await file.truncate(to: 0, preallocation: .off)
+            try await format(file, size: size, options: o)
+        } catch {
+            try? await file.close()
+            throw error
+        }
+        try await file.close()
+    }
+
+    /// Writes a new qcow2 image of virtual size `size` onto `file`, an open, writable
+    /// protocol node (QEMU's `blockdev-create` with a qcow2 `file` node): the same layout
+    /// as ``create(path:size:options:)``. `file` stays open; its old content is overwritten
+    /// from offset 0 (a longer file keeps its length).
+    /// - Throws: ``BlockError`` `.invalidArgument` for options QEMU refuses (size not a
+    ///   multiple of 512, cluster size, version-dependent features), I/O errors.
+    public static func create(on file: any BlockDriver, size: Int64, options o: Qcow2CreateOptions) async throws {
+        let size = try checkCreate(size: size, options: o)
+        try await format(file, size: size, options: o)
+    }
+
+    /// QEMU's checks of the creation options, in its order; returns the size. The size
+    /// must be a multiple of 512 (qemu-img rounds it up before).
+    @discardableResult
+    static func checkCreate(size: Int64, options o: Qcow2CreateOptions) throws -> Int64 {
+        if size < 0 { throw BlockError(.invalidArgument, "Image size must be a non-negative number") }
+        if size % 512 != 0 { throw BlockError(.invalidArgument, "Image size must be a multiple of 512 bytes") }
         let cs = o.clusterSize
         guard cs >= 512 && cs <= 2 << 20 && cs & (cs - 1) == 0 else {
             throw BlockError(.invalidArgument, "Cluster size must be a power of two between 512 and 2048k")
+        }
+        let rb = o.refcountBits
+        guard rb > 0 && rb <= 64 && rb & (rb - 1) == 0 else {
+            throw BlockError(.invalidArgument, "Refcount width must be a power of two and may not exceed 64 bits")
         }
         if o.version < 3 {
             if o.lazyRefcounts {
@@ -41,7 +73,13 @@ extension Qcow2Node {
         if neededL1 > (32 << 20) / 8 {
             throw BlockError(.invalidArgument, "Could not resize image: The image size is too large for the cluster size")
         }
+        return size
+    }
 
+    /// Writes header, refcount table and first refcount block at offset 0 of `file`, then
+    /// grows the image to `size` (allocating the L1 table) and sets the backing file.
+    private static func format(_ file: any BlockDriver, size: Int64, options o: Qcow2CreateOptions) async throws {
+        let cs = o.clusterSize
         var h = Qcow2Header()
         h.version = UInt32(o.version)
         h.clusterBits = UInt32(cs.trailingZeroBitCount)
@@ -58,31 +96,24 @@ extension Qcow2Node {
         var headerBytes = try h.encode()
         headerBytes.append(contentsOf: [UInt8](repeating: 0, count: cs - headerBytes.count))
 
-        // Write the empty image: header, refcount table, one refcount block counting clusters 0-2.
-        let file = try FileNode(path: path, readOnly: false, perm: [.consistentRead, .write, .resize],
-                                shared: [.consistentRead, .writeUnchanged], create: true)
-        do {
-            try await file.truncate(to: 0, preallocation: .off)
-            var rt = [UInt8](repeating: 0, count: cs)
-            rt.setBE64(0, UInt64(2 * cs))
-            var rb = [UInt8](repeating: 0, count: cs)
-            let bits = o.refcountBits
-            for c in 0..<3 { setRaw(&rb, index: c, bits: bits, value: 1) }
-            try await file.write(at: 0, bytes: headerBytes)
-            try await file.write(at: Int64(cs), bytes: rt)
-            try await file.write(at: Int64(2 * cs), bytes: rb)
-            try await file.flush()
-        } catch {
-            try? await file.close()
-            throw error
-        }
-        try await file.close()
+        // The empty image: header, refcount table, one refcount block counting clusters 0-2.
+        var rt = [UInt8](repeating: 0, count: cs)
+        rt.setBE64(0, UInt64(2 * cs))
+        var rb = [UInt8](repeating: 0, count: cs)
+        let bits = o.refcountBits
+        for c in 0..<3 { setRaw(&rb, index: c, bits: bits, value: 1) }
+        try await file.write(at: 0, bytes: headerBytes)
+        try await file.write(at: Int64(cs), bytes: rt)
+        try await file.write(at: Int64(2 * cs), bytes: rb)
+        try await file.flush()
 
-        // Grow it to its size (allocating the L1 table) and set the backing file.
+        // Grow it to its size (allocating the L1 table) and set the backing file, through
+        // a qcow2 node on the file that leaves the file open when it closes.
         var openOptions = OpenOptions(format: "qcow2")
         openOptions.openBacking = false
-        let node = try await ImageOpener.open(path, options: openOptions)
-        guard let q = node as? Qcow2Node else { throw BlockError(.internalError, "created image did not open as qcow2") }
+        let q = try await Qcow2Node.open(file: UnclosedDriver(file), options: openOptions) { _, _ in
+            throw BlockError(.internalError, "no backing file is opened while creating")
+        }
         do {
             if o.backingFile != nil {
                 await q.metaLock.lock()
