@@ -46,6 +46,33 @@ enum QMPHarness {
         return fd
     }
 
+    /// The usual transcript fixture: base.qcow2 ← top.qcow2 with 64 KiB written, an 8 MiB r.raw.
+    static func standardFixture(_ dir: TempDir) throws {
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("base.qcow2"), "16M")
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", dir.file("top.qcow2"))
+        try mustRun("qemu-io", "-c", "write 0 64k", dir.file("top.qcow2"))
+        try truncateFile(dir.file("r.raw"), to: 8 << 20)
+    }
+
+    /// Replays `script` (tests/python, through qmp_transcript.py) on a fresh daemon started
+    /// in `dir` after `setup`; `daemon` is its argv with `$SOCK` for the socket. Returns the
+    /// transcript with `dir` written as `$DIR`, so two daemons' transcripts compare.
+    static func transcript(daemon: [String], script: String, dir: TempDir = TempDir("qmp-transcript"),
+                           setup: (TempDir) throws -> Void = standardFixture) throws -> String {
+        try setup(dir)
+        let socket = dir.file("qmp.sock")
+        guard let pid = NBDHarness.spawn(daemon.map { $0.replacingOccurrences(of: "$SOCK", with: socket) }, output: dir.file("log")) else {
+            throw QMPTestError(description: "cannot start \(daemon[0])")
+        }
+        defer { kill(pid, SIGTERM); _ = NBDHarness.reap(pid) }
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(10_000) }
+        usleep(50_000)
+        let r = try run(Tools.which("python3") ?? "python3", ["\(pythonDir)/qmp_transcript.py", socket, "\(pythonDir)/\(script)", dir.path])
+        guard r.status == 0 else { throw QMPTestError(description: "transcript failed: \(r)") }
+        return r.stdout.replacingOccurrences(of: dir.path, with: "$DIR")
+    }
+
     /// Starts `nbd --qmp SOCKET [args]` and waits until the socket exists.
     static func startDaemon(dir: TempDir, tag: String = "qmp", args: [String] = []) throws -> Daemon {
         let socket = dir.file("\(tag).sock"), log = dir.file("\(tag).log")

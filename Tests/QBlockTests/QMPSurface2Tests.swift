@@ -11,22 +11,10 @@ import TestSupport
 struct QMPSurface2Tests {
     static let haveQSD = QMPHarness.ready && Tools.which("qemu-storage-daemon") != nil
 
-    /// Replays `script` on a fresh daemon in `dir` (after `setup`) and returns the transcript.
+    /// Replays `script` on a fresh daemon in `dir` (after `setup`) and returns its lines.
     static func transcript(daemon: [String], script: String, dir: TempDir,
                            setup: (TempDir) throws -> Void) throws -> [Substring] {
-        try setup(dir)
-        let socket = dir.file("qmp.sock")
-        guard let pid = NBDHarness.spawn(daemon.map { $0.replacingOccurrences(of: "$SOCK", with: socket) }, output: dir.file("log")) else {
-            throw QMPTestError(description: "cannot start \(daemon[0])")
-        }
-        defer { kill(pid, SIGTERM); _ = NBDHarness.reap(pid) }
-        let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(10_000) }
-        usleep(50_000)
-        let r = try run(Tools.which("python3") ?? "python3", ["\(QMPHarness.pythonDir)/qmp_transcript.py", socket,
-                                                              "\(QMPHarness.pythonDir)/\(script)", dir.path])
-        guard r.status == 0 else { throw QMPTestError(description: "transcript failed: \(r)") }
-        return r.stdout.replacingOccurrences(of: dir.path, with: "$DIR").split(separator: "\n")
+        try QMPHarness.transcript(daemon: daemon, script: script, dir: dir, setup: setup).split(separator: "\n")
     }
 
     /// Replays `script` on both daemons, compares every line, and returns both directories

@@ -12,26 +12,9 @@ import TestSupport
 struct QMPSurfaceTests {
     static let haveQSD = QMPHarness.ready && Tools.which("qemu-storage-daemon") != nil
 
-    /// Replays `script` on a fresh daemon over the usual fixture (base.qcow2 ← top.qcow2
-    /// with 64 KiB written, an 8 MiB r.raw) and returns the transcript.
+    /// Replays `script` on a fresh daemon over the usual fixture and returns its lines.
     private static func transcript(daemon: [String], script: String) throws -> [Substring] {
-        let dir = TempDir("qmp-surface")
-        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("base.qcow2"), "16M")
-        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", dir.file("top.qcow2"))
-        try mustRun("qemu-io", "-c", "write 0 64k", dir.file("top.qcow2"))
-        try truncateFile(dir.file("r.raw"), to: 8 << 20)
-        let socket = dir.file("qmp.sock")
-        guard let pid = NBDHarness.spawn(daemon.map { $0.replacingOccurrences(of: "$SOCK", with: socket) }, output: dir.file("log")) else {
-            throw QMPTestError(description: "cannot start \(daemon[0])")
-        }
-        defer { kill(pid, SIGTERM); _ = NBDHarness.reap(pid) }
-        let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(10_000) }
-        usleep(50_000)
-        let r = try run(Tools.which("python3") ?? "python3", ["\(QMPHarness.pythonDir)/qmp_transcript.py", socket,
-                                                              "\(QMPHarness.pythonDir)/\(script)", dir.path])
-        guard r.status == 0 else { throw QMPTestError(description: "transcript failed: \(r)") }
-        return r.stdout.replacingOccurrences(of: dir.path, with: "$DIR").split(separator: "\n")
+        try QMPHarness.transcript(daemon: daemon, script: script, dir: TempDir("qmp-surface")).split(separator: "\n")
     }
 
     /// Both transcripts of `script`, compared line by line.

@@ -939,13 +939,7 @@ class Run:
         else:
             await self.burst(st["burst2"])
         above = chain[:chain.index(base)]
-        if st["end"] == "complete":
-            await self.x("block-job-complete", {"device": job})
-        else:
-            await self.x("block-job-cancel", {"device": job})
-        ev = await self.wait_job_end(job)
-        if ev["event"] != "BLOCK_JOB_COMPLETED" or "error" in ev["data"]:
-            raise Failure("job-error", f"active commit ended with {ev}")
+        await self.end_ready_job(job, st["end"], "active commit")
         self.commit_into(above, base, top)
         if st["end"] == "complete":
             m.active = base
@@ -1013,6 +1007,16 @@ class Run:
         p = tool(["qemu-img", "map", "-U", "-f", "qcow2", "--output=json", path])
         return [(e["start"], e["length"]) for e in json.loads(p.stdout) if e.get("depth") == 0 and (e.get("data") or e.get("zero")) and e.get("present", True)]
 
+    async def end_ready_job(self, job, end, what):
+        """Completes (end == "complete") or cancels a ready job and waits for a clean end."""
+        if end == "complete":
+            await self.x("block-job-complete", {"device": job})
+        else:
+            await self.x("block-job-cancel", {"device": job})
+        ev = await self.wait_job_end(job)
+        if ev["event"] != "BLOCK_JOB_COMPLETED" or "error" in ev["data"]:
+            raise Failure("job-error", f"{what} ended with {ev}")
+
     async def step_mirror(self, st):
         m = self.model
         src = m.active
@@ -1064,13 +1068,7 @@ class Run:
                 await self.x("block-job-set-speed", {"device": job, "speed": 0})
             await self.wait_event(lambda e: e["event"] == "BLOCK_JOB_READY" and e["data"].get("device") == job, f"{job} ready")
             await self.burst(st["burst2"])
-            if st["end"] == "complete":
-                await self.x("block-job-complete", {"device": job})
-            else:
-                await self.x("block-job-cancel", {"device": job})
-            ev = await self.wait_job_end(job)
-            if ev["event"] != "BLOCK_JOB_COMPLETED" or "error" in ev["data"]:
-                raise Failure("job-error", f"mirror ended with {ev}")
+            await self.end_ready_job(job, st["end"], "mirror")
             # The target holds the source's content; what it allocates depends on sync.
             if sync == "full":
                 ranges = [r for img in m.chain(src) for r in m.allocated_ranges(img)]
