@@ -143,7 +143,11 @@ struct Qcow2NoSpaceTests {
         let tableBefore = qnode.header.refcountTableClusters
         injector.start(fileLength: file.length, clusterSize: c.clusterSize)
         var failed = 0
-        for _ in 0..<4 {
+        // Four rounds, and more (a bounded number) while the fault has not hit yet: with some
+        // seeds the first rounds only rewrite clusters that are already allocated.
+        var faultRounds = 0
+        while faultRounds < 4 || (injector.failures == 0 && faultRounds < 16) {
+            faultRounds += 1
             let failures = try await runRound(qnode, &model, &rng, round: round, c)
             failed += failures.count
             for f in failures {
