@@ -19,6 +19,7 @@ extension QMPMonitor {
         { $0.registerDebugCommands() },
         { $0.registerCreateCommands() },
         { $0.registerAmendCommands() },
+        { $0.registerReopenCommands() },
         { $0.registerObjectCommands() },
         { $0.registerSchemaCommands() },
         { $0.registerBlockGraphCommands() },
