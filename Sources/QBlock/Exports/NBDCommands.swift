@@ -138,9 +138,10 @@ extension NBDConnection {
 extension NBDExport {
     func write(at offset: Int64, from data: UnsafeRawBufferPointer, fua: Bool) async throws {
         let fua = fua || options.writethrough
-        if options.detectZeroes != .off && Self.isZero(data) {
+        let policy = writePolicy.current
+        if policy.detectZeroes != .off && Self.isZero(data) {
             var flags: WriteFlags = fua ? [.fua] : []
-            if options.detectZeroes == .unmap && options.discard == .unmap { flags.insert(.mayUnmap) }
+            if policy.detectZeroes == .unmap && policy.discard == .unmap { flags.insert(.mayUnmap) }
             try await node.writeZeroes(at: offset, length: Int64(data.count), flags: flags)
             return
         }
@@ -151,13 +152,13 @@ extension NBDExport {
         var flags: WriteFlags = []
         if fua || options.writethrough { flags.insert(.fua) }
         // Without discard=unmap the node never deallocates (qemu strips BDRV_REQ_MAY_UNMAP).
-        if mayUnmap && options.discard == .unmap { flags.insert(.mayUnmap) }
+        if mayUnmap && writePolicy.discard == .unmap { flags.insert(.mayUnmap) }
         if fast { flags.insert(.noFallback) }
         try await node.writeZeroes(at: offset, length: length, flags: flags)
     }
 
     func trim(at offset: Int64, length: Int64, fua: Bool) async throws {
-        if options.discard == .unmap {
+        if writePolicy.discard == .unmap {
             try await node.discard(at: offset, length: length)
         }
         if fua || options.writethrough { try await node.flush() }

@@ -52,6 +52,29 @@ public final class NBDExport: Sendable {
     public let description: String?
     public let node: any BlockDriver
     public let options: Options
+    /// The discard and detect-zeroes choices in force, initially `options`' ones; a QMP
+    /// `blockdev-reopen` of the exported node changes them while clients are connected
+    /// (in QEMU they are flags of the node).
+    public let writePolicy: WritePolicy
+
+    /// ``Options/discard`` and ``Options/detectZeroes``, changeable while the export runs.
+    public final class WritePolicy: @unchecked Sendable {
+        // @unchecked: the values are only touched with `lock` held.
+        private let lock = PosixMutex()
+        private var _discard: DiscardMode
+        private var _detectZeroes: DetectZeroes
+        init(discard: DiscardMode, detectZeroes: DetectZeroes) {
+            _discard = discard
+            _detectZeroes = detectZeroes
+        }
+        public var discard: DiscardMode { lock.withLock { _discard } }
+        public var detectZeroes: DetectZeroes { lock.withLock { _detectZeroes } }
+        /// Both at once.
+        public var current: (discard: DiscardMode, detectZeroes: DetectZeroes) { lock.withLock { (_discard, _detectZeroes) } }
+        public func set(discard: DiscardMode, detectZeroes: DetectZeroes) {
+            lock.withLock { _discard = discard; _detectZeroes = detectZeroes }
+        }
+    }
 
     /// Creates an export of `node`.
     /// - Throws: ``BlockError`` `.invalidArgument` if the name or description is longer than
@@ -78,6 +101,7 @@ public final class NBDExport: Sendable {
             throw BlockError(.invalidArgument, "Duplicate bitmap names in export", operation: "add export")
         }
         self.name = name
+        self.writePolicy = WritePolicy(discard: options.discard, detectZeroes: options.detectZeroes)
         self.description = description
         self.node = node
         self.options = options

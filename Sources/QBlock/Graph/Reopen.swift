@@ -46,3 +46,37 @@ public enum BlockReopen {
         return replacement
     }
 }
+
+/// A driver whose open mode can change while its node keeps its place in the graph
+/// (QEMU's `bdrv_reopen` of one node): every user, backing link and job keeps the same
+/// node object. Callers switch a tree top-down when making it read-only and bottom-up
+/// when making it writable, with no request in flight (inside ``BlockGraph/drained(_:)``).
+public protocol ReopenableDriver: BlockDriver {
+    /// Makes the driver read-only (after flushing what it caches) or writable again, and
+    /// takes `cache` as its host cache mode where it has one (a format driver has none:
+    /// its file node has).
+    /// - Throws: ``BlockError``; on failure the driver keeps its previous mode.
+    func reopen(readOnly: Bool, cache: CacheMode) async throws
+}
+
+extension FileNode: ReopenableDriver {
+    public func reopen(readOnly: Bool, cache: CacheMode) async throws {
+        if readOnly && !isReadOnly { try await flush() }
+        let result: Result<Void, Error> = await IOThreadPool.shared.run { Result { try self.reopen(readOnly: readOnly, cache: cache) } }
+        try result.get()
+    }
+}
+
+extension RawNode: ReopenableDriver {
+    public func reopen(readOnly: Bool, cache: CacheMode) async throws {
+        if readOnly && !isReadOnly { try await flush() }
+        if !readOnly && child.isReadOnly { throw BlockError(.readOnly, "Block node is read-only", path: filename, operation: "reopen") }
+        setReadOnly(readOnly)
+    }
+}
+
+extension Qcow2Node: ReopenableDriver {
+    public func reopen(readOnly: Bool, cache: CacheMode) async throws {
+        if readOnly { try await reopenReadOnly() } else if isReadOnly { try await reopenReadWrite() }
+    }
+}

@@ -128,6 +128,26 @@ public final class QMPBlockState: @unchecked Sendable {
     }
     func nodeInfo(_ node: BlockNode) -> NodeInfo? { lock.withLock { info[ObjectIdentifier(node)] } }
 
+    /// Records the options a `blockdev-reopen` gave `node`; its read-only state is the
+    /// node's own from then on (no longer reported read-only because of a snapshot).
+    func setReopenedOptions(_ node: BlockNode, cache: CacheMode, noFlush: Bool, detectZeroes: String, discard: String) {
+        lock.withLock {
+            var i = info[ObjectIdentifier(node)] ?? NodeInfo(cache: cache, noFlush: noFlush, detectZeroes: detectZeroes, implicit: [])
+            i.cache = cache
+            i.noFlush = noFlush
+            i.detectZeroes = detectZeroes
+            i.discard = discard
+            info[ObjectIdentifier(node)] = i
+            reportedReadOnly.remove(ObjectIdentifier(node))
+        }
+    }
+
+    /// Whether `child` was created with `parent` (QEMU: it inherits its options from it, so a
+    /// reopen of the parent reopens it too).
+    func isImplicitChild(_ child: BlockNode, of parent: BlockNode) -> Bool {
+        lock.withLock { info[ObjectIdentifier(parent)]?.implicit.contains { $0 === child } ?? false }
+    }
+
     /// A node that takes another's place (a snapshot overlay, a drive-mirror target) opens
     /// with that node's `discard` choice, as QEMU reuses its open flags (detect-zeroes is not
     /// one of them).
@@ -140,12 +160,14 @@ public final class QMPBlockState: @unchecked Sendable {
 
     /// Opens a node tree from `blockdev-add` arguments and adds every node to the graph.
     /// On failure, whatever was created is closed and removed.
-    func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool) async throws -> BlockNode {
+    /// A backing child is opened read-only unless it says otherwise (QEMU's default for a
+    /// child holding the older data); a file child takes its parent's mode.
+    func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool, isBacking: Bool = false) async throws -> BlockNode {
         let driver = try args.enumValue("driver", QMPBlockdevDrivers.names)
         let nodeName = try args.optionalString("node-name")
         if isRoot && nodeName == nil { throw QMPError.generic("'node-name' must be specified for the root node") }
         if let nodeName { try Self.checkNodeName(nodeName) }
-        let readOnly = try args.optionalBool("read-only") ?? (parent?.readOnly ?? false)
+        let readOnly = try args.optionalBool("read-only") ?? (isBacking || (parent?.readOnly ?? false))
         var direct = parent?.cache.direct ?? false
         var noFlush = false
         if let cache = try args.optionalObject("cache") {

@@ -150,7 +150,7 @@ extension QMPMonitor {
         }
         register("query-block-exports", exclusive: false) { args, ctx in
             try args.done()
-            return .list(ctx.monitor.nbd.all.map { e in
+            return .list(ctx.monitor.nbd.all.reversed().map { e in   // newest first, as QEMU lists them
                 .dict(QObject.Dict([("type", .string("nbd")), ("id", .string(e.id)),
                                     ("node-name", .string(e.backend.node.nodeName)), ("shutting-down", .bool(false))]))
             })

@@ -33,7 +33,7 @@ extension QMPMonitor {
             throw QMPError.generic("NBD export '\(request.name)' already exists")
         }
         if request.writable && request.node.isReadOnly {
-            throw QMPError.generic("Could not open node '\(request.node.nodeName)' read-write: node is read-only")
+            throw QMPError.generic("Cannot export read-only node as writable")
         }
         let backend = BlockBackend(name: "", node: request.node)
         // The node's own discard and detect-zeroes choices govern what clients' TRIM and

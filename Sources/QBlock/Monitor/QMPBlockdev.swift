@@ -68,7 +68,7 @@ public final class QMPOpenContext: @unchecked Sendable {
             guard let n = graph.node(named: name) else { throw QMPError.noDevice(device: name, node: name) }
             return n
         case .dict(let d):
-            return try await block.open(QMPArguments(d, path: args.name(key)), parent: self, isRoot: false)
+            return try await block.open(QMPArguments(d, path: args.name(key)), parent: self, isRoot: false, isBacking: key == "backing")
         default:
             throw QMPError.generic("Invalid parameter type for '\(args.name(key))', expected: BlockdevRef")
         }

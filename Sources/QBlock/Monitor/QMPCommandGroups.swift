@@ -18,6 +18,8 @@ extension QMPMonitor {
         { $0.registerInternalSnapshotCommands() },
         { $0.registerDebugCommands() },
         { $0.registerCreateCommands() },
+        { $0.registerAmendCommands() },
+        { $0.registerReopenCommands() },
         { $0.registerObjectCommands() },
         { $0.registerSchemaCommands() },
         { $0.registerBlockGraphCommands() },

@@ -98,3 +98,12 @@ public final class AsyncEvent: @unchecked Sendable {
         for w in ws { w.resume() }
     }
 }
+
+/// A Boolean read and set from any thread.
+final class LockedFlag: @unchecked Sendable {
+    // @unchecked: `flag` is only touched with `lock` held.
+    private let lock = PosixMutex()
+    private var flag = false
+    var value: Bool { lock.withLock { flag } }
+    func set(_ v: Bool) { lock.withLock { flag = v } }
+}

@@ -25,7 +25,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public var file: (any BlockDriver)? { hostFile }
     public var backing: (any BlockDriver)? { backingNode }
     public var filename: String { hostFile.filename }
-    public var isReadOnly: Bool { hostFile.isReadOnly }
+    /// Read-only because its file is, or because a reopen made the format node read-only
+    /// over a writable file (``reopenReadOnly()``).
+    public var isReadOnly: Bool { formatReadOnly.value || hostFile.isReadOnly }
+    /// Set by ``reopenReadOnly()``, cleared by ``reopenReadWrite()``.
+    let formatReadOnly = LockedFlag()
     public var requestAlignment: Int { 1 }
     public var length: Int64 { Int64(header.size) }
 
@@ -180,7 +184,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     /// maintain (bit 0, bitmaps, is kept; a bitmaps extension without it is stale, written
     /// by a program without bitmap support, and is dropped as QEMU does), repair after an
     /// unclean shutdown (dirty bit), and mark the persistent bitmaps in use.
-    private func prepareForWriting(options: OpenOptions) async throws {
+    func prepareForWriting(options: OpenOptions) async throws {
         let kept = header.autoclearFeatures & Qcow2Header.autoclearBitmaps
         let stale = kept == 0 && header.bitmapsExtensionData() != nil
         if header.autoclearFeatures != kept || stale {

@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The `raw` format driver: the guest sees its `file` child's bytes unchanged.
 ///
 /// Like QEMU's raw driver it may expose a window (`offset`, `size`) of the child.
@@ -7,7 +11,13 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     public var file: (any BlockDriver)? { child }
     public var backing: (any BlockDriver)? { nil }
     public var filename: String { child.filename }
-    public var isReadOnly: Bool { child.isReadOnly }
+    /// Read-only because its file is, or because a reopen made it so (``setReadOnly(_:)``).
+    public var isReadOnly: Bool { formatReadOnly.value || child.isReadOnly }
+    private let formatReadOnly = LockedFlag()
+
+    /// Makes the node refuse writes (true) or pass them to its file again (false), whatever
+    /// the file's own mode (QEMU's reopen of a raw node; raw keeps no metadata to flush).
+    public func setReadOnly(_ readOnly: Bool) { formatReadOnly.set(readOnly) }
     public var requestAlignment: Int { child.requestAlignment }
     /// Where the window starts in the child.
     public let offset: Int64
@@ -29,18 +39,30 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
         try await child.write(at: self.offset + offset, from: buffer, flags: flags)
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
         try await child.writeZeroes(at: self.offset + offset, length: length, flags: flags)
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
         try await child.discard(at: self.offset + offset, length: length)
     }
 
-    public func flush() async throws { try await child.flush() }
+    public func flush() async throws {
+        if formatReadOnly.value { return }
+        try await child.flush()
+    }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         var s = try await child.blockStatus(at: self.offset + offset, length: length)
@@ -49,6 +71,9 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     }
 
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
         if fixedSize != nil {
             throw BlockError(.unsupported, "Cannot resize a raw node with a fixed size", path: filename, operation: "truncate")
         }

@@ -12,24 +12,41 @@ import CSupport
 public final class FileNode: BlockDriver, @unchecked Sendable {
     public let driverName = "file"
     public let filename: String
-    public let isReadOnly: Bool
-    public let cacheMode: CacheMode
+    /// Whether writes are refused (the descriptor is O_RDONLY); ``reopen(readOnly:cache:)`` changes it.
+    public var isReadOnly: Bool { sizeLock.withLock { mode.readOnly } }
+    /// The host cache mode; ``reopen(readOnly:cache:)`` changes it.
+    public var cacheMode: CacheMode { sizeLock.withLock { mode.cache } }
     public let isBlockDevice: Bool
     public var requestAlignment: Int { 1 }
     public var file: (any BlockDriver)? { nil }
     public var backing: (any BlockDriver)? { nil }
 
-    let fd: Int32
-    /// Alignment O_DIRECT requires of offsets, lengths and buffer addresses.
-    let directAlignment: Int
+    /// What a reopen replaces, together: the descriptor and the flags it was opened with.
+    private struct Mode {
+        var fd: Int32
+        var readOnly: Bool
+        var cache: CacheMode
+        /// Alignment O_DIRECT requires of offsets, lengths and buffer addresses.
+        var directAlignment: Int
+        /// Buffered writes to a regular file, one at a time and back to back (see ``SerialWriteQueue``).
+        var serialWrites: SerialWriteQueue?
+        /// The image locks taken on `fd`, to take again on a new descriptor.
+        var locked: (perm: BlockPermissions, shared: BlockPermissions)?
+    }
+    private var mode: Mode
+    /// Descriptors replaced by a reopen: a request that read the old descriptor just
+    /// before the switch may still use it, so they stay open (unlocked) until ``close()``
+    /// and their numbers are never reused for another file meanwhile.
+    private var retiredFDs: [Int32] = []
+    var fd: Int32 { sizeLock.withLock { mode.fd } }
+    var directAlignment: Int { sizeLock.withLock { mode.directAlignment } }
+    private var serialWrites: SerialWriteQueue? { sizeLock.withLock { mode.serialWrites } }
     private let pool: IOThreadPool
     private let sizeLock = PosixMutex()
     private var cachedLength: Int64
     private var closed = false
     /// Serializes read-modify-write cycles of unaligned O_DIRECT writes.
     private let rmwLock = AsyncMutex()
-    /// Buffered writes to a regular file, one at a time and back to back (see ``SerialWriteQueue``).
-    private var serialWrites: SerialWriteQueue?
     private var supportsZeroRange = true
     private var supportsPunchHole = true
 
@@ -46,33 +63,18 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
                 locking: Bool = true, create: Bool = false,
                 pool: IOThreadPool = .shared) throws {
         self.filename = path
-        self.isReadOnly = readOnly
-        self.cacheMode = cache
         self.pool = pool
-        var flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
-        if cache.direct { flags |= qb_o_direct() }
-        if create && !readOnly { flags |= O_CREAT }
-        let fd: Int32
-        switch Syscalls.open(path, flags) {
-        case .success(let f): fd = f
-        case .failure(let e):
-            if cache.direct && e.rawValue == EINVAL {
-                throw BlockError(.unsupported, "Could not open '\(path)': filesystem does not support O_DIRECT",
-                                 errno: e.rawValue, path: path, operation: "open")
-            }
-            throw BlockError.system(e.rawValue, "open", path: path)
-        }
-        self.fd = fd
+        let fd = try Self.openDescriptor(path, readOnly: readOnly, cache: cache, create: create)
         guard case .success(let st) = Syscalls.fstat(fd) else {
             Syscalls.close(fd)
             throw BlockError.system(errno, "fstat", path: path)
         }
-        let mode = st.st_mode & S_IFMT
-        if mode == S_IFDIR {
+        let fileType = st.st_mode & S_IFMT
+        if fileType == S_IFDIR {
             Syscalls.close(fd)
             throw BlockError(.invalidArgument, "'\(path)' is a directory", errno: EISDIR, path: path, operation: "open")
         }
-        isBlockDevice = mode == S_IFBLK
+        isBlockDevice = fileType == S_IFBLK
         if isBlockDevice {
             let s = qb_blkdev_size(fd)
             if s < 0 {
@@ -83,8 +85,9 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         } else {
             cachedLength = Int64(st.st_size)
         }
-        directAlignment = cache.direct ? max(512, Int(st.st_blksize) > 4096 ? 4096 : Int(st.st_blksize)) : 1
-        if !cache.direct && !isBlockDevice && !readOnly { serialWrites = SerialWriteQueue(fd: fd, pool: pool) }
+        self.mode = Mode(fd: fd, readOnly: readOnly, cache: cache,
+                    directAlignment: Self.directAlignment(cache, st),
+                    serialWrites: !cache.direct && !isBlockDevice && !readOnly ? SerialWriteQueue(fd: fd, pool: pool) : nil)
         if locking {
             let p = perm ?? (readOnly ? [.consistentRead] : [.consistentRead, .write])
             do {
@@ -93,11 +96,69 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
                 Syscalls.close(fd)
                 throw error
             }
+            self.mode.locked = (p, shared)
         }
     }
 
+    private static func openDescriptor(_ path: String, readOnly: Bool, cache: CacheMode, create: Bool) throws -> Int32 {
+        var flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
+        if cache.direct { flags |= qb_o_direct() }
+        if create && !readOnly { flags |= O_CREAT }
+        switch Syscalls.open(path, flags) {
+        case .success(let f): return f
+        case .failure(let e):
+            if cache.direct && e.rawValue == EINVAL {
+                throw BlockError(.unsupported, "Could not open '\(path)': filesystem does not support O_DIRECT",
+                                 errno: e.rawValue, path: path, operation: "open")
+            }
+            throw BlockError.system(e.rawValue, "open", path: path)
+        }
+    }
+
+    private static func directAlignment(_ cache: CacheMode, _ st: stat) -> Int {
+        cache.direct ? max(512, Int(st.st_blksize) > 4096 ? 4096 : Int(st.st_blksize)) : 1
+    }
+
     deinit {
-        if !closed { Syscalls.close(fd) }
+        if !closed { Syscalls.close(mode.fd) }
+        for f in retiredFDs { Syscalls.close(f) }
+    }
+
+    /// Reopens the file with another mode (QEMU's reopen of a `file` node): a new
+    /// descriptor opened `readOnly` (O_RDONLY or O_RDWR) with `cache`'s flags replaces the
+    /// old one, and the image locks move to it (for the new mode: read-write takes QEMU's
+    /// write lock). Call it with no request in flight (inside a drained section) and after
+    /// a flush when going read-only. On failure nothing changes.
+    /// - Throws: ``BlockError`` when the file cannot be opened so, or another process's lock
+    ///   conflicts with the new mode.
+    public func reopen(readOnly: Bool, cache: CacheMode) throws {
+        let old = sizeLock.withLock { mode }
+        if old.readOnly == readOnly && old.cache == cache { return }
+        let fd = try Self.openDescriptor(filename, readOnly: readOnly, cache: cache, create: false)
+        guard case .success(let st) = Syscalls.fstat(fd) else {
+            Syscalls.close(fd)
+            throw BlockError.system(errno, "fstat", path: filename)
+        }
+        var new = Mode(fd: fd, readOnly: readOnly, cache: cache, directAlignment: Self.directAlignment(cache, st),
+                       serialWrites: !cache.direct && !isBlockDevice && !readOnly ? SerialWriteQueue(fd: fd, pool: pool) : nil)
+        if let (perm, shared) = old.locked {
+            // The old description's locks would conflict with the new one's: drop them first.
+            ImageLock.release(fd: old.fd)
+            let p: BlockPermissions = readOnly ? perm.subtracting([.write, .resize]) : perm.union([.write])
+            do {
+                try ImageLock.acquire(fd: fd, path: filename, perm: p, shared: shared)
+            } catch {
+                ImageLock.release(fd: fd)
+                Syscalls.close(fd)
+                try? ImageLock.acquire(fd: old.fd, path: filename, perm: perm, shared: shared)
+                throw error
+            }
+            new.locked = (p, shared)
+        }
+        sizeLock.withLock {
+            mode = new
+            retiredFDs.append(old.fd)
+        }
     }
 
     public var length: Int64 {
@@ -390,10 +451,15 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     public func close() async throws {
         var wasClosed = false
-        sizeLock.withLock { wasClosed = closed; closed = true }
+        let (fd, retired) = sizeLock.withLock { () -> (Int32, [Int32]) in
+            wasClosed = closed; closed = true
+            defer { retiredFDs = [] }
+            return (mode.fd, retiredFDs)
+        }
         if wasClosed { return }
         ImageLock.release(fd: fd)
         Syscalls.close(fd)
+        for f in retired { Syscalls.close(f) }
     }
 }
 
@@ -402,6 +468,7 @@ extension FileNode {
     /// with `locking: false`, once the format above it is known).
     public func lock(perm: BlockPermissions, shared: BlockPermissions) throws {
         try ImageLock.acquire(fd: fd, path: filename, perm: perm, shared: shared)
+        sizeLock.withLock { mode.locked = (perm, shared) }
     }
 
     /// Reads up to `count` bytes at `offset` synchronously on the caller's thread.
