@@ -23,14 +23,12 @@ let package = Package(
         .target(
             name: "QBlock",
             dependencies: ["CZlib", "CZstd", "CSupport"],
-            path: "Sources/QBlock",
-            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+            path: "Sources/QBlock"
         ),
         .target(
             name: "QMachine",
             dependencies: ["QBlock", "CKVM"],
-            path: "Sources/QMachine",
-            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+            path: "Sources/QMachine"
         ),
         .executableTarget(
             name: "img",
@@ -83,5 +81,5 @@ let package = Package(
             path: "Tests/QMachineTests"
         ),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )

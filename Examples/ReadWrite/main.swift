@@ -25,6 +25,6 @@ do {
     try await runExample(path: path)
 } catch {
     let message = (error as? BlockError)?.message ?? "\(error)"
-    fputs("example: \(message)\n", stderr)
+    StandardStream.error.write("example: \(message)\n")
     exit(1)
 }

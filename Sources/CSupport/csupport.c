@@ -54,3 +54,6 @@ int qb_falloc_keep_size(void) { return FALLOC_FL_KEEP_SIZE; }
 int qb_o_direct(void) { return O_DIRECT; }
 int qb_seek_data(void) { return SEEK_DATA; }
 int qb_seek_hole(void) { return SEEK_HOLE; }
+
+FILE *qb_stdout(void) { return stdout; }
+FILE *qb_stderr(void) { return stderr; }

@@ -11,7 +11,7 @@ import TestSupport
 
 let args = CommandLine.arguments
 guard args.count >= 6, let seed = UInt64(args[4]), let speed = UInt64(args[5]) else {
-    fputs("usage: qblock-mirror-crash SOURCE TARGET BITMAP SEED SPEED [COPY-MODE]\n", stderr)
+    StandardStream.error.write("usage: qblock-mirror-crash SOURCE TARGET BITMAP SEED SPEED [COPY-MODE]\n")
     exit(2)
 }
 do {
@@ -24,7 +24,7 @@ do {
     graph.attach(backend)
     let jobs = JobManager()
     jobs.subscribe { e in
-        if e.name == "BLOCK_JOB_READY" { print("READY"); fflush(stdout) }
+        if e.name == "BLOCK_JOB_READY" { print("READY"); StandardStream.output.flush() }
     }
     let mirror = try MirrorJob(source: source, target: target, graph: graph,
                                options: MirrorOptions(sync: .full, copyMode: MirrorCopyMode(rawValue: args.count > 6 ? args[6] : "background") ?? .background,
@@ -32,7 +32,7 @@ do {
     _ = try jobs.start(mirror, options: JobOptions(id: "mirror0", speed: speed))
     while backend.node === source { try await Task.sleep(nanoseconds: 1_000_000) }
     print("STARTED")
-    fflush(stdout)
+    StandardStream.output.flush()
     let size = backend.length
     for round in 0..<100_000 {
         for k in 0..<MirrorCrashPlan.writesPerFlush {
@@ -41,10 +41,10 @@ do {
         }
         try await backend.flush()
         print("FLUSHED \(round)")
-        fflush(stdout)
+        StandardStream.output.flush()
         try await Task.sleep(nanoseconds: 2_000_000)
     }
 } catch {
-    fputs("qblock-mirror-crash: \(error)\n", stderr)
+    StandardStream.error.write("qblock-mirror-crash: \(error)\n")
     exit(1)
 }

@@ -155,7 +155,7 @@ struct QMPDaemonTests {
         let d = try QMPHarness.startDaemon(dir: dir)
         defer { d.stop() }
         let a = try PyQMP(socket: d.socket), b = try PyQMP(socket: d.socket)
-        let hung = Task { try? await a.execute("blockdev-add", ["driver": "nbd", "node-name": "n", "server": ["type": "unix", "path": mute]]) }
+        let hung = Task { _ = try? await a.execute("blockdev-add", ["driver": "nbd", "node-name": "n", "server": ["type": "unix", "path": mute]]) }
         // A second client queues more commands than the per-client limit behind a hung one.
         let c = try QMPHarness.rawClient(d.socket)
         defer { close(c) }

@@ -140,8 +140,8 @@ struct QMPProtocolTests {
 
     @Test func eventsReachSubscribersWithTimestamps() async throws {
         let m = QMPMonitor()
-        var received: [String] = []
-        let s1 = m.openSession { received.append($0.dictValue?["event"]?.stringValue ?? "?") }
+        let received = LockedValue<[String]>([])
+        let s1 = m.openSession { e in received.withLock { $0.append(e.dictValue?["event"]?.stringValue ?? "?") } }
         let stream = m.subscribe()
         m.emit(event: "EARLY")              // s1 has not negotiated: not sent to it
         s1.negotiated = true
@@ -155,7 +155,7 @@ struct QMPProtocolTests {
         let ts = try #require(e["timestamp"]?.dictValue)
         #expect((ts["seconds"]?.intValue ?? 0) > 1_700_000_000)
         #expect((0..<1_000_000).contains(ts["microseconds"]?.intValue ?? -1))
-        #expect(received == ["JOB_STATUS_CHANGE"])
+        #expect(received.current == ["JOB_STATUS_CHANGE"])
         m.closeSession(s1)
     }
 }

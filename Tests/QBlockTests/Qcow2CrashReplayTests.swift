@@ -76,7 +76,7 @@ import TestSupport
                 try await g.waitForAll()
             }
             try await node.flush()
-            log.lock.lock(); flushMarks.append((log.calls.count, round)); log.lock.unlock()
+            log.lock.withLock { flushMarks.append((log.calls.count, round)) }
         }
         Syscalls.recorder = nil
         try await node.close()

@@ -9,7 +9,7 @@ import TestSupport
 
 let args = CommandLine.arguments
 guard args.count == 4, let seed = UInt64(args[2]), let rounds = Int(args[3]) else {
-    fputs("usage: qblock-stress IMAGE SEED ROUNDS\n", stderr)
+    StandardStream.error.write("usage: qblock-stress IMAGE SEED ROUNDS\n")
     exit(2)
 }
 do {
@@ -34,10 +34,10 @@ do {
         }
         try await node.flush()
         print("FLUSHED \(round)")
-        fflush(stdout)
+        StandardStream.output.flush()
     }
     try await node.close()
 } catch {
-    fputs("qblock-stress: \(error)\n", stderr)
+    StandardStream.error.write("qblock-stress: \(error)\n")
     exit(1)
 }

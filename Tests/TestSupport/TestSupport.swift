@@ -186,3 +186,23 @@ public func mustRun(_ tool: String, _ args: String..., cwd: String? = nil) throw
 /// one test's hook must not fail, record or remove another's. (Per-descriptor hooks,
 /// `Syscalls.setFaultHook(fd:_:)`, need no lock.)
 public let syscallHooks = AsyncMutex()
+
+/// A value behind a lock, for tests that collect results from callbacks running on other
+/// threads.
+public final class LockedValue<Value>: @unchecked Sendable {
+    // @unchecked: `value` is only read or written with `lock` held.
+    private let lock = NSLock()
+    private var value: Value
+
+    public init(_ value: Value) { self.value = value }
+
+    /// Runs `body` with the value, the lock held.
+    public func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(&value)
+    }
+
+    /// A copy of the current value.
+    public var current: Value { withLock { $0 } }
+}

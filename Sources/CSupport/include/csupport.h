@@ -26,4 +26,9 @@ int qb_seek_data(void);
 int qb_seek_hole(void);
 /// Whether the `len` bytes at `buf` are all zero.
 int qb_buffer_is_zero(const void *buf, size_t len);
+#include <stdio.h>
+/// The C library's standard output and error streams. Swift 6 refuses to read the C globals
+/// `stdout`/`stderr` (shared mutable state); these return the same `FILE *`.
+FILE *qb_stdout(void);
+FILE *qb_stderr(void);
 #endif

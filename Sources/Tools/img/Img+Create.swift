@@ -27,7 +27,7 @@ struct ImgCreate: AsyncParsableCommand {
         } catch let e as BlockError {
             if e.message.contains("\nDetected format of ") {
                 // qemu-img prints this hint without a final newline; so do we, byte for byte.
-                fflush(stdout)
+                StandardStream.output.flush()
                 writeStderr("img: \(filename): \(e.message)")
                 throw ExitCode.failure
             }

@@ -6,19 +6,17 @@ import Glibc
 
 /// Writes to standard error unbuffered.
 func writeStderr(_ s: String) {
-    var s = s
-    s.withUTF8 { b in _ = fwrite(b.baseAddress, 1, b.count, stderr) }
+    StandardStream.error.write(s)
 }
 
 /// Writes to standard output (buffered; flushed at exit).
 func writeStdout(_ s: String) {
-    var s = s
-    s.withUTF8 { b in _ = fwrite(b.baseAddress, 1, b.count, stdout) }
+    StandardStream.output.write(s)
 }
 
 /// Prints "img: message" on stderr, as qemu-img's error_report does.
 func printError(_ message: String) {
-    fflush(stdout)
+    StandardStream.output.flush()
     writeStderr("img: \(message)\n")
 }
 
@@ -133,4 +131,4 @@ func percentText(_ value: Double) -> String {
     return "\(hundredths / 100)." + (frac < 10 ? "0" : "") + "\(frac)"
 }
 
-func flushStdout() { fflush(stdout) }
+func flushStdout() { StandardStream.output.flush() }

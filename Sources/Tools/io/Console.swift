@@ -9,17 +9,17 @@ import QBlock
 enum Console {
     static let programName = "io"
 
-    static func out(_ text: String) { fputs(text, stdout) }
+    static func out(_ text: String) { StandardStream.output.write(text) }
 
     /// A diagnostic line as-is ("Try 'io --help' ...").
-    static func err(_ text: String) { fputs(text + "\n", stderr) }
+    static func err(_ text: String) { StandardStream.error.write(text + "\n") }
 
     /// A diagnostic line prefixed with the program name, as QEMU's `error_report`.
-    static func report(_ text: String) { fputs("\(programName): \(text)\n", stderr) }
+    static func report(_ text: String) { StandardStream.error.write("\(programName): \(text)\n") }
 
-    static func flush() { fflush(stdout) }
+    static func flush() { StandardStream.output.flush() }
 
     /// The session's sink: its text goes to stdout and stderr unchanged.
-    static let output = QemuIOOutput(standardOutput: { fputs($0, stdout) },
-                                     standardError: { fputs($0, stderr) })
+    static let output = QemuIOOutput(standardOutput: { StandardStream.output.write($0) },
+                                     standardError: { StandardStream.error.write($0) })
 }

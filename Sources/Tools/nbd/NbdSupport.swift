@@ -6,14 +6,13 @@ import Glibc
 #endif
 
 func writeStderr(_ s: String) {
-    var s = s
-    s.withUTF8 { b in _ = fwrite(b.baseAddress, 1, b.count, stderr) }
-    fflush(stderr)
+    StandardStream.error.write(s)
+    StandardStream.error.flush()
 }
 
 /// Prints "nbd: message" on stderr, as qemu-nbd's error_report does.
 func printError(_ message: String) {
-    fflush(stdout)
+    StandardStream.output.flush()
     writeStderr("nbd: \(message)\n")
 }
 
