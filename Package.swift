@@ -20,11 +20,27 @@ let package = Package(
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .target(name: "CSupport", path: "Sources/CSupport"),
         .target(name: "CKVM", path: "Sources/CKVM"),
+        // The library, one target per layer; dependencies point down only (docs/architecture.md).
+        .target(name: "QBlockCore", dependencies: ["CSupport"], path: "Sources/QBlock/Core"),
+        .target(name: "QBlockNBDWire", dependencies: ["QBlockCore"], path: "Sources/QBlock/NBDWire"),
+        .target(name: "QBlockBitmaps", dependencies: ["QBlockCore"], path: "Sources/QBlock/Bitmaps"),
+        .target(name: "QBlockGraph", dependencies: ["QBlockCore", "QBlockBitmaps"], path: "Sources/QBlock/Graph"),
+        .target(name: "QBlockDrivers", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockNBDWire", "CZlib", "CZstd", "CSupport"], path: "Sources/QBlock/Drivers"),
+        .target(name: "QBlockOpen", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers"], path: "Sources/QBlock/Open"),
+        .target(name: "QBlockOperations", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers", "QBlockOpen", "CSupport"], path: "Sources/QBlock/Operations"),
+        .target(name: "QBlockJobs", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers", "QBlockOpen", "QBlockOperations"], path: "Sources/QBlock/Jobs"),
+        .target(name: "QBlockNBDServer", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockNBDWire", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs"], path: "Sources/QBlock/NBDServer"),
+        .target(name: "QBlockMonitor", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockNBDWire", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs", "QBlockNBDServer"], path: "Sources/QBlock/Monitor"),
+        // The umbrella: `import QBlock` re-exports every layer's public API.
         .target(
             name: "QBlock",
-            dependencies: ["CZlib", "CZstd", "CSupport"],
-            path: "Sources/QBlock"
+            dependencies: ["QBlockCore", "QBlockNBDWire", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs", "QBlockNBDServer", "QBlockMonitor"],
+            path: "Sources/QBlock",
+            exclude: ["Core", "NBDWire", "Bitmaps", "Graph", "Drivers", "Open", "Operations", "Jobs", "NBDServer", "Monitor"]
         ),
+        // What the tools share and the library does not need: the qemu-io command language,
+        // qemu-img's text output, the tools' error reporting.
+        .target(name: "ToolSupport", dependencies: ["QBlock"], path: "Sources/Tools/Support"),
         .target(
             name: "QMachine",
             dependencies: ["QBlock", "CKVM"],
@@ -32,22 +48,22 @@ let package = Package(
         ),
         .executableTarget(
             name: "img",
-            dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/img"
         ),
         .executableTarget(
             name: "io",
-            dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/io"
         ),
         .executableTarget(
             name: "nbd",
-            dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/nbd"
         ),
         .executableTarget(
             name: "vm",
-            dependencies: ["QMachine", "QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QMachine", "QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/vm"
         ),
         .executableTarget(

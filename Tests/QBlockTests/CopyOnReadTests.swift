@@ -2,7 +2,17 @@ import Foundation
 import Glibc
 import Testing
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// The copy-on-read filter on its own: reads copy what they find below the child into it.
 @Suite(.serialized) struct CopyOnReadTests {

@@ -1,6 +1,16 @@
 import Foundation
 import Testing
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// Runs the `io` executable and `qemu-io` side by side on identical raw images and compares
 /// their output (timing values masked), exit status and the resulting image bytes.

@@ -2,7 +2,17 @@ import Foundation
 import Glibc
 import Testing
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// The job commands driven over QMP by the Python `qemu.qmp` client against `nbd --qmp`:
 /// tests/python/jobs/mirror_run.py (drive-mirror with an NBD writer, every sync and copy

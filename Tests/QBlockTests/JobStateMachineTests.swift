@@ -1,5 +1,15 @@
 import Testing
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// The job lifecycle tables, checked cell by cell against QEMU 7.2's `JobSTT` and `JobVerbTable`.
 @Suite struct JobStateMachineTests {

@@ -1,7 +1,17 @@
 import Foundation
 import Glibc
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// Shared pieces of the job tests: a three-image chain, a byte model of what a writer
 /// wrote, and a writer that runs while a job does.

@@ -1,6 +1,16 @@
 import Testing
 import Glibc
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// Collects the events a ``JobManager`` emits.
 final class EventLog: @unchecked Sendable {

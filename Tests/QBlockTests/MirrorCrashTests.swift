@@ -2,7 +2,17 @@ import Foundation
 import Glibc
 import Testing
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// kill -9 of a process in the middle of a mirror with a persistent bitmap, then
 /// `img mirror-finish`: every flushed write is on the target, and only dirty clusters are copied.

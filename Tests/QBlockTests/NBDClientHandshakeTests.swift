@@ -1,5 +1,15 @@
 import Testing
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// The client handshake state machine and the client-side codec, without sockets.
 @Suite struct NBDClientHandshakeTests {

@@ -1,6 +1,16 @@
 import Foundation
 import Testing
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 import TestSupport
 
 /// `nbd --qmp` driven by the real `qemu.qmp` client: the wire protocol, and live snapshots

@@ -1,6 +1,16 @@
 import Foundation
 import Testing
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 import TestSupport
 
 /// The monitor without sockets: JSON, the streamer, the dispatcher, and the commands
@@ -30,7 +40,7 @@ struct QMPProtocolTests {
         (#""\q""#, "JSON parse error, invalid escape sequence in string"),
     ])
     func parseErrors(text: String, message: String) {
-        #expect(throws: QMPError.generic(message)) { try QObject.parseJSON(text) }
+        #expect(throws: JSONParseError(message)) { try QObject.parseJSON(text) }
     }
 
     @Test func parsesQemuDialect() throws {

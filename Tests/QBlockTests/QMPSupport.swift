@@ -1,5 +1,15 @@
 import Foundation
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 import TestSupport
 
 /// Runs `nbd --qmp` daemons and drives them with the real `qemu.qmp` Python client

@@ -1,7 +1,17 @@
 import Foundation
 import Testing
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// Crash consistency of persistent bitmaps: every mutating system call of a read-write
 /// open (marking the bitmaps in use), some writes, and a close (storing the bitmaps) is

@@ -1,6 +1,16 @@
 import Foundation
 import Testing
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// A corpus of damaged images: each must give a clear, typed error — never a crash, a hang,
 /// or (opened read-only) a changed byte.

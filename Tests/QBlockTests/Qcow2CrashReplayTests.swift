@@ -2,7 +2,17 @@ import CSupport
 import Foundation
 import Testing
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// Crash consistency at every write boundary: the writes a workload issues are logged in
 /// order; then, for prefixes of the log (a process killed right after the k-th write), the

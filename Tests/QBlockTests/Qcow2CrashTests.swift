@@ -1,7 +1,17 @@
 import Foundation
 import Testing
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// Kill the writer at a random moment: the image must pass `qemu-img check` (leaks are
 /// acceptable, corruption is not) and every write acknowledged before a completed flush

@@ -1,7 +1,17 @@
 import Foundation
 import Testing
 import TestSupport
-@testable import QBlock
+import QBlock
+@testable import QBlockCore
+@testable import QBlockNBDWire
+@testable import QBlockBitmaps
+@testable import QBlockGraph
+@testable import QBlockDrivers
+@testable import QBlockOpen
+@testable import QBlockOperations
+@testable import QBlockJobs
+@testable import QBlockNBDServer
+@testable import QBlockMonitor
 
 /// The host file of a qcow2 image refuses writes (ENOSPC, EIO) in the middle of a
 /// concurrent workload; then space comes back. Afterwards:

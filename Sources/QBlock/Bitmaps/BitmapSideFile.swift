@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
 
 /// A crash-safe file holding one ``DirtyBitmap`` next to an image that cannot store it
 /// (a raw source being mirrored).

@@ -1,3 +1,4 @@
+import QBlockCore
 /// A dirty bitmap: one bit per `granularity` bytes of a disk, set when those bytes are
 /// written (QEMU's `BdrvDirtyBitmap` over an `HBitmap`).
 ///

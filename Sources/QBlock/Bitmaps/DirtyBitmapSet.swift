@@ -1,3 +1,4 @@
+import QBlockCore
 /// The dirty bitmaps attached to one node, by name; writes through the node mark every
 /// enabled bitmap in it. Thread-safe; marking takes one lock per bitmap.
 public final class DirtyBitmapSet: @unchecked Sendable {

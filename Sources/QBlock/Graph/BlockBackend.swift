@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
 
 /// A user's handle on a node of the graph (QEMU's `BlockBackend`): what an NBD export, a
 /// device model or a job holds instead of the node itself, so that the graph can switch

@@ -1,3 +1,4 @@
+import QBlockCore
 /// Flags on a write or write-zeroes request.
 public struct WriteFlags: OptionSet, Sendable, Hashable {
     public let rawValue: UInt32

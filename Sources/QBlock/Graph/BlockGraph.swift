@@ -1,3 +1,4 @@
+import QBlockCore
 /// The nodes a process has open and the users attached to them: the registry behind
 /// QMP's `blockdev-add`, `query-named-block-nodes`, exports, devices and jobs, and the one
 /// place where users are switched from one node to another.

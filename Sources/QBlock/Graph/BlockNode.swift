@@ -1,3 +1,4 @@
+import QBlockBitmaps
 /// A named node of the block graph: a format or protocol driver plus what the graph keeps
 /// for every node, whatever its driver (QEMU's `BlockDriverState` around a `BlockDriver`):
 /// the node name and the runtime dirty bitmaps that writes through the node mark.

@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOpen
 /// `block-commit` of the active layer (QEMU's `commit_active_start`): a mirror from the top
 /// node into a node of its backing chain, copying only what lies above that node. It
 /// becomes ready like a mirror; `block-job-complete` switches every user of the top to

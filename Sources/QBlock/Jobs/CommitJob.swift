@@ -1,3 +1,8 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOpen
+import QBlockOperations
 /// `block-commit` of an intermediate image (QEMU's `block/commit.c`): writes what the
 /// images from `top` down to, but not including, `base` allocate into `base`, then links
 /// the image above `top` directly to `base` (at run time and in its qcow2 header).

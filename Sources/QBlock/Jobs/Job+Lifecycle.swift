@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
 
 /// The user verbs and the end of a job's life: completion, finalization, abort, dismissal
 /// (QEMU's `job_completed`, `job_do_finalize`, `job_finalize_single`, `job_conclude`).
@@ -23,7 +24,7 @@ extension Job {
 
     // MARK: Verbs
 
-    func refusal(_ verb: JobVerb) -> BlockError? {
+    package func refusal(_ verb: JobVerb) -> BlockError? {
         lock.withLock {
             (try? sm.check(verb)) == nil
                 ? BlockError(.invalidArgument, "Job '\(id)' in state '\(sm.status.rawValue)' cannot accept command verb '\(verb.rawValue)'",

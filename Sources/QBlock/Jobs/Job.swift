@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
 
 /// Options every job takes (the common arguments of QEMU's job-starting commands).
 public struct JobOptions: Sendable {

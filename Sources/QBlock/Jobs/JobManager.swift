@@ -1,3 +1,4 @@
+import QBlockCore
 /// The registry of jobs (QEMU's job list): creates and starts jobs, finds them by ID,
 /// and sends every job's events to one sink the monitor subscribes to.
 public final class JobManager: @unchecked Sendable {
@@ -58,7 +59,7 @@ public final class JobManager: @unchecked Sendable {
 
     /// Registers a job without starting it (the caller finishes its setup, then calls
     /// ``Job/start()`` through ``start(_:)``).
-    func create(_ driver: any JobDriver, options: JobOptions) throws -> Job {
+    package func create(_ driver: any JobDriver, options: JobOptions) throws -> Job {
         guard Self.isWellFormed(options.id) else {
             throw BlockError(.invalidArgument, "Invalid job ID '\(options.id)'", operation: "job")
         }
@@ -77,10 +78,10 @@ public final class JobManager: @unchecked Sendable {
     }
 
     /// Starts a job made by ``create(_:options:)``.
-    func start(_ job: Job) { job.start() }
+    package func start(_ job: Job) { job.start() }
 
     /// Drops a job that was created but could not be started (its setup failed).
-    func discard(_ job: Job) { remove(job) }
+    package func discard(_ job: Job) { remove(job) }
 
     private func remove(_ job: Job) {
         lock.withLock { jobs.removeAll { $0 === job } }

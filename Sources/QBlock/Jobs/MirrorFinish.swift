@@ -1,6 +1,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockBitmaps
+import QBlockCore
+import QBlockGraph
 
 /// Finishing, offline, a mirror whose process died (`img mirror-finish`): the mirror's
 /// persistent dirty bitmap (a ``BitmapSideFile``, the `x-bitmap-file` of `drive-mirror`)

@@ -1,3 +1,7 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// The end of a mirror: the final pass and the switch to the target (pivot), or the
 /// return of the users to the source; and the persistent bitmap's lazy clean bits.
 extension MirrorJob {
@@ -30,11 +34,11 @@ extension MirrorJob {
         // Flush the target before holding writers (as snapshots do): the flush inside the
         // drained section then only has the last pass's writes left.
         try? await targetNode.flush()
-        let t0 = QMPTrace.now()
+        let t0 = Trace.now()
         var t1: Int64 = 0, t2: Int64 = 0, t3: Int64 = 0
-        defer { QMPTrace.log("mirror prepare: drain \(t1 - t0) us, final copy \(t2 - t1) us, target flush \(t3 - t2) us, switch+undrain \(QMPTrace.now() - t3) us") }
+        defer { Trace.log("mirror prepare: drain \(t1 - t0) us, final copy \(t2 - t1) us, target flush \(t3 - t2) us, switch+undrain \(Trace.now() - t3) us") }
         try await graph.drained {
-            t1 = QMPTrace.now()
+            t1 = Trace.now()
             while let area = nextDirty(from: 0) {
                 bitmap.reset(offset: area.offset, length: area.length)
                 lock.withLock { bytesInFlight += area.length }
@@ -43,9 +47,9 @@ extension MirrorJob {
                     throw error
                 }
             }
-            t2 = QMPTrace.now()
+            t2 = Trace.now()
             try await targetNode.flush()
-            t3 = QMPTrace.now()
+            t3 = Trace.now()
             (filter.driver as? MirrorTopNode)?.detachJob()
             if pivot {
                 // drive-mirror's sync=top/none target continues into the source's chain:

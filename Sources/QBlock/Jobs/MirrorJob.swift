@@ -1,3 +1,7 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// What a mirror copies first (QAPI's `MirrorSyncMode`, the modes this driver supports).
 public enum MirrorSync: String, Sendable, CaseIterable {
     /// The whole disk as the guest sees it.

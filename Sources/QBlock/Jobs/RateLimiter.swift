@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
 
 /// Time as jobs see it, so that tests can drive rate limits with a virtual clock.
 public protocol JobClock: Sendable {

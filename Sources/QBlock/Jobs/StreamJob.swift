@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOperations
 /// `block-stream`: copies into an image everything it reads from its backing chain above
 /// `base`, then makes `base` its backing file (none without a base), removing the images
 /// in between from the chain — at run time and in the qcow2 header (QEMU's `block/stream.c`).

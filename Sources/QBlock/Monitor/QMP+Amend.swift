@@ -1,3 +1,6 @@
+import QBlockCore
+import QBlockGraph
+import QBlockJobs
 /// `x-blockdev-amend` (QEMU 7.2's `qapi/block-core.json`, `BlockdevAmendOptions`): changes
 /// options of an open image as a job of type `amend` (`auto-finalize` on, `auto-dismiss`
 /// off, progress 0/1 then 1/1, as `blockdev-create`).

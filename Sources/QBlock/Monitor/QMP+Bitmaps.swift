@@ -1,3 +1,7 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// Dirty bitmap commands (`block-dirty-bitmap-add/-remove/-clear/-enable/-disable/-merge`)
 /// on a node's runtime bitmaps. Each is also a `transaction` action; the standalone
 /// command runs it as a transaction of one.

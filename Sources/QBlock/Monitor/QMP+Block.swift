@@ -1,3 +1,8 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockJobs
 /// What the block commands keep besides the graph: which nodes the monitor added (only
 /// those `blockdev-del` accepts), the nodes each one created implicitly (its `file`, an
 /// auto-opened backing chain), and per-node open options for `query-named-block-nodes`.

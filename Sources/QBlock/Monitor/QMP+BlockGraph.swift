@@ -1,3 +1,5 @@
+import QBlockCore
+import QBlockGraph
 /// `x-debug-query-block-graph` (QEMU 7.2's `XDbgBlockGraph`): the backends and nodes with
 /// numeric ids, and the edges between them with the permissions each parent takes and
 /// shares — numbered, listed and ordered as QEMU does (backends first, then nodes in the

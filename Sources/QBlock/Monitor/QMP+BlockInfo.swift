@@ -1,3 +1,8 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOperations
 /// `query-named-block-nodes`: QEMU's `BlockDeviceInfo` for a node.
 extension QMPBlockState {
     func deviceInfo(_ node: BlockNode, flat: Bool) -> QObject {

@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOperations
 /// Devices and nodes at run time (QEMU 7.2's `qapi/block.json` / `block-core.json`):
 /// `query-block`, `query-blockstats`, `block_resize`, `block-set-write-threshold` (event
 /// `BLOCK_WRITE_THRESHOLD`), `change-backing-file`.

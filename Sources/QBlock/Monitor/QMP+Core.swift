@@ -1,3 +1,4 @@
+import QBlockCore
 /// The protocol's own commands: `query-version`, `query-commands`, `quit`
 /// (`qmp_capabilities` is handled by the dispatcher, per session).
 extension QMPMonitor {

@@ -1,3 +1,8 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockJobs
+import QBlockOperations
 /// `blockdev-create` (QEMU 7.2's `qapi/block-core.json`): image creation as a job of type
 /// `create`, with `auto-finalize` on and `auto-dismiss` off, as QEMU runs it. Drivers:
 /// `file` (a host file) and `qcow2` (an image written onto an open node — libvirt's flow

@@ -1,3 +1,5 @@
+import QBlockBitmaps
+import QBlockCore
 /// QEMU's debugging commands that test suites use: `x-debug-block-dirty-bitmap-sha256`.
 extension QMPMonitor {
     func registerDebugCommands() {

@@ -1,3 +1,6 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// qcow2 internal snapshots of a live node: `blockdev-snapshot-internal-sync` (device, name)
 /// and `blockdev-snapshot-delete-internal-sync` (device, id and/or name; returns QEMU's
 /// `SnapshotInfo` of the deleted snapshot). Both work on a root node (a device or a node no

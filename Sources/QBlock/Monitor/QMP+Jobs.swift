@@ -1,6 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockGraph
+import QBlockJobs
+import QBlockOperations
 
 /// The job commands (QEMU 7.2's `qapi/job.json` and the block-job part of
 /// `qapi/block-core.json`): control verbs, queries, and `block-stream` / `block-commit`.

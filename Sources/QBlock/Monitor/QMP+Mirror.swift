@@ -1,6 +1,12 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockJobs
+import QBlockOpen
+import QBlockOperations
 
 /// `drive-mirror` (the target is a file, created unless `mode: existing`) and
 /// `blockdev-mirror` (the target is a node), with QEMU 7.2's arguments plus the extension

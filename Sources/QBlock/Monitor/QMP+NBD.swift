@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockGraph
+import QBlockNBDServer
+import QBlockNBDWire
 /// The NBD server of a monitor (`nbd-server-start`) and its exports (`block-export-add`).
 /// Each export serves a ``BlockBackend`` attached to the graph, so that a live snapshot or a
 /// mirror pivot switches what the export's clients read and write.

@@ -1,3 +1,8 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockGraph
+import QBlockNBDServer
+import QBlockNBDWire
 /// What `block-export-add` (or `nbd-server-add`) asks for, checked against the graph.
 struct NBDExportRequest {
     let id: String

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockJobs
 
 /// `object-add` / `object-del` (QEMU 7.2's `qapi/qom.json`) for the user-creatable objects
 /// a storage daemon uses, and `query-iothreads`:

@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockGraph
+import QBlockNBDServer
+import QBlockOpen
 /// `blockdev-reopen` (QEMU 7.2's `qapi/block-core.json`): gives existing nodes a new set
 /// of options, all of them or none. Each list element is a full `BlockdevOptions` naming an
 /// existing node; options left out go back to their defaults.

@@ -1,6 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOperations
 
 /// Live external snapshots: `blockdev-snapshot-sync` (create or open an overlay file) and
 /// `blockdev-snapshot` (an overlay node already added). Both put the overlay above the
@@ -96,8 +100,8 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             throw QMPError.generic(mode == "existing" ? "The overlay does not support backing images"
                                    : "Backing file not supported for file format '\(format)'")
         }
-        let t0 = QMPTrace.now()
-        defer { QMPTrace.log("snapshot prepare: \(QMPTrace.now() - t0) us") }
+        let t0 = Trace.now()
+        defer { Trace.log("snapshot prepare: \(Trace.now() - t0) us") }
         if mode == "absolute-paths" {
             if access(file, F_OK) == 0 { unlink(file) }
             do {
@@ -117,7 +121,7 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             block.setAutoDelete(o)
             block.inheritOptions(o, from: node)
             overlay = o
-            QMPTrace.log("  created and opened: \(QMPTrace.now() - t0) us")
+            Trace.log("  created and opened: \(Trace.now() - t0) us")
             try await preflush(node)
         } catch {
             if let o = overlay { try? await monitor.block.delete(o) }

@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockJobs
 /// `block-stream` and `block-commit` (QEMU 7.2 arguments).
 extension QMPMonitor {
     func registerStreamCommand() {

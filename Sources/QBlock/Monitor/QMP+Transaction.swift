@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockGraph
 
 /// One action of a `transaction` (QEMU's `TransactionActionDrv`): ``prepare()`` does
 /// everything that can fail, outside the drained section when it can (creating and opening
@@ -46,15 +48,15 @@ enum QMPTransaction {
                 prepared.append(a)
             }
             if drain {
-                let t0 = QMPTrace.now()
+                let t0 = Trace.now()
                 var t1 = t0, t2 = t0
                 try await graph.drained {
-                    t1 = QMPTrace.now()
+                    t1 = Trace.now()
                     for a in actions { try await a.prepareDrained() }
-                    t2 = QMPTrace.now()
+                    t2 = Trace.now()
                     for a in actions { a.commitDrained() }
                 }
-                QMPTrace.log("transaction: drain \(t1 - t0) us, drained work \(t2 - t1) us, switch+undrain \(QMPTrace.now() - t2) us")
+                Trace.log("transaction: drain \(t1 - t0) us, drained work \(t2 - t1) us, switch+undrain \(Trace.now() - t2) us")
             } else {
                 for a in actions { try await a.prepareDrained() }
                 for a in actions { a.commitDrained() }
@@ -135,21 +137,4 @@ extension QMPMonitor {
 final class AbortAction: QMPTransactionAction {
     func prepare() async throws { throw QMPError.generic("Transaction aborted using Abort action") }
     func abort() async {}
-}
-
-/// Timing lines on standard error when `QBLOCK_QMP_TRACE` is set (for the pause benchmark).
-enum QMPTrace {
-    static let enabled = getenv("QBLOCK_QMP_TRACE") != nil
-
-    static func now() -> Int64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1000
-    }
-
-    static func log(_ s: @autoclosure () -> String) {
-        guard enabled else { return }
-        var line = s() + "\n"
-        line.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
-    }
 }

@@ -1,3 +1,4 @@
+import QBlockCore
 /// An error a QMP command returns: QEMU's error class and description, sent as
 /// `{"error": {"class": ..., "desc": ...}}`.
 public struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -41,6 +42,7 @@ public struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
     public static func from(_ error: any Error) -> QMPError {
         if let e = error as? QMPError { return e }
         if let e = error as? BlockError { return .generic(e.message) }
+        if let e = error as? JSONParseError { return .generic(e.message) }
         return .generic("\(error)")
     }
 }

@@ -1,3 +1,8 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockNBDServer
+import QBlockOpen
 /// The drivers `blockdev-add` knows, by QAPI name. A driver reads its own members from the
 /// arguments (the common ones — `driver`, `node-name`, `read-only`, `cache`, `discard`,
 /// `detect-zeroes`, `auto-read-only`, `force-share` — are read before it is called) and

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockGraph
 
 /// A QMP monitor: QEMU's machine protocol (`docs/interop/qmp-spec.txt`) over the block
 /// graph. It owns the command table and the event fan-out; ``QMPServer`` carries it over

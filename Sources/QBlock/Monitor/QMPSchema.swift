@@ -1,3 +1,4 @@
+import QBlockCore
 /// `query-qmp-schema`: QAPI introspection (QEMU's `qapi/introspect.json`) of the commands
 /// this monitor has registered and the events it sends, with their argument, return and
 /// event data types, enums and builtins, in QEMU's `SchemaInfo` format with opaque type

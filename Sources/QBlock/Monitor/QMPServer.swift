@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import QBlockCore
 
 /// Serves a ``QMPMonitor`` on a Unix-domain socket, to any number of clients at once.
 ///

@@ -104,6 +104,9 @@ public enum NBDChunk {
         public var error: UInt32
         public var message: String
         public var offset: UInt64?
+        public init(error: UInt32, message: String, offset: UInt64?) {
+            self.error = error; self.message = message; self.offset = offset
+        }
     }
 
     public static func isErrorType(_ type: UInt16) -> Bool { type & 0x8000 != 0 }

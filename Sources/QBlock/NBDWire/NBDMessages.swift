@@ -201,6 +201,8 @@ public struct NBDInfoRequest: Sendable, Equatable {
     public var exportName: String
     public var requests: [UInt16]
 
+    public init(exportName: String, requests: [UInt16]) { self.exportName = exportName; self.requests = requests }
+
     public static func decode(_ payload: [UInt8]) -> NBDInfoRequest? {
         var r = NBDReader(payload)
         guard let name = try? r.lengthPrefixedString(), let n = try? r.u16() else { return nil }
@@ -226,6 +228,8 @@ public struct NBDInfoRequest: Sendable, Equatable {
 public struct NBDMetaContextRequest: Sendable, Equatable {
     public var exportName: String
     public var queries: [String]
+
+    public init(exportName: String, queries: [String]) { self.exportName = exportName; self.queries = queries }
 
     public static func decode(_ payload: [UInt8]) -> NBDMetaContextRequest? {
         var r = NBDReader(payload)

@@ -1,6 +1,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 
 /// The driver registry: turns a filename and options into a tree of nodes — the format
 /// node on top of its `file` protocol node, and the backing chain below it.
@@ -121,7 +124,7 @@ public enum ImageOpener {
     }
 
     /// The permissions a format takes on its file and shares, as QEMU's drivers do.
-    static func lockPermissions(format: String, options: OpenOptions) -> (BlockPermissions, BlockPermissions) {
+    package static func lockPermissions(format: String, options: OpenOptions) -> (BlockPermissions, BlockPermissions) {
         if options.forceShare { return ([.consistentRead], .all) }
         switch (format, options.readOnly) {
         case ("raw", true): return ([.consistentRead], .all)

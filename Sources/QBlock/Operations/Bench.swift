@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockGraph
 
 /// The engine behind `img bench` (qemu-img bench): `count` requests of `bufferSize` bytes,
 /// `depth` of them in flight at once, starting at `offset` and advancing by `step`

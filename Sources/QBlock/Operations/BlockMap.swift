@@ -1,3 +1,6 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// One run of `qemu-img map` output.
 public struct MapEntry: Sendable, Equatable, CustomStringConvertible {
     public var start: Int64

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockGraph
 
 /// Request checks that QEMU's block backend makes before a request reaches a driver
 /// (`blk_check_byte_request`), and allocation queries as `bdrv_is_allocated` answers them.

@@ -1,6 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOpen
 
 /// `qemu-img commit`: writes what an image (and the images between it and the base)
 /// allocate into the base image, then empties the image unless told not to.
@@ -71,7 +75,7 @@ public enum ImageCommit {
 
     /// Whether `base` (as given on the command line) names the backing image stored as
     /// `name` and resolved to `full`.
-    static func matches(_ base: String, name: String, full: String) -> Bool {
+    package static func matches(_ base: String, name: String, full: String) -> Bool {
         if base == name || base == full { return true }
         return canonical(base) != nil && canonical(base) == canonical(full)
     }

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockGraph
 
 /// What `qemu-img compare` found.
 public struct ImageComparison: Sendable, Equatable {

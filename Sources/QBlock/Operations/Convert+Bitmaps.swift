@@ -1,3 +1,7 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// `qemu-img convert --bitmaps [--skip-broken-bitmaps]`: copying the persistent bitmaps of
 /// the (single) source into a qcow2 target after the data (qemu-img 7.2's
 /// `convert_check_bitmaps` and `convert_copy_bitmaps`).

@@ -2,6 +2,9 @@
 import Glibc
 #endif
 import CSupport
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 
 // The copy engine of `Convert`: chunk iteration, the workers, in-order write turns.
 
@@ -439,10 +442,4 @@ final class ConvertJob: @unchecked Sendable {
         }
         return (true, used)
     }
-}
-
-/// Whether `count` bytes at `p` are all zero.
-@inline(__always)
-func isZero(_ p: UnsafeRawPointer, _ count: Int) -> Bool {
-    qb_buffer_is_zero(p, count) != 0
 }

@@ -1,6 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOpen
 
 /// Options of `qemu-img convert`, with its defaults.
 public struct ConvertOptions: Sendable {

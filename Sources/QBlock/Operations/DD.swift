@@ -1,6 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOpen
 
 /// Operands of `qemu-img dd`.
 public struct DDOptions: Sendable {

@@ -1,3 +1,6 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// The outcome of `qemu-img check` on one image, rendered as qemu-img renders it.
 public struct ImageCheckReport: Sendable, Equatable {
     public var filename: String

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockGraph
 
 /// Creation entry points for QMP's `blockdev-create`, whose options are structured rather
 /// than qemu-img's `-o` strings: a protocol-level `file`, and a qcow2 image written onto an

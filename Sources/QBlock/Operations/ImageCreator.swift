@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOpen
 /// Creates images the way `qemu-img create` does: the same option syntax (`-o key=value,...`),
 /// the same checks in the same order, the same "Formatting ..." line and the same messages.
 ///

@@ -1,3 +1,7 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockOpen
 /// What `qemu-img info` reports about one image, with its human and JSON renderings.
 public struct ImageInfo: Sendable, Equatable {
     public var filename: String

@@ -1,3 +1,6 @@
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 /// What `qemu-img measure` reports: the file size a new image needs.
 public struct MeasureResult: Sendable, Equatable {
     /// Bytes needed for the image as converted (metadata for a fully allocated image, plus

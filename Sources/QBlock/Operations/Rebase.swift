@@ -1,6 +1,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
 
 /// `qemu-img rebase`: changes the backing file of an image.
 ///

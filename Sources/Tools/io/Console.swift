@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import QBlock
+import ToolSupport
 
 /// Where the tool prints: stdout for results (buffered, like qemu-io's printf) and
 /// stderr for diagnostics. Each call writes its text with one stdio call, so lines from

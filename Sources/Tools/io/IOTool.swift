@@ -3,6 +3,7 @@ import Glibc
 #endif
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 /// `io`: exercises the I/O path of a disk image, with the commands and output of qemu-io.
 @main

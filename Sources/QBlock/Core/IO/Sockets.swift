@@ -1,0 +1,186 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The socket-call seam of the NBD server: every socket system call it makes goes through
+/// here, retrying `EINTR` in this one place and returning `Result<_, Errno>` (as
+/// ``Syscalls`` does for files). Every call here blocks, so callers run them on dedicated
+/// threads, never on Swift's cooperative pool.
+public enum SocketCalls {
+    public typealias Errno = Syscalls.Errno
+
+    /// A hook for tests: given a call and fd, return an errno to fail with, or nil.
+    nonisolated(unsafe) public static var injector: (@Sendable (Call, Int32) -> Int32?)?
+
+    /// The calls a fault injector may intercept.
+    public enum Call: Sendable { case accept, recv, send }
+
+    @inline(__always)
+    static func injected(_ call: Call, _ fd: Int32) -> Errno? {
+        guard let inj = injector, let e = inj(call, fd) else { return nil }
+        return Errno(e)
+    }
+
+    /// A listening Unix-domain socket bound to `path` (an existing socket file there is
+    /// replaced, as qemu-nbd does).
+    package static func listenUnix(path: String, backlog: Int32) -> Result<Int32, Errno> {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+        guard !bytes.isEmpty, bytes.count < capacity else { return .failure(Errno(ENAMETOOLONG)) }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            p.copyBytes(from: bytes)
+            p[bytes.count] = 0
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if fd < 0 { return .failure(Errno(errno)) }
+        unlink(path)
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if r != 0 || Glibc.listen(fd, backlog) != 0 {
+            let e = errno
+            Glibc.close(fd)
+            return .failure(Errno(e))
+        }
+        return .success(fd)
+    }
+
+    /// A listening TCP socket on `host` (a numeric IPv4 or IPv6 address, or a name resolved
+    /// with getaddrinfo) and `port` (0: any free port). Returns the socket and the bound port.
+    package static func listenTCP(host: String, port: UInt16, backlog: Int32) -> Result<(Int32, UInt16), Errno> {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE
+        var res: UnsafeMutablePointer<addrinfo>?
+        let gai = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &res)
+        guard gai == 0, let first = res else { return .failure(Errno(gai == EAI_SYSTEM ? errno : EADDRNOTAVAIL)) }
+        defer { freeaddrinfo(res) }
+        var lastError = EADDRNOTAVAIL
+        var cur: UnsafeMutablePointer<addrinfo>? = first
+        while let ai = cur {
+            cur = ai.pointee.ai_next
+            let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+            if fd < 0 { lastError = errno; continue }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) != 0 || Glibc.listen(fd, backlog) != 0 {
+                lastError = errno
+                Glibc.close(fd)
+                continue
+            }
+            var storage = sockaddr_storage()
+            var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            var bound = port
+            let ok = withUnsafeMutablePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+            }
+            if ok == 0 {
+                bound = withUnsafePointer(to: &storage) { p -> UInt16 in
+                    if Int32(p.pointee.ss_family) == AF_INET6 {
+                        return p.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) }
+                    }
+                    return p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
+                }
+            }
+            return .success((fd, bound))
+        }
+        return .failure(Errno(lastError))
+    }
+
+    /// Waits until `fd` is readable or `wakeFD` is (then returns false).
+    package static func waitReadable(_ fd: Int32, wakeFD: Int32) -> Result<Bool, Errno> {
+        var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
+        while true {
+            let r = poll(&fds, 2, -1)
+            if r < 0 {
+                if errno == EINTR { continue }
+                return .failure(Errno(errno))
+            }
+            if fds[1].revents != 0 { return .success(false) }
+            if fds[0].revents != 0 { return .success(true) }
+        }
+    }
+
+    /// Accepts one connection (close-on-exec).
+    package static func accept(_ fd: Int32) -> Result<Int32, Errno> {
+        if let e = injected(.accept, fd) { return .failure(e) }
+        while true {
+            let c = Glibc.accept(fd, nil, nil)
+            if c >= 0 {
+                _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                var one: Int32 = 1
+                // TCP_NODELAY: replies are written whole, so Nagle only adds latency. (Fails
+                // harmlessly on Unix sockets.)
+                setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                return .success(c)
+            }
+            if errno == EINTR || errno == ECONNABORTED { continue }
+            return .failure(Errno(errno))
+        }
+    }
+
+    /// Receives exactly `count` bytes; fails with `ECONNRESET` on end of stream.
+    package static func recvAll(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int) -> Result<Void, Errno> {
+        if let e = injected(.recv, fd) { return .failure(e) }
+        var done = 0
+        while done < count {
+            let r = recv(fd, buf + done, count - done, Int32(MSG_WAITALL))
+            if r < 0 {
+                if errno == EINTR { continue }
+                return .failure(Errno(errno))
+            }
+            if r == 0 { return .failure(Errno(ECONNRESET)) }
+            done += r
+        }
+        return .success(())
+    }
+
+    /// Sends every byte of the buffers, in order, with one `sendmsg` where the kernel takes
+    /// them all; never raises SIGPIPE.
+    package static func sendAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer]) -> Result<Void, Errno> {
+        if let e = injected(.send, fd) { return .failure(e) }
+        var iov = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var first = 0
+        while first < iov.count {
+            let n = min(iov.count - first, 512)
+            let r = iov.withUnsafeMutableBufferPointer { p -> Int in
+                var msg = msghdr()
+                msg.msg_iov = p.baseAddress! + first
+                msg.msg_iovlen = n
+                return sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+            }
+            if r < 0 {
+                if errno == EINTR { continue }
+                return .failure(Errno(errno))
+            }
+            var sent = r
+            while sent > 0 && first < iov.count {
+                if sent >= iov[first].iov_len {
+                    sent -= iov[first].iov_len
+                    first += 1
+                } else {
+                    iov[first].iov_base = iov[first].iov_base! + sent
+                    iov[first].iov_len -= sent
+                    sent = 0
+                }
+            }
+        }
+        return .success(())
+    }
+
+    /// Shuts a socket down both ways: wakes a thread blocked in `recv` on it.
+    package static func shutdown(_ fd: Int32) { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+    package static func close(_ fd: Int32) { _ = Glibc.close(fd) }
+
+    /// A pipe used to wake a thread blocked in `poll` (close-on-exec).
+    package static func pipe() -> Result<(Int32, Int32), Errno> {
+        var fds: [Int32] = [0, 0]
+        if Glibc.pipe(&fds) != 0 { return .failure(Errno(errno)) }
+        for f in fds { _ = fcntl(f, F_SETFD, FD_CLOEXEC) }
+        return .success((fds[0], fds[1]))
+    }
+}

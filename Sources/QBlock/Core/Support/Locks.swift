@@ -1,0 +1,110 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A small pthread mutex for short, non-suspending critical sections.
+public final class PosixMutex: @unchecked Sendable {
+    private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+
+    public init() { pthread_mutex_init(m, nil) }
+    deinit {
+        pthread_mutex_destroy(m)
+        m.deallocate()
+    }
+
+    @inline(__always)
+    public func withLock<R>(_ body: () throws -> R) rethrows -> R {
+        pthread_mutex_lock(m)
+        defer { pthread_mutex_unlock(m) }
+        return try body()
+    }
+}
+
+/// A fair mutex for async code: waiters suspend instead of blocking a thread, and are
+/// woken in FIFO order. Used where a critical section awaits I/O (qcow2 metadata updates),
+/// like QEMU's `CoMutex`.
+public final class AsyncMutex: @unchecked Sendable {
+    private let lock = PosixMutex()
+    private var locked = false
+    private var waiters: [UnsafeContinuation<Void, Never>] = []
+    private var waiterHead = 0
+
+    public init() {}
+
+    public func lock() async {
+        let acquired: Bool = lock.withLock {
+            if !locked { locked = true; return true }
+            return false
+        }
+        if acquired { return }
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            let now: Bool = lock.withLock {
+                if !locked { locked = true; return true }
+                waiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    public func unlock() {
+        let next: UnsafeContinuation<Void, Never>? = lock.withLock {
+            if waiterHead < waiters.count {
+                let c = waiters[waiterHead]
+                waiterHead += 1
+                if waiterHead == waiters.count { waiters.removeAll(keepingCapacity: true); waiterHead = 0 }
+                return c // ownership passes to the waiter; `locked` stays true
+            }
+            locked = false
+            return nil
+        }
+        next?.resume()
+    }
+
+    public func withLock<R>(_ body: () async throws -> R) async rethrows -> R {
+        await lock()
+        defer { unlock() }
+        return try await body()
+    }
+}
+
+/// A one-shot event async tasks can wait on (like a `CoQueue` for one condition).
+public final class AsyncEvent: @unchecked Sendable {
+    private let lock = PosixMutex()
+    private var signalled = false
+    private var waiters: [UnsafeContinuation<Void, Never>] = []
+
+    public init() {}
+
+    public func wait() async {
+        if lock.withLock({ signalled }) { return }
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            let now: Bool = lock.withLock {
+                if signalled { return true }
+                waiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    public func signal() {
+        let ws: [UnsafeContinuation<Void, Never>] = lock.withLock {
+            signalled = true
+            let w = waiters
+            waiters = []
+            return w
+        }
+        for w in ws { w.resume() }
+    }
+}
+
+/// A Boolean read and set from any thread.
+package final class LockedFlag: @unchecked Sendable {
+    // @unchecked: `flag` is only touched with `lock` held.
+    private let lock = PosixMutex()
+    private var flag = false
+    package init() {}
+    package var value: Bool { lock.withLock { flag } }
+    package func set(_ v: Bool) { lock.withLock { flag = v } }
+}

@@ -1,0 +1,131 @@
+import QBlockCore
+import QBlockGraph
+/// The `copy-on-read` filter (QEMU's `block/copy-on-read.c`): data a read finds below its
+/// child — in the backing chain, above `base` — is written into the child, so that the
+/// child gradually stops depending on its backing files. `block-stream` copies through
+/// one of these.
+///
+/// Copies are made a cluster at a time under a ``RangeLock``; writes through the filter
+/// take the same lock, so a copy never overwrites newer data, and a read of a cluster
+/// being copied waits for the copy.
+public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
+    public let driverName = "copy-on-read"
+    /// The node reads copy into (the top of the chain).
+    public let child: any BlockDriver
+    /// Data at or below this node is not copied (a stream's base); nil: copy all. QMP's
+    /// `bottom` option names the lowest node that *is* copied: its backing node is this.
+    public let base: (any BlockDriver)?
+    /// Serializes copies and writes on overlapping clusters.
+    public let ranges = RangeLock()
+    let granularity: Int64
+
+    /// - Parameters:
+    ///   - child: the image to copy into.
+    ///   - base: the first node whose data is not copied (the stream base).
+    public init(child: any BlockDriver, base: (any BlockDriver)? = nil) {
+        self.child = child
+        self.base = base
+        granularity = Int64(child.formatClusterSize ?? 65536)
+    }
+
+    public var filename: String { child.filename }
+    public var length: Int64 { child.length }
+    public var isReadOnly: Bool { child.isReadOnly }
+    public var requestAlignment: Int { child.requestAlignment }
+    public var file: (any BlockDriver)? { child }
+    public var filteredChild: any BlockDriver { child }
+    public var backing: (any BlockDriver)? { nil }
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        var pos = 0
+        while pos < buffer.count {
+            let at = offset + Int64(pos)
+            let want = Int64(buffer.count - pos)
+            let (copy, n) = try await needsCopy(at: at, length: want)
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[pos..<pos + Int(n)])
+            if copy {
+                try await copyOnRead(at: at, length: n, into: part)
+            } else {
+                try await child.read(at: at, into: part)
+            }
+            pos += Int(n)
+        }
+    }
+
+    /// Whether the run at `offset` comes from below the child but above `base`.
+    func needsCopy(at offset: Int64, length: Int64) async throws -> (Bool, Int64) {
+        // The image below any filters on the child holds the allocation and the backing link.
+        let image = child.skippingFilters
+        let st = try await image.blockStatus(at: offset, length: length)
+        if st.flags.contains(.allocated) || image.backing == nil { return (false, st.length) }
+        let above = try await ChainStatus.isAllocatedAbove(image.backing, base: base, at: offset, length: st.length)
+        return (above.allocated, above.length)
+    }
+
+    /// Copies the clusters covering `[offset, offset+length)` into the child where it
+    /// does not allocate them yet (a stream job's step), and fills `out` when given.
+    /// - Returns: the bytes written into the child.
+    @discardableResult
+    public func copyOnRead(at offset: Int64, length: Int64, into out: UnsafeMutableRawBufferPointer? = nil) async throws -> Int64 {
+        let start = offset / granularity * granularity
+        let end = min(child.length, (offset + length + granularity - 1) / granularity * granularity)
+        return try await ranges.withRange(start, end) {
+            let buf = AlignedBuffer(count: Int(end - start))
+            var written: Int64 = 0
+            try await buf.withUnsafeMutableBytes { b in
+                var pos = start
+                while pos < end {
+                    // Look again under the lock: a write may have allocated the run meanwhile.
+                    let (copy, n) = try await needsCopy(at: pos, length: end - pos)
+                    let part = UnsafeMutableRawBufferPointer(rebasing: b[Int(pos - start)..<Int(pos - start + n)])
+                    try await child.read(at: pos, into: part)
+                    if copy {
+                        if part.allSatisfy({ $0 == 0 }) {
+                            try await child.writeZeroes(at: pos, length: n, flags: [])
+                        } else {
+                            try await child.write(at: pos, from: UnsafeRawBufferPointer(part), flags: [])
+                        }
+                        written += n
+                    }
+                    pos += n
+                }
+                if let out {
+                    out.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset - start)..<Int(offset - start) + out.count]))
+                }
+            }
+            return written
+        }
+    }
+
+    /// Runs a write-like request holding its clusters.
+    func serialized(_ offset: Int64, _ length: Int64, _ body: () async throws -> Void) async throws {
+        let start = offset / granularity * granularity
+        let end = (offset + length + granularity - 1) / granularity * granularity
+        try await ranges.withRange(start, end, body)
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await serialized(offset, Int64(buffer.count)) { try await child.write(at: offset, from: buffer, flags: flags) }
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try await serialized(offset, length) { try await child.writeZeroes(at: offset, length: length, flags: flags) }
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        try await serialized(offset, length) { try await child.discard(at: offset, length: length) }
+    }
+
+    public func flush() async throws { try await child.flush() }
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try await child.blockStatus(at: offset, length: length)
+    }
+
+    public func truncate(to length: Int64, preallocation: Preallocation) async throws {
+        try await child.truncate(to: length, preallocation: preallocation)
+    }
+
+    /// A filter does not own its child: closing it closes nothing.
+    public func close() async throws {}
+}

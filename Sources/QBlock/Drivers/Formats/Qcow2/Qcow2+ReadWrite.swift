@@ -1,0 +1,544 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import QBlockCore
+import QBlockGraph
+
+/// The qcow2 data path: reads, allocating writes with copy-on-write of partial clusters,
+/// write-zeroes, discard and block status.
+extension Qcow2Node {
+    // MARK: Read
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try checkRange(offset, Int64(buffer.count), "read")
+        var done = 0
+        while done < buffer.count {
+            let pos = offset + Int64(done)
+            await metaLock.lock()
+            let m: Mapping
+            do {
+                m = try await lookup(pos, Int64(buffer.count - done))
+            } catch {
+                metaLock.unlock()
+                throw error
+            }
+            metaLock.unlock()
+            let n = Int(m.length)
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
+            try await readMapped(m, guestOffset: pos, into: part)
+            done += n
+        }
+    }
+
+    /// Reads the bytes of one mapping run.
+    func readMapped(_ m: Mapping, guestOffset: Int64, into part: UnsafeMutableRawBufferPointer) async throws {
+        switch m.kind {
+        case .normal:
+            try await hostFile.read(at: m.hostOffset, into: part)
+        case .zero, .zeroAllocated:
+            memset(part.baseAddress!, 0, part.count)
+        case .unallocated:
+            try await readBacking(at: guestOffset, into: part)
+        case .compressed:
+            try await readCompressed(entry: m.entry, guestOffset: guestOffset, into: part)
+        }
+    }
+
+    /// Reads from the backing file; zeros where there is none or beyond its end.
+    func readBacking(at offset: Int64, into part: UnsafeMutableRawBufferPointer) async throws {
+        guard let b = backingNode else {
+            memset(part.baseAddress!, 0, part.count)
+            return
+        }
+        let blen = b.length
+        let avail = max(0, min(Int64(part.count), blen - offset))
+        if avail > 0 {
+            try await b.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: part[0..<Int(avail)]))
+        }
+        if Int(avail) < part.count {
+            memset(part.baseAddress! + Int(avail), 0, part.count - Int(avail))
+        }
+    }
+
+    // MARK: Write
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, placed: nil)
+    }
+
+    /// Writes like ``write(at:from:flags:)``, and calls `placed` as soon as every cluster the
+    /// request needs has its host offset (allocated or found), before the last data write:
+    /// a caller that orders its requests for the image's layout (convert's in-order writes)
+    /// can let the next request allocate while this one's data is still being written.
+    /// `placed` is not called when the request fails before that point.
+    package func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+               placed: (() -> Void)?) async throws {
+        try checkWritable("write")
+        try checkRange(offset, Int64(buffer.count), "write")
+        defer { markBitmaps(offset, Int64(buffer.count)) }
+        var done = 0
+        while done < buffer.count {
+            let n = try await writeRun(at: offset + Int64(done),
+                                       from: UnsafeRawBufferPointer(rebasing: buffer[done...]), flags: flags,
+                                       placed: placed)
+            done += n
+        }
+        if flags.contains(.fua) { try await flush() }
+    }
+
+    /// Requests must lie within the virtual size (the L1 table covers nothing beyond it).
+    @inline(__always)
+    func checkRange(_ offset: Int64, _ length: Int64, _ op: String) throws {
+        if offset < 0 || length < 0 || offset > Int64(header.size) - length {
+            throw BlockError(.outOfRange, "Request of \(length) bytes at offset \(offset) is beyond the end of the image (\(header.size) bytes)",
+                             errno: EINVAL, path: filename, offset: offset, operation: op)
+        }
+    }
+
+    func checkWritable(_ op: String) throws {
+        if isReadOnly {
+            throw BlockError(.readOnly, "Permission denied: image is read-only", errno: EPERM, path: filename, operation: op)
+        }
+        if closed { throw BlockError(.closed, "Image is closed", path: filename, operation: op) }
+    }
+
+    private enum WritePlan {
+        /// Overwrite `length` bytes in place at `host`.
+        case inPlace(host: Int64, length: Int)
+        /// New clusters were allocated for the run; data must be written, then L2 updated.
+        case allocated(Allocation)
+
+        /// The bytes of the request the plan covers.
+        var length: Int {
+            switch self {
+            case .inPlace(_, let n): return n
+            case .allocated(let a): return a.runBytes
+            }
+        }
+    }
+
+    private struct Allocation {
+        let l1Index: Int
+        let firstL2: Int
+        let host: Int64
+        let oldEntries: [UInt64]
+        let guestStart: Int64
+        let runBytes: Int
+        let event: AsyncEvent
+    }
+
+    /// Writes the first run of `buffer` that needs the same treatment; returns its length.
+    private func writeRun(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                          placed: (() -> Void)?) async throws -> Int {
+        let cbits = Int64(clusterBits)
+        let firstCluster = offset >> cbits
+        let lastCluster = (offset + Int64(buffer.count) - 1) >> cbits
+        while true {
+            await metaLock.lock()
+            guard await waitForInflight(firstCluster, lastCluster - firstCluster + 1) else { continue }
+            let plan: WritePlan
+            do {
+                plan = try await planWrite(offset: offset, count: buffer.count)
+            } catch {
+                metaLock.unlock()
+                throw error
+            }
+            metaLock.unlock()
+            if let placed, plan.length == buffer.count { placed() }
+            switch plan {
+            case .inPlace(let host, let n):
+                try await hostFile.write(at: host, from: UnsafeRawBufferPointer(rebasing: buffer[0..<n]), flags: [])
+                return n
+            case .allocated(let a):
+                let data = UnsafeRawBufferPointer(rebasing: buffer[0..<a.runBytes])
+                var failure: Error?
+                do {
+                    try await writeAllocated(host: a.host, guestStart: a.guestStart,
+                                             clusters: Int64(a.oldEntries.count), oldEntries: a.oldEntries,
+                                             offset: offset, data: data)
+                } catch {
+                    failure = error
+                }
+                await metaLock.lock()
+                defer {
+                    inflight.removeAll { $0.done === a.event }
+                    metaLock.unlock()
+                    a.event.signal()
+                }
+                let clusters = Int64(a.oldEntries.count)
+                if let failure {
+                    // The data never became reachable: give the clusters back (QEMU's
+                    // qcow2_alloc_cluster_abort), without waiting for any other write.
+                    await releaseUnreferenced(a.host >> cbits, clusters)
+                    throw failure
+                }
+                do {
+                    try await commitAllocation(a)
+                } catch {
+                    await releaseUnreferenced(a.host >> cbits, clusters)
+                    throw error
+                }
+                try await freeReplaced(a.oldEntries)
+                return a.runBytes
+            }
+        }
+    }
+
+    /// Decides how to write the run at `offset`, allocating clusters if needed. Lock held.
+    private func planWrite(offset: Int64, count: Int) async throws -> WritePlan {
+        let cs = Int64(clusterSize)
+        let cbits = Int64(clusterBits)
+        let m = try await lookup(offset, Int64(count))
+        if m.kind == .normal && m.copied {
+            return .inPlace(host: m.hostOffset, length: Int(m.length))
+        }
+        let firstCluster = offset >> cbits
+        let lastCluster = (offset + Int64(count) - 1) >> cbits
+        let l1Index = Int(firstCluster / Int64(l2Entries))
+        let table = try await l2TableForWrite(l1Index)
+        let firstL2 = Int(firstCluster % Int64(l2Entries))
+        let maxClusters = min(lastCluster - firstCluster + 1, Int64(l2Entries - firstL2))
+        var oldEntries: [UInt64] = []
+        for i in 0..<Int(maxClusters) {
+            let e = table.bytes.be64((firstL2 + i) * 8)
+            if kind(of: e) == .normal && e & Qcow2Node.copied != 0 { break }
+            oldEntries.append(e)
+        }
+        let n = Int64(oldEntries.count)
+        let host = try await allocateClusters(n)
+        let guestStart = firstCluster << cbits
+        let runBytes = Int(min(Int64(count), guestStart + n * cs - offset))
+        let event = AsyncEvent()
+        inflight.append(InflightAllocation(firstCluster: firstCluster, count: n, done: event))
+        return .allocated(Allocation(l1Index: l1Index, firstL2: firstL2, host: host,
+                                     oldEntries: oldEntries, guestStart: guestStart, runBytes: runBytes, event: event))
+    }
+
+    /// Points the L2 entries at the newly written clusters. Lock held. When it throws, no
+    /// entry was changed.
+    private func commitAllocation(_ a: Allocation) async throws {
+        let cs = Int64(clusterSize)
+        let t = try await l2TableForWrite(a.l1Index)
+        l2Cache.pin(t)
+        defer { l2Cache.release(t) }
+        // Set the dependency before touching the entries: setting it may write the L2 cache
+        // (when the refcount cache depended on it), and the new references must not reach
+        // the disk before the counts of the clusters they point to.
+        try await l2Cache.setDependency(on: refcountCache)
+        for i in 0..<a.oldEntries.count {
+            t.bytes.setBE64((a.firstL2 + i) * 8, UInt64(a.host + Int64(i) * cs) | Qcow2Node.copied)
+        }
+        l2Cache.markDirty(t)
+    }
+
+    /// Drops the references the L2 entries `oldEntries` held before an allocating write
+    /// replaced them. Lock held.
+    private func freeReplaced(_ oldEntries: [UInt64]) async throws {
+        for e in oldEntries {
+            switch kind(of: e) {
+            case .normal, .zeroAllocated:
+                try await freeClusters(at: Int64(e & Qcow2Node.l2OffsetMask), count: 1)
+            case .compressed:
+                try await freeCompressed(entry: e)
+            default: break
+            }
+        }
+    }
+
+    /// Writes guest data into newly allocated host clusters, filling the parts of the first
+    /// and last cluster the request does not cover from their previous content (copy-on-write).
+    private func writeAllocated(host: Int64, guestStart: Int64, clusters: Int64,
+                                oldEntries: [UInt64], offset: Int64, data: UnsafeRawBufferPointer) async throws {
+        let cs = Int64(clusterSize)
+        let total = clusters * cs
+        let head = Int(offset - guestStart)
+        let tail = Int(total) - head - data.count
+        if head == 0 && tail == 0 {
+            try await hostFile.write(at: host, from: data, flags: [])
+            return
+        }
+        // Where the previous content is all zeros, no data needs reading or copying.
+        let headZero = head == 0 || oldReadsZero(oldEntries[0], guestStart)
+        let tailZero = tail == 0 || oldReadsZero(oldEntries[oldEntries.count - 1], guestStart + total - cs)
+        if headZero && tailZero {
+            // Zero the clusters efficiently, then write the data (as QEMU does for zero
+            // copy-on-write areas, so the host file is laid out the same).
+            try await hostFile.writeZeroes(at: host, length: total, flags: [])
+            try await hostFile.write(at: host + Int64(head), from: data, flags: [])
+            return
+        }
+        let buf = AlignedBuffer(count: Int(total))
+        try await buf.withUnsafeMutableBytes { b in
+            if head > 0 && !headZero {
+                try await readOld(oldEntries[0], guestOffset: guestStart,
+                                  into: UnsafeMutableRawBufferPointer(rebasing: b[0..<head]))
+            }
+            if tail > 0 && !tailZero {
+                let lastStart = Int(total - cs)
+                let tailStart = head + data.count
+                // Read the whole last cluster's old content, then keep its tail.
+                let from = max(lastStart, tailStart)
+                try await readOld(oldEntries[oldEntries.count - 1], guestOffset: guestStart + Int64(from),
+                                  into: UnsafeMutableRawBufferPointer(rebasing: b[from..<Int(total)]))
+            }
+            UnsafeMutableRawBufferPointer(rebasing: b[head..<(head + data.count)]).copyMemory(from: data)
+            try await hostFile.write(at: host, from: UnsafeRawBufferPointer(b), flags: [])
+        }
+    }
+
+    /// Whether the old content of the cluster with L2 entry `e` at guest `offset` reads as zeros
+    /// without looking at data.
+    private func oldReadsZero(_ e: UInt64, _ guestOffset: Int64) -> Bool {
+        switch kind(of: e) {
+        case .zero, .zeroAllocated: return true
+        case .unallocated: return backingNode == nil || guestOffset >= backingNode!.length
+        default: return false
+        }
+    }
+
+    /// Reads the previous content of a cluster (given its old L2 entry) for copy-on-write.
+    private func readOld(_ e: UInt64, guestOffset: Int64, into part: UnsafeMutableRawBufferPointer) async throws {
+        let cs = Int64(clusterSize)
+        let k = kind(of: e)
+        let m = Mapping(kind: k, hostOffset: Int64(e & Qcow2Node.l2OffsetMask) + (guestOffset & (cs - 1)),
+                        length: Int64(part.count), entry: e, copied: false)
+        try await readMapped(m, guestOffset: guestOffset, into: part)
+    }
+
+    // MARK: Zeroes and discard
+
+    /// Write-zeroes as QEMU's qcow2 driver does it: whole clusters get the zero flag (v3) or
+    /// are discarded (v2 without a backing file); a partial cluster is zeroed as a whole when
+    /// the rest of it already reads as zeros and nothing is allocated there, else it gets
+    /// explicit zero data.
+    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try checkWritable("write zeroes")
+        try checkRange(offset, length, "write zeroes")
+        defer { markBitmaps(offset, length) }
+        let cs = Int64(clusterSize)
+        let end = offset + length
+        let size = Int64(header.size)
+        let efficient = header.version >= 3 || (backingNode == nil && header.backingFileName == nil)
+        guard efficient else {
+            try await zeroExplicitly(from: offset, to: end, flags: flags)
+            if flags.contains(.fua) { try await flush() }
+            return
+        }
+        // [offset, headEnd) and [tailStart, end) are partial clusters, whole clusters between
+        // them; the last cluster of an image whose size is unaligned counts as whole.
+        let headEnd = offset % cs == 0 ? offset : min(end, (offset + cs - 1) / cs * cs)
+        var tailStart = max(headEnd, end / cs * cs)
+        if end >= size { tailStart = end }
+        if headEnd > offset { try await zeroPartialCluster(from: offset, to: headEnd, flags: flags) }
+        if tailStart > headEnd {
+            try await zeroWholeClusters(from: headEnd, to: tailStart, unmap: flags.contains(.mayUnmap))
+        }
+        if end > tailStart { try await zeroPartialCluster(from: tailStart, to: end, flags: flags) }
+        if flags.contains(.fua) { try await flush() }
+    }
+
+    /// Zeroes [start, end), which lies inside one cluster. The check that the rest of the
+    /// cluster reads as zeros and the L2 update happen under one hold of the lock, so a
+    /// concurrent write to the same cluster cannot slip in between.
+    private func zeroPartialCluster(from start: Int64, to end: Int64, flags: WriteFlags) async throws {
+        let cs = Int64(clusterSize)
+        let clusterStart = start / cs * cs
+        let clusterEnd = min(clusterStart + cs, Int64(header.size))
+        let cluster = clusterStart / cs
+        while true {
+            await metaLock.lock()
+            guard await waitForInflight(cluster, 1) else { continue }
+            do {
+                let m = try await lookup(clusterStart, clusterEnd - clusterStart)
+                if m.kind == .unallocated || m.kind == .zero {
+                    let headZero = try await readsAsZeroLocked(clusterStart, start)
+                    let tailZero = try await readsAsZeroLocked(end, clusterEnd)
+                    if headZero && tailZero {
+                        try await transformClustersLocked(cluster, 1, zeroTransform(unmap: flags.contains(.mayUnmap)))
+                        metaLock.unlock()
+                        return
+                    }
+                }
+            } catch {
+                metaLock.unlock()
+                throw error
+            }
+            metaLock.unlock()
+            try await zeroExplicitly(from: start, to: end, flags: flags)
+            return
+        }
+    }
+
+    /// Whether guest bytes [start, end) read as zeros, judged by block status. Lock held.
+    private func readsAsZeroLocked(_ start: Int64, _ end: Int64) async throws -> Bool {
+        var pos = start
+        while pos < end {
+            let m = try await lookup(pos, end - pos)
+            switch m.kind {
+            case .zero, .zeroAllocated: break
+            case .normal, .compressed: return false
+            case .unallocated:
+                if let b = backingNode, pos < b.length {
+                    var p = pos
+                    let stop = min(pos + m.length, b.length)
+                    while p < stop {
+                        let st = try await b.blockStatus(at: p, length: stop - p)
+                        if !st.flags.contains(.zero) { return false }
+                        p += st.length
+                    }
+                }
+            }
+            pos += m.length
+        }
+        return true
+    }
+
+    /// Explicit zero data through the normal write path.
+    private func zeroExplicitly(from start: Int64, to end: Int64, flags: WriteFlags) async throws {
+        guard end > start else { return }
+        if flags.contains(.noFallback) {
+            throw BlockError(.unsupported, "write zeroes cannot be done efficiently here", errno: ENOTSUP, path: filename, offset: start)
+        }
+        let zeros = AlignedBuffer(count: Int(min(end - start, 1 << 20)))
+        var p = start
+        while p < end {
+            let k = Int(min(Int64(zeros.count), end - p))
+            try await zeros.withUnsafeBytes { z in
+                try await self.write(at: p, from: UnsafeRawBufferPointer(rebasing: z[0..<k]), flags: [])
+            }
+            p += Int64(k)
+        }
+    }
+
+    /// Makes whole clusters in [start, end) read as zeros: the v3 zero flag (unmapping when
+    /// allowed, and always for compressed clusters), or a discard in v2.
+    private func zeroWholeClusters(from start: Int64, to end: Int64, unmap: Bool) async throws {
+        try await updateWholeClusters(from: start, to: end, zeroTransform(unmap: unmap))
+    }
+
+    /// The L2 entry change that makes a cluster read as zeros: the zero flag in v3 (dropping
+    /// the host cluster when unmapping is allowed, and always for compressed data); in v2,
+    /// only possible without a backing file, a discard.
+    private func zeroTransform(unmap: Bool) -> (UInt64) -> (UInt64, Bool) {
+        if header.version < 3 { return discardTransform() }
+        return { e in
+            let k = self.kind(of: e)
+            let allocated = k == .normal || k == .zeroAllocated || k == .compressed
+            let drop = k == .compressed || (unmap && allocated)
+            return ((drop ? 0 : e) | Qcow2Node.zeroFlag, drop)
+        }
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        try checkWritable("discard")
+        try checkRange(offset, length, "discard")
+        defer { markBitmaps(offset, length) }
+        let cs = Int64(clusterSize)
+        let start = (offset + cs - 1) / cs * cs
+        var end = (offset + length) / cs * cs
+        if offset + length >= Int64(header.size) { end = offset + length }
+        guard end > start else { return }
+        try await discardClusters(from: start, to: end)
+    }
+
+    /// Discards whole clusters: they read as zeros in v3 (or show the backing file in v2).
+    private func discardClusters(from start: Int64, to end: Int64) async throws {
+        try await updateWholeClusters(from: start, to: end, discardTransform())
+    }
+
+    private func discardTransform() -> (UInt64) -> (UInt64, Bool) {
+        let v3 = header.version >= 3
+        let hasBacking = backingNode != nil || header.backingFileName != nil
+        return { e in
+            let k = self.kind(of: e)
+            let allocated = k == .normal || k == .zeroAllocated || k == .compressed
+            let newEntry: UInt64 = (v3 && (hasBacking || allocated)) ? Qcow2Node.zeroFlag : 0
+            return (newEntry, allocated)
+        }
+    }
+
+    /// Applies `transform` to the L2 entries of whole clusters in [start, end), freeing the
+    /// old host cluster when it says so. Waits for allocations in flight.
+    private func updateWholeClusters(from start: Int64, to end: Int64,
+                                     _ transform: @escaping (UInt64) -> (UInt64, Bool)) async throws {
+        let cbits = Int64(clusterBits)
+        var cluster = start >> cbits
+        let endCluster = (end + Int64(clusterSize) - 1) >> cbits
+        while cluster < endCluster {
+            await metaLock.lock()
+            let firstL2 = Int(cluster % Int64(l2Entries))
+            let n = min(endCluster - cluster, Int64(l2Entries - firstL2))
+            guard await waitForInflight(cluster, n) else { continue }
+            do {
+                try await transformClustersLocked(cluster, n, transform)
+            } catch {
+                metaLock.unlock()
+                throw error
+            }
+            metaLock.unlock()
+            cluster += n
+        }
+    }
+
+    /// Applies `transform` to `n` L2 entries from guest cluster `cluster` (within one L2
+    /// table). Freed clusters are discarded in the host file too. Lock held.
+    private func transformClustersLocked(_ cluster: Int64, _ n: Int64,
+                                         _ transform: (UInt64) -> (UInt64, Bool)) async throws {
+        let l1Index = Int(cluster / Int64(l2Entries))
+        let firstL2 = Int(cluster % Int64(l2Entries))
+        if l1Index >= l1Table.count { return }
+        // Nothing to do for a missing L2 table whose clusters would stay unallocated.
+        if try await l2Offset(l1Index) == 0 && transform(0).0 == 0 { return }
+        let t = try await l2TableForWrite(l1Index)
+        l2Cache.pin(t)
+        defer { l2Cache.release(t) }
+        for i in 0..<Int(n) {
+            let old = t.bytes.be64((firstL2 + i) * 8)
+            let (new, free) = transform(old)
+            if new == old { continue }
+            t.bytes.setBE64((firstL2 + i) * 8, new)
+            l2Cache.markDirty(t)
+            if free {
+                // The L2 change reaches the disk before the refcount drop (cache dependency).
+                switch kind(of: old) {
+                case .compressed: try await freeCompressed(entry: old, discardHost: true)
+                case .normal, .zeroAllocated:
+                    try await freeClusters(at: Int64(old & Qcow2Node.l2OffsetMask), count: 1, discardHost: true)
+                default: break
+                }
+            }
+        }
+    }
+
+    // MARK: Block status
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try checkRange(offset, max(length, 1), "block status")
+        await metaLock.lock()
+        let m: Mapping
+        do { m = try await lookup(offset, length) } catch { metaLock.unlock(); throw error }
+        metaLock.unlock()
+        return status(of: m, at: offset)
+    }
+
+    /// The block status of a mapping run starting at guest `offset` (shared with snapshot views).
+    func status(of m: Mapping, at offset: Int64) -> BlockStatus {
+        switch m.kind {
+        case .unallocated:
+            // Not allocated here: zeros unless a backing file covers the offset; a run stops
+            // where the backing file ends.
+            if let b = backingNode, offset < b.length {
+                return BlockStatus(flags: [], length: min(m.length, b.length - offset))
+            }
+            return BlockStatus(flags: [.zero], length: m.length)
+        case .zero:
+            return BlockStatus(flags: [.zero, .allocated], length: m.length)
+        case .zeroAllocated:
+            return BlockStatus(flags: [.zero, .allocated], length: m.length, hostOffset: m.hostOffset)
+        case .normal:
+            return BlockStatus(flags: [.data, .allocated], length: m.length, hostOffset: m.hostOffset)
+        case .compressed:
+            return BlockStatus(flags: [.data, .allocated, .compressed], length: m.length)
+        }
+    }
+}

@@ -1,0 +1,256 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import QBlockBitmaps
+import QBlockCore
+import QBlockGraph
+
+/// The qcow2 format driver (QEMU's `docs/interop/qcow2.txt`), versions 2 and 3.
+///
+/// The driver is split by on-disk structure, as QEMU's is:
+/// - `Qcow2+Header.swift`: the header and its extensions;
+/// - `Qcow2+MetadataCache.swift`: the write-back cache of L2 tables and refcount blocks;
+/// - `Qcow2+Refcount.swift`: refcounts and cluster allocation;
+/// - `Qcow2+Cluster.swift`: guest-to-host mapping through L1 and L2 tables;
+/// - `Qcow2+ReadWrite.swift`: the data path (reads, allocating writes, zeroes, discard);
+/// - `Qcow2+Compression.swift`: compressed clusters (deflate, zstd);
+/// - `Qcow2+Create.swift`, `Qcow2+Check.swift`, `Qcow2+Resize.swift`;
+/// - `Qcow2+Bitmaps.swift`, `Qcow2+BitmapsLoad.swift`, `Qcow2+BitmapsStore.swift`: persistent dirty bitmaps.
+///
+/// Concurrency: metadata (L1, L2 and refcount tables, the header) is only touched with
+/// ``metaLock`` held, like QEMU's `s->lock`; guest data moves without it. Clusters being
+/// allocated are tracked in ``inflight`` so that two writes to the same unallocated
+/// cluster never allocate it twice.
+public final class Qcow2Node: BlockDriver, @unchecked Sendable {
+    public let driverName = "qcow2"
+    /// The protocol node holding the image's bytes: a `FileNode`, an NBD client node, or any other node.
+    public let hostFile: any BlockDriver
+    public var file: (any BlockDriver)? { hostFile }
+    public var backing: (any BlockDriver)? { backingNode }
+    public var filename: String { hostFile.filename }
+    /// Read-only because its file is, or because a reopen made the format node read-only
+    /// over a writable file (``reopenReadOnly()``).
+    public var isReadOnly: Bool { formatReadOnly.value || hostFile.isReadOnly }
+    /// Set by ``reopenReadOnly()``, cleared by ``reopenReadWrite()``.
+    let formatReadOnly = LockedFlag()
+    public var requestAlignment: Int { 1 }
+    public var length: Int64 { Int64(header.size) }
+
+    /// Cluster size in bytes.
+    public var clusterSize: Int { header.clusterSize }
+    /// The backing file name exactly as stored in the header.
+    public var backingFileName: String? { header.backingFileName }
+    /// The backing format from the header extension.
+    public var backingFormat: String? { header.backingFormat }
+    /// The dirty bit (v3 incompatible feature bit 0).
+    public var isDirty: Bool { header.incompatibleFeatures & Qcow2Header.Incompatible.dirty != 0 }
+    /// The corrupt bit (v3 incompatible feature bit 1).
+    public var isCorrupt: Bool { header.incompatibleFeatures & Qcow2Header.Incompatible.corrupt != 0 }
+    /// Number of internal snapshots.
+    public var snapshotCount: Int { Int(header.nbSnapshots) }
+
+    public var formatInfo: Qcow2FormatInfo {
+        Qcow2FormatInfo(compat: header.version >= 3 ? "1.1" : "0.10",
+                        lazyRefcounts: header.compatibleFeatures & Qcow2Header.compatibleLazyRefcounts != 0,
+                        refcountBits: header.refcountBits, corrupt: isCorrupt,
+                        extendedL2: header.incompatibleFeatures & Qcow2Header.Incompatible.extendedL2 != 0,
+                        compressionType: Qcow2CompressionType(rawValue: header.compressionType) ?? .zlib,
+                        bitmaps: persistentBitmapInfo)
+    }
+
+    // MARK: State (guarded by metaLock unless noted)
+
+    package var header: Qcow2Header
+    package var backingNode: (any BlockDriver)?
+    package let metaLock = AsyncMutex()
+    let clusterBits: Int
+    /// Entries per L2 table.
+    let l2Entries: Int
+    var l1Table: [UInt64]
+    let l2Cache: Qcow2MetadataCache
+    let refcountCache: Qcow2MetadataCache
+    var refcountTable: [UInt64]
+    /// Refcount entries per refcount block.
+    var refcountBlockEntries: Int
+    /// Lowest cluster index that may be free.
+    var freeClusterIndex: Int64 = 0
+    /// Where the next compressed cluster's bytes may go (0: start a new host cluster); see `Qcow2+CompressedWrite.swift`.
+    var freeByteOffset: Int64 = 0
+    /// One past the highest cluster index ever in use (file end, in clusters).
+    var endCluster: Int64
+    /// Reference drops that could not be applied when the host file refused a write; retried
+    /// at the next flush (`Qcow2+DeferredFree.swift`).
+    var pendingFrees: [PendingFree] = []
+    /// Guest clusters whose allocation is under way.
+    var inflight: [InflightAllocation] = []
+    /// The last decompressed cluster (L2 entry → data).
+    var decompressedCache: (entry: UInt64, data: AlignedBuffer)?
+    let decompressLock = PosixMutex()
+    var closed = false
+    /// The internal snapshots, as read from the snapshot table (`Qcow2+SnapshotTable.swift`).
+    var snapshotList: [Qcow2Snapshot] = []
+    /// Bytes the snapshot table occupies at `header.snapshotsOffset` (unpadded, as QEMU counts).
+    var snapshotTableSize = 0
+    /// The persistent dirty bitmaps of the image (`Qcow2+Bitmaps*.swift`): loaded at open,
+    /// marked by every write, write-zeroes and discard, stored at close.
+    public let persistentBitmaps = DirtyBitmapSet()
+    /// The bitmap directory as it is on disk.
+    var bitmapDirectory: [Qcow2BitmapEntry] = []
+    /// The image had a bitmaps extension without autoclear bit 0 when it was opened: a
+    /// program without bitmap support wrote it, so its bitmaps were ignored (and dropped
+    /// on a read-write open). Tools print QEMU's warning for it.
+    public private(set) var openedWithStaleBitmaps = false
+
+    struct InflightAllocation {
+        let firstCluster: Int64
+        let count: Int64
+        let done: AsyncEvent
+    }
+
+    static let l1OffsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
+    static let l2OffsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
+    static let copied: UInt64 = 1 << 63
+    static let compressedFlag: UInt64 = 1 << 62
+    static let zeroFlag: UInt64 = 1 << 0
+
+    init(file: any BlockDriver, header: Qcow2Header, l1: [UInt64], refcountTable: [UInt64], l2CacheSize: Int?) {
+        self.hostFile = file
+        self.header = header
+        self.clusterBits = Int(header.clusterBits)
+        self.l2Entries = header.clusterSize / 8
+        self.l1Table = l1
+        self.refcountTable = refcountTable
+        self.refcountBlockEntries = header.clusterSize * 8 / header.refcountBits
+        let cs = header.clusterSize
+        // QEMU's default: enough L2 tables to cover the whole disk, at most 32 MiB.
+        let coverPerTable = Int64(cs) * Int64(cs / 8)
+        let needed = Int((Int64(header.size) + coverPerTable - 1) / coverPerTable)
+        let l2Bytes = l2CacheSize ?? min(32 << 20, max(needed * cs, 1 << 20))
+        let l2Count = max(4, l2Bytes / cs)
+        l2Cache = Qcow2MetadataCache(name: "L2", file: file, tableSize: cs, capacity: l2Count)
+        refcountCache = Qcow2MetadataCache(name: "refcount", file: file, tableSize: cs, capacity: max(4, l2Count / 4))
+        let fileClusters = (file.length + Int64(cs) - 1) / Int64(cs)
+        endCluster = fileClusters
+        let sync: () async throws -> Void = { [unowned file] in try await file.flush() }
+        l2Cache.syncFile = sync
+        refcountCache.syncFile = sync
+    }
+
+    /// Opens the qcow2 image on `file`.
+    /// - Parameter openBacking: opens a backing file by name and format (the opener resolves paths).
+    public static func open(file: any BlockDriver, options: OpenOptions,
+                            openBacking: (String, String?) async throws -> any BlockDriver) async throws -> Qcow2Node {
+        let fileLength = file.length
+        let headBytes = Int(min(fileLength, Int64(2 << 20)))
+        let head = try await file.read(at: 0, count: max(headBytes, 0))
+        let prelim = try Qcow2Header.parse(head, fileLength: fileLength)
+        let header = try Qcow2Header.parse(Array(head.prefix(prelim.clusterSize)), fileLength: fileLength)
+        let cs = Int64(header.clusterSize)
+
+        if !file.isReadOnly && header.incompatibleFeatures & Qcow2Header.Incompatible.corrupt != 0 && !options.forRepair {
+            throw BlockError(.corrupt, "qcow2: Image is corrupt; cannot be opened read/write")
+        }
+        // L1 table.
+        let l1Bytes = Int(header.l1Size) * 8
+        var l1 = [UInt64](repeating: 0, count: Int(header.l1Size))
+        if l1Bytes > 0 {
+            let raw = try await file.read(at: Int64(header.l1TableOffset), count: l1Bytes)
+            raw.withUnsafeBytes { b in for i in 0..<l1.count { l1[i] = b.be64(i * 8) } }
+        }
+        // Refcount table.
+        let rtBytes = Int(header.refcountTableClusters) * Int(cs)
+        var rt = [UInt64](repeating: 0, count: rtBytes / 8)
+        do {
+            let raw = try await file.read(at: Int64(header.refcountTableOffset), count: rtBytes)
+            raw.withUnsafeBytes { b in for i in 0..<rt.count { rt[i] = b.be64(i * 8) } }
+        }
+        for (i, e) in rt.enumerated() where e != 0 {
+            if e & UInt64(cs - 1) != 0 {
+                throw BlockError(.corrupt, "Refcount block offset \(e) (table entry \(i)) is unaligned", offset: Int64(e))
+            }
+        }
+        let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
+        try await node.loadSnapshotTable()
+        try await node.loadPersistentBitmaps()
+        node.openedWithStaleBitmaps = header.autoclearFeatures & Qcow2Header.autoclearBitmaps == 0
+            && header.bitmapsExtensionData() != nil
+        if let name = header.backingFileName, options.openBacking {
+            node.backingNode = try await openBacking(name, header.backingFormat)
+        }
+        if !file.isReadOnly {
+            try await node.prepareForWriting(options: options)
+        }
+        return node
+    }
+
+    /// On a read-write open: clear autoclear feature bits this implementation does not
+    /// maintain (bit 0, bitmaps, is kept; a bitmaps extension without it is stale, written
+    /// by a program without bitmap support, and is dropped as QEMU does), repair after an
+    /// unclean shutdown (dirty bit), and mark the persistent bitmaps in use.
+    func prepareForWriting(options: OpenOptions) async throws {
+        let kept = header.autoclearFeatures & Qcow2Header.autoclearBitmaps
+        let stale = kept == 0 && header.bitmapsExtensionData() != nil
+        if header.autoclearFeatures != kept || stale {
+            header.autoclearFeatures = kept
+            if stale { header.setBitmapsExtension(nil) }
+            try await writeHeader()
+        }
+        if isDirty && !options.forRepair {
+            _ = try await check(repair: .all)
+            header.incompatibleFeatures &= ~Qcow2Header.Incompatible.dirty
+            try await writeHeader()
+            try await hostFile.flush()
+        }
+        try await markBitmapsInUseLocked()
+    }
+
+    /// Writes the header cluster from `header`.
+    func writeHeader() async throws {
+        var h = header
+        let bytes = try h.encode()
+        header = h
+        var buf = bytes
+        buf.append(contentsOf: [UInt8](repeating: 0, count: clusterSize - buf.count))
+        try await hostFile.write(at: 0, bytes: buf)
+    }
+
+    public func flush() async throws {
+        if isReadOnly { return }
+        try await metaLock.withLock {
+            try await retryPendingFrees()
+            try await l2Cache.flush()
+            try await refcountCache.flush()
+        }
+        try await hostFile.flush()
+    }
+
+    public func close() async throws {
+        if closed { return }
+        closed = true
+        var firstError: Error?
+        if !isReadOnly {
+            do { try await metaLock.withLock { try await storeBitmapsLocked() } } catch { firstError = error }
+            do { try await flush() } catch { if firstError == nil { firstError = error } }
+        }
+        if let b = backingNode {
+            do { try await b.close() } catch { if firstError == nil { firstError = error } }
+        }
+        try await hostFile.close()
+        if let e = firstError { throw e }
+    }
+
+    func corruptError(_ message: String, offset: Int64? = nil) -> BlockError {
+        BlockError(.corrupt, "qcow2: Marking image as corrupt: \(message); further corruption events will be suppressed",
+                   path: filename, offset: offset)
+    }
+
+    /// Marks the image corrupt on disk (QEMU's `qcow2_signal_corruption`) and returns the error.
+    func signalCorruption(_ message: String, offset: Int64? = nil) async -> BlockError {
+        if !isReadOnly && header.version >= 3 && !isCorrupt {
+            header.incompatibleFeatures |= Qcow2Header.Incompatible.corrupt
+            try? await writeHeader()
+            try? await hostFile.flush()
+        }
+        return corruptError(message, offset: offset)
+    }
+}

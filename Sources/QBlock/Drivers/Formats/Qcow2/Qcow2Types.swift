@@ -1,0 +1,118 @@
+import QBlockCore
+import QBlockGraph
+/// Compression algorithms of qcow2 compressed clusters (header field `compression_type`).
+public enum Qcow2CompressionType: UInt8, Sendable {
+    case zlib = 0
+    case zstd = 1
+    public var name: String { self == .zlib ? "zlib" : "zstd" }
+    public init?(name: String) {
+        switch name {
+        case "zlib": self = .zlib
+        case "zstd": self = .zstd
+        default: return nil
+        }
+    }
+}
+
+/// Options of `img create -f qcow2 -o ...`, with qemu-img's defaults.
+public struct Qcow2CreateOptions: Sendable {
+    /// Cluster size in bytes: a power of two from 512 to 2 MiB.
+    public var clusterSize: Int = 65536
+    /// 2 for compat=0.10, 3 for compat=1.1.
+    public var version: Int = 3
+    public var lazyRefcounts = false
+    public var preallocation: Preallocation = .off
+    public var compressionType: Qcow2CompressionType = .zlib
+    /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (16 for compat=0.10).
+    public var refcountBits = 16
+    /// The backing file name as it is to be stored in the header.
+    public var backingFile: String?
+    /// The backing file's format, stored in the backing format header extension.
+    public var backingFormat: String?
+    public var extendedL2 = false
+
+    public init() {}
+
+    /// Parses a qemu-img `-o` option into these options.
+    /// - Throws: ``BlockError`` `.invalidArgument` for unknown options or values.
+    public mutating func set(_ key: String, _ value: String) throws {
+        func bool(_ v: String) throws -> Bool {
+            switch v {
+            case "on", "true", "yes": return true
+            case "off", "false", "no": return false
+            default: throw BlockError(.invalidArgument, "Parameter '\(key)' expects 'on' or 'off'")
+            }
+        }
+        switch key {
+        case "cluster_size":
+            guard let v = SizeParser.parse(value), v >= 512, v <= 2 << 20, v & (v - 1) == 0 else {
+                throw BlockError(.invalidArgument, "Cluster size must be a power of two between 512 and 2048k")
+            }
+            clusterSize = Int(v)
+        case "compat":
+            switch value {
+            case "0.10", "v2": version = 2
+            case "1.1", "v3": version = 3
+            default: throw BlockError(.invalidArgument, "Invalid compatibility level: '\(value)'")
+            }
+        case "lazy_refcounts": lazyRefcounts = try bool(value)
+        case "extended_l2": extendedL2 = try bool(value)
+        case "preallocation":
+            guard let p = Preallocation(rawValue: value) else {
+                throw BlockError(.invalidArgument, "Parameter 'preallocation' does not accept value '\(value)'")
+            }
+            preallocation = p
+        case "compression_type":
+            guard let c = Qcow2CompressionType(name: value) else {
+                throw BlockError(.invalidArgument, "Parameter 'compression-type' does not accept value '\(value)'")
+            }
+            compressionType = c
+        case "refcount_bits":
+            guard let v = Int(value), v > 0, v <= 64, v & (v - 1) == 0 else {
+                throw BlockError(.invalidArgument, "Refcount width must be a power of two and may not exceed 64 bits")
+            }
+            refcountBits = v
+        case "backing_file": backingFile = value
+        case "backing_fmt": backingFormat = value
+        default:
+            throw BlockError(.invalidArgument, "Invalid parameter '\(key)'")
+        }
+    }
+}
+
+/// What `qemu-img info` shows under "format-specific" for a qcow2 image.
+public struct Qcow2FormatInfo: Sendable, Equatable {
+    /// "0.10" or "1.1".
+    public var compat: String
+    public var lazyRefcounts: Bool
+    public var refcountBits: Int
+    public var corrupt: Bool
+    public var extendedL2: Bool
+    public var compressionType: Qcow2CompressionType
+    /// The persistent bitmaps as listed on disk (`qemu-img info` shows them for v3 images
+    /// that have any).
+    public var bitmaps: [Qcow2BitmapInfo] = []
+}
+
+/// How `check` repairs what it finds (`-r leaks` / `-r all`).
+public enum CheckRepair: String, Sendable {
+    case leaks, all
+}
+
+/// The result of a consistency check, with the fields of `qemu-img check --output=json`.
+public struct CheckResult: Sendable, Equatable {
+    public var corruptions = 0
+    public var leaks = 0
+    public var checkErrors = 0
+    public var corruptionsFixed = 0
+    public var leaksFixed = 0
+    public var imageEndOffset: Int64 = 0
+    public var totalClusters: Int64 = 0
+    public var allocatedClusters: Int64 = 0
+    public var fragmentedClusters: Int64 = 0
+    public var compressedClusters: Int64 = 0
+    /// One line per problem found, worded as qemu-img prints them
+    /// ("Leaked cluster 5 refcount=1 reference=0").
+    public var messages: [String] = []
+    public init() {}
+}

@@ -1,0 +1,86 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import QBlockCore
+import QBlockGraph
+
+/// The `raw` format driver: the guest sees its `file` child's bytes unchanged.
+///
+/// Like QEMU's raw driver it may expose a window (`offset`, `size`) of the child.
+public final class RawNode: BlockDriver, @unchecked Sendable {
+    public let driverName = "raw"
+    public let child: any BlockDriver
+    public var file: (any BlockDriver)? { child }
+    public var backing: (any BlockDriver)? { nil }
+    public var filename: String { child.filename }
+    /// Read-only because its file is, or because a reopen made it so (``setReadOnly(_:)``).
+    public var isReadOnly: Bool { formatReadOnly.value || child.isReadOnly }
+    private let formatReadOnly = LockedFlag()
+
+    /// Makes the node refuse writes (true) or pass them to its file again (false), whatever
+    /// the file's own mode (QEMU's reopen of a raw node; raw keeps no metadata to flush).
+    public func setReadOnly(_ readOnly: Bool) { formatReadOnly.set(readOnly) }
+    public var requestAlignment: Int { child.requestAlignment }
+    /// Where the window starts in the child.
+    public let offset: Int64
+    private let fixedSize: Int64?
+
+    public init(file: any BlockDriver, offset: Int64 = 0, size: Int64? = nil) {
+        self.child = file
+        self.offset = offset
+        self.fixedSize = size
+    }
+
+    public var length: Int64 {
+        if let fixedSize { return fixedSize }
+        return max(0, child.length - offset)
+    }
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await child.read(at: self.offset + offset, into: buffer)
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
+        try await child.write(at: self.offset + offset, from: buffer, flags: flags)
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
+        try await child.writeZeroes(at: self.offset + offset, length: length, flags: flags)
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
+        try await child.discard(at: self.offset + offset, length: length)
+    }
+
+    public func flush() async throws {
+        if formatReadOnly.value { return }
+        try await child.flush()
+    }
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        var s = try await child.blockStatus(at: self.offset + offset, length: length)
+        s.flags.insert(.allocated)
+        return s
+    }
+
+    public func truncate(to length: Int64, preallocation: Preallocation) async throws {
+        if formatReadOnly.value {
+            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        }
+        if fixedSize != nil {
+            throw BlockError(.unsupported, "Cannot resize a raw node with a fixed size", path: filename, operation: "truncate")
+        }
+        try await child.truncate(to: offset + length, preallocation: preallocation)
+    }
+
+    public func close() async throws { try await child.close() }
+}

@@ -1,0 +1,37 @@
+import QBlockGraph
+/// How to open an image (the options qemu-img and qemu-io take on their command lines).
+public struct OpenOptions: Sendable {
+    /// The format driver to use; `nil` probes (qcow2 by its magic, else raw).
+    public var format: String?
+    /// Open read-only.
+    public var readOnly: Bool
+    /// Host cache mode for every file in the chain.
+    public var cache: CacheMode
+    /// Share every permission with other processes (`-U`); only with `readOnly`.
+    public var forceShare: Bool
+    /// Open backing files (false: `img info` on an image whose backing file is missing
+    /// still works, as qemu-img does with BDRV_O_NO_BACKING).
+    public var openBacking: Bool
+    /// Take QEMU-compatible image locks.
+    public var locking: Bool
+    /// qcow2 L2 cache size in bytes (`nil`: QEMU's default, enough for 8 GiB of disk or 1 MiB).
+    public var l2CacheSize: Int?
+    /// Allow opening an image marked corrupt, read-only, to inspect or repair it.
+    public var allowCorrupt: Bool
+    /// Whether this open is for a check with repair (opens images marked corrupt read-write).
+    public var forRepair: Bool
+
+    public init(format: String? = nil, readOnly: Bool = false, cache: CacheMode = .writeback,
+                forceShare: Bool = false, openBacking: Bool = true, locking: Bool = true,
+                l2CacheSize: Int? = nil, allowCorrupt: Bool = false, forRepair: Bool = false) {
+        self.format = format
+        self.readOnly = readOnly
+        self.cache = cache
+        self.forceShare = forceShare
+        self.openBacking = openBacking
+        self.locking = locking
+        self.l2CacheSize = l2CacheSize
+        self.allowCorrupt = allowCorrupt
+        self.forRepair = forRepair
+    }
+}

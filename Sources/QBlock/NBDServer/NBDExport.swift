@@ -1,0 +1,162 @@
+import QBlockBitmaps
+import QBlockCore
+import QBlockDrivers
+import QBlockGraph
+import QBlockNBDWire
+/// One disk offered by an ``NBDServer``: a node of the graph, a name, and the choices
+/// qemu-nbd's command line makes (read-only, discard, detect-zeroes, allocation depth).
+///
+/// The export uses its node like any other user of a disk; it never closes it (whoever
+/// opened the node closes it after the server is shut down).
+public final class NBDExport: Sendable {
+    /// What a client's TRIM does (qemu's `discard=`).
+    public enum DiscardMode: String, Sendable, CaseIterable {
+        /// TRIM succeeds without touching the image; write-zeroes never unmaps.
+        case ignore
+        /// TRIM discards; write-zeroes may unmap unless the client says NO_HOLE.
+        case unmap
+    }
+
+    /// Whether writes of all-zero buffers become write-zeroes requests (qemu's `detect-zeroes=`).
+    public enum DetectZeroes: String, Sendable, CaseIterable {
+        case off, on, unmap
+    }
+
+    public struct Options: Sendable {
+        /// Advertise the export read-only and refuse writes with EPERM.
+        public var readOnly: Bool
+        public var discard: DiscardMode
+        public var detectZeroes: DetectZeroes
+        /// Offer the `qemu:allocation-depth` metadata context (qemu-nbd `-A`).
+        public var allocationDepth: Bool
+        /// Flush after every write (qemu-nbd `--cache=writethrough` / `directsync`).
+        public var writethrough: Bool
+        /// Advertise NBD_FLAG_CAN_MULTI_CONN; `nil`: only for read-only exports. Safe
+        /// whenever it is set, because every connection shares one node (a flush on one
+        /// connection flushes what all of them wrote).
+        public var multiConnection: Bool?
+        /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` metadata contexts (qemu-nbd
+        /// `-B NAME`): a block status reply flags dirty areas 1 (NBD_STATE_DIRTY), clean 0.
+        /// They are marked busy while the export exists.
+        public var bitmaps: [DirtyBitmap]
+
+        public init(readOnly: Bool = false, discard: DiscardMode = .ignore, detectZeroes: DetectZeroes = .off,
+                    allocationDepth: Bool = false, writethrough: Bool = false, multiConnection: Bool? = nil,
+                    bitmaps: [DirtyBitmap] = []) {
+            self.bitmaps = bitmaps
+            self.readOnly = readOnly
+            self.discard = discard
+            self.detectZeroes = detectZeroes
+            self.allocationDepth = allocationDepth
+            self.writethrough = writethrough
+            self.multiConnection = multiConnection
+        }
+    }
+
+    public let name: String
+    public let description: String?
+    public let node: any BlockDriver
+    public let options: Options
+    /// The discard and detect-zeroes choices in force, initially `options`' ones; a QMP
+    /// `blockdev-reopen` of the exported node changes them while clients are connected
+    /// (in QEMU they are flags of the node).
+    public let writePolicy: WritePolicy
+
+    /// ``Options/discard`` and ``Options/detectZeroes``, changeable while the export runs.
+    public final class WritePolicy: @unchecked Sendable {
+        // @unchecked: the values are only touched with `lock` held.
+        private let lock = PosixMutex()
+        private var _discard: DiscardMode
+        private var _detectZeroes: DetectZeroes
+        init(discard: DiscardMode, detectZeroes: DetectZeroes) {
+            _discard = discard
+            _detectZeroes = detectZeroes
+        }
+        public var discard: DiscardMode { lock.withLock { _discard } }
+        public var detectZeroes: DetectZeroes { lock.withLock { _detectZeroes } }
+        /// Both at once.
+        public var current: (discard: DiscardMode, detectZeroes: DetectZeroes) { lock.withLock { (_discard, _detectZeroes) } }
+        public func set(discard: DiscardMode, detectZeroes: DetectZeroes) {
+            lock.withLock { _discard = discard; _detectZeroes = detectZeroes }
+        }
+    }
+
+    /// Creates an export of `node`.
+    /// - Throws: ``BlockError`` `.invalidArgument` if the name or description is longer than
+    ///   the protocol's 4096 bytes, or `.readOnly` if a read-only node is exported writable.
+    public init(name: String = "", description: String? = nil, node: any BlockDriver, options: Options = Options()) throws {
+        guard name.utf8.count <= NBD.maxStringLength else {
+            throw BlockError(.invalidArgument, "export name '\(name.prefix(64))...' too long", operation: "add export")
+        }
+        if let description, description.utf8.count > NBD.maxStringLength {
+            throw BlockError(.invalidArgument, "description '\(description.prefix(64))...' too long", operation: "add export")
+        }
+        if !options.readOnly && node.isReadOnly {
+            throw BlockError(.readOnly, "Cannot export read-only node '\(node.filename)' writable", path: node.filename,
+                             operation: "add export")
+        }
+        for b in options.bitmaps {
+            if let e = Qcow2Node.bitmapUseError(b, allowReadOnly: true) { throw e }
+            if options.readOnly && !node.isReadOnly && b.isEnabled {
+                throw BlockError(.invalidArgument, "Enabled bitmap '\(b.name)' incompatible with readonly export",
+                                 operation: "add export")
+            }
+        }
+        if Set(options.bitmaps.map(\.name)).count != options.bitmaps.count {
+            throw BlockError(.invalidArgument, "Duplicate bitmap names in export", operation: "add export")
+        }
+        self.name = name
+        self.writePolicy = WritePolicy(discard: options.discard, detectZeroes: options.detectZeroes)
+        self.description = description
+        self.node = node
+        self.options = options
+        for b in options.bitmaps { b.isBusy = true }
+    }
+
+    deinit {
+        for b in options.bitmaps { b.isBusy = false }
+    }
+
+    /// The export as the handshake sees it: plain values.
+    public var info: NBDExportDescriptor {
+        NBDExportDescriptor(name: name, description: description, size: UInt64(max(0, node.length)),
+                      flags: transmissionFlags, allocationDepth: options.allocationDepth,
+                      bitmapNames: options.bitmaps.map(\.name))
+    }
+
+    /// The transmission flags qemu-nbd advertises for this export (SEND_DF is added per
+    /// client when it negotiates structured replies).
+    public var transmissionFlags: NBD.TransmissionFlags {
+        var f: NBD.TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
+        if options.readOnly {
+            f.insert(.readOnly)
+        } else {
+            f.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
+        }
+        if options.multiConnection ?? options.readOnly { f.insert(.canMultiConn) }
+        return f
+    }
+}
+
+/// What the handshake needs to know about an export: its name, description, size and
+/// transmission flags. A value, so the handshake state machine stays free of I/O.
+public struct NBDExportDescriptor: Sendable, Equatable {
+    public var name: String
+    public var description: String?
+    public var size: UInt64
+    public var flags: NBD.TransmissionFlags
+    /// Whether `qemu:allocation-depth` is offered.
+    public var allocationDepth: Bool
+    /// Names of the bitmaps offered as `qemu:dirty-bitmap:NAME`, in context id order.
+    public var bitmapNames: [String]
+
+    public init(name: String, description: String? = nil, size: UInt64, flags: NBD.TransmissionFlags, allocationDepth: Bool = false,
+                bitmapNames: [String] = []) {
+        self.bitmapNames = bitmapNames
+        self.name = name
+        self.description = description
+        self.size = size
+        self.flags = flags
+        self.allocationDepth = allocationDepth
+    }
+}

@@ -1,0 +1,189 @@
+import QBlock
+
+extension QemuIOSession {
+    /// `flush`
+    func flush() async -> Bool {
+        guard let node else { return false }
+        do {
+            try await node.flush()
+            return true
+        } catch {
+            out("flush failed: \(error.asBlockError.errnoText)\n")
+            return false
+        }
+    }
+
+    /// `length`: the virtual size, as "1 MiB".
+    func length() -> Bool {
+        guard let node else { return false }
+        out(QemuNumbers.formatSize(Double(node.length)) + "\n")
+        return true
+    }
+
+    /// `info`: format name, cluster size, VM state offset and format-specific information.
+    func info() -> Bool {
+        guard let node else { return false }
+        var text = "format name: \(node.driverName)\n"
+        var clusterSize: Int64 = 0
+        var vmStateOffset: Int64 = 0
+        if let q = node as? Qcow2Node {
+            clusterSize = Int64(q.clusterSize)
+            let f = q.formatInfo
+            // qcow2_vm_state_offset: the virtual size rounded up to what one L1 entry maps.
+            let l2Entries = Int64(q.clusterSize / (f.extendedL2 ? 16 : 8))
+            let perL1 = clusterSize * l2Entries
+            vmStateOffset = (q.length + perL1 - 1) / perL1 * perL1
+            text += "cluster size: \(QemuNumbers.formatSize(Double(clusterSize)))\n"
+            text += "vm state offset: \(QemuNumbers.formatSize(Double(vmStateOffset)))\n"
+            text += "Format specific information:\n"
+            text += "    compat: \(f.compat)\n"
+            text += "    compression type: \(f.compressionType.name)\n"
+            if f.compat != "0.10" {
+                text += "    lazy refcounts: \(f.lazyRefcounts)\n"
+            }
+            text += "    refcount bits: \(f.refcountBits)\n"
+            if f.compat != "0.10" {
+                text += "    corrupt: \(f.corrupt)\n"
+                text += "    extended l2: \(f.extendedL2)\n"
+            }
+        } else {
+            text += "cluster size: \(QemuNumbers.formatSize(Double(clusterSize)))\n"
+            text += "vm state offset: \(QemuNumbers.formatSize(Double(vmStateOffset)))\n"
+        }
+        out(text)
+        return true
+    }
+
+    /// `map`: runs of allocated and unallocated bytes at the top node.
+    func map() async -> Bool {
+        guard let node else { return false }
+        var offset: Int64 = 0
+        var remaining = node.length
+        while remaining > 0 {
+            let run: (allocated: Bool, length: Int64)
+            do {
+                run = try await node.allocationRun(at: offset, length: remaining)
+            } catch {
+                report("Failed to get allocation status: \(error.asBlockError.errnoText)")
+                return false
+            }
+            if run.length == 0 {
+                report("Unexpected end of image")
+                return false
+            }
+            let state = run.allocated ? "    allocated" : "not allocated"
+            out("\(QemuNumbers.formatSize(Double(run.length))) (0x\(String(run.length, radix: 16))) bytes "
+                        + "\(state) at offset \(QemuNumbers.formatSize(Double(offset))) (0x\(String(offset, radix: 16)))\n")
+            offset += run.length
+            remaining -= run.length
+        }
+        return true
+    }
+
+    /// `alloc offset [count]`: how many of `count` bytes (default 512) are allocated at the top node.
+    func alloc(_ argv: [String]) async -> Bool {
+        guard let node, let start = number(argv[1]) else { return false }
+        var count: Int64 = 512
+        if argv.count == 3 {
+            guard let c = number(argv[2]) else { return false }
+            count = c
+        }
+        var offset = start
+        var remaining = count
+        var allocated: Int64 = 0
+        while remaining > 0 {
+            let run: (allocated: Bool, length: Int64)
+            do {
+                run = try await node.allocation(at: offset, length: remaining)
+            } catch {
+                out("is_allocated failed: \(error.asBlockError.errnoText)\n")
+                return false
+            }
+            offset += run.length
+            remaining -= run.length
+            if run.allocated { allocated += run.length }
+            if run.length == 0 {
+                count -= remaining
+                remaining = 0
+            }
+        }
+        out("\(allocated)/\(count) bytes allocated at offset \(QemuNumbers.formatSize(Double(start)))\n")
+        return true
+    }
+
+    /// `truncate [-m prealloc_mode] off`
+    func truncate(_ argv: [String]) async -> Bool {
+        var prealloc = Preallocation.off
+        let g = GetOpt(argv, "m:")
+        for item in g.items {
+            switch item {
+            case .error(let message):
+                err(message)
+                return usage("truncate")
+            case .option(_, let arg):
+                guard let p = Preallocation(rawValue: arg ?? "") else {
+                    report("Invalid preallocation mode '\(arg ?? "")'")
+                    return false
+                }
+                prealloc = p
+            }
+        }
+        guard g.operands.count == 1 else { return usage("truncate") }
+        guard let size = number(g.operands[0]), let node else { return false }
+        await waitForRequests()
+        do {
+            try await node.truncate(to: size, preallocation: prealloc)
+            return true
+        } catch {
+            report(error.asBlockError.message)
+            return false
+        }
+    }
+
+    /// `open [-rnU] [-t cache] [-f fmt] [-o options] path`
+    func openCommand(_ argv: [String]) async -> Bool {
+        var options = OpenOptions()
+        let g = GetOpt(argv, "rnUt:f:o:")
+        for item in g.items {
+            switch item {
+            case .error(let message):
+                err(message)
+                return usage("open")
+            case .option(let c, let arg):
+                switch c {
+                case "r": options.readOnly = true
+                case "n": options.cache = .none
+                case "U": options.forceShare = true
+                case "t":
+                    guard let mode = CacheMode(qemuName: arg ?? "") else {
+                        report("Invalid cache option: \(arg ?? "")")
+                        return false
+                    }
+                    options.cache = mode
+                case "f": options.format = arg
+                default:
+                    for pair in (arg ?? "").split(separator: ",") {
+                        let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
+                        guard kv.count == 2, kv[0] == "driver" || kv[0] == "format" else {
+                            report("Unsupported open option '\(pair)' (only driver=FMT is supported)")
+                            return false
+                        }
+                        options.format = kv[1]
+                    }
+                }
+            }
+        }
+        guard g.operands.count == 1 else {
+            if node != nil {
+                report("file open already, try 'help close'")
+                return false
+            }
+            if g.operands.isEmpty {
+                report("can't open: Must specify either driver or file")
+                return false
+            }
+            return usage("open")
+        }
+        return await open(g.operands[0], options: options)
+    }
+}
