@@ -66,11 +66,6 @@ let package = Package(
             dependencies: ["QMachine", "QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/Tools/vm"
         ),
-        .executableTarget(
-            name: "ReadWriteExample",
-            dependencies: ["QBlock"],
-            path: "Examples/ReadWrite"
-        ),
         .target(
             name: "TestSupport",
             dependencies: ["QBlock"],

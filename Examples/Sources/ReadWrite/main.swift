@@ -20,7 +20,9 @@ func runExample(path: String) async throws {
     try await disk.close()
 }
 
-let path = CommandLine.arguments.count > 1 ? CommandLine.arguments[1] : "/tmp/qblock-example.raw"
+// The argument is a scratch directory (the examples all take one).
+let dir = CommandLine.arguments.count > 1 ? CommandLine.arguments[1] : "/tmp"
+let path = dir + "/qblock-example.raw"
 do {
     try await runExample(path: path)
 } catch {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds and runs Examples/ as another project would use QBlock: a separate package that
+# depends on it by version (swift-tools-version 6, Swift 6 language mode). The committed
+# HEAD is cloned into a scratch bare repository and tagged QBLOCK_PACKAGE_VERSION; the
+# example package resolves QBlock from there. SwiftPM refuses a dependency with unsafe build
+# flags reached this way, so this also proves the library products have none.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SWIFT="${SWIFT:-swift}"
+VERSION="${QBLOCK_PACKAGE_VERSION:-1.0.0}"
+WORK="$(mktemp -d /tmp/qblock-consumer.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+
+git clone -q --bare "$ROOT" "$WORK/qblock.git"
+git -C "$WORK/qblock.git" tag -f "$VERSION" HEAD >/dev/null
+cp -r "$ROOT/Examples" "$WORK/Examples"
+rm -rf "$WORK/Examples/.build"
+cd "$WORK/Examples"
+export QBLOCK_PACKAGE_URL="file://$WORK/qblock.git" QBLOCK_PACKAGE_VERSION="$VERSION"
+SCRATCH="${EXAMPLES_SCRATCH:-$ROOT/.build-examples}"
+"$SWIFT" build --scratch-path "$SCRATCH" 2>&1 | grep -E "error|warning:|Compiling|Build complete" | grep -v "^\[" || true
+"$SWIFT" build --scratch-path "$SCRATCH" >/dev/null
+BIN="$("$SWIFT" build --scratch-path "$SCRATCH" --show-bin-path)"
+for example in Sources/*/; do
+    name="$(basename "$example")"
+    echo "== example $name"
+    mkdir -p "$WORK/run-$name"
+    "$BIN/$name" "$WORK/run-$name"
+done
+echo "consumer check: QBlock $VERSION from a tagged clone builds and runs in a separate package"
