@@ -4,7 +4,7 @@ SCRATCH      ?= .build
 SWIFT_FLAGS  ?= --scratch-path $(SCRATCH)
 APT_PACKAGES := zlib1g-dev libzstd-dev qemu-utils qemu-system-common libnbd-bin nbdkit fio
 
-.PHONY: all build release test demo bench clean deps soak
+.PHONY: all build release test demo bench clean deps soak examples
 
 all: build
 
@@ -28,16 +28,27 @@ deps:
 		echo "warning: could not install qemu.qmp; QMP tests will be skipped"; }
 
 build: deps
-	$(SWIFT) build $(SWIFT_FLAGS)
+	$(SWIFT) build $(SWIFT_FLAGS) $(LAYER_CHECK)
 
 release: deps
 	$(SWIFT) build $(SWIFT_FLAGS) -c release
 
+# --explicit-target-dependency-import-check: a target that imports another target of the
+# package without declaring it a dependency fails the build, so no layer reaches upward.
+LAYER_CHECK := --explicit-target-dependency-import-check error
+
 test: deps
-	$(SWIFT) build $(SWIFT_FLAGS) --build-tests
+	$(SWIFT) build $(SWIFT_FLAGS) --build-tests $(LAYER_CHECK)
 	# --no-parallel: on 2 cores, suites that block on child processes (qemu-img, qemu-io) and
 	# CPU-heavy replay tests can starve the in-process NBD servers of the other suites.
 	$(SWIFT) test $(SWIFT_FLAGS) --skip-build --no-parallel
+
+# Examples/ is a separate package that depends on QBlock by version, as another project
+# would: built and run from a tagged scratch clone of the committed HEAD.
+examples: deps
+	SWIFT=$(SWIFT) bash scripts/consumer-check.sh
+
+test: examples
 
 # The randomized live-operations model test in its long mode: new seeds for SOAK_SECONDS
 # (default one hour) against nbd --qmp; every seed is printed, failures are shrunk.
