@@ -19,6 +19,9 @@ public struct OpenOptions: Sendable {
     public var allowCorrupt: Bool
     /// Whether this open is for a check with repair (opens images marked corrupt read-write).
     public var forRepair: Bool
+    /// Options only the chosen format understands (``FormatOpenOptions``), as its
+    /// ``FormatDriver/readBlockdevOptions(_:into:)`` set them; nil: the format's defaults.
+    public var formatOptions: (any FormatOpenOptions)?
 
     public init(format: String? = nil, readOnly: Bool = false, cache: CacheMode = .writeback,
                 forceShare: Bool = false, openBacking: Bool = true, locking: Bool = true,
