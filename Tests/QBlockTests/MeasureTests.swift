@@ -80,6 +80,6 @@ import TestSupport
         (Int64(1) << 50, Int64(65536), Int64(4), Int64(1_126_071_731_945_472)),
     ])
     func preallocatedSize(size: Int64, clusterSize: Int64, order: Int64, expected: Int64) {
-        #expect(Measure.preallocSize(size, clusterSize: clusterSize, refcountOrder: order, l2eSize: 8) == expected)
+        #expect(Qcow2Format.preallocSize(size, clusterSize: clusterSize, refcountOrder: order, l2eSize: 8) == expected)
     }
 }

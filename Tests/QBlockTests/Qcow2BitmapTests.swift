@@ -168,7 +168,7 @@ struct Qcow2BitmapTests {
         let q = try #require(node as? Qcow2Node)
         let b0 = try #require(q.persistentBitmaps.named("b0"))
         #expect(b0.isInconsistent)
-        #expect(Qcow2Node.bitmapUseError(b0)?.message.hasPrefix("Bitmap 'b0' is inconsistent and cannot be used") == true)
+        #expect(b0.useError()?.message.hasPrefix("Bitmap 'b0' is inconsistent and cannot be used") == true)
         await #expect(throws: BlockError.self) { try await q.truncate(to: 32 << 20, preallocation: .off) }
         try await q.removePersistentBitmap(named: "b0")
         try await node.close()

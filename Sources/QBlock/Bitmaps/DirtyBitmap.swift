@@ -295,3 +295,21 @@ public final class DirtyBitmap: @unchecked Sendable {
         }
     }
 }
+
+extension DirtyBitmap {
+    /// QEMU's error for a bitmap that cannot be used now (`bdrv_dirty_bitmap_check`): busy
+    /// in another operation, or inconsistent (found in use on open); nil when it may be used.
+    /// - Parameter allowReadOnly: whether a read-only use is meant (export, merge source);
+    ///   QEMU then also accepts a read-only bitmap, which this library never has.
+    public func useError(allowReadOnly: Bool = false) -> BlockError? {
+        if isBusy {
+            return BlockError(.busy, "Bitmap '\(name)' is currently in use by another operation and cannot be used",
+                              operation: "use bitmap")
+        }
+        if isInconsistent {
+            return BlockError(.invalidArgument, "Bitmap '\(name)' is inconsistent and cannot be used\n"
+                              + "Try block-dirty-bitmap-remove to delete this bitmap from disk", operation: "use bitmap")
+        }
+        return nil
+    }
+}

@@ -159,13 +159,3 @@ extension BlockDriver {
         return skippingFilters.innermostDriver === other.skippingFilters.innermostDriver
     }
 }
-
-/// A format with a backing file whose link can be changed while open (qcow2): live
-/// snapshots, stream, commit and mirror pivots re-link the chain.
-public protocol BackingLinked: BlockDriver {
-    /// The backing file name recorded in the image, if any (it may not be open).
-    var backingFileName: String? { get }
-    /// Replaces the node reads fall through to for unallocated data. Call only while no
-    /// request is in flight on this node (inside a drained section).
-    func setBackingNode(_ node: (any BlockDriver)?)
-}

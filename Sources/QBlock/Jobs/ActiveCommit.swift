@@ -24,7 +24,7 @@ public enum ActiveCommit {
         }
         var above: any BlockDriver = top
         while let next = above.backing, next !== b { above = next }
-        let overlay = above.innermostDriver as? Qcow2Node
+        let overlay = above.innermostDriver as? any BackingLinked
         let writable = try await graph.drained { try await BlockReopen.readWrite(b, overlay: overlay, graph: graph) }
         let target = writable as? BlockNode ?? BlockNode(nodeName: graph.generateNodeName(), driver: writable)
         let options = MirrorOptions(sync: .top, copyMode: copyMode, onSourceError: onError, onTargetError: onError,

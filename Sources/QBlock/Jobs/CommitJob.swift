@@ -5,13 +5,13 @@ import QBlockOpen
 import QBlockOperations
 /// `block-commit` of an intermediate image (QEMU's `block/commit.c`): writes what the
 /// images from `top` down to, but not including, `base` allocate into `base`, then links
-/// the image above `top` directly to `base` (at run time and in its qcow2 header).
+/// the image above `top` directly to `base` (at run time and in its header).
 ///
 /// Committing the active layer is a mirror into the base: see ``MirrorJob``.
 public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     public let jobType = JobType.commit
     /// The image above `top`, whose backing link changes.
-    public let overlay: Qcow2Node
+    public let overlay: any BackingLinked
     /// The topmost image committed.
     public let top: any BlockDriver
     /// The image committed into; replaced by a read-write reopened node when it was read-only.
@@ -32,7 +32,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     ///   - backingFile: the name written into the overlay's header; default: the base's file name.
     ///   - graph: the graph holding the nodes, for reopening `base` read-write.
     /// - Throws: ``BlockError`` if `top` has no backing file or `base` is not below it.
-    public init(overlay: Qcow2Node, base: (any BlockDriver)? = nil, backingFile: String? = nil,
+    public init(overlay: any BackingLinked, base: (any BlockDriver)? = nil, backingFile: String? = nil,
                 graph: BlockGraph? = nil, onError: BlockdevOnError = .report) throws {
         guard let top = overlay.backing else {
             throw BlockError(.invalidArgument, "Top image has no backing file", operation: "block-commit")
@@ -55,7 +55,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
         // The node just above base: its backing link moves to the reopened base.
         var above: any BlockDriver = top
         while let next = above.backing, next !== base { above = next }
-        let overlayOfBase = above.innermostDriver as? Qcow2Node
+        let overlayOfBase = above.innermostDriver as? any BackingLinked
         if let graph {
             base = try await graph.drained { try await BlockReopen.readWrite(base, overlay: overlayOfBase, graph: graph) }
         } else {
@@ -123,7 +123,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     public func clean(_ job: Job) async {
         let nodes = lock.withLock { removed }
         guard closesRemovedImages, let first = nodes.first else { return }
-        if let last = nodes.last?.innermostDriver as? Qcow2Node { last.setBackingNode(nil) }
+        if let last = nodes.last?.innermostDriver as? any BackingLinked { last.setBackingNode(nil) }
         try? await first.close()
     }
 }

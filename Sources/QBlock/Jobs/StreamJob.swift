@@ -4,14 +4,14 @@ import QBlockGraph
 import QBlockOperations
 /// `block-stream`: copies into an image everything it reads from its backing chain above
 /// `base`, then makes `base` its backing file (none without a base), removing the images
-/// in between from the chain — at run time and in the qcow2 header (QEMU's `block/stream.c`).
+/// in between from the chain — at run time and in the image's header (QEMU's `block/stream.c`).
 ///
 /// Copies go through a ``CopyOnReadNode`` over the image; writers that go through the
 /// same filter are serialized with the copies, so no copy overwrites newer data.
 public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     public let jobType = JobType.stream
     /// The image being filled.
-    public let top: Qcow2Node
+    public let top: any BackingLinked
     /// The new backing node; nil streams the whole chain.
     public let base: (any BlockDriver)?
     /// The filter copies go through (writers should use it too while the job runs).
@@ -33,7 +33,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     ///   - filter: the copy-on-read filter to copy through; by default a new one over `top`.
     ///   - onError: `on-error`.
     /// - Throws: ``BlockError`` if `base` is not in the backing chain of `top`.
-    public init(top: Qcow2Node, base: (any BlockDriver)? = nil, backingFile: String? = nil,
+    public init(top: any BackingLinked, base: (any BlockDriver)? = nil, backingFile: String? = nil,
                 filter: CopyOnReadNode? = nil, onError: BlockdevOnError = .report) throws {
         if let base, !top.backingChain.dropFirst().contains(where: { $0 === base }) {
             throw BlockError(.invalidArgument, "Node '\(base.filename)' is not a backing image of '\(top.filename)'",
@@ -103,7 +103,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
         var chain: [any BlockDriver] = []
         var cur = top.backing
         while let c = cur, c !== base { chain.append(c); cur = c.backing }
-        await top.metaLock.withLock { top.backingNode = base }
+        await top.relinkBacking(to: base)
         lock.withLock { removed = chain }
     }
 
@@ -121,7 +121,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
         }
         let nodes = lock.withLock { removed }
         guard closesRemovedImages, let first = nodes.first else { return }
-        if let last = nodes.last as? Qcow2Node { await last.metaLock.withLock { last.backingNode = nil } }
+        if let last = nodes.last as? any BackingLinked { await last.relinkBacking(to: nil) }
         try? await first.close()
     }
 }

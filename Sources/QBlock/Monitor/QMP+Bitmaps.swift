@@ -40,12 +40,12 @@ enum BitmapLookup {
         return (n, b)
     }
 
-    /// The node's persistent (qcow2) bitmaps, if its format stores them.
+    /// The node's persistent bitmaps, if its format stores them.
     static func persistentSet(_ node: BlockNode) -> DirtyBitmapSet? {
-        (node.innermostDriver as? Qcow2Node)?.persistentBitmaps
+        (node.innermostDriver as? any PersistentBitmapStore)?.persistentBitmaps
     }
 
-    /// Every bitmap of the node: persistent ones (the qcow2 driver marks them) and runtime ones.
+    /// Every bitmap of the node: persistent ones (the format driver marks them) and runtime ones.
     static func all(_ node: BlockNode) -> [DirtyBitmap] {
         (persistentSet(node)?.all ?? []) + node.bitmaps.all
     }
@@ -56,7 +56,7 @@ enum BitmapLookup {
 
     /// QEMU's default granularity: the cluster size clamped to [4 KiB, 64 KiB], else 64 KiB.
     static func defaultGranularity(_ node: BlockNode) -> Int64 {
-        if let q = node.innermostDriver as? Qcow2Node { return Int64(min(65536, max(4096, q.clusterSize))) }
+        if let c = node.innermostDriver as? any ClusteredFormat { return Int64(min(65536, max(4096, c.clusterSize))) }
         return 65536
     }
 
@@ -96,7 +96,7 @@ final class BitmapAddAction: QMPTransactionAction {
         if g < 512 || g & (g - 1) != 0 { throw QMPError.generic("Granularity must be power of 2 and at least 512") }
         if BitmapLookup.find(node, name) != nil { throw QMPError.generic("Bitmap already exists: \(name)") }
         if persistent {
-            guard let q = node.innermostDriver as? Qcow2Node else {
+            guard let q = node.innermostDriver as? any PersistentBitmapStore else {
                 throw QMPError.generic("Can't store persistent bitmaps to \(nodeName): Operation not supported")
             }
             let b = try q.addPersistentBitmap(name: name, granularity: granularity.map { Int64($0) }, disabled: disabled,
@@ -133,7 +133,7 @@ final class BitmapSimpleAction: QMPTransactionAction {
         try args.done()
     }
 
-    private var removedPersistent: Qcow2Node?
+    private var removedPersistent: (any PersistentBitmapStore)?
 
     func prepare() async throws {
         let (n, b) = try BitmapLookup.bitmap(graph, node: nodeName, name: name)
@@ -141,7 +141,7 @@ final class BitmapSimpleAction: QMPTransactionAction {
             if b.isBusy { throw QMPError.generic("Bitmap '\(name)' is currently in use by another operation and cannot be used") }
             // As QEMU: a persistent bitmap leaves the image at once; an abort puts the
             // bitmap back on the node (stored again when the node is closed).
-            if b.isPersistent, let q = n.innermostDriver as? Qcow2Node, q.persistentBitmaps.named(name) === b {
+            if b.isPersistent, let q = n.innermostDriver as? any PersistentBitmapStore, q.persistentBitmaps.named(name) === b {
                 try await q.removePersistentBitmap(named: name)
                 removedPersistent = q
             }

@@ -248,7 +248,7 @@ public final class QMPBlockState: @unchecked Sendable {
     func delete(_ node: BlockNode) async throws {
         let implicit = nodeInfo(node)?.implicit ?? []
         let mine = Set(implicit.map { ObjectIdentifier($0) })
-        if let q = node.innermostDriver as? Qcow2Node, let b = q.backing as? BlockNode, !mine.contains(ObjectIdentifier(b)) {
+        if let q = node.innermostDriver as? any BackingLinked, let b = q.backing as? BlockNode, !mine.contains(ObjectIdentifier(b)) {
             q.setBackingNode(nil)
         }
         graph.forget(node)

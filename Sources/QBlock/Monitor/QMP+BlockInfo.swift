@@ -47,12 +47,12 @@ extension QMPBlockState {
     static func imageInfo(_ node: any BlockDriver, flat: Bool) -> QObject {
         let inner = node.innermostDriver
         var info = ImageInfo(node: inner)
-        if let f = inner.file?.innermostDriver as? FileNode {
+        if let f = inner.file?.innermostDriver as? any HostStorage {
             info.actualSize = f.allocatedSize
             info.hasDirtyFlag = true
-        } else if let f = inner as? FileNode {
+        } else if let f = inner as? any HostStorage {
             info.actualSize = f.allocatedSize
-        } else if inner.file?.innermostDriver is NBDClientNode || inner is NBDClientNode {
+        } else if inner.file?.innermostDriver is any NetworkStorage || inner is any NetworkStorage {
             info.hasDirtyFlag = false
         }
         guard case .dict(var d) = info.qobject else { return info.qobject }

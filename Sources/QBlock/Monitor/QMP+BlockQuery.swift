@@ -34,7 +34,7 @@ extension QMPMonitor {
             let node = try QMPBlockLookup.node(ctx.graph, device: device, nodeName: nodeName)
             if size < 0 { throw QMPError.generic("Parameter 'size' expects a >0 size") }
             if let (parent, role) = QMPBlockLookup.parent(of: node, in: ctx.graph), role == "file",
-               !(parent.innermostDriver is RawNode) {
+               !(parent.innermostDriver is any PassThroughFormat) {
                 // A format node does not share resizing its file (raw, a pass-through, does).
                 throw QMPError.generic("Permission conflict on node '\(node.nodeName)': permissions 'resize' are both required by an unnamed block device (uses node '\(node.nodeName)' as 'root' child) and unshared by node '\(parent.nodeName)' (uses node '\(node.nodeName)' as '\(role)' child).")
             }
@@ -156,7 +156,7 @@ extension QMPBlockState {
         var d = QObject.Dict()
         d["node-name"] = .string(node.nodeName)
         d["stats"] = .dict(Self.zeroStats(highest: node.watch.highestOffset))
-        if node.innermostDriver is FileNode {
+        if node.innermostDriver is any HostStorage {
             let dc = node.watch.discards
             d["driver-specific"] = .dict(QObject.Dict([("driver", .string("file")), ("discard-nb-ok", .int(dc.ok)),
                                                         ("discard-nb-failed", .int(dc.failed)), ("discard-bytes-ok", .int(dc.bytes))]))

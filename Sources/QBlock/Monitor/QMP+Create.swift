@@ -3,12 +3,14 @@ import QBlockDrivers
 import QBlockGraph
 import QBlockJobs
 import QBlockOperations
+import QBlockOpen
 /// `blockdev-create` (QEMU 7.2's `qapi/block-core.json`): image creation as a job of type
 /// `create`, with `auto-finalize` on and `auto-dismiss` off, as QEMU runs it. Drivers:
-/// `file` (a host file) and `qcow2` (an image written onto an open node — libvirt's flow
-/// is create file, `blockdev-add` it, create qcow2 on that node, `blockdev-add` qcow2).
-/// Other drivers are refused: those QEMU cannot create either with its own message,
-/// those it can (vmdk, luks, …) as not supported here.
+/// `file` (a host file) and every ``BlockdevCreatable`` format of ``FormatRegistry`` (an
+/// image written onto an open node — libvirt's flow is create file, `blockdev-add` it,
+/// create qcow2 on that node, `blockdev-add` qcow2). Other drivers are refused: those QEMU
+/// cannot create either with its own message, those it can (vmdk, luks, …) as not
+/// supported here.
 extension QMPMonitor {
     /// QAPI's `BlockdevDriver` (QEMU 7.2): the values `driver` members accept.
     static let blockdevDriverNames = [
@@ -18,7 +20,8 @@ extension QMPMonitor {
         "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk",
         "vpc", "vvfat",
     ]
-    /// The drivers QEMU can create (`bdrv_co_create`); of them we create `file` and `qcow2`.
+    /// The drivers QEMU can create (`bdrv_co_create`); of them we create `file` and the
+    /// registered ``BlockdevCreatable`` formats.
     static let qemuCreateDrivers: Set<String> = ["file", "gluster", "luks", "nfs", "parallels", "qcow", "qcow2", "qed",
                                                  "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"]
 
@@ -39,83 +42,44 @@ extension QMPMonitor {
 /// A checked `blockdev-create` request (`BlockdevCreateOptions`).
 enum QMPCreateRequest: Sendable {
     case file(path: String, size: Int64, preallocation: Preallocation, nocow: Bool)
-    /// `file` is a node name or a `BlockdevRef` object, opened when the job runs.
-    /// `refusal`: why the job fails once the node is found and the options checked (a
-    /// feature we do not implement), in QEMU's order of checks.
-    case qcow2(file: QObject, size: Int64, options: Qcow2CreateOptions, refusal: String?)
-
-    /// A QAPI `size` member (uint64 on the wire; a negative JSON number is taken as is, as
-    /// QEMU's visitor takes it, and fails later).
-    static func sizeMember(_ o: QMPArguments, _ key: String) throws -> Int64? {
-        guard let v = o.value(key) else { return nil }
-        guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(o.name(key))' expects uint64") }
-        return i
-    }
+    /// An image of a format, written onto `plan.file` (a node name or a `BlockdevRef`
+    /// object, opened when the job runs).
+    case format(BlockdevCreatePlan)
 
     static func parse(_ o: QMPArguments) throws -> QMPCreateRequest {
         let driver = try o.enumValue("driver", QMPMonitor.blockdevDriverNames)
-        switch driver {
-        case "file":
+        if driver == "file" {
             let filename = try o.string("filename")
-            guard let size = try sizeMember(o, "size") else { throw o.missing("size") }
+            guard let size = try o.optionalSize("size") else { throw o.missing("size") }
             let prealloc = try o.optionalEnum("preallocation", Preallocation.allCases.map(\.rawValue)).flatMap(Preallocation.init) ?? .off
             let nocow = try o.bool("nocow", default: false)
-            let hint = try sizeMember(o, "extent-size-hint")
+            let hint = try o.optionalSize("extent-size-hint")
             try o.done()
             if let hint, hint != 0 {
                 // Only XFS honours the hint in QEMU; we never set it, so we refuse rather than ignore it.
                 throw QMPError.generic("extent-size-hint is not supported by this implementation")
             }
             return .file(path: filename, size: size, preallocation: prealloc, nocow: nocow)
-        case "qcow2":
-            guard let file = o.value("file") else { throw o.missing("file") }
-            let dataFile = o.value("data-file")
-            let dataFileRaw = try o.optionalBool("data-file-raw")
-            let extendedL2 = try o.optionalBool("extended-l2")
-            guard let size = try sizeMember(o, "size") else { throw o.missing("size") }
-            let version = try o.optionalEnum("version", ["v2", "v3"])
-            let backingFile = try o.optionalString("backing-file")
-            let backingFmt = try o.optionalEnum("backing-fmt", QMPMonitor.blockdevDriverNames)
-            let encrypt = o.value("encrypt")
-            let clusterSize = try sizeMember(o, "cluster-size")
-            let prealloc = try o.optionalEnum("preallocation", Preallocation.allCases.map(\.rawValue))
-            let lazy = try o.optionalBool("lazy-refcounts")
-            let refcountBits = try o.optionalInt("refcount-bits")
-            let compression = try o.optionalEnum("compression-type", ["zlib", "zstd"])
+        }
+        if let format = FormatRegistry.driver(named: driver) as? any BlockdevCreatable.Type {
+            let plan = try format.readBlockdevCreateOptions(o)
             try o.done()
-            switch file {
+            switch plan.file {
             case .string, .dict: break
             default: throw QMPError.generic("Invalid parameter type for '\(o.name("file"))', expected: BlockdevRef")
             }
-            var refusal: String?
-            if dataFile != nil || dataFileRaw == true {
-                refusal = "qcow2 external data files (data-file) are not supported by this implementation"
-            } else if encrypt != nil {
-                refusal = "qcow2 encryption (encrypt) is not supported by this implementation"
-            }
-            var q = Qcow2CreateOptions()
-            q.version = version == "v2" ? 2 : 3
-            if let clusterSize { q.clusterSize = clusterSize > Int64(Int32.max) || clusterSize < 0 ? 3 : Int(clusterSize) }
-            if let prealloc, let p = Preallocation(rawValue: prealloc) { q.preallocation = p }
-            q.lazyRefcounts = lazy ?? false
-            q.extendedL2 = extendedL2 ?? false
-            if let refcountBits { q.refcountBits = refcountBits > 64 || refcountBits < 0 ? 3 : Int(refcountBits) }
-            if let compression, let c = Qcow2CompressionType(name: compression) { q.compressionType = c }
-            q.backingFile = backingFile
-            q.backingFormat = backingFmt
-            return .qcow2(file: file, size: size, options: q, refusal: refusal)
-        default:
-            o.markAllRead()
-            try o.done()
-            // Members of drivers without a create branch are unexpected (QEMU's union has none).
-            if !QMPMonitor.qemuCreateDrivers.contains(driver) {
-                if let extra = o.dict.qemuOrdered.first(where: { $0.key != "driver" }) {
-                    throw QMPError.generic("Parameter '\(o.name(extra.key))' is unexpected")
-                }
-                throw QMPError.generic("Driver does not support blockdev-create")
-            }
-            throw QMPError.generic("blockdev-create: driver '\(driver)' is not supported by this implementation")
+            return .format(plan)
         }
+        o.markAllRead()
+        try o.done()
+        // Members of drivers without a create branch are unexpected (QEMU's union has none).
+        if !QMPMonitor.qemuCreateDrivers.contains(driver) {
+            if let extra = o.dict.qemuOrdered.first(where: { $0.key != "driver" }) {
+                throw QMPError.generic("Parameter '\(o.name(extra.key))' is unexpected")
+            }
+            throw QMPError.generic("Driver does not support blockdev-create")
+        }
+        throw QMPError.generic("blockdev-create: driver '\(driver)' is not supported by this implementation")
     }
 }
 
@@ -137,14 +101,14 @@ final class BlockdevCreateJob: JobDriver, @unchecked Sendable {
         switch request {
         case .file(let path, let size, let prealloc, let nocow):
             try await ImageCreator.createFile(path: path, size: size, preallocation: prealloc, nocow: nocow)
-        case .qcow2(let fileRef, let size, let options, let refusal):
-            let (file, opened) = try await openFile(fileRef)
+        case .format(let plan):
+            let (file, opened) = try await openFile(plan.file)
             do {
                 // QEMU's order: the node, the options, the node's permissions, then the work.
-                try Qcow2Node.checkCreate(size: size, options: options)
-                try checkPermissions(fileRef)
-                if let refusal { throw BlockError(.unsupported, refusal) }
-                try await Qcow2Node.create(on: file, size: size, options: options)
+                try plan.check()
+                try checkPermissions(plan.file)
+                if let refusal = plan.refusal { throw BlockError(.unsupported, refusal) }
+                try await plan.create(file)
             } catch {
                 if opened { try? await file.close() }
                 throw error

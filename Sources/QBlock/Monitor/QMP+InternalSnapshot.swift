@@ -1,7 +1,6 @@
 import QBlockCore
-import QBlockDrivers
 import QBlockGraph
-/// qcow2 internal snapshots of a live node: `blockdev-snapshot-internal-sync` (device, name)
+/// Internal snapshots of a live node (``InternalSnapshotting``): `blockdev-snapshot-internal-sync` (device, name)
 /// and `blockdev-snapshot-delete-internal-sync` (device, id and/or name; returns QEMU's
 /// `SnapshotInfo` of the deleted snapshot). Both work on a root node (a device or a node no
 /// other node uses), with every writer held while the snapshot table changes.
@@ -19,12 +18,12 @@ extension QMPMonitor {
                 throw QMPError.generic("Device '\(device)' is read only")
             }
             if name.isEmpty { throw QMPError.generic("Name is empty") }
-            if q.findSnapshot(id: nil, name: name) != nil {
+            if q.findInternalSnapshot(id: nil, name: name) != nil {
                 throw QMPError.generic("Snapshot with name '\(name)' already exists on device '\(device)'")
             }
             try await ctx.graph.drained {
                 // No icount (QEMU stores -1 without record/replay).
-                _ = try await q.createSnapshot(name: name, icount: nil)
+                _ = try await q.createInternalSnapshot(name: name, icount: nil)
             }
             return .dict(QObject.Dict())
         }
@@ -35,10 +34,10 @@ extension QMPMonitor {
             try args.done()
             let node = try QMPBlockLookup.rootNode(ctx.graph, device)
             if id == nil && name == nil { throw QMPError.generic("Name or id must be provided") }
-            guard let q = node.innermostDriver as? Qcow2Node else {
+            guard let q = node.innermostDriver as? any InternalSnapshotting else {
                 throw QMPError.generic("Failed to get a snapshot list: Operation not supported")
             }
-            guard let sn = q.findSnapshot(id: id, name: name) else {
+            guard let sn = q.findInternalSnapshot(id: id, name: name) else {
                 throw QMPError.generic("Snapshot with id '\(id ?? "null")' and name '\(name ?? "null")' does not exist on device '\(device)'")
             }
             try await ctx.graph.drained {
@@ -50,17 +49,17 @@ extension QMPMonitor {
 }
 
 enum QMPInternalSnapshot {
-    /// The root node `device` names and its qcow2 driver, with QEMU's errors.
-    static func target(_ ctx: QMPContext, _ device: String) throws -> (BlockNode, Qcow2Node) {
+    /// The root node `device` names and its format driver, with QEMU's errors.
+    static func target(_ ctx: QMPContext, _ device: String) throws -> (BlockNode, any InternalSnapshotting) {
         let node = try QMPBlockLookup.rootNode(ctx.graph, device)
-        guard let q = node.innermostDriver as? Qcow2Node else {
+        guard let q = node.innermostDriver as? any InternalSnapshotting else {
             throw QMPError.generic("Block format '\(node.driverName)' used by device '\(device)' does not support internal snapshots")
         }
         return (node, q)
     }
 
     /// QEMU's `SnapshotInfo`.
-    static func info(_ sn: Qcow2Snapshot) -> QObject {
+    static func info(_ sn: SnapshotInfo) -> QObject {
         var d = QObject.Dict()
         d["id"] = .string(sn.id)
         d["name"] = .string(sn.name)

@@ -2,12 +2,13 @@ import QBlockCore
 import QBlockGraph
 import QBlockNBDServer
 import QBlockOpen
+import QBlockDrivers
 /// `blockdev-reopen` (QEMU 7.2's `qapi/block-core.json`): gives existing nodes a new set
 /// of options, all of them or none. Each list element is a full `BlockdevOptions` naming an
 /// existing node; options left out go back to their defaults.
 ///
 /// What changes: `read-only` (both ways), `cache` (`direct`, `no-flush`), `discard` and
-/// `detect-zeroes`, on `file`, `raw` and `qcow2` nodes. The node object stays the same —
+/// `detect-zeroes`, on `file` nodes and the nodes of every registered format. The node object stays the same —
 /// exports, overlays' backing links and jobs keep using it — because the drivers switch
 /// mode in place (``ReopenableDriver``): a `file` node moves to a new descriptor, a format
 /// node stores its bitmaps and flushes before refusing writes.
@@ -93,26 +94,24 @@ final class ReopenSpec: @unchecked Sendable {
             for k in ["locking", "aio", "pr-manager"] { if let v = a.value(k) { _ = try a.optionalString(k); s.fixedMembers.append((k, v)) } }
             for k in ["drop-cache", "x-check-cache-dropped"] { if let v = a.value(k) { _ = try a.optionalBool(k); s.fixedMembers.append((k, v)) } }
             if let v = a.value("aio-max-batch") { _ = try a.optionalInt("aio-max-batch"); s.fixedMembers.append(("aio-max-batch", v)) }
-        case "raw":
-            for k in ["offset", "size"] { if let v = a.value(k) { _ = try a.optionalUInt(k); s.fixedMembers.append((k, v)) } }
-            s.file = try child(a, "file", nullable: false)
-            if s.file == nil { throw a.missing("file") }
-        case "qcow2":
-            for k in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
-                if let v = a.value(k) { _ = try a.optionalBool(k); s.fixedMembers.append((k, v)) }
-            }
-            for k in ["l2-cache-size", "cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"] {
-                if let v = a.value(k) { _ = try a.optionalUInt(k); s.fixedMembers.append((k, v)) }
-            }
-            for k in ["overlap-check", "data-file"] { if let v = a.value(k) { s.fixedMembers.append((k, v)) } }
-            s.hasBacking = a.value("backing") != nil
-            s.backing = try child(a, "backing", nullable: true)
-            s.file = try child(a, "file", nullable: false)
-            if s.file == nil { throw a.missing("file") }
         default:
-            // Drivers we cannot open: their members are not checked (the node cannot be of
-            // that driver, so the reopen fails on the driver anyway).
-            a.markAllRead()
+            guard let format = FormatRegistry.driver(named: s.driver) else {
+                // Drivers we cannot open: their members are not checked (the node cannot be of
+                // that driver, so the reopen fails on the driver anyway).
+                a.markAllRead()
+                break
+            }
+            // A format's own members (none can change in place), read as blockdev-add reads them.
+            let members = RecordingReader(a)
+            var ignored = OpenOptions()
+            try format.readBlockdevOptions(members, into: &ignored)
+            s.fixedMembers += members.given
+            if format.supportsBackingFile {
+                s.hasBacking = a.value("backing") != nil
+                s.backing = try child(a, "backing", nullable: true)
+            }
+            s.file = try child(a, "file", nullable: false)
+            if s.file == nil { throw a.missing("file") }
         }
         try a.done()
         return s
@@ -191,7 +190,7 @@ final class ReopenPlan: @unchecked Sendable {
                                 noFlush: spec.noFlush ?? parent?.noFlush, isBacking: false)
 
         // backing: must be given when the image has a backing file (QEMU's rule).
-        if spec.driver == "qcow2" {
+        if FormatRegistry.driver(named: spec.driver)?.supportsBackingFile == true {
             let current = node.driver.backing as? BlockNode
             let named = (node.innermostDriver as? any BackingLinked)?.backingFileName
             if !spec.hasBacking && (node.driver.backing != nil || named != nil) {
@@ -274,10 +273,10 @@ final class ReopenPlan: @unchecked Sendable {
         }
     }
 
-    /// Whether writable `node` (after the reopen) writes to its file: a qcow2 node always
-    /// (its metadata), a raw node only for its own writers (it passes them through).
+    /// Whether writable `node` (after the reopen) writes to its file: a format with
+    /// metadata always, a pass-through format (raw) only for its own writers.
     private func writesToFile(_ node: BlockNode) -> Bool {
-        node.driverName == "raw" ? hasWriters(node) : true
+        node.innermostDriver is any PassThroughFormat ? hasWriters(node) : true
     }
 
     /// Whether something needs to write to `node` after the reopen: a writable export, a
@@ -327,4 +326,29 @@ final class ReopenPlan: @unchecked Sendable {
             }
         }
     }
+}
+
+/// The members a format reads, forwarded to the arguments and noted when present: in a
+/// reopen none of them can change, so any given is refused by name.
+private final class RecordingReader: DriverOptionReader {
+    let args: QMPArguments
+    private(set) var given: [(String, QObject)] = []
+
+    init(_ args: QMPArguments) { self.args = args }
+
+    private func note<T>(_ key: String, _ read: T) -> T {
+        if let v = args.dict[key], !given.contains(where: { $0.0 == key }) { given.append((key, v)) }
+        return read
+    }
+
+    func name(_ key: String) -> String { args.name(key) }
+    func value(_ key: String) -> QObject? { note(key, args.value(key)) }
+    func missingError(_ key: String) -> any Error { args.missingError(key) }
+    func optionalBool(_ key: String) throws -> Bool? { note(key, try args.optionalBool(key)) }
+    func optionalInt(_ key: String) throws -> Int64? { note(key, try args.optionalInt(key)) }
+    func optionalUInt(_ key: String, bits: Int) throws -> UInt64? { note(key, try args.optionalUInt(key, bits: bits)) }
+    func optionalString(_ key: String) throws -> String? { note(key, try args.optionalString(key)) }
+    func optionalEnum(_ key: String, _ values: [String]) throws -> String? { note(key, try args.optionalEnum(key, values)) }
+    func optionalSize(_ key: String) throws -> Int64? { note(key, try args.optionalSize(key)) }
+    func optionalDriverName(_ key: String) throws -> String? { note(key, try args.optionalDriverName(key)) }
 }

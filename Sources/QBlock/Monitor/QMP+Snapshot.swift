@@ -5,6 +5,7 @@ import QBlockCore
 import QBlockDrivers
 import QBlockGraph
 import QBlockOperations
+import QBlockOpen
 
 /// Live external snapshots: `blockdev-snapshot-sync` (create or open an overlay file) and
 /// `blockdev-snapshot` (an overlay node already added). Both put the overlay above the
@@ -37,7 +38,7 @@ class SnapshotBase {
     init(monitor: QMPMonitor) { self.monitor = monitor }
 
     func checkOverlay(_ overlay: BlockNode) throws {
-        guard let q = overlay.innermostDriver as? Qcow2Node else {
+        guard let q = overlay.innermostDriver as? any BackingLinked else {
             throw QMPError.generic("The overlay does not support backing images")
         }
         if q.backing != nil { throw QMPError.generic("The overlay already has a backing image") }
@@ -56,7 +57,7 @@ class SnapshotBase {
     }
 
     func commitDrained() {
-        guard let old, let overlay, let q = overlay.innermostDriver as? Qcow2Node else { return }
+        guard let old, let overlay, let q = overlay.innermostDriver as? any BackingLinked else { return }
         q.setBackingNode(old)
         monitor.graph.replace(old, with: overlay)
         monitor.block.markReadOnly(old)
@@ -96,7 +97,7 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             if graph.node(named: overlayName) != nil { throw QMPError.generic("New overlay node-name already in use") }
             try QMPBlockState.checkNodeName(overlayName)
         }
-        guard format == "qcow2" else {
+        guard let driver = FormatRegistry.driver(named: format), driver.supportsBackingFile else {
             throw QMPError.generic(mode == "existing" ? "The overlay does not support backing images"
                                    : "Backing file not supported for file format '\(format)'")
         }
@@ -105,14 +106,14 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
         if mode == "absolute-paths" {
             if access(file, F_OK) == 0 { unlink(file) }
             do {
-                try await ImageCreator.create(format: "qcow2", path: file, size: qemuLength(node), options: [],
+                try await ImageCreator.create(format: format, path: file, size: qemuLength(node), options: [],
                                               backingFile: node.filename, backingFormat: node.driverName)
             } catch let e as BlockError {
                 throw QMPError.generic(e.message)
             }
             created = true
         }
-        var d = QObject.Dict([("driver", .string("qcow2")), ("backing", .null),
+        var d = QObject.Dict([("driver", .string(format)), ("backing", .null),
                               ("file", .dict(QObject.Dict([("driver", .string("file")), ("filename", .string(file))])))])
         if let overlayName { d["node-name"] = .string(overlayName) }
         let block = monitor.block

@@ -18,7 +18,7 @@ extension QMPMonitor {
                 throw QMPError.generic("'base' and 'base-node' cannot be specified at the same time")
             }
             let node = try QMPJobs.node(ctx.graph, device)
-            guard let top = node.innermostDriver as? Qcow2Node else {
+            guard let top = node.innermostDriver as? any BackingLinked else {
                 throw QMPError.generic("Block format '\(node.driverName)' used by node '\(device)' does not support streaming")
             }
             let baseBD = try QMPJobs.chainNode(node, node: baseNode, file: base, graph: ctx.graph)
@@ -75,7 +75,7 @@ extension QMPMonitor {
             } else {
                 var overlay: any BlockDriver = node
                 while let b = overlay.backing, b !== topBD { overlay = b }
-                guard let q = overlay.innermostDriver as? Qcow2Node else {
+                guard let q = overlay.innermostDriver as? any BackingLinked else {
                     throw QMPError.generic("The overlay of '\(topBD.filename)' does not support backing images")
                 }
                 let commit: CommitJob

@@ -3,11 +3,14 @@ import QBlockDrivers
 import QBlockGraph
 import QBlockNBDServer
 import QBlockOpen
-/// The drivers `blockdev-add` knows, by QAPI name. A driver reads its own members from the
+/// The drivers `blockdev-add` knows, by QAPI name: the formats of ``FormatRegistry``, and
+/// the protocols and filters registered here. A driver reads its own members from the
 /// arguments (the common ones — `driver`, `node-name`, `read-only`, `cache`, `discard`,
 /// `detect-zeroes`, `auto-read-only`, `force-share` — are read before it is called) and
 /// returns the opened driver; children (`file`, `backing`, a filter's child) are opened
-/// with ``QMPOpenContext/child(_:_:)``.
+/// with ``QMPOpenContext/child(_:_:)``. A format reads its members through
+/// ``FormatDriver/readBlockdevOptions(_:into:)``; its `file` and `backing` children are
+/// opened here.
 ///
 /// A driver from another file registers itself once, before use:
 /// ```swift
@@ -24,20 +27,22 @@ public enum QMPBlockdevDrivers {
     private static let lock = PosixMutex()
     nonisolated(unsafe) private static var table: [String: Opener] = [
         "file": QMPBlockdevDrivers.openFile,
-        "raw": QMPBlockdevDrivers.openRaw,
-        "qcow2": QMPBlockdevDrivers.openQcow2,
         "nbd": QMPBlockdevDrivers.openNBD,
     ]
 
-    /// Adds (or replaces) driver `name`.
+    /// Adds (or replaces) a protocol or filter driver `name` (formats are in ``FormatRegistry``).
     public static func register(_ name: String, opener: @escaping Opener) {
         lock.withLock { table[name] = opener }
     }
 
     /// The driver names, sorted.
-    public static var names: [String] { lock.withLock { table.keys.sorted() } }
+    public static var names: [String] { Set(lock.withLock { Array(table.keys) } + FormatRegistry.names).sorted() }
 
-    static func opener(_ name: String) -> Opener? { lock.withLock { table[name] } }
+    static func opener(_ name: String) -> Opener? {
+        if let o = lock.withLock({ table[name] }) { return o }
+        guard let format = FormatRegistry.driver(named: name) else { return nil }
+        return { args, ctx in try await openFormat(format, args, ctx) }
+    }
 }
 
 /// What a `blockdev-add` driver opener gets besides its arguments: the open mode, the graph,
@@ -116,37 +121,22 @@ extension QMPBlockdevDrivers {
         return try result.get()
     }
 
-    static func openRaw(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
-        let offset = try args.optionalUInt("offset") ?? 0
-        let size = try args.optionalUInt("size")
-        let file = try await ctx.child(args, "file")
-        try args.done()
-        return RawNode(file: file, offset: Int64(offset), size: size.map { Int64($0) })
-    }
-
-    static func openQcow2(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
-        for key in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
-            _ = try args.optionalBool(key)
-        }
-        let cacheSize = try args.optionalUInt("l2-cache-size")
-        for key in ["cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"] {
-            _ = try args.optionalUInt(key)
-        }
-        _ = try args.optionalString("overlap-check")
-        _ = try args.optionalString("data-file")
-        // backing: absent → the image's own backing file; null → none; a name or an object.
-        let backingValue = args.value("backing")
+    /// A format node: the format's own members, then `file`, then (for a format with
+    /// backing files) `backing` — absent: the image's own backing file, null: none, a node
+    /// name or an object: that node.
+    static func openFormat(_ format: any FormatDriver.Type, _ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
+        var options = OpenOptions(format: format.name, readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
+        try format.readBlockdevOptions(args, into: &options)
+        let backingValue = format.supportsBackingFile ? args.value("backing") : nil
         let file = try await ctx.child(args, "file")
         var explicitBacking: BlockNode?
         if let backingValue, backingValue != .null {
             explicitBacking = try await ctx.optionalChild(args, "backing")
         }
         try args.done()
-        var options = OpenOptions(format: "qcow2", readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
-        options.openBacking = backingValue == nil
-        if let cacheSize { options.l2CacheSize = Int(cacheSize) }
+        options.openBacking = format.supportsBackingFile && backingValue == nil
         let imageName = file.filename
-        let node = try await Qcow2Node.open(file: file, options: options) { name, format in
+        let node = try await format.open(file: file, options: options) { name, format in
             let path = ImageOpener.resolveBackingPath(name, relativeTo: imageName)
             let fileArgs: QObject
             if NBDURI.isNBDURI(path) {
@@ -165,7 +155,13 @@ extension QMPBlockdevDrivers {
                 throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
             }
         }
-        if let explicitBacking { node.setBackingNode(explicitBacking) }
+        if let explicitBacking {
+            guard let linked = node as? any BackingLinked else {
+                try? await node.close()
+                throw QMPError.generic("Driver '\(format.name)' does not support backing files")
+            }
+            linked.setBackingNode(explicitBacking)
+        }
         return node
     }
 
@@ -238,5 +234,20 @@ extension String {
             }
         }
         return out
+    }
+}
+
+/// The members of a `blockdev-add` or `blockdev-create` options object, as a format driver reads them.
+extension QMPArguments: DriverOptionReader {
+    public func missingError(_ key: String) -> any Error { missing(key) }
+
+    public func optionalSize(_ key: String) throws -> Int64? {
+        guard let v = value(key) else { return nil }
+        guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(name(key))' expects uint64") }
+        return i
+    }
+
+    public func optionalDriverName(_ key: String) throws -> String? {
+        try optionalEnum(key, QMPMonitor.blockdevDriverNames)
     }
 }

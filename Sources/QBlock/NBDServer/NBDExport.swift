@@ -96,7 +96,7 @@ public final class NBDExport: Sendable {
                              operation: "add export")
         }
         for b in options.bitmaps {
-            if let e = Qcow2Node.bitmapUseError(b, allowReadOnly: true) { throw e }
+            if let e = b.useError(allowReadOnly: true) { throw e }
             if options.readOnly && !node.isReadOnly && b.isEnabled {
                 throw BlockError(.invalidArgument, "Enabled bitmap '\(b.name)' incompatible with readonly export",
                                  operation: "add export")

@@ -5,14 +5,15 @@ import QBlockCore
 import QBlockDrivers
 import QBlockGraph
 
-/// The driver registry: turns a filename and options into a tree of nodes — the format
-/// node on top of its `file` protocol node, and the backing chain below it.
+/// Turns a filename and options into a tree of nodes — the format node on top of its `file`
+/// protocol node, and the backing chain below it.
 ///
-/// It sits above the drivers it chooses among: formats never open other formats by name
-/// themselves; they ask the opener for their backing file.
+/// It sits above the drivers it chooses among: the protocol by the file name (an NBD URI
+/// or a host file), the format from ``FormatRegistry`` by name or by probing. Formats
+/// never open other formats by name themselves; they ask the opener for their backing file.
 public enum ImageOpener {
     /// Format names this build can open.
-    public static let formats = ["qcow2", "raw"]
+    public static var formats: [String] { FormatRegistry.names }
 
     /// Opens `filename` with `options` and returns the root node.
     /// - Throws: ``BlockError``: `.notFound`, `.locked`, `.corrupt`, `.unsupported`, ...
@@ -21,18 +22,18 @@ public enum ImageOpener {
         return try await open(filename, options: options, seen: &seen, isBacking: false)
     }
 
-    /// Guesses the format of the file at `path` from its first bytes: "qcow2" or "raw".
+    /// Guesses the format of the file at `path` from its first bytes ("qcow2", else "raw").
     public static func probe(_ path: String) throws -> String {
         let f = try FileNode(path: path, readOnly: true, locking: false)
         defer { Task { try? await f.close() } }
-        return probeFormat(f.probeBytes(count: 8))
+        return try probeFormat(f.probeBytes(count: FormatRegistry.probeLength), path: path)
     }
 
-    static func probeFormat(_ head: [UInt8]) -> String {
-        if head.count >= 4 && head[0] == 0x51 && head[1] == 0x46 && head[2] == 0x49 && head[3] == 0xfb {
-            return "qcow2"
+    static func probeFormat(_ head: [UInt8], path: String) throws -> String {
+        guard let driver = FormatRegistry.probe(head) else {
+            throw BlockError(.unsupported, "Could not determine the image format", path: path, operation: "probe")
         }
-        return "raw"
+        return driver.name
     }
 
     /// Resolves a backing file name the way QEMU does: relative names are relative to the
@@ -71,7 +72,8 @@ public enum ImageOpener {
                     format = f
                 } else {
                     do {
-                        format = probeFormat(try await node.read(at: 0, count: Int(min(8, node.length))))
+                        format = try probeFormat(try await node.read(at: 0, count: Int(min(Int64(FormatRegistry.probeLength), node.length))),
+                                                 path: filename)
                     } catch {
                         try? await node.close()
                         throw error
@@ -80,7 +82,12 @@ public enum ImageOpener {
             } else {
                 let f = try FileNode(path: filename, readOnly: options.readOnly, cache: options.cache, locking: false)
                 file = f
-                format = options.format ?? probeFormat(f.probeBytes(count: 8))
+                do {
+                    format = try options.format ?? probeFormat(f.probeBytes(count: FormatRegistry.probeLength), path: filename)
+                } catch {
+                    try? await f.close()
+                    throw error
+                }
             }
         } catch let e as BlockError {
             // (The file layer's errors name the file twice in qemu-img's wording, the nbd layer's once.)
@@ -88,33 +95,29 @@ public enum ImageOpener {
                              operation: NBDURI.isNBDURI(filename) ? "nbd open" : "open", underlying: e.underlying)
         }
         do {
-            if options.locking, let hostFile = file as? FileNode {
+            if options.locking, let hostFile = file as? any HostStorage {
                 let (perm, shared) = lockPermissions(format: format, options: options)
                 try hostFile.lock(perm: perm, shared: shared)
             }
-            switch format {
-            case "raw":
-                return RawNode(file: file)
-            case "qcow2":
-                var chain = seen
-                let node = try await Qcow2Node.open(file: file, options: options) { backingName, backingFormat in
-                    var backingOptions = options
-                    backingOptions.readOnly = true
-                    backingOptions.format = backingFormat
-                    backingOptions.forRepair = false
-                    let path = resolveBackingPath(backingName, relativeTo: filename)
-                    do {
-                        return try await open(path, options: backingOptions, seen: &chain, isBacking: true)
-                    } catch let e as BlockError {
-                        throw BlockError(e.code, "Could not open backing file: \(e.message)", errno: e.errno,
-                                         path: path, operation: "open backing")
-                    }
-                }
-                seen = chain
-                return node
-            default:
+            guard let driver = FormatRegistry.driver(named: format) else {
                 throw BlockError(.unsupported, "Unknown driver '\(format)'", path: filename, operation: "open")
             }
+            var chain = seen
+            let node = try await driver.open(file: file, options: options) { backingName, backingFormat in
+                var backingOptions = options
+                backingOptions.readOnly = true
+                backingOptions.format = backingFormat
+                backingOptions.forRepair = false
+                let path = resolveBackingPath(backingName, relativeTo: filename)
+                do {
+                    return try await open(path, options: backingOptions, seen: &chain, isBacking: true)
+                } catch let e as BlockError {
+                    throw BlockError(e.code, "Could not open backing file: \(e.message)", errno: e.errno,
+                                     path: path, operation: "open backing")
+                }
+            }
+            seen = chain
+            return node
         } catch let e as BlockError {
             try? await file.close()
             if e.message.hasPrefix("Could not open") { throw e }
@@ -123,14 +126,11 @@ public enum ImageOpener {
         }
     }
 
-    /// The permissions a format takes on its file and shares, as QEMU's drivers do.
+    /// The permissions a format takes on its file and shares, as QEMU's drivers do (for a
+    /// name that is no registered format, such as a `file` node of its own, QEMU's defaults).
     package static func lockPermissions(format: String, options: OpenOptions) -> (BlockPermissions, BlockPermissions) {
         if options.forceShare { return ([.consistentRead], .all) }
-        switch (format, options.readOnly) {
-        case ("raw", true): return ([.consistentRead], .all)
-        case ("raw", false): return ([.consistentRead, .write], .all)
-        case (_, true): return ([.consistentRead], [.consistentRead, .writeUnchanged])
-        default: return ([.consistentRead, .write, .resize], [.consistentRead, .writeUnchanged])
-        }
+        if let driver = FormatRegistry.driver(named: format) { return driver.filePermissions(readOnly: options.readOnly) }
+        return BlockPermissions.formatDefaults(readOnly: options.readOnly)
     }
 }

@@ -18,7 +18,7 @@ public enum BlockReopen {
     ///   - graph: the graph holding `node` when it is a named node.
     /// - Returns: the node now standing in for `node`.
     /// - Throws: ``BlockError`` when the file cannot be opened read-write or locked.
-    public static func readWrite(_ node: any BlockDriver, overlay: Qcow2Node?, graph: BlockGraph? = nil) async throws -> any BlockDriver {
+    public static func readWrite(_ node: any BlockDriver, overlay: (any BackingLinked)?, graph: BlockGraph? = nil) async throws -> any BlockDriver {
         if !node.isReadOnly { return node }
         let inner = node.innermostDriver
         let path = inner.filename
@@ -26,8 +26,8 @@ public enum BlockReopen {
         let fresh = try await ImageOpener.open(path, options: options)
         let below = inner.backing
         // Move the chain below the old node under the new one.
-        if let q = inner as? Qcow2Node { q.setBackingNode(nil) }
-        if let q = fresh as? Qcow2Node { q.setBackingNode(below) }
+        (inner as? any BackingLinked)?.setBackingNode(nil)
+        (fresh as? any BackingLinked)?.setBackingNode(below)
         var replacement: any BlockDriver = fresh
         if let old = node as? BlockNode {
             let named = BlockNode(nodeName: old.nodeName, driver: fresh)
@@ -40,7 +40,7 @@ public enum BlockReopen {
         }
         overlay?.setBackingNode(replacement)
         try? await inner.close()
-        if let f = fresh.file as? FileNode ?? (fresh as? FileNode) {
+        if let f = fresh.file as? any HostStorage ?? (fresh as? any HostStorage) {
             let (perm, shared) = ImageOpener.lockPermissions(format: inner.driverName, options: OpenOptions(readOnly: false))
             // If another process holds the image, the switch stands (the node works in this
             // process) and the caller learns that the lock could not be taken.
@@ -50,36 +50,3 @@ public enum BlockReopen {
     }
 }
 
-/// A driver whose open mode can change while its node keeps its place in the graph
-/// (QEMU's `bdrv_reopen` of one node): every user, backing link and job keeps the same
-/// node object. Callers switch a tree top-down when making it read-only and bottom-up
-/// when making it writable, with no request in flight (inside ``BlockGraph/drained(_:)``).
-public protocol ReopenableDriver: BlockDriver {
-    /// Makes the driver read-only (after flushing what it caches) or writable again, and
-    /// takes `cache` as its host cache mode where it has one (a format driver has none:
-    /// its file node has).
-    /// - Throws: ``BlockError``; on failure the driver keeps its previous mode.
-    func reopen(readOnly: Bool, cache: CacheMode) async throws
-}
-
-extension FileNode: ReopenableDriver {
-    public func reopen(readOnly: Bool, cache: CacheMode) async throws {
-        if readOnly && !isReadOnly { try await flush() }
-        let result: Result<Void, Error> = await IOThreadPool.shared.run { Result { try self.reopen(readOnly: readOnly, cache: cache) } }
-        try result.get()
-    }
-}
-
-extension RawNode: ReopenableDriver {
-    public func reopen(readOnly: Bool, cache: CacheMode) async throws {
-        if readOnly && !isReadOnly { try await flush() }
-        if !readOnly && child.isReadOnly { throw BlockError(.readOnly, "Block node is read-only", path: filename, operation: "reopen") }
-        setReadOnly(readOnly)
-    }
-}
-
-extension Qcow2Node: ReopenableDriver {
-    public func reopen(readOnly: Bool, cache: CacheMode) async throws {
-        if readOnly { try await reopenReadOnly() } else if isReadOnly { try await reopenReadWrite() }
-    }
-}

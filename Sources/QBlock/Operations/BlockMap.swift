@@ -71,7 +71,7 @@ public enum BlockMap {
         while true {
             let nodeLength = qemuLength(cur)
             var s: BlockStatus
-            if offset >= cur.length && !(cur is RawNode || cur is FileNode) {
+            if offset >= cur.length && !(cur is any PassThroughFormat || cur is any HostStorage) {
                 // Past the node's end but inside its last sector: reads as zeros. (Raw and
                 // file nodes answer this themselves, with the host offset.)
                 s = BlockStatus(flags: [.zero, .allocated], length: min(bytes, max(1, nodeLength - offset)))
@@ -84,12 +84,12 @@ public enum BlockMap {
             var flags = s.flags
             if flags.contains(.compressed) { s.hostOffset = nil }
             if let host = s.hostOffset, flags.contains(.data), !flags.contains(.zero),
-               let q = cur as? Qcow2Node, looksMetadataPreallocated(q) {
+               let r = cur as? any BlockStatusRecursing, let file = cur.file, r.recursesBlockStatusIntoFile {
                 // QEMU asks the host file about data clusters of metadata-preallocated images
                 // (BDRV_BLOCK_RECURSE): clusters that are holes there read as zeros.
-                let f = try await q.hostFile.blockStatus(at: host, length: bytes)
+                let f = try await file.blockStatus(at: host, length: bytes)
                 if f.flags.contains(.zero) { flags.insert(.zero) }
-                if host < q.hostFile.length { bytes = max(1, min(bytes, f.length)) }
+                if host < file.length { bytes = max(1, min(bytes, f.length)) }
             }
             if !flags.contains(.data) && !flags.contains(.zero) {
                 if let below = cur.backing {
@@ -109,19 +109,6 @@ public enum BlockMap {
                             zero: flags.contains(.zero), data: flags.contains(.data),
                             offset: s.hostOffset, filename: hostFile)
         }
-    }
-
-    /// QEMU's `qcow2_detect_metadata_preallocation`, approximated without refcounts: the
-    /// image counts as metadata-preallocated when its host file has clearly more clusters
-    /// than are really allocated on disk (every cluster of a qcow2 file is normally in use).
-    /// Only a file knows its allocated size; on any other protocol node (NBD) QEMU's
-    /// detection fails with ENOTSUP and the image does not count as preallocated.
-    static func looksMetadataPreallocated(_ q: Qcow2Node) -> Bool {
-        guard let hostFile = q.hostFile as? FileNode else { return false }
-        let cs = Int64(q.clusterSize)
-        let realClusters = hostFile.allocatedSize / cs
-        let threshold = max(realClusters * 10 / 9, realClusters + 2)
-        return (hostFile.length + cs - 1) / cs >= threshold
     }
 
     /// The entries of `qemu-img map --output=json`, merged as qemu-img merges them.

@@ -35,7 +35,7 @@ public enum ImageCommit {
             var chain: [(path: String, format: String?)] = []
             var cur: any BlockDriver = top
             var curPath = path
-            while let q = cur as? Qcow2Node, let name = q.backingFileName {
+            while let q = cur as? any BackingLinked, let name = q.backingFileName {
                 let full = ImageOpener.resolveBackingPath(name, relativeTo: curPath)
                 chain.append((full, q.backingFormat))
                 if let base, matches(base, name: name, full: full) { break }
@@ -50,7 +50,7 @@ public enum ImageCommit {
                 if let base { throw BlockError(.notFound, "Did not find '\(base)' in the backing chain of '\(path)'", path: path, operation: "commit") }
                 throw BlockError(.invalidArgument, "Image does not have a backing file", path: path, operation: "commit")
             }
-            if let base, !matches(base, name: (cur as? Qcow2Node)?.backingFileName ?? "", full: last.path) {
+            if let base, !matches(base, name: (cur as? any BackingLinked)?.backingFileName ?? "", full: last.path) {
                 throw BlockError(.notFound, "Did not find '\(base)' in the backing chain of '\(path)'", path: path, operation: "commit")
             }
             let baseNode = try await ImageOpener.open(last.path, options: OpenOptions(format: last.format, readOnly: false, cache: cache))
@@ -60,7 +60,7 @@ public enum ImageCommit {
             try await copy(layers: layers, into: baseNode, progress: progress)
             try await baseNode.flush()
             if !keepTop && base == nil {
-                guard let q = top as? Qcow2Node else {
+                guard let q = top as? any Emptiable else {
                     throw BlockError(.unsupported, "Committed data from '\(path)' but could not empty it: the image format does not support emptying",
                                      path: path, operation: "commit")
                 }

@@ -56,7 +56,10 @@ final class ConvertJob: @unchecked Sendable {
     let lengths: [Int64]
     let total: Int64
     let target: any BlockDriver
-    let qcow2Target: Qcow2Node?
+    /// The target's compressed writes, when it has them (used with `-c`).
+    let compressingTarget: (any CompressedWriting)?
+    /// The target's ordered allocation, when its layout depends on the order of writes.
+    let allocatingTarget: (any AllocatingFormat)?
     let options: ConvertOptions
     let compress: Bool
     let clusterSize: Int64
@@ -99,10 +102,11 @@ final class ConvertJob: @unchecked Sendable {
         starts = s
         total = acc
         self.target = target
-        qcow2Target = target as? Qcow2Node
+        compressingTarget = target as? any CompressedWriting
+        allocatingTarget = target as? any AllocatingFormat
         self.options = options
         compress = options.compress
-        clusterSize = Int64(qcow2Target?.clusterSize ?? 65536)
+        clusterSize = Int64((target as? any ClusteredFormat)?.clusterSize ?? 65536)
         self.targetHasBacking = targetHasBacking
         if targetHasBacking && !options.skipCreate, let b = target.backing {
             targetBackingLength = qemuLength(b)
@@ -110,18 +114,18 @@ final class ConvertJob: @unchecked Sendable {
             targetBackingLength = -1
         }
         let zeroInit: Bool
-        if let f = (target.file ?? target) as? FileNode { zeroInit = !f.isBlockDevice } else { zeroInit = false }
+        if let f = (target.file ?? target) as? any HostStorage { zeroInit = !f.isBlockDevice } else { zeroInit = false }
         hasZeroInit = options.targetIsZero
             || (!options.skipCreate && options.minSparse > 0 && !targetHasBacking && zeroInit)
         // Raw targets need no order for their layout, but progress is reported in order.
-        ordered = !options.outOfOrderWrites && (qcow2Target != nil || progress != nil)
+        ordered = !options.outOfOrderWrites && (allocatingTarget != nil || progress != nil)
         minSparseSectors = Int(options.minSparse / 512)
         var a = 1
         while a * 2 <= max(1, minSparseSectors) { a *= 2 }
         alignmentSectors = a
         bufferSize = compress ? Int(clusterSize) : Convert.bufferSize
         self.progress = progress
-        if compress && qcow2Target == nil {
+        if compress && compressingTarget == nil {
             throw BlockError(.unsupported, "Compression not supported for this file format")
         }
     }
@@ -222,9 +226,9 @@ final class ConvertJob: @unchecked Sendable {
 
     private func worker() async {
         let buffer = AlignedBuffer(count: bufferSize, hugePages: true)
-        var compressor: Qcow2ClusterCompressor?
-        if compress, let q = qcow2Target {
-            do { compressor = try q.makeCompressor() } catch { fail(error); return }
+        var compressor: (any ClusterCompressor)?
+        if compress, let q = compressingTarget {
+            do { compressor = try q.makeClusterCompressor() } catch { fail(error); return }
         }
         while true {
             let chunk: Chunk
@@ -254,7 +258,7 @@ final class ConvertJob: @unchecked Sendable {
                 }
             }
             // The turn orders the allocations (the layout is qemu-img's); a chunk whose last
-            // request is a qcow2 data write hands the turn on once its clusters are placed,
+            // request is an allocating data write hands the turn on once its clusters are placed,
             // so that the next chunk's write is queued while this one's data is copied.
             var turnHeld = ordered
             if ordered { await turnstile.wait(for: chunk.ticket) }
@@ -332,8 +336,8 @@ final class ConvertJob: @unchecked Sendable {
     }
 
     /// Writes one chunk. `placed` is called once the last request of the chunk has its
-    /// clusters (qcow2 targets only); the caller ends the turn itself otherwise.
-    private func write(_ chunk: Chunk, _ buffer: AlignedBuffer, compressor: Qcow2ClusterCompressor?,
+    /// clusters (``AllocatingFormat`` targets only); the caller ends the turn itself otherwise.
+    private func write(_ chunk: Chunk, _ buffer: AlignedBuffer, compressor: (any ClusterCompressor)?,
                        compressedLength: Int?, allZero: Bool, placed: @escaping () -> Void) async throws {
         switch chunk.status {
         case .backing:
@@ -342,7 +346,7 @@ final class ConvertJob: @unchecked Sendable {
             try await writeZeroes(chunk.offset, chunk.length)
         case .data:
             let base = buffer.unsafeBase
-            if let compressor, let q = qcow2Target {
+            if let compressor, let q = compressingTarget {
                 if allZero {
                     try await writeZeroes(chunk.offset, chunk.length)
                     return
@@ -377,7 +381,7 @@ final class ConvertJob: @unchecked Sendable {
     }
 
     private func writeData(_ offset: Int64, _ data: UnsafeRawBufferPointer, placed: (() -> Void)?) async throws {
-        if let q = qcow2Target, let placed {
+        if let q = allocatingTarget, let placed {
             try await q.write(at: offset, from: data, flags: [], placed: placed)
         } else {
             try await target.write(at: offset, from: data, flags: [])

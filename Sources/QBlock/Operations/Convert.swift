@@ -113,14 +113,15 @@ public enum Convert {
                 await closeAll()
                 throw BlockError(.invalidArgument, "No support for concatenating multiple snapshot")
             }
-            guard let q = opened[0] as? Qcow2Node else {
+            guard let q = opened[0] as? any InternalSnapshotting else {
                 await closeAll()
                 throw BlockError(.unsupported, "Failed to load snapshot: Block format '\(opened[0].driverName)' used by device '' does not support internal snapshots")
             }
             do {
                 let (id, name) = parseSnapshotSpec(spec)
                 sourcesForCopy = [try await (id == nil && name == nil
-                    ? q.snapshotReader(idOrName: spec) : q.snapshotReader(id: id, name: name))]
+                    ? q.internalSnapshotReader(id: spec, name: nil, orName: spec)
+                    : q.internalSnapshotReader(id: id, name: name, orName: nil))]
             } catch {
                 await closeAll()
                 throw BlockError(.notFound, "Failed to load snapshot: \(error.asBlockError.message)")
@@ -148,7 +149,7 @@ public enum Convert {
             job = try ConvertJob(sources: sourcesForCopy, lengths: sourceLengths, target: targetNode, targetHasBacking: targetBacking != nil,
                                  options: options, progress: progress)
             try await job.run()
-            if let q = targetNode as? Qcow2Node, options.compress { try await q.finishCompressedWrites() }
+            if let q = targetNode as? any CompressedWriting, options.compress { try await q.finishCompressedWrites() }
             try await targetNode.flush()
             if options.bitmaps {
                 try await copyBitmaps(from: opened[0], to: targetNode, skipBroken: options.skipBrokenBitmaps, warning: options.warning)
@@ -196,7 +197,7 @@ public enum Convert {
     private static func prepareTarget(_ target: String, size: Int64, sourceCount: Int,
                                       options o: ConvertOptions) async throws -> (any BlockDriver, String?) {
         let format = o.targetFormat
-        guard ImageCreator.formats.contains(format) else {
+        guard let driver = FormatRegistry.driver(named: format) else {
             throw BlockError(.invalidArgument, "Unknown file format '\(format)'")
         }
         var backing = o.backingFile
@@ -224,7 +225,7 @@ public enum Convert {
                 throw BlockError(.invalidArgument, "Having a backing file for the target makes no sense when concatenating multiple input images")
             }
             if o.compress {
-                if format != "qcow2" {
+                if !driver.supportsCompressedWrites {
                     throw BlockError(.unsupported, "Compression not supported for this file format")
                 }
                 if let p = plan.values["preallocation"], p != "off" {
@@ -240,7 +241,7 @@ public enum Convert {
             }
         } else if o.targetIsZero && backing != nil {
             throw BlockError(.invalidArgument, "Cannot use --target-is-zero when the destination image has a backing file")
-        } else if o.compress && format != "qcow2" {
+        } else if o.compress && !driver.supportsCompressedWrites {
             throw BlockError(.unsupported, "Compression not supported for this file format")
         }
         let node: any BlockDriver

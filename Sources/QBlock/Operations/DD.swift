@@ -90,9 +90,8 @@ public enum DD {
         let skipBeyond = o.skip != nil && (skip > Int64.max / bs || size < bs * skip)
         let outSize = skipBeyond ? 0 : size - bs * skip
         do {
-            // QEMU's qcow2 creation rounds the size up to whole sectors (raw does so itself).
-            let createSize = o.outputFormat == "qcow2" ? (outSize + 511) / 512 * 512 : outSize
-            try await ImageCreator.create(format: o.outputFormat, path: outPath, size: createSize)
+            // (Creation rounds the size up to whole sectors, as QEMU's does.)
+            try await ImageCreator.create(format: o.outputFormat, path: outPath, size: outSize)
         } catch {
             throw BlockError(error.asBlockError.code, "\(outPath): error while creating output image: \(error.asBlockError.message)")
         }

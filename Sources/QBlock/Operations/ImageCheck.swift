@@ -23,14 +23,14 @@ public struct ImageCheckReport: Sendable, Equatable {
     public static let notSupportedMessage = "This image format does not support checks"
     public static let notSupportedExitCode: Int32 = 63
 
-    /// Checks `node` (a qcow2 node) as `qemu-img check [-r ...]` does: a repairing check is
+    /// Checks `node` (a ``Checkable`` format) as `qemu-img check [-r ...]` does: a repairing check is
     /// followed by a plain one whose result is reported, with the repaired counts.
     /// - Parameter messages: receives every problem line each pass reports (qemu-img
     ///   prints them on stderr as the check runs).
     /// - Returns: the report, and the counts repaired by the first pass (nil without repair).
     public static func run(_ node: any BlockDriver, repair: CheckRepair?,
                            messages: (String) -> Void = { _ in }) async throws -> (report: ImageCheckReport, repaired: (leaks: Int, corruptions: Int)?) {
-        guard let q = node as? Qcow2Node else {
+        guard let q = node as? any Checkable else {
             throw BlockError(.unsupported, notSupportedMessage, path: node.filename, operation: "check")
         }
         let result = try await q.check(repair: repair)

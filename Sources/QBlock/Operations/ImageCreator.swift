@@ -10,8 +10,8 @@ import QBlockOpen
 /// checks everything qemu-img checks before printing it, and ``execute(_:)`` writes the image.
 /// ``create(format:path:size:options:backingFile:backingFormat:)`` does both.
 public enum ImageCreator {
-    /// Formats this library can create.
-    public static let formats = ["qcow2", "raw"]
+    /// Formats this library can create (every registered format).
+    public static var formats: [String] { FormatRegistry.names }
 
     /// A checked creation request.
     public struct Plan: Sendable {
@@ -24,29 +24,6 @@ public enum ImageCreator {
         /// What qemu-img prints before creating: `Formatting 'FILE', fmt=... size=...`.
         public var formattingLine: String
     }
-
-    enum OptType { case size, bool, number, string }
-    struct OptDesc { let name: String; let type: OptType; let def: String? }
-
-    /// The creation options of each format, in the order qemu-img prints them.
-    static let optionTable: [String: [OptDesc]] = [
-        "raw": [
-            OptDesc(name: "size", type: .size, def: nil),
-            OptDesc(name: "preallocation", type: .string, def: nil),
-        ],
-        "qcow2": [
-            OptDesc(name: "cluster_size", type: .size, def: "65536"),
-            OptDesc(name: "extended_l2", type: .bool, def: "off"),
-            OptDesc(name: "preallocation", type: .string, def: nil),
-            OptDesc(name: "compression_type", type: .string, def: "zlib"),
-            OptDesc(name: "size", type: .size, def: nil),
-            OptDesc(name: "compat", type: .string, def: nil),
-            OptDesc(name: "backing_file", type: .string, def: nil),
-            OptDesc(name: "backing_fmt", type: .string, def: nil),
-            OptDesc(name: "lazy_refcounts", type: .bool, def: "off"),
-            OptDesc(name: "refcount_bits", type: .number, def: "16"),
-        ],
-    ]
 
     /// Splits a qemu-img option string (`a=1,b=2`, with `,,` for a literal comma) into pairs.
     /// A bare `name` means `name=on`, a bare `noname` means `name=off`, as QEMU reads them.
@@ -70,14 +47,6 @@ public enum ImageCreator {
         }
     }
 
-    static func parseBool(_ v: String) -> Bool? {
-        switch v {
-        case "on", "yes", "true", "y": return true
-        case "off", "no", "false", "n": return false
-        default: return nil
-        }
-    }
-
     static let sizeHint = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
 
     /// Checks a creation request as qemu-img does before it prints "Formatting ...".
@@ -89,7 +58,7 @@ public enum ImageCreator {
     /// - Throws: ``BlockError`` worded as qemu-img's message after "qemu-img: FILE: ".
     public static func prepare(format: String, path: String, size: Int64?, options: [(String, String)],
                                backingFile: String?, backingFormat: String?, openBacking: Bool = true) async throws -> Plan {
-        guard let table = optionTable[format] else {
+        guard let table = FormatRegistry.driver(named: format)?.createOptions else {
             throw BlockError(.invalidArgument, "Unknown file format '\(format)'", path: path, operation: "create")
         }
         var values: [String: String] = [:]
@@ -110,7 +79,7 @@ public enum ImageCreator {
                 }
                 values[key] = String(v)
             case .bool:
-                guard parseBool(value) != nil else {
+                guard CreateOption.parseBool(value) != nil else {
                     throw BlockError(.invalidArgument, "Parameter '\(key)' expects 'on' or 'off'", path: path, operation: "create")
                 }
                 values[key] = value
@@ -178,7 +147,7 @@ public enum ImageCreator {
         }
         var line = "Formatting '\(path)', fmt=\(format)"
         for desc in table {
-            guard let v = values[desc.name] ?? desc.def else { continue }
+            guard let v = values[desc.name] ?? desc.defaultValue else { continue }
             line += " \(desc.name)=\(v)"
         }
         return Plan(format: format, path: path, size: finalSize, values: values, formattingLine: line)
@@ -187,26 +156,16 @@ public enum ImageCreator {
     /// Writes the image a ``Plan`` describes.
     /// - Throws: ``BlockError`` worded as qemu-img's message after "qemu-img: FILE: ".
     public static func execute(_ plan: Plan) async throws {
-        switch plan.format {
-        case "raw":
-            try await createRaw(plan)
-        case "qcow2":
-            var o = Qcow2CreateOptions()
-            for desc in optionTable["qcow2", default: []] {
-                guard let v = plan.values[desc.name], desc.name != "size" else { continue }
-                // The driver parses on/off; the other spellings QEMU accepts are normalized here.
-                let value = desc.type == .bool ? (parseBool(v) == true ? "on" : "off") : v
-                do {
-                    try o.set(desc.name, value)
-                } catch {
-                    let e = error.asBlockError
-                    throw BlockError(e.code, e.message, path: plan.path, operation: "create")
-                }
-            }
-            try await Qcow2Node.create(path: plan.path, size: plan.size, options: o)
-        default:
+        guard let driver = FormatRegistry.driver(named: plan.format) else {
             throw BlockError(.invalidArgument, "Unknown file format '\(plan.format)'", path: plan.path, operation: "create")
         }
+        // The driver parses on/off; the other spellings QEMU accepts are normalized here.
+        var options: [(String, String)] = []
+        for desc in driver.createOptions {
+            guard let v = plan.values[desc.name], desc.name != "size" else { continue }
+            options.append((desc.name, desc.type == .bool ? (CreateOption.parseBool(v) == true ? "on" : "off") : v))
+        }
+        try await driver.create(path: plan.path, size: plan.size, options: options)
     }
 
     /// Checks and creates an image in one call (nothing printed).
@@ -215,53 +174,6 @@ public enum ImageCreator {
         let plan = try await prepare(format: format, path: path, size: size, options: options,
                                      backingFile: backingFile, backingFormat: backingFormat)
         try await execute(plan)
-    }
-
-    /// Creates a raw file as QEMU's file driver does: the size is rounded up to 512 bytes,
-    /// the file truncated to zero and then to the size with the preallocation asked for, and
-    /// the first block of a file that was empty is written so that it is allocated.
-    static func createRaw(_ plan: Plan, nocow: Bool = false, roundUp: Bool = true) async throws {
-        var prealloc = Preallocation.off
-        if let p = plan.values["preallocation"] {
-            guard let mode = Preallocation(rawValue: p) else {
-                throw BlockError(.invalidArgument, "invalid parameter value: \(p)", path: plan.path, operation: "create")
-            }
-            prealloc = mode
-        }
-        let size = roundUp ? (plan.size + 511) / 512 * 512 : plan.size
-        let file: FileNode
-        do {
-            file = try FileNode(path: plan.path, readOnly: false, perm: [.write, .resize],
-                                shared: [.consistentRead, .write, .writeUnchanged], create: true)
-        } catch {
-            let e = error.asBlockError
-            if e.code == .locked {
-                throw BlockError(e.code, e.message, errno: e.errno, path: plan.path, operation: "create")
-            }
-            throw BlockError(e.code, "Could not create '\(plan.path)': \(e.message)", errno: e.errno, path: plan.path, operation: "create")
-        }
-        do {
-            try await file.truncate(to: 0, preallocation: .off)
-            // As QEMU: a hint for copy-on-write file systems, its failure ignored.
-            if nocow { FileAttributes.setNoCOW(plan.path) }
-            if prealloc == .metadata {
-                // QEMU's file driver fails here too, leaving the emptied file behind.
-                try? await file.close()
-                throw BlockError(.unsupported, "Unsupported preallocation mode: metadata", path: plan.path, operation: "create")
-            }
-            try await file.truncate(to: size, preallocation: prealloc)
-            if prealloc == .off && size > 0 {
-                let n = size < 4096 ? 512 : 4096
-                let zeros = AlignedBuffer(count: n)
-                try await zeros.withUnsafeBytes { b in try await file.write(at: 0, from: b, flags: []) }
-            }
-            try await file.close()
-        } catch {
-            try? await file.close()
-            let e = error.asBlockError
-            if e.operation == "create" { throw e }
-            throw BlockError(e.code, "Could not resize file: \(e.message)", errno: e.errno, path: plan.path, operation: "create")
-        }
     }
 }
 

@@ -22,8 +22,8 @@ public struct ImageInfo: Sendable, Equatable {
     public var backingFormat: String?
     /// `{"type": ..., "data": {...}}` for formats that have format-specific information.
     public var formatSpecific: QObject.Dict?
-    /// Internal snapshots (qcow2); nil when there are none, as QEMU leaves the key out.
-    public var snapshots: [Qcow2Snapshot]?
+    /// Internal snapshots; nil when there are none, as QEMU leaves the key out.
+    public var snapshots: [SnapshotInfo]?
 
     public init(filename: String, format: String, virtualSize: Int64, actualSize: Int64? = nil,
                 clusterSize: Int? = nil, dirty: Bool = false, backingFilename: String? = nil,
@@ -45,38 +45,29 @@ public struct ImageInfo: Sendable, Equatable {
         filename = node.filename
         format = node.driverName
         virtualSize = qemuLength(node)
-        if let f = (node.file as? FileNode) ?? (node as? FileNode) {
+        if let f = (node.file as? any HostStorage) ?? (node as? any HostStorage) {
             actualSize = f.allocatedSize
         }
         dirty = false
-        if node is RawNode, let f = node.file, !(f is FileNode) { hasDirtyFlag = false }
-        if let q = node as? Qcow2Node {
-            clusterSize = q.clusterSize
-            dirty = q.isDirty
-            backingFilename = q.backingFileName
-            if let b = q.backingFileName {
-                fullBackingFilename = ImageOpener.resolveBackingPath(b, relativeTo: q.filename)
+        // A pass-through format has driver information only when its file has (QEMU's raw_get_info).
+        if node is any PassThroughFormat, let f = node.file, !(f is any HostStorage) { hasDirtyFlag = false }
+        if let r = node as? any FormatInfoReporting {
+            let i = r.driverInfo
+            clusterSize = i.clusterSize
+            dirty = i.isDirty
+            formatSpecific = r.formatSpecificInfo
+        }
+        if let b = node as? any BackingLinked {
+            backingFilename = b.backingFileName
+            if let name = b.backingFileName {
+                fullBackingFilename = ImageOpener.resolveBackingPath(name, relativeTo: b.filename)
             }
-            backingFormat = q.backingFormat
-            formatSpecific = ImageInfo.formatSpecific(q.formatInfo)
-            let list = q.snapshots()
+            backingFormat = b.backingFormat
+        }
+        if let s = node as? any InternalSnapshotting {
+            let list = s.internalSnapshots
             snapshots = list.isEmpty ? nil : list
         }
-    }
-
-    /// qcow2's format-specific block, with the keys QEMU's `ImageInfoSpecificQCow2` has.
-    public static func formatSpecific(_ i: Qcow2FormatInfo) -> QObject.Dict {
-        var data = QObject.Dict()
-        data["compat"] = .string(i.compat)
-        if i.compat != "0.10" {
-            data["extended-l2"] = .bool(i.extendedL2)
-            data["lazy-refcounts"] = .bool(i.lazyRefcounts)
-            data["corrupt"] = .bool(i.corrupt)
-            if !i.bitmaps.isEmpty { data["bitmaps"] = .list(i.bitmaps.map(\.qobject)) }
-        }
-        data["refcount-bits"] = .int(Int64(i.refcountBits))
-        data["compression-type"] = .string(i.compressionType.name)
-        return QObject.Dict([("type", .string("qcow2")), ("data", .dict(data))])
     }
 
     /// The QAPI `ImageInfo` object.
@@ -114,7 +105,7 @@ public struct ImageInfo: Sendable, Equatable {
             s += "\n"
             if let backingFormat { s += "backing file format: \(backingFormat)\n" }
         }
-        if let snapshots { s += Qcow2Snapshot.listText(snapshots) }
+        if let snapshots { s += SnapshotInfo.listText(snapshots) }
         if let formatSpecific, let data = formatSpecific["data"] {
             s += "Format specific information:\n"
             s += data.humanDump(indent: 1)

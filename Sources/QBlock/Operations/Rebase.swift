@@ -24,7 +24,7 @@ public enum ImageRebase {
     public static func rebase(_ image: any BlockDriver, onto newBacking: (any BlockDriver)?,
                               backingName: String?, backingFormat: String?,
                               progress: ((Double) -> Void)? = nil) async throws {
-        guard let q = image as? Qcow2Node else {
+        guard let q = image as? any BackingLinked else {
             throw BlockError(.unsupported, "Operation not supported", errno: ENOTSUP, path: image.filename, operation: "rebase")
         }
         let size = image.length
@@ -75,7 +75,7 @@ public enum ImageRebase {
     /// - Throws: ``BlockError`` with qemu-img's "Could not change the backing file to ..." message.
     public static func changeBackingFile(of image: any BlockDriver, to name: String?, format: String?) async throws {
         let target = name ?? ""
-        guard let q = image as? Qcow2Node else {
+        guard let q = image as? any BackingLinked else {
             throw BlockError(.unsupported, "Could not change the backing file to '\(target)': Operation not supported",
                              errno: ENOTSUP, path: image.filename, operation: "rebase")
         }

@@ -27,11 +27,11 @@ struct ImgAmend: AsyncParsableCommand {
         }
         let image = try await openImage(files[0], options: OpenOptions(format: format, readOnly: false, cache: mode, openBacking: false))
         do {
-            guard let q = image as? Qcow2Node else {
+            guard let q = image as? any Amendable else {
                 throw fail("Format driver '\(image.driverName)' does not support option amendment")
             }
             do {
-                try await q.amend(Qcow2AmendOptions.parse(pairs))
+                try await q.amend(options: pairs)
             } catch let e as BlockError {
                 throw fail(e.message)
             }

@@ -106,9 +106,9 @@ struct ImgBitmap: AsyncParsableCommand {
 
     private func perform(_ act: Action, on node: any BlockDriver, name: String, granularity: Int64,
                          source: any BlockDriver) async throws {
-        let q = node as? Qcow2Node
+        let q = node as? any PersistentBitmapStore
         func lookup(_ n: String, in node: any BlockDriver) throws -> DirtyBitmap {
-            guard let b = (node as? Qcow2Node)?.persistentBitmaps.named(n) else {
+            guard let b = (node as? any PersistentBitmapStore)?.persistentBitmaps.named(n) else {
                 throw BlockError(.notFound, "Dirty bitmap '\(n)' not found")
             }
             return b
@@ -119,23 +119,23 @@ struct ImgBitmap: AsyncParsableCommand {
                 if name.isEmpty { throw BlockError(.invalidArgument, "Bitmap name cannot be empty") }
                 throw BlockError(.unsupported, "Can't store persistent bitmaps to \(nodeName): Operation not supported")
             }
-            try q.addPersistentBitmap(name: name, granularity: granularity == 0 ? nil : granularity, nodeName: nodeName)
+            try q.addPersistentBitmap(name: name, granularity: granularity == 0 ? nil : granularity, disabled: false, nodeName: nodeName)
         case .remove:
             guard let q else { throw BlockError(.notFound, "Dirty bitmap '\(name)' not found") }
             try await q.removePersistentBitmap(named: name)
         case .clear:
             let b = try lookup(name, in: node)
-            if let e = Qcow2Node.bitmapUseError(b) { throw e }
+            if let e = b.useError() { throw e }
             b.clear()
         case .enable, .disable:
             let b = try lookup(name, in: node)
-            if let e = Qcow2Node.bitmapUseError(b, allowReadOnly: true) { throw e }
+            if let e = b.useError(allowReadOnly: true) { throw e }
             if case .enable = act { b.isEnabled = true } else { b.isEnabled = false }
         case .merge(let sourceName):
             let dst = try lookup(name, in: node)
-            if let e = Qcow2Node.bitmapUseError(dst) { throw e }
+            if let e = dst.useError() { throw e }
             let src = try lookup(sourceName, in: source)
-            if let e = Qcow2Node.bitmapUseError(src, allowReadOnly: true) { throw e }
+            if let e = src.useError(allowReadOnly: true) { throw e }
             try dst.merge(from: src)
         }
     }

@@ -36,21 +36,21 @@ struct ImgSnapshot: AsyncParsableCommand {
     }
 
     private func perform(on node: any BlockDriver, filename: String) async throws {
-        let qcow2 = node as? Qcow2Node
+        let snapshotting = node as? any InternalSnapshotting
         if list {
-            if let qcow2 { writeStdout(Qcow2Snapshot.listText(qcow2.snapshots())) }
+            if let snapshotting { writeStdout(SnapshotInfo.listText(snapshotting.internalSnapshots)) }
         } else if let name = create {
             // qemu-img keeps the name in a 256-byte buffer.
             let tag = String(decoding: Array(name.utf8.prefix(255)), as: UTF8.self)
-            guard let qcow2 else { throw fail("Could not create snapshot '\(name)': -95 (Operation not supported)") }
+            guard let snapshotting else { throw fail("Could not create snapshot '\(name)': -95 (Operation not supported)") }
             do {
-                try await qcow2.createSnapshot(name: tag)
+                try await snapshotting.createInternalSnapshot(name: tag, icount: 0)
             } catch let e as BlockError {
                 let err = e.errno ?? errnoFor(e)
                 throw fail("Could not create snapshot '\(name)': -\(err) (\(String(cString: strerror(err))))")
             }
         } else if let name = apply {
-            guard let qcow2 else {
+            guard let snapshotting else {
                 if image.format == nil {
                     // qemu-img opens the image a second time when it falls back to the file
                     // layer, and warns again.
@@ -61,18 +61,18 @@ struct ImgSnapshot: AsyncParsableCommand {
                 throw fail("Could not apply snapshot '\(name)': Block driver does not support snapshots")
             }
             do {
-                try await qcow2.applySnapshot(idOrName: name)
+                try await snapshotting.applySnapshot(idOrName: name)
             } catch let e as BlockError {
                 let why = e.message.hasPrefix("Failed to load snapshot") || e.code == .busy ? e.message : "Failed to load snapshot: " + e.message
                 throw fail("Could not apply snapshot '\(name)': \(why)")
             }
         } else if let name = delete {
             // qemu-img 7.2 looks the snapshot up by name only (bdrv_snapshot_find).
-            guard let qcow2, qcow2.snapshots().contains(where: { $0.name == name }) else {
+            guard let snapshotting, snapshotting.internalSnapshots.contains(where: { $0.name == name }) else {
                 throw fail("Could not delete snapshot '\(name)': snapshot not found")
             }
             do {
-                try await qcow2.deleteSnapshot(idOrName: name)
+                try await snapshotting.deleteSnapshot(idOrName: name)
             } catch let e as BlockError {
                 throw fail("Could not delete snapshot '\(name)': \(e.message)")
             }

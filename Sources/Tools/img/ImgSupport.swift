@@ -82,11 +82,8 @@ struct ImageOptions: ParsableArguments {
 /// QEMU's warning (at every open) for an image whose bitmaps were invalidated by a program
 /// without bitmap support; like QEMU's, its last line has no newline.
 func warnAboutStaleBitmaps(_ node: any BlockDriver, tool: String) {
-    guard let q = node as? Qcow2Node, q.openedWithStaleBitmaps else { return }
-    let what = q.formatInfo.compat == "0.10"
-        ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
-        : "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
-    writeStderr("\(tool): warning: \(what)\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
+    guard let warning = (node as? any PersistentBitmapStore)?.staleBitmapsWarning else { return }
+    writeStderr("\(tool): warning: \(warning)")
 }
 
 /// qemu-img reports "Could not open 'X': <why>", where <why> from the file layer itself

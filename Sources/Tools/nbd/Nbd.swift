@@ -164,7 +164,7 @@ struct Nbd: AsyncParsableCommand {
     static func findBitmap(_ name: String, from node: any BlockDriver) throws -> DirtyBitmap {
         var n: (any BlockDriver)? = node
         while let cur = n {
-            if let b = (cur as? Qcow2Node)?.persistentBitmaps.named(name) { return b }
+            if let b = (cur as? any PersistentBitmapStore)?.persistentBitmaps.named(name) { return b }
             n = cur.backing
         }
         throw BlockError(.notFound, "Bitmap '\(name)' is not found", operation: "add export")

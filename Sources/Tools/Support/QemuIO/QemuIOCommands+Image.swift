@@ -26,29 +26,17 @@ extension QemuIOSession {
         var text = "format name: \(node.driverName)\n"
         var clusterSize: Int64 = 0
         var vmStateOffset: Int64 = 0
-        if let q = node as? Qcow2Node {
-            clusterSize = Int64(q.clusterSize)
-            let f = q.formatInfo
-            // qcow2_vm_state_offset: the virtual size rounded up to what one L1 entry maps.
-            let l2Entries = Int64(q.clusterSize / (f.extendedL2 ? 16 : 8))
-            let perL1 = clusterSize * l2Entries
-            vmStateOffset = (q.length + perL1 - 1) / perL1 * perL1
-            text += "cluster size: \(QemuNumbers.formatSize(Double(clusterSize)))\n"
-            text += "vm state offset: \(QemuNumbers.formatSize(Double(vmStateOffset)))\n"
+        let reporting = node as? any FormatInfoReporting
+        if let r = reporting {
+            let i = r.driverInfo
+            clusterSize = Int64(i.clusterSize)
+            vmStateOffset = i.vmStateOffset
+        }
+        text += "cluster size: \(QemuNumbers.formatSize(Double(clusterSize)))\n"
+        text += "vm state offset: \(QemuNumbers.formatSize(Double(vmStateOffset)))\n"
+        if let r = reporting {
             text += "Format specific information:\n"
-            text += "    compat: \(f.compat)\n"
-            text += "    compression type: \(f.compressionType.name)\n"
-            if f.compat != "0.10" {
-                text += "    lazy refcounts: \(f.lazyRefcounts)\n"
-            }
-            text += "    refcount bits: \(f.refcountBits)\n"
-            if f.compat != "0.10" {
-                text += "    corrupt: \(f.corrupt)\n"
-                text += "    extended l2: \(f.extendedL2)\n"
-            }
-        } else {
-            text += "cluster size: \(QemuNumbers.formatSize(Double(clusterSize)))\n"
-            text += "vm state offset: \(QemuNumbers.formatSize(Double(vmStateOffset)))\n"
+            for (label, value) in r.formatSpecificSummary { text += "    \(label): \(value)\n" }
         }
         out(text)
         return true

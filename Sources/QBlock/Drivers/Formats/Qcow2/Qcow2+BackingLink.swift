@@ -10,6 +10,10 @@ extension Qcow2Node {
     public func setBackingNode(_ node: (any BlockDriver)?) {
         backingNode = node
     }
-}
 
-extension Qcow2Node: ClusteredFormat, BackingLinked {}
+    /// Like ``setBackingNode(_:)``, with ``metaLock`` held: a metadata operation in flight
+    /// (an allocating write's copy from the backing file) finishes with the old link first.
+    public func relinkBacking(to node: (any BlockDriver)?) async {
+        await metaLock.withLock { backingNode = node }
+    }
+}

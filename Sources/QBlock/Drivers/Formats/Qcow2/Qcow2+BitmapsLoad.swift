@@ -127,18 +127,4 @@ extension Qcow2Node {
     func markBitmaps(_ offset: Int64, _ length: Int64) {
         persistentBitmaps.mark(offset: offset, length: length)
     }
-
-    /// The QEMU error for a bitmap that cannot be used (`bdrv_dirty_bitmap_check`), or nil.
-    /// - Parameter allowReadOnly: whether a read-only use is meant (export, merge source).
-    public static func bitmapUseError(_ b: DirtyBitmap, allowReadOnly: Bool = false) -> BlockError? {
-        if b.isBusy {
-            return BlockError(.busy, "Bitmap '\(b.name)' is currently in use by another operation and cannot be used",
-                              operation: "use bitmap")
-        }
-        if b.isInconsistent {
-            return BlockError(.invalidArgument, "Bitmap '\(b.name)' is inconsistent and cannot be used\n"
-                              + "Try block-dirty-bitmap-remove to delete this bitmap from disk", operation: "use bitmap")
-        }
-        return nil
-    }
 }

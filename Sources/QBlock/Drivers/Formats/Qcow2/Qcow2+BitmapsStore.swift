@@ -75,7 +75,7 @@ extension Qcow2Node {
         guard let b = persistentBitmaps.named(name) else {
             throw BlockError(.notFound, "Dirty bitmap '\(name)' not found", path: filename, operation: "remove bitmap")
         }
-        if b.isBusy, let e = Self.bitmapUseError(b) { throw e }
+        if b.isBusy, let e = b.useError() { throw e }
         let nameBytes = Array(name.utf8)
         if bitmapDirectory.contains(where: { $0.name == nameBytes }) {
             try checkWritable("remove bitmap")

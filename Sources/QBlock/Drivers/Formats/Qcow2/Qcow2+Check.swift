@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import QBlockGraph
 
 /// Consistency check and repair (QEMU's `qcow2_check_refcounts`).
 ///

@@ -162,7 +162,7 @@ extension Qcow2Node {
         // QEMU's qcow2_truncate_bitmaps_check: loaded bitmaps are resized in memory and
         // stored with the new size; one that cannot be used blocks the resize.
         for b in persistentBitmaps.all where b.isPersistent {
-            if let e = Self.bitmapUseError(b) { throw e }
+            if let e = b.useError() { throw e }
         }
         defer { persistentBitmaps.resize(to: Int64(header.size)) }
         try await metaLock.withLock {

@@ -71,8 +71,8 @@ extension Qcow2Node {
     /// a caller that orders its requests for the image's layout (convert's in-order writes)
     /// can let the next request allocate while this one's data is still being written.
     /// `placed` is not called when the request fails before that point.
-    package func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
-               placed: (() -> Void)?) async throws {
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      placed: (() -> Void)?) async throws {
         try checkWritable("write")
         try checkRange(offset, Int64(buffer.count), "write")
         defer { markBitmaps(offset, Int64(buffer.count)) }

@@ -1,4 +1,5 @@
 import QBlockCore
+import QBlockGraph
 /// Switching an open image between read-only and read-write without reopening it (the
 /// format side of QEMU's `bdrv_reopen`); the file below is switched by its own node
 /// (``FileNode/reopen(readOnly:cache:)``).

@@ -189,7 +189,7 @@ extension Qcow2Node {
         try await snapshotReader(id: id, name: name, orName: nil)
     }
 
-    private func snapshotReader(id: String?, name: String?, orName: String?) async throws -> Qcow2SnapshotReader {
+    func snapshotReader(id: String?, name: String?, orName: String?) async throws -> Qcow2SnapshotReader {
         await metaLock.lock()
         defer { metaLock.unlock() }
         var found = (id != nil || name != nil) ? findSnapshot(id: id, name: name) : nil

@@ -93,26 +93,3 @@ public struct Qcow2FormatInfo: Sendable, Equatable {
     /// that have any).
     public var bitmaps: [Qcow2BitmapInfo] = []
 }
-
-/// How `check` repairs what it finds (`-r leaks` / `-r all`).
-public enum CheckRepair: String, Sendable {
-    case leaks, all
-}
-
-/// The result of a consistency check, with the fields of `qemu-img check --output=json`.
-public struct CheckResult: Sendable, Equatable {
-    public var corruptions = 0
-    public var leaks = 0
-    public var checkErrors = 0
-    public var corruptionsFixed = 0
-    public var leaksFixed = 0
-    public var imageEndOffset: Int64 = 0
-    public var totalClusters: Int64 = 0
-    public var allocatedClusters: Int64 = 0
-    public var fragmentedClusters: Int64 = 0
-    public var compressedClusters: Int64 = 0
-    /// One line per problem found, worded as qemu-img prints them
-    /// ("Leaked cluster 5 refcount=1 reference=0").
-    public var messages: [String] = []
-    public init() {}
-}

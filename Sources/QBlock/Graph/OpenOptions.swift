@@ -1,4 +1,3 @@
-import QBlockGraph
 /// How to open an image (the options qemu-img and qemu-io take on their command lines).
 public struct OpenOptions: Sendable {
     /// The format driver to use; `nil` probes (qcow2 by its magic, else raw).
@@ -20,6 +19,9 @@ public struct OpenOptions: Sendable {
     public var allowCorrupt: Bool
     /// Whether this open is for a check with repair (opens images marked corrupt read-write).
     public var forRepair: Bool
+    /// Options only the chosen format understands (``FormatOpenOptions``), as its
+    /// ``FormatDriver/readBlockdevOptions(_:into:)`` set them; nil: the format's defaults.
+    public var formatOptions: (any FormatOpenOptions)?
 
     public init(format: String? = nil, readOnly: Bool = false, cache: CacheMode = .writeback,
                 forceShare: Bool = false, openBacking: Bool = true, locking: Bool = true,

@@ -1,0 +1,66 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import QBlockCore
+import QBlockGraph
+
+/// Creating host files as QEMU's file driver does (`raw_co_create`): for `qemu-img create -f
+/// raw` and QMP's `blockdev-create` of a `file`.
+package enum FileCreation {
+    /// Creates (or empties) the file at `path`: truncated to zero, marked no-copy-on-write
+    /// when asked, then grown to `size` with `preallocation`; the first block of a file
+    /// that was empty is written so that it is allocated.
+    /// - Parameter roundUp: round the size up to whole 512-byte sectors (qemu-img does).
+    /// - Throws: ``BlockError`` "Could not create 'PATH': …", "Could not resize file: …",
+    ///   "Unsupported preallocation mode: metadata".
+    package static func create(path: String, size requested: Int64, preallocation prealloc: Preallocation,
+                       nocow: Bool = false, roundUp: Bool = true) async throws {
+        let size = roundUp ? (requested + 511) / 512 * 512 : requested
+        let file: FileNode
+        do {
+            file = try FileNode(path: path, readOnly: false, perm: [.write, .resize],
+                                shared: [.consistentRead, .write, .writeUnchanged], create: true)
+        } catch {
+            let e = error.asBlockError
+            if e.code == .locked {
+                throw BlockError(e.code, e.message, errno: e.errno, path: path, operation: "create")
+            }
+            throw BlockError(e.code, "Could not create '\(path)': \(e.message)", errno: e.errno, path: path, operation: "create")
+        }
+        do {
+            try await file.truncate(to: 0, preallocation: .off)
+            // As QEMU: a hint for copy-on-write file systems, its failure ignored.
+            if nocow { setNoCOW(path) }
+            if prealloc == .metadata {
+                // QEMU's file driver fails here too, leaving the emptied file behind.
+                try? await file.close()
+                throw BlockError(.unsupported, "Unsupported preallocation mode: metadata", path: path, operation: "create")
+            }
+            try await file.truncate(to: size, preallocation: prealloc)
+            if prealloc == .off && size > 0 {
+                let n = size < 4096 ? 512 : 4096
+                let zeros = AlignedBuffer(count: n)
+                try await zeros.withUnsafeBytes { b in try await file.write(at: 0, from: b, flags: []) }
+            }
+            try await file.close()
+        } catch {
+            try? await file.close()
+            let e = error.asBlockError
+            if e.operation == "create" { throw e }
+            throw BlockError(e.code, "Could not resize file: \(e.message)", errno: e.errno, path: path, operation: "create")
+        }
+    }
+
+    /// Sets Linux's `FS_NOCOW_FL` on the (empty) file at `path`; failures are ignored, as
+    /// QEMU ignores them (ext4 and most file systems do not know the flag).
+    static func setNoCOW(_ path: String) {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        let getFlags: UInt = 0x8008_6601, setFlags: UInt = 0x4008_6602, noCOW: Int32 = 0x0080_0000
+        var flags: Int32 = 0
+        guard ioctl(fd, getFlags, &flags) == 0 else { return }
+        flags |= noCOW
+        _ = ioctl(fd, setFlags, &flags)
+    }
+}

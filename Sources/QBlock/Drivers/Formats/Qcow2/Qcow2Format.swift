@@ -1,0 +1,108 @@
+import QBlockCore
+import QBlockGraph
+/// The qcow2 format driver as the registry sees it (``FormatDriver``): probing, opening
+/// (``Qcow2Node/open(file:options:openBacking:)``), the options of `qemu-img create`,
+/// `blockdev-add` and `blockdev-create`. Measuring is in `Qcow2+Measure.swift`.
+public enum Qcow2Format: FormatDriver {
+    public static let name = "qcow2"
+
+    /// The magic "QFI\xfb" and the version.
+    public static let probeLength = 8
+
+    public static func probe(_ head: [UInt8]) -> Int {
+        head.count >= 4 && head[0] == 0x51 && head[1] == 0x46 && head[2] == 0x49 && head[3] == 0xfb ? 100 : 0
+    }
+
+    public static func open(file: any BlockDriver, options: OpenOptions,
+                            openBacking: (_ name: String, _ format: String?) async throws -> any BlockDriver) async throws -> any BlockDriver {
+        try await Qcow2Node.open(file: file, options: options, openBacking: openBacking)
+    }
+
+    public static func filePermissions(readOnly: Bool) -> (perm: BlockPermissions, shared: BlockPermissions) {
+        BlockPermissions.formatDefaults(readOnly: readOnly)
+    }
+
+    public static let supportsBackingFile = true
+    public static let supportsCompressedWrites = true
+
+    public static let createOptions: [CreateOption] = [
+        CreateOption("cluster_size", .size, default: "65536"),
+        CreateOption("extended_l2", .bool, default: "off"),
+        CreateOption("preallocation", .string),
+        CreateOption("compression_type", .string, default: "zlib"),
+        CreateOption("size", .size),
+        CreateOption("compat", .string),
+        CreateOption("backing_file", .string),
+        CreateOption("backing_fmt", .string),
+        CreateOption("lazy_refcounts", .bool, default: "off"),
+        CreateOption("refcount_bits", .number, default: "16"),
+    ]
+
+    public static func create(path: String, size: Int64, options: [(String, String)]) async throws {
+        var o = Qcow2CreateOptions()
+        for (key, value) in options {
+            do {
+                try o.set(key, value)
+            } catch {
+                let e = error.asBlockError
+                throw BlockError(e.code, e.message, path: path, operation: "create")
+            }
+        }
+        try await Qcow2Node.create(path: path, size: size, options: o)
+    }
+
+    public static func readBlockdevOptions(_ m: any DriverOptionReader, into options: inout OpenOptions) throws {
+        for key in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
+            _ = try m.optionalBool(key)
+        }
+        let cacheSize = try m.optionalUInt("l2-cache-size", bits: 64)
+        for key in ["cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"] {
+            _ = try m.optionalUInt(key, bits: 64)
+        }
+        _ = try m.optionalString("overlap-check")
+        _ = try m.optionalString("data-file")
+        if let cacheSize { options.l2CacheSize = Int(cacheSize) }
+    }
+}
+
+extension Qcow2Format: BlockdevCreatable {
+    /// QAPI's `BlockdevCreateOptionsQcow2`, member by member in the schema's order.
+    /// External data files and encryption are refused once the job has checked the rest.
+    public static func readBlockdevCreateOptions(_ m: any DriverOptionReader) throws -> BlockdevCreatePlan {
+        guard let file = m.value("file") else { throw m.missingError("file") }
+        let dataFile = m.value("data-file")
+        let dataFileRaw = try m.optionalBool("data-file-raw")
+        let extendedL2 = try m.optionalBool("extended-l2")
+        guard let size = try m.optionalSize("size") else { throw m.missingError("size") }
+        let version = try m.optionalEnum("version", ["v2", "v3"])
+        let backingFile = try m.optionalString("backing-file")
+        let backingFmt = try m.optionalDriverName("backing-fmt")
+        let encrypt = m.value("encrypt")
+        let clusterSize = try m.optionalSize("cluster-size")
+        let prealloc = try m.optionalEnum("preallocation", Preallocation.allCases.map(\.rawValue))
+        let lazy = try m.optionalBool("lazy-refcounts")
+        let refcountBits = try m.optionalInt("refcount-bits")
+        let compression = try m.optionalEnum("compression-type", ["zlib", "zstd"])
+        var refusal: String?
+        if dataFile != nil || dataFileRaw == true {
+            refusal = "qcow2 external data files (data-file) are not supported by this implementation"
+        } else if encrypt != nil {
+            refusal = "qcow2 encryption (encrypt) is not supported by this implementation"
+        }
+        var q = Qcow2CreateOptions()
+        q.version = version == "v2" ? 2 : 3
+        // Out-of-range values become values the checks refuse with QEMU's message.
+        if let clusterSize { q.clusterSize = clusterSize > Int64(Int32.max) || clusterSize < 0 ? 3 : Int(clusterSize) }
+        if let prealloc, let p = Preallocation(rawValue: prealloc) { q.preallocation = p }
+        q.lazyRefcounts = lazy ?? false
+        q.extendedL2 = extendedL2 ?? false
+        if let refcountBits { q.refcountBits = refcountBits > 64 || refcountBits < 0 ? 3 : Int(refcountBits) }
+        if let compression, let c = Qcow2CompressionType(name: compression) { q.compressionType = c }
+        q.backingFile = backingFile
+        q.backingFormat = backingFmt
+        let options = q
+        return BlockdevCreatePlan(file: file, refusal: refusal,
+                                  check: { try Qcow2Node.checkCreate(size: size, options: options) },
+                                  create: { try await Qcow2Node.create(on: $0, size: size, options: options) })
+    }
+}

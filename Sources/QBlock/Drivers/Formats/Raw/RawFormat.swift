@@ -1,0 +1,69 @@
+import QBlockCore
+import QBlockGraph
+/// The raw format driver as the registry sees it (``FormatDriver``): it claims any file as
+/// a last resort, opens a ``RawNode`` over the file (or a window of it), creates a plain
+/// host file, and measures to the virtual size.
+public enum RawFormat: FormatDriver {
+    public static let name = "raw"
+
+    /// Raw has no signature to look at.
+    public static let probeLength = 0
+
+    /// Any file may be raw: the lowest score, so that every other format wins (QEMU's `raw_probe`).
+    public static func probe(_ head: [UInt8]) -> Int { 1 }
+
+    /// The window of the file the node shows (`blockdev-add`'s `offset` and `size`).
+    struct Window: FormatOpenOptions {
+        var offset: Int64
+        var size: Int64?
+    }
+
+    public static func open(file: any BlockDriver, options: OpenOptions,
+                            openBacking: (_ name: String, _ format: String?) async throws -> any BlockDriver) async throws -> any BlockDriver {
+        let window = options.formatOptions as? Window ?? Window(offset: 0, size: nil)
+        return RawNode(file: file, offset: window.offset, size: window.size)
+    }
+
+    /// Raw passes its users' writes through: it shares everything, and writes (without
+    /// resizing) only when writable.
+    public static func filePermissions(readOnly: Bool) -> (perm: BlockPermissions, shared: BlockPermissions) {
+        readOnly ? ([.consistentRead], .all) : ([.consistentRead, .write], .all)
+    }
+
+    public static let supportsBackingFile = false
+    public static let supportsCompressedWrites = false
+
+    public static let createOptions: [CreateOption] = [
+        CreateOption("size", .size),
+        CreateOption("preallocation", .string),
+    ]
+
+    /// A host file of the size (rounded up to whole sectors), as QEMU's file driver makes it.
+    public static func create(path: String, size: Int64, options: [(String, String)]) async throws {
+        var prealloc = Preallocation.off
+        if let p = options.last(where: { $0.0 == "preallocation" })?.1 {
+            guard let mode = Preallocation(rawValue: p) else {
+                throw BlockError(.invalidArgument, "invalid parameter value: \(p)", path: path, operation: "create")
+            }
+            prealloc = mode
+        }
+        try await FileCreation.create(path: path, size: size, preallocation: prealloc)
+    }
+
+    public static func readBlockdevOptions(_ m: any DriverOptionReader, into options: inout OpenOptions) throws {
+        let offset = try m.optionalUInt("offset", bits: 64) ?? 0
+        let size = try m.optionalUInt("size", bits: 64)
+        options.formatOptions = Window(offset: Int64(offset), size: size.map { Int64($0) })
+    }
+}
+
+extension RawFormat: Measurable {
+    public static let measureOnlyOptions: [String] = []
+
+    /// QEMU's `raw_measure`: the virtual size (of the source, else `size`), in whole sectors.
+    public static func measure(options: [String: String], source: MeasureSource?) async throws -> MeasureResult {
+        let required = source?.length ?? Int64(options["size"] ?? "0") ?? 0
+        let rounded = (required + 511) / 512 * 512
+        return MeasureResult(required: rounded, fullyAllocated: rounded)
+    }
+}

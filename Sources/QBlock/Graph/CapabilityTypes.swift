@@ -1,0 +1,146 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import QBlockCore
+
+/// The values capability protocols (`Capabilities.swift`) take and return.
+
+// MARK: Internal snapshots
+
+/// One internal snapshot as QEMU describes it (QAPI's `SnapshotInfo`), whatever the format
+/// stores besides (see ``InternalSnapshotting``).
+public struct SnapshotInfo: Sendable, Equatable {
+    /// The unique id: "1", "2", ... as QEMU numbers them.
+    public var id: String
+    /// The name (tag); not necessarily unique.
+    public var name: String
+    /// When the snapshot was taken: seconds since the epoch.
+    public var dateSeconds: UInt32
+    /// When the snapshot was taken: the nanoseconds part.
+    public var dateNanoseconds: UInt32
+    /// The guest's virtual clock when the snapshot was taken, in nanoseconds.
+    public var vmClockNanoseconds: UInt64
+    /// The size of the saved VM state (0 for a disk-only snapshot).
+    public var vmStateSize: UInt64
+    /// The instruction count of record/replay, or nil when there is none (QEMU's -1).
+    public var icount: UInt64?
+
+    public init(id: String, name: String, dateSeconds: UInt32, dateNanoseconds: UInt32, vmClockNanoseconds: UInt64,
+                vmStateSize: UInt64, icount: UInt64?) {
+        self.id = id
+        self.name = name
+        self.dateSeconds = dateSeconds
+        self.dateNanoseconds = dateNanoseconds
+        self.vmClockNanoseconds = vmClockNanoseconds
+        self.vmStateSize = vmStateSize
+        self.icount = icount
+    }
+
+    /// The column header of `qemu-img snapshot -l` and `qemu-img info` (`bdrv_snapshot_dump`).
+    public static let listHeader = "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT"
+
+    /// This snapshot as one line of `qemu-img snapshot -l` (without the newline). The date
+    /// is in local time, as QEMU prints it.
+    public var listLine: String {
+        var t = time_t(dateSeconds)
+        var tm = tm()
+        localtime_r(&t, &tm)
+        var buf = [CChar](repeating: 0, count: 64)
+        let n = strftime(&buf, buf.count, "%Y-%m-%d %H:%M:%S", &tm)
+        let date = String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let secs = vmClockNanoseconds / 1_000_000_000
+        let ms = (vmClockNanoseconds / 1_000_000) % 1000
+        let clock = pad2(secs / 3600) + ":" + pad2((secs / 60) % 60) + ":" + pad2(secs % 60) + "."
+            + (ms < 10 ? "00" : ms < 100 ? "0" : "") + String(ms)
+        let icountText = icount.map { String(Int64(bitPattern: $0)) } ?? ""
+        return leftAligned(id, 9) + " " + leftAligned(name, 16) + " " + rightAligned(qemuSizeString(Int64(bitPattern: vmStateSize)), 8)
+            + rightAligned(date, 20) + rightAligned(clock, 13) + rightAligned(icountText, 11)
+    }
+
+    /// "Snapshot list:", the header and one line per snapshot, each newline-terminated;
+    /// empty when there are none (as `qemu-img snapshot -l` prints).
+    public static func listText(_ snapshots: [SnapshotInfo]) -> String {
+        guard !snapshots.isEmpty else { return "" }
+        return "Snapshot list:\n" + listHeader + "\n" + snapshots.map { $0.listLine + "\n" }.joined()
+    }
+
+    /// The QAPI `SnapshotInfo` object `qemu-img info --output=json` lists.
+    public var qobject: QObject {
+        var d = QObject.Dict()
+        d["id"] = .string(id)
+        d["name"] = .string(name)
+        d["vm-state-size"] = .int(Int64(bitPattern: vmStateSize))
+        d["date-sec"] = .int(Int64(dateSeconds))
+        d["date-nsec"] = .int(Int64(dateNanoseconds))
+        d["vm-clock-sec"] = .int(Int64(vmClockNanoseconds / 1_000_000_000))
+        d["vm-clock-nsec"] = .int(Int64(vmClockNanoseconds % 1_000_000_000))
+        if let icount { d["icount"] = .int(Int64(bitPattern: icount)) }
+        return .dict(d)
+    }
+}
+
+private func pad2(_ v: UInt64) -> String { v < 10 ? "0\(v)" : "\(v)" }
+/// printf's `%-Ns` / `%Ns` (counted in bytes, as C does).
+private func leftAligned(_ s: String, _ width: Int) -> String {
+    let n = s.utf8.count
+    return n >= width ? s : s + String(repeating: " ", count: width - n)
+}
+private func rightAligned(_ s: String, _ width: Int) -> String {
+    let n = s.utf8.count
+    return n >= width ? s : String(repeating: " ", count: width - n) + s
+}
+
+// MARK: Check
+
+/// How `check` repairs what it finds (`-r leaks` / `-r all`).
+public enum CheckRepair: String, Sendable {
+    case leaks, all
+}
+
+/// The result of a consistency check, with the fields of `qemu-img check --output=json`.
+public struct CheckResult: Sendable, Equatable {
+    public var corruptions = 0
+    public var leaks = 0
+    public var checkErrors = 0
+    public var corruptionsFixed = 0
+    public var leaksFixed = 0
+    public var imageEndOffset: Int64 = 0
+    public var totalClusters: Int64 = 0
+    public var allocatedClusters: Int64 = 0
+    public var fragmentedClusters: Int64 = 0
+    public var compressedClusters: Int64 = 0
+    /// One line per problem found, worded as qemu-img prints them
+    /// ("Leaked cluster 5 refcount=1 reference=0").
+    public var messages: [String] = []
+    public init() {}
+}
+
+// MARK: Information
+
+/// QEMU's `BlockDriverInfo`: what `qemu-img info` and qemu-io's `info` show for any format.
+public struct DriverInfo: Sendable, Equatable {
+    /// Bytes per allocation unit (0: none).
+    public var clusterSize: Int
+    /// Where a VM state saved with an internal snapshot would start (qemu-io's "vm state offset").
+    public var vmStateOffset: Int64
+    /// The image was not closed cleanly (qcow2's dirty bit): "cleanly shut down: no".
+    public var isDirty: Bool
+
+    public init(clusterSize: Int, vmStateOffset: Int64, isDirty: Bool) {
+        self.clusterSize = clusterSize
+        self.vmStateOffset = vmStateOffset
+        self.isDirty = isDirty
+    }
+}
+
+// MARK: Compression
+
+/// Compresses one cluster at a time for a ``CompressedWriting`` image (its algorithm and
+/// cluster size). One compressor is used by one task at a time.
+public protocol ClusterCompressor: AnyObject {
+    /// Where ``compress(_:)`` puts its output.
+    var output: AlignedBuffer { get }
+    /// Compresses a whole cluster into ``output``; returns the compressed length, or nil
+    /// when compression would not make it smaller (then the cluster is written as is).
+    func compress(_ input: UnsafeRawBufferPointer) -> Int?
+}
