@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Live operations as the guest sees them (docs/live-vm.md): the lvwriter guest appends 4 KiB
-# O_DIRECT blocks under `vm --qmp` while tests/python/livevm/livevm.py
+# O_DIRECT blocks under `vm --qmp` while Tests/Scripts/python/livevm/livevm.py
 #   - takes live snapshots, and pivots mirrors (background copy mode, block-job-complete),
 #     each inside a 1 s window of the guest's own write-latency probe, next to a quiet 1 s
 #     window (the baseline: the interpreter's own jitter);
@@ -32,7 +32,7 @@ steps=""
 for i in $(seq "$ROUNDS"); do steps="$steps,lat-snapshot"; done
 for i in $(seq "$ROUNDS"); do steps="$steps,lat-pivot"; done
 for i in $(seq "$ROUNDS"); do steps="$steps,throughput"; done
-python3 "$repo/tests/python/livevm/livevm.py" --vm "$BIN/vm" --kernel "$KERNEL" --initrd "$INITRD" \
+python3 "$repo/Tests/Scripts/python/livevm/livevm.py" --vm "$BIN/vm" --kernel "$KERNEL" --initrd "$INITRD" \
     --workdir "$DIR/run" --steps "${steps#,}" --trace --json "$DIR/result.json" >"$DIR/log" 2>&1 || {
     cat "$DIR/log"; echo "livevm-bench: the run failed"; exit 1; }
 grep '^livevm: ' "$DIR/log" | grep -v 'qemu-img check' || true

@@ -2,13 +2,13 @@
 # Mirror of a 1 GiB qcow2 image over QMP: seconds to BLOCK_JOB_READY and from
 # block-job-complete to BLOCK_JOB_COMPLETED, with no writer and with a steady NBD writer
 # (qemu-io, 2000 random 4k..64k writes through a writable export), QBlock's `nbd --qmp`
-# vs qemu-storage-daemon driven by the same QMP commands (tests/python/jobs/mirror_run.py).
+# vs qemu-storage-daemon driven by the same QMP commands (Tests/Scripts/python/jobs/mirror_run.py).
 # COPY_MODES (default "background") lists the copy modes to run: "background write-blocking".
 # BIN is the directory of the built tools (make bench sets it).
 set -euo pipefail
 BIN=${BIN:-$(swift build -c release --show-bin-path)}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-RUN="$HERE/tests/python/jobs/mirror_run.py"
+RUN="$HERE/Tests/Scripts/python/jobs/mirror_run.py"
 command -v qemu-storage-daemon >/dev/null || { echo "qemu-storage-daemon missing: skipped"; exit 0; }
 python3 -c 'import qemu.qmp' 2>/dev/null || { echo "python qemu.qmp missing (pip install qemu.qmp): skipped"; exit 0; }
 [ -x "$BIN/nbd" ] || { echo "no $BIN/nbd: skipped"; exit 0; }

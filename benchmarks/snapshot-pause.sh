@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Longest pause a writer sees during a live snapshot: `nbd --qmp` (ours) against
-# qemu-storage-daemon, driven by the same QMP commands (tests/python/snapshot_pause.py:
+# qemu-storage-daemon, driven by the same QMP commands (Tests/Scripts/python/snapshot_pause.py:
 # an NBD client writes 4 KiB blocks back to back through a writable export while
 # blockdev-snapshot-sync runs; per snapshot, the longest write overlapping the command).
 # Prints the median over ROUNDS snapshots of each, and the ratio ours/QEMU.
@@ -20,7 +20,7 @@ run() {  # run TAG COMMAND...
     "$@" "$sock" >"$dir/daemon.log" 2>&1 &
     local pid=$!
     for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
-    python3 "$ROOT/tests/python/snapshot_pause.py" "$sock" "$dir" "$ROUNDS"
+    python3 "$ROOT/Tests/Scripts/python/snapshot_pause.py" "$sock" "$dir" "$ROUNDS"
     wait "$pid" 2>/dev/null || true
     # Ours also reports how long writers were actually held (the drained section).
     awk '/^transaction:/ { held = ($3 + $7 + $10) / 1000; if (held > max) max = held; sum += held; n++ }

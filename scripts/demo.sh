@@ -55,7 +55,7 @@ if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
 fi
 
 say "Booting the guest under vm --qmp on base.qcow2; it writes while QMP drives the disks"
-python3 "$repo/tests/python/livevm/livevm.py" --vm "$BIN/vm" --kernel "$KERNEL" --initrd "$INITRD" \
+python3 "$repo/Tests/Scripts/python/livevm/livevm.py" --vm "$BIN/vm" --kernel "$KERNEL" --initrd "$INITRD" \
     --workdir "$DIR" --steps snapshot,stream,mirror-nbd --nbd-server "$BIN/nbd" \
     --reference "$DIR/expected.raw" --narrate
 

@@ -15,12 +15,12 @@ import QBlock
 @testable import QBlockMonitor
 
 /// The job commands driven over QMP by the Python `qemu.qmp` client against `nbd --qmp`:
-/// tests/python/jobs/mirror_run.py (drive-mirror with an NBD writer, every sync and copy
+/// Tests/Scripts/python/jobs/mirror_run.py (drive-mirror with an NBD writer, every sync and copy
 /// mode, complete and cancel) and jobs_qmp.py (stream, active commit, verbs, errors).
 @Suite(.serialized) struct JobQMPTests {
     static let pythonDir: String = {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("tests/python/jobs").path
+            .deletingLastPathComponent().appendingPathComponent("Tests/Scripts/python/jobs").path
     }()
 
     static var ready: Bool {
@@ -65,7 +65,7 @@ import QBlock
 
     /// Live operations that once returned wrong data (issue 12), each checked byte for byte
     /// through NBD and offline through the files' recorded backing chains
-    /// (tests/python/jobs/live_regressions.py): the copy-on-read filter under a read-only
+    /// (Tests/Scripts/python/jobs/live_regressions.py): the copy-on-read filter under a read-only
     /// export, drive-mirror's target chain for sync=none/top, and write-blocking mirrors
     /// with sub-cluster writes (QEMU 7.2 zero-fills those; ours must not).
     @Test(arguments: ["cor", "mirror-none", "mirror-top", "blocking-top", "blocking-none", "granularity-top",

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 import TestSupport
 
-/// The randomized live-operations model test (tests/python/livemodel/live_model.py) run against
+/// The randomized live-operations model test (Tests/Scripts/python/livemodel/live_model.py) run against
 /// our `nbd --qmp` for a handful of seeds, and as a differential run against
 /// qemu-storage-daemon for a couple. Each seed drives writer bursts, live snapshots,
 /// stream, commit, copy-on-read reads and mirrors over QMP and checks every image against a
@@ -15,7 +15,7 @@ import TestSupport
 @Suite(.serialized) struct LiveModelTests {
     static let script: String = {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("tests/python/livemodel/live_model.py").path
+            .deletingLastPathComponent().appendingPathComponent("Tests/Scripts/python/livemodel/live_model.py").path
     }()
 
     static let env = ProcessInfo.processInfo.environment

@@ -13,10 +13,10 @@ import QBlock
 import TestSupport
 
 /// Runs `nbd --qmp` daemons and drives them with the real `qemu.qmp` Python client
-/// (`tests/python/qmp_drive.py`), for the QMP test suites.
+/// (`Tests/Scripts/python/qmp_drive.py`), for the QMP test suites.
 enum QMPHarness {
     static let pythonDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().appendingPathComponent("tests/python").path
+        .deletingLastPathComponent().appendingPathComponent("Tests/Scripts/python").path
 
     /// Whether python3 with qemu.qmp is there (`make test` installs it).
     static let havePython: Bool = {
@@ -64,7 +64,7 @@ enum QMPHarness {
         try truncateFile(dir.file("r.raw"), to: 8 << 20)
     }
 
-    /// Replays `script` (tests/python, through qmp_transcript.py) on a fresh daemon started
+    /// Replays `script` (Tests/Scripts/python, through qmp_transcript.py) on a fresh daemon started
     /// in `dir` after `setup`; `daemon` is its argv with `$SOCK` for the socket. Returns the
     /// transcript with `dir` written as `$DIR`, so two daemons' transcripts compare.
     static func transcript(daemon: [String], script: String, dir: TempDir = TempDir("qmp-transcript"),

@@ -5,7 +5,7 @@ import TestSupport
 /// Live block operations on a running guest, end to end: `vm --qmp` boots Debian's riscv64
 /// kernel with the lvwriter initramfs (guests/riscv-writer), whose writer appends numbered,
 /// checksummed blocks to /dev/vda and verifies what it reads back, while
-/// tests/python/livevm/livevm.py drives the monitor with QEMU's `qemu.qmp` client. One boot
+/// Tests/Scripts/python/livevm/livevm.py drives the monitor with QEMU's `qemu.qmp` client. One boot
 /// covers several operations. The guest must report no verification failure and power off;
 /// every final qcow2 image must pass `qemu-img check` and hold exactly the blocks the guest
 /// acknowledged; copies taken while the guest runs (a stopped guest's external convert, a
@@ -27,7 +27,7 @@ import TestSupport
         guard let python = Tools.which("python3") else { print("LiveVMTests skipped: python3 missing"); return nil }
         guard let g = try Self.guest() else { return nil }
         let dir = TempDir("livevm")
-        let r = try run("/usr/bin/timeout", ["--signal=KILL", String(timeout), python, "\(Self.repo)/tests/python/livevm/livevm.py",
+        let r = try run("/usr/bin/timeout", ["--signal=KILL", String(timeout), python, "\(Self.repo)/Tests/Scripts/python/livevm/livevm.py",
                                              "--vm", vm, "--kernel", g.kernel, "--initrd", g.initrd,
                                              "--workdir", dir.path, "--steps", steps.joined(separator: ",")])
         if r.status == 77 {
@@ -61,7 +61,7 @@ import TestSupport
         let dir = TempDir("livevm-ctl")
         let kernel = dir.file("loop.Image")
         FileManager.default.createFile(atPath: kernel, contents: Data(TinyKernel.image([0x0000_006f])))   // j .
-        let r = try run("/usr/bin/timeout", ["--signal=KILL", "180", python, "\(Self.repo)/tests/python/livevm/control.py",
+        let r = try run("/usr/bin/timeout", ["--signal=KILL", "180", python, "\(Self.repo)/Tests/Scripts/python/livevm/control.py",
                                              "--vm", vm, "--kernel", kernel, "--workdir", dir.path, "--case", which])
         if r.status == 77 { print("LiveVMTests skipped: \(r.stdout)"); return }
         #expect(r.status == 0 && r.stdout.contains("control: PASS"), "\(r)")

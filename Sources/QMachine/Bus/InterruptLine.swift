@@ -19,14 +19,6 @@ public enum VCPUExit: Sendable, Equatable {
     case crashed(String)
 }
 
-/// A virtual CPU run on its own thread by the machine, whatever the accelerator.
-public protocol VirtualCPU: AnyObject, Sendable {
-    /// Runs guest code until the guest stops; blocks the calling (dedicated) thread.
-    func run() -> VCPUExit
-    /// Asks ``run()`` to return `.stopped` soon (from any thread); wakes a sleeping CPU.
-    func requestStop()
-}
-
 /// The platform services a software RISC-V hart's built-in SBI firmware calls out to.
 public protocol SBIPlatform: AnyObject, Sendable {
     /// DBCN / legacy console_putchar: bytes the guest writes to the firmware console.
