@@ -123,9 +123,12 @@ public final class Job: @unchecked Sendable {
         }
     }
 
-    /// Waits until the status is `status`.
-    public func wait(for status: JobStatus) async {
-        await wait { $0 == status }
+    /// Waits until the status is `status`, or until the job can no longer reach it (a job
+    /// that fails before it is ready goes to `aborting`, from which `ready` is unreachable),
+    /// and returns the status it stopped at.
+    @discardableResult
+    public func wait(for status: JobStatus) async -> JobStatus {
+        await wait { $0 == status || !JobStateMachine.canReach(status, from: $0) }
     }
 
     /// Waits until the job has concluded (or was dismissed).
