@@ -30,13 +30,15 @@ let package = Package(
         .target(name: "QBlockOperations", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers", "QBlockOpen", "CSupport"], path: "Sources/QBlock/Operations"),
         .target(name: "QBlockJobs", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers", "QBlockOpen", "QBlockOperations"], path: "Sources/QBlock/Jobs"),
         .target(name: "QBlockNBDServer", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockNBDWire", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs"], path: "Sources/QBlock/NBDServer"),
-        .target(name: "QBlockMonitor", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockNBDWire", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs", "QBlockNBDServer"], path: "Sources/QBlock/Monitor"),
+        // The high-level API (Image, LiveDisk, job handles); the monitor is one of its clients.
+        .target(name: "QBlockAPI", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockNBDWire", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs", "QBlockNBDServer"], path: "Sources/QBlock/API"),
+        .target(name: "QBlockMonitor", dependencies: ["QBlockCore", "QBlockBitmaps", "QBlockGraph", "QBlockNBDWire", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs", "QBlockNBDServer", "QBlockAPI"], path: "Sources/QBlock/Monitor"),
         // The umbrella: `import QBlock` re-exports every layer's public API.
         .target(
             name: "QBlock",
-            dependencies: ["QBlockCore", "QBlockNBDWire", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs", "QBlockNBDServer", "QBlockMonitor"],
+            dependencies: ["QBlockCore", "QBlockNBDWire", "QBlockBitmaps", "QBlockGraph", "QBlockDrivers", "QBlockOpen", "QBlockOperations", "QBlockJobs", "QBlockNBDServer", "QBlockAPI", "QBlockMonitor"],
             path: "Sources/QBlock",
-            exclude: ["Core", "NBDWire", "Bitmaps", "Graph", "Drivers", "Open", "Operations", "Jobs", "NBDServer", "Monitor"]
+            exclude: ["Core", "NBDWire", "Bitmaps", "Graph", "Drivers", "Open", "Operations", "Jobs", "NBDServer", "API", "Monitor"]
         ),
         // What the tools share and the library does not need: the qemu-io command language,
         // qemu-img's text output, the tools' error reporting.

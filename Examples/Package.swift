@@ -21,5 +21,20 @@ let package = Package(
             dependencies: [.product(name: "QBlock", package: "qblock")],
             path: "Sources/ReadWrite"
         ),
+        .executableTarget(
+            name: "Chain",
+            dependencies: [.product(name: "QBlock", package: "qblock")],
+            path: "Sources/Chain"
+        ),
+        .executableTarget(
+            name: "LiveSnapshotMirror",
+            dependencies: [.product(name: "QBlock", package: "qblock")],
+            path: "Sources/LiveSnapshotMirror"
+        ),
+        .executableTarget(
+            name: "NBDRoundTrip",
+            dependencies: [.product(name: "QBlock", package: "qblock")],
+            path: "Sources/NBDRoundTrip"
+        ),
     ]
 )

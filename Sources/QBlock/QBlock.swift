@@ -9,4 +9,5 @@
 @_exported import QBlockOperations
 @_exported import QBlockJobs
 @_exported import QBlockNBDServer
+@_exported import QBlockAPI
 @_exported import QBlockMonitor

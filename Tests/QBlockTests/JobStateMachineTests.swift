@@ -92,3 +92,17 @@ import QBlock
         #expect(b.account(1 << 30, now: 100_000_000) == 0)
     }
 }
+
+extension JobStateMachineTests {
+    @Test func readyIsUnreachableOnceAJobFails() {
+        #expect(JobStateMachine.canReach(.ready, from: .created))
+        #expect(JobStateMachine.canReach(.ready, from: .paused))
+        #expect(JobStateMachine.canReach(.ready, from: .standby))
+        #expect(!JobStateMachine.canReach(.ready, from: .aborting))
+        #expect(!JobStateMachine.canReach(.ready, from: .waiting))
+        #expect(!JobStateMachine.canReach(.ready, from: .concluded))
+        #expect(JobStateMachine.canReach(.null, from: .aborting))
+        #expect(JobStateMachine.canReach(.concluded, from: .concluded))
+        #expect(!JobStateMachine.canReach(.created, from: .running))
+    }
+}

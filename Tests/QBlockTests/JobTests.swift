@@ -93,6 +93,18 @@ final class StepDriver: CompletableJobDriver, FinalizingJobDriver, @unchecked Se
 }
 
 @Suite struct JobTests {
+    /// A mirror-like job that fails before it is ready: waiting for `ready` returns (it
+    /// used to wait forever) with the status the job stopped at.
+    @Test func waitForReadyReturnsWhenTheJobFailsFirst() async throws {
+        let m = JobManager()
+        let job = try m.start(StepDriver(type: .mirror, failures: 1), options: JobOptions(id: "m", autoDismiss: false))
+        let reached = await job.wait(for: .ready)
+        #expect(reached == .aborting || reached == .concluded)
+        await job.waitConcluded()
+        #expect(job.failure?.code == .noSpace)
+        #expect(job.error == "No space left on device")
+    }
+
     @Test func runsToCompletionWithQEMUsEvents() async throws {
         let m = JobManager()
         let events = EventLog(m)

@@ -51,7 +51,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
         self.onError = onError
     }
 
-    public func run(_ job: Job) async throws {
+    package func run(_ job: Job) async throws {
         // The node just above base: its backing link moves to the reopened base.
         var above: any BlockDriver = top
         while let next = above.backing, next !== base { above = next }
@@ -106,7 +106,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     }
 
     /// Links the overlay to the base: header first (the step that can fail), then the link.
-    public func prepare(_ job: Job) async throws {
+    package func prepare(_ job: Job) async throws {
         let inner = base.innermostDriver
         try await ImageRebase.changeBackingFile(of: overlay, to: backingFile ?? inner.filename, format: inner.driverName)
         var chain: [any BlockDriver] = []
@@ -116,11 +116,11 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
         lock.withLock { removed = chain }
     }
 
-    public func commit(_ job: Job) async {}
-    public func abort(_ job: Job) async {}
+    package func commit(_ job: Job) async {}
+    package func abort(_ job: Job) async {}
 
     /// Closes the images no longer in the chain (without closing `base` below them).
-    public func clean(_ job: Job) async {
+    package func clean(_ job: Job) async {
         let nodes = lock.withLock { removed }
         guard closesRemovedImages, let first = nodes.first else { return }
         if let last = nodes.last?.innermostDriver as? any BackingLinked { last.setBackingNode(nil) }

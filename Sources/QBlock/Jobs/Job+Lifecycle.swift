@@ -147,7 +147,7 @@ extension Job {
             var d = QObject.Dict()
             d["type"] = .string(type.rawValue)
             d["id"] = .string(id)
-            send(JobEvent(name: "BLOCK_JOB_PENDING", data: d))
+            send(JobEvent(name: "BLOCK_JOB_PENDING", data: d, typed: .pending))
         }
     }
 
@@ -166,7 +166,7 @@ extension Job {
     func abortPath(_ failure: Error) async {
         let first: Bool = withState {
             guard sm.status != .aborting && sm.status != .concluded && sm.status != .null else { return false }
-            self.failure = failure
+            failureCause = failure
             errorMessage = Self.message(of: failure)
             transitionLocked(.aborting)
             return true
@@ -182,7 +182,8 @@ extension Job {
     func conclude(error: String?) {
         let cancelled = isCancelled
         if type.isBlockJob {
-            send(cancelled ? blockEvent("BLOCK_JOB_CANCELLED") : blockEvent("BLOCK_JOB_COMPLETED", error: error))
+            send(cancelled ? blockEvent("BLOCK_JOB_CANCELLED", typed: .cancelled)
+                 : blockEvent("BLOCK_JOB_COMPLETED", error: error, typed: .completed(failure)))
         }
         let dismissNow: Bool = withState {
             transitionLocked(.concluded)

@@ -38,11 +38,13 @@ public final class Job: @unchecked Sendable {
     /// The job ID.
     public let id: String
     /// The driver doing the work.
-    public let driver: any JobDriver
+    package let driver: any JobDriver
     /// The job's type.
     public var type: JobType { driver.jobType }
     let clock: any JobClock
     let emit: @Sendable (JobEvent) -> Void
+    /// Receives the typed form of every event, in the same order (the library API's handles).
+    let observe: (@Sendable (BlockJobEvent) -> Void)?
     let onDismiss: @Sendable (Job) -> Void
 
     // MARK: State, guarded by `lock`
@@ -61,7 +63,7 @@ public final class Job: @unchecked Sendable {
     var bucket: TokenBucket
     var ioStatus: BlockIOStatus = .ok
     var errorMessage: String?
-    var failure: Error?
+    var failureCause: Error?
     var wakeup: UnsafeContinuation<Void, Never>?
     var wakeGeneration: UInt64 = 0
     var kickPending = false
@@ -73,7 +75,7 @@ public final class Job: @unchecked Sendable {
     var queuedWakes: [(UnsafeContinuation<JobStatus, Never>, JobStatus)] = []
 
     init(options: JobOptions, driver: any JobDriver, emit: @escaping @Sendable (JobEvent) -> Void,
-         onDismiss: @escaping @Sendable (Job) -> Void) {
+         observe: (@Sendable (BlockJobEvent) -> Void)? = nil, onDismiss: @escaping @Sendable (Job) -> Void) {
         id = options.id
         self.driver = driver
         clock = options.clock
@@ -81,6 +83,7 @@ public final class Job: @unchecked Sendable {
         autoDismiss = options.autoDismiss
         bucket = TokenBucket(rate: options.speed)
         self.emit = emit
+        self.observe = observe
         self.onDismiss = onDismiss
         transitionLocked(.created)
         flushEvents()
@@ -98,6 +101,9 @@ public final class Job: @unchecked Sendable {
     public var blockIOStatus: BlockIOStatus { lock.withLock { ioStatus } }
     /// The error that failed the job, as QEMU words it.
     public var error: String? { lock.withLock { errorMessage } }
+    /// The error that failed the job (a forced cancel fails it with `.cancelled`), nil while
+    /// it has not failed.
+    public var failure: BlockError? { lock.withLock { failureCause?.asBlockError } }
     /// True if the driver body should stop as soon as possible (forced cancel).
     public var isCancelled: Bool { lock.withLock { forceCancel } }
     /// True if any cancel (forced or not) was requested.
@@ -124,9 +130,12 @@ public final class Job: @unchecked Sendable {
         }
     }
 
-    /// Waits until the status is `status`.
-    public func wait(for status: JobStatus) async {
-        await wait { $0 == status }
+    /// Waits until the status is `status`, or until the job can no longer reach it (a job
+    /// that fails before it is ready goes to `aborting`, from which `ready` is unreachable),
+    /// and returns the status it stopped at.
+    @discardableResult
+    public func wait(for status: JobStatus) async -> JobStatus {
+        await wait { $0 == status || !JobStateMachine.canReach(status, from: $0) }
     }
 
     /// Waits until the job has concluded (or was dismissed).
@@ -137,25 +146,25 @@ public final class Job: @unchecked Sendable {
     // MARK: For drivers
 
     /// Sets the total amount of work (bytes).
-    public func setProgressTotal(_ total: UInt64) { lock.withLock { progressTotal = total } }
+    package func setProgressTotal(_ total: UInt64) { lock.withLock { progressTotal = total } }
     /// Adds to the total amount of work (a mirror's dirty areas).
-    public func increaseProgressTotal(_ delta: UInt64) { lock.withLock { progressTotal += delta } }
+    package func increaseProgressTotal(_ delta: UInt64) { lock.withLock { progressTotal += delta } }
     /// Records `bytes` of work done.
-    public func progressDone(_ bytes: UInt64) { lock.withLock { progressCurrent += bytes } }
+    package func progressDone(_ bytes: UInt64) { lock.withLock { progressCurrent += bytes } }
 
     /// Moves a running job to `ready` and emits `BLOCK_JOB_READY`.
-    public func transitionToReady() {
+    package func transitionToReady() {
         let done: Bool = withState {
             guard sm.status == .running else { return false }
             transitionLocked(.ready)
             return true
         }
-        if done { send(blockEvent("BLOCK_JOB_READY")) }
+        if done { send(blockEvent("BLOCK_JOB_READY", typed: .ready)) }
     }
 
     /// Accounts `bytes` moved and waits as long as the rate limit asks (QEMU's
     /// `block_job_ratelimit_sleep`); also a pause point.
-    public func rateLimit(_ bytes: Int64) async {
+    package func rateLimit(_ bytes: Int64) async {
         var delay = lock.withLock { bucket.account(bytes, now: clock.now()) }
         while delay > 0 && !isCancelled {
             await sleep(nanoseconds: delay)
@@ -166,7 +175,7 @@ public final class Job: @unchecked Sendable {
 
     /// Sleeps for `nanoseconds` unless woken by a cancel, pause or speed change, then
     /// honours a pause request.
-    public func sleep(nanoseconds: UInt64) async {
+    package func sleep(nanoseconds: UInt64) async {
         if isCancelled { return }
         if !lock.withLock({ pauseCount > 0 }) {
             let generation = lock.withLock { wakeGeneration &+ 1 }
@@ -183,18 +192,18 @@ public final class Job: @unchecked Sendable {
 
     /// Waits until something wakes the job — a complete, cancel, pause or speed change,
     /// or ``wake()`` — then honours a pause request (QEMU's `job_yield`).
-    public func yield() async {
+    package func yield() async {
         if isCancelled { return }
         if !lock.withLock({ pauseCount > 0 }) { await waitForKick() }
         await pausePoint()
     }
 
     /// Wakes the body from ``yield()`` or ``sleep(nanoseconds:)`` (new work arrived).
-    public func wake() { kick() }
+    package func wake() { kick() }
 
     /// Pauses here while a pause is requested (QEMU's `job_pause_point`): the status
     /// becomes `paused` (or `standby` when ready) until the job is resumed or cancelled.
-    public func pausePoint() async {
+    package func pausePoint() async {
         while true {
             let previous: JobStatus? = withState {
                 guard pauseCount > 0 && !forceCancel else { return nil }
@@ -218,7 +227,7 @@ public final class Job: @unchecked Sendable {
     /// emits `BLOCK_JOB_ERROR` and, for `stop`, pauses the job as if a user had, with
     /// the I/O status set. The caller rethrows on `.report`, goes on on `.ignore`, and on
     /// `.stop` calls ``pausePoint()`` and retries.
-    public func errorAction(for error: Error, isRead: Bool, policy: BlockdevOnError) -> BlockErrorAction {
+    package func errorAction(for error: Error, isRead: Bool, policy: BlockdevOnError) -> BlockErrorAction {
         let errno = error.asBlockError.errno ?? EIO
         let action: BlockErrorAction
         switch policy {
@@ -232,7 +241,7 @@ public final class Job: @unchecked Sendable {
             d["device"] = .string(id)
             d["operation"] = .string(isRead ? "read" : "write")
             d["action"] = .string(action.rawValue)
-            send(JobEvent(name: "BLOCK_JOB_ERROR", data: d))
+            send(JobEvent(name: "BLOCK_JOB_ERROR", data: d, typed: .ioError(BlockJobIOError(isRead: isRead, action: action))))
         }
         if action == .stop {
             lock.withLock {
@@ -259,7 +268,7 @@ public final class Job: @unchecked Sendable {
             var d = QObject.Dict()
             d["id"] = .string(id)
             d["status"] = .string(to.rawValue)
-            queuedEvents.append(JobEvent(name: "JOB_STATUS_CHANGE", data: d))
+            queuedEvents.append(JobEvent(name: "JOB_STATUS_CHANGE", data: d, typed: .statusChanged(to)))
         }
         // Waiters wake after the events are delivered (``flushEvents()``), so that one
         // who saw the status also sees its JOB_STATUS_CHANGE.
@@ -287,7 +296,10 @@ public final class Job: @unchecked Sendable {
                     return b
                 }
                 if batch.isEmpty && wakes.isEmpty { return }
-                for e in batch { emit(e) }
+                for e in batch {
+                    emit(e)
+                    if let t = e.typed { observe?(t) }
+                }
                 for (c, status) in wakes { c.resume(returning: status) }
             }
         }
@@ -328,7 +340,7 @@ public final class Job: @unchecked Sendable {
     }
 
     /// A `BLOCK_JOB_*` event with QEMU's common fields.
-    func blockEvent(_ name: String, error: String? = nil) -> JobEvent {
+    func blockEvent(_ name: String, error: String? = nil, typed: BlockJobEvent) -> JobEvent {
         var d = QObject.Dict()
         lock.withLock {
             d["type"] = .string(type.rawValue)
@@ -338,7 +350,7 @@ public final class Job: @unchecked Sendable {
             d["speed"] = .int(Int64(bucket.rate))
         }
         if let error { d["error"] = .string(error) }
-        return JobEvent(name: name, data: d)
+        return JobEvent(name: name, data: d, typed: typed)
     }
 }
 
@@ -348,9 +360,15 @@ public struct JobEvent: Sendable, CustomStringConvertible {
     public let name: String
     /// The event's `data` member.
     public let data: QObject.Dict
+    /// The same event as a typed value, for the library API.
+    let typed: BlockJobEvent?
     public init(name: String, data: QObject.Dict) {
+        self.init(name: name, data: data, typed: nil)
+    }
+    init(name: String, data: QObject.Dict, typed: BlockJobEvent?) {
         self.name = name
         self.data = data
+        self.typed = typed
     }
     public var description: String {
         "\(name) {" + data.entries.map { "\($0.key): \($0.value)" }.joined(separator: ", ") + "}"

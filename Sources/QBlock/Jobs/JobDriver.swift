@@ -44,7 +44,10 @@ public enum BlockIOStatus: String, Sendable {
 ///
 /// Optional steps are separate protocols: ``CompletableJobDriver`` (jobs with a ready
 /// phase), ``FinalizingJobDriver`` (graph changes made at finalization).
-public protocol JobDriver: AnyObject, Sendable {
+///
+/// The hooks are the job's internals, not API: users drive a job through ``Job``'s verbs
+/// (or a ``BlockJobHandle``), never by calling ``run(_:)`` or ``CompletableJobDriver/complete(_:)``.
+package protocol JobDriver: AnyObject, Sendable {
     /// The job's type.
     var jobType: JobType { get }
     /// The job's body. It calls ``Job/pausePoint()`` between requests, ``Job/rateLimit(_:)``
@@ -57,11 +60,11 @@ public protocol JobDriver: AnyObject, Sendable {
 }
 
 extension JobDriver {
-    public func cancel(_ job: Job, force: Bool) -> Bool { true }
+    package func cancel(_ job: Job, force: Bool) -> Bool { true }
 }
 
 /// A job that reaches a ready state and is then completed by the user (`block-job-complete`).
-public protocol CompletableJobDriver: JobDriver {
+package protocol CompletableJobDriver: JobDriver {
     /// The user asked to complete a ready job; ``JobDriver/run(_:)`` should finish soon.
     /// - Throws: ``BlockError`` when completion is not possible now.
     func complete(_ job: Job) throws
@@ -69,7 +72,7 @@ public protocol CompletableJobDriver: JobDriver {
 
 /// A job whose effects are applied (or undone) when it is finalized, as QEMU's
 /// `.prepare`, `.commit`, `.abort` and `.clean` callbacks.
-public protocol FinalizingJobDriver: JobDriver {
+package protocol FinalizingJobDriver: JobDriver {
     /// The body succeeded: make the graph change that may still fail (drop a backing
     /// link, pivot). A throw turns the job into a failed one (then ``abort(_:)`` runs).
     func prepare(_ job: Job) async throws

@@ -49,17 +49,20 @@ public final class JobManager: @unchecked Sendable {
     }
 
     /// Registers a job driven by `driver` and starts it.
+    /// - Parameter observe: receives the job's events as typed values, from the first on.
     /// - Throws: ``BlockError`` "Invalid job ID 'X'" or "Job ID 'X' already in use".
     @discardableResult
-    public func start(_ driver: any JobDriver, options: JobOptions) throws -> Job {
-        let job = try create(driver, options: options)
+    package func start(_ driver: any JobDriver, options: JobOptions,
+                       observe: (@Sendable (BlockJobEvent) -> Void)? = nil) throws -> Job {
+        let job = try create(driver, options: options, observe: observe)
         job.start()
         return job
     }
 
     /// Registers a job without starting it (the caller finishes its setup, then calls
     /// ``Job/start()`` through ``start(_:)``).
-    package func create(_ driver: any JobDriver, options: JobOptions) throws -> Job {
+    package func create(_ driver: any JobDriver, options: JobOptions,
+                observe: (@Sendable (BlockJobEvent) -> Void)? = nil) throws -> Job {
         guard Self.isWellFormed(options.id) else {
             throw BlockError(.invalidArgument, "Invalid job ID '\(options.id)'", operation: "job")
         }
@@ -69,7 +72,7 @@ public final class JobManager: @unchecked Sendable {
             reserved.insert(options.id)
         }
         let job = Job(options: options, driver: driver, emit: { [weak self] in self?.emit($0) },
-                      onDismiss: { [weak self] j in self?.remove(j) })
+                      observe: observe, onDismiss: { [weak self] j in self?.remove(j) })
         lock.withLock {
             reserved.remove(options.id)
             jobs.append(job)

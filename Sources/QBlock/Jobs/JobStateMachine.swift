@@ -72,6 +72,27 @@ public struct JobStateMachine: Sendable, Equatable {
         transitions[from]?[column(to)] == 1
     }
 
+    /// Whether a job in `from` can still reach `target` through zero or more transitions
+    /// of the table (a failed job never becomes `ready`; a `concluded` one only `null`).
+    public static func canReach(_ target: JobStatus, from: JobStatus) -> Bool {
+        reachable[from]?.contains(target) ?? false
+    }
+
+    /// For each status, the statuses reachable from it (itself included): the transitive
+    /// closure of ``transitions``.
+    static let reachable: [JobStatus: Set<JobStatus>] = {
+        var result: [JobStatus: Set<JobStatus>] = [:]
+        for start in order {
+            var seen: Set<JobStatus> = [start]
+            var todo = [start]
+            while let s = todo.popLast() {
+                for next in order where allows(from: s, to: next) && seen.insert(next).inserted { todo.append(next) }
+            }
+            result[start] = seen
+        }
+        return result
+    }()
+
     /// Whether a job in `status` accepts `verb`.
     public static func accepts(_ verb: JobVerb, in status: JobStatus) -> Bool {
         verbs[verb]?[column(status)] == 1

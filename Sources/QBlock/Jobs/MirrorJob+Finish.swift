@@ -28,7 +28,7 @@ extension MirrorJob {
     /// The final pass, inside a drained section: what writers dirtied last is copied, the
     /// target flushed; then every user of the filter is switched to the target (complete)
     /// or back to the source (cancel after ready).
-    public func prepare(_ job: Job) async throws {
+    package func prepare(_ job: Job) async throws {
         let pivot = lock.withLock { shouldComplete } && !job.isCancelRequested
         guard let filter = lock.withLock({ filterNode }) else { return }
         // Flush the target before holding writers (as snapshots do): the flush inside the
@@ -83,10 +83,10 @@ extension MirrorJob {
         job.progressDone(UInt64(area.length))
     }
 
-    public func commit(_ job: Job) async {}
+    package func commit(_ job: Job) async {}
 
     /// A failed or force-cancelled mirror: the users go back to the source.
-    public func abort(_ job: Job) async {
+    package func abort(_ job: Job) async {
         guard let filter = lock.withLock({ filterNode }) else { return }
         await graph.drained {
             (filter.driver as? MirrorTopNode)?.detachJob()
@@ -98,7 +98,7 @@ extension MirrorJob {
     }
 
     /// Closes the side file (its bits stay: all clear after a completed mirror).
-    public func clean(_ job: Job) async {
+    package func clean(_ job: Job) async {
         let side: BitmapSideFile? = lock.withLock {
             defer { sideFile = nil }
             return sideFile

@@ -128,14 +128,14 @@ public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchec
         jobType = type
     }
 
-    public func complete(_ job: Job) throws {
+    package func complete(_ job: Job) throws {
         lock.withLock { shouldComplete = true }
     }
 
     /// A soft cancel of a ready mirror completes it without switching to the target.
-    public func cancel(_ job: Job, force: Bool) -> Bool { force || !job.isReady }
+    package func cancel(_ job: Job, force: Bool) -> Bool { force || !job.isReady }
 
-    public func run(_ job: Job) async throws {
+    package func run(_ job: Job) async throws {
         if let path = options.bitmapFile {
             let persisted = try DirtyBitmap(name: "", size: bitmap.size, granularity: granularity)
             let side = try await BitmapSideFile.open(path: path, bitmap: persisted)

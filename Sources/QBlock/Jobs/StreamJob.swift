@@ -58,7 +58,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
         lock.withLock { link = (graph, node, f) }
     }
 
-    public func run(_ job: Job) async throws {
+    package func run(_ job: Job) async throws {
         let length = top.length
         job.setProgressTotal(UInt64(length))
         var offset: Int64 = 0
@@ -95,7 +95,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     }
 
     /// Drops the streamed images from the chain: the header first (the step that can fail), then the link.
-    public func prepare(_ job: Job) async throws {
+    package func prepare(_ job: Job) async throws {
         try await top.flush()
         let name = base.map { backingFile ?? $0.filename }
         let format = base.map { $0.driverName }
@@ -107,12 +107,12 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
         lock.withLock { removed = chain }
     }
 
-    public func commit(_ job: Job) async {}
-    public func abort(_ job: Job) async {}
+    package func commit(_ job: Job) async {}
+    package func abort(_ job: Job) async {}
 
     /// Takes the filter out, then closes the images no longer in the chain (without
     /// closing `base` below them).
-    public func clean(_ job: Job) async {
+    package func clean(_ job: Job) async {
         if let l = lock.withLock({ link }) {
             await l.graph.drained {
                 l.graph.replace(l.filter, with: l.top)

@@ -6,6 +6,7 @@ import QBlockDrivers
 import QBlockGraph
 import QBlockOperations
 import QBlockOpen
+import QBlockAPI
 
 /// Live external snapshots: `blockdev-snapshot-sync` (create or open an overlay file) and
 /// `blockdev-snapshot` (an overlay node already added). Both put the overlay above the
@@ -13,7 +14,9 @@ import QBlockOpen
 ///
 /// The overlay is created and opened before writers are held; while they are held (the
 /// graph's drained section) only the node is flushed, the backing link set and the users
-/// switched, so the pause a writer sees is a flush and two pointer updates.
+/// switched, so the pause a writer sees is a flush and two pointer updates. The steps are
+/// the library's ``ExternalSnapshot`` recipe (the one ``LiveDisk/snapshot(to:)`` runs); the
+/// monitor reports the old node read-only (QMPBlockState.markReadOnly) rather than reopening it.
 extension QMPMonitor {
     func registerSnapshotCommands() {
         register("blockdev-snapshot-sync") { args, ctx in
@@ -29,38 +32,29 @@ extension QMPMonitor {
     }
 }
 
-/// Shared by both snapshot actions: checks, and the drained switch.
+/// Shared by both snapshot actions: the recipe's drained steps.
 class SnapshotBase {
     let monitor: QMPMonitor
-    var old: BlockNode?
-    var overlay: BlockNode?
+    /// Set once prepared: what to switch.
+    var snapshot: ExternalSnapshot?
 
     init(monitor: QMPMonitor) { self.monitor = monitor }
 
-    func checkOverlay(_ overlay: BlockNode) throws {
-        guard let q = overlay.innermostDriver as? any BackingLinked else {
-            throw QMPError.generic("The overlay does not support backing images")
+    /// The recipe for putting `overlay` above `old`, its checks' errors in QMP's words.
+    func recipe(old: BlockNode, overlay: BlockNode) throws -> ExternalSnapshot {
+        do { return try ExternalSnapshot(old: old, overlay: overlay, graph: monitor.graph) } catch {
+            throw QMPError.generic(error.message)
         }
-        if q.backing != nil { throw QMPError.generic("The overlay already has a backing image") }
-        if !monitor.graph.backends(of: overlay).isEmpty { throw QMPError.generic("The overlay is already in use") }
-    }
-
-    /// Flushes the node before writers are held, so that the flush inside the drained
-    /// section (which makes the backing image stable) has little left to write.
-    func preflush(_ node: BlockNode) async throws {
-        try await node.flush()
     }
 
     func prepareDrained() async throws {
-        guard let old else { return }
-        try await old.flush()
+        try await snapshot?.prepareDrained()
     }
 
     func commitDrained() {
-        guard let old, let overlay, let q = overlay.innermostDriver as? any BackingLinked else { return }
-        q.setBackingNode(old)
-        monitor.graph.replace(old, with: overlay)
-        monitor.block.markReadOnly(old)
+        guard let snapshot else { return }
+        snapshot.commitDrained(in: monitor.graph)
+        monitor.block.markReadOnly(snapshot.old)
     }
 }
 
@@ -75,6 +69,7 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
     let format: String
     let mode: String
     private var created = false
+    private var overlay: BlockNode?
 
     init(_ args: QMPArguments, monitor: QMPMonitor) throws {
         device = try args.optionalString("device")
@@ -106,8 +101,7 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
         if mode == "absolute-paths" {
             if access(file, F_OK) == 0 { unlink(file) }
             do {
-                try await ImageCreator.create(format: format, path: file, size: qemuLength(node), options: [],
-                                              backingFile: node.filename, backingFormat: node.driverName)
+                try await ExternalSnapshot.createOverlayFile(at: file, above: node)
             } catch let e as BlockError {
                 throw QMPError.generic(e.message)
             }
@@ -123,19 +117,21 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             block.inheritOptions(o, from: node)
             overlay = o
             Trace.log("  created and opened: \(Trace.now() - t0) us")
-            try await preflush(node)
+            let recipe = try recipe(old: node, overlay: o)
+            try await recipe.preflush()
+            snapshot = recipe
         } catch {
             if let o = overlay { try? await monitor.block.delete(o) }
             overlay = nil
             if created { unlink(file) }
             throw error
         }
-        old = node
     }
 
     func abort() async {
         if let overlay { try? await monitor.block.delete(overlay) }
         overlay = nil
+        snapshot = nil
         if created { unlink(file) }
     }
 }
@@ -156,11 +152,9 @@ final class SnapshotAction: SnapshotBase, QMPTransactionAction {
         let graph = monitor.graph
         guard let node = graph.node(named: nodeName) else { throw QMPError.noDevice(device: nodeName, node: nodeName) }
         guard let o = graph.node(named: overlayName) else { throw QMPError.noDevice(device: overlayName, node: overlayName) }
-        if o === node { throw QMPError.generic("The overlay does not support backing images") }
-        try checkOverlay(o)
-        try await preflush(node)
-        old = node
-        overlay = o
+        let recipe = try recipe(old: node, overlay: o)
+        try await recipe.preflush()
+        snapshot = recipe
     }
 
     func abort() async {}
