@@ -193,12 +193,14 @@ extension Job {
     }
 
     func doDismiss() {
+        // Out of the manager first: whoever the transition to `null` wakes (a waiter, a
+        // JOB_STATUS_CHANGE subscriber) must not find the job in query-jobs any more.
+        onDismiss(self)
         withState {
             busy = false
             paused = false
             transitionLocked(.null)
         }
-        onDismiss(self)
     }
 
     /// The text QEMU puts in a job's `error`: the message, or strerror for a bare errno.
