@@ -83,11 +83,17 @@ let package = Package(
             dependencies: ["QBlock", "TestSupport"],
             path: "Tests/MirrorCrash"
         ),
-        .testTarget(
-            name: "QBlockTests",
-            dependencies: ["QBlock", "TestSupport"],
-            path: "Tests/QBlockTests"
-        ),
+        // One test target per library layer; shared fixtures only in TestSupport.
+        .testTarget(name: "QBlockCoreTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockCoreTests"),
+        .testTarget(name: "QBlockBitmapsTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockBitmapsTests"),
+        .testTarget(name: "QBlockGraphTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockGraphTests"),
+        .testTarget(name: "QBlockDriversTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockDriversTests"),
+        .testTarget(name: "QBlockOperationsTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockOperationsTests"),
+        .testTarget(name: "QBlockJobsTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockJobsTests"),
+        .testTarget(name: "QBlockNBDServerTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockNBDServerTests"),
+        .testTarget(name: "QBlockAPITests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockAPITests"),
+        .testTarget(name: "QBlockMonitorTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockMonitorTests"),
+        .testTarget(name: "ToolTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/ToolTests"),
         .testTarget(
             name: "QMachineTests",
             dependencies: ["QMachine", "QBlock", "TestSupport"],

@@ -138,7 +138,7 @@ struct NBDBitmapInteropTests {
     func refusalsMatchQemuNbd(_ name: String) throws {
         let dir = TempDir("nbdbm")
         let image = try BitmapFixtures.qemuImage(dir)
-        try BitmapToolTests.killWriter(image, dir: dir)
+        try BitmapFixtures.killWriter(image, dir: dir)
         let q = try run("qemu-nbd", "-r", "-k", dir.file("q.sock"), "-f", "qcow2", "-B", name, image)
         let o = try run(Tools.executable("nbd") ?? "nbd", ["-r", "-k", dir.file("o.sock"), "-f", "qcow2", "-B", name, image])
         #expect(o.status == q.status && q.status != 0)

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import QBlock
+import TestSupport
 @testable import QBlockCore
 @testable import QBlockNBDWire
 @testable import QBlockBitmaps

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import QBlock
+import TestSupport
 @testable import QBlockCore
 @testable import QBlockNBDWire
 @testable import QBlockBitmaps
@@ -12,29 +13,8 @@ import QBlock
 @testable import QBlockNBDServer
 @testable import QBlockMonitor
 
-/// Runs a program and returns (status, stdout, stderr).
-@discardableResult
-func sh(_ args: [String]) throws -> (Int32, String, String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = args
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-}
 
-let haveQemuImg = FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img")
 
-func tempDir() throws -> String {
-    let d = NSTemporaryDirectory() + "qblock-\(UUID().uuidString)"
-    try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
-    return d
-}
 
 @Suite struct Qcow2BasicTests {
     @Test(arguments: [(65536, 3), (512, 3), (4096, 2), (2 << 20, 3)])

@@ -13,27 +13,7 @@ import QBlock
 @testable import QBlockMonitor
 import TestSupport
 
-/// Runs `img SUBCOMMAND args` and `qemu-img SUBCOMMAND args` in two fresh directories
-/// prepared by `setup` and expects the same stdout, stderr and exit status.
-func expectSameAsQemu(_ args: [String], setup: (TempDir) throws -> Void = { _ in },
-                      sourceLocation: SourceLocation = #_sourceLocation) throws -> (ours: TempDir, theirs: TempDir) {
-    let a = TempDir(), b = TempDir()
-    try setup(a)
-    try setup(b)
-    let ours = try run("img", args, cwd: a.path)
-    let theirs = try run("qemu-img", args, cwd: b.path)
-    let cmd = args.joined(separator: " ")
-    #expect(ours.stdout == theirs.stdout, "stdout of \(cmd)", sourceLocation: sourceLocation)
-    #expect(ours.stderr == asImg(theirs.stderr), "stderr of \(cmd)", sourceLocation: sourceLocation)
-    #expect(ours.status == theirs.status, "status of \(cmd)", sourceLocation: sourceLocation)
-    return (a, b)
-}
 
-func fileStat(_ path: String) -> (size: Int64, blocks: Int64)? {
-    var st = stat()
-    guard stat(path, &st) == 0 else { return nil }
-    return (Int64(st.st_size), Int64(st.st_blocks))
-}
 
 @Suite struct ImgToolTests {
     // MARK: create

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import QBlock
+import TestSupport
 @testable import QBlockCore
 @testable import QBlockNBDWire
 @testable import QBlockBitmaps
@@ -51,7 +52,7 @@ enum IOToolHarness {
             let p = d.appendingPathComponent("io").path
             if fm.isExecutableFile(atPath: p) { return p }
         }
-        // #filePath is Tests/QBlockTests/IOToolTests.swift: the package root is three levels up.
+        // #filePath is Tests/ToolTests/IOToolTests.swift: the package root is three levels up.
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent()
         var best: (String, Date)?

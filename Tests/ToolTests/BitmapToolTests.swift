@@ -22,18 +22,6 @@ struct BitmapToolTests {
         s.replacingOccurrences(of: "#block[0-9]+", with: "#block", options: .regularExpression)
     }
 
-    /// Opens `image` read-write in qemu-nbd, writes through it, waits until the bitmaps
-    /// show in use (qemu-nbd may listen before it has marked them), and kills it.
-    static func killWriter(_ image: String, dir: TempDir) throws {
-        let s = try NBDHarness.start("qemu-nbd", ["-t", "-f", "qcow2"], image: image, dir: dir, tag: "rw")
-        defer {
-            kill(s.pid, SIGKILL)
-            _ = NBDHarness.reap(s.pid)
-        }
-        try mustRun("qemu-io", "-f", "raw", "-c", "write 0 64k", s.uri)
-        let deadline = Date().addingTimeInterval(5)
-        while Date() < deadline, try !run("qemu-img", "info", "-U", image).stdout.contains("in-use") { usleep(20_000) }
-    }
 
     /// Runs `qemu-img bitmap ARGS` and `img bitmap ARGS` on two copies of `source` ("X"
     /// in `args` is the image) and compares output, status, and the images afterwards.
@@ -78,7 +66,7 @@ struct BitmapToolTests {
     func inUseBitmapsLikeQemuImg(_ args: [String]) throws {
         let dir = TempDir("bmt")
         let source = try BitmapFixtures.qemuImage(dir)
-        try Self.killWriter(source, dir: dir)
+        try BitmapFixtures.killWriter(source, dir: dir)
         #expect(try mustRun("qemu-img", "info", source).stdout.contains("in-use"))
         try compareBitmapCommand(args, source: source, dir: dir)
     }
@@ -160,7 +148,7 @@ struct BitmapToolTests {
     func convertInconsistentBitmap(skip: Bool) throws {
         let dir = TempDir("bmt")
         let source = try BitmapFixtures.qemuImage(dir)
-        try Self.killWriter(source, dir: dir)
+        try BitmapFixtures.killWriter(source, dir: dir)
         let options = ["--bitmaps", "-O", "qcow2"] + (skip ? ["--skip-broken-bitmaps"] : [])
         let theirs = dir.file("theirs.out"), ours = dir.file("ours.out")
         let q = try run("qemu-img", ["convert"] + options + [source, theirs])

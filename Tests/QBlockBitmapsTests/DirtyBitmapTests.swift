@@ -1,5 +1,6 @@
 import Testing
 import QBlock
+import TestSupport
 @testable import QBlockCore
 @testable import QBlockNBDWire
 @testable import QBlockBitmaps

@@ -1,6 +1,7 @@
 import Testing
 import Glibc
 import QBlock
+import TestSupport
 @testable import QBlockCore
 @testable import QBlockNBDWire
 @testable import QBlockBitmaps

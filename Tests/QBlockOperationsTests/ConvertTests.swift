@@ -78,18 +78,6 @@ enum ConvertFixtures {
     static func contents(_ path: String) -> Data? { FileManager.default.contents(atPath: path) }
 }
 
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
-
 /// `qemu-img map --output=json` without host offsets, adjacent runs of the same kind
 /// merged: where data, zeros and holes are (layouts may differ; allocation may not).
 func allocationMap(_ path: String, format: String) throws -> [String] {
