@@ -318,7 +318,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     private func sync() async throws {
         let fd = self.fd
-        if let ring = IORing.shared, !Syscalls.intercepted {
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
             while true {
                 let r = await ring.perform(.fdatasync, fd: fd, buffer: nil, count: 0, offset: 0)
                 if r == 0 { return }
@@ -338,7 +338,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     private func preadFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
         let fd = self.fd
         var done = 0
-        if let ring = IORing.shared, !Syscalls.intercepted {
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
             while done < count {
                 let n = min(count - done, 1 << 30)
                 let r = await ring.perform(.read, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
@@ -360,7 +360,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         if let serialWrites { return await serialWrites.write(p, count, offset) }
         let fd = self.fd
         var done = 0
-        if let ring = IORing.shared, !Syscalls.intercepted {
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
             while done < count {
                 let n = min(count - done, 1 << 30)
                 let r = await ring.perform(.write, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
