@@ -12,6 +12,8 @@ import Glibc
 /// corrected and the refcount structure is rebuilt at the end of the file.
 extension Qcow2Node {
     public func check(repair: CheckRepair?) async throws -> CheckResult {
+        try gate.enter(filename, "check")
+        defer { gate.leave() }
         if repair != nil { try checkWritable("check") }
         await metaLock.lock()
         defer { metaLock.unlock() }

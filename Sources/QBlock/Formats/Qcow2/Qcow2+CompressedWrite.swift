@@ -104,6 +104,8 @@ extension Qcow2Node {
     /// - Throws: `.invalidArgument` for a misaligned request, `.unsupported` if the cluster
     ///   is already allocated (compressed writes cannot overwrite, as in QEMU), I/O errors.
     public func writeCompressedCluster(at guestOffset: Int64, data: UnsafeRawBufferPointer) async throws {
+        try gate.enter(filename, "write compressed")
+        defer { gate.leave() }
         let compressor = try makeCompressor()
         let cs = clusterSize
         if data.count == cs {
@@ -141,6 +143,8 @@ extension Qcow2Node {
     ///   - compressed: the compressed bytes, or nil when compression did not shrink the cluster.
     public func writePrecompressedCluster(at guestOffset: Int64, data: UnsafeRawBufferPointer,
                                           compressed: UnsafeRawBufferPointer?) async throws {
+        try gate.enter(filename, "write compressed")
+        defer { gate.leave() }
         try checkWritable("write compressed")
         try checkCompressedRequest(guestOffset, data.count)
         guard let compressed, compressed.count > 0 else {
@@ -262,6 +266,8 @@ extension Qcow2Node {
     /// After the last compressed write: pads the host file to a whole 512-byte sector, as
     /// QEMU does when qemu-img convert signals the end of compressed output.
     public func finishCompressedWrites() async throws {
+        try gate.enter(filename, "write compressed")
+        defer { gate.leave() }
         try checkWritable("write compressed")
         let len = hostFile.length
         let aligned = (len + 511) / 512 * 512

@@ -7,10 +7,12 @@ extension Qcow2Node {
     /// no write in flight, before the file goes read-only.
     /// - Throws: I/O errors from storing or flushing; the node then stays writable.
     public func reopenReadOnly() async throws {
+        try gate.enter(filename, "reopen")
+        defer { gate.leave() }
         if formatReadOnly.value { return }
         if hostFile.isReadOnly { formatReadOnly.set(true); return }   // nothing was writable
         try await metaLock.withLock { try await storeBitmapsLocked() }
-        try await flush()
+        try await flushAdmitted()
         formatReadOnly.set(true)
     }
 
@@ -20,6 +22,8 @@ extension Qcow2Node {
     /// - Throws: `.readOnly` "Block node is read-only" when the file is read-only; I/O
     ///   errors (the node then stays read-only).
     public func reopenReadWrite() async throws {
+        try gate.enter(filename, "reopen")
+        defer { gate.leave() }
         if hostFile.isReadOnly { throw BlockError(.readOnly, "Block node is read-only", path: filename, operation: "reopen") }
         let was = formatReadOnly.value
         formatReadOnly.set(false)

@@ -18,6 +18,13 @@ import Glibc
 /// ``metaLock`` held, like QEMU's `s->lock`; guest data moves without it. Clusters being
 /// allocated are tracked in ``inflight`` so that two writes to the same unallocated
 /// cluster never allocate it twice.
+///
+/// Ownership: the node owns its file and backing nodes. ``close()`` waits for the requests
+/// in flight, writes everything back (metadata caches, persistent bitmaps) and closes the
+/// children; every call after it throws ``BlockError`` with code `.closed`.
+// @unchecked Sendable: the metadata state below is only touched with `metaLock` held (or
+// before the node is shared, or in `deinit`); the other stored properties are immutable or
+// thread-safe themselves (LockedFlag, CloseGate, DirtyBitmapSet, PosixMutex).
 public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public let driverName = "qcow2"
     /// The protocol node holding the image's bytes: a `FileNode`, an NBD client node, or any other node.
@@ -83,7 +90,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     /// The last decompressed cluster (L2 entry → data).
     var decompressedCache: (entry: UInt64, data: AlignedBuffer)?
     let decompressLock = PosixMutex()
-    var closed = false
+    /// Open/closed state and the requests in flight (see ``CloseGate``).
+    let gate = CloseGate()
     /// The internal snapshots, as read from the snapshot table (`Qcow2+SnapshotTable.swift`).
     var snapshotList: [Qcow2Snapshot] = []
     /// Bytes the snapshot table occupies at `header.snapshotsOffset` (unpadded, as QEMU counts).
@@ -212,6 +220,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     }
 
     public func flush() async throws {
+        try await gate.run(filename, "flush") { try await flushAdmitted() }
+    }
+
+    /// Writes the metadata caches back and flushes the file (``flush()`` without the gate).
+    func flushAdmitted() async throws {
         if isReadOnly { return }
         try await metaLock.withLock {
             try await retryPendingFrees()
@@ -221,13 +234,17 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         try await hostFile.flush()
     }
 
+    /// Refuses new requests and waits for those in flight; then stores the persistent
+    /// bitmaps, writes the metadata caches back, flushes, and closes the backing and file
+    /// nodes. A second close returns once the first has finished.
     public func close() async throws {
-        if closed { return }
-        closed = true
+        guard await gate.beginClose() else { return }
+        defer { gate.finishClose() }
+        await gate.drain()
         var firstError: Error?
         if !isReadOnly {
             do { try await metaLock.withLock { try await storeBitmapsLocked() } } catch { firstError = error }
-            do { try await flush() } catch { if firstError == nil { firstError = error } }
+            do { try await flushAdmitted() } catch { if firstError == nil { firstError = error } }
         }
         if let b = backingNode {
             do { try await b.close() } catch { if firstError == nil { firstError = error } }

@@ -9,6 +9,15 @@ import CSupport
 /// `fallocate` (zero-range, punch-hole); block status uses `SEEK_DATA`/`SEEK_HOLE`; flush is
 /// `fdatasync`. With ``CacheMode/none`` the file is opened `O_DIRECT` and requests that are not
 /// aligned are bounced through aligned buffers, so callers never see the alignment rule.
+///
+/// Ownership: the node owns its descriptor. ``close()`` refuses new requests, waits for the
+/// ones in flight (whatever path they took: io_uring, the thread pool, the serial write
+/// queue) and only then closes the descriptor, so no request ever reaches a descriptor
+/// number the kernel has since given to another file. Every call after ``close()`` throws
+/// ``BlockError`` with code `.closed`; closing twice is harmless.
+// @unchecked Sendable: `mode`, `retiredFDs`, `cachedLength` and `fdsClosed` are only touched
+// with `sizeLock` held; `supportsZeroRange`/`supportsPunchHole` are one-way hints (a stale
+// read only retries a call that fails again); the rest is immutable or thread-safe itself.
 public final class FileNode: BlockDriver, @unchecked Sendable {
     public let driverName = "file"
     public let filename: String
@@ -44,7 +53,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     private let pool: IOThreadPool
     private let sizeLock = PosixMutex()
     private var cachedLength: Int64
-    private var closed = false
+    /// Set once ``close()`` has closed the descriptors (guarded by `sizeLock`).
+    private var fdsClosed = false
+    /// Open/closed state and the requests in flight (see ``CloseGate``).
+    private let gate = CloseGate()
     /// Serializes read-modify-write cycles of unaligned O_DIRECT writes.
     private let rmwLock = AsyncMutex()
     private var supportsZeroRange = true
@@ -120,8 +132,11 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     }
 
     deinit {
-        if !closed { Syscalls.close(mode.fd) }
-        for f in retiredFDs { Syscalls.close(f) }
+        // No request can be in flight: each holds a reference to the node.
+        if !fdsClosed {
+            Syscalls.close(mode.fd)
+            for f in retiredFDs { Syscalls.close(f) }
+        }
     }
 
     /// Reopens the file with another mode (QEMU's reopen of a `file` node): a new
@@ -132,6 +147,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     /// - Throws: ``BlockError`` when the file cannot be opened so, or another process's lock
     ///   conflicts with the new mode.
     public func reopen(readOnly: Bool, cache: CacheMode) throws {
+        try gate.runSync(filename, "reopen") { try reopenAdmitted(readOnly: readOnly, cache: cache) }
+    }
+
+    private func reopenAdmitted(readOnly: Bool, cache: CacheMode) throws {
         let old = sizeLock.withLock { mode }
         if old.readOnly == readOnly && old.cache == cache { return }
         let fd = try Self.openDescriptor(filename, readOnly: readOnly, cache: cache, create: false)
@@ -167,6 +186,9 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     /// The number of bytes the file occupies on the host (st_blocks × 512).
     public var allocatedSize: Int64 {
+        // A closed node's descriptor number may belong to another file now.
+        guard gate.tryEnter() else { return 0 }
+        defer { gate.leave() }
         guard case .success(let st) = Syscalls.fstat(fd) else { return 0 }
         return Int64(st.st_blocks) * 512
     }
@@ -184,6 +206,11 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Read and write
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
+    }
+
+    /// ``read(at:into:)`` for a request already admitted by the gate.
+    private func readAdmitted(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         guard buffer.count > 0 else { return }
         if !isAligned(offset, buffer.count, buffer.baseAddress) {
             try await bouncedRead(at: offset, into: buffer)
@@ -207,12 +234,17 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         let end = (offset + Int64(buffer.count) + a - 1) / a * a
         let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
         try await bounce.withUnsafeMutableBytes { b in
-            try await self.read(at: start, into: b)
+            try await self.readAdmitted(at: start, into: b)
             buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset - start)..<Int(offset - start) + buffer.count]))
         }
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await gate.run(filename, "write") { try await writeAdmitted(at: offset, from: buffer, flags: flags) }
+    }
+
+    /// ``write(at:from:flags:)`` for a request already admitted by the gate.
+    private func writeAdmitted(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try checkWritable("write")
         guard buffer.count > 0 else { return }
         if !isAligned(offset, buffer.count, buffer.baseAddress) {
@@ -237,10 +269,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         try await rmwLock.withLock {
             try await bounce.withUnsafeMutableBytes { b in
                 if start != offset || end != offset + Int64(buffer.count) {
-                    try await self.read(at: start, into: b)
+                    try await self.readAdmitted(at: start, into: b)
                 }
                 UnsafeMutableRawBufferPointer(rebasing: b[Int(offset - start)...]).copyMemory(from: buffer)
-                try await self.write(at: start, from: UnsafeRawBufferPointer(b), flags: flags)
+                try await self.writeAdmitted(at: start, from: UnsafeRawBufferPointer(b), flags: flags)
             }
         }
     }
@@ -252,6 +284,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Zeroes, discard, flush
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try await gate.run(filename, "write zeroes") { try await writeZeroesAdmitted(at: offset, length: length, flags: flags) }
+    }
+
+    private func writeZeroesAdmitted(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
         guard length > 0 else { return }
         let fd = self.fd
@@ -295,7 +331,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         while pos < offset + length {
             let n = Int(min(Int64(chunk), offset + length - pos))
             try await zeros.withUnsafeBytes { b in
-                try await self.write(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
+                try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
             pos += Int64(n)
         }
@@ -303,6 +339,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        try await gate.run(filename, "discard") { try await discardAdmitted(at: offset, length: length) }
+    }
+
+    private func discardAdmitted(at offset: Int64, length: Int64) async throws {
         try checkWritable("discard")
         guard length > 0, !isBlockDevice, supportsPunchHole else { return }
         let fd = self.fd
@@ -312,10 +352,13 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     }
 
     public func flush() async throws {
-        if cacheMode.ignoresFlush || isReadOnly { return }
-        try await sync()
+        try await gate.run(filename, "flush") {
+            if cacheMode.ignoresFlush || isReadOnly { return }
+            try await sync()
+        }
     }
 
+    /// fdatasync; only for a request admitted by the gate.
     private func sync() async throws {
         let fd = self.fd
         if let ring = IORing.shared, !Syscalls.intercepts(fd) {
@@ -380,6 +423,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Block status
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try await gate.run(filename, "block status") { try await blockStatusAdmitted(at: offset, length: length) }
+    }
+
+    private func blockStatusAdmitted(at offset: Int64, length: Int64) async throws -> BlockStatus {
         let fileLength = self.length
         if isBlockDevice || offset >= fileLength {
             // Beyond end of file reads as zeros; a block device is all data.
@@ -410,6 +457,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Size
 
     public func truncate(to newLength: Int64, preallocation: Preallocation) async throws {
+        try await gate.run(filename, "truncate") { try await truncateAdmitted(to: newLength, preallocation: preallocation) }
+    }
+
+    private func truncateAdmitted(to newLength: Int64, preallocation: Preallocation) async throws {
         try checkWritable("truncate")
         if isBlockDevice {
             if newLength > length {
@@ -443,23 +494,26 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         while pos < end {
             let n = Int(min(Int64(chunk), end - pos))
             try await zeros.withUnsafeBytes { b in
-                try await self.write(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
+                try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
             pos += Int64(n)
         }
     }
 
+    /// Refuses new requests, waits for those in flight, then releases the image locks and
+    /// closes the descriptors. A second close returns once the first has finished.
     public func close() async throws {
-        var wasClosed = false
+        guard await gate.beginClose() else { return }
+        await gate.drain()
         let (fd, retired) = sizeLock.withLock { () -> (Int32, [Int32]) in
-            wasClosed = closed; closed = true
+            fdsClosed = true
             defer { retiredFDs = [] }
             return (mode.fd, retiredFDs)
         }
-        if wasClosed { return }
         ImageLock.release(fd: fd)
         Syscalls.close(fd)
         for f in retired { Syscalls.close(f) }
+        gate.finishClose()
     }
 }
 
@@ -467,13 +521,17 @@ extension FileNode {
     /// Takes QEMU-compatible image locks for `perm`/`shared` (after the node was opened
     /// with `locking: false`, once the format above it is known).
     public func lock(perm: BlockPermissions, shared: BlockPermissions) throws {
-        try ImageLock.acquire(fd: fd, path: filename, perm: perm, shared: shared)
-        sizeLock.withLock { mode.locked = (perm, shared) }
+        try gate.runSync(filename, "lock") {
+            try ImageLock.acquire(fd: fd, path: filename, perm: perm, shared: shared)
+            sizeLock.withLock { mode.locked = (perm, shared) }
+        }
     }
 
     /// Reads up to `count` bytes at `offset` synchronously on the caller's thread.
     /// Only for probing a few header bytes at open time.
     func probeBytes(count: Int) -> [UInt8] {
+        guard gate.tryEnter() else { return [] }
+        defer { gate.leave() }
         var buf = [UInt8](repeating: 0, count: count)
         let n: Int = buf.withUnsafeMutableBytes { b in
             if case .success(let n) = Syscalls.pread(fd, b.baseAddress!, count, 0) { return n }
@@ -482,3 +540,4 @@ extension FileNode {
         return Array(buf[0..<n])
     }
 }
+
