@@ -4,7 +4,8 @@ import TestSupport
 @testable import QBlock
 
 /// Ownership and close: a closed node refuses every call with one error (`.closed`), never
-/// reaches a descriptor number another file reuses, and closes once however often it is asked.
+/// reaches a descriptor number another file reuses, closes once however often it is asked,
+/// and an image dropped without close is written back and reported rather than silently lost.
 @Suite struct CloseSafetyTests {
     /// The node kinds, each built fresh in a temporary directory.
     enum Kind: String, CaseIterable, CustomTestStringConvertible {
@@ -267,6 +268,106 @@ import TestSupport
             #expect(outcome.wrong == 0, "round \(round): \(outcome.wrong) reads returned another file's bytes")
             #expect(outcome.ok + outcome.closed > 0)
         }
+    }
+
+    // MARK: An image dropped without close
+
+    /// Opens `path`, writes `pattern` at a few offsets (allocating clusters, so the metadata
+    /// caches hold unwritten tables), optionally closes the host file first (a "crash"), and
+    /// drops the node without closing it.
+    static func writeAndDrop(_ path: String, _ offsets: [Int64], killFile: Bool) async throws {
+        weak var dropped: Qcow2Node?
+        do {
+            let n = try await ImageOpener.open(path)
+            let q = try #require(n as? Qcow2Node)
+            dropped = q
+            for off in offsets { try await q.write(at: off, bytes: [UInt8](repeating: 0x5a, count: 65536)) }
+            #expect(q.l2Cache.dirtyCount + q.refcountCache.dirtyCount > 0, "the writes left metadata in the caches")
+            #expect(q.isDirty, "the dirty bit is set before metadata changes")
+            if killFile { try await q.hostFile.close() }
+        }
+        #expect(dropped == nil, "the node was deinitialized")
+    }
+
+    static let dropOffsets: [Int64] = [0, 3 << 20, 9 << 20 + 4096]
+
+    @Test(.enabled(if: haveQemuImg)) func droppedImageIsWrittenBackAndReportedDirty() async throws {
+        let dir = TempDir("close")
+        let path = dir.file("d.qcow2")
+        try await Qcow2Node.create(path: path, size: 16 << 20, options: Qcow2CreateOptions())
+        try await Self.writeAndDrop(path, Self.dropOffsets, killFile: false)
+
+        // QEMU: consistent, data there, and "not cleanly shut down".
+        let info = try run("qemu-img", "info", "--output=json", path)
+        #expect(info.stdout.contains("\"dirty-flag\": true"), "\(info)")
+        let qcheck = try run("qemu-img", "check", path)
+        #expect(qcheck.status == 0, "\(qcheck)")
+        for off in Self.dropOffsets {
+            let r = try run("qemu-io", "-r", "-c", "read -P 0x5a \(off) 65536", path)
+            #expect(r.status == 0 && !r.stdout.contains("fail") && !r.stderr.contains("fail"), "offset \(off): \(r)")
+        }
+        // Ours: `img check` says the image was not closed cleanly rather than "No errors".
+        let check = try run("img", "check", path)
+        #expect(check.status == 0, "\(check)")
+        #expect(check.stdout.contains("not closed cleanly") && !check.stdout.contains("No errors were found"), "\(check)")
+        let ro = try await ImageOpener.open(path, options: OpenOptions(readOnly: true))
+        let report = try await ImageCheckReport.run(ro, repair: nil).report
+        #expect(report.result.notClosedCleanly && report.result.corruptions == 0)
+        #expect(report.humanText.hasPrefix(ImageCheckReport.notClosedCleanlyText))
+        try await ro.close()
+
+        // A read-write open repairs and clears the bit; a clean close leaves it clear.
+        let rw = try #require(try await ImageOpener.open(path) as? Qcow2Node)
+        #expect(!rw.isDirty)
+        #expect(try await rw.read(at: 3 << 20, count: 65536).allSatisfy { $0 == 0x5a })
+        try await rw.close()
+        let after = try run("qemu-img", "info", "--output=json", path)
+        #expect(after.stdout.contains("\"dirty-flag\": false"), "\(after)")
+        #expect(try run("img", "check", path).stdout.contains("No errors were found on the image."))
+    }
+
+    /// When the write-back is impossible (the file was closed first, as if the process had
+    /// died), the writes since the last flush are lost — but the image says so, and stays
+    /// consistent.
+    @Test(.enabled(if: haveQemuImg)) func droppedImageThatCannotBeWrittenBackStaysDirty() async throws {
+        let dir = TempDir("close")
+        let path = dir.file("d.qcow2")
+        try await Qcow2Node.create(path: path, size: 16 << 20, options: Qcow2CreateOptions())
+        try await Self.writeAndDrop(path, Self.dropOffsets, killFile: true)
+        let info = try run("qemu-img", "info", "--output=json", path)
+        #expect(info.stdout.contains("\"dirty-flag\": true"), "\(info)")
+        let qcheck = try run("qemu-img", "check", path)
+        #expect(qcheck.status == 0 || qcheck.status == 3, "\(qcheck)")
+        let check = try run("img", "check", path)
+        #expect(check.stdout.contains("not closed cleanly") && !check.stdout.contains("No errors were found"), "\(check)")
+        // The unflushed writes are gone (their L2 entries never reached the disk).
+        let r = try run("qemu-io", "-r", "-c", "read -P 0 0 65536", path)
+        #expect(r.status == 0 && !r.stdout.contains("fail"), "\(r)")
+        // `check -r all` makes it clean again.
+        let fix = try run("img", "check", "-r", "all", path)
+        #expect(fix.status == 0, "\(fix)")
+        #expect(try run("qemu-img", "info", "--output=json", path).stdout.contains("\"dirty-flag\": false"))
+    }
+
+    /// A clean close leaves no trace of the session: the dirty bit set at the first write is
+    /// cleared again, and a flushed image that is closed is byte-for-byte what QEMU reads.
+    @Test(.enabled(if: haveQemuImg)) func cleanCloseClearsTheDirtyBit() async throws {
+        let dir = TempDir("close")
+        let path = dir.file("c.qcow2")
+        try await Qcow2Node.create(path: path, size: 16 << 20, options: Qcow2CreateOptions())
+        let q = try #require(try await ImageOpener.open(path) as? Qcow2Node)
+        #expect(!q.isDirty, "opening does not mark the image")
+        try await q.write(at: 0, bytes: [UInt8](repeating: 7, count: 65536))
+        #expect(q.isDirty)
+        try await q.reopenReadOnly()
+        #expect(!q.isDirty, "a read-only reopen writes everything back and clears the bit")
+        try await q.reopenReadWrite()
+        try await q.write(at: 65536, bytes: [UInt8](repeating: 8, count: 65536))
+        #expect(q.isDirty)
+        try await q.close()
+        let info = try run("qemu-img", "info", "--output=json", path)
+        #expect(info.stdout.contains("\"dirty-flag\": false"), "\(info)")
+        #expect(try run("qemu-img", "check", path).status == 0)
     }
 
     // MARK: Scoped test hooks

@@ -178,6 +178,23 @@ final class Qcow2MetadataCache {
         }
     }
 
+    /// Tables modified in memory and not written yet.
+    var dirtyCount: Int { entries.filter { $0.dirty && $0.offset >= 0 }.count }
+
+    /// ``flush()`` on the calling thread, for the node's `deinit` (which cannot await): the
+    /// dependency first, then a sync, then this cache's dirty tables.
+    func flushSynchronously(to target: SynchronousWriteTarget) throws {
+        if let d = dependency {
+            try d.flushSynchronously(to: target)
+            try target.syncSynchronously()
+            dependency = nil
+        }
+        for e in entries.sorted(by: { $0.offset < $1.offset }) where e.dirty && e.offset >= 0 {
+            try target.writeSynchronously(at: e.offset, from: UnsafeRawBufferPointer(e.bytes))
+            e.dirty = false
+        }
+    }
+
     private func writeEntry(_ e: Entry) async throws {
         try await file.write(at: e.offset, from: UnsafeRawBufferPointer(e.bytes), flags: [])
         e.dirty = false

@@ -3,7 +3,8 @@
 /// (``FileNode/reopen(readOnly:cache:)``).
 extension Qcow2Node {
     /// Makes the image read-only: stores the persistent bitmaps (clearing their in-use
-    /// flags), flushes the metadata caches and the file, then refuses writes. Call it with
+    /// flags), flushes the metadata caches and the file, clears the dirty bit this session
+    /// set, then refuses writes. Call it with
     /// no write in flight, before the file goes read-only.
     /// - Throws: I/O errors from storing or flushing; the node then stays writable.
     public func reopenReadOnly() async throws {
@@ -13,6 +14,8 @@ extension Qcow2Node {
         if hostFile.isReadOnly { formatReadOnly.set(true); return }   // nothing was writable
         try await metaLock.withLock { try await storeBitmapsLocked() }
         try await flushAdmitted()
+        // Everything is on disk: the image is clean until it is written again.
+        try await metaLock.withLock { try await markCleanLocked() }
         formatReadOnly.set(true)
     }
 

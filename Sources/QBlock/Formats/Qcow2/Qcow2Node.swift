@@ -20,8 +20,11 @@ import Glibc
 /// cluster never allocate it twice.
 ///
 /// Ownership: the node owns its file and backing nodes. ``close()`` waits for the requests
-/// in flight, writes everything back (metadata caches, persistent bitmaps) and closes the
-/// children; every call after it throws ``BlockError`` with code `.closed`.
+/// in flight, writes everything back (metadata caches, persistent bitmaps), clears the dirty
+/// bit and closes the children; every call after it throws ``BlockError`` with code
+/// `.closed`. An image dropped without ``close()`` is handled as `Qcow2+Lifecycle.swift`
+/// describes: its cached metadata is written back when possible, it stays marked dirty, and
+/// debug builds print a warning.
 // @unchecked Sendable: the metadata state below is only touched with `metaLock` held (or
 // before the node is shared, or in `deinit`); the other stored properties are immutable or
 // thread-safe themselves (LockedFlag, CloseGate, DirtyBitmapSet, PosixMutex).
@@ -92,6 +95,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     let decompressLock = PosixMutex()
     /// Open/closed state and the requests in flight (see ``CloseGate``).
     let gate = CloseGate()
+    /// This session set the dirty bit on disk (``markDirtyBeforeMetadataChange()``), so a
+    /// clean close clears it.
+    var dirtyMarkedHere = false
     /// The internal snapshots, as read from the snapshot table (`Qcow2+SnapshotTable.swift`).
     var snapshotList: [Qcow2Snapshot] = []
     /// Bytes the snapshot table occupies at `header.snapshotsOffset` (unpadded, as QEMU counts).
@@ -117,6 +123,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     static let copied: UInt64 = 1 << 63
     static let compressedFlag: UInt64 = 1 << 62
     static let zeroFlag: UInt64 = 1 << 0
+
+    deinit { droppedWithoutClose() }
 
     init(file: any BlockDriver, header: Qcow2Header, l1: [UInt64], refcountTable: [UInt64], l2CacheSize: Int?) {
         self.hostFile = file
@@ -235,8 +243,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     }
 
     /// Refuses new requests and waits for those in flight; then stores the persistent
-    /// bitmaps, writes the metadata caches back, flushes, and closes the backing and file
-    /// nodes. A second close returns once the first has finished.
+    /// bitmaps, writes the metadata caches back, flushes, clears the dirty bit (when all of
+    /// that succeeded) and closes the backing and file nodes. A second close returns once the
+    /// first has finished.
     public func close() async throws {
         guard await gate.beginClose() else { return }
         defer { gate.finishClose() }
@@ -245,6 +254,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         if !isReadOnly {
             do { try await metaLock.withLock { try await storeBitmapsLocked() } } catch { firstError = error }
             do { try await flushAdmitted() } catch { if firstError == nil { firstError = error } }
+            if firstError == nil {
+                do { try await metaLock.withLock { try await markCleanLocked() } } catch { firstError = error }
+            }
         }
         if let b = backingNode {
             do { try await b.close() } catch { if firstError == nil { firstError = error } }
