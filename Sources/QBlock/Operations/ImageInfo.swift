@@ -48,7 +48,7 @@ public struct ImageInfo: Sendable, Equatable {
         if node is RawNode, let f = node.file, !(f is FileNode) { hasDirtyFlag = false }
         if let q = node as? Qcow2Node {
             clusterSize = q.clusterSize
-            dirty = q.isDirty
+            dirty = q.dirtyFlag
             backingFilename = q.backingFileName
             if let b = q.backingFileName {
                 fullBackingFilename = ImageOpener.resolveBackingPath(b, relativeTo: q.filename)

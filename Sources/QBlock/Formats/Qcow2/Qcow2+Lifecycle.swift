@@ -40,6 +40,12 @@ import Glibc
 /// be writing when the caller reopens the file, and would hold its lock meanwhile), and
 /// blocking `deinit` on an asynchronous flush (which can deadlock Swift's cooperative pool).
 extension Qcow2Node {
+    /// The dirty bit as QEMU reports it for an open image (`dirty-flag` in `query-block`,
+    /// "cleanly shut down: no" in `qemu-img info`): set when the image was left dirty, not
+    /// for the mark this session itself sets while it writes (QEMU without lazy refcounts
+    /// sets none).
+    public var dirtyFlag: Bool { isDirty && !dirtyMarkedHere }
+
     /// Sets the dirty bit on disk (written and flushed) unless it is set: called with the lock
     /// held before any change to the L2 or refcount caches.
     /// - Throws: the I/O error of the header write or flush; nothing was changed then.
@@ -116,3 +122,5 @@ extension Qcow2Node {
         #endif
     }
 }
+
+extension Qcow2Node: FileSharingClose {}
