@@ -370,6 +370,35 @@ import TestSupport
         #expect(try run("qemu-img", "check", path).status == 0)
     }
 
+    /// `blockdev-del` of a qcow2 node whose file is a node of its own closes the image (its
+    /// dirty bit cleared) and leaves the file node open for its owner.
+    @Test(.enabled(if: haveQemuImg)) func blockdevDelOfAFormatOverANamedFileClosesTheImage() async throws {
+        let dir = TempDir("close")
+        let path = dir.file("x.qcow2")
+        try await Qcow2Node.create(path: path, size: 1 << 20, options: Qcow2CreateOptions())
+        let m = QMPMonitor()
+        func args(_ json: String) throws -> QObject.Dict {
+            guard case .dict(let d) = try QObject.parseJSON(json) else { throw BlockError(.invalidArgument, json) }
+            return d
+        }
+        try await m.execute("blockdev-add", arguments: try args(#"{"driver": "file", "node-name": "xf", "filename": "\#(path)"}"#))
+        try await m.execute("blockdev-add", arguments: try args(#"{"driver": "qcow2", "node-name": "x", "file": "xf"}"#))
+        let node = try #require(m.graph.node(named: "x"))
+        let q = try #require(node.innermostDriver as? Qcow2Node)
+        try await node.write(at: 4096, bytes: [UInt8](repeating: 0x5a, count: 512))
+        #expect(q.isDirty)
+        try await m.execute("blockdev-del", arguments: try args(#"{"node-name": "x"}"#))
+        #expect(!q.isDirty, "the image was closed cleanly")
+        await Self.expectClosed("read", .qcow2) { _ = try await q.read(at: 0, count: 512) }
+        let file = try #require(m.graph.node(named: "xf"))
+        #expect(try await file.read(at: 0, count: 4) == [0x51, 0x46, 0x49, 0xfb], "the file node is still open")
+        await m.block.closeAll()
+        let info = try run("qemu-img", "info", "--output=json", path)
+        #expect(info.stdout.contains("\"dirty-flag\": false"), "\(info)")
+        let r = try run("qemu-io", "-r", "-c", "read -P 0x5a 4096 512", path)
+        #expect(r.status == 0 && !r.stdout.contains("fail"), "\(r)")
+    }
+
     // MARK: Scoped test hooks
 
     @Test func injectorIsScopedToItsFileAndBody() async throws {

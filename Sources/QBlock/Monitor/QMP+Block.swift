@@ -257,9 +257,13 @@ public final class QMPBlockState: @unchecked Sendable {
             for n in implicit { info[ObjectIdentifier(n)] = nil; slots[ObjectIdentifier(n)] = nil }
         }
         if let f = node.driver.file as? BlockNode, !mine.contains(ObjectIdentifier(f)) {
-            // Its file is another node of the graph (named in `file`): closing would close
-            // that node too, so only flush.
-            try await node.flush()
+            // Its file is another node of the graph (named in `file`): close the format node
+            // but not that node (a format that cannot only flushes).
+            if let c = node.innermostDriver as? any FileSharingClose {
+                try await c.closeLeavingFileOpen()
+            } else {
+                try await node.flush()
+            }
         } else {
             try await node.close()
         }

@@ -246,7 +246,13 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     /// bitmaps, writes the metadata caches back, flushes, clears the dirty bit (when all of
     /// that succeeded) and closes the backing and file nodes. A second close returns once the
     /// first has finished.
-    public func close() async throws {
+    public func close() async throws { try await close(closingFile: true) }
+
+    /// ``close()``, leaving the file node open: it is another node of the graph, closed by
+    /// whoever owns it.
+    public func closeLeavingFileOpen() async throws { try await close(closingFile: false) }
+
+    private func close(closingFile: Bool) async throws {
         guard await gate.beginClose() else { return }
         defer { gate.finishClose() }
         await gate.drain()
@@ -261,7 +267,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         if let b = backingNode {
             do { try await b.close() } catch { if firstError == nil { firstError = error } }
         }
-        try await hostFile.close()
+        if closingFile { try await hostFile.close() }
         if let e = firstError { throw e }
     }
 

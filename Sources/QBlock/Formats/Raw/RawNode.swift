@@ -101,10 +101,18 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
 
     /// Waits for the requests in flight, then closes the child. A second close returns once
     /// the first has finished.
-    public func close() async throws {
+    public func close() async throws { try await close(closingFile: true) }
+
+    /// ``close()``, leaving the file node open: it is another node of the graph, closed by
+    /// whoever owns it. Raw keeps nothing of its own to write back.
+    public func closeLeavingFileOpen() async throws { try await close(closingFile: false) }
+
+    private func close(closingFile: Bool) async throws {
         guard await gate.beginClose() else { return }
         defer { gate.finishClose() }
         await gate.drain()
-        try await child.close()
+        if closingFile { try await child.close() }
     }
 }
+
+extension RawNode: FileSharingClose {}
