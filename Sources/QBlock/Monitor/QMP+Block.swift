@@ -1,6 +1,7 @@
 /// What the block commands keep besides the graph: which nodes the monitor added (only
 /// those `blockdev-del` accepts), the nodes each one created implicitly (its `file`, an
 /// auto-opened backing chain), and per-node open options for `query-named-block-nodes`.
+// @unchecked Sendable: every var is only touched with `lock` held; `graph` is thread-safe.
 public final class QMPBlockState: @unchecked Sendable {
     struct NodeInfo {
         var cache: CacheMode

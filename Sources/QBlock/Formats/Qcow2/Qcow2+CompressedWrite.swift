@@ -10,6 +10,8 @@ import CZstd
 ///
 /// The compression context and the output buffer are kept between clusters, so a copy loop
 /// compresses without allocating. One instance per task: it is not thread-safe.
+// @unchecked Sendable: it may be handed to another task, but is used by one at a time (the
+// contract above); the compression contexts are never shared between instances.
 public final class Qcow2ClusterCompressor: @unchecked Sendable {
     public let type: Qcow2CompressionType
     public let clusterSize: Int
