@@ -65,30 +65,29 @@ import TestSupport
     /// A write that fails in the middle of a queue of buffered writes fails alone, with its
     /// error; the writes queued around it land, and the file takes writes afterwards.
     @Test func aFailingQueuedWriteFailsAlone() async throws {
-        await syscallHooks.lock()
-        defer { syscallHooks.unlock() }
         let dir = TempDir()
         let path = dir.file("e.raw")
         try truncateFile(path, to: 1 << 20)
         let f = try FileNode(path: path, readOnly: false)
-        let fd = f.fd
-        Syscalls.injector = { call, d, offset in d == fd && call == .pwrite && offset == 5 * 65536 ? ENOSPC : nil }
-        let results = try await withThrowingTaskGroup(of: (Int, Int32?).self) { g in
-            for i in 0..<16 {
-                g.addTask {
-                    do {
-                        try await write(f, at: Int64(i) * 65536, [UInt8](repeating: UInt8(i + 1), count: 65536))
-                        return (i, nil)
-                    } catch let e as BlockError {
-                        return (i, e.errno)
+        let results = try await Syscalls.withInjector(path: path, { call, offset in
+            call == .pwrite && offset == 5 * 65536 ? ENOSPC : nil
+        }) {
+            try await withThrowingTaskGroup(of: (Int, Int32?).self) { g in
+                for i in 0..<16 {
+                    g.addTask {
+                        do {
+                            try await write(f, at: Int64(i) * 65536, [UInt8](repeating: UInt8(i + 1), count: 65536))
+                            return (i, nil)
+                        } catch let e as BlockError {
+                            return (i, e.errno)
+                        }
                     }
                 }
+                var r: [Int: Int32?] = [:]
+                for try await (i, e) in g { r[i] = e }
+                return r
             }
-            var r: [Int: Int32?] = [:]
-            for try await (i, e) in g { r[i] = e }
-            return r
         }
-        Syscalls.injector = nil
         for i in 0..<16 {
             if i == 5 {
                 #expect(results[i]! == ENOSPC)

@@ -21,8 +21,6 @@ import QBlock
 @Suite(.serialized, .enabled(if: BitmapFixtures.ready, Comment(rawValue: NBDHarness.missing)))
 struct Qcow2BitmapCrashReplayTests {
     @Test func everyPrefixKeepsBitmapsOldOrNew() async throws {
-        await syscallHooks.lock()
-        defer { syscallHooks.unlock() }
         let dir = TempDir("bmcrash")
         let path = try BitmapFixtures.qemuImage(dir)
         let initial = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
@@ -38,17 +36,18 @@ struct Qcow2BitmapCrashReplayTests {
         let before = try await maps(path) ?? [:]
 
         let log = Qcow2CrashReplayTests.Log()
-        Syscalls.recorder = { log.add($0) }
-        let node = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2"))
-        let q = try #require(node as? Qcow2Node)
-        let fd = try #require(q.hostFile as? FileNode).fd
-        try await write(node, at: 3 << 20, [UInt8](repeating: 9, count: 70000))
-        try await node.writeZeroes(at: 12 << 20, length: 1 << 20, flags: [])
-        try q.addPersistentBitmap(name: "new", granularity: 8192)
-        try await write(node, at: 15 << 20, [UInt8](repeating: 1, count: 4096))
-        try await q.removePersistentBitmap(named: "b0")
-        try await node.close()
-        Syscalls.recorder = nil
+        let fd: Int32 = try await Syscalls.withRecorder(path: path, { log.add($0) }) {
+            let node = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2"))
+            let q = try #require(node as? Qcow2Node)
+            let fd = try #require(q.hostFile as? FileNode).fd
+            try await write(node, at: 3 << 20, [UInt8](repeating: 9, count: 70000))
+            try await node.writeZeroes(at: 12 << 20, length: 1 << 20, flags: [])
+            try q.addPersistentBitmap(name: "new", granularity: 8192)
+            try await write(node, at: 15 << 20, [UInt8](repeating: 1, count: 4096))
+            try await q.removePersistentBitmap(named: "b0")
+            try await node.close()
+            return fd
+        }
         let calls = log.calls
         #expect(calls.count > 20)
         let after = try await maps(path) ?? [:]

@@ -20,6 +20,7 @@ import QBlock
 /// acceptable), and every prefix that includes a completed flush must hold the data
 /// written before that flush.
 @Suite(.serialized) struct Qcow2CrashReplayTests {
+    // @unchecked Sendable: `calls` is only touched with `lock` held.
     final class Log: @unchecked Sendable {
         let lock = NSLock()
         var calls: [Syscalls.RecordedCall] = []
@@ -51,8 +52,6 @@ import QBlock
 
     @Test(arguments: [(UInt64(21), 65536), (UInt64(22), 4096), (UInt64(23), 512)])
     func everyPrefixOfTheWriteLogIsConsistent(seed: UInt64, clusterSize: Int) async throws {
-        await syscallHooks.lock()
-        defer { syscallHooks.unlock() }
         print("crash replay seed=\(seed) cluster_size=\(clusterSize)")
         let dir = try tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -66,29 +65,28 @@ import QBlock
         let qnode = try #require(node as? Qcow2Node)
         let fd = try #require(qnode.hostFile as? FileNode).fd
         let log = Log()
-        Syscalls.recorder = { log.add($0) }
-        defer { Syscalls.recorder = nil }
         // Rounds of concurrent writes, zero writes with and without unmap; a flush after each.
         var flushMarks: [(logIndex: Int, round: Int)] = []
         let rounds = 6
-        for round in 0..<rounds {
-            let ops = StressPlan.ops(seed: seed, round: round, size: size)
-            try await withThrowingTaskGroup(of: Void.self) { g in
-                for op in ops {
-                    g.addTask {
-                        switch op.kind {
-                        case .write: try await node.write(at: Int64(op.offset), bytes: [UInt8](repeating: op.byte, count: op.length))
-                        case .zero: try await node.writeZeroes(at: Int64(op.offset), length: Int64(op.length), flags: [])
-                        case .zeroUnmap: try await node.writeZeroes(at: Int64(op.offset), length: Int64(op.length), flags: [.mayUnmap])
+        try await Syscalls.withRecorder(path: path, { log.add($0) }) {
+            for round in 0..<rounds {
+                let ops = StressPlan.ops(seed: seed, round: round, size: size)
+                try await withThrowingTaskGroup(of: Void.self) { g in
+                    for op in ops {
+                        g.addTask {
+                            switch op.kind {
+                            case .write: try await node.write(at: Int64(op.offset), bytes: [UInt8](repeating: op.byte, count: op.length))
+                            case .zero: try await node.writeZeroes(at: Int64(op.offset), length: Int64(op.length), flags: [])
+                            case .zeroUnmap: try await node.writeZeroes(at: Int64(op.offset), length: Int64(op.length), flags: [.mayUnmap])
+                            }
                         }
                     }
+                    try await g.waitForAll()
                 }
-                try await g.waitForAll()
+                try await node.flush()
+                log.lock.withLock { flushMarks.append((log.calls.count, round)) }
             }
-            try await node.flush()
-            log.lock.withLock { flushMarks.append((log.calls.count, round)) }
         }
-        Syscalls.recorder = nil
         try await node.close()
         let calls = log.calls
         print("crash replay seed=\(seed): \(calls.count) logged calls")

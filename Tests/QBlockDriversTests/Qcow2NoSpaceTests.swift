@@ -133,77 +133,71 @@ struct Qcow2NoSpaceTests {
         let qnode = try #require(node as? Qcow2Node)
         let file = try #require(qnode.hostFile as? FileNode)
         let injector = Injector(fault: c.fault, err: c.err, seed: c.seed)
-        let fd = file.fd
-        Syscalls.setFaultHook(fd: fd) { call, offset in injector.decide(call, offset) }
-        // Removed before the descriptor closes (numbers are reused by other tests' files).
-        defer { Syscalls.setFaultHook(fd: fd, nil) }
-
-        var rng = SplitMix(seed: c.seed)
-        var round = 0
-        // 1. Healthy rounds, then a flush everything must survive. (One when requests are
-        // large, so that the refcount table still has to grow once writes fail.)
-        for _ in 0..<(c.maxLength > 200_000 ? 1 : 3) {
-            let failures = try await runRound(qnode, &model, &rng, round: round, c)
-            #expect(failures.isEmpty, "\(c): writes failed before any fault: \(failures.prefix(2))")
-            round += 1
-        }
-        try await qnode.flush()
-        model.flushed()
-        // 2. The fault.
-        let tableBefore = qnode.header.refcountTableClusters
-        injector.start(fileLength: file.length, clusterSize: c.clusterSize)
-        var failed = 0
-        // Four rounds, and more (a bounded number) while the fault has not hit yet: with some
-        // seeds the first rounds only rewrite clusters that are already allocated.
-        var faultRounds = 0
-        while faultRounds < 4 || (injector.failures == 0 && faultRounds < 16) {
-            faultRounds += 1
-            let failures = try await runRound(qnode, &model, &rng, round: round, c)
-            failed += failures.count
-            for f in failures {
-                guard let e = f as? BlockError else {
-                    Issue.record("\(c): a failed request threw \(type(of: f)): \(f)")
-                    continue
-                }
-                #expect(e.errno == c.err && e.path != nil, "\(c): unexpected error \(e)")
+        try await Syscalls.withInjector(path: path, { call, offset in injector.decide(call, offset) }) {
+            var rng = SplitMix(seed: c.seed)
+            var round = 0
+            // 1. Healthy rounds, then a flush everything must survive. (One when requests are
+            // large, so that the refcount table still has to grow once writes fail.)
+            for _ in 0..<(c.maxLength > 200_000 ? 1 : 3) {
+                let failures = try await runRound(qnode, &model, &rng, round: round, c)
+                #expect(failures.isEmpty, "\(c): writes failed before any fault: \(failures.prefix(2))")
+                round += 1
             }
-            do { try await qnode.flush(); model.flushed() } catch { failed += 1 }
-            round += 1
+            try await qnode.flush()
+            model.flushed()
+            // 2. The fault.
+            let tableBefore = qnode.header.refcountTableClusters
+            injector.start(fileLength: file.length, clusterSize: c.clusterSize)
+            var failed = 0
+            // Four rounds, and more (a bounded number) while the fault has not hit yet: with some
+            // seeds the first rounds only rewrite clusters that are already allocated.
+            var faultRounds = 0
+            while faultRounds < 4 || (injector.failures == 0 && faultRounds < 16) {
+                faultRounds += 1
+                let failures = try await runRound(qnode, &model, &rng, round: round, c)
+                failed += failures.count
+                for f in failures {
+                    guard let e = f as? BlockError else {
+                        Issue.record("\(c): a failed request threw \(type(of: f)): \(f)")
+                        continue
+                    }
+                    #expect(e.errno == c.err && e.path != nil, "\(c): unexpected error \(e)")
+                }
+                do { try await qnode.flush(); model.flushed() } catch { failed += 1 }
+                round += 1
+            }
+            print("nospace \(c.seed): \(injector.failures) writes refused, \(failed) requests or flushes failed; "
+                  + "refcount table \(tableBefore) → \(qnode.header.refcountTableClusters) clusters")
+            #expect(injector.failures > 0, "\(c): the fault never hit")
+            if c.ending == .killDuring {
+                try await kill(qnode)
+                model.crashed()
+                try verify(path, dir, model, c, afterCrash: true)
+                return
+            }
+            // 3. Space is back: everything works again, including the flush of what was left dirty.
+            injector.stop()
+            for _ in 0..<2 {
+                let failures = try await runRound(qnode, &model, &rng, round: round, c)
+                #expect(failures.isEmpty, "\(c): writes failed after space came back: \(failures.prefix(2))")
+                round += 1
+            }
+            try await qnode.flush()
+            model.flushed()
+            // Our own reads agree with the model before the image is closed.
+            let mine = try await read(qnode, at: 0, count: size)
+            #expect(model.firstMismatch(mine) == nil, "\(c): our read differs from the model at \(model.firstMismatch(mine) ?? -1)")
+            if c.ending == .killAfter {
+                // Unflushed writes then a kill: their bytes are unknown.
+                _ = try await runRound(qnode, &model, &rng, round: round, c)
+                try await kill(qnode)
+                model.crashed()
+                try verify(path, dir, model, c, afterCrash: true)
+                return
+            }
+            try await node.close()
+            try verify(path, dir, model, c, afterCrash: false)
         }
-        print("nospace \(c.seed): \(injector.failures) writes refused, \(failed) requests or flushes failed; "
-              + "refcount table \(tableBefore) → \(qnode.header.refcountTableClusters) clusters")
-        #expect(injector.failures > 0, "\(c): the fault never hit")
-        if c.ending == .killDuring {
-            Syscalls.setFaultHook(fd: fd, nil)
-            try await kill(qnode)
-            model.crashed()
-            try verify(path, dir, model, c, afterCrash: true)
-            return
-        }
-        // 3. Space is back: everything works again, including the flush of what was left dirty.
-        injector.stop()
-        for _ in 0..<2 {
-            let failures = try await runRound(qnode, &model, &rng, round: round, c)
-            #expect(failures.isEmpty, "\(c): writes failed after space came back: \(failures.prefix(2))")
-            round += 1
-        }
-        try await qnode.flush()
-        model.flushed()
-        // Our own reads agree with the model before the image is closed.
-        let mine = try await read(qnode, at: 0, count: size)
-        #expect(model.firstMismatch(mine) == nil, "\(c): our read differs from the model at \(model.firstMismatch(mine) ?? -1)")
-        if c.ending == .killAfter {
-            // Unflushed writes then a kill: their bytes are unknown.
-            _ = try await runRound(qnode, &model, &rng, round: round, c)
-            Syscalls.setFaultHook(fd: fd, nil)
-            try await kill(qnode)
-            model.crashed()
-            try verify(path, dir, model, c, afterCrash: true)
-            return
-        }
-        Syscalls.setFaultHook(fd: fd, nil)
-        try await node.close()
-        try verify(path, dir, model, c, afterCrash: false)
     }
 
     /// "Kills" the process: the host file is closed without flushing the qcow2 caches.
@@ -324,12 +318,13 @@ struct Qcow2NoSpaceTests {
         _ = try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path, String(size))
         let node = try await ImageOpener.open(path)
         let q = try #require(node as? Qcow2Node)
-        let fd = try #require(q.hostFile as? FileNode).fd
         let l1 = Int64(q.header.l1TableOffset)..<(Int64(q.header.l1TableOffset) + Int64(q.header.l1Size) * 8)
         let rt = Int64(q.header.refcountTableOffset)..<(Int64(q.header.refcountTableOffset) + Int64(q.header.refcountTableClusters) * 512)
         let end = q.hostFile.length
         let refused = Counter()
-        Syscalls.setFaultHook(fd: fd) { call, offset in
+        var model = Model(size: size)
+        var failedOffsets: [Int] = []
+        try await Syscalls.withInjector(path: path, { call, offset in
             guard call == .pwrite else { return nil }
             let hit: Bool
             switch target {
@@ -340,26 +335,23 @@ struct Qcow2NoSpaceTests {
             }
             if hit { refused.add() }
             return hit ? ENOSPC : nil
-        }
-        defer { Syscalls.setFaultHook(fd: fd, nil) }
-        var model = Model(size: size)
-        var failedOffsets: [Int] = []
-        for off in stride(from: 0, to: size, by: 65536) {
-            let data = [UInt8](repeating: UInt8(truncatingIfNeeded: off >> 16) | 1, count: 65536)
-            do {
-                try await write(q, at: Int64(off), data)
-                model.set(off, data)
-            } catch {
-                let e = try #require(error as? BlockError)
-                #expect(e.errno == ENOSPC && e.path != nil, "\(e)")
-                model.forget(off, 65536)
-                failedOffsets.append(off)
+        }) {
+            for off in stride(from: 0, to: size, by: 65536) {
+                let data = [UInt8](repeating: UInt8(truncatingIfNeeded: off >> 16) | 1, count: 65536)
+                do {
+                    try await write(q, at: Int64(off), data)
+                    model.set(off, data)
+                } catch {
+                    let e = try #require(error as? BlockError)
+                    #expect(e.errno == ENOSPC && e.path != nil, "\(e)")
+                    model.forget(off, 65536)
+                    failedOffsets.append(off)
+                }
             }
+            _ = try? await q.flush()
         }
-        _ = try? await q.flush()
         print("nospace \(target): \(refused.value) writes refused, \(failedOffsets.count) requests failed")
         #expect(refused.value > 0 && !failedOffsets.isEmpty)
-        Syscalls.setFaultHook(fd: fd, nil)
         for off in failedOffsets {
             let data = [UInt8](repeating: 0xa5, count: 65536)
             try await write(q, at: Int64(off), data)
@@ -475,6 +467,7 @@ struct Model {
     }
 }
 
+// @unchecked Sendable: `n` is only touched with `lock` held.
 final class Counter: @unchecked Sendable {
     private let lock = NSLock()
     private var n = 0
@@ -482,7 +475,8 @@ final class Counter: @unchecked Sendable {
     var value: Int { lock.lock(); defer { lock.unlock() }; return n }
 }
 
-/// Decides, per `pwrite` on one file descriptor, whether it fails.
+/// Decides, per `pwrite` on one file, whether it fails.
+// @unchecked Sendable: the vars are only touched with `lock` held; the lets are immutable.
 final class Injector: @unchecked Sendable {
     let fault: Qcow2NoSpaceTests.Fault
     let err: Int32

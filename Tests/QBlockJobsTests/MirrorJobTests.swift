@@ -196,28 +196,24 @@ struct MirrorSetup {
     }
 
     @Test func targetENOSPCStopsThenResumes() async throws {
-        await syscallHooks.lock()
-        defer { syscallHooks.unlock() }
         guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
         let s = try await MirrorSetup.make("mirror-enospc", sync: .full)
-        let fd = try #require(s.target.innermostDriver.file as? FileNode).fd
-        let full = Flag()
-        Syscalls.injector = { call, f, _ in (f == fd && call == .pwrite && !full.isSet) ? ENOSPC : nil }
-        defer { Syscalls.injector = nil }
         let m = JobManager()
         let events = EventLog(m)
         let options = MirrorOptions(onSourceError: .report, onTargetError: .enospc)
-        let job = try m.start(try MirrorJob(source: s.source, target: s.target, graph: s.graph, options: options),
-                              options: JobOptions(id: "m"))
-        await job.wait(for: .paused)
-        #expect(job.blockInfo.ioStatus == .nospace)
-        let e = try #require(events.first("BLOCK_JOB_ERROR"))
-        #expect(e.data["operation"] == .string("write"))
-        #expect(e.data["action"] == .string("stop"))
-        // Writers go on meanwhile; their areas wait in the bitmap.
-        _ = try await runWriter(s.backend, model: s.model, seed: 4, stop: { false }, maxWrites: 20, pause: 0)
-        full.set()                 // space was freed
-        Syscalls.injector = nil
+        // Writes to the target fail until "space is freed", when the hook is removed.
+        let job = try await Syscalls.withInjector(path: s.targetPath, { call, _ in call == .pwrite ? ENOSPC : nil }) {
+            let job = try m.start(try MirrorJob(source: s.source, target: s.target, graph: s.graph, options: options),
+                                  options: JobOptions(id: "m"))
+            await job.wait(for: .paused)
+            #expect(job.blockInfo.ioStatus == .nospace)
+            let e = try #require(events.first("BLOCK_JOB_ERROR"))
+            #expect(e.data["operation"] == .string("write"))
+            #expect(e.data["action"] == .string("stop"))
+            // Writers go on meanwhile; their areas wait in the bitmap.
+            _ = try await runWriter(s.backend, model: s.model, seed: 4, stop: { false }, maxWrites: 20, pause: 0)
+            return job
+        }
         try job.resume()
         #expect(job.blockInfo.ioStatus == .ok)
         await job.wait(for: .ready)

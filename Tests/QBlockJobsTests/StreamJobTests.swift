@@ -83,25 +83,21 @@ import QBlock
     }
 
     @Test func enospcStopsAndResumes() async throws {
-        await syscallHooks.lock()
-        defer { syscallHooks.unlock() }
         guard Tools.qemuAvailable else { print(Tools.qemuMissing); return }
         let d = TempDir("stream")
         let (_, _, top) = try JobFixture.chain(d)
         let expected = try JobFixture.content(top)
         let node = try #require(try await ImageOpener.open(top) as? Qcow2Node)
-        let fd = try #require(node.hostFile as? FileNode).fd
-        let failing = Flag()
-        Syscalls.injector = { call, f, _ in (f == fd && call == .pwrite && !failing.isSet) ? ENOSPC : nil }
-        defer { Syscalls.injector = nil }
         let m = JobManager()
         let events = EventLog(m)
-        let job = try m.start(try StreamJob(top: node, onError: .enospc), options: JobOptions(id: "s"))
-        await job.wait(for: .paused)
+        // Writes to the top image fail until "space is freed", when the hook is removed.
+        let job = try await Syscalls.withInjector(path: top, { call, _ in call == .pwrite ? ENOSPC : nil }) {
+            let job = try m.start(try StreamJob(top: node, onError: .enospc), options: JobOptions(id: "s"))
+            await job.wait(for: .paused)
+            return job
+        }
         #expect(job.blockInfo.ioStatus == .nospace)
         #expect(events.first("BLOCK_JOB_ERROR")?.data["action"] == .string("stop"))
-        failing.set()   // "space was freed"
-        Syscalls.injector = nil
         try job.resume()
         await job.wait(for: .null)
         #expect(events.first("BLOCK_JOB_COMPLETED")?.data["error"] == nil)

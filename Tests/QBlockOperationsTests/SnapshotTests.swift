@@ -389,9 +389,9 @@ extension RunResult {
 /// where no refcount is below its references (leaks and, as with QEMU, COPIED flags that
 /// `check -r all` corrects are the worst), with the content of the state before or after.
 @Suite(qemuTrait, .serialized) struct SnapshotCrashTests {
+    // @unchecked Sendable: `allowed` and `writes` are only touched with `lock` held.
     final class Killer: @unchecked Sendable {
         let lock = PosixMutex()
-        var fd: Int32 = -1
         var allowed = Int.max
         var writes = 0
     }
@@ -399,21 +399,17 @@ extension RunResult {
     enum Op: String, CaseIterable { case create, apply, delete }
 
     /// Runs `op` on a fresh copy of the fixture, killing it after `allowed` writes; returns
-    /// the writes the operation made. The node is left open (its fd stays ours, so the
-    /// injector never touches another test's file); qemu-img reads with -U.
+    /// the writes the operation made. The process "dies" then: the file is closed under the
+    /// image, whose caches are never written back; qemu-img reads with -U.
     func attempt(_ op: Op, fixture: String, copy: String, allowed: Int) async throws -> Int {
-        await syscallHooks.lock()
-        defer { syscallHooks.unlock() }
         try? FileManager.default.removeItem(atPath: copy)
         try FileManager.default.copyItem(atPath: fixture, toPath: copy)
         let node = try await ImageOpener.open(copy, options: OpenOptions())
         guard let q = node as? Qcow2Node else { throw BlockError(.internalError, "not qcow2") }
         let k = Killer()
-        k.fd = (q.hostFile as? FileNode)?.fd ?? -1
         k.allowed = allowed
-        Syscalls.injector = { call, fd, _ in
+        try await Syscalls.withInjector(path: copy, { call, _ in
             k.lock.withLock {
-                guard fd == k.fd else { return nil }
                 switch call {
                 case .pwrite, .fallocate, .ftruncate:
                     if k.writes >= k.allowed { return EIO }
@@ -423,15 +419,16 @@ extension RunResult {
                 case .pread: return nil
                 }
             }
+        }) {
+            do {
+                switch op {
+                case .create: try await q.createSnapshot(name: "new")
+                case .apply: try await q.applySnapshot(idOrName: "old")
+                case .delete: try await q.deleteSnapshot(idOrName: "old")
+                }
+            } catch {}
+            try await q.hostFile.close()
         }
-        defer { Syscalls.injector = nil }
-        do {
-            switch op {
-            case .create: try await q.createSnapshot(name: "new")
-            case .apply: try await q.applySnapshot(idOrName: "old")
-            case .delete: try await q.deleteSnapshot(idOrName: "old")
-            }
-        } catch {}
         return k.lock.withLock { k.writes }
     }
 

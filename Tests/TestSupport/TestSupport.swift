@@ -4,6 +4,7 @@ import Foundation
 import QBlock
 
 /// A temporary directory removed when the value is released.
+// @unchecked Sendable: the only stored property is an immutable String.
 public final class TempDir: @unchecked Sendable {
     public let path: String
 
@@ -110,6 +111,8 @@ public func run(_ tool: String, _ args: [String], cwd: String? = nil) throws -> 
     proc.standardInput = FileHandle.nullDevice
     try proc.run()
     // Read both pipes while the process runs, so a full pipe never blocks it.
+    // @unchecked Sendable: `data` is written by the reader before `group.leave()` and read
+    // only after `group.wait()`.
     final class Box: @unchecked Sendable { var data = Data() }
     let errBox = Box()
     let group = DispatchGroup()
@@ -180,12 +183,6 @@ public func mustRun(_ tool: String, _ args: String..., cwd: String? = nil) throw
     if r.status != 0 { throw CommandFailed(command: ([tool] + args).joined(separator: " "), result: r) }
     return r
 }
-
-/// Held by every test that installs a process-wide system-call hook (`Syscalls.injector`,
-/// `Syscalls.recorder`) for as long as the hook is installed: suites run side by side, and
-/// one test's hook must not fail, record or remove another's. (Per-descriptor hooks,
-/// `Syscalls.setFaultHook(fd:_:)`, need no lock.)
-public let syscallHooks = AsyncMutex()
 
 /// A value behind a lock, for tests that collect results from callbacks running on other
 /// threads.

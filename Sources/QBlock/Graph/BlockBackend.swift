@@ -12,6 +12,10 @@ import QBlockCore
 /// at that moment. ``drainBegin()`` holds new requests at the door and returns once the
 /// ones in flight have finished; ``replaceNode(_:)`` may then switch the node, and
 /// ``drainEnd()`` lets the held requests go on to the new node. Drained sections nest.
+///
+/// ``close()`` waits for the requests in flight; every request after it (including one held
+/// at the door by a drained section) throws ``BlockError`` with code `.closed`.
+// @unchecked Sendable: every var is only touched with `lock` held.
 public final class BlockBackend: BlockFilter, @unchecked Sendable {
     /// The device or export name ("" for an anonymous user such as a job).
     public let name: String
@@ -24,6 +28,7 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
     private var held: [UnsafeContinuation<Void, Never>] = []
     private var drainWaiters: [UnsafeContinuation<Void, Never>] = []
     private var accounting = BlockBackendStats()
+    private var closed = false
 
     public init(name: String = "", node: BlockNode, qdev: String? = nil) {
         self.name = name
@@ -76,10 +81,12 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
     }
 
     /// Admits one request: waits while drained, then counts it and returns the node.
+    /// - Throws: the `.closed` error once the backend is closed.
     @inline(__always)
-    private func enter() async -> BlockNode {
+    private func enter(_ operation: String) async throws -> BlockNode {
         while true {
-            let node: BlockNode? = lock.withLock {
+            let node: BlockNode? = try lock.withLock {
+                if closed { throw CloseGate.closedError(name.isEmpty ? current.filename : name, operation) }
                 guard quiesce == 0 else { return nil }
                 inFlight += 1
                 return current
@@ -127,7 +134,7 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         let start = BlockBackendStats.now()
-        let n = await enter()
+        let n = try await enter("read")
         do { try await n.read(at: offset, into: buffer) } catch {
             leave(.read, bytes: Int64(buffer.count), ok: false, start: start)
             throw error
@@ -137,7 +144,7 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         let start = BlockBackendStats.now()
-        let n = await enter()
+        let n = try await enter("write")
         do { try await n.write(at: offset, from: buffer, flags: flags) } catch {
             leave(.write, bytes: Int64(buffer.count), ok: false, start: start)
             throw error
@@ -147,7 +154,7 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         let start = BlockBackendStats.now()
-        let n = await enter()
+        let n = try await enter("write zeroes")
         do { try await n.writeZeroes(at: offset, length: length, flags: flags) } catch {
             leave(.write, bytes: length, ok: false, start: start)
             throw error
@@ -157,7 +164,7 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 
     public func discard(at offset: Int64, length: Int64) async throws {
         let start = BlockBackendStats.now()
-        let n = await enter()
+        let n = try await enter("discard")
         do { try await n.discard(at: offset, length: length) } catch {
             leave(.unmap, bytes: length, ok: false, start: start)
             throw error
@@ -167,7 +174,7 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 
     public func flush() async throws {
         let start = BlockBackendStats.now()
-        let n = await enter()
+        let n = try await enter("flush")
         do { try await n.flush() } catch {
             leave(.flush, bytes: 0, ok: false, start: start)
             throw error
@@ -176,20 +183,21 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
     }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
-        let n = await enter()
+        let n = try await enter("block status")
         defer { leave() }
         return try await n.blockStatus(at: offset, length: length)
     }
 
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
-        let n = await enter()
+        let n = try await enter("truncate")
         defer { leave() }
         try await n.truncate(to: length, preallocation: preallocation)
     }
 
-    /// A backend does not own its node: closing it only waits for its requests to end.
-    /// Whoever added the node to the graph closes the node.
+    /// A backend does not own its node: closing it refuses new requests and waits for the
+    /// ones in flight to end. Whoever added the node to the graph closes the node.
     public func close() async throws {
+        lock.withLock { closed = true }
         await drainBegin()
         drainEnd()
     }

@@ -112,6 +112,10 @@ public struct CheckResult: Sendable, Equatable {
     /// One line per problem found, worded as qemu-img prints them
     /// ("Leaked cluster 5 refcount=1 reference=0").
     public var messages: [String] = []
+    /// The image's dirty bit is set: it was not closed cleanly, and metadata that was not
+    /// flushed before then is lost. A read-write open, or a repairing check, rebuilds what is
+    /// needed and clears the bit.
+    public var notClosedCleanly = false
     public init() {}
 }
 

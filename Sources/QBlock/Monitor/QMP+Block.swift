@@ -6,6 +6,7 @@ import QBlockJobs
 /// What the block commands keep besides the graph: which nodes the monitor added (only
 /// those `blockdev-del` accepts), the nodes each one created implicitly (its `file`, an
 /// auto-opened backing chain), and per-node open options for `query-named-block-nodes`.
+// @unchecked Sendable: every var is only touched with `lock` held; `graph` is thread-safe.
 public final class QMPBlockState: @unchecked Sendable {
     struct NodeInfo {
         var cache: CacheMode
@@ -262,9 +263,13 @@ public final class QMPBlockState: @unchecked Sendable {
             for n in implicit { info[ObjectIdentifier(n)] = nil; slots[ObjectIdentifier(n)] = nil }
         }
         if let f = node.driver.file as? BlockNode, !mine.contains(ObjectIdentifier(f)) {
-            // Its file is another node of the graph (named in `file`): closing would close
-            // that node too, so only flush.
-            try await node.flush()
+            // Its file is another node of the graph (named in `file`): close the format node
+            // but not that node (a format that cannot only flushes).
+            if let c = node.innermostDriver as? any FileSharingClose {
+                try await c.closeLeavingFileOpen()
+            } else {
+                try await node.flush()
+            }
         } else {
             try await node.close()
         }

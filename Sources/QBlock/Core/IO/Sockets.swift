@@ -1,23 +1,38 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 
 /// The socket-call seam of the NBD server: every socket system call it makes goes through
 /// here, retrying `EINTR` in this one place and returning `Result<_, Errno>` (as
 /// ``Syscalls`` does for files). Every call here blocks, so callers run them on dedicated
 /// threads, never on Swift's cooperative pool.
+///
+/// Tests make chosen calls fail with ``withInjector(path:_:_:)``: scoped to its body, and
+/// keyed by the Unix socket path a server listens on, so that it applies to that listening
+/// socket and the connections accepted from it, and to nothing another test does.
 public enum SocketCalls {
     public typealias Errno = Syscalls.Errno
-
-    /// A hook for tests: given a call and fd, return an errno to fail with, or nil.
-    nonisolated(unsafe) public static var injector: (@Sendable (Call, Int32) -> Int32?)?
 
     /// The calls a fault injector may intercept.
     public enum Call: Sendable { case accept, recv, send }
 
+    /// Runs `body` with `injector` consulted before every `accept`, `recv` and `send` on the
+    /// Unix socket listening at `path` (listened on while the hook is installed) and on the
+    /// connections accepted from it: given the call and descriptor, it returns an errno to
+    /// fail the call with, or nil. Removed when `body` ends, even by throwing.
+    public static func withInjector<R>(path: String, _ injector: @escaping @Sendable (Call, Int32) -> Int32?,
+                                       _ body: () async throws -> R) async rethrows -> R {
+        let id = hooks.install(path: path, injector)
+        defer { hooks.remove(id) }
+        return try await body()
+    }
+
+    private static let hooks = SocketHookRegistry()
+
     @inline(__always)
     static func injected(_ call: Call, _ fd: Int32) -> Errno? {
-        guard let inj = injector, let e = inj(call, fd) else { return nil }
+        guard let inj = hooks.injector(for: fd), let e = inj(call, fd) else { return nil }
         return Errno(e)
     }
 
@@ -36,12 +51,13 @@ public enum SocketCalls {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         if fd < 0 { return .failure(Errno(errno)) }
         unlink(path)
+        hooks.listening(fd, path: path)
         let r = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         if r != 0 || Glibc.listen(fd, backlog) != 0 {
             let e = errno
-            Glibc.close(fd)
+            close(fd)
             return .failure(Errno(e))
         }
         return .success(fd)
@@ -110,6 +126,7 @@ public enum SocketCalls {
         while true {
             let c = Glibc.accept(fd, nil, nil)
             if c >= 0 {
+                hooks.accepted(c, from: fd)
                 _ = fcntl(c, F_SETFD, FD_CLOEXEC)
                 var one: Int32 = 1
                 // TCP_NODELAY: replies are written whole, so Nagle only adds latency. (Fails
@@ -174,7 +191,11 @@ public enum SocketCalls {
     /// Shuts a socket down both ways: wakes a thread blocked in `recv` on it.
     package static func shutdown(_ fd: Int32) { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
-    package static func close(_ fd: Int32) { _ = Glibc.close(fd) }
+    package static func close(_ fd: Int32) {
+        // Forget the descriptor first: once closed, its number may go to another socket.
+        hooks.closing(fd)
+        _ = Glibc.close(fd)
+    }
 
     /// A pipe used to wake a thread blocked in `poll` (close-on-exec).
     package static func pipe() -> Result<(Int32, Int32), Errno> {
@@ -182,5 +203,68 @@ public enum SocketCalls {
         if Glibc.pipe(&fds) != 0 { return .failure(Errno(errno)) }
         for f in fds { _ = fcntl(f, F_SETFD, FD_CLOEXEC) }
         return .success((fds[0], fds[1]))
+    }
+}
+
+/// The socket hooks tests installed with ``SocketCalls/withInjector(path:_:_:)``, and the
+/// descriptors each applies to: the socket listening at its path, and the connections
+/// accepted from it, until they are closed through ``SocketCalls/close(_:)``.
+private final class SocketHookRegistry: @unchecked Sendable {
+    // @unchecked: every var is read and written only with `lock` held; `matched` is atomic.
+    typealias Hook = @Sendable (SocketCalls.Call, Int32) -> Int32?
+    private struct Scope { let id: UInt64; let path: String; let hook: Hook }
+
+    private let lock = PosixMutex()
+    private var nextID: UInt64 = 1
+    private var scopes: [Scope] = []
+    private var byFD: [Int32: Scope] = [:]
+    /// `byFD.count`, read without the lock so that calls without hooks pay one atomic load.
+    private let matched = Atomic<Int>(0)
+
+    func install(path: String, _ hook: @escaping Hook) -> UInt64 {
+        lock.withLock {
+            let s = Scope(id: nextID, path: path, hook: hook)
+            nextID += 1
+            scopes.append(s)
+            return s.id
+        }
+    }
+
+    func remove(_ id: UInt64) {
+        lock.withLock {
+            scopes.removeAll { $0.id == id }
+            byFD = byFD.filter { $0.value.id != id }
+            matched.store(byFD.count, ordering: .releasing)
+        }
+    }
+
+    @inline(__always)
+    func injector(for fd: Int32) -> Hook? {
+        if matched.load(ordering: .acquiring) == 0 { return nil }
+        return lock.withLock { byFD[fd]?.hook }
+    }
+
+    func listening(_ fd: Int32, path: String) {
+        lock.withLock {
+            guard let s = scopes.last(where: { $0.path == path }) else { return }
+            byFD[fd] = s
+            matched.store(byFD.count, ordering: .releasing)
+        }
+    }
+
+    func accepted(_ fd: Int32, from listener: Int32) {
+        if matched.load(ordering: .acquiring) == 0 { return }
+        lock.withLock {
+            guard let s = byFD[listener] else { return }
+            byFD[fd] = s
+            matched.store(byFD.count, ordering: .releasing)
+        }
+    }
+
+    func closing(_ fd: Int32) {
+        if matched.load(ordering: .acquiring) == 0 { return }
+        lock.withLock {
+            if byFD.removeValue(forKey: fd) != nil { matched.store(byFD.count, ordering: .releasing) }
+        }
     }
 }

@@ -2,12 +2,20 @@
 import Glibc
 #endif
 import CSupport
+import Synchronization
 
 /// The system-call seam: every blocking call QBlock makes goes through here.
 ///
 /// Each function retries `EINTR` in this one place and returns `Result<_, Errno>`.
-/// Tests can install an ``Syscalls/injector`` to make chosen calls fail (EIO, ENOSPC)
-/// or return short counts without touching a real disk.
+///
+/// Tests can make chosen calls fail (EIO, ENOSPC) with ``withInjector(path:_:_:)``, or see
+/// every mutating call with ``withRecorder(path:_:_:)`` (a crash simulator replays prefixes
+/// of that log). Like swift-system's mocking, a hook is scoped: it is installed for the
+/// duration of the body only, and removed when the body returns or throws. It is keyed by
+/// file, so that tests running side by side do not see each other's hooks: it applies to the
+/// descriptors of the file at `path` (the same file, by device and inode, whatever the
+/// spelling of its name) opened through ``open(_:_:_:)``, those already open when the
+/// hook is installed and those opened while it is. Descriptors with a hook bypass io_uring.
 public enum Syscalls {
     /// An errno value.
     public struct Errno: Error, Equatable, Sendable {
@@ -18,9 +26,6 @@ public enum Syscalls {
     /// The calls a fault injector may intercept.
     public enum Call: Sendable { case pread, pwrite, fsync, fallocate, ftruncate }
 
-    /// A hook for tests: given a call, fd and offset, return an errno to fail with, or nil.
-    nonisolated(unsafe) public static var injector: (@Sendable (Call, Int32, Int64) -> Int32?)?
-
     /// A mutating call as a crash simulator sees it.
     public enum RecordedCall: Sendable {
         case pwrite(fd: Int32, offset: Int64, data: [UInt8])
@@ -29,48 +34,62 @@ public enum Syscalls {
         case fdatasync(fd: Int32)
     }
 
-    /// A hook for tests: sees every mutating call, in the order issued, before it runs
-    /// (a crash-consistency test replays prefixes of this log). While it or ``injector``
-    /// is set, I/O goes through these functions rather than io_uring.
-    nonisolated(unsafe) public static var recorder: (@Sendable (RecordedCall) -> Void)?
-
-    /// Per-descriptor fault hooks (see ``setFaultHook(fd:_:)``), guarded by `faultHookLock`.
-    nonisolated(unsafe) private static var faultHooks: [Int32: @Sendable (Call, Int64) -> Int32?] = [:]
-    nonisolated(unsafe) private static var faultHookCount = 0
-    private static let faultHookLock = PosixMutex()
-
-    /// Installs (or with nil, removes) a fault hook for one file descriptor: given a call and
-    /// offset on `fd`, it returns an errno to fail with, or nil. Unlike ``injector``, hooks
-    /// of tests running side by side neither replace nor remove each other. Remove the hook
-    /// before the descriptor is closed: descriptor numbers are reused.
-    public static func setFaultHook(fd: Int32, _ hook: (@Sendable (Call, Int64) -> Int32?)?) {
-        faultHookLock.withLock {
-            faultHooks[fd] = hook
-            faultHookCount = faultHooks.count
-        }
+    /// Runs `body` with `injector` consulted before every call on a descriptor of the file
+    /// at `path`: given the call and its offset, it returns an errno to fail the call with,
+    /// or nil to let it run. Removed when `body` ends, even by throwing.
+    public static func withInjector<R>(path: String, _ injector: @escaping @Sendable (Call, Int64) -> Int32?,
+                                       _ body: () async throws -> R) async rethrows -> R {
+        let id = hooks.install(path: path, inject: injector, record: nil)
+        defer { hooks.remove(id) }
+        return try await body()
     }
 
-    /// True when tests intercept calls (io_uring is bypassed then).
-    package static var intercepted: Bool { injector != nil || recorder != nil || faultHookCount > 0 }
+    /// Runs `body` with `recorder` shown every mutating call on a descriptor of the file at
+    /// `path`, in the order issued, before it runs. Removed when `body` ends, even by throwing.
+    public static func withRecorder<R>(path: String, _ recorder: @escaping @Sendable (RecordedCall) -> Void,
+                                       _ body: () async throws -> R) async rethrows -> R {
+        let id = hooks.install(path: path, inject: nil, record: recorder)
+        defer { hooks.remove(id) }
+        return try await body()
+    }
+
+    /// The scoped test hooks and the descriptors they apply to.
+    private static let hooks = HookRegistry()
+
+    /// True when a test hook applies to `fd` (io_uring is bypassed for it then).
+    package static func intercepts(_ fd: Int32) -> Bool { hooks.scopes(for: fd) != nil }
 
     @inline(__always)
     static func injected(_ call: Call, _ fd: Int32, _ offset: Int64) -> Errno? {
-        if faultHookCount > 0, let hook = faultHookLock.withLock({ faultHooks[fd] }), let e = hook(call, offset) {
-            return Errno(e)
+        guard let scopes = hooks.scopes(for: fd) else { return nil }
+        for s in scopes.reversed() {
+            if let inject = s.inject, let e = inject(call, offset) { return Errno(e) }
         }
-        guard let inj = injector, let e = inj(call, fd, offset) else { return nil }
-        return Errno(e)
+        return nil
+    }
+
+    @inline(__always)
+    static func recording(_ fd: Int32) -> [@Sendable (RecordedCall) -> Void]? {
+        guard let scopes = hooks.scopes(for: fd) else { return nil }
+        let r = scopes.compactMap(\.record)
+        return r.isEmpty ? nil : r
     }
 
     public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0o644) -> Result<Int32, Errno> {
         while true {
             let fd = Glibc.open(path, flags, mode)
-            if fd >= 0 { return .success(fd) }
+            if fd >= 0 {
+                hooks.opened(fd)
+                return .success(fd)
+            }
             if errno != EINTR { return .failure(Errno(errno)) }
         }
     }
 
+    /// Closes a descriptor ``open(_:_:_:)`` returned.
     public static func close(_ fd: Int32) {
+        // Forget the descriptor first: once closed, its number may go to another file.
+        hooks.closing(fd)
         _ = Glibc.close(fd)
     }
 
@@ -93,7 +112,10 @@ public enum Syscalls {
     /// Writes all of `count` bytes.
     public static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Result<Int, Errno> {
         if let e = injected(.pwrite, fd, offset) { return .failure(e) }
-        if let rec = recorder { rec(.pwrite(fd: fd, offset: offset, data: Array(UnsafeRawBufferPointer(start: buf, count: count)))) }
+        if let rec = recording(fd) {
+            let call = RecordedCall.pwrite(fd: fd, offset: offset, data: Array(UnsafeRawBufferPointer(start: buf, count: count)))
+            for r in rec { r(call) }
+        }
         var done = 0
         while done < count {
             let r = Glibc.pwrite(fd, buf + done, count - done, off_t(offset) + off_t(done))
@@ -109,7 +131,7 @@ public enum Syscalls {
 
     public static func fdatasync(_ fd: Int32) -> Result<Void, Errno> {
         if let e = injected(.fsync, fd, 0) { return .failure(e) }
-        if let rec = recorder { rec(.fdatasync(fd: fd)) }
+        if let rec = recording(fd) { for r in rec { r(.fdatasync(fd: fd)) } }
         while true {
             if Glibc.fdatasync(fd) == 0 { return .success(()) }
             if errno != EINTR { return .failure(Errno(errno)) }
@@ -118,7 +140,7 @@ public enum Syscalls {
 
     public static func ftruncate(_ fd: Int32, _ length: Int64) -> Result<Void, Errno> {
         if let e = injected(.ftruncate, fd, length) { return .failure(e) }
-        if let rec = recorder { rec(.ftruncate(fd: fd, length: length)) }
+        if let rec = recording(fd) { for r in rec { r(.ftruncate(fd: fd, length: length)) } }
         while true {
             if Glibc.ftruncate(fd, off_t(length)) == 0 { return .success(()) }
             if errno != EINTR { return .failure(Errno(errno)) }
@@ -127,7 +149,7 @@ public enum Syscalls {
 
     public static func fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Result<Void, Errno> {
         if let e = injected(.fallocate, fd, offset) { return .failure(e) }
-        if let rec = recorder { rec(.fallocate(fd: fd, mode: mode, offset: offset, length: length)) }
+        if let rec = recording(fd) { for r in rec { r(.fallocate(fd: fd, mode: mode, offset: offset, length: length)) } }
         let r = qb_fallocate(fd, mode, offset, length)
         return r == 0 ? .success(()) : .failure(Errno(-r))
     }
@@ -141,5 +163,90 @@ public enum Syscalls {
     public static func fstat(_ fd: Int32) -> Result<stat, Errno> {
         var st = stat()
         return Glibc.fstat(fd, &st) == 0 ? .success(st) : .failure(Errno(errno))
+    }
+}
+
+/// The hooks tests installed with ``Syscalls/withInjector(path:_:_:)`` and
+/// ``Syscalls/withRecorder(path:_:_:)``, and which open descriptors each applies to.
+///
+/// Every descriptor ``Syscalls/open(_:_:_:)`` returns is remembered until
+/// ``Syscalls/close(_:)``, so that a hook installed later finds the descriptors of its file
+/// already open; a file is identified by device and inode.
+private final class HookRegistry: @unchecked Sendable {
+    // @unchecked: every var is read and written only with `lock` held; `matched` is atomic.
+    struct Scope: Sendable {
+        let id: UInt64
+        let path: String
+        let inject: (@Sendable (Syscalls.Call, Int64) -> Int32?)?
+        let record: (@Sendable (Syscalls.RecordedCall) -> Void)?
+    }
+    private struct FileID: Equatable { let dev: UInt64; let ino: UInt64 }
+
+    private let lock = PosixMutex()
+    private var nextID: UInt64 = 1
+    private var scopes: [Scope] = []
+    /// Descriptors opened through the seam and not closed yet.
+    private var open: Set<Int32> = []
+    /// The scopes whose file each open descriptor is (only descriptors with hooks).
+    private var byFD: [Int32: [Scope]] = [:]
+    /// `byFD.count`, read without the lock so that calls without hooks pay one atomic load.
+    private let matched = Atomic<Int>(0)
+
+    private static func fileID(fd: Int32) -> FileID? {
+        var st = stat()
+        return fstat(fd, &st) == 0 ? FileID(dev: UInt64(st.st_dev), ino: UInt64(st.st_ino)) : nil
+    }
+
+    private static func fileID(path: String) -> FileID? {
+        var st = stat()
+        return stat(path, &st) == 0 ? FileID(dev: UInt64(st.st_dev), ino: UInt64(st.st_ino)) : nil
+    }
+
+    @inline(__always)
+    func scopes(for fd: Int32) -> [Scope]? {
+        if matched.load(ordering: .acquiring) == 0 { return nil }
+        return lock.withLock { byFD[fd] }
+    }
+
+    func install(path: String, inject: (@Sendable (Syscalls.Call, Int64) -> Int32?)?,
+                 record: (@Sendable (Syscalls.RecordedCall) -> Void)?) -> UInt64 {
+        lock.withLock {
+            let scope = Scope(id: nextID, path: path, inject: inject, record: record)
+            nextID += 1
+            scopes.append(scope)
+            if let file = Self.fileID(path: path) {
+                for fd in open where Self.fileID(fd: fd) == file { byFD[fd, default: []].append(scope) }
+            }
+            matched.store(byFD.count, ordering: .releasing)
+            return scope.id
+        }
+    }
+
+    func remove(_ id: UInt64) {
+        lock.withLock {
+            scopes.removeAll { $0.id == id }
+            for (fd, list) in byFD {
+                let kept = list.filter { $0.id != id }
+                byFD[fd] = kept.isEmpty ? nil : kept
+            }
+            matched.store(byFD.count, ordering: .releasing)
+        }
+    }
+
+    func opened(_ fd: Int32) {
+        lock.withLock {
+            open.insert(fd)
+            guard !scopes.isEmpty, let file = Self.fileID(fd: fd) else { return }
+            let mine = scopes.filter { Self.fileID(path: $0.path) == file }
+            if !mine.isEmpty { byFD[fd] = mine }
+            matched.store(byFD.count, ordering: .releasing)
+        }
+    }
+
+    func closing(_ fd: Int32) {
+        lock.withLock {
+            open.remove(fd)
+            if byFD.removeValue(forKey: fd) != nil { matched.store(byFD.count, ordering: .releasing) }
+        }
     }
 }

@@ -8,6 +8,10 @@ import QBlockGraph
 /// Copies are made a cluster at a time under a ``RangeLock``; writes through the filter
 /// take the same lock, so a copy never overwrites newer data, and a read of a cluster
 /// being copied waits for the copy.
+///
+/// The filter does not own its child; after ``close()`` (which waits for the requests in
+/// flight) every call throws ``BlockError`` with code `.closed`.
+// @unchecked Sendable: every stored property is immutable or thread-safe itself (RangeLock, CloseGate).
 public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     public let driverName = "copy-on-read"
     /// The node reads copy into (the top of the chain).
@@ -18,6 +22,7 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     /// Serializes copies and writes on overlapping clusters.
     public let ranges = RangeLock()
     let granularity: Int64
+    private let gate = CloseGate()
 
     /// - Parameters:
     ///   - child: the image to copy into.
@@ -37,6 +42,10 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     public var backing: (any BlockDriver)? { nil }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
+    }
+
+    private func readAdmitted(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         var pos = 0
         while pos < buffer.count {
             let at = offset + Int64(pos)
@@ -44,7 +53,7 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
             let (copy, n) = try await needsCopy(at: at, length: want)
             let part = UnsafeMutableRawBufferPointer(rebasing: buffer[pos..<pos + Int(n)])
             if copy {
-                try await copyOnRead(at: at, length: n, into: part)
+                try await copyAdmitted(at: at, length: n, into: part)
             } else {
                 try await child.read(at: at, into: part)
             }
@@ -67,6 +76,10 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     /// - Returns: the bytes written into the child.
     @discardableResult
     public func copyOnRead(at offset: Int64, length: Int64, into out: UnsafeMutableRawBufferPointer? = nil) async throws -> Int64 {
+        try await gate.run(filename, "copy on read") { try await copyAdmitted(at: offset, length: length, into: out) }
+    }
+
+    private func copyAdmitted(at offset: Int64, length: Int64, into out: UnsafeMutableRawBufferPointer?) async throws -> Int64 {
         let start = offset / granularity * granularity
         let end = min(child.length, (offset + length + granularity - 1) / granularity * granularity)
         return try await ranges.withRange(start, end) {
@@ -98,34 +111,41 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     }
 
     /// Runs a write-like request holding its clusters.
-    func serialized(_ offset: Int64, _ length: Int64, _ body: () async throws -> Void) async throws {
+    func serialized(_ offset: Int64, _ length: Int64, _ operation: String, _ body: () async throws -> Void) async throws {
+        try gate.enter(filename, operation)
+        defer { gate.leave() }
         let start = offset / granularity * granularity
         let end = (offset + length + granularity - 1) / granularity * granularity
         try await ranges.withRange(start, end, body)
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await serialized(offset, Int64(buffer.count)) { try await child.write(at: offset, from: buffer, flags: flags) }
+        try await serialized(offset, Int64(buffer.count), "write") { try await child.write(at: offset, from: buffer, flags: flags) }
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
-        try await serialized(offset, length) { try await child.writeZeroes(at: offset, length: length, flags: flags) }
+        try await serialized(offset, length, "write zeroes") { try await child.writeZeroes(at: offset, length: length, flags: flags) }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        try await serialized(offset, length) { try await child.discard(at: offset, length: length) }
+        try await serialized(offset, length, "discard") { try await child.discard(at: offset, length: length) }
     }
 
-    public func flush() async throws { try await child.flush() }
+    public func flush() async throws { try await gate.run(filename, "flush") { try await child.flush() } }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
-        try await child.blockStatus(at: offset, length: length)
+        try await gate.run(filename, "block status") { try await child.blockStatus(at: offset, length: length) }
     }
 
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
-        try await child.truncate(to: length, preallocation: preallocation)
+        try await gate.run(filename, "truncate") { try await child.truncate(to: length, preallocation: preallocation) }
     }
 
-    /// A filter does not own its child: closing it closes nothing.
-    public func close() async throws {}
+    /// A filter does not own its child: closing it only waits for the requests in flight;
+    /// the filter refuses every call afterwards.
+    public func close() async throws {
+        guard await gate.beginClose() else { return }
+        await gate.drain()
+        gate.finishClose()
+    }
 }

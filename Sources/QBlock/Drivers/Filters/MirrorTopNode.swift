@@ -18,6 +18,11 @@ public enum MirrorCopyMode: String, Sendable, CaseIterable {
 /// (parts of a unit the write does not cover are read back from the source), holding those
 /// units in the ``RangeLock`` the job's copies take too; they are clean afterwards. Before a flush completes, new dirty bits reach the persistent bitmap
 /// file when there is one.
+///
+/// The filter owns neither node; after ``close()`` (which waits for the requests in flight)
+/// every call throws ``BlockError`` with code `.closed`.
+// @unchecked Sendable: `mode`, `onDirty` and `sideFile` are only touched with `lock` held;
+// the other stored properties are immutable or thread-safe themselves.
 public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     public let driverName = "mirror_top"
     /// The source node.
@@ -38,6 +43,7 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     private var mode: MirrorCopyMode
     private var onDirty: (@Sendable () -> Void)?
     private var sideFile: BitmapSideFile?
+    private let gate = CloseGate()
 
     package init(source: any BlockDriver, target: any BlockDriver, bitmap: DirtyBitmap, align: Int64, persistent: DirtyBitmap?, ranges: RangeLock,
          mode: MirrorCopyMode, sideFile: BitmapSideFile?, onDirty: @escaping @Sendable () -> Void) {
@@ -70,7 +76,7 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     public var filteredChild: any BlockDriver { source }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
-        try await source.read(at: offset, into: buffer)
+        try await gate.run(filename, "read") { try await source.read(at: offset, into: buffer) }
     }
 
     /// Runs a write-like request on the source, then on the target (write-blocking) or marks it dirty.
@@ -129,18 +135,24 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try gate.enter(filename, "write")
+        defer { gate.leave() }
         try await mirrored(offset, Int64(buffer.count),
                            toSource: { try await source.write(at: offset, from: buffer, flags: flags) },
                            toTarget: { try await target.write(at: offset, from: buffer, flags: flags) })
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try gate.enter(filename, "write zeroes")
+        defer { gate.leave() }
         try await mirrored(offset, length,
                            toSource: { try await source.writeZeroes(at: offset, length: length, flags: flags) },
                            toTarget: { try await target.writeZeroes(at: offset, length: length, flags: flags) })
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        try gate.enter(filename, "discard")
+        defer { gate.leave() }
         // What a discarded range reads as depends on the source: copy whatever it is later.
         try await source.discard(at: offset, length: length)
         markDirty(offset, length)
@@ -150,6 +162,8 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     /// Flushes the source; with a persistent bitmap, its new dirty bits are durable first,
     /// so that no write acknowledged by this flush can be missing from the file.
     public func flush() async throws {
+        try gate.enter(filename, "flush")
+        defer { gate.leave() }
         let (side, current) = lock.withLock { (sideFile, mode) }
         if let side { try await side.syncNewlyDirty() }
         try await source.flush()
@@ -158,13 +172,19 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
     }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
-        try await source.blockStatus(at: offset, length: length)
+        try await gate.run(filename, "block status") { try await source.blockStatus(at: offset, length: length) }
     }
 
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
+        try gate.check(filename, "truncate")
         throw BlockError(.busy, "Cannot resize a node that is being mirrored", operation: "truncate")
     }
 
-    /// A filter does not own the source: closing it closes nothing.
-    public func close() async throws {}
+    /// A filter does not own the source: closing it only waits for the requests in flight;
+    /// the filter refuses every call afterwards.
+    public func close() async throws {
+        guard await gate.beginClose() else { return }
+        await gate.drain()
+        gate.finishClose()
+    }
 }

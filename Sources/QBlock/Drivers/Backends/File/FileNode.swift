@@ -11,6 +11,15 @@ import QBlockGraph
 /// `fallocate` (zero-range, punch-hole); block status uses `SEEK_DATA`/`SEEK_HOLE`; flush is
 /// `fdatasync`. With ``CacheMode/none`` the file is opened `O_DIRECT` and requests that are not
 /// aligned are bounced through aligned buffers, so callers never see the alignment rule.
+///
+/// Ownership: the node owns its descriptor. ``close()`` refuses new requests, waits for the
+/// ones in flight (whatever path they took: io_uring, the thread pool, the serial write
+/// queue) and only then closes the descriptor, so no request ever reaches a descriptor
+/// number the kernel has since given to another file. Every call after ``close()`` throws
+/// ``BlockError`` with code `.closed`; closing twice is harmless.
+// @unchecked Sendable: `mode`, `retiredFDs`, `cachedLength` and `fdsClosed` are only touched
+// with `sizeLock` held; `supportsZeroRange`/`supportsPunchHole` are one-way hints (a stale
+// read only retries a call that fails again); the rest is immutable or thread-safe itself.
 public final class FileNode: BlockDriver, @unchecked Sendable {
     public let driverName = "file"
     public let filename: String
@@ -40,13 +49,16 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     /// before the switch may still use it, so they stay open (unlocked) until ``close()``
     /// and their numbers are never reused for another file meanwhile.
     private var retiredFDs: [Int32] = []
-    var fd: Int32 { sizeLock.withLock { mode.fd } }
+    package var fd: Int32 { sizeLock.withLock { mode.fd } }
     var directAlignment: Int { sizeLock.withLock { mode.directAlignment } }
     private var serialWrites: SerialWriteQueue? { sizeLock.withLock { mode.serialWrites } }
     private let pool: IOThreadPool
     private let sizeLock = PosixMutex()
     private var cachedLength: Int64
-    private var closed = false
+    /// Set once ``close()`` has closed the descriptors (guarded by `sizeLock`).
+    private var fdsClosed = false
+    /// Open/closed state and the requests in flight (see ``CloseGate``).
+    private let gate = CloseGate()
     /// Serializes read-modify-write cycles of unaligned O_DIRECT writes.
     private let rmwLock = AsyncMutex()
     private var supportsZeroRange = true
@@ -122,8 +134,11 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     }
 
     deinit {
-        if !closed { Syscalls.close(mode.fd) }
-        for f in retiredFDs { Syscalls.close(f) }
+        // No request can be in flight: each holds a reference to the node.
+        if !fdsClosed {
+            Syscalls.close(mode.fd)
+            for f in retiredFDs { Syscalls.close(f) }
+        }
     }
 
     /// Reopens the file with another mode (QEMU's reopen of a `file` node): a new
@@ -134,6 +149,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     /// - Throws: ``BlockError`` when the file cannot be opened so, or another process's lock
     ///   conflicts with the new mode.
     public func reopen(readOnly: Bool, cache: CacheMode) throws {
+        try gate.runSync(filename, "reopen") { try reopenAdmitted(readOnly: readOnly, cache: cache) }
+    }
+
+    private func reopenAdmitted(readOnly: Bool, cache: CacheMode) throws {
         let old = sizeLock.withLock { mode }
         if old.readOnly == readOnly && old.cache == cache { return }
         let fd = try Self.openDescriptor(filename, readOnly: readOnly, cache: cache, create: false)
@@ -169,6 +188,9 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     /// The number of bytes the file occupies on the host (st_blocks × 512).
     public var allocatedSize: Int64 {
+        // A closed node's descriptor number may belong to another file now.
+        guard gate.tryEnter() else { return 0 }
+        defer { gate.leave() }
         guard case .success(let st) = Syscalls.fstat(fd) else { return 0 }
         return Int64(st.st_blocks) * 512
     }
@@ -186,6 +208,11 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Read and write
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
+    }
+
+    /// ``read(at:into:)`` for a request already admitted by the gate.
+    private func readAdmitted(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         guard buffer.count > 0 else { return }
         if !isAligned(offset, buffer.count, buffer.baseAddress) {
             try await bouncedRead(at: offset, into: buffer)
@@ -209,12 +236,17 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         let end = (offset + Int64(buffer.count) + a - 1) / a * a
         let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
         try await bounce.withUnsafeMutableBytes { b in
-            try await self.read(at: start, into: b)
+            try await self.readAdmitted(at: start, into: b)
             buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset - start)..<Int(offset - start) + buffer.count]))
         }
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await gate.run(filename, "write") { try await writeAdmitted(at: offset, from: buffer, flags: flags) }
+    }
+
+    /// ``write(at:from:flags:)`` for a request already admitted by the gate.
+    private func writeAdmitted(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try checkWritable("write")
         guard buffer.count > 0 else { return }
         if !isAligned(offset, buffer.count, buffer.baseAddress) {
@@ -239,10 +271,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         try await rmwLock.withLock {
             try await bounce.withUnsafeMutableBytes { b in
                 if start != offset || end != offset + Int64(buffer.count) {
-                    try await self.read(at: start, into: b)
+                    try await self.readAdmitted(at: start, into: b)
                 }
                 UnsafeMutableRawBufferPointer(rebasing: b[Int(offset - start)...]).copyMemory(from: buffer)
-                try await self.write(at: start, from: UnsafeRawBufferPointer(b), flags: flags)
+                try await self.writeAdmitted(at: start, from: UnsafeRawBufferPointer(b), flags: flags)
             }
         }
     }
@@ -254,6 +286,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Zeroes, discard, flush
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try await gate.run(filename, "write zeroes") { try await writeZeroesAdmitted(at: offset, length: length, flags: flags) }
+    }
+
+    private func writeZeroesAdmitted(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
         guard length > 0 else { return }
         let fd = self.fd
@@ -297,7 +333,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         while pos < offset + length {
             let n = Int(min(Int64(chunk), offset + length - pos))
             try await zeros.withUnsafeBytes { b in
-                try await self.write(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
+                try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
             pos += Int64(n)
         }
@@ -305,6 +341,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        try await gate.run(filename, "discard") { try await discardAdmitted(at: offset, length: length) }
+    }
+
+    private func discardAdmitted(at offset: Int64, length: Int64) async throws {
         try checkWritable("discard")
         guard length > 0, !isBlockDevice, supportsPunchHole else { return }
         let fd = self.fd
@@ -314,13 +354,16 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     }
 
     public func flush() async throws {
-        if cacheMode.ignoresFlush || isReadOnly { return }
-        try await sync()
+        try await gate.run(filename, "flush") {
+            if cacheMode.ignoresFlush || isReadOnly { return }
+            try await sync()
+        }
     }
 
+    /// fdatasync; only for a request admitted by the gate.
     private func sync() async throws {
         let fd = self.fd
-        if let ring = IORing.shared, !Syscalls.intercepted {
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
             while true {
                 let r = await ring.perform(.fdatasync, fd: fd, buffer: nil, count: 0, offset: 0)
                 if r == 0 { return }
@@ -340,7 +383,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     private func preadFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
         let fd = self.fd
         var done = 0
-        if let ring = IORing.shared, !Syscalls.intercepted {
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
             while done < count {
                 let n = min(count - done, 1 << 30)
                 let r = await ring.perform(.read, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
@@ -362,7 +405,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         if let serialWrites { return await serialWrites.write(p, count, offset) }
         let fd = self.fd
         var done = 0
-        if let ring = IORing.shared, !Syscalls.intercepted {
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
             while done < count {
                 let n = min(count - done, 1 << 30)
                 let r = await ring.perform(.write, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
@@ -382,6 +425,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Block status
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try await gate.run(filename, "block status") { try await blockStatusAdmitted(at: offset, length: length) }
+    }
+
+    private func blockStatusAdmitted(at offset: Int64, length: Int64) async throws -> BlockStatus {
         let fileLength = self.length
         if isBlockDevice || offset >= fileLength {
             // Beyond end of file reads as zeros; a block device is all data.
@@ -412,6 +459,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     // MARK: Size
 
     public func truncate(to newLength: Int64, preallocation: Preallocation) async throws {
+        try await gate.run(filename, "truncate") { try await truncateAdmitted(to: newLength, preallocation: preallocation) }
+    }
+
+    private func truncateAdmitted(to newLength: Int64, preallocation: Preallocation) async throws {
         try checkWritable("truncate")
         if isBlockDevice {
             if newLength > length {
@@ -445,23 +496,26 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         while pos < end {
             let n = Int(min(Int64(chunk), end - pos))
             try await zeros.withUnsafeBytes { b in
-                try await self.write(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
+                try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
             pos += Int64(n)
         }
     }
 
+    /// Refuses new requests, waits for those in flight, then releases the image locks and
+    /// closes the descriptors. A second close returns once the first has finished.
     public func close() async throws {
-        var wasClosed = false
+        guard await gate.beginClose() else { return }
+        await gate.drain()
         let (fd, retired) = sizeLock.withLock { () -> (Int32, [Int32]) in
-            wasClosed = closed; closed = true
+            fdsClosed = true
             defer { retiredFDs = [] }
             return (mode.fd, retiredFDs)
         }
-        if wasClosed { return }
         ImageLock.release(fd: fd)
         Syscalls.close(fd)
         for f in retired { Syscalls.close(f) }
+        gate.finishClose()
     }
 }
 
@@ -469,18 +523,52 @@ extension FileNode {
     /// Takes QEMU-compatible image locks for `perm`/`shared` (after the node was opened
     /// with `locking: false`, once the format above it is known).
     public func lock(perm: BlockPermissions, shared: BlockPermissions) throws {
-        try ImageLock.acquire(fd: fd, path: filename, perm: perm, shared: shared)
-        sizeLock.withLock { mode.locked = (perm, shared) }
+        try gate.runSync(filename, "lock") {
+            try ImageLock.acquire(fd: fd, path: filename, perm: perm, shared: shared)
+            sizeLock.withLock { mode.locked = (perm, shared) }
+        }
     }
 
     /// Reads up to `count` bytes at `offset` synchronously on the caller's thread.
     /// Only for probing a few header bytes at open time.
     package func probeBytes(count: Int) -> [UInt8] {
+        guard gate.tryEnter() else { return [] }
+        defer { gate.leave() }
         var buf = [UInt8](repeating: 0, count: count)
         let n: Int = buf.withUnsafeMutableBytes { b in
             if case .success(let n) = Syscalls.pread(fd, b.baseAddress!, count, 0) { return n }
             return 0
         }
         return Array(buf[0..<n])
+    }
+}
+
+extension FileNode: SynchronousWriteTarget {
+    /// Writes on the calling thread, straight to the descriptor (for a format node's last
+    /// chance write-back in `deinit`, which cannot await). Refused like any call once closed;
+    /// an `O_DIRECT` request that is not aligned is refused too (there is no bounce here).
+    package func writeSynchronously(at offset: Int64, from buffer: UnsafeRawBufferPointer) throws {
+        try gate.runSync(filename, "write") {
+            try checkWritable("write")
+            guard buffer.count > 0 else { return }
+            guard isAligned(offset, buffer.count, buffer.baseAddress) else {
+                throw BlockError(.invalidArgument, "Unaligned O_DIRECT write", errno: EINVAL, path: filename,
+                                 offset: offset, operation: "write")
+            }
+            if case .failure(let e) = Syscalls.pwrite(fd, buffer.baseAddress!, buffer.count, offset) {
+                throw BlockError.system(e.rawValue, "write", path: filename, offset: offset)
+            }
+            noteExtent(offset + Int64(buffer.count))
+        }
+    }
+
+    /// fdatasync on the calling thread.
+    package func syncSynchronously() throws {
+        try gate.runSync(filename, "flush") {
+            if isReadOnly { return }
+            if case .failure(let e) = Syscalls.fdatasync(fd) {
+                throw BlockError.system(e.rawValue, "flush", path: filename)
+            }
+        }
     }
 }

@@ -20,9 +20,16 @@ import QBlockNBDWire
 /// reader fails every pending request and every later one with a clear error; there is no
 /// reconnection.
 ///
+/// Ownership: the node owns the connection. ``close()`` refuses new requests, waits for the
+/// ones in flight, flushes, disconnects, and closes the socket only once no thread can use
+/// it any more; every call after it throws ``BlockError`` with code `.closed`.
+///
 /// Requests need not be aligned: the server's minimum block size is honoured by widening
 /// reads and by read-modify-write of unaligned writes; requests are split to the server's
 /// maximum block size.
+// @unchecked Sendable: the mutable state (`nextCookie`, `inflight`, `failure`, `closed`) is
+// guarded by `lock`, socket writes by `sendLock`; a request's own fields are handed between
+// its task, the sending pool thread and the reader thread under `lock` (see `Request`).
 public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     public let driverName = "nbd"
     /// The export's URI, written as QEMU writes it (``NBDURI/canonicalFilename``).
@@ -47,6 +54,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     private var inflight: [UInt64: Request] = [:]
     private var failure: BlockError?
     private var closed = false
+    /// Open/closed state and the requests in flight (see ``CloseGate``).
+    private let gate = CloseGate()
 
     /// How long the handshake may wait for each server reply.
     static let handshakeTimeoutSeconds = 30
@@ -134,6 +143,9 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     // MARK: Requests in flight
 
     /// A request waiting for its reply.
+    // @unchecked Sendable: `error` and `extents` are written by the reader thread before it
+    // completes the request and read by the task only after; `sent`, `replied` and
+    // `continuation` are only touched with the node's `lock` held.
     private final class Request: @unchecked Sendable {
         let command: NBD.Command
         let offset: UInt64
@@ -157,7 +169,7 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     }
 
     private func closedError(_ op: String) -> BlockError {
-        BlockError(.closed, "NBD node '\(filename)' is closed", errno: EIO, path: filename, operation: op)
+        CloseGate.closedError(filename, op)
     }
 
     /// Sends one request and waits for its reply.
@@ -388,6 +400,10 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
+    }
+
+    private func readAdmitted(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         guard buffer.count > 0, let base = buffer.baseAddress else { return }
         let size = length
         // Past the end of the export reads as zeros (a format may read a little beyond).
@@ -418,6 +434,10 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await gate.run(filename, "write") { try await writeAdmitted(at: offset, from: buffer, flags: flags) }
+    }
+
+    private func writeAdmitted(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try checkWritable("write")
         guard buffer.count > 0, let base = buffer.baseAddress else { return }
         try checkRange(offset, Int64(buffer.count), "write")
@@ -451,7 +471,7 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
 
     /// Flushes after a FUA request the server could not take with the FUA flag.
     private func emulateFUA(_ flags: WriteFlags) async throws {
-        if flags.contains(.fua) && !info.flags.contains(.sendFUA) { try await flush() }
+        if flags.contains(.fua) && !info.flags.contains(.sendFUA) { try await flushAdmitted() }
     }
 
     private func writeAligned(at offset: Int64, from base: UnsafeRawPointer, count: Int, flags: WriteFlags) async throws {
@@ -466,6 +486,10 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try await gate.run(filename, "write zeroes") { try await writeZeroesAdmitted(at: offset, length: length, flags: flags) }
+    }
+
+    private func writeZeroesAdmitted(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
         guard length > 0 else { return }
         try checkRange(offset, length, "write zeroes")
@@ -504,13 +528,17 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         while pos < offset + length {
             let n = Int(min(Int64(chunk), offset + length - pos))
             try await zeros.withUnsafeBytes { b in
-                try await self.write(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: flags)
+                try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: flags)
             }
             pos += Int64(n)
         }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        try await gate.run(filename, "discard") { try await discardAdmitted(at: offset, length: length) }
+    }
+
+    private func discardAdmitted(at offset: Int64, length: Int64) async throws {
         try checkWritable("discard")
         guard length > 0, info.flags.contains(.sendTrim) else { return }
         let a = minBlock
@@ -525,6 +553,10 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     }
 
     public func flush() async throws {
+        try await gate.run(filename, "flush") { try await flushAdmitted() }
+    }
+
+    private func flushAdmitted() async throws {
         guard !isReadOnly, info.flags.contains(.sendFlush) else { return }
         try await perform(.flush, offset: 0, length: 0, operation: "flush")
     }
@@ -532,6 +564,10 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     /// Block status from `base:allocation`: a hole is not data, a zero run reads as zeros;
     /// every run is allocated at this node, as QEMU's nbd driver reports it.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try await gate.run(filename, "block status") { try await blockStatusAdmitted(at: offset, length: length) }
+    }
+
+    private func blockStatusAdmitted(at offset: Int64, length: Int64) async throws -> BlockStatus {
         let size = self.length
         if offset >= size {
             return BlockStatus(flags: [.zero, .allocated], length: max(1, length), hostOffset: offset)
@@ -561,18 +597,22 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     }
 
     public func truncate(to newLength: Int64, preallocation: Preallocation) async throws {
+        try gate.check(filename, "truncate")
         if newLength == length { return }
         throw BlockError(.unsupported, newLength > length ? "Cannot grow NBD nodes" : "Cannot resize NBD nodes",
                          path: filename, operation: "truncate")
     }
 
-    /// Flushes (if writable), sends NBD_CMD_DISCONNECT and releases the connection.
+    /// Refuses new requests and waits for those in flight, flushes (if writable), sends
+    /// NBD_CMD_DISCONNECT and releases the connection. A second close returns once the first
+    /// has finished.
     public func close() async throws {
-        let first: Bool = lock.withLock { !closed }
-        guard first else { return }
+        guard await gate.beginClose() else { return }
+        defer { gate.finishClose() }
+        await gate.drain()
         var flushError: Error?
         if lock.withLock({ failure == nil }) {
-            do { try await flush() } catch { flushError = error }
+            do { try await flushAdmitted() } catch { flushError = error }
         }
         let alreadyFailed: Bool = lock.withLock {
             closed = true

@@ -71,6 +71,8 @@ extension Qcow2Node {
     /// `format`. The open backing node, if any, is not changed.
     /// - Throws: ``BlockError`` `.noSpace` when the name does not fit in the header cluster.
     public func setBackingFile(_ name: String?, format: String?) async throws {
+        try gate.enter(filename, "change backing file")
+        defer { gate.leave() }
         try checkWritable("change backing file")
         try await metaLock.withLock {
             let saved = header
@@ -94,6 +96,8 @@ extension Qcow2Node {
     /// downgrade (so that features a downgrade cannot keep are dropped first).
     /// - Throws: ``BlockError`` with qemu-img's messages for combinations it refuses.
     public func amend(_ options: Qcow2AmendOptions) async throws {
+        try gate.enter(filename, "amend")
+        defer { gate.leave() }
         try checkWritable("amend")
         let oldVersion = Int(header.version)
         let newVersion = options.version ?? oldVersion

@@ -26,6 +26,8 @@ extension Qcow2Node {
     @discardableResult
     public func addPersistentBitmap(name: String, granularity: Int64? = nil, disabled: Bool = false,
                                     nodeName: String? = nil) throws -> DirtyBitmap {
+        try gate.enter(filename, "add bitmap")
+        defer { gate.leave() }
         func fail(_ m: String) -> BlockError { BlockError(.invalidArgument, m, path: filename, operation: "add bitmap") }
         guard !name.isEmpty else { throw fail("Bitmap name cannot be empty") }
         try checkWritable("add bitmap")
@@ -72,6 +74,8 @@ extension Qcow2Node {
     /// are freed. An inconsistent bitmap may be removed; a busy one may not.
     /// - Throws: `.notFound` "Dirty bitmap 'NAME' not found", `.busy`, or I/O errors.
     public func removePersistentBitmap(named name: String) async throws {
+        try gate.enter(filename, "remove bitmap")
+        defer { gate.leave() }
         guard let b = persistentBitmaps.named(name) else {
             throw BlockError(.notFound, "Dirty bitmap '\(name)' not found", path: filename, operation: "remove bitmap")
         }
@@ -98,9 +102,11 @@ extension Qcow2Node {
     /// - Throws: constraint errors with QEMU's messages, I/O errors (the image then keeps
     ///   its previous bitmaps).
     public func storePersistentBitmaps() async throws {
+        try gate.enter(filename, "store bitmaps")
+        defer { gate.leave() }
         try await metaLock.withLock {
             try await storeBitmapsLocked()
-            if !isReadOnly && !closed { try await markBitmapsInUseLocked() }
+            if !isReadOnly { try await markBitmapsInUseLocked() }
         }
     }
 

@@ -84,7 +84,7 @@ extension Qcow2Node: FormatInfoReporting {
         let extendedL2 = header.incompatibleFeatures & Qcow2Header.Incompatible.extendedL2 != 0
         let cs = Int64(clusterSize)
         let perL1 = cs * (cs / (extendedL2 ? 16 : 8))
-        return DriverInfo(clusterSize: clusterSize, vmStateOffset: (length + perL1 - 1) / perL1 * perL1, isDirty: isDirty)
+        return DriverInfo(clusterSize: clusterSize, vmStateOffset: (length + perL1 - 1) / perL1 * perL1, isDirty: dirtyFlag)
     }
 
     /// The keys QEMU's `ImageInfoSpecificQCow2` has.

@@ -13,6 +13,8 @@ import QBlockGraph
 /// corrected and the refcount structure is rebuilt at the end of the file.
 extension Qcow2Node {
     public func check(repair: CheckRepair?) async throws -> CheckResult {
+        try gate.enter(filename, "check")
+        defer { gate.leave() }
         if repair != nil { try checkWritable("check") }
         await metaLock.lock()
         defer { metaLock.unlock() }
@@ -22,6 +24,13 @@ extension Qcow2Node {
         if let repair, result.result.corruptions > 0 || result.result.leaks > 0 {
             try await applyRepair(repair, &result)
         }
+        // A repair that leaves the image consistent makes it clean (QEMU's qcow2_mark_clean
+        // after a check with fixes): its refcounts were just verified or rebuilt.
+        if repair != nil && isDirty && result.result.corruptions == 0 && result.result.leaks == 0
+            && result.result.checkErrors == 0 {
+            try await clearDirtyBitLocked()
+        }
+        result.result.notClosedCleanly = isDirty
         return result.result
     }
 

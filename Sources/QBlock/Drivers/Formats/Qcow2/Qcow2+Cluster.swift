@@ -114,6 +114,7 @@ extension Qcow2Node {
     /// The L2 table for L1 index `i`, ready to be modified: allocated if missing, copied if
     /// shared with a snapshot. Call with ``metaLock`` held.
     func l2TableForWrite(_ i: Int) async throws -> Qcow2MetadataCache.Entry {
+        try await markDirtyBeforeMetadataChange()
         let old = try await l2Offset(i)
         if old != 0 && l1Table[i] & Qcow2Node.copied != 0 {
             return try await l2Cache.get(old)

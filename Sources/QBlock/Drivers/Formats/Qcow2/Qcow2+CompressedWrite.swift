@@ -11,6 +11,8 @@ import QBlockCore
 ///
 /// The compression context and the output buffer are kept between clusters, so a copy loop
 /// compresses without allocating. One instance per task: it is not thread-safe.
+// @unchecked Sendable: it may be handed to another task, but is used by one at a time (the
+// contract above); the compression contexts are never shared between instances.
 public final class Qcow2ClusterCompressor: @unchecked Sendable {
     public let type: Qcow2CompressionType
     public let clusterSize: Int
@@ -105,6 +107,8 @@ extension Qcow2Node {
     /// - Throws: `.invalidArgument` for a misaligned request, `.unsupported` if the cluster
     ///   is already allocated (compressed writes cannot overwrite, as in QEMU), I/O errors.
     public func writeCompressedCluster(at guestOffset: Int64, data: UnsafeRawBufferPointer) async throws {
+        try gate.enter(filename, "write compressed")
+        defer { gate.leave() }
         let compressor = try makeCompressor()
         let cs = clusterSize
         if data.count == cs {
@@ -142,6 +146,8 @@ extension Qcow2Node {
     ///   - compressed: the compressed bytes, or nil when compression did not shrink the cluster.
     public func writePrecompressedCluster(at guestOffset: Int64, data: UnsafeRawBufferPointer,
                                           compressed: UnsafeRawBufferPointer?) async throws {
+        try gate.enter(filename, "write compressed")
+        defer { gate.leave() }
         try checkWritable("write compressed")
         try checkCompressedRequest(guestOffset, data.count)
         guard let compressed, compressed.count > 0 else {
@@ -263,6 +269,8 @@ extension Qcow2Node {
     /// After the last compressed write: pads the host file to a whole 512-byte sector, as
     /// QEMU does when qemu-img convert signals the end of compressed output.
     public func finishCompressedWrites() async throws {
+        try gate.enter(filename, "write compressed")
+        defer { gate.leave() }
         try checkWritable("write compressed")
         let len = hostFile.length
         let aligned = (len + 511) / 512 * 512

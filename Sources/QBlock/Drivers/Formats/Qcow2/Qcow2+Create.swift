@@ -152,6 +152,8 @@ extension Qcow2Node {
 /// Resizing: growing the L1 table, preallocating; shrinking is in `Qcow2+Shrink.swift`.
 extension Qcow2Node {
     public func truncate(to newSize: Int64, preallocation: Preallocation) async throws {
+        try gate.enter(filename, "truncate")
+        defer { gate.leave() }
         try checkWritable("truncate")
         if newSize % 512 != 0 {
             throw BlockError(.invalidArgument, "The new size must be a multiple of 512", path: filename, operation: "truncate")

@@ -21,7 +21,7 @@ import QBlockGraph
 /// allocation do not fail for want of room.
 ///
 /// Not thread-safe: every call is made with the qcow2 metadata lock held.
-final class Qcow2MetadataCache {
+package final class Qcow2MetadataCache {
     final class Entry {
         var offset: Int64 = -1
         let buffer: AlignedBuffer
@@ -177,6 +177,23 @@ final class Qcow2MetadataCache {
         if !entries.contains(where: { $0.dirty && $0.offset >= 0 }) { return }
         for e in entries.sorted(by: { $0.offset < $1.offset }) where e.dirty && e.offset >= 0 {
             try await writeEntry(e)
+        }
+    }
+
+    /// Tables modified in memory and not written yet.
+    package var dirtyCount: Int { entries.filter { $0.dirty && $0.offset >= 0 }.count }
+
+    /// ``flush()`` on the calling thread, for the node's `deinit` (which cannot await): the
+    /// dependency first, then a sync, then this cache's dirty tables.
+    func flushSynchronously(to target: SynchronousWriteTarget) throws {
+        if let d = dependency {
+            try d.flushSynchronously(to: target)
+            try target.syncSynchronously()
+            dependency = nil
+        }
+        for e in entries.sorted(by: { $0.offset < $1.offset }) where e.dirty && e.offset >= 0 {
+            try target.writeSynchronously(at: e.offset, from: UnsafeRawBufferPointer(e.bytes))
+            e.dirty = false
         }
     }
 

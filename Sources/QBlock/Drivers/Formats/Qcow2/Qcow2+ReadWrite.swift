@@ -10,6 +10,8 @@ extension Qcow2Node {
     // MARK: Read
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try gate.enter(filename, "read")
+        defer { gate.leave() }
         try checkRange(offset, Int64(buffer.count), "read")
         var done = 0
         while done < buffer.count {
@@ -72,7 +74,9 @@ extension Qcow2Node {
     /// can let the next request allocate while this one's data is still being written.
     /// `placed` is not called when the request fails before that point.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
-                      placed: (() -> Void)?) async throws {
+               placed: (() -> Void)?) async throws {
+        try gate.enter(filename, "write")
+        defer { gate.leave() }
         try checkWritable("write")
         try checkRange(offset, Int64(buffer.count), "write")
         defer { markBitmaps(offset, Int64(buffer.count)) }
@@ -99,7 +103,6 @@ extension Qcow2Node {
         if isReadOnly {
             throw BlockError(.readOnly, "Permission denied: image is read-only", errno: EPERM, path: filename, operation: op)
         }
-        if closed { throw BlockError(.closed, "Image is closed", path: filename, operation: op) }
     }
 
     private enum WritePlan {
@@ -312,6 +315,8 @@ extension Qcow2Node {
     /// the rest of it already reads as zeros and nothing is allocated there, else it gets
     /// explicit zero data.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
+        try gate.enter(filename, "write zeroes")
+        defer { gate.leave() }
         try checkWritable("write zeroes")
         try checkRange(offset, length, "write zeroes")
         defer { markBitmaps(offset, length) }
@@ -430,6 +435,8 @@ extension Qcow2Node {
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        try gate.enter(filename, "discard")
+        defer { gate.leave() }
         try checkWritable("discard")
         try checkRange(offset, length, "discard")
         defer { markBitmaps(offset, length) }
@@ -513,6 +520,8 @@ extension Qcow2Node {
     // MARK: Block status
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        try gate.enter(filename, "block status")
+        defer { gate.leave() }
         try checkRange(offset, max(length, 1), "block status")
         await metaLock.lock()
         let m: Mapping

@@ -77,6 +77,7 @@ extension Qcow2Node {
     /// With `discardHost`, a cluster whose count drops to zero is also discarded in the host
     /// file (QEMU's discard passthrough for guest requests).
     func updateRefcount(_ cluster: Int64, by delta: Int64, discardHost: Bool = false) async throws {
+        try await markDirtyBeforeMetadataChange()
         try await ensureRefcountBlock(for: cluster)
         let ti = Int(cluster / Int64(refcountBlockEntries))
         let blockOffset = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)

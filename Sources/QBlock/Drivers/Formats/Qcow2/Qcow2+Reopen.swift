@@ -5,14 +5,19 @@ import QBlockGraph
 /// (``FileNode/reopen(readOnly:cache:)``).
 extension Qcow2Node {
     /// Makes the image read-only: stores the persistent bitmaps (clearing their in-use
-    /// flags), flushes the metadata caches and the file, then refuses writes. Call it with
+    /// flags), flushes the metadata caches and the file, clears the dirty bit this session
+    /// set, then refuses writes. Call it with
     /// no write in flight, before the file goes read-only.
     /// - Throws: I/O errors from storing or flushing; the node then stays writable.
     public func reopenReadOnly() async throws {
+        try gate.enter(filename, "reopen")
+        defer { gate.leave() }
         if formatReadOnly.value { return }
         if hostFile.isReadOnly { formatReadOnly.set(true); return }   // nothing was writable
         try await metaLock.withLock { try await storeBitmapsLocked() }
-        try await flush()
+        try await flushAdmitted()
+        // Everything is on disk: the image is clean until it is written again.
+        try await metaLock.withLock { try await markCleanLocked() }
         formatReadOnly.set(true)
     }
 
@@ -22,6 +27,8 @@ extension Qcow2Node {
     /// - Throws: `.readOnly` "Block node is read-only" when the file is read-only; I/O
     ///   errors (the node then stays read-only).
     public func reopenReadWrite() async throws {
+        try gate.enter(filename, "reopen")
+        defer { gate.leave() }
         if hostFile.isReadOnly { throw BlockError(.readOnly, "Block node is read-only", path: filename, operation: "reopen") }
         let was = formatReadOnly.value
         formatReadOnly.set(false)

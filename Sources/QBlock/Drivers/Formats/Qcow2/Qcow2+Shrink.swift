@@ -59,6 +59,8 @@ extension Qcow2Node {
     /// everywhere (what `qemu-img commit` leaves in the committed image).
     /// - Throws: ``BlockError`` `.readOnly` on a read-only node, I/O errors.
     public func makeEmpty() async throws {
+        try gate.enter(filename, "make empty")
+        defer { gate.leave() }
         try checkWritable("make empty")
         try await metaLock.withLock {
             let cs = Int64(clusterSize)

@@ -41,6 +41,8 @@ extension Qcow2Node {
     ///   leaked clusters.
     @discardableResult
     public func createSnapshot(name: String, icount: UInt64? = 0) async throws -> Qcow2Snapshot {
+        try gate.enter(filename, "snapshot create")
+        defer { gate.leave() }
         try checkWritable("snapshot create")
         if name.utf8.count > Int(UInt16.max) {
             throw BlockError(.invalidArgument, "Snapshot name too long", path: filename, operation: "snapshot create")
@@ -88,6 +90,8 @@ extension Qcow2Node {
     /// - Throws: ``BlockError`` `.notFound` ("Failed to load snapshot: No such file or
     ///   directory") when no snapshot matches; `.readOnly`; `.corrupt`; I/O errors.
     public func applySnapshot(idOrName: String) async throws {
+        try gate.enter(filename, "snapshot apply")
+        defer { gate.leave() }
         try checkWritable("snapshot apply")
         // QEMU's bdrv_snapshot_goto: bitmaps would not describe the reverted content.
         if !persistentBitmaps.isEmpty {
@@ -140,6 +144,8 @@ extension Qcow2Node {
     /// - Throws: ``BlockError`` `.notFound` ("snapshot not found"); `.readOnly`; `.corrupt`;
     ///   I/O errors.
     public func deleteSnapshot(idOrName: String) async throws {
+        try gate.enter(filename, "snapshot delete")
+        defer { gate.leave() }
         try checkWritable("snapshot delete")
         try await withDrainedMetadata {
             guard let sn = findSnapshot(id: nil, name: idOrName) ?? findSnapshot(id: idOrName, name: nil) else {
@@ -190,6 +196,8 @@ extension Qcow2Node {
     }
 
     func snapshotReader(id: String?, name: String?, orName: String?) async throws -> Qcow2SnapshotReader {
+        try gate.enter(filename, "open snapshot")
+        defer { gate.leave() }
         await metaLock.lock()
         defer { metaLock.unlock() }
         var found = (id != nil || name != nil) ? findSnapshot(id: id, name: name) : nil
@@ -373,13 +381,16 @@ extension Qcow2Node {
 
 /// A read-only view of one internal snapshot of a qcow2 image (see
 /// ``Qcow2Node/snapshotReader(idOrName:)``). Reads go through the image's caches with the
-/// snapshot's L1 table; writes are refused.
+/// snapshot's L1 table; writes are refused. Once the view or its image is closed, every call
+/// throws ``BlockError`` with code `.closed`.
+// @unchecked Sendable: every stored property is immutable or thread-safe itself.
 public final class Qcow2SnapshotReader: BlockDriver, @unchecked Sendable {
     /// The image the snapshot belongs to.
     public let node: Qcow2Node
     /// The snapshot shown.
     public let snapshot: Qcow2Snapshot
     let l1: [UInt64]
+    private let gate = CloseGate()
 
     init(node: Qcow2Node, snapshot: Qcow2Snapshot, l1: [UInt64]) {
         self.node = node
@@ -396,32 +407,51 @@ public final class Qcow2SnapshotReader: BlockDriver, @unchecked Sendable {
     public var file: (any BlockDriver)? { node.hostFile }
     public var backing: (any BlockDriver)? { node.backing }
 
+    /// Admits a request into this view and into its image (which refuses it once closed).
+    private func run<R>(_ op: String, _ body: () async throws -> R) async throws -> R {
+        try await gate.run(filename, op) { try await node.gate.run(filename, op, body) }
+    }
+
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
-        var done = 0
-        while done < buffer.count {
-            let pos = offset + Int64(done)
-            let m = try await node.metaLock.withLock { try await node.lookup(pos, Int64(buffer.count - done), in: l1) }
-            let n = Int(m.length)
-            try await node.readMapped(m, guestOffset: pos, into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)]))
-            done += n
+        try await run("read") {
+            var done = 0
+            while done < buffer.count {
+                let pos = offset + Int64(done)
+                let m = try await node.metaLock.withLock { try await node.lookup(pos, Int64(buffer.count - done), in: l1) }
+                let n = Int(m.length)
+                try await node.readMapped(m, guestOffset: pos, into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)]))
+                done += n
+            }
         }
     }
 
-    private func refuse(_ op: String) -> BlockError {
-        BlockError(.readOnly, "Permission denied: snapshot views are read-only", errno: EPERM, path: filename, operation: op)
+    private func refuse(_ op: String) throws -> BlockError {
+        try gate.check(filename, op)
+        try node.gate.check(filename, op)
+        return BlockError(.readOnly, "Permission denied: snapshot views are read-only", errno: EPERM, path: filename, operation: op)
     }
 
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws { throw refuse("write") }
-    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws { throw refuse("write zeroes") }
-    public func discard(at offset: Int64, length: Int64) async throws { throw refuse("discard") }
-    public func truncate(to length: Int64, preallocation: Preallocation) async throws { throw refuse("truncate") }
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws { throw try refuse("write") }
+    public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws { throw try refuse("write zeroes") }
+    public func discard(at offset: Int64, length: Int64) async throws { throw try refuse("discard") }
+    public func truncate(to length: Int64, preallocation: Preallocation) async throws { throw try refuse("truncate") }
     /// Nothing to write back: the view never changes anything.
-    public func flush() async throws {}
-    /// The view holds nothing of its own; the image node stays open (close it separately).
-    public func close() async throws {}
+    public func flush() async throws {
+        try gate.check(filename, "flush")
+        try node.gate.check(filename, "flush")
+    }
+    /// The view holds nothing of its own: closing it waits for its requests; the image node
+    /// stays open (close it separately).
+    public func close() async throws {
+        guard await gate.beginClose() else { return }
+        await gate.drain()
+        gate.finishClose()
+    }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
-        let m = try await node.metaLock.withLock { try await node.lookup(offset, length, in: l1) }
-        return node.status(of: m, at: offset)
+        try await run("block status") {
+            let m = try await node.metaLock.withLock { try await node.lookup(offset, length, in: l1) }
+            return node.status(of: m, at: offset)
+        }
     }
 }

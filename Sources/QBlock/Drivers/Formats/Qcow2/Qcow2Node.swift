@@ -21,6 +21,16 @@ import QBlockGraph
 /// ``metaLock`` held, like QEMU's `s->lock`; guest data moves without it. Clusters being
 /// allocated are tracked in ``inflight`` so that two writes to the same unallocated
 /// cluster never allocate it twice.
+///
+/// Ownership: the node owns its file and backing nodes. ``close()`` waits for the requests
+/// in flight, writes everything back (metadata caches, persistent bitmaps), clears the dirty
+/// bit and closes the children; every call after it throws ``BlockError`` with code
+/// `.closed`. An image dropped without ``close()`` is handled as `Qcow2+Lifecycle.swift`
+/// describes: its cached metadata is written back when possible, it stays marked dirty, and
+/// debug builds print a warning.
+// @unchecked Sendable: the metadata state below is only touched with `metaLock` held (or
+// before the node is shared, or in `deinit`); the other stored properties are immutable or
+// thread-safe themselves (LockedFlag, CloseGate, DirtyBitmapSet, PosixMutex).
 public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public let driverName = "qcow2"
     /// The protocol node holding the image's bytes: a `FileNode`, an NBD client node, or any other node.
@@ -67,8 +77,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     /// Entries per L2 table.
     let l2Entries: Int
     var l1Table: [UInt64]
-    let l2Cache: Qcow2MetadataCache
-    let refcountCache: Qcow2MetadataCache
+    package let l2Cache: Qcow2MetadataCache
+    package let refcountCache: Qcow2MetadataCache
     var refcountTable: [UInt64]
     /// Refcount entries per refcount block.
     var refcountBlockEntries: Int
@@ -86,7 +96,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     /// The last decompressed cluster (L2 entry → data).
     var decompressedCache: (entry: UInt64, data: AlignedBuffer)?
     let decompressLock = PosixMutex()
-    var closed = false
+    /// Open/closed state and the requests in flight (see ``CloseGate``).
+    let gate = CloseGate()
+    /// This session set the dirty bit on disk (``markDirtyBeforeMetadataChange()``), so a
+    /// clean close clears it.
+    var dirtyMarkedHere = false
     /// The internal snapshots, as read from the snapshot table (`Qcow2+SnapshotTable.swift`).
     var snapshotList: [Qcow2Snapshot] = []
     /// Bytes the snapshot table occupies at `header.snapshotsOffset` (unpadded, as QEMU counts).
@@ -112,6 +126,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     static let copied: UInt64 = 1 << 63
     static let compressedFlag: UInt64 = 1 << 62
     static let zeroFlag: UInt64 = 1 << 0
+
+    deinit { droppedWithoutClose() }
 
     init(file: any BlockDriver, header: Qcow2Header, l1: [UInt64], refcountTable: [UInt64], l2CacheSize: Int?) {
         self.hostFile = file
@@ -215,6 +231,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     }
 
     public func flush() async throws {
+        try await gate.run(filename, "flush") { try await flushAdmitted() }
+    }
+
+    /// Writes the metadata caches back and flushes the file (``flush()`` without the gate).
+    func flushAdmitted() async throws {
         if isReadOnly { return }
         try await metaLock.withLock {
             try await retryPendingFrees()
@@ -224,18 +245,32 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         try await hostFile.flush()
     }
 
-    public func close() async throws {
-        if closed { return }
-        closed = true
+    /// Refuses new requests and waits for those in flight; then stores the persistent
+    /// bitmaps, writes the metadata caches back, flushes, clears the dirty bit (when all of
+    /// that succeeded) and closes the backing and file nodes. A second close returns once the
+    /// first has finished.
+    public func close() async throws { try await close(closingFile: true) }
+
+    /// ``close()``, leaving the file node open: it is another node of the graph, closed by
+    /// whoever owns it.
+    public func closeLeavingFileOpen() async throws { try await close(closingFile: false) }
+
+    private func close(closingFile: Bool) async throws {
+        guard await gate.beginClose() else { return }
+        defer { gate.finishClose() }
+        await gate.drain()
         var firstError: Error?
         if !isReadOnly {
             do { try await metaLock.withLock { try await storeBitmapsLocked() } } catch { firstError = error }
-            do { try await flush() } catch { if firstError == nil { firstError = error } }
+            do { try await flushAdmitted() } catch { if firstError == nil { firstError = error } }
+            if firstError == nil {
+                do { try await metaLock.withLock { try await markCleanLocked() } } catch { firstError = error }
+            }
         }
         if let b = backingNode {
             do { try await b.close() } catch { if firstError == nil { firstError = error } }
         }
-        try await hostFile.close()
+        if closingFile { try await hostFile.close() }
         if let e = firstError { throw e }
     }
 

@@ -7,6 +7,10 @@ import QBlockGraph
 /// The `raw` format driver: the guest sees its `file` child's bytes unchanged.
 ///
 /// Like QEMU's raw driver it may expose a window (`offset`, `size`) of the child.
+///
+/// The node owns its child: ``close()`` waits for the requests in flight, then closes it;
+/// every call after that throws ``BlockError`` with code `.closed`.
+// @unchecked Sendable: every stored property is immutable or thread-safe itself (LockedFlag, CloseGate).
 public final class RawNode: BlockDriver, @unchecked Sendable {
     public let driverName = "raw"
     public let child: any BlockDriver
@@ -16,6 +20,7 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     /// Read-only because its file is, or because a reopen made it so (``setReadOnly(_:)``).
     public var isReadOnly: Bool { formatReadOnly.value || child.isReadOnly }
     private let formatReadOnly = LockedFlag()
+    private let gate = CloseGate()
 
     /// Makes the node refuse writes (true) or pass them to its file again (false), whatever
     /// the file's own mode (QEMU's reopen of a raw node; raw keeps no metadata to flush).
@@ -37,42 +42,56 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     }
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
-        try await child.read(at: self.offset + offset, into: buffer)
+        try await gate.run(filename, "read") { try await child.read(at: self.offset + offset, into: buffer) }
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        if formatReadOnly.value {
-            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        try await gate.run(filename, "write") {
+            if formatReadOnly.value {
+                throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+            }
+            try await child.write(at: self.offset + offset, from: buffer, flags: flags)
         }
-        try await child.write(at: self.offset + offset, from: buffer, flags: flags)
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
-        if formatReadOnly.value {
-            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        try await gate.run(filename, "write zeroes") {
+            if formatReadOnly.value {
+                throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+            }
+            try await child.writeZeroes(at: self.offset + offset, length: length, flags: flags)
         }
-        try await child.writeZeroes(at: self.offset + offset, length: length, flags: flags)
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        if formatReadOnly.value {
-            throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+        try await gate.run(filename, "discard") {
+            if formatReadOnly.value {
+                throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
+            }
+            try await child.discard(at: self.offset + offset, length: length)
         }
-        try await child.discard(at: self.offset + offset, length: length)
     }
 
     public func flush() async throws {
-        if formatReadOnly.value { return }
-        try await child.flush()
+        try await gate.run(filename, "flush") {
+            if formatReadOnly.value { return }
+            try await child.flush()
+        }
     }
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
-        var s = try await child.blockStatus(at: self.offset + offset, length: length)
-        s.flags.insert(.allocated)
-        return s
+        try await gate.run(filename, "block status") {
+            var s = try await child.blockStatus(at: self.offset + offset, length: length)
+            s.flags.insert(.allocated)
+            return s
+        }
     }
 
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
+        try await gate.run(filename, "truncate") { try await truncateAdmitted(to: length, preallocation: preallocation) }
+    }
+
+    private func truncateAdmitted(to length: Int64, preallocation: Preallocation) async throws {
         if formatReadOnly.value {
             throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
         }
@@ -82,5 +101,20 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         try await child.truncate(to: offset + length, preallocation: preallocation)
     }
 
-    public func close() async throws { try await child.close() }
+    /// Waits for the requests in flight, then closes the child. A second close returns once
+    /// the first has finished.
+    public func close() async throws { try await close(closingFile: true) }
+
+    /// ``close()``, leaving the file node open: it is another node of the graph, closed by
+    /// whoever owns it. Raw keeps nothing of its own to write back.
+    public func closeLeavingFileOpen() async throws { try await close(closingFile: false) }
+
+    private func close(closingFile: Bool) async throws {
+        guard await gate.beginClose() else { return }
+        defer { gate.finishClose() }
+        await gate.drain()
+        if closingFile { try await child.close() }
+    }
 }
+
+extension RawNode: FileSharingClose {}
