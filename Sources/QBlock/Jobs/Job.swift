@@ -17,6 +17,8 @@ public struct JobOptions: Sendable {
     /// The clock for rate limiting.
     public var clock: any JobClock
 
+    /// Creates job options; every parameter is the property of the same name. The defaults
+    /// are QEMU's: finalize and dismiss automatically, unlimited speed, the system clock.
     public init(id: String, autoFinalize: Bool = true, autoDismiss: Bool = true, speed: UInt64 = 0,
                 clock: any JobClock = SystemJobClock()) {
         self.id = id
@@ -362,6 +364,7 @@ public struct JobEvent: Sendable, CustomStringConvertible {
     public let data: QObject.Dict
     /// The same event as a typed value, for the library API.
     let typed: BlockJobEvent?
+    /// Creates an event without a typed counterpart (one that only QMP clients see).
     public init(name: String, data: QObject.Dict) {
         self.init(name: name, data: data, typed: nil)
     }

@@ -9,6 +9,7 @@ import QBlockOperations
 /// Copies go through a ``CopyOnReadNode`` over the image; writers that go through the
 /// same filter are serialized with the copies, so no copy overwrites newer data.
 public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
+    /// Always ``JobType/stream``.
     public let jobType = JobType.stream
     /// The image being filled.
     public let top: any BackingLinked
