@@ -55,8 +55,9 @@ public enum Preallocation: String, Sendable, CaseIterable {
 /// protocol drivers (file, nbd) alike.
 ///
 /// All offsets and lengths are in bytes. Callers keep requests within ``length``; the
-/// ``Disk`` front end checks that, so drivers may assume it. Many requests may be in flight
-/// at once; each driver serializes what it must internally.
+/// front ends (`Image`, the tools, the NBD server) check that with
+/// `checkRequest(offset:length:operation:)`, so drivers may assume it. Many requests may be
+/// in flight at once; each driver serializes what it must internally.
 public protocol BlockDriver: AnyObject, Sendable {
     /// The driver name as QEMU spells it: "file", "raw", "qcow2".
     var driverName: String { get }

@@ -31,7 +31,7 @@ public struct JobOptions: Sendable {
 
 /// One job: the generic part QEMU keeps in `job.c` and `blockjob.c` — status, pause
 /// counting, cancellation, progress, rate limit, error policy and events — around a
-/// ``JobDriver`` that does the work.
+/// `JobDriver` that does the work.
 ///
 /// The lifecycle follows ``JobStateMachine``; every verb is checked against its table
 /// first. The driver's body runs in its own task; the verbs only change state under a

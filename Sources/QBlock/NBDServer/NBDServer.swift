@@ -18,7 +18,7 @@ import QBlockNBDWire
 /// ```
 ///
 /// Each listening socket has an acceptor thread and each client a reader and a writer
-/// thread (``NBDConnection``): blocking socket calls never run on Swift's cooperative
+/// thread (`NBDConnection`): blocking socket calls never run on Swift's cooperative
 /// pool. Commands run as tasks against the export's node, several at once per client.
 /// The server never closes the nodes it exports.
 public final class NBDServer: @unchecked Sendable {
