@@ -33,6 +33,7 @@ public final class BitmapSideFile: @unchecked Sendable {
 
     /// The bitmap the file mirrors.
     public let bitmap: DirtyBitmap
+    /// The side file's path.
     public let path: String
     private let lock = AsyncMutex()
     private var fd: Int32

@@ -5,12 +5,15 @@ public final class DirtyBitmapSet: @unchecked Sendable {
     private let lock = PosixMutex()
     private var list: [DirtyBitmap] = []
 
+    /// Creates an empty set.
     public init() {}
 
     /// The bitmaps in the order they were added.
     public var all: [DirtyBitmap] { lock.withLock { list } }
+    /// Whether the node has no dirty bitmaps.
     public var isEmpty: Bool { lock.withLock { list.isEmpty } }
 
+    /// The bitmap called `name`, if any.
     public func named(_ name: String) -> DirtyBitmap? {
         lock.withLock { list.first { $0.name == name } }
     }

@@ -30,6 +30,11 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
     private var accounting = BlockBackendStats()
     private var closed = false
 
+    /// Creates a backend whose requests go to `node`.
+    /// - Parameters:
+    ///   - name: the device or export name ("" for an anonymous user such as a job).
+    ///   - node: the node requests go to until ``replaceNode(_:)`` switches it.
+    ///   - qdev: the QOM path of the device model using the backend, if any.
     public init(name: String = "", node: BlockNode, qdev: String? = nil) {
         self.name = name
         self.qdev = qdev
@@ -124,14 +129,24 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 
     // MARK: BlockDriver
 
+    /// The current node's driver name (`qcow2`, `raw`, …).
     public var driverName: String { node.driverName }
+    /// The current node's file name.
     public var filename: String { node.filename }
+    /// The current node's size as the guest sees it, in bytes.
     public var length: Int64 { node.length }
+    /// Whether the current node refuses writes.
     public var isReadOnly: Bool { node.isReadOnly }
+    /// The current node's request alignment, in bytes.
     public var requestAlignment: Int { node.requestAlignment }
+    /// The current node's protocol child, if any.
     public var file: (any BlockDriver)? { node.file }
+    /// The current node's backing image, if any.
     public var backing: (any BlockDriver)? { node.backing }
 
+    /// Reads `buffer.count` bytes at `offset` from the current node, counted in ``stats``.
+    /// Waits first while the backend is drained.
+    /// - Throws: the node's error (counted as a failed read).
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         let start = BlockBackendStats.now()
         let n = try await enter("read")
@@ -142,6 +157,9 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
         leave(.read, bytes: Int64(buffer.count), ok: true, start: start)
     }
 
+    /// Writes `buffer` at `offset` to the current node, counted in ``stats``.
+    /// Waits first while the backend is drained.
+    /// - Throws: the node's error (counted as a failed write).
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         let start = BlockBackendStats.now()
         let n = try await enter("write")
@@ -152,6 +170,8 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
         leave(.write, bytes: Int64(buffer.count), ok: true, start: start)
     }
 
+    /// Makes `length` bytes at `offset` read as zeros on the current node; counted as a write.
+    /// - Throws: the node's error; `.unsupported` with ``WriteFlags/noFallback`` when it cannot be done cheaply.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         let start = BlockBackendStats.now()
         let n = try await enter("write zeroes")
@@ -162,6 +182,8 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
         leave(.write, bytes: length, ok: true, start: start)
     }
 
+    /// Discards (unmaps) `length` bytes at `offset` on the current node; counted as an unmap.
+    /// - Throws: the node's error.
     public func discard(at offset: Int64, length: Int64) async throws {
         let start = BlockBackendStats.now()
         let n = try await enter("discard")
@@ -172,6 +194,8 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
         leave(.unmap, bytes: length, ok: true, start: start)
     }
 
+    /// Flushes the current node to stable storage; counted as a flush.
+    /// - Throws: the node's error.
     public func flush() async throws {
         let start = BlockBackendStats.now()
         let n = try await enter("flush")
@@ -182,12 +206,16 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
         leave(.flush, bytes: 0, ok: true, start: start)
     }
 
+    /// The allocation status of the run starting at `offset` on the current node (not counted).
+    /// - Throws: the node's error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         let n = try await enter("block status")
         defer { leave() }
         return try await n.blockStatus(at: offset, length: length)
     }
 
+    /// Resizes the current node to `length` bytes (QMP `block_resize`).
+    /// - Throws: the node's error, e.g. `.unsupported` for a format that cannot shrink.
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
         let n = try await enter("truncate")
         defer { leave() }
@@ -207,16 +235,26 @@ public final class BlockBackend: BlockFilter, @unchecked Sendable {
 /// failures and total time per kind (write-zeroes count as writes, discards as unmaps),
 /// and when the last request ended (`idle_time_ns`).
 public struct BlockBackendStats: Sendable, Equatable {
+    /// The request kinds QEMU accounts separately.
     public enum Kind: Sendable { case read, write, flush, unmap }
+    /// The counters of one request kind.
     public struct PerKind: Sendable, Equatable {
+        /// Bytes transferred by successful requests.
         public var bytes: Int64 = 0
+        /// Requests that succeeded.
         public var operations: Int64 = 0
+        /// Requests that failed.
         public var failed: Int64 = 0
+        /// Time spent in successful requests, in nanoseconds.
         public var totalTimeNs: Int64 = 0
     }
+    /// Reads (`rd_*` in `query-blockstats`).
     public var read = PerKind()
+    /// Writes and write-zeroes (`wr_*`).
     public var write = PerKind()
+    /// Flushes (`flush_*`).
     public var flush = PerKind()
+    /// Discards (`unmap_*`).
     public var unmap = PerKind()
     /// CLOCK_MONOTONIC time (ns) at which the last request ended; 0 before any.
     public var lastAccessNs: UInt64 = 0

@@ -14,6 +14,7 @@ public struct WriteFlags: OptionSet, Sendable, Hashable {
 
 /// The allocation status of a run of bytes at one node, as `bdrv_block_status` reports it.
 public struct BlockStatus: Sendable, Equatable, CustomStringConvertible {
+    /// What a run of bytes is: data, zeros, allocated here, compressed.
     public struct Flags: OptionSet, Sendable, Hashable {
         public let rawValue: UInt32
         public init(rawValue: UInt32) { self.rawValue = rawValue }
@@ -33,6 +34,7 @@ public struct BlockStatus: Sendable, Equatable, CustomStringConvertible {
     /// Where the run starts in this node's `file` child, when that is meaningful.
     public var hostOffset: Int64?
 
+    /// Creates a status for a run of `length` bytes.
     public init(flags: Flags, length: Int64, hostOffset: Int64? = nil) {
         self.flags = flags
         self.length = length
@@ -53,8 +55,9 @@ public enum Preallocation: String, Sendable, CaseIterable {
 /// protocol drivers (file, nbd) alike.
 ///
 /// All offsets and lengths are in bytes. Callers keep requests within ``length``; the
-/// ``Disk`` front end checks that, so drivers may assume it. Many requests may be in flight
-/// at once; each driver serializes what it must internally.
+/// front ends (`Image`, the tools, the NBD server) check that with
+/// `checkRequest(offset:length:operation:)`, so drivers may assume it. Many requests may be
+/// in flight at once; each driver serializes what it must internally.
 public protocol BlockDriver: AnyObject, Sendable {
     /// The driver name as QEMU spells it: "file", "raw", "qcow2".
     var driverName: String { get }

@@ -16,6 +16,7 @@ public final class BlockGraph: @unchecked Sendable {
     /// nodes under one another.
     private let changes = AsyncMutex()
 
+    /// Creates an empty graph.
     public init() {}
 
     /// Every node, in the order added.
@@ -23,6 +24,7 @@ public final class BlockGraph: @unchecked Sendable {
     /// Every attached backend.
     public var backends: [BlockBackend] { lock.withLock { backendList } }
 
+    /// The node whose `node-name` is `name`, if the graph holds one.
     public func node(named name: String) -> BlockNode? {
         lock.withLock { nodeList.first { $0.nodeName == name } }
     }
@@ -85,10 +87,13 @@ public final class BlockGraph: @unchecked Sendable {
         lock.withLock { nodeList.removeAll { $0 === node } }
     }
 
+    /// Records `backend` as a user of the graph (listed by ``backends``, switched by graph
+    /// changes); attaching it twice has no effect.
     public func attach(_ backend: BlockBackend) {
         lock.withLock { if !backendList.contains(where: { $0 === backend }) { backendList.append(backend) } }
     }
 
+    /// Forgets `backend` (its device or export went away); it keeps its node.
     public func detach(_ backend: BlockBackend) {
         lock.withLock { backendList.removeAll { $0 === backend } }
     }

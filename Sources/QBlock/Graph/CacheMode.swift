@@ -11,8 +11,11 @@ public enum CacheMode: String, Sendable, CaseIterable {
     /// Page cache used and flushes ignored.
     case unsafe
 
+    /// Opens files with `O_DIRECT`, bypassing the host page cache (`none`, `directsync`).
     public var direct: Bool { self == .none || self == .directsync }
+    /// Every write is made durable before it completes (`writethrough`, `directsync`).
     public var writeThrough: Bool { self == .writethrough || self == .directsync }
+    /// Flush requests are not passed to the host (`unsafe`).
     public var ignoresFlush: Bool { self == .unsafe }
 
     /// Parses qemu-img's `-t` values.

@@ -25,6 +25,7 @@ public struct SnapshotInfo: Sendable, Equatable {
     /// The instruction count of record/replay, or nil when there is none (QEMU's -1).
     public var icount: UInt64?
 
+    /// Creates a snapshot description; the fields are those of `qemu-img snapshot -l`.
     public init(id: String, name: String, dateSeconds: UInt32, dateNanoseconds: UInt32, vmClockNanoseconds: UInt64,
                 vmStateSize: UInt64, icount: UInt64?) {
         self.id = id
@@ -99,15 +100,25 @@ public enum CheckRepair: String, Sendable {
 
 /// The result of a consistency check, with the fields of `qemu-img check --output=json`.
 public struct CheckResult: Sendable, Equatable {
+    /// Problems that make the image unsafe to use (`corruptions`).
     public var corruptions = 0
+    /// Clusters allocated but referenced by nothing: wasted space, harmless (`leaks`).
     public var leaks = 0
+    /// Errors that stopped the check from looking at part of the image (`check-errors`).
     public var checkErrors = 0
+    /// Corruptions repaired by `-r all`.
     public var corruptionsFixed = 0
+    /// Leaks repaired by `-r leaks` or `-r all`.
     public var leaksFixed = 0
+    /// The end of the last used host cluster, in bytes (`image-end-offset`).
     public var imageEndOffset: Int64 = 0
+    /// Clusters the guest-visible size spans (`total-clusters`).
     public var totalClusters: Int64 = 0
+    /// Of those, the ones allocated in this image (`allocated-clusters`).
     public var allocatedClusters: Int64 = 0
+    /// Allocated clusters not contiguous with the previous one on the host (`fragmented-clusters`).
     public var fragmentedClusters: Int64 = 0
+    /// Allocated clusters stored compressed (`compressed-clusters`).
     public var compressedClusters: Int64 = 0
     /// One line per problem found, worded as qemu-img prints them
     /// ("Leaked cluster 5 refcount=1 reference=0").
@@ -116,6 +127,7 @@ public struct CheckResult: Sendable, Equatable {
     /// flushed before then is lost. A read-write open, or a repairing check, rebuilds what is
     /// needed and clears the bit.
     public var notClosedCleanly = false
+    /// An empty result: no problems, all counts 0.
     public init() {}
 }
 
@@ -130,6 +142,7 @@ public struct DriverInfo: Sendable, Equatable {
     /// The image was not closed cleanly (qcow2's dirty bit): "cleanly shut down: no".
     public var isDirty: Bool
 
+    /// Creates the description from its three fields.
     public init(clusterSize: Int, vmStateOffset: Int64, isDirty: Bool) {
         self.clusterSize = clusterSize
         self.vmStateOffset = vmStateOffset

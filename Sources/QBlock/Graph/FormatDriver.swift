@@ -86,6 +86,7 @@ public protocol Measurable: FormatDriver {
 public struct MeasureSource {
     /// One run of the image as `qemu-img map` sees it through the backing chain.
     public struct Run: Sendable {
+        /// Length of the run in bytes.
         public var length: Int64
         /// Reads as zeros.
         public var zero: Bool
@@ -94,6 +95,7 @@ public struct MeasureSource {
         /// Allocated in some image of the chain.
         public var present: Bool
 
+        /// Creates a run of `length` bytes with the given status.
         public init(length: Int64, zero: Bool, data: Bool, present: Bool) {
             self.length = length
             self.zero = zero
@@ -109,6 +111,7 @@ public struct MeasureSource {
     /// The run at an offset, at most the given length long.
     public var run: (_ offset: Int64, _ length: Int64) async throws -> Run
 
+    /// Creates a source over `node`, `length` bytes long, whose runs `run` reports.
     public init(node: any BlockDriver, length: Int64, run: @escaping (_ offset: Int64, _ length: Int64) async throws -> Run) {
         self.node = node
         self.length = length
@@ -138,6 +141,7 @@ public struct BlockdevCreatePlan: Sendable {
     /// Writes the new image onto the opened `file` node.
     public var create: @Sendable (any BlockDriver) async throws -> Void
 
+    /// Creates a plan from its parts (see the properties).
     public init(file: QObject, refusal: String?, check: @escaping @Sendable () throws -> Void,
                 create: @escaping @Sendable (any BlockDriver) async throws -> Void) {
         self.file = file
@@ -151,11 +155,14 @@ public struct BlockdevCreatePlan: Sendable {
 public struct CreateOption: Sendable {
     /// How qemu-img parses the value.
     public enum ValueType: Sendable { case size, bool, number, string }
+    /// The option's name as given to `-o` (`cluster_size`, `backing_file`, …).
     public var name: String
+    /// How the value is parsed.
     public var type: ValueType
     /// The value qemu-img prints when the option is not given (nil: not printed).
     public var defaultValue: String?
 
+    /// Declares an option `name` of `type`, printed with `defaultValue` when not given.
     public init(_ name: String, _ type: ValueType, default defaultValue: String? = nil) {
         self.name = name
         self.type = type
@@ -210,6 +217,7 @@ public struct MeasureResult: Sendable, Equatable {
     /// that can hold bitmaps).
     public var bitmaps: Int64?
 
+    /// Creates a result from its sizes in bytes.
     public init(required: Int64, fullyAllocated: Int64, bitmaps: Int64? = nil) {
         self.required = required
         self.fullyAllocated = fullyAllocated

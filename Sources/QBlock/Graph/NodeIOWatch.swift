@@ -16,6 +16,7 @@ public final class NodeIOWatch: Sendable {
     private let discardBytes = Atomic<Int64>(0)
     private let handler = Mutex<(@Sendable (_ exceeded: UInt64, _ threshold: UInt64) -> Void)?>(nil)
 
+    /// Creates a watch with nothing written, no discards and no threshold set.
     public init() {}
 
     /// The highest end offset of a successful write, write-zeroes or discard.

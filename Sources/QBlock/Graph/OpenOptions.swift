@@ -23,6 +23,8 @@ public struct OpenOptions: Sendable {
     /// ``FormatDriver/readBlockdevOptions(_:into:)`` set them; nil: the format's defaults.
     public var formatOptions: (any FormatOpenOptions)?
 
+    /// Creates open options; every parameter is the property of the same name, and the
+    /// defaults open read-write, with the page cache, backing files and locks, probing the format.
     public init(format: String? = nil, readOnly: Bool = false, cache: CacheMode = .writeback,
                 forceShare: Bool = false, openBacking: Bool = true, locking: Bool = true,
                 l2CacheSize: Int? = nil, allowCorrupt: Bool = false, forRepair: Bool = false) {

@@ -11,32 +11,47 @@ public final class UnclosedDriver: BlockDriver, @unchecked Sendable {
     public let base: any BlockDriver
     private let gate = CloseGate()
 
+    /// Wraps `base`, which someone else owns and closes.
     public init(_ base: any BlockDriver) { self.base = base }
 
+    /// The base's driver name.
     public var driverName: String { base.driverName }
+    /// The base's file name.
     public var filename: String { base.filename }
+    /// The base's size, in bytes.
     public var length: Int64 { base.length }
+    /// Whether the base refuses writes.
     public var isReadOnly: Bool { base.isReadOnly }
+    /// The base's request alignment, in bytes.
     public var requestAlignment: Int { base.requestAlignment }
+    /// The base's protocol child, if any.
     public var file: (any BlockDriver)? { base.file }
+    /// The base's backing image, if any.
     public var backing: (any BlockDriver)? { base.backing }
 
+    /// Reads from the base.
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await gate.run(filename, "read") { try await base.read(at: offset, into: buffer) }
     }
+    /// Writes to the base.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await gate.run(filename, "write") { try await base.write(at: offset, from: buffer, flags: flags) }
     }
+    /// Zeroes a range of the base.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try await gate.run(filename, "write zeroes") { try await base.writeZeroes(at: offset, length: length, flags: flags) }
     }
+    /// Discards a range of the base.
     public func discard(at offset: Int64, length: Int64) async throws {
         try await gate.run(filename, "discard") { try await base.discard(at: offset, length: length) }
     }
+    /// Flushes the base.
     public func flush() async throws { try await gate.run(filename, "flush") { try await base.flush() } }
+    /// The base's allocation status at `offset`.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await gate.run(filename, "block status") { try await base.blockStatus(at: offset, length: length) }
     }
+    /// Resizes the base.
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
         try await gate.run(filename, "truncate") { try await base.truncate(to: length, preallocation: preallocation) }
     }

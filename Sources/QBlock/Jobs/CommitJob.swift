@@ -9,6 +9,7 @@ import QBlockOperations
 ///
 /// Committing the active layer is a mirror into the base: see ``MirrorJob``.
 public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
+    /// Always ``JobType/commit``.
     public let jobType = JobType.commit
     /// The image above `top`, whose backing link changes.
     public let overlay: any BackingLinked

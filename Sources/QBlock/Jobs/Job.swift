@@ -17,6 +17,8 @@ public struct JobOptions: Sendable {
     /// The clock for rate limiting.
     public var clock: any JobClock
 
+    /// Creates job options; every parameter is the property of the same name. The defaults
+    /// are QEMU's: finalize and dismiss automatically, unlimited speed, the system clock.
     public init(id: String, autoFinalize: Bool = true, autoDismiss: Bool = true, speed: UInt64 = 0,
                 clock: any JobClock = SystemJobClock()) {
         self.id = id
@@ -29,7 +31,7 @@ public struct JobOptions: Sendable {
 
 /// One job: the generic part QEMU keeps in `job.c` and `blockjob.c` — status, pause
 /// counting, cancellation, progress, rate limit, error policy and events — around a
-/// ``JobDriver`` that does the work.
+/// `JobDriver` that does the work.
 ///
 /// The lifecycle follows ``JobStateMachine``; every verb is checked against its table
 /// first. The driver's body runs in its own task; the verbs only change state under a
@@ -362,6 +364,7 @@ public struct JobEvent: Sendable, CustomStringConvertible {
     public let data: QObject.Dict
     /// The same event as a typed value, for the library API.
     let typed: BlockJobEvent?
+    /// Creates an event without a typed counterpart (one that only QMP clients see).
     public init(name: String, data: QObject.Dict) {
         self.init(name: name, data: data, typed: nil)
     }

@@ -8,6 +8,7 @@ public final class JobManager: @unchecked Sendable {
     private var nextSinkID = 0
     private var reserved: Set<String> = []
 
+    /// Creates a manager with no jobs and no subscribers.
     public init() {}
 
     /// Adds an event subscriber; returns a token for ``unsubscribe(_:)``.
@@ -97,11 +98,17 @@ extension Unicode.Scalar {
 
 /// What `query-jobs` reports for one job (QAPI's `JobInfo`).
 public struct JobInfo: Sendable, Equatable {
+    /// The job ID (`id`).
     public var id: String
+    /// The job's kind (`type`: `stream`, `commit`, `mirror`, …).
     public var type: JobType
+    /// Where the job is in its life cycle (`status`).
     public var status: JobStatus
+    /// Progress so far, in the job's units (bytes for block jobs) (`current-progress`).
     public var currentProgress: UInt64
+    /// The progress at which the job will be done; may grow while it runs (`total-progress`).
     public var totalProgress: UInt64
+    /// Why the job failed, once it concluded with an error (`error`).
     public var error: String?
 
     /// The QMP representation.
@@ -119,18 +126,31 @@ public struct JobInfo: Sendable, Equatable {
 
 /// What `query-block-jobs` reports for one job (QAPI's `BlockJobInfo`).
 public struct BlockJobInfo: Sendable, Equatable {
+    /// The job's kind (`type`).
     public var type: JobType
+    /// The job ID; QEMU calls it `device` here for historical reasons.
     public var device: String
+    /// Bytes the job expects to process (`len`); may grow while it runs.
     public var len: UInt64
+    /// Bytes processed so far (`offset`).
     public var offset: UInt64
+    /// The job's coroutine is doing work rather than sleeping or waiting (`busy`).
     public var busy: Bool
+    /// A user paused the job (`paused`).
     public var paused: Bool
+    /// The rate limit in bytes per second; 0 is unlimited (`speed`).
     public var speed: UInt64
+    /// Whether the job stopped on an I/O error (`io-status`).
     public var ioStatus: BlockIOStatus
+    /// The job reached the ready phase and may be completed (`ready`).
     public var ready: Bool
+    /// Where the job is in its life cycle (`status`).
     public var status: JobStatus
+    /// Whether the job finalizes without `job-finalize` (`auto-finalize`).
     public var autoFinalize: Bool
+    /// Whether the job disappears without `job-dismiss` (`auto-dismiss`).
     public var autoDismiss: Bool
+    /// Why the job failed, once it concluded with an error (`error`).
     public var error: String?
 
     /// The QMP representation.

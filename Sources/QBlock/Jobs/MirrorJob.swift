@@ -14,13 +14,17 @@ public enum MirrorSync: String, Sendable, CaseIterable {
 
 /// The tunables of a mirror (the arguments of `drive-mirror`/`blockdev-mirror` past the nodes).
 public struct MirrorOptions: Sendable {
+    /// What to copy (`sync`): the whole disk, the top image, or only new writes.
     public var sync: MirrorSync
+    /// Whether guest writes wait for their copy to the target (`copy-mode`).
     public var copyMode: MirrorCopyMode
     /// Bytes per dirty bit (`granularity`); nil: the target's cluster size within 4 KiB...64 KiB, else 64 KiB.
     public var granularity: Int64?
     /// Bytes copied at once at most (`buf-size`), split into requests of up to 1 MiB.
     public var bufSize: Int64
+    /// What to do when reading the source fails (`on-source-error`).
     public var onSourceError: BlockdevOnError
+    /// What to do when writing the target fails (`on-target-error`).
     public var onTargetError: BlockdevOnError
     /// The target reads as zeros already (a new image): areas the source does not allocate are not copied.
     public var targetIsZeroed: Bool
@@ -42,6 +46,8 @@ public struct MirrorOptions: Sendable {
     /// written as zeros (`unmap`, default true); both read back as zeros.
     public var unmap: Bool = true
 
+    /// Creates mirror options; every parameter is the property of the same name. The
+    /// defaults are `drive-mirror`'s: a full background copy, 16 MiB buffer, errors reported.
     public init(sync: MirrorSync = .full, copyMode: MirrorCopyMode = .background, granularity: Int64? = nil,
                 bufSize: Int64 = 16 << 20, onSourceError: BlockdevOnError = .report, onTargetError: BlockdevOnError = .report,
                 targetIsZeroed: Bool = false, commitBase: (any BlockDriver)? = nil, bitmapFile: String? = nil,
@@ -67,8 +73,11 @@ public struct MirrorOptions: Sendable {
 /// `block-job-complete` drains the users, copies the last dirty areas and switches every
 /// user to the target; a cancel after `ready` leaves a consistent copy without switching.
 public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchecked Sendable {
+    /// ``JobType/mirror``, or ``JobType/commit`` for an active commit.
     public let jobType: JobType
+    /// The node being copied (QEMU's `mirror_top_bs` sits above it while the job runs).
     public let sourceNode: BlockNode
+    /// The node the copy is written to; users are switched to it on completion.
     public let targetNode: BlockNode
     let graph: BlockGraph
     let options: MirrorOptions

@@ -13,12 +13,15 @@ public protocol JobClock: Sendable {
 
 /// The monotonic system clock.
 public struct SystemJobClock: JobClock {
+    /// The system clock (it has no state).
     public init() {}
+    /// `CLOCK_MONOTONIC` in nanoseconds.
     public func now() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
+    /// Sleeps with `Task.sleep`; returns early when the task is cancelled.
     public func sleep(nanoseconds: UInt64) async {
         try? await Task.sleep(nanoseconds: nanoseconds)
     }
@@ -31,13 +34,16 @@ public final class ManualJobClock: JobClock, @unchecked Sendable {
     private var current: UInt64
     private var sleepers: [(deadline: UInt64, wake: UnsafeContinuation<Void, Never>)] = []
 
+    /// Creates a clock showing `start` nanoseconds.
     public init(start: UInt64 = 0) { current = start }
 
+    /// The clock's current time, moved only by ``advance(by:)``.
     public func now() -> UInt64 { lock.withLock { current } }
 
     /// Number of tasks sleeping on this clock.
     public var sleeperCount: Int { lock.withLock { sleepers.count } }
 
+    /// Suspends until ``advance(by:)`` moves the clock `nanoseconds` past now (returns at once for 0).
     public func sleep(nanoseconds: UInt64) async {
         await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
             let now: Bool = lock.withLock {
@@ -74,6 +80,7 @@ public struct TokenBucket: Sendable, Equatable {
     /// The burst: one slice's worth of bytes.
     public static let sliceNanoseconds: UInt64 = 100_000_000
 
+    /// Creates a bucket limited to `rate` bytes per second (0: unlimited), with no tokens.
     public init(rate: UInt64 = 0) {
         self.rate = rate
         self.tokens = 0

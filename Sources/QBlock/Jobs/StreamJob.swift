@@ -9,6 +9,7 @@ import QBlockOperations
 /// Copies go through a ``CopyOnReadNode`` over the image; writers that go through the
 /// same filter are serialized with the copies, so no copy overwrites newer data.
 public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
+    /// Always ``JobType/stream``.
     public let jobType = JobType.stream
     /// The image being filled.
     public let top: any BackingLinked
@@ -47,7 +48,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     }
 
     /// Puts the filter above `node` (the graph node of ``top``) for every user of it, so
-    /// that their writes are serialized with the copies; ``clean(_:)`` takes it out again.
+    /// that their writes are serialized with the copies; `clean(_:)` takes it out again.
     /// - Parameter name: the filter's node name (`filter-node-name`); default: generated.
     public func insertFilter(into graph: BlockGraph, above node: BlockNode, name: String? = nil) async throws {
         let f = BlockNode(nodeName: name ?? graph.generateNodeName(), driver: filter)

@@ -8,8 +8,11 @@ import QBlockNBDWire
 public final class QMPNBDState: @unchecked Sendable {
     /// One `block-export-add` export: its id, the NBD export and the backend it serves.
     public struct Export {
+        /// The export's id (`id` of `block-export-add`), used by `block-export-del`.
         public let id: String
+        /// The NBD export the server offers.
         public let export: NBDExport
+        /// The backend the export serves, attached to the monitor's graph.
         public let backend: BlockBackend
     }
 

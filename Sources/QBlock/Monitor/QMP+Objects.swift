@@ -103,8 +103,11 @@ public final class QMPObjects: @unchecked Sendable {
     // @unchecked: every stored property is guarded by `lock`.
     /// An iothread object's properties.
     public struct IOThread: Sendable {
+        /// The object's id (`object-add`'s `id`).
         public var id: String
+        /// Polling properties (`poll-max-ns`, `poll-grow`, `poll-shrink`); recorded and reported, not acted on.
         public var pollMaxNs: Int64 = 32768, pollGrow: Int64 = 0, pollShrink: Int64 = 0
+        /// Batching and thread-pool properties (`aio-max-batch`, `thread-pool-min`, `thread-pool-max`); recorded and reported, not acted on.
         public var aioMaxBatch: Int64 = 0, threadPoolMin: Int64 = 0, threadPoolMax: Int64 = 64
     }
 

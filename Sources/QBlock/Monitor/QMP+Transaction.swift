@@ -24,8 +24,11 @@ public protocol QMPTransactionAction: AnyObject {
 }
 
 extension QMPTransactionAction {
+    /// Default: the action has no work to do with writers held.
     public func prepareDrained() async throws {}
+    /// Default: the action switches nothing while writers are held.
     public func commitDrained() {}
+    /// Default: the action has nothing to finish once writers run again.
     public func commit() async {}
 }
 

@@ -66,6 +66,7 @@ public final class QMPArguments: @unchecked Sendable {
     public let path: String
     private var used = Set<String>()
 
+    /// Wraps the members `dict` of the object at the dotted `path` ("" for the command's arguments).
     public init(_ dict: QObject.Dict = QObject.Dict(), path: String = "") {
         self.dict = dict
         self.path = path

@@ -239,14 +239,19 @@ extension String {
 
 /// The members of a `blockdev-add` or `blockdev-create` options object, as a format driver reads them.
 extension QMPArguments: DriverOptionReader {
+    /// QEMU's "Parameter 'NAME' is missing" for the member `key`.
     public func missingError(_ key: String) -> any Error { missing(key) }
 
+    /// A QAPI `size` member; a negative number is taken as is.
+    /// - Throws: ``QMPError`` "Parameter 'NAME' expects uint64" if the member is not a number.
     public func optionalSize(_ key: String) throws -> Int64? {
         guard let v = value(key) else { return nil }
         guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(name(key))' expects uint64") }
         return i
     }
 
+    /// A member of QAPI's `BlockdevDriver` enum.
+    /// - Throws: ``QMPError`` if the member is not a string naming a driver QEMU knows.
     public func optionalDriverName(_ key: String) throws -> String? {
         try optionalEnum(key, QMPMonitor.blockdevDriverNames)
     }

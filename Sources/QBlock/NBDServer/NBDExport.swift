@@ -22,10 +22,13 @@ public final class NBDExport: Sendable {
         case off, on, unmap
     }
 
+    /// The choices made when the export is created (qemu-nbd's command-line options).
     public struct Options: Sendable {
         /// Advertise the export read-only and refuse writes with EPERM.
         public var readOnly: Bool
+        /// What a client's TRIM does (`--discard`); default ``DiscardMode/ignore``.
         public var discard: DiscardMode
+        /// Whether all-zero writes become write-zeroes (`--detect-zeroes`); default ``DetectZeroes/off``.
         public var detectZeroes: DetectZeroes
         /// Offer the `qemu:allocation-depth` metadata context (qemu-nbd `-A`).
         public var allocationDepth: Bool
@@ -40,6 +43,9 @@ public final class NBDExport: Sendable {
         /// They are marked busy while the export exists.
         public var bitmaps: [DirtyBitmap]
 
+        /// Creates options; every parameter is the property of the same name. The defaults are
+        /// qemu-nbd's: writable, TRIM ignored, no zero detection, write-back, no metadata beyond
+        /// `base:allocation`.
         public init(readOnly: Bool = false, discard: DiscardMode = .ignore, detectZeroes: DetectZeroes = .off,
                     allocationDepth: Bool = false, writethrough: Bool = false, multiConnection: Bool? = nil,
                     bitmaps: [DirtyBitmap] = []) {
@@ -53,9 +59,13 @@ public final class NBDExport: Sendable {
         }
     }
 
+    /// The name clients ask for in NBD_OPT_GO ("" is the default export).
     public let name: String
+    /// A human-readable description sent with NBD_INFO_DESCRIPTION, if any (qemu-nbd `-D`).
     public let description: String?
+    /// The disk served; the export never closes it.
     public let node: any BlockDriver
+    /// The options the export was created with (see ``writePolicy`` for the ones in force).
     public let options: Options
     /// The discard and detect-zeroes choices in force, initially `options`' ones; a QMP
     /// `blockdev-reopen` of the exported node changes them while clients are connected
@@ -72,10 +82,13 @@ public final class NBDExport: Sendable {
             _discard = discard
             _detectZeroes = detectZeroes
         }
+        /// What a client's TRIM does now.
         public var discard: DiscardMode { lock.withLock { _discard } }
+        /// Whether all-zero writes become write-zeroes now.
         public var detectZeroes: DetectZeroes { lock.withLock { _detectZeroes } }
         /// Both at once.
         public var current: (discard: DiscardMode, detectZeroes: DetectZeroes) { lock.withLock { (_discard, _detectZeroes) } }
+        /// Changes both choices at once; requests that start afterwards use the new ones.
         public func set(discard: DiscardMode, detectZeroes: DetectZeroes) {
             lock.withLock { _discard = discard; _detectZeroes = detectZeroes }
         }
@@ -141,9 +154,12 @@ public final class NBDExport: Sendable {
 /// What the handshake needs to know about an export: its name, description, size and
 /// transmission flags. A value, so the handshake state machine stays free of I/O.
 public struct NBDExportDescriptor: Sendable, Equatable {
+    /// The export name.
     public var name: String
     public var description: String?
+    /// The export's size in bytes, as NBD_INFO_EXPORT reports it.
     public var size: UInt64
+    /// The transmission flags advertised (read-only, flush, FUA, trim, …).
     public var flags: NBD.TransmissionFlags
     /// Whether `qemu:allocation-depth` is offered.
     public var allocationDepth: Bool

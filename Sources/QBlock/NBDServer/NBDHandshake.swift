@@ -33,10 +33,12 @@ public enum NBDMetaContext: Sendable, Hashable, Comparable {
 
 /// What the handshake settled for the transmission phase.
 public struct NBDNegotiated: Sendable, Equatable {
+    /// The export the client chose.
     public var export: NBDExportDescriptor
     /// The transmission flags sent to the client (the export's, plus SEND_DF with
     /// structured replies).
     public var flags: NBD.TransmissionFlags
+    /// Whether the client asked for structured replies (NBD_OPT_STRUCTURED_REPLY).
     public var structuredReplies: Bool
     /// The selected metadata contexts, in the order their chunks are sent.
     public var contexts: [NBDMetaContext]
@@ -50,6 +52,7 @@ public struct NBDNegotiated: Sendable, Equatable {
 /// Replies follow qemu-nbd 7.2 (`nbd/server.c`): which INFO items are sent, the order of
 /// META_CONTEXT replies, which options need structured replies first.
 public struct NBDServerHandshake: Sendable {
+    /// What the driver of the handshake does next, in the order returned.
     public enum Action: Sendable, Equatable {
         /// Write these bytes to the client.
         case send([UInt8])
@@ -94,6 +97,7 @@ public struct NBDServerHandshake: Sendable {
         }
     }
 
+    /// Whether the handshake ended (with ``Action/transmit(_:)`` or ``Action/close``).
     public var isFinished: Bool { state == .finished }
 
     /// Feeds exactly ``bytesWanted`` bytes.

@@ -18,16 +18,18 @@ import QBlockNBDWire
 /// ```
 ///
 /// Each listening socket has an acceptor thread and each client a reader and a writer
-/// thread (``NBDConnection``): blocking socket calls never run on Swift's cooperative
+/// thread (`NBDConnection`): blocking socket calls never run on Swift's cooperative
 /// pool. Commands run as tasks against the export's node, several at once per client.
 /// The server never closes the nodes it exports.
 public final class NBDServer: @unchecked Sendable {
+    /// How the server as a whole behaves (qemu-nbd's `-e` and `-t`).
     public struct Options: Sendable {
         /// Clients served at once (qemu-nbd `-e`); more wait in the listen backlog.
         public var maxClients: Int
         /// Keep running when the last client disconnects (qemu-nbd `-t`).
         public var persistent: Bool
 
+        /// Creates options; `maxClients` below 1 is taken as 1.
         public init(maxClients: Int = 1, persistent: Bool = true) {
             self.maxClients = max(1, maxClients)
             self.persistent = persistent
@@ -36,7 +38,9 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Where a listener listens.
     public enum Address: Sendable, Equatable, CustomStringConvertible {
+        /// A Unix domain socket at `path`.
         case unix(path: String)
+        /// A TCP socket on `host` (a name or address) and `port`; port 0 picks a free port.
         case tcp(host: String, port: UInt16)
 
         public var description: String {
@@ -54,6 +58,7 @@ public final class NBDServer: @unchecked Sendable {
         let address: Address
     }
 
+    /// The options the server was created with.
     public let options: Options
     private let condition = NSCondition()
     private var state = State.idle
@@ -101,6 +106,7 @@ public final class NBDServer: @unchecked Sendable {
         _ = try removeExport(named: name, force: true)
     }
 
+    /// The names of the exports new clients can choose, in the order NBD_OPT_LIST lists them.
     public var exportNames: [String] { condition.withLock { exports.map(\.name) } }
 
     /// Makes `c` a client of `export` if the export is still offered. Under the server's lock,

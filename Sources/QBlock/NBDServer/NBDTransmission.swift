@@ -18,6 +18,7 @@ public struct NBDTransmission: Sendable {
         case blockStatus(offset: UInt64, length: UInt32, reqOne: Bool)
     }
 
+    /// What the connection does with one request header.
     public enum Decision: Sendable, Equatable {
         /// Read `payload` bytes (the data of a write) and run the command.
         case execute(Command, cookie: UInt64, payload: Int)
@@ -30,12 +31,18 @@ public struct NBDTransmission: Sendable {
         case close
     }
 
+    /// The export's size in bytes; requests beyond it are refused with EINVAL.
     public let size: UInt64
+    /// The transmission flags the handshake sent (they decide which commands are allowed).
     public let flags: NBD.TransmissionFlags
+    /// Whether replies may be structured (else every reply is simple).
     public let structuredReplies: Bool
+    /// The metadata contexts NBD_CMD_BLOCK_STATUS reports, in chunk order.
     public let contexts: [NBDMetaContext]
+    /// Whether the connection is to be closed (a disconnect or a broken stream was seen).
     public private(set) var isClosed = false
 
+    /// Creates the state machine for an export of `size` bytes with what the handshake settled.
     public init(size: UInt64, flags: NBD.TransmissionFlags, structuredReplies: Bool, contexts: [NBDMetaContext]) {
         self.size = size
         self.flags = flags
@@ -43,6 +50,7 @@ public struct NBDTransmission: Sendable {
         self.contexts = contexts
     }
 
+    /// Creates the state machine for what a finished handshake settled.
     public init(_ n: NBDNegotiated) {
         self.init(size: n.export.size, flags: n.flags, structuredReplies: n.structuredReplies, contexts: n.contexts)
     }

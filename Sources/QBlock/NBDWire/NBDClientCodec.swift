@@ -4,7 +4,9 @@
 
 /// Why a message from the server could not be decoded.
 public struct NBDProtocolViolation: Error, Sendable, Equatable, CustomStringConvertible {
+    /// What was wrong, for messages and logs.
     public var reason: String
+    /// Creates a violation described by `reason`.
     public init(_ reason: String) { self.reason = reason }
     public var description: String { reason }
 }
@@ -30,15 +32,22 @@ extension NBDEncode {
 
 /// The 20-byte header of an option reply; `length` payload bytes follow.
 public struct NBDOptionReplyHeader: Sendable, Equatable {
+    /// The header's size on the wire, in bytes.
     public static let size = 20
+    /// The option this reply answers (the value the client sent).
     public var option: UInt32
     /// The raw reply type (unknown values kept; errors have bit 31 set).
     public var type: UInt32
+    /// How many payload bytes follow the header.
     public var length: UInt32
 
+    /// The reply type, if it is one the protocol defines.
     public var replyType: NBD.OptionReply? { NBD.OptionReply(rawValue: type) }
+    /// Whether the reply is an error (NBD_REP_ERR_*: bit 31 set).
     public var isError: Bool { type & 0x8000_0000 != 0 }
 
+    /// Decodes a header of exactly ``size`` bytes.
+    /// - Throws: ``NBDProtocolViolation`` if it is truncated or its magic is not `optionReplyMagic`.
     public static func decode(_ b: [UInt8]) throws(NBDProtocolViolation) -> NBDOptionReplyHeader {
         var r = NBDReader(b)
         guard b.count == size, let magic = try? r.u64(), let option = try? r.u32(), let type = try? r.u32(),
@@ -53,12 +62,17 @@ public struct NBDOptionReplyHeader: Sendable, Equatable {
 /// The header of a transmission-phase reply: a simple reply (16 bytes) or a structured
 /// reply chunk (20 bytes). Both start with the same 16 bytes after the magic is told apart.
 public enum NBDReplyHeader: Sendable, Equatable {
+    /// A simple reply: its error (0 for success) and the request's cookie; a read's data follows.
     case simple(error: UInt32, cookie: UInt64)
+    /// A structured reply chunk: flags (``NBD/replyFlagDone``), chunk type, cookie and payload length.
     case chunk(flags: UInt16, type: UInt16, cookie: UInt64, length: UInt32)
 
+    /// The size of a simple reply header, in bytes.
     public static let simpleSize = 16
+    /// The size of a structured reply chunk header, in bytes.
     public static let chunkSize = 20
 
+    /// The cookie of the request this reply answers.
     public var cookie: UInt64 {
         switch self {
         case .simple(_, let c), .chunk(_, _, let c, _): return c
@@ -101,16 +115,23 @@ public enum NBDChunk {
     /// An error chunk: NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_ERROR_OFFSET, or any unknown
     /// type with the error bit (15) set.
     public struct ErrorPayload: Sendable, Equatable {
+        /// The error, as an NBD error value (``NBD/WireError``'s raw values, but unknown ones kept).
         public var error: UInt32
+        /// The server's human-readable message (may be empty).
         public var message: String
+        /// Where the error happened, for NBD_REPLY_TYPE_ERROR_OFFSET.
         public var offset: UInt64?
+        /// Creates an error payload from its fields.
         public init(error: UInt32, message: String, offset: UInt64?) {
             self.error = error; self.message = message; self.offset = offset
         }
     }
 
+    /// Whether a chunk type is an error type (bit 15 set), known or not.
     public static func isErrorType(_ type: UInt16) -> Bool { type & 0x8000 != 0 }
 
+    /// Decodes the payload of an error chunk of type `type`.
+    /// - Throws: ``NBDProtocolViolation`` if it is malformed or carries error value 0.
     public static func decodeError(type: UInt16, _ p: [UInt8]) throws(NBDProtocolViolation) -> ErrorPayload {
         var r = NBDReader(p)
         guard let error = try? r.u32(), let n = try? r.u16(), let msg = try? r.take(Int(n)) else {

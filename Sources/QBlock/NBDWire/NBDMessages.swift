@@ -3,13 +3,21 @@
 
 /// Appends big-endian fields to a byte array.
 public struct NBDWriter: Sendable {
+    /// The bytes written so far.
     public private(set) var bytes: [UInt8] = []
+    /// Creates an empty writer that reserves `capacity` bytes.
     public init(capacity: Int = 64) { bytes.reserveCapacity(capacity) }
+    /// Appends one byte.
     public mutating func u8(_ v: UInt8) { bytes.append(v) }
+    /// Appends a big-endian 16-bit value.
     public mutating func u16(_ v: UInt16) { bytes.append(UInt8(v >> 8)); bytes.append(UInt8(v & 0xff)) }
+    /// Appends a big-endian 32-bit value.
     public mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8((v >> UInt32(s)) & 0xff)) } }
+    /// Appends a big-endian 64-bit value.
     public mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8((v >> UInt64(s)) & 0xff)) } }
+    /// Appends raw bytes.
     public mutating func append(_ b: [UInt8]) { bytes.append(contentsOf: b) }
+    /// Appends a string's UTF-8 bytes, without length or terminator.
     public mutating func string(_ s: String) { bytes.append(contentsOf: Array(s.utf8)) }
     /// A u32 length followed by the string's UTF-8 bytes.
     public mutating func lengthPrefixed(_ s: String) {
@@ -21,18 +29,27 @@ public struct NBDWriter: Sendable {
 
 /// Reads big-endian fields from a byte array; every read checks the bounds.
 public struct NBDReader: Sendable {
+    /// The bytes being read.
     public let bytes: [UInt8]
+    /// The offset of the next byte to read.
     public private(set) var position = 0
+    /// Creates a reader at the start of `bytes`.
     public init(_ bytes: [UInt8]) { self.bytes = bytes }
+    /// Bytes left after ``position``.
     public var remaining: Int { bytes.count - position }
 
+    /// Thrown when a read goes past the end (or a length exceeds its limit).
     public struct Truncated: Error, Sendable {}
 
+    /// Reads a big-endian 16-bit value.
+    /// - Throws: ``Truncated`` if fewer than 2 bytes remain.
     public mutating func u16() throws -> UInt16 {
         guard remaining >= 2 else { throw Truncated() }
         defer { position += 2 }
         return UInt16(bytes[position]) << 8 | UInt16(bytes[position + 1])
     }
+    /// Reads a big-endian 32-bit value.
+    /// - Throws: ``Truncated`` if fewer than 4 bytes remain.
     public mutating func u32() throws -> UInt32 {
         guard remaining >= 4 else { throw Truncated() }
         var v: UInt32 = 0
@@ -40,6 +57,8 @@ public struct NBDReader: Sendable {
         position += 4
         return v
     }
+    /// Reads a big-endian 64-bit value.
+    /// - Throws: ``Truncated`` if fewer than 8 bytes remain.
     public mutating func u64() throws -> UInt64 {
         guard remaining >= 8 else { throw Truncated() }
         var v: UInt64 = 0
@@ -47,6 +66,8 @@ public struct NBDReader: Sendable {
         position += 8
         return v
     }
+    /// Reads the next `n` bytes.
+    /// - Throws: ``Truncated`` if `n` is negative or fewer than `n` bytes remain.
     public mutating func take(_ n: Int) throws -> [UInt8] {
         guard n >= 0, remaining >= n else { throw Truncated() }
         defer { position += n }
@@ -62,14 +83,20 @@ public struct NBDReader: Sendable {
 
 /// A transmission-phase request header (28 bytes).
 public struct NBDRequest: Sendable, Equatable {
+    /// The header's size on the wire, in bytes.
     public static let size = 28
+    /// The request's flags (FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO).
     public var flags: NBD.CommandFlags
     /// The raw command type (unknown values are kept so that the server can reject them).
     public var type: UInt16
+    /// The client's tag for the request, echoed in every reply to it.
     public var cookie: UInt64
+    /// Where the request starts in the export, in bytes.
     public var offset: UInt64
+    /// How many bytes the request covers (a write's payload length).
     public var length: UInt32
 
+    /// Creates a request header from its fields.
     public init(flags: NBD.CommandFlags, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt32) {
         self.flags = flags
         self.type = type
@@ -78,6 +105,7 @@ public struct NBDRequest: Sendable, Equatable {
         self.length = length
     }
 
+    /// The command, if ``type`` is one the protocol defines.
     public var command: NBD.Command? { NBD.Command(rawValue: type) }
 
     /// Decodes a header; nil if the magic is wrong.
@@ -89,6 +117,7 @@ public struct NBDRequest: Sendable, Equatable {
         return NBDRequest(flags: NBD.CommandFlags(rawValue: flags), type: type, cookie: cookie, offset: offset, length: length)
     }
 
+    /// Encodes the header (``size`` bytes, starting with the request magic).
     public func encode() -> [UInt8] {
         var w = NBDWriter(capacity: NBDRequest.size)
         w.u32(NBD.requestMagic)
@@ -138,6 +167,7 @@ public enum NBDEncode {
         return w.bytes
     }
 
+    /// A simple reply header: the simple reply magic, `error` and `cookie` (16 bytes).
     public static func simpleReplyHeader(error: NBD.WireError, cookie: UInt64) -> [UInt8] {
         var w = NBDWriter(capacity: 16)
         w.u32(NBD.simpleReplyMagic)
@@ -198,11 +228,15 @@ public enum NBDEncode {
 
 /// The payload of NBD_OPT_INFO / NBD_OPT_GO.
 public struct NBDInfoRequest: Sendable, Equatable {
+    /// The export the client asks about.
     public var exportName: String
+    /// The NBD_INFO_* items the client asks for (raw values; unknown ones are ignored).
     public var requests: [UInt16]
 
+    /// Creates a request from its fields.
     public init(exportName: String, requests: [UInt16]) { self.exportName = exportName; self.requests = requests }
 
+    /// Decodes a payload; nil if it is malformed or has bytes left over.
     public static func decode(_ payload: [UInt8]) -> NBDInfoRequest? {
         var r = NBDReader(payload)
         guard let name = try? r.lengthPrefixedString(), let n = try? r.u16() else { return nil }
@@ -215,6 +249,7 @@ public struct NBDInfoRequest: Sendable, Equatable {
         return NBDInfoRequest(exportName: name, requests: reqs)
     }
 
+    /// Encodes the payload as a client sends it.
     public func encode() -> [UInt8] {
         var w = NBDWriter()
         w.lengthPrefixed(exportName)
@@ -226,11 +261,15 @@ public struct NBDInfoRequest: Sendable, Equatable {
 
 /// The payload of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
 public struct NBDMetaContextRequest: Sendable, Equatable {
+    /// The export the contexts are for.
     public var exportName: String
+    /// The context names or queries (`base:allocation`, `qemu:dirty-bitmap:`, …); empty lists all.
     public var queries: [String]
 
+    /// Creates a request from its fields.
     public init(exportName: String, queries: [String]) { self.exportName = exportName; self.queries = queries }
 
+    /// Decodes a payload; nil if it is malformed or has bytes left over.
     public static func decode(_ payload: [UInt8]) -> NBDMetaContextRequest? {
         var r = NBDReader(payload)
         guard let name = try? r.lengthPrefixedString(), let n = try? r.u32() else { return nil }
@@ -243,6 +282,7 @@ public struct NBDMetaContextRequest: Sendable, Equatable {
         return NBDMetaContextRequest(exportName: name, queries: qs)
     }
 
+    /// Encodes the payload as a client sends it.
     public func encode() -> [UInt8] {
         var w = NBDWriter()
         w.lengthPrefixed(exportName)

@@ -1,13 +1,21 @@
 /// Constants of the NBD protocol (the NBD project's `doc/proto.md`), shared by the server
 /// and the client. Values are written and read big-endian, one field at a time.
 public enum NBD {
+    /// The server greeting's first field, "NBDMAGIC".
     public static let initMagic: UInt64 = 0x4e42_444d_4147_4943          // "NBDMAGIC"
+    /// The newstyle greeting's second field and the start of every option request, "IHAVEOPT".
     public static let optionMagic: UInt64 = 0x4948_4156_454f_5054        // "IHAVEOPT"
+    /// The start of every option reply.
     public static let optionReplyMagic: UInt64 = 0x0003_e889_0455_65a9
+    /// The oldstyle greeting's second field (the client recognizes it to refuse the server).
     public static let oldstyleMagic: UInt64 = 0x0000_4202_8186_1253
+    /// The start of every transmission request.
     public static let requestMagic: UInt32 = 0x2560_9513
+    /// The start of a simple reply.
     public static let simpleReplyMagic: UInt32 = 0x6744_6698
+    /// The start of a structured reply chunk.
     public static let structuredReplyMagic: UInt32 = 0x668e_33ef
+    /// The IANA-assigned TCP port, used when an `nbd://` URI names none.
     public static let defaultPort: UInt16 = 10809
     /// Largest option payload a server accepts (qemu-nbd uses NBD_MAX_BUFFER_SIZE-ish limits).
     public static let maxOptionLength: UInt32 = 64 * 1024
@@ -107,11 +115,17 @@ public enum NBD {
     public struct CommandFlags: OptionSet, Sendable, Hashable {
         public let rawValue: UInt16
         public init(rawValue: UInt16) { self.rawValue = rawValue }
+        /// Force unit access: the write is durable before the reply.
         public static let fua = CommandFlags(rawValue: 1 << 0)
+        /// Write-zeroes must not deallocate.
         public static let noHole = CommandFlags(rawValue: 1 << 1)
+        /// Don't fragment: a read's data comes in one chunk.
         public static let dontFragment = CommandFlags(rawValue: 1 << 2)
+        /// Block status: one extent is enough.
         public static let reqOne = CommandFlags(rawValue: 1 << 3)
+        /// Write-zeroes: fail rather than write zeros slowly.
         public static let fastZero = CommandFlags(rawValue: 1 << 4)
+        /// Every flag the protocol defines for requests.
         public static let known: CommandFlags = [.fua, .noHole, .dontFragment, .reqOne, .fastZero]
     }
 
@@ -140,8 +154,8 @@ public enum NBD {
         case notsup = 95
         case shutdown = 108
 
-        /// Maps a host errno to the protocol's value (anything unlisted becomes EINVAL, as
-        /// the protocol recommends).
+        /// Maps a host errno to the protocol's value (EACCES and EROFS become EPERM, EDQUOT
+        /// ENOSPC, anything else unlisted EIO).
         public init(errno: Int32) {
             switch errno {
             case 0: self = .ok
@@ -163,11 +177,15 @@ public enum NBD {
 
     /// base:allocation status flags.
     public static let stateHole: UInt32 = 1 << 0
+    /// `base:allocation`: the area reads as zeros.
     public static let stateZero: UInt32 = 1 << 1
     /// `qemu:dirty-bitmap:` status flag: the area is dirty.
     public static let stateDirty: UInt32 = 1 << 0
 
+    /// The standard allocation context (holes and zeros).
     public static let contextBaseAllocation = "base:allocation"
+    /// QEMU's context reporting at which depth of the backing chain an area is allocated.
     public static let contextAllocationDepth = "qemu:allocation-depth"
+    /// The prefix of QEMU's dirty-bitmap contexts; the bitmap name follows.
     public static let contextDirtyBitmapPrefix = "qemu:dirty-bitmap:"
 }

@@ -8,12 +8,17 @@ import QBlockGraph
 /// `depth` of them in flight at once, starting at `offset` and advancing by `step`
 /// (wrapping at the end of the image).
 public struct Bench: Sendable {
+    /// Requests to issue (`-c`).
     public var count = 75000
+    /// Requests in flight at once (`-d`).
     public var depth = 64
+    /// Bytes per request (`-s`).
     public var bufferSize = 4096
     /// Distance between request offsets; 0 means `bufferSize`.
     public var step = 0
+    /// Issue writes instead of reads (`-w`).
     public var write = false
+    /// Offset of the first request, in bytes (`-o`).
     public var offset: Int64 = 0
     /// The byte written by write requests.
     public var pattern: UInt8 = 0
@@ -22,8 +27,10 @@ public struct Bench: Sendable {
     /// Wait for requests in flight to finish before each flush.
     public var drain = true
 
+    /// Creates qemu-img bench's defaults: 75000 reads of 4 KiB, 64 in flight, from offset 0.
     public init() {}
 
+    /// The distance between request offsets actually used: ``step``, or ``bufferSize`` when it is 0.
     public var effectiveStep: Int { step == 0 ? bufferSize : step }
 
     /// The lines qemu-img bench prints before it starts.

@@ -3,20 +3,25 @@ import QBlockDrivers
 import QBlockGraph
 /// One run of `qemu-img map` output.
 public struct MapEntry: Sendable, Equatable, CustomStringConvertible {
+    /// Where the run starts in the guest's view, in bytes.
     public var start: Int64
+    /// The run's length in bytes.
     public var length: Int64
     /// How far down the backing chain the run's content comes from (0: the top image).
     public var depth: Int64
     /// Whether the content is determined by the image at `depth` (false: unallocated
     /// everywhere and reading as zeros).
     public var present: Bool
+    /// Whether the run reads as zeros.
     public var zero: Bool
+    /// Whether the run holds data (as opposed to a hole or a zero cluster).
     public var data: Bool
     /// Where the run lies in `filename`, if it has a host location.
     public var offset: Int64?
     /// The protocol file holding the run (only with an `offset`).
     public var filename: String?
 
+    /// Creates an entry; every parameter is the property of the same name.
     public init(start: Int64, length: Int64, depth: Int64, present: Bool, zero: Bool, data: Bool,
                 offset: Int64? = nil, filename: String? = nil) {
         self.start = start

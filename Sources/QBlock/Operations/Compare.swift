@@ -21,6 +21,7 @@ public struct ImageComparison: Sendable, Equatable {
     /// The first difference, or nil when the images are identical.
     public var difference: Difference?
 
+    /// Whether the images compared equal (exit status 0 of `qemu-img compare`).
     public var identical: Bool { difference == nil }
 
     /// The lines qemu-img prints on standard output for this result (without `-q`).

@@ -46,6 +46,7 @@ public struct ConvertOptions: Sendable {
     /// Receives warnings qemu-img prints as "warning: ..." (a skipped bitmap).
     public var warning: (@Sendable (String) -> Void)?
 
+    /// Creates qemu-img convert's defaults: probe the sources, create a raw target, sparse at 4 KiB, 8 requests in flight.
     public init() {}
 
     /// The checks qemu-img makes on its arguments before opening anything.
@@ -83,6 +84,7 @@ public struct ConvertOptions: Sendable {
 public enum Convert {
     /// qemu-img's limits: 16 coroutines, 32768-sector buffers.
     public static let maxParallelRequests = 16
+    /// The largest copy buffer, in 512-byte sectors (16 MiB).
     public static let maxBufferSectors: Int64 = 32768
     /// The copy buffer of each request (qemu-img's IO_BUF_SIZE).
     static let bufferSize = 2 << 20

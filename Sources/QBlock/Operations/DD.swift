@@ -8,7 +8,9 @@ import QBlockOpen
 
 /// Operands of `qemu-img dd`.
 public struct DDOptions: Sendable {
+    /// The input image (`if=`); required.
     public var input: String?
+    /// The output image (`of=`), created by the copy; required.
     public var output: String?
     /// Block size (`bs=`, default 512).
     public var blockSize: Int64 = 512
@@ -23,6 +25,7 @@ public struct DDOptions: Sendable {
     /// Open the input shared (`-U`).
     public var forceShare = false
 
+    /// Creates qemu-img dd's defaults (512-byte blocks, the whole input, raw output).
     public init() {}
 
     /// Parses one `key=value` operand as qemu-img dd does.

@@ -3,14 +3,18 @@ import QBlockDrivers
 import QBlockGraph
 /// The outcome of `qemu-img check` on one image, rendered as qemu-img renders it.
 public struct ImageCheckReport: Sendable, Equatable {
+    /// The checked image's file name.
     public var filename: String
+    /// The checked image's format name.
     public var format: String
     /// The result of the final check (after repairs, the double check).
     public var result: CheckResult
-    /// What a repairing check fixed (zero without `-r`).
+    /// Leaks a repairing check fixed (zero without `-r`).
     public var leaksFixed = 0
+    /// Corruptions a repairing check fixed (zero without `-r all`).
     public var corruptionsFixed = 0
 
+    /// Creates a report; every parameter is the property of the same name.
     public init(filename: String, format: String, result: CheckResult, leaksFixed: Int = 0, corruptionsFixed: Int = 0) {
         self.filename = filename
         self.format = format
@@ -21,6 +25,7 @@ public struct ImageCheckReport: Sendable, Equatable {
 
     /// The error qemu-img reports for images whose format has no consistency check (exit 63).
     public static let notSupportedMessage = "This image format does not support checks"
+    /// qemu-img check's exit status for a format without checks.
     public static let notSupportedExitCode: Int32 = 63
 
     /// Checks `node` (a ``Checkable`` format) as `qemu-img check [-r ...]` does: a repairing check is

@@ -15,7 +15,9 @@ public enum ImageCreator {
 
     /// A checked creation request.
     public struct Plan: Sendable {
+        /// The format to create (a name from ``ImageCreator/formats``).
         public var format: String
+        /// The new image file.
         public var path: String
         /// The virtual size in bytes.
         public var size: Int64

@@ -4,13 +4,17 @@ import QBlockGraph
 import QBlockOpen
 /// What `qemu-img info` reports about one image, with its human and JSON renderings.
 public struct ImageInfo: Sendable, Equatable {
+    /// The image's file name (or NBD URI).
     public var filename: String
+    /// The image's format name.
     public var format: String
     /// Virtual size in bytes (in whole sectors, as QEMU reports it).
     public var virtualSize: Int64
     /// Bytes the image occupies on the host, if known.
     public var actualSize: Int64?
+    /// Bytes per allocation unit, for formats that have clusters.
     public var clusterSize: Int?
+    /// The image was not closed cleanly (qcow2's dirty bit; `dirty-flag`).
     public var dirty: Bool
     /// Whether the node can report block-driver information at all; QEMU omits `dirty-flag`
     /// when it cannot (raw over a protocol without `bdrv_get_info`, such as nbd).
@@ -19,12 +23,14 @@ public struct ImageInfo: Sendable, Equatable {
     public var backingFilename: String?
     /// The backing file name resolved against the image's directory.
     public var fullBackingFilename: String?
+    /// The backing file's format as stored in the image, if any.
     public var backingFormat: String?
     /// `{"type": ..., "data": {...}}` for formats that have format-specific information.
     public var formatSpecific: QObject.Dict?
     /// Internal snapshots; nil when there are none, as QEMU leaves the key out.
     public var snapshots: [SnapshotInfo]?
 
+    /// Creates an info value; every parameter is the property of the same name.
     public init(filename: String, format: String, virtualSize: Int64, actualSize: Int64? = nil,
                 clusterSize: Int? = nil, dirty: Bool = false, backingFilename: String? = nil,
                 fullBackingFilename: String? = nil, backingFormat: String? = nil, formatSpecific: QObject.Dict? = nil) {
