@@ -18,8 +18,11 @@ rm -rf "$WORK/Examples/.build"
 cd "$WORK/Examples"
 export QBLOCK_PACKAGE_URL="file://$WORK/qblock.git" QBLOCK_PACKAGE_VERSION="$VERSION"
 SCRATCH="${EXAMPLES_SCRATCH:-$ROOT/.build-examples}"
-"$SWIFT" build --scratch-path "$SCRATCH" 2>&1 | grep -E "error|warning:|Compiling|Build complete" | grep -v "^\[" || true
-"$SWIFT" build --scratch-path "$SCRATCH" >/dev/null
+# Each example's product alone: only what it needs of QBlock is built (not the tools).
+for example in Sources/*/; do
+    "$SWIFT" build --scratch-path "$SCRATCH" --product "$(basename "$example")" 2>&1 | grep -E "error|warning:" || true
+    "$SWIFT" build --scratch-path "$SCRATCH" --product "$(basename "$example")" >/dev/null
+done
 BIN="$("$SWIFT" build --scratch-path "$SCRATCH" --show-bin-path)"
 for example in Sources/*/; do
     name="$(basename "$example")"
