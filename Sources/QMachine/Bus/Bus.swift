@@ -8,6 +8,8 @@ public protocol BusDevice: AnyObject, Sendable {
 
 /// Non-overlapping address ranges dispatching to devices (cloud-hypervisor's `Bus`).
 /// Mapping is done while the machine is built; lookups afterwards take no lock.
+// @unchecked: `ranges` is only changed by `map` while the machine is built, before the bus is shared;
+// afterwards it is read-only (lookups take no lock).
 public final class Bus: @unchecked Sendable {
     public struct Range: Sendable {
         public let base: UInt64

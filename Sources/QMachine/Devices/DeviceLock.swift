@@ -4,6 +4,8 @@ import Glibc
 
 /// A pthread mutex with a condition variable, for device state shared between the vCPU
 /// thread, I/O completions and input threads (critical sections never suspend).
+// @unchecked: the only state is the heap-allocated pthread mutex and condition, which exist to be used
+// from several threads; the pointers are immutable and freed in `deinit`.
 public final class DeviceLock: @unchecked Sendable {
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let c = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)

@@ -14,6 +14,8 @@ import QBlock
 /// high and it is not claimed; completing a source whose line is still high makes it
 /// pending again. A context's output line is high while some pending source enabled for
 /// it has a priority above the context's threshold.
+// @unchecked: every register array is only touched with `lock` held; `sources` and `contexts` are
+// immutable.
 public final class PLIC: BusDevice, @unchecked Sendable {
     public static let priorityBase: UInt64 = 0x0
     public static let pendingBase: UInt64 = 0x1000
@@ -69,6 +71,8 @@ public final class PLIC: BusDevice, @unchecked Sendable {
         return Source(plic: self, irq: irq)
     }
 
+    // @unchecked: no mutable state: `plic` and `irq` are immutable; setting the level takes the PLIC's
+    // lock.
     private final class Source: InterruptLine, @unchecked Sendable {
         unowned let plic: PLIC
         let irq: Int

@@ -16,6 +16,8 @@ public protocol SerialBackend: AnyObject, Sendable {
 
 /// A backend over file descriptors: stdio (`--serial stdio`), a connected socket, or
 /// output only (tests). Input is read on a dedicated thread.
+// @unchecked: `savedTermios`, `stopPipe` and `started` are only touched with `lock` held; the
+// descriptors are immutable.
 public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
     private let inFD: Int32
     private let outFD: Int32
@@ -134,6 +136,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
 }
 
 /// Collects output in memory (tests).
+// @unchecked: `data` and `receiver` are only touched with `lock` held.
 public final class BufferSerialBackend: SerialBackend, @unchecked Sendable {
     private let lock = PosixMutex()
     private var data: [UInt8] = []

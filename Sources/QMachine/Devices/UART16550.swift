@@ -14,6 +14,8 @@ import QBlock
 /// Transmission is instantaneous: a byte written to THR goes to the backend at once and
 /// the THR-empty interrupt is raised again. Received bytes queue in a FIFO (16 bytes, as
 /// the chip's, plus an overflow reserve so typed input is not lost while the guest sleeps).
+// @unchecked: the FIFO and every register var are only touched with `lock` held; `backend` and `irq`
+// are immutable.
 public final class UART16550: BusDevice, @unchecked Sendable {
     public static let windowSize: UInt64 = 0x100
 

@@ -17,6 +17,9 @@ import Glibc
 ///
 /// ``run()`` blocks its (dedicated) thread. ``requestStop()`` sets `immediate_exit` and
 /// sends the thread a signal (``kickSignal``) so a `KVM_RUN` in progress returns `EINTR`.
+// @unchecked: `stopRequested` and `runningThread` are only touched with `lock` held; `runPage`,
+// `exitCount` and `unhandledAccesses` are confined to the thread in `run()` (the public counters are
+// read without a lock: see the safety report).
 public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
     /// The vCPU index given to `KVM_CREATE_VCPU`.
     public let id: Int

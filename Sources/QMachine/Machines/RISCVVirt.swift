@@ -11,6 +11,8 @@ import QBlock
 /// ```
 /// One hart, run on a dedicated thread. Firmware (SBI) is built into the CPU model, so
 /// the kernel is entered directly in S-mode: a0 = hart id, a1 = DTB address, pc = kernel.
+// @unchecked: `layout`, `deviceTree` and `cpu` are set while the machine is built, before it is shared;
+// `running` is only touched with `lock` held; the devices are thread-safe themselves.
 public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
     public static let name = "riscv64-virt"
     public static let ramBase: UInt64 = 0x8000_0000
@@ -162,6 +164,7 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
 
     /// ``run()`` for callers without async: blocks the calling thread.
     public func runBlocking() -> VCPUExit {
+        // @unchecked: `exit` is only touched with `lock` held.
         final class Box: @unchecked Sendable { let lock = DeviceLock(); var exit: VCPUExit? }
         let box = Box()
         startThread { e in box.lock.withLock { box.exit = e; box.lock.broadcast() } }

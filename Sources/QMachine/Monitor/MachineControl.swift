@@ -30,6 +30,8 @@ public protocol MonitoredMachine: AnyObject, Sendable {
 /// - `quit` answers, sends `SHUTDOWN {"guest": false, "reason": "host-qmp-quit"}` and exits.
 /// - When the guest powers off, reboots or crashes: `SHUTDOWN` with `guest: true` and
 ///   `guest-shutdown`, `guest-reset` or `guest-panic`; a signal gives `host-signal`.
+// @unchecked: `_status` and `requestedCause` are only touched with `lock` held; `monitor` and `machine`
+// are immutable.
 public final class MachineControl: @unchecked Sendable {
     /// QEMU's `RunState` values this machine goes through.
     public enum Status: String, Sendable {

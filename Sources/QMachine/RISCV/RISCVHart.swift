@@ -38,6 +38,10 @@ import Synchronization
 /// Threading: ``run()`` runs on one dedicated thread and owns all architectural state.
 /// ``requestStop()``, ``invalidateCode(physicalAddress:length:)`` and the interrupt lines may
 /// be called from any thread.
+// @unchecked: the CPU state behind `st`, `x`, `f`, `tlb`, `straddle`, `code`, `exitReason` and
+// `peeking` is confined to the thread running `run()`; cross-thread requests go through the Atomics
+// (`stopFlag`, `attention`, `lines`), the Mutex `pendingInvalidations` and `sleepLock`/`sleepCond`; the
+// wires are set in `init`.
 public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     /// The `riscv,isa` string of the device tree.
     public static let isaString = "rv64imafdc_zicntr_zicsr_zifencei"
@@ -284,6 +288,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 }
 
 /// One interrupt input of a hart.
+// @unchecked: no mutable state: `hart` and `bit` are immutable; raising the line only touches the
+// hart's Atomics.
 final class HartInterruptWire: InterruptLine, @unchecked Sendable {
     unowned let hart: RISCVHart
     let bit: UInt64

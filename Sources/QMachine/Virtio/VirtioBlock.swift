@@ -19,6 +19,9 @@ import Glibc
 /// readable:  type u32, reserved u32, sector u64 | data (OUT) or segments (DISCARD, WRITE_ZEROES)
 /// writable:  data (IN, GET_ID) | status u8 (OK 0, IOERR 1, UNSUPP 2)
 /// ```
+// @unchecked: `queue`, `transport`, `inFlight`, `broken`, `config` and `completed` are only written
+// with `lock` held (the public `completed` getter reads without it); `guestMemoryWritten` is
+// configuration set before the device is activated; the lets are immutable.
 public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public enum Feature {
         public static let sizeMax: UInt64 = 1 << 1
@@ -163,6 +166,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     /// A request ready to run: where its data and status live in guest RAM (checked).
+    // @unchecked: a value whose descriptor addresses were checked against guest RAM; it carries no
+    // pointers, only guest-physical addresses.
     struct Request: @unchecked Sendable {
         var head: UInt16
         var type: RequestType

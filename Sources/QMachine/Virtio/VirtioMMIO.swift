@@ -13,6 +13,8 @@ import QBlock
 /// 0x0fc ConfigGeneration    0x100+ device configuration space
 /// ```
 /// A slot without a device reads DeviceID 0, which drivers skip.
+// @unchecked: every register var and `lastError` is only written with `lock` held (the `lastError`
+// getter reads it without the lock: see the safety report); the lets are immutable.
 public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked Sendable {
     public static let windowSize: UInt64 = 0x1000
     public static let magic: UInt32 = 0x7472_6976      // "virt"

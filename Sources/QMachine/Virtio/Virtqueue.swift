@@ -10,6 +10,8 @@ import Synchronization
 /// All fields are little-endian. Every guest address is checked against ``GuestRAM`` before
 /// it is touched; a malformed ring or chain throws ``VirtqueueError`` and never reads or
 /// writes outside RAM.
+// @unchecked: `lastAvail`, `usedIndex` and `eventIndex` are only touched by the owning device with its
+// DeviceLock held; the addresses and `ram` are immutable.
 public final class Virtqueue: @unchecked Sendable {
     public struct Descriptor: Sendable, Equatable {
         public var address: UInt64

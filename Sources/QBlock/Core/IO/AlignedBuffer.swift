@@ -6,6 +6,9 @@ import Glibc
 ///
 /// Hand its memory to I/O calls only through ``withUnsafeMutableBytes(_:)`` or
 /// ``withUnsafeBytes(_:)``, and only while the buffer is alive.
+// @unchecked: `count`, `alignment` and `base` are immutable; the bytes behind `base` are only accessed
+// inside `withUnsafe…Bytes` by the owner of the buffer, and an I/O call borrows them only while that
+// owner awaits it.
 public final class AlignedBuffer: @unchecked Sendable {
     public let count: Int
     public let alignment: Int
@@ -69,6 +72,7 @@ public final class AlignedBuffer: @unchecked Sendable {
 ///
 /// SAFETY: the async caller that created it awaits the pool job, so the memory it points
 /// to outlives the job; nothing else touches the memory meanwhile.
+// @unchecked: a plain pointer value; see the SAFETY note above for who may dereference it and when.
 package struct SendablePointer: @unchecked Sendable {
     package let raw: UnsafeMutableRawPointer
     package init(raw: UnsafeMutableRawPointer) { self.raw = raw }

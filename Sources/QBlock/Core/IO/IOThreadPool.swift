@@ -11,6 +11,8 @@ import Foundation
 /// `maxThreads` (64 by default, QEMU's thread-pool size), so that `O_DIRECT` requests at
 /// a high queue depth really are in flight together. The pool lives for the whole process
 /// (``IOThreadPool/shared``), like swift-nio's `NIOThreadPool.singleton`.
+// @unchecked: `queue`, `head`, `threads` and `idle` are only touched with `condition` held;
+// `maxThreads` is immutable.
 public final class IOThreadPool: @unchecked Sendable {
     /// The process-wide pool.
     public static let shared = IOThreadPool(maxThreads: 64)

@@ -209,6 +209,7 @@ public enum SocketCalls {
 /// The socket hooks tests installed with ``SocketCalls/withInjector(path:_:_:)``, and the
 /// descriptors each applies to: the socket listening at its path, and the connections
 /// accepted from it, until they are closed through ``SocketCalls/close(_:)``.
+// @unchecked: `nextID`, `scopes` and `byFD` are only touched with `lock` held; `matched` is an Atomic.
 private final class SocketHookRegistry: @unchecked Sendable {
     // @unchecked: every var is read and written only with `lock` held; `matched` is atomic.
     typealias Hook = @Sendable (SocketCalls.Call, Int32) -> Int32?

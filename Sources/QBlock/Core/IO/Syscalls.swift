@@ -172,6 +172,8 @@ public enum Syscalls {
 /// Every descriptor ``Syscalls/open(_:_:_:)`` returns is remembered until
 /// ``Syscalls/close(_:)``, so that a hook installed later finds the descriptors of its file
 /// already open; a file is identified by device and inode.
+// @unchecked: `nextID`, `scopes`, `open` and `byFD` are only touched with `lock` held; `matched` is an
+// Atomic.
 private final class HookRegistry: @unchecked Sendable {
     // @unchecked: every var is read and written only with `lock` held; `matched` is atomic.
     struct Scope: Sendable {

@@ -3,6 +3,8 @@ import Glibc
 #endif
 
 /// A small pthread mutex for short, non-suspending critical sections.
+// @unchecked: the only state is the heap-allocated pthread mutex, which exists to be used from several
+// threads; the pointer itself is immutable and freed in `deinit`.
 public final class PosixMutex: @unchecked Sendable {
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
@@ -23,6 +25,8 @@ public final class PosixMutex: @unchecked Sendable {
 /// A fair mutex for async code: waiters suspend instead of blocking a thread, and are
 /// woken in FIFO order. Used where a critical section awaits I/O (qcow2 metadata updates),
 /// like QEMU's `CoMutex`.
+// @unchecked: `locked`, `waiters` and `waiterHead` are only touched with the PosixMutex `lock` held;
+// waiters are resumed after it is released.
 public final class AsyncMutex: @unchecked Sendable {
     private let lock = PosixMutex()
     private var locked = false
@@ -69,6 +73,7 @@ public final class AsyncMutex: @unchecked Sendable {
 }
 
 /// A one-shot event async tasks can wait on (like a `CoQueue` for one condition).
+// @unchecked: `signalled` and `waiters` are only touched with `lock` held.
 public final class AsyncEvent: @unchecked Sendable {
     private let lock = PosixMutex()
     private var signalled = false
@@ -100,6 +105,7 @@ public final class AsyncEvent: @unchecked Sendable {
 }
 
 /// A Boolean read and set from any thread.
+// @unchecked: `flag` is only touched with `lock` held.
 package final class LockedFlag: @unchecked Sendable {
     // @unchecked: `flag` is only touched with `lock` held.
     private let lock = PosixMutex()

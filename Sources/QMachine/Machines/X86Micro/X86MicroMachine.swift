@@ -20,6 +20,8 @@ import QBlock
 ///
 /// The run ends when vCPU 0 ends (power-off, crash, stop) or any vCPU crashes; the other
 /// vCPUs are then stopped. One thread per vCPU.
+// @unchecked: no mutable stored state: every property is an immutable reference to a thread-safe
+// device, bus, VM or vCPU.
 public final class X86MicroMachine: @unchecked Sendable {
     public static let name = "x86_64-micro"
     public static let firmwareAddress: UInt64 = 0x10_0000
@@ -181,6 +183,7 @@ public final class X86MicroMachine: @unchecked Sendable {
 }
 
 /// The run's bookkeeping: which vCPU exits decided the result, and who has finished.
+// @unchecked: `exits` and `decisive` are only touched with `lock` held.
 private final class RunState: @unchecked Sendable {
     private let lock = DeviceLock()
     private var exits: [VCPUExit?]
@@ -231,6 +234,7 @@ private final class RunState: @unchecked Sendable {
 }
 
 /// An interrupt wire connected to nothing: x86_64-micro's guests poll.
+// @unchecked: no stored state at all.
 final class NoInterruptLine: InterruptLine, @unchecked Sendable {
     func set(_ level: Bool) {}
 }

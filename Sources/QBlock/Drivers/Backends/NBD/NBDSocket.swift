@@ -10,6 +10,8 @@ import QBlockCore
 /// Ownership: the socket owns its descriptor; ``shutdown()`` wakes blocked readers and
 /// writers (they see end of file or `EPIPE`); ``close()`` releases the descriptor once,
 /// after every thread that used it has stopped.
+// @unchecked: `closed` is only touched with `lock` held; `fd` is immutable (closed once, under the
+// lock).
 final class NBDSocket: @unchecked Sendable {
     private let fd: Int32
     private let lock = PosixMutex()
