@@ -67,6 +67,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
         let go: Bool = lock.withLock {
             if started { return false }
             started = true
+            // SAFETY: `stopPipe` has two elements, as pipe(2) needs.
             stopPipe.withUnsafeMutableBufferPointer { _ = pipe($0.baseAddress!) }
             return true
         }
@@ -80,6 +81,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
                 if r < 0 { if errno == EINTR { continue }; return }
                 if fds[1].revents != 0 { return }
                 if fds[0].revents & Int16(POLLIN | POLLHUP | POLLERR) == 0 { continue }
+                // SAFETY: read(2) is told `buf`'s own count.
                 let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
                 if n < 0 { if errno == EINTR || errno == EAGAIN { continue }; return }
                 if n == 0 { return } // end of input
@@ -119,6 +121,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
             Glibc.close(fd)
             throw MachineError(.invalidArgument, "socket path too long: \(path)", operation: "open serial")
         }
+        // SAFETY: the path length was checked against `sun_path` above, so it and its NUL fit.
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             for (i, c) in bytes.enumerated() { p[i] = c }
             p[bytes.count] = 0

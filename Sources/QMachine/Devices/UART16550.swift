@@ -140,6 +140,7 @@ public final class UART16550: BusDevice, @unchecked Sendable {
             }
             update()
         }
+        // SAFETY: a pointer to a local byte, used only during the call.
         if let out { withUnsafeBytes(of: out) { backend.write($0) } }
         if let loop { receive([loop]) }
     }

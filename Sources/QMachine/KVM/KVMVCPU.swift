@@ -234,12 +234,15 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
 
     /// Little-endian load of `n` (≤ 8) bytes.
     private static func load(_ p: UnsafeMutableRawPointer, _ n: Int) -> UInt64 {
+        // SAFETY: `p` points into the mapped `kvm_run` page at the exit's data (the I/O data area or
+        // `mmio.data[8]`), and KVM reports `n <= 8`.
         var v: UInt64 = 0
         for i in 0..<n { v |= UInt64(p.load(fromByteOffset: i, as: UInt8.self)) << (8 * i) }
         return v
     }
 
     /// Little-endian store of the low `n` (≤ 8) bytes of `v`.
+    // SAFETY: as for `load`: `p` is the exit's data area in the `kvm_run` page and `n <= 8`.
     private static func store(_ v: UInt64, _ p: UnsafeMutableRawPointer, _ n: Int) {
         for i in 0..<n { p.storeBytes(of: UInt8(truncatingIfNeeded: v >> (8 * i)), toByteOffset: i, as: UInt8.self) }
     }

@@ -132,6 +132,7 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
         self.layout = layout
         deviceTree = dtb
 
+        // SAFETY: each source array is alive for its closure; `ram.write` checks the destination range.
         try kernel.withUnsafeBytes { try ram.write($0, at: layout.kernelAddress) }
         if let initrd, let start = layout.initrdStart { try initrd.withUnsafeBytes { try ram.write($0, at: start) } }
         try dtb.withUnsafeBytes { try ram.write($0, at: layout.fdtAddress) }

@@ -239,6 +239,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             let d = buffers[0]
             let n = min(Int(d.length), out.count - filled)
             let src = try host(ram, d.address, n)
+            // SAFETY: `src` was bounds-checked by `host(_:_:_:)` for `n` bytes, and `filled + n <=
+            // out.count`.
             out.withUnsafeMutableBytes { o in o.baseAddress!.advanced(by: filled).copyMemory(from: src, byteCount: n) }
             filled += n
             if n == Int(d.length) { buffers.removeFirst() } else {
@@ -288,6 +290,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             try await node.read(at: r.offset, into: p)
         } else if r.dataLength > 0 {
             let buf = AlignedBuffer(count: r.dataLength)
+            // SAFETY: `buf` has `dataLength` bytes, the sum of the (checked) descriptor lengths; both
+            // closures stay within it.
             try await buf.withUnsafeMutableBytes { try await node.read(at: r.offset, into: $0) }
             try buf.withUnsafeBytes { src in
                 var o = 0
@@ -307,6 +311,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             try await node.write(at: r.offset, from: p, flags: [])
         } else if r.dataLength > 0 {
             let buf = AlignedBuffer(count: r.dataLength)
+            // SAFETY: `buf` has `dataLength` bytes, the sum of the descriptor lengths, and each source
+            // was bounds-checked by `host(_:_:_:)`.
             try buf.withUnsafeMutableBytes { dst in
                 var o = 0
                 for d in r.data {
@@ -348,6 +354,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         for d in buffers where o < bytes.count {
             let n = min(Int(d.length), bytes.count - o)
             let dst = try host(ram, d.address, n)
+            // SAFETY: `dst` was bounds-checked by `host(_:_:_:)` for `n` bytes, and `o + n <=
+            // bytes.count`.
             bytes.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + o, byteCount: n) }
             guestMemoryWritten?(d.address, UInt64(n))
             o += n
@@ -357,6 +365,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
 
     private func write(status: Status, at address: UInt64) {
         guard let q = queue, let p = q.ram.pointer(at: address, count: 1) else { return }
+        // SAFETY: `pointer(at:count: 1)` checked the status byte is inside RAM.
         p.storeBytes(of: status.rawValue, as: UInt8.self)
     }
 

@@ -74,6 +74,8 @@ public final class Virtqueue: @unchecked Sendable {
     @inline(__always) private func load64(_ a: UInt64) -> UInt64 {
         UInt64(littleEndian: ram.host.loadUnaligned(fromByteOffset: Int(a - ram.base), as: UInt64.self))
     }
+    // SAFETY: `init` checked that the descriptor table and both rings lie inside RAM, and every address
+    // passed here is inside them; `storeBytes` needs no alignment.
     @inline(__always) private func store16(_ a: UInt64, _ v: UInt16) {
         ram.host.storeBytes(of: v.littleEndian, toByteOffset: Int(a - ram.base), as: UInt16.self)
     }

@@ -47,16 +47,21 @@ public final class AlignedBuffer: @unchecked Sendable {
         try body(UnsafeMutableRawBufferPointer(start: base, count: count))
     }
 
+    // SAFETY: `base` is valid for `count` bytes while `self` is alive; the caller holds `self` across
+    // the closure.
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try body(UnsafeRawBufferPointer(start: base, count: count))
     }
 
     /// Async variants: the buffer is kept alive until `body` returns.
+    // SAFETY: `withExtendedLifetime` keeps `self`, and so the `count` bytes at `base`, alive across
+    // every suspension of `body`.
     public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) async throws -> R) async rethrows -> R {
         defer { withExtendedLifetime(self) {} }
         return try await body(UnsafeMutableRawBufferPointer(start: base, count: count))
     }
 
+    // SAFETY: as above: `self` is kept alive until `body` returns.
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) async throws -> R) async rethrows -> R {
         defer { withExtendedLifetime(self) {} }
         return try await body(UnsafeRawBufferPointer(start: base, count: count))
@@ -64,6 +69,7 @@ public final class AlignedBuffer: @unchecked Sendable {
 
     /// The contents as an array (for tests and small metadata).
     public var bytes: [UInt8] {
+        // SAFETY: the bytes are copied into an array before the closure returns.
         withUnsafeBytes { Array($0) }
     }
 }

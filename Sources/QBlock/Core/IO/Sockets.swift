@@ -44,6 +44,8 @@ public enum SocketCalls {
         let bytes = Array(path.utf8)
         let capacity = MemoryLayout.size(ofValue: addr.sun_path)
         guard !bytes.isEmpty, bytes.count < capacity else { return .failure(Errno(ENAMETOOLONG)) }
+        // SAFETY: `bytes.count < capacity` was checked above, so the path and its NUL fit in
+        // `sun_path`.
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             p.copyBytes(from: bytes)
             p[bytes.count] = 0
@@ -163,6 +165,8 @@ public enum SocketCalls {
         var first = 0
         while first < iov.count {
             let n = min(iov.count - first, 512)
+            // SAFETY: `first + n <= iov.count`, so the iovec slice is inside the array, which outlives
+            // the sendmsg call; each iovec points into a caller buffer alive for this call.
             let r = iov.withUnsafeMutableBufferPointer { p -> Int in
                 var msg = msghdr()
                 msg.msg_iov = p.baseAddress! + first

@@ -85,6 +85,8 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
         return try await ranges.withRange(start, end) {
             let buf = AlignedBuffer(count: Int(end - start))
             var written: Int64 = 0
+            // SAFETY: `buf` covers the whole aligned range copied; the async closure keeps it alive
+            // across the read and the write.
             try await buf.withUnsafeMutableBytes { b in
                 var pos = start
                 while pos < end {

@@ -104,6 +104,8 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
                     try await toTarget()
                 } else {
                     let buf = AlignedBuffer(count: Int(end - start))
+                    // SAFETY: `buf` covers the whole range copied; the async closure keeps it alive
+                    // across the read and the write.
                     try await buf.withUnsafeMutableBytes { b in
                         try await source.read(at: start, into: b)
                         try await target.write(at: start, from: UnsafeRawBufferPointer(b), flags: [])

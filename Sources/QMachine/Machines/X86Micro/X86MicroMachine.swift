@@ -119,6 +119,7 @@ public final class X86MicroMachine: @unchecked Sendable {
         }
 
         try X86LongModeBoot.writeTables(into: ram)
+        // SAFETY: `firmware` is alive for the closure; `ram.write` checks the destination range.
         try firmware.withUnsafeBytes { try ram.write($0, at: Self.firmwareAddress) }
 
         let vm = try kvm.createVirtualMachine()

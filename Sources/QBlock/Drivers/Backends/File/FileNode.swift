@@ -235,6 +235,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         let start = offset / a * a
         let end = (offset + Int64(buffer.count) + a - 1) / a * a
         let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
+        // SAFETY: `bounce` spans `start..<end`, which contains `offset..<offset+buffer.count`, so the
+        // rebased slice is in bounds; it stays alive for the closure.
         try await bounce.withUnsafeMutableBytes { b in
             try await self.readAdmitted(at: start, into: b)
             buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset - start)..<Int(offset - start) + buffer.count]))
@@ -269,6 +271,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         let end = (offset + Int64(buffer.count) + a - 1) / a * a
         let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
         try await rmwLock.withLock {
+            // SAFETY: `bounce` spans the aligned range around the write, so every slice below is in
+            // bounds; it stays alive for the closure.
             try await bounce.withUnsafeMutableBytes { b in
                 if start != offset || end != offset + Int64(buffer.count) {
                     try await self.readAdmitted(at: start, into: b)
@@ -332,6 +336,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         var pos = offset
         while pos < offset + length {
             let n = Int(min(Int64(chunk), offset + length - pos))
+            // SAFETY: `zeros` is kept alive by the async closure; every write takes at most
+            // `zeros.count` bytes from it.
             try await zeros.withUnsafeBytes { b in
                 try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
@@ -495,6 +501,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         var pos = start
         while pos < end {
             let n = Int(min(Int64(chunk), end - pos))
+            // SAFETY: `zeros` is kept alive by the async closure; every write takes at most
+            // `zeros.count` bytes from it.
             try await zeros.withUnsafeBytes { b in
                 try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
@@ -535,6 +543,7 @@ extension FileNode {
         guard gate.tryEnter() else { return [] }
         defer { gate.leave() }
         var buf = [UInt8](repeating: 0, count: count)
+        // SAFETY: `buf` has `count` bytes and pread is told `count`.
         let n: Int = buf.withUnsafeMutableBytes { b in
             if case .success(let n) = Syscalls.pread(fd, b.baseAddress!, count, 0) { return n }
             return 0

@@ -415,6 +415,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
             let start = offset / a * a
             let end = min((offset + Int64(inside) + a - 1) / a * a, size)
             let bounce = AlignedBuffer(count: Int(end - start))
+            // SAFETY: `bounce` covers the aligned range around the request; the async closure keeps it
+            // alive until the reply has been copied.
             try await bounce.withUnsafeMutableBytes { b in
                 try await self.readAligned(at: start, into: b.baseAddress!, count: b.count)
                 base.copyMemory(from: b.baseAddress! + Int(offset - start), byteCount: inside)
@@ -447,6 +449,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
             let end = (offset + Int64(buffer.count) + a - 1) / a * a
             let bounce = AlignedBuffer(count: Int(end - start))
             try await rmwLock.withLock {
+                // SAFETY: `bounce` covers the aligned range around the write; the async closure keeps
+                // it alive across the read-modify-write.
                 try await bounce.withUnsafeMutableBytes { b in
                     try await self.readAligned(at: start, into: b.baseAddress!, count: b.count)
                     (b.baseAddress! + Int(offset - start)).copyMemory(from: base, byteCount: buffer.count)
@@ -527,6 +531,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         var pos = offset
         while pos < offset + length {
             let n = Int(min(Int64(chunk), offset + length - pos))
+            // SAFETY: `zeros` is kept alive by the async closure; every write takes at most
+            // `zeros.count` bytes from it.
             try await zeros.withUnsafeBytes { b in
                 try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: flags)
             }

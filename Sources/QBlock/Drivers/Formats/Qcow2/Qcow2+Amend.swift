@@ -234,6 +234,8 @@ extension Qcow2Node {
                         } else {
                             let host = try await allocateClusters(1)
                             if l2Refcount > 1 { try await updateRefcount(host / cs, by: Int64(l2Refcount) - 1) }
+                            // SAFETY: `zeros` is at least one cluster and is kept alive by the async
+                            // closure until the write returns (also below).
                             try await zeros.withUnsafeBytes { try await hostFile.write(at: host, from: $0, flags: []) }
                             try await l2Cache.setDependency(on: refcountCache)
                             t.bytes.setBE64(j * 8, UInt64(host) | (l2Refcount == 1 ? Qcow2Node.copied : 0))

@@ -61,6 +61,8 @@ extension Qcow2Node {
 
     private func readTable(_ offset: Int64, entries: Int) async throws -> [UInt64] {
         let raw = try await hostFile.read(at: offset, count: entries * 8)
+        // SAFETY: `raw` holds `entries * 8` bytes (read for that many entries); the reads stay inside
+        // the closure.
         return raw.withUnsafeBytes { b in (0..<entries).map { b.be64($0 * 8) } }
     }
 

@@ -120,6 +120,8 @@ extension Qcow2Node {
         }
         let padded = AlignedBuffer(count: cs)
         try checkCompressedRequest(guestOffset, data.count)
+        // SAFETY: `padded` is one cluster and `data.count <= clusterSize` (checked by the caller);
+        // `compress` only reads `padded` inside the closure.
         padded.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[0..<data.count]).copyMemory(from: data) }
         let n = padded.withUnsafeBytes { compressor.compress($0) }
         try await writePrecompressedCluster(at: guestOffset, data: data, compressed: n.map {

@@ -271,6 +271,8 @@ extension Qcow2Node {
             return
         }
         let buf = AlignedBuffer(count: Int(total))
+        // SAFETY: `buf` has `total` bytes = head + data + tail; every rebased slice below lies in
+        // `0..<total`, and the async closure keeps `buf` alive.
         try await buf.withUnsafeMutableBytes { b in
             if head > 0 && !headZero {
                 try await readOld(oldEntries[0], guestOffset: guestStart,
@@ -408,6 +410,8 @@ extension Qcow2Node {
         var p = start
         while p < end {
             let k = Int(min(Int64(zeros.count), end - p))
+            // SAFETY: `k <= zeros.count`, and the async closure keeps `zeros` alive until the write
+            // returns.
             try await zeros.withUnsafeBytes { z in
                 try await self.write(at: p, from: UnsafeRawBufferPointer(rebasing: z[0..<k]), flags: [])
             }

@@ -256,6 +256,8 @@ extension Qcow2Node {
             throw BlockError(.corrupt, "Snapshot L1 table offset invalid", path: filename, offset: off, operation: "snapshot load")
         }
         let raw = try await hostFile.read(at: off, count: n * 8)
+        // SAFETY: `raw` holds `n * 8` bytes (the L1 table read above); the reads stay inside the
+        // closure.
         return raw.withUnsafeBytes { b in (0..<n).map { b.be64($0 * 8) } }
     }
 

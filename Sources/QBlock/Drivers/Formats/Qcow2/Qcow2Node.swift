@@ -171,6 +171,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         var l1 = [UInt64](repeating: 0, count: Int(header.l1Size))
         if l1Bytes > 0 {
             let raw = try await file.read(at: Int64(header.l1TableOffset), count: l1Bytes)
+            // SAFETY: `raw` was read with `l1.count * 8` bytes; the reads stay inside the closure.
             raw.withUnsafeBytes { b in for i in 0..<l1.count { l1[i] = b.be64(i * 8) } }
         }
         // Refcount table.
@@ -178,6 +179,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         var rt = [UInt64](repeating: 0, count: rtBytes / 8)
         do {
             let raw = try await file.read(at: Int64(header.refcountTableOffset), count: rtBytes)
+            // SAFETY: `raw` was read with `rt.count * 8` bytes; the reads stay inside the closure.
             raw.withUnsafeBytes { b in for i in 0..<rt.count { rt[i] = b.be64(i * 8) } }
         }
         for (i, e) in rt.enumerated() where e != 0 {
