@@ -10,7 +10,9 @@ import Glibc
 // inside `withUnsafe…Bytes` by the owner of the buffer, and an I/O call borrows them only while that
 // owner awaits it.
 public final class AlignedBuffer: @unchecked Sendable {
+    /// The size of the buffer in bytes.
     public let count: Int
+    /// The alignment of the memory in bytes (the `O_DIRECT` alignment it was made for).
     public let alignment: Int
     private let base: UnsafeMutableRawPointer
 
@@ -49,6 +51,8 @@ public final class AlignedBuffer: @unchecked Sendable {
 
     // SAFETY: `base` is valid for `count` bytes while `self` is alive; the caller holds `self` across
     // the closure.
+    /// Calls `body` with the buffer's `count` bytes for reading; the pointer is valid only
+    /// inside `body`.
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try body(UnsafeRawBufferPointer(start: base, count: count))
     }
@@ -62,6 +66,8 @@ public final class AlignedBuffer: @unchecked Sendable {
     }
 
     // SAFETY: as above: `self` is kept alive until `body` returns.
+    /// Calls async `body` with the buffer's bytes for reading; the buffer is kept alive until
+    /// `body` returns, across its suspensions.
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) async throws -> R) async rethrows -> R {
         defer { withExtendedLifetime(self) {} }
         return try await body(UnsafeRawBufferPointer(start: base, count: count))

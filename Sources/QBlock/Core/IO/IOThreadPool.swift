@@ -22,8 +22,10 @@ public final class IOThreadPool: @unchecked Sendable {
     private var head = 0
     private var threads = 0
     private var idle = 0
+    /// The most threads the pool starts; more jobs than that wait in its queue.
     public let maxThreads: Int
 
+    /// Creates a pool that starts threads on demand, up to `maxThreads` (at least 1).
     public init(maxThreads: Int) {
         self.maxThreads = max(1, maxThreads)
     }

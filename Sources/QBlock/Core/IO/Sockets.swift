@@ -12,6 +12,7 @@ import Synchronization
 /// keyed by the Unix socket path a server listens on, so that it applies to that listening
 /// socket and the connections accepted from it, and to nothing another test does.
 public enum SocketCalls {
+    /// An `errno` value from a failed socket call (the same type as ``Syscalls/Errno``).
     public typealias Errno = Syscalls.Errno
 
     /// The calls a fault injector may intercept.

@@ -8,12 +8,15 @@ import Glibc
 public final class PosixMutex: @unchecked Sendable {
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
+    /// Creates an unlocked mutex.
     public init() { pthread_mutex_init(m, nil) }
     deinit {
         pthread_mutex_destroy(m)
         m.deallocate()
     }
 
+    /// Runs `body` with the mutex held and returns its result. `body` must not suspend or
+    /// take this mutex again (it is not recursive).
     @inline(__always)
     public func withLock<R>(_ body: () throws -> R) rethrows -> R {
         pthread_mutex_lock(m)
@@ -33,8 +36,11 @@ public final class AsyncMutex: @unchecked Sendable {
     private var waiters: [UnsafeContinuation<Void, Never>] = []
     private var waiterHead = 0
 
+    /// Creates an unlocked mutex.
     public init() {}
 
+    /// Takes the mutex, suspending (without blocking a thread) until it is free. Waiters
+    /// get it in the order they asked.
     public func lock() async {
         let acquired: Bool = lock.withLock {
             if !locked { locked = true; return true }
@@ -51,6 +57,7 @@ public final class AsyncMutex: @unchecked Sendable {
         }
     }
 
+    /// Releases the mutex; ownership passes directly to the oldest waiter, if any.
     public func unlock() {
         let next: UnsafeContinuation<Void, Never>? = lock.withLock {
             if waiterHead < waiters.count {
@@ -65,6 +72,8 @@ public final class AsyncMutex: @unchecked Sendable {
         next?.resume()
     }
 
+    /// Runs `body` with the mutex held (it may suspend) and releases it afterwards, also
+    /// when `body` throws.
     public func withLock<R>(_ body: () async throws -> R) async rethrows -> R {
         await lock()
         defer { unlock() }
@@ -79,8 +88,10 @@ public final class AsyncEvent: @unchecked Sendable {
     private var signalled = false
     private var waiters: [UnsafeContinuation<Void, Never>] = []
 
+    /// Creates an event that has not been signalled.
     public init() {}
 
+    /// Returns once the event is signalled (at once if it already was).
     public func wait() async {
         if lock.withLock({ signalled }) { return }
         await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
@@ -93,6 +104,7 @@ public final class AsyncEvent: @unchecked Sendable {
         }
     }
 
+    /// Signals the event: wakes every waiter, and every later ``wait()`` returns at once.
     public func signal() {
         let ws: [UnsafeContinuation<Void, Never>] = lock.withLock {
             signalled = true
