@@ -9,6 +9,7 @@ public final class RangeLock: @unchecked Sendable {
     private var waiters: [UnsafeContinuation<Void, Never>] = []
     private var nextID: UInt64 = 0
 
+    /// Creates a lock with no range held.
     public init() {}
 
     /// A held range; pass it to ``release(_:)``.
