@@ -7,11 +7,15 @@ import QBlockCore
 public struct Qcow2AmendOptions: Sendable, Equatable {
     /// 2 (compat=0.10) or 3 (compat=1.1).
     public var version: Int?
+    /// Turn the `lazy_refcounts` compatible feature on or off (needs version 3).
     public var lazyRefcounts: Bool?
+    /// A new refcount width in bits (1 to 64, a power of two); the refcount structures are
+    /// rewritten, as `qemu-img amend -o refcount_bits=` does.
     public var refcountBits: Int?
     /// A new virtual size.
     public var size: Int64?
 
+    /// Creates an amendment; every `nil` argument leaves that property unchanged.
     public init(version: Int? = nil, lazyRefcounts: Bool? = nil, refcountBits: Int? = nil, size: Int64? = nil) {
         self.version = version
         self.lazyRefcounts = lazyRefcounts

@@ -12,6 +12,11 @@ import QBlockGraph
 /// Repair fixes leaks in place; with corruptions (`-r all`) the COPIED flags are
 /// corrected and the refcount structure is rebuilt at the end of the file.
 extension Qcow2Node {
+    /// Checks the image's metadata as `qemu-img check` does: refcounts against the clusters
+    /// really used, L1/L2 entries, leaks and corruptions; with `repair` it fixes leaks
+    /// (`-r leaks`) or everything it can (`-r all`).
+    /// - Returns: the counts `qemu-img check` prints.
+    /// - Throws: ``BlockError`` `.readOnly` when repairing a read-only node, `.closed`, or I/O errors.
     public func check(repair: CheckRepair?) async throws -> CheckResult {
         try gate.enter(filename, "check")
         defer { gate.leave() }
