@@ -51,6 +51,8 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
     /// The tool's standard input and output.
     public static func stdio() -> FDSerialBackend { FDSerialBackend(input: 0, output: 1) }
 
+    /// Writes all of `bytes` to the output descriptor, retrying short writes and `EINTR`;
+    /// other errors drop the rest (a serial port has nowhere to report them).
     public func write(_ bytes: UnsafeRawBufferPointer) {
         guard var p = bytes.baseAddress else { return }
         var left = bytes.count
@@ -62,6 +64,8 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
         }
     }
 
+    /// Starts the input thread (once): puts a terminal into raw mode and calls `receiver`
+    /// with each chunk read until ``close()`` or end of input.
     public func startInput(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
         guard inFD >= 0 else { return }
         let go: Bool = lock.withLock {
@@ -92,6 +96,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
         t.start()
     }
 
+    /// Stops the input thread, restores the terminal mode and closes descriptors this backend owns.
     public func close() {
         lock.withLock {
             if stopPipe[1] >= 0 {
@@ -144,11 +149,17 @@ public final class BufferSerialBackend: SerialBackend, @unchecked Sendable {
     private let lock = PosixMutex()
     private var data: [UInt8] = []
     private var receiver: (@Sendable ([UInt8]) -> Void)?
+    /// Creates an empty buffer.
     public init() {}
+    /// Appends `bytes` to ``output``.
     public func write(_ bytes: UnsafeRawBufferPointer) { lock.withLock { data.append(contentsOf: bytes) } }
+    /// Keeps `receiver` for ``type(_:)``; no thread is started.
     public func startInput(_ receiver: @escaping @Sendable ([UInt8]) -> Void) { lock.withLock { self.receiver = receiver } }
+    /// Does nothing: there is nothing to release.
     public func close() {}
+    /// Everything written so far.
     public var output: [UInt8] { lock.withLock { data } }
+    /// Everything written so far, decoded as UTF-8.
     public var text: String { String(decoding: output, as: UTF8.self) }
     /// Feeds input as if typed.
     public func type(_ bytes: [UInt8]) { lock.withLock { receiver }?(bytes) }

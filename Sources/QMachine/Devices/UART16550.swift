@@ -17,6 +17,7 @@ import QBlock
 // @unchecked: the FIFO and every register var are only touched with `lock` held; `backend` and `irq`
 // are immutable.
 public final class UART16550: BusDevice, @unchecked Sendable {
+    /// The size in bytes of the register window (8 registers, mapped in a 256-byte slot).
     public static let windowSize: UInt64 = 0x100
 
     private enum IER { static let rda: UInt8 = 0x01, thre: UInt8 = 0x02, rls: UInt8 = 0x04, msi: UInt8 = 0x08 }
@@ -42,6 +43,7 @@ public final class UART16550: BusDevice, @unchecked Sendable {
     private var thrPending = false
     private var lineLevel = false
 
+    /// Creates a UART whose output goes to `backend` and whose interrupt drives `irq`.
     public init(backend: any SerialBackend, irq: any InterruptLine) {
         self.backend = backend
         self.irq = irq
@@ -75,6 +77,8 @@ public final class UART16550: BusDevice, @unchecked Sendable {
     /// Writes bytes to the backend as if transmitted (the SBI console's putchar).
     public func transmit(_ bytes: UnsafeRawBufferPointer) { backend.write(bytes) }
 
+    /// A guest read of the register at `offset` (RBR/DLL, IER/DLM, IIR, LCR, MCR, LSR, MSR,
+    /// SCR); reading RBR takes a byte from the receive FIFO.
     public func read(offset: UInt64, size: Int) -> UInt64 {
         let v: UInt8 = lock.withLock {
             let dlab = lcr & 0x80 != 0
@@ -110,6 +114,8 @@ public final class UART16550: BusDevice, @unchecked Sendable {
         return UInt64(v)
     }
 
+    /// A guest write of the register at `offset`; a THR write sends the byte to the backend
+    /// (or loops it back in loopback mode) and raises the THR-empty interrupt.
     public func write(offset: UInt64, size: Int, value: UInt64) {
         let b = UInt8(truncatingIfNeeded: value)
         var out: UInt8?

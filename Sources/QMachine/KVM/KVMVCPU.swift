@@ -98,6 +98,9 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
 
     // MARK: - Run loop
 
+    /// Runs the vCPU on the calling (dedicated) thread with `KVM_RUN` until an exit the
+    /// machine must handle: port and MMIO accesses are dispatched to the buses in between.
+    /// - Returns: why it stopped (`.shutdown`, `.reset`, `.stopped`, `.crashed(...)`).
     public func run() -> VCPUExit {
         guard Self.kickHandlerInstalled else { return .crashed("cannot install the vCPU kick signal handler") }
         let started: Bool = lock.withLock {
@@ -113,6 +116,8 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
         return exit
     }
 
+    /// Asks a running ``run()`` to return `.stopped` soon: sets `immediate_exit` and kicks the
+    /// thread out of `KVM_RUN` with a signal. Safe from any thread.
     public func requestStop() {
         lock.withLock {
             stopRequested = true

@@ -47,12 +47,14 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     public static let isaString = "rv64imafdc_zicntr_zicsr_zifencei"
     /// `riscv,isa-base` and `riscv,isa-extensions`, the newer device-tree form of the same.
     public static let isaBase = "rv64i"
+    /// The ISA extensions this hart implements, as the device tree's `riscv,isa-extensions` lists them.
     public static let isaExtensions = ["i", "m", "a", "f", "d", "c", "zicntr", "zicsr", "zifencei"]
     /// The `mmu-type` of the device tree: the widest translation mode implemented (Sv39 is also accepted).
     public static let mmuType = "riscv,sv48"
     /// Frequency of the `time` CSR (host monotonic time).
     public static let timebaseFrequency: UInt64 = 10_000_000
 
+    /// The hart's ID (`mhartid`; also its `reg` in the device tree).
     public let hartID: UInt64
     let ram: GuestRAM
     let bus: Bus
@@ -133,6 +135,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     // MARK: Registers
 
+    /// The program counter; setting it (before ``run()`` or while stopped) also drops the
+    /// cached fetch page.
     public var pc: UInt64 {
         get { st.pointee.pc }
         set { st.pointee.pc = newValue; st.pointee.fetchVBase = .max }
@@ -152,6 +156,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     /// Floating-point register `index` as raw bits (singles are NaN-boxed).
     public func floatRegister(_ index: Int) -> UInt64 { f[index & 31] }
+    /// Sets floating-point register f`index` to the raw bits `bits` (NaN-boxed for singles
+    /// by the caller); `index` is taken modulo 32. Only while the hart is not running.
     public func setFloatRegister(_ index: Int, _ bits: UInt64) { f[index & 31] = bits }
 
     /// Instructions retired since creation (the `instret` CSR).
