@@ -14,7 +14,8 @@ for root in sys.argv[1:] or ['Sources']:
                 if not m or m.group(2) == 'extension': continue
                 total += 1
                 j = i - 1
-                while j >= 0 and re.match(r'^\s*@', lines[j]): j -= 1
+                # attributes and `// @unchecked:` / `// SAFETY:` notes may sit between the doc comment and the declaration
+                while j >= 0 and (re.match(r'^\s*@', lines[j]) or re.match(r'^\s*//(?!/)', lines[j])): j -= 1
                 if j >= 0 and re.match(r'^\s*(///|\*/|\*)', lines[j]): continue
                 # protocol conformance requirements documented at the protocol count as documented
                 if re.search(r'\b(description|debugDescription|hash\(into|==|rawValue|init\(rawValue|makeAsyncIterator|next\(\)|makeIterator)\b', l): continue

@@ -24,6 +24,8 @@ import QBlockCore
 ///
 /// All system calls go through ``Syscalls`` on the ``IOThreadPool``; operations on one side
 /// file are serialized.
+// @unchecked: `fd` and `onDisk` are only touched with the AsyncMutex `lock` held; the other stored
+// properties are immutable (`bitmap` is thread-safe itself).
 public final class BitmapSideFile: @unchecked Sendable {
     static let magic: [UInt8] = Array("QBDIRTY1".utf8)
     static let version: UInt32 = 1

@@ -11,6 +11,8 @@ import QBlockCore
 /// narrowed when resetting only by the caller's choice: ``reset(offset:length:)`` clears
 /// every chunk the range touches, as QEMU's `bdrv_reset_dirty_bitmap` does, so callers
 /// reset exactly the chunks they copied.
+// @unchecked: every var (size, words, summary, counters, flags) is only touched with `lock` held;
+// `name` and `granularity` are immutable.
 public final class DirtyBitmap: @unchecked Sendable {
     /// The bitmap's name (unique per node; may be empty for a job's private bitmap).
     public let name: String

@@ -1,6 +1,8 @@
 import QBlockCore
 /// The dirty bitmaps attached to one node, by name; writes through the node mark every
 /// enabled bitmap in it. Thread-safe; marking takes one lock per bitmap.
+// @unchecked: `list` is only touched with `lock` held; the DirtyBitmaps in it are thread-safe
+// themselves.
 public final class DirtyBitmapSet: @unchecked Sendable {
     private let lock = PosixMutex()
     private var list: [DirtyBitmap] = []

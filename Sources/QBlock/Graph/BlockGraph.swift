@@ -7,6 +7,8 @@ import QBlockCore
 /// for its requests in flight, the body changes the graph (opens an overlay, replaces a
 /// node), and the held requests then continue on the new nodes. No request is lost or
 /// split across the switch, and the pause lasts as long as the body.
+// @unchecked: `nodeList`, `backendList` and `nameCounter` are only touched with `lock` held; graph
+// changes are also serialized by the AsyncMutex `changes`.
 public final class BlockGraph: @unchecked Sendable {
     private let lock = PosixMutex()
     private var nodeList: [BlockNode] = []

@@ -7,6 +7,8 @@ import QBlockBitmaps
 /// backing file of an overlay (a live snapshot makes the old top node the overlay's
 /// backing) and be wrapped by filters and backends. Persistent qcow2 bitmaps are the
 /// qcow2 driver's own (it marks them); ``bitmaps`` holds the ones that live only in memory.
+// @unchecked: no mutable stored state: `nodeName` and `driver` are immutable, `bitmaps`
+// (DirtyBitmapSet) and `watch` are thread-safe themselves.
 public final class BlockNode: BlockDriver, @unchecked Sendable {
     /// The node name (`node-name` in QMP), unique in its graph.
     public let nodeName: String

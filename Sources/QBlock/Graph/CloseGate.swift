@@ -13,6 +13,8 @@ import QBlockCore
 ///
 /// Close is idempotent: ``beginClose()`` returns true once; a later or concurrent close waits
 /// until the first one has finished (``finishClose()``) and then does nothing.
+// @unchecked: `state`, `inFlight` and both waiter lists are only touched with `lock` held;
+// continuations are resumed after it is released.
 package final class CloseGate: @unchecked Sendable {
     // @unchecked: every stored var is read and written only with `lock` held.
     private enum State { case open, closing, closed }

@@ -4,6 +4,8 @@
 ///
 /// After ``close()`` the view refuses every call with ``BlockError`` code `.closed`; the
 /// node below stays open.
+// @unchecked: no mutable state of its own: `base` is an immutable reference to a Sendable driver,
+// `gate` (CloseGate) is thread-safe.
 public final class UnclosedDriver: BlockDriver, @unchecked Sendable {
     // @unchecked: the stored properties are an immutable reference to a Sendable driver and
     // a CloseGate (thread-safe itself).

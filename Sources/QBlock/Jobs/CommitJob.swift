@@ -8,6 +8,9 @@ import QBlockOperations
 /// the image above `top` directly to `base` (at run time and in its header).
 ///
 /// Committing the active layer is a mirror into the base: see ``MirrorJob``.
+// @unchecked: `removed` is only touched with `lock` held; `base` is written only by the job body (one
+// task); `closesRemovedImages` is configuration set before the job starts (by convention, not
+// enforced).
 public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     /// Always ``JobType/commit``.
     public let jobType = JobType.commit

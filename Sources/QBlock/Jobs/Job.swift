@@ -36,6 +36,9 @@ public struct JobOptions: Sendable {
 /// The lifecycle follows ``JobStateMachine``; every verb is checked against its table
 /// first. The driver's body runs in its own task; the verbs only change state under a
 /// lock and wake the body, so they never wait for I/O.
+// @unchecked: every var (state machine, pause/cancel flags, progress, bucket, error, wakeup, queued
+// events and waiters) is only touched with `lock` held; event emission is ordered by `emitLock`; the
+// lets are immutable or Sendable.
 public final class Job: @unchecked Sendable {
     /// The job ID.
     public let id: String

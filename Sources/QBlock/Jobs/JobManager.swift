@@ -1,6 +1,7 @@
 import QBlockCore
 /// The registry of jobs (QEMU's job list): creates and starts jobs, finds them by ID,
 /// and sends every job's events to one sink the monitor subscribes to.
+// @unchecked: `jobs`, `sinks`, `nextSinkID` and `reserved` are only touched with `lock` held.
 public final class JobManager: @unchecked Sendable {
     private let lock = PosixMutex()
     private var jobs: [Job] = []

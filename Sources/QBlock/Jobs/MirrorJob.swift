@@ -72,6 +72,9 @@ public struct MirrorOptions: Sendable {
 /// reports `ready` once source and target match, then keeps copying what writers dirty.
 /// `block-job-complete` drains the users, copies the last dirty areas and switches every
 /// user to the target; a cancel after `ready` leaves a consistent copy without switching.
+// @unchecked: `shouldComplete`, `bytesInFlight`, `filterNode`, `sideFile` and `persistentBitmap`
+// are only touched with `lock` held; the lets are immutable or thread-safe (RangeLock,
+// DirtyBitmap, BlockGraph).
 public final class MirrorJob: CompletableJobDriver, FinalizingJobDriver, @unchecked Sendable {
     /// ``JobType/mirror``, or ``JobType/commit`` for an active commit.
     public let jobType: JobType

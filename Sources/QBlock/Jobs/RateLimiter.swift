@@ -29,6 +29,8 @@ public struct SystemJobClock: JobClock {
 
 /// A clock that only moves when told to (tests). Sleepers wake when ``advance(by:)``
 /// passes their deadline.
+// @unchecked: `current` and `sleepers` are only touched with `lock` held; sleepers are resumed after it
+// is released.
 public final class ManualJobClock: JobClock, @unchecked Sendable {
     private let lock = PosixMutex()
     private var current: UInt64

@@ -8,6 +8,9 @@ import QBlockOperations
 ///
 /// Copies go through a ``CopyOnReadNode`` over the image; writers that go through the
 /// same filter are serialized with the copies, so no copy overwrites newer data.
+// @unchecked: `removed` and `link` are only touched with `lock` held; `closesRemovedImages` is
+// configuration set before the job starts (by convention, not enforced); the lets are immutable or
+// thread-safe.
 public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     /// Always ``JobType/stream``.
     public let jobType = JobType.stream

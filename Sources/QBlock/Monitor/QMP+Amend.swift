@@ -88,6 +88,7 @@ struct QMPAmendRequest: Sendable {
 }
 
 /// The `amend` job: one amendment of a qcow2 node; progress 0/1, then 1/1 (also on failure).
+// @unchecked: no mutable state: `node`, `request` and `force` are immutable.
 final class BlockdevAmendJob: JobDriver, @unchecked Sendable {
     // @unchecked: immutable after init; the node is thread-safe.
     /// Held for the job's life, as QEMU takes a reference on it.

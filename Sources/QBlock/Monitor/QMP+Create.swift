@@ -84,6 +84,7 @@ enum QMPCreateRequest: Sendable {
 }
 
 /// The `create` job: runs one creation; progress is 0/1, then 1/1 (also on failure), as QEMU's.
+// @unchecked: no mutable state: `request` and `graph` are immutable (the graph is thread-safe itself).
 final class BlockdevCreateJob: JobDriver, @unchecked Sendable {
     // @unchecked: immutable after init; the graph is thread-safe.
     let request: QMPCreateRequest

@@ -106,6 +106,7 @@ extension QMPMonitor {
 }
 
 /// Per-monitor job state.
+// @unchecked: no mutable state: `manager` is an immutable reference to a thread-safe JobManager.
 final class QMPJobState: @unchecked Sendable {
     let manager = JobManager()
     init(monitor: QMPMonitor) {

@@ -5,6 +5,7 @@ import QBlockNBDWire
 /// The NBD server of a monitor (`nbd-server-start`) and its exports (`block-export-add`).
 /// Each export serves a ``BlockBackend`` attached to the graph, so that a live snapshot or a
 /// mirror pivot switches what the export's clients read and write.
+// @unchecked: `_server`, `exports` and `retired` are only touched with `lock` held.
 public final class QMPNBDState: @unchecked Sendable {
     /// One `block-export-add` export: its id, the NBD export and the backend it serves.
     public struct Export {

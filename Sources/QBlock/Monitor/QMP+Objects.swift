@@ -99,6 +99,7 @@ extension QMPMonitor {
 }
 
 /// The monitor's user-created objects (QEMU's `/objects` container), by id.
+// @unchecked: `objects` is only touched with `lock` held.
 public final class QMPObjects: @unchecked Sendable {
     // @unchecked: every stored property is guarded by `lock`.
     /// An iothread object's properties.

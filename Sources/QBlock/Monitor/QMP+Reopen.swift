@@ -50,6 +50,8 @@ extension QMPMonitor {
 }
 
 /// One parsed `BlockdevOptions` of `blockdev-reopen` (the top level or a child's options).
+// @unchecked: built by the parser and then only read, by the one `blockdev-reopen` command (one task)
+// that owns it; never shared while mutated.
 final class ReopenSpec: @unchecked Sendable {
     // @unchecked: immutable after parsing.
     /// A child member: absent, `null`, a node name, or options.
@@ -132,6 +134,8 @@ final class ReopenSpec: @unchecked Sendable {
 
 /// The nodes a `blockdev-reopen` changes and their new options: built and checked before
 /// anything changes, then applied inside one drained section (undone on failure).
+// @unchecked: `targets` is built and applied by the one `blockdev-reopen` command (one task) that owns
+// the plan; the lets are immutable or thread-safe.
 final class ReopenPlan: @unchecked Sendable {
     // @unchecked: used by one command at a time (the monitor serializes commands).
     struct Target {

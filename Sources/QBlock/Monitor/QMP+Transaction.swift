@@ -33,6 +33,7 @@ extension QMPTransactionAction {
 }
 
 /// Transaction action types added by other command groups.
+// @unchecked: `makers` is only touched with `lock` held.
 final class QMPTransactionRegistry: @unchecked Sendable {
     let lock = PosixMutex()
     var makers: [String: @Sendable (QMPArguments, QMPContext) throws -> QMPTransactionAction] = [:]

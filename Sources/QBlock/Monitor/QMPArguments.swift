@@ -59,6 +59,8 @@ public struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
 ///
 /// Nested objects report full names (`addr.data.path`). A handler reads every member it
 /// knows, calls ``done()``, and only then acts.
+// @unchecked: `used` is only touched by the one handler that parses these arguments (one task at a
+// time); `dict` and `path` are immutable.
 public final class QMPArguments: @unchecked Sendable {
     /// The members as received.
     public let dict: QObject.Dict

@@ -25,6 +25,7 @@ public enum QMPBlockdevDrivers {
     public typealias Opener = @Sendable (QMPArguments, QMPOpenContext) async throws -> any BlockDriver
 
     private static let lock = PosixMutex()
+    // @unchecked: the opener table is only read or changed with `Self.lock` held.
     nonisolated(unsafe) private static var table: [String: Opener] = [
         "file": QMPBlockdevDrivers.openFile,
         "nbd": QMPBlockdevDrivers.openNBD,
@@ -48,6 +49,8 @@ public enum QMPBlockdevDrivers {
 /// What a `blockdev-add` driver opener gets besides its arguments: the open mode, the graph,
 /// and a way to open or look up its children. Nodes it creates are recorded so that a
 /// failed `blockdev-add` closes them again and `blockdev-del` removes them with their parent.
+// @unchecked: `created` and `slot` are only used by the one command that owns this context,
+// sequentially (commands run under the monitor's `commandLock`); the lets are immutable or thread-safe.
 public final class QMPOpenContext: @unchecked Sendable {
     /// Open read-only (`read-only`).
     public let readOnly: Bool

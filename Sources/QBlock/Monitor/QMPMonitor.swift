@@ -25,6 +25,9 @@ import QBlockGraph
 /// with `exclusive: false` (queries, `quit`): a handler must not wait for anything long;
 /// long operations (jobs) start a task and return. Events go to every
 /// client that has negotiated capabilities, and to in-process ``subscribe()`` streams.
+// @unchecked: handlers, sessions, subscribers, `nextID`, `quitHandler` and `state` are only touched
+// with `lock` held; commands are serialized by `commandLock`; `version` is configuration set before the
+// monitor serves clients (by convention, not enforced).
 public final class QMPMonitor: @unchecked Sendable {
     /// A command: its arguments (read them, then call ``QMPArguments/done()``) and the
     /// context; returns the `return` value (`.dict(QObject.Dict())` for `{}`).
@@ -253,6 +256,8 @@ public final class QMPMonitor: @unchecked Sendable {
 }
 
 /// One client's state: whether it has negotiated capabilities, and where its output goes.
+// @unchecked: `_negotiated` and `_quit` are only touched with `lock` held; `id` and `send` are
+// immutable.
 final class QMPSession: @unchecked Sendable {
     let id: Int
     let send: @Sendable (QObject) -> Void

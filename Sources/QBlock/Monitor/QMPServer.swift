@@ -11,6 +11,8 @@ import QBlockCore
 /// tasks; at most eight wait per client (QEMU's queue length) before its reader stops
 /// reading. Replies and events go through the client's writer queue, so a client that
 /// does not read never blocks the monitor (past 64 MiB of unread output it is dropped).
+// @unchecked: the listener descriptors, `path`, `connections`, `nextID` and the acceptor/stopping flags
+// are only touched with `condition` held; `monitor` is immutable.
 public final class QMPServer: @unchecked Sendable {
     /// The monitor served.
     public let monitor: QMPMonitor
@@ -133,6 +135,8 @@ public final class QMPServer: @unchecked Sendable {
 
 /// One QMP client: a reader thread feeding the JSON streamer, a task running its commands
 /// in order, and a writer thread sending replies and events.
+// @unchecked: `outQueue`, `outBytes`, `closing` and `threadsLeft` are only touched with `condition`
+// held; `slots` is a semaphore; the lets are immutable.
 final class QMPConnection: @unchecked Sendable {
     /// Requests queued per client before the reader stops reading (QEMU's QMP_REQ_QUEUE_LEN_MAX).
     static let maxQueued = 8

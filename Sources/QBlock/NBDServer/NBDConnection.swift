@@ -14,6 +14,8 @@ import QBlockNBDWire
 ///
 /// The connection owns its socket: the reader thread closes it, once, after every request
 /// in flight has finished and the writer has stopped.
+// @unchecked: `inFlight` and `_export` are only touched with `condition` held; `transmission` is set
+// and used by the reader thread only; the lets are immutable or thread-safe (writer, buffer pool).
 final class NBDConnection: @unchecked Sendable {
     /// Requests in flight per connection (qemu-nbd's MAX_NBD_REQUESTS).
     static let maxInFlight = 16
@@ -190,6 +192,8 @@ final class NBDConnection: @unchecked Sendable {
 }
 
 /// A buffer for one request's data, recycled through an ``NBDBufferPool``.
+// @unchecked: no mutable stored state (`storage` and `base` are immutable); its bytes are used by one
+// request at a time, handed over through NBDBufferPool's lock.
 final class NBDBuffer: @unchecked Sendable {
     let storage: AlignedBuffer
     /// SAFETY: valid for `count` bytes while `storage` is alive (as long as this object).
@@ -209,6 +213,7 @@ final class NBDBuffer: @unchecked Sendable {
 
 /// Recycles request buffers so that the data path does not allocate per request: buffers
 /// up to 4 MiB are kept (at most 16 of them); larger ones are freed after use.
+// @unchecked: `free` is only touched with `lock` held.
 final class NBDBufferPool: @unchecked Sendable {
     private let lock = PosixMutex()
     private var free: [NBDBuffer] = []

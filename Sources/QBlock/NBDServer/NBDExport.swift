@@ -73,6 +73,7 @@ public final class NBDExport: Sendable {
     public let writePolicy: WritePolicy
 
     /// ``Options/discard`` and ``Options/detectZeroes``, changeable while the export runs.
+    // @unchecked: `_discard` and `_detectZeroes` are only touched with `lock` held.
     public final class WritePolicy: @unchecked Sendable {
         // @unchecked: the values are only touched with `lock` held.
         private let lock = PosixMutex()

@@ -7,6 +7,8 @@ import QBlockJobs
 
 /// One piece of a reply: bytes owned by the reply, or memory owned by the task that
 /// awaits the send (a read buffer).
+// @unchecked: the `.borrowed` pointer is only read by the writer thread while the task that owns the
+// memory awaits the send (the writer signals completion before that task resumes).
 enum NBDReplyPart: @unchecked Sendable {
     case bytes([UInt8])
     /// SAFETY: the memory stays valid until the ``NBDReplyWriter/send(_:)`` call that
@@ -18,6 +20,8 @@ enum NBDReplyPart: @unchecked Sendable {
 /// that blocking `sendmsg` calls never run on the cooperative pool and a slow client
 /// never holds a shared I/O thread. Replies go out whole (each reply's parts in one
 /// `sendmsg` where possible), in the order they were queued.
+// @unchecked: `queue`, `head`, `stopping`, `broken` and `thread` are only touched with `condition`
+// held; `scratch` is confined to the writer thread (and `deinit`); `fd` is immutable.
 final class NBDReplyWriter: @unchecked Sendable {
     private struct Job {
         var parts: [NBDReplyPart]
@@ -141,6 +145,7 @@ final class NBDReplyWriter: @unchecked Sendable {
 }
 
 /// A one-shot event a blocking thread can wait on.
+// @unchecked: `signalled` is only touched with `condition` held.
 final class AsyncEventSync: @unchecked Sendable {
     private let condition = NSCondition()
     private var signalled = false

@@ -21,6 +21,8 @@ import QBlockNBDWire
 /// thread (`NBDConnection`): blocking socket calls never run on Swift's cooperative
 /// pool. Commands run as tasks against the export's node, several at once per client.
 /// The server never closes the nodes it exports.
+// @unchecked: `state`, exports, listeners, connections, counters and wake descriptors are only touched
+// with `condition` held; `options` is immutable, `finished` is thread-safe.
 public final class NBDServer: @unchecked Sendable {
     /// How the server as a whole behaves (qemu-nbd's `-e` and `-t`).
     public struct Options: Sendable {

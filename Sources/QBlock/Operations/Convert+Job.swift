@@ -14,6 +14,7 @@ enum ConvertChunkStatus {
 }
 
 /// Hands write turns out in ticket order (qemu-img's in-order writes without `-W`).
+// @unchecked: `current` and `waiters` are only touched with `lock` held.
 final class ConvertTurnstile: @unchecked Sendable {
     private let lock = PosixMutex()
     private var current: Int64 = 0
@@ -43,6 +44,9 @@ final class ConvertTurnstile: @unchecked Sendable {
 
 /// One conversion in progress: the iteration over the sources (under `iterLock`) and the
 /// workers that copy the chunks it hands out.
+// @unchecked: the iteration state (`pos`, `sourceIndex`, `statusEnd`, `status`, `nextTicket`) is only
+// touched with the AsyncMutex `iterLock` held; failure and progress state with `stateLock` held; the
+// lets are immutable.
 final class ConvertJob: @unchecked Sendable {
     struct Chunk {
         var offset: Int64

@@ -8,16 +8,23 @@ public protocol BusDevice: AnyObject, Sendable {
 
 /// Non-overlapping address ranges dispatching to devices (cloud-hypervisor's `Bus`).
 /// Mapping is done while the machine is built; lookups afterwards take no lock.
+// @unchecked: `ranges` is only changed by `map` while the machine is built, before the bus is shared;
+// afterwards it is read-only (lookups take no lock).
 public final class Bus: @unchecked Sendable {
+    /// One mapping: `size` bytes from `base` dispatched to `device`.
     public struct Range: Sendable {
+        /// The first address of the range.
         public let base: UInt64
+        /// The length of the range in bytes.
         public let size: UInt64
+        /// The device that handles accesses, at offsets relative to `base`.
         public let device: any BusDevice
     }
 
     /// Sorted by base.
     public private(set) var ranges: [Range] = []
 
+    /// Creates a bus with nothing mapped.
     public init() {}
 
     /// Maps `device` at `[base, base+size)`.

@@ -4,10 +4,13 @@ import Glibc
 
 /// A pthread mutex with a condition variable, for device state shared between the vCPU
 /// thread, I/O completions and input threads (critical sections never suspend).
+// @unchecked: the only state is the heap-allocated pthread mutex and condition, which exist to be used
+// from several threads; the pointers are immutable and freed in `deinit`.
 public final class DeviceLock: @unchecked Sendable {
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let c = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
+    /// Creates an unlocked mutex with its condition variable.
     public init() {
         pthread_mutex_init(m, nil)
         pthread_cond_init(c, nil)
@@ -20,6 +23,7 @@ public final class DeviceLock: @unchecked Sendable {
         m.deallocate()
     }
 
+    /// Runs `body` with the mutex held; `body` must not suspend or take this lock again.
     @inline(__always)
     public func withLock<R>(_ body: () throws -> R) rethrows -> R {
         pthread_mutex_lock(m)
@@ -39,5 +43,6 @@ public final class DeviceLock: @unchecked Sendable {
         return pthread_cond_timedwait(c, m, &deadline) == 0
     }
 
+    /// Wakes every thread waiting on the condition (call with the lock held).
     public func broadcast() { pthread_cond_broadcast(c) }
 }

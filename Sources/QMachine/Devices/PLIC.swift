@@ -14,18 +14,27 @@ import QBlock
 /// high and it is not claimed; completing a source whose line is still high makes it
 /// pending again. A context's output line is high while some pending source enabled for
 /// it has a priority above the context's threshold.
+// @unchecked: every register array is only touched with `lock` held; `sources` and `contexts` are
+// immutable.
 public final class PLIC: BusDevice, @unchecked Sendable {
+    /// Offset of the source priority registers (4 bytes per source).
     public static let priorityBase: UInt64 = 0x0
+    /// Offset of the pending bits (one bit per source).
     public static let pendingBase: UInt64 = 0x1000
+    /// Offset of context 0's enable bits.
     public static let enableBase: UInt64 = 0x2000
+    /// Bytes between two contexts' enable bits.
     public static let enableStride: UInt64 = 0x80
+    /// Offset of context 0's threshold and claim/complete registers.
     public static let contextBase: UInt64 = 0x20_0000
+    /// Bytes between two contexts' threshold registers.
     public static let contextStride: UInt64 = 0x1000
     /// Priorities are 0...7 (three bits, as on QEMU's virt).
     public static let maxPriority: UInt32 = 7
 
     /// Number of interrupt sources including the non-existent source 0 (QEMU's virt: 96).
     public let sources: Int
+    /// The number of contexts (hart privilege levels with an interrupt output).
     public let contexts: Int
     /// The size of the register window for this many contexts.
     public var windowSize: UInt64 { Self.contextBase + UInt64(contexts) * Self.contextStride }
@@ -40,6 +49,9 @@ public final class PLIC: BusDevice, @unchecked Sendable {
     private var outputs: [(any InterruptLine)?]
     private var outputLevel: [Bool]
 
+    /// Creates a PLIC with `sources` interrupt sources (source 0 is reserved; 2...1024) and
+    /// `contexts` contexts, all priorities, enables and thresholds 0 (QEMU's `virt` uses 96
+    /// sources).
     public init(sources: Int = 96, contexts: Int = 2) {
         precondition(sources >= 2 && sources <= 1024 && contexts >= 1)
         self.sources = sources
@@ -69,6 +81,8 @@ public final class PLIC: BusDevice, @unchecked Sendable {
         return Source(plic: self, irq: irq)
     }
 
+    // @unchecked: no mutable state: `plic` and `irq` are immutable; setting the level takes the PLIC's
+    // lock.
     private final class Source: InterruptLine, @unchecked Sendable {
         unowned let plic: PLIC
         let irq: Int
@@ -86,6 +100,9 @@ public final class PLIC: BusDevice, @unchecked Sendable {
         }
     }
 
+    /// A guest read of a 32-bit register at `offset`: priorities, pending bits, enables,
+    /// thresholds, or a claim (which returns the best pending source and clears its pending
+    /// bit). Other sizes read 0.
     public func read(offset: UInt64, size: Int) -> UInt64 {
         guard size == 4 else { return 0 }
         return lock.withLock { () -> UInt64 in
@@ -122,6 +139,8 @@ public final class PLIC: BusDevice, @unchecked Sendable {
         }
     }
 
+    /// A guest write of a 32-bit register at `offset`: priorities, enables, thresholds, or a
+    /// completion (which lets the source interrupt again). Other sizes are ignored.
     public func write(offset: UInt64, size: Int, value: UInt64) {
         guard size == 4 else { return }
         let v = UInt32(truncatingIfNeeded: value)

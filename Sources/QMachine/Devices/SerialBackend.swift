@@ -16,6 +16,8 @@ public protocol SerialBackend: AnyObject, Sendable {
 
 /// A backend over file descriptors: stdio (`--serial stdio`), a connected socket, or
 /// output only (tests). Input is read on a dedicated thread.
+// @unchecked: `savedTermios`, `stopPipe` and `started` are only touched with `lock` held; the
+// descriptors are immutable.
 public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
     private let inFD: Int32
     private let outFD: Int32
@@ -49,6 +51,8 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
     /// The tool's standard input and output.
     public static func stdio() -> FDSerialBackend { FDSerialBackend(input: 0, output: 1) }
 
+    /// Writes all of `bytes` to the output descriptor, retrying short writes and `EINTR`;
+    /// other errors drop the rest (a serial port has nowhere to report them).
     public func write(_ bytes: UnsafeRawBufferPointer) {
         guard var p = bytes.baseAddress else { return }
         var left = bytes.count
@@ -60,11 +64,14 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
         }
     }
 
+    /// Starts the input thread (once): puts a terminal into raw mode and calls `receiver`
+    /// with each chunk read until ``close()`` or end of input.
     public func startInput(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
         guard inFD >= 0 else { return }
         let go: Bool = lock.withLock {
             if started { return false }
             started = true
+            // SAFETY: `stopPipe` has two elements, as pipe(2) needs.
             stopPipe.withUnsafeMutableBufferPointer { _ = pipe($0.baseAddress!) }
             return true
         }
@@ -78,6 +85,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
                 if r < 0 { if errno == EINTR { continue }; return }
                 if fds[1].revents != 0 { return }
                 if fds[0].revents & Int16(POLLIN | POLLHUP | POLLERR) == 0 { continue }
+                // SAFETY: read(2) is told `buf`'s own count.
                 let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
                 if n < 0 { if errno == EINTR || errno == EAGAIN { continue }; return }
                 if n == 0 { return } // end of input
@@ -88,6 +96,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
         t.start()
     }
 
+    /// Stops the input thread, restores the terminal mode and closes descriptors this backend owns.
     public func close() {
         lock.withLock {
             if stopPipe[1] >= 0 {
@@ -117,6 +126,7 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
             Glibc.close(fd)
             throw MachineError(.invalidArgument, "socket path too long: \(path)", operation: "open serial")
         }
+        // SAFETY: the path length was checked against `sun_path` above, so it and its NUL fit.
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             for (i, c) in bytes.enumerated() { p[i] = c }
             p[bytes.count] = 0
@@ -134,15 +144,22 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
 }
 
 /// Collects output in memory (tests).
+// @unchecked: `data` and `receiver` are only touched with `lock` held.
 public final class BufferSerialBackend: SerialBackend, @unchecked Sendable {
     private let lock = PosixMutex()
     private var data: [UInt8] = []
     private var receiver: (@Sendable ([UInt8]) -> Void)?
+    /// Creates an empty buffer.
     public init() {}
+    /// Appends `bytes` to ``output``.
     public func write(_ bytes: UnsafeRawBufferPointer) { lock.withLock { data.append(contentsOf: bytes) } }
+    /// Keeps `receiver` for ``type(_:)``; no thread is started.
     public func startInput(_ receiver: @escaping @Sendable ([UInt8]) -> Void) { lock.withLock { self.receiver = receiver } }
+    /// Does nothing: there is nothing to release.
     public func close() {}
+    /// Everything written so far.
     public var output: [UInt8] { lock.withLock { data } }
+    /// Everything written so far, decoded as UTF-8.
     public var text: String { String(decoding: output, as: UTF8.self) }
     /// Feeds input as if typed.
     public func type(_ bytes: [UInt8]) { lock.withLock { receiver }?(bytes) }

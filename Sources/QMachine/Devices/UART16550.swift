@@ -14,7 +14,10 @@ import QBlock
 /// Transmission is instantaneous: a byte written to THR goes to the backend at once and
 /// the THR-empty interrupt is raised again. Received bytes queue in a FIFO (16 bytes, as
 /// the chip's, plus an overflow reserve so typed input is not lost while the guest sleeps).
+// @unchecked: the FIFO and every register var are only touched with `lock` held; `backend` and `irq`
+// are immutable.
 public final class UART16550: BusDevice, @unchecked Sendable {
+    /// The size in bytes of the register window (8 registers, mapped in a 256-byte slot).
     public static let windowSize: UInt64 = 0x100
 
     private enum IER { static let rda: UInt8 = 0x01, thre: UInt8 = 0x02, rls: UInt8 = 0x04, msi: UInt8 = 0x08 }
@@ -40,6 +43,7 @@ public final class UART16550: BusDevice, @unchecked Sendable {
     private var thrPending = false
     private var lineLevel = false
 
+    /// Creates a UART whose output goes to `backend` and whose interrupt drives `irq`.
     public init(backend: any SerialBackend, irq: any InterruptLine) {
         self.backend = backend
         self.irq = irq
@@ -73,6 +77,8 @@ public final class UART16550: BusDevice, @unchecked Sendable {
     /// Writes bytes to the backend as if transmitted (the SBI console's putchar).
     public func transmit(_ bytes: UnsafeRawBufferPointer) { backend.write(bytes) }
 
+    /// A guest read of the register at `offset` (RBR/DLL, IER/DLM, IIR, LCR, MCR, LSR, MSR,
+    /// SCR); reading RBR takes a byte from the receive FIFO.
     public func read(offset: UInt64, size: Int) -> UInt64 {
         let v: UInt8 = lock.withLock {
             let dlab = lcr & 0x80 != 0
@@ -108,6 +114,8 @@ public final class UART16550: BusDevice, @unchecked Sendable {
         return UInt64(v)
     }
 
+    /// A guest write of the register at `offset`; a THR write sends the byte to the backend
+    /// (or loops it back in loopback mode) and raises the THR-empty interrupt.
     public func write(offset: UInt64, size: Int, value: UInt64) {
         let b = UInt8(truncatingIfNeeded: value)
         var out: UInt8?
@@ -138,6 +146,7 @@ public final class UART16550: BusDevice, @unchecked Sendable {
             }
             update()
         }
+        // SAFETY: a pointer to a local byte, used only during the call.
         if let out { withUnsafeBytes(of: out) { backend.write($0) } }
         if let loop { receive([loop]) }
     }

@@ -18,6 +18,7 @@ public struct FDTBuilder: Sendable {
     enum Token: UInt32 {
         case beginNode = 1, endNode = 2, prop = 3, nop = 4, end = 9
     }
+    /// The FDT header magic (devicetree spec 0.4 §5.2).
     public static let magic: UInt32 = 0xd00d_feed
 
     private var structure: [UInt8] = []
@@ -29,6 +30,7 @@ public struct FDTBuilder: Sendable {
     /// The boot CPU's physical id (header field).
     public var bootCPU: UInt32 = 0
 
+    /// Creates an empty tree; begin with the root node.
     public init() {}
 
     /// A fresh phandle value (1, 2, ...) to give a node with ``property(_:u32:)`` "phandle".
@@ -51,6 +53,7 @@ public struct FDTBuilder: Sendable {
         depth += 1
     }
 
+    /// Closes the innermost open node (FDT_END_NODE); a precondition checks one is open.
     public mutating func endNode() {
         precondition(depth > 0, "FDTBuilder: endNode without beginNode")
         appendToken(.endNode)

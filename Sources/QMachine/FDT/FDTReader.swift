@@ -2,10 +2,14 @@
 /// tests and diagnostics. Every offset and length is checked; a malformed blob throws
 /// ``MachineError`` `.badImage`.
 public struct FDTNode: Sendable, Equatable {
+    /// The node's name with its unit address (`memory@80000000`); "" for the root.
     public var name: String
+    /// The node's properties in blob order, with their raw (big-endian) values.
     public var properties: [(name: String, value: [UInt8])]
+    /// The child nodes in blob order.
     public var children: [FDTNode]
 
+    /// Nodes are equal when names, properties (in order) and children are equal.
     public static func == (a: FDTNode, b: FDTNode) -> Bool {
         a.name == b.name && a.children == b.children && a.properties.count == b.properties.count
             && zip(a.properties, b.properties).allSatisfy { $0.name == $1.name && $0.value == $1.value }
@@ -39,14 +43,22 @@ public struct FDTNode: Sendable, Equatable {
     }
 }
 
+/// Decodes flattened device tree blobs (devicetree spec 0.4 §5) into ``FDTNode`` trees.
 public struct FDTReader {
+    /// A decoded blob: the tree plus the header fields that are not part of it.
     public struct Blob: Sendable {
+        /// The root node.
         public var root: FDTNode
+        /// The memory reservation block's entries.
         public var reservations: [(address: UInt64, size: UInt64)]
+        /// `boot_cpuid_phys` from the header.
         public var bootCPU: UInt32
+        /// The blob's version (16 or 17).
         public var version: UInt32
     }
 
+    /// Decodes the DTB `b`, checking every offset, length and token.
+    /// - Throws: ``MachineError`` `.badImage` for a malformed or unsupported blob.
     public static func decode(_ b: [UInt8]) throws -> Blob {
         func bad(_ why: String) -> MachineError { MachineError(.badImage, "malformed device tree: \(why)", operation: "decode DTB") }
         func be32(_ o: Int) throws -> UInt32 {

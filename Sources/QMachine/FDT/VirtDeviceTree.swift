@@ -3,32 +3,51 @@
 /// /cpus with one hart and its interrupt controller, /soc with the PLIC, the ns16550a UART
 /// and the virtio-mmio slots, /chosen with the command line, console and initrd.
 public struct VirtDeviceTree: Sendable {
+    /// The `/cpus/cpu@0` properties.
     public struct CPU: Sendable {
+        /// `riscv,isa` (for example `rv64imafdc_zicntr_zicsr_zifencei`).
         public var isa: String
+        /// `riscv,isa-base` (`rv64i`), when the current binding is written.
         public var isaBase: String?
+        /// `riscv,isa-extensions`, when the current binding is written.
         public var isaExtensions: [String]?
+        /// `mmu-type` (`riscv,sv39`, ...).
         public var mmuType: String
+        /// `/cpus/timebase-frequency` in Hz.
         public var timebaseFrequency: UInt64
+        /// Describes the CPU node's properties.
         public init(isa: String, isaBase: String? = nil, isaExtensions: [String]? = nil, mmuType: String, timebaseFrequency: UInt64) {
             self.isa = isa; self.isaBase = isaBase; self.isaExtensions = isaExtensions
             self.mmuType = mmuType; self.timebaseFrequency = timebaseFrequency
         }
     }
 
+    /// Guest-physical start of RAM (`/memory` `reg`).
     public var ramBase: UInt64
+    /// RAM size in bytes.
     public var ramSize: UInt64
+    /// The hart's properties.
     public var cpu: CPU
+    /// Guest-physical address of the PLIC.
     public var plicBase: UInt64
+    /// Size in bytes of the PLIC's register window.
     public var plicSize: UInt64
+    /// `riscv,ndev`: the number of PLIC sources.
     public var plicSources: UInt32
+    /// Guest-physical address of the UART.
     public var uartBase: UInt64
+    /// The PLIC source of the UART's interrupt.
     public var uartIRQ: UInt32
+    /// The UART's `clock-frequency` in Hz.
     public var uartClock: UInt32
     /// (base, size, irq) of each virtio-mmio slot, in slot order.
     public var virtioSlots: [(base: UInt64, size: UInt64, irq: UInt32)]
+    /// The kernel command line (`/chosen/bootargs`).
     public var bootargs: String
+    /// The initrd's guest-physical range (`linux,initrd-start`/`-end`), if any.
     public var initrd: (start: UInt64, end: UInt64)?
 
+    /// Describes a `virt` device tree with these addresses, sizes and interrupts.
     public init(ramBase: UInt64, ramSize: UInt64, cpu: CPU, plicBase: UInt64, plicSize: UInt64, plicSources: UInt32,
                 uartBase: UInt64, uartIRQ: UInt32, uartClock: UInt32,
                 virtioSlots: [(base: UInt64, size: UInt64, irq: UInt32)], bootargs: String,
@@ -44,6 +63,7 @@ public struct VirtDeviceTree: Sendable {
         [UInt32(base >> 32), UInt32(truncatingIfNeeded: base), UInt32(size >> 32), UInt32(truncatingIfNeeded: size)]
     }
 
+    /// The UART node's path, for `/chosen/stdout-path`.
     public var uartPath: String { "/soc/serial@\(Self.hex(uartBase))" }
 
     /// The DTB.

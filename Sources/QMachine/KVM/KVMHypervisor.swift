@@ -13,6 +13,8 @@ import Glibc
 /// try vm.map(ram)
 /// let cpu = try vm.createVCPU(id: 0, ports: portBus, mmio: mmioBus)
 /// ```
+// @unchecked: no mutable state: the descriptor and sizes are immutable; KVM ioctls on it are
+// thread-safe.
 public final class KVMHypervisor: @unchecked Sendable {
     /// Where the KVM device node lives.
     public static let defaultPath = "/dev/kvm"

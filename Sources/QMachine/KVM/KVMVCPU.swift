@@ -17,6 +17,9 @@ import Glibc
 ///
 /// ``run()`` blocks its (dedicated) thread. ``requestStop()`` sets `immediate_exit` and
 /// sends the thread a signal (``kickSignal``) so a `KVM_RUN` in progress returns `EINTR`.
+// @unchecked: `stopRequested` and `runningThread` are only touched with `lock` held; `runPage`,
+// `exitCount` and `unhandledAccesses` are confined to the thread in `run()` (the public counters are
+// read without a lock: see the safety report).
 public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
     /// The vCPU index given to `KVM_CREATE_VCPU`.
     public let id: Int
@@ -95,6 +98,9 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
 
     // MARK: - Run loop
 
+    /// Runs the vCPU on the calling (dedicated) thread with `KVM_RUN` until an exit the
+    /// machine must handle: port and MMIO accesses are dispatched to the buses in between.
+    /// - Returns: why it stopped (`.shutdown`, `.reset`, `.stopped`, `.crashed(...)`).
     public func run() -> VCPUExit {
         guard Self.kickHandlerInstalled else { return .crashed("cannot install the vCPU kick signal handler") }
         let started: Bool = lock.withLock {
@@ -110,6 +116,8 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
         return exit
     }
 
+    /// Asks a running ``run()`` to return `.stopped` soon: sets `immediate_exit` and kicks the
+    /// thread out of `KVM_RUN` with a signal. Safe from any thread.
     public func requestStop() {
         lock.withLock {
             stopRequested = true
@@ -231,12 +239,15 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
 
     /// Little-endian load of `n` (≤ 8) bytes.
     private static func load(_ p: UnsafeMutableRawPointer, _ n: Int) -> UInt64 {
+        // SAFETY: `p` points into the mapped `kvm_run` page at the exit's data (the I/O data area or
+        // `mmio.data[8]`), and KVM reports `n <= 8`.
         var v: UInt64 = 0
         for i in 0..<n { v |= UInt64(p.load(fromByteOffset: i, as: UInt8.self)) << (8 * i) }
         return v
     }
 
     /// Little-endian store of the low `n` (≤ 8) bytes of `v`.
+    // SAFETY: as for `load`: `p` is the exit's data area in the `kvm_run` page and `n <= 8`.
     private static func store(_ v: UInt64, _ p: UnsafeMutableRawPointer, _ n: Int) {
         for i in 0..<n { p.storeBytes(of: UInt8(truncatingIfNeeded: v >> (8 * i)), toByteOffset: i, as: UInt8.self) }
     }

@@ -8,6 +8,8 @@ import Glibc
 /// Memory is registered once per ``GuestRAM`` with `KVM_SET_USER_MEMORY_REGION`; the VM
 /// keeps each mapped ``GuestRAM`` alive while the VM exists, since the kernel holds its
 /// host address.
+// @unchecked: `slots` and `vcpuIDs` are only touched with `lock` held; `hypervisor` and `fd` are
+// immutable.
 public final class KVMVirtualMachine: @unchecked Sendable {
     let hypervisor: KVMHypervisor
     let fd: Int32

@@ -17,13 +17,20 @@ import Foundation
 /// 60  u32 res3           PE/COFF header offset
 /// ```
 public struct LinuxImageHeader: Sendable, Equatable {
+    /// The header's size in bytes.
     public static let size = 64
+    /// The deprecated `magic` field at offset 48: "RISCV" and three NULs.
     public static let magic: [UInt8] = Array("RISCV".utf8) + [0, 0, 0]
+    /// The `magic2` field at offset 56: "RSC\x05".
     public static let magic2: [UInt8] = Array("RSC".utf8) + [0x05]
 
+    /// Where the image must be loaded, in bytes from the start of RAM (`text_offset`).
     public var textOffset: UInt64
+    /// How much memory the kernel occupies once running, bss included (`image_size`), in bytes.
     public var imageSize: UInt64
+    /// The header's `flags` (bit 0: big-endian kernel).
     public var flags: UInt64
+    /// The header version (major in the high 16 bits, minor in the low 16).
     public var version: UInt32
 
     /// Parses the header.
@@ -56,10 +63,15 @@ public struct LinuxImageHeader: Sendable, Equatable {
 /// the kernel (or right after the kernel when that is too close), the DTB at the top of
 /// RAM aligned down to 2 MiB.
 public struct LinuxBootLayout: Sendable, Equatable {
+    /// Guest-physical address the kernel is loaded at and entered.
     public var kernelAddress: UInt64
+    /// The first address past the kernel's `image_size`.
     public var kernelEnd: UInt64
+    /// Guest-physical address of the initrd, if there is one.
     public var initrdStart: UInt64?
+    /// The first address past the initrd (`linux,initrd-end`), if there is one.
     public var initrdEnd: UInt64?
+    /// Guest-physical address of the device tree blob (in `a1` at entry).
     public var fdtAddress: UInt64
 
     static let twoMiB: UInt64 = 2 << 20
@@ -94,6 +106,9 @@ public struct LinuxBootLayout: Sendable, Equatable {
 
 /// Reads kernel and initrd files with errors worded for the user.
 public enum BootFiles {
+    /// Reads the whole file at `path`; `what` ("kernel", "initrd", "firmware") names it in
+    /// errors.
+    /// - Throws: ``MachineError`` `.badImage` when the file is missing, a directory or unreadable.
     public static func read(_ path: String, what: String) throws -> [UInt8] {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {

@@ -6,12 +6,18 @@ import QBlock
 /// `node-name` names the format node in the block graph (`vm --qmp`); without it the node
 /// is `ID-format`.
 public struct DriveSpec: Sendable, Equatable {
+    /// The image file (path) or NBD URI.
     public var file: String
+    /// The image format (`raw`, `qcow2`), or `nil` to probe it as QEMU does.
     public var format: String?
+    /// The drive's `id` (its block backend name for QMP), or `nil` for a generated one.
     public var id: String?
+    /// The format node's name for QMP, or `nil` for a generated one.
     public var nodeName: String?
+    /// Open the image read-only; the guest sees a read-only virtio-blk device.
     public var readOnly: Bool
 
+    /// Creates a drive for `file`; every other property has QEMU's `-drive` default.
     public init(file: String, format: String? = nil, id: String? = nil, nodeName: String? = nil, readOnly: Bool = false) {
         self.file = file; self.format = format; self.id = id; self.nodeName = nodeName; self.readOnly = readOnly
     }

@@ -21,11 +21,16 @@ public struct RISCVCPUModel: Sendable {
     public var isa: String
     /// `riscv,isa-base` and `riscv,isa-extensions` (the current binding), when known.
     public var isaBase: String?
+    /// The extensions for `riscv,isa-extensions`, or `nil` to write only `riscv,isa`.
     public var isaExtensions: [String]?
+    /// `mmu-type` in the device tree (`riscv,sv39`, `riscv,sv48`, ...).
     public var mmuType: String
+    /// `timebase-frequency` in Hz: how fast `time` advances.
     public var timebaseFrequency: UInt64
+    /// Makes the CPU for hart `hartID` over `ram` and `bus`, with SBI calls going to `platform`.
     public var make: @Sendable (_ hartID: UInt64, _ ram: GuestRAM, _ bus: Bus, _ platform: any SBIPlatform) -> any RISCVBootCPU
 
+    /// Describes a CPU kind by its device tree properties and a factory `make`.
     public init(isa: String, isaBase: String? = nil, isaExtensions: [String]? = nil, mmuType: String, timebaseFrequency: UInt64,
                 make: @escaping @Sendable (UInt64, GuestRAM, Bus, any SBIPlatform) -> any RISCVBootCPU) {
         self.isa = isa

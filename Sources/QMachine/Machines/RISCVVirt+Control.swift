@@ -28,6 +28,7 @@ extension RISCVVirtMachine {
 
 /// The loop around a vCPU's `run()`: a `.stopped` exit asked for by ``pause(_:)`` parks the
 /// thread until ``resume()``; any other exit (or ``quit(_:)``) ends it.
+// @unchecked: the pause/quit/park flags and `parkWaiters` are only touched with `lock` held.
 final class VCPUGate: @unchecked Sendable {
     private let lock = DeviceLock()
     private var wantPause = false

@@ -11,27 +11,44 @@ import QBlock
 /// ```
 /// One hart, run on a dedicated thread. Firmware (SBI) is built into the CPU model, so
 /// the kernel is entered directly in S-mode: a0 = hart id, a1 = DTB address, pc = kernel.
+// @unchecked: `layout`, `deviceTree` and `cpu` are set while the machine is built, before it is shared;
+// `running` is only touched with `lock` held; the devices are thread-safe themselves.
 public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
+    /// The machine name (`-M riscv64-virt`), modelled on QEMU's `virt`.
     public static let name = "riscv64-virt"
+    /// Guest-physical address where RAM starts (as QEMU's `virt`).
     public static let ramBase: UInt64 = 0x8000_0000
+    /// Guest-physical address of the PLIC.
     public static let plicBase: UInt64 = 0x0c00_0000
+    /// Guest-physical address of the 16550 UART.
     public static let uartBase: UInt64 = 0x1000_0000
+    /// The PLIC source the UART's interrupt is wired to.
     public static let uartIRQ = 10
+    /// The UART's input clock in Hz, as the device tree reports it.
     public static let uartClock: UInt32 = 3_686_400
+    /// Guest-physical address of the first virtio-mmio slot; slots are 4 KiB apart.
     public static let virtioBase: UInt64 = 0x1000_1000
+    /// The number of virtio-mmio slots (PLIC sources 1...8).
     public static let virtioSlots = 8
+    /// The number of PLIC interrupt sources.
     public static let plicSources = 96
 
     /// How to build the machine.
     public struct Configuration: Sendable {
+        /// Guest RAM in bytes (default 512 MiB).
         public var memorySize: UInt64 = 512 << 20
+        /// The Linux kernel `Image` to boot.
         public var kernelPath: String
+        /// An initramfs to load after the kernel, if any.
         public var initrdPath: String?
+        /// The kernel command line (`/chosen/bootargs`).
         public var bootargs: String = ""
         /// Disks, in slot order (the first is /dev/vda).
         public var drives: [Drive] = []
+        /// Where the UART's output goes and its input comes from.
         public var serial: any SerialBackend
 
+        /// A configuration with the defaults, booting `kernelPath` with `serial` as console.
         public init(kernelPath: String, serial: any SerialBackend) {
             self.kernelPath = kernelPath
             self.serial = serial
@@ -40,23 +57,37 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
 
     /// A disk attached to a virtio-blk device.
     public struct Drive: Sendable {
+        /// The block node the disk reads and writes.
         public var node: any BlockDriver
+        /// The drive's ID (its QMP block backend name).
         public var id: String
+        /// Whether the guest sees a read-only disk.
         public var readOnly: Bool
+        /// Creates a drive over `node` named `id`.
         public init(node: any BlockDriver, id: String, readOnly: Bool = false) {
             self.node = node; self.id = id; self.readOnly = readOnly
         }
     }
 
+    /// The configuration the machine was built from.
     public let configuration: Configuration
+    /// The guest's RAM, at ``ramBase``.
     public let ram: GuestRAM
+    /// The MMIO bus every device is mapped on.
     public let bus = Bus()
+    /// The platform interrupt controller.
     public let plic: PLIC
+    /// The console UART.
     public let uart: UART16550
+    /// The virtio-mmio slots, empty ones included.
     public let virtio: [VirtioMMIO]
+    /// The virtio-blk devices, one per drive, in slot order.
     public let blocks: [VirtioBlock]
+    /// Where the kernel, initrd and device tree were placed; set while the machine is built.
     public private(set) var layout: LinuxBootLayout!
+    /// The flattened device tree given to the kernel.
     public private(set) var deviceTree: [UInt8] = []
+    /// The boot hart; set while the machine is built.
     public private(set) var cpu: (any RISCVBootCPU)!
 
     private let lock = DeviceLock()
@@ -130,6 +161,7 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
         self.layout = layout
         deviceTree = dtb
 
+        // SAFETY: each source array is alive for its closure; `ram.write` checks the destination range.
         try kernel.withUnsafeBytes { try ram.write($0, at: layout.kernelAddress) }
         if let initrd, let start = layout.initrdStart { try initrd.withUnsafeBytes { try ram.write($0, at: start) } }
         try dtb.withUnsafeBytes { try ram.write($0, at: layout.fdtAddress) }
@@ -162,6 +194,7 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
 
     /// ``run()`` for callers without async: blocks the calling thread.
     public func runBlocking() -> VCPUExit {
+        // @unchecked: `exit` is only touched with `lock` held.
         final class Box: @unchecked Sendable { let lock = DeviceLock(); var exit: VCPUExit? }
         let box = Box()
         startThread { e in box.lock.withLock { box.exit = e; box.lock.broadcast() } }
@@ -207,6 +240,8 @@ public final class RISCVVirtMachine: SBIPlatform, @unchecked Sendable {
 
     // MARK: - SBIPlatform
 
+    /// SBI console output: the bytes go out through the UART's backend.
     public func consoleWrite(_ bytes: UnsafeRawBufferPointer) { uart.transmit(bytes) }
+    /// SBI console input: the next byte received by the UART, or `nil`.
     public func consoleRead() -> UInt8? { uart.takeInputByte() }
 }

@@ -7,6 +7,9 @@ import Glibc
 /// The CPU's fast path and DMA-capable devices access it through raw pointers; every
 /// such access first checks the guest-physical range with ``contains(_:count:)`` or goes
 /// through ``pointer(at:count:)``, which does the check.
+// @unchecked: `base`, `size` and `host` are immutable; the guest memory behind `host` is shared with
+// vCPUs and devices like real RAM, every access bounds-checked (concurrent guest/device access is the
+// guest's business, as on hardware).
 public final class GuestRAM: @unchecked Sendable {
     /// Guest-physical address of the first byte.
     public let base: UInt64

@@ -30,6 +30,8 @@ public protocol MonitoredMachine: AnyObject, Sendable {
 /// - `quit` answers, sends `SHUTDOWN {"guest": false, "reason": "host-qmp-quit"}` and exits.
 /// - When the guest powers off, reboots or crashes: `SHUTDOWN` with `guest: true` and
 ///   `guest-shutdown`, `guest-reset` or `guest-panic`; a signal gives `host-signal`.
+// @unchecked: `_status` and `requestedCause` are only touched with `lock` held; `monitor` and `machine`
+// are immutable.
 public final class MachineControl: @unchecked Sendable {
     /// QEMU's `RunState` values this machine goes through.
     public enum Status: String, Sendable {
@@ -45,6 +47,7 @@ public final class MachineControl: @unchecked Sendable {
         case hostQMPSystemReset = "host-qmp-system-reset"
         case hostSignal = "host-signal"
 
+        /// Whether the guest caused the shutdown (the `guest` member of QMP's `SHUTDOWN` event).
         public var isGuest: Bool {
             switch self {
             case .guestShutdown, .guestReset, .guestPanic: return true
@@ -53,7 +56,9 @@ public final class MachineControl: @unchecked Sendable {
         }
     }
 
+    /// The QMP monitor the machine commands are registered on.
     public let monitor: QMPMonitor
+    /// The machine being controlled.
     public let machine: any MonitoredMachine
     private let lock = PosixMutex()
     private var _status = Status.running
@@ -67,6 +72,7 @@ public final class MachineControl: @unchecked Sendable {
         monitor.onQuit { [weak self] in self?.requestShutdown(.hostQMPQuit) }
     }
 
+    /// The run state `query-status` reports.
     public var status: Status { lock.withLock { _status } }
 
     /// Ends the run for a host reason (signal, `quit`, `system_reset`).
@@ -158,8 +164,11 @@ extension RISCVVirtMachine: MonitoredMachine {}
 /// `x86_64-micro` (KVM): `quit`, `system_reset` and the `SHUTDOWN` events work; `stop` is
 /// refused (its vCPU threads end on a stop request rather than park).
 extension X86MicroMachine: MonitoredMachine {
+    /// Always fails: the x86_64-micro vCPU threads end on a stop request instead of parking.
+    /// - Throws: a QMP `GenericError`, as QMP's `stop` then reports.
     public func pause() async throws {
         throw QMPError.generic("stop is not supported on \(X86MicroMachine.name)")
     }
+    /// Does nothing: the machine never pauses.
     public func resume() {}
 }

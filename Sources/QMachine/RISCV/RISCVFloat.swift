@@ -48,6 +48,8 @@ extension RISCVHart {
         // which those external calls might write, so the operation cannot move above them;
         // its result is stored to memory they might read, so it cannot move below them.
         let r = body()
+        // SAFETY: `fpSink` is this hart's own 16-byte, 16-aligned scratch (allocated in init, freed in
+        // deinit); T is at most 8 bytes.
         fpSink.storeBytes(of: r, as: T.self)
         let e = fetestexcept(RISCVHart.hostAllExceptions)
         if mode != FE_TONEAREST { fesetround(FE_TONEAREST) }
@@ -83,6 +85,7 @@ extension RISCVHart {
         fesetround(FE_TOWARDZERO)
         let w = wide()
         let lo = T(w)
+        // SAFETY: `fpSink` holds 16 bytes, aligned to 16; W and T are at most 16 bytes.
         fpSink.storeBytes(of: w, as: W.self)
         fpSink.storeBytes(of: lo, toByteOffset: 0, as: T.self)
         fesetround(FE_TONEAREST)

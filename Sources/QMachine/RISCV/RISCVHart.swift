@@ -38,17 +38,23 @@ import Synchronization
 /// Threading: ``run()`` runs on one dedicated thread and owns all architectural state.
 /// ``requestStop()``, ``invalidateCode(physicalAddress:length:)`` and the interrupt lines may
 /// be called from any thread.
+// @unchecked: the CPU state behind `st`, `x`, `f`, `tlb`, `straddle`, `code`, `exitReason` and
+// `peeking` is confined to the thread running `run()`; cross-thread requests go through the Atomics
+// (`stopFlag`, `attention`, `lines`), the Mutex `pendingInvalidations` and `sleepLock`/`sleepCond`; the
+// wires are set in `init`.
 public final class RISCVHart: VirtualCPU, @unchecked Sendable {
     /// The `riscv,isa` string of the device tree.
     public static let isaString = "rv64imafdc_zicntr_zicsr_zifencei"
     /// `riscv,isa-base` and `riscv,isa-extensions`, the newer device-tree form of the same.
     public static let isaBase = "rv64i"
+    /// The ISA extensions this hart implements, as the device tree's `riscv,isa-extensions` lists them.
     public static let isaExtensions = ["i", "m", "a", "f", "d", "c", "zicntr", "zicsr", "zifencei"]
     /// The `mmu-type` of the device tree: the widest translation mode implemented (Sv39 is also accepted).
     public static let mmuType = "riscv,sv48"
     /// Frequency of the `time` CSR (host monotonic time).
     public static let timebaseFrequency: UInt64 = 10_000_000
 
+    /// The hart's ID (`mhartid`; also its `reg` in the device tree).
     public let hartID: UInt64
     let ram: GuestRAM
     let bus: Bus
@@ -129,6 +135,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     // MARK: Registers
 
+    /// The program counter; setting it (before ``run()`` or while stopped) also drops the
+    /// cached fetch page.
     public var pc: UInt64 {
         get { st.pointee.pc }
         set { st.pointee.pc = newValue; st.pointee.fetchVBase = .max }
@@ -148,6 +156,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 
     /// Floating-point register `index` as raw bits (singles are NaN-boxed).
     public func floatRegister(_ index: Int) -> UInt64 { f[index & 31] }
+    /// Sets floating-point register f`index` to the raw bits `bits` (NaN-boxed for singles
+    /// by the caller); `index` is taken modulo 32. Only while the hart is not running.
     public func setFloatRegister(_ index: Int, _ bits: UInt64) { f[index & 31] = bits }
 
     /// Instructions retired since creation (the `instret` CSR).
@@ -284,6 +294,8 @@ public final class RISCVHart: VirtualCPU, @unchecked Sendable {
 }
 
 /// One interrupt input of a hart.
+// @unchecked: no mutable state: `hart` and `bit` are immutable; raising the line only touches the
+// hart's Atomics.
 final class HartInterruptWire: InterruptLine, @unchecked Sendable {
     unowned let hart: RISCVHart
     let bit: UInt64

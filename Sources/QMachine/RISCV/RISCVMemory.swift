@@ -115,6 +115,8 @@ extension RISCVHart {
             if access == .store { want |= 1 << 7 }
             if want != pte {
                 pte = want
+                // SAFETY: `ptePointer` came from `ram.pointer(at:count: 8)`, which checked the PTE is
+                // inside RAM.
                 ptePointer.storeBytes(of: pte, as: UInt64.self)
             }
             let pageOffsetMask: UInt64 = (1 << (12 + 9 * UInt64(level))) - 1
@@ -248,6 +250,9 @@ extension RISCVHart {
     func store<T: FixedWidthInteger>(_ va: UInt64, _ value: T) -> Bool {
         let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255)))
         if e.pointee.tag == va & (~0xfff | UInt64(MemoryLayout<T>.size - 1)) {
+            // SAFETY: a TLB hit whose tag includes the low bits means the access is naturally aligned
+            // and inside one page that was mapped to guest RAM (`addend` was set from a checked
+            // `ram.pointer`).
             UnsafeMutableRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.storeBytes(of: value, as: T.self)
             return true
         }
@@ -259,6 +264,8 @@ extension RISCVHart {
     func store<T: FixedWidthInteger>(_ va: UInt64, _ value: T, pc: UInt64) -> Bool {
         let e = tlb + (TLBEntry.storeBank + (st.pointee.tlbMode << 8 | Int((va >> 12) & 255)))
         if e.pointee.tag == va & (~0xfff | UInt64(MemoryLayout<T>.size - 1)) {
+            // SAFETY: as in `store(_:_:)` above: a tag hit means an aligned access within a checked RAM
+            // page.
             UnsafeMutableRawPointer(bitPattern: UInt(va &+ e.pointee.addend)).unsafelyUnwrapped.storeBytes(of: value, as: T.self)
             return true
         }
@@ -281,6 +288,8 @@ extension RISCVHart {
         if hit.pointee.tag == va & ~0xfff {  // misaligned inside a mapped page
             let host = UnsafeMutableRawPointer(bitPattern: UInt(va &+ hit.pointee.addend)).unsafelyUnwrapped
             switch size {
+            // SAFETY: the caller checked the access does not cross the page, and the page's `addend`
+            // came from a checked `ram.pointer`; `storeBytes` needs no alignment.
             case 1: host.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
             case 2: host.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
             case 4: host.storeBytes(of: UInt32(truncatingIfNeeded: value), as: UInt32.self)
@@ -300,6 +309,8 @@ extension RISCVHart {
             e.pointee.addend = UInt64(UInt(bitPattern: host)) &- va
             e.pointee.page = page
             switch size {
+            // SAFETY: `host` came from `ram.pointer(at: pa, count: size)`, which checked the bounds;
+            // `storeBytes` needs no alignment.
             case 1: host.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
             case 2: host.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
             case 4: host.storeBytes(of: UInt32(truncatingIfNeeded: value), as: UInt32.self)

@@ -45,6 +45,7 @@ extension RISCVHart {
             return
         case .legacyPutchar:
             var byte = UInt8(truncatingIfNeeded: a0)
+            // SAFETY: a pointer to a local byte, used only during the call.
             withUnsafeBytes(of: &byte) { platform.consoleWrite($0) }
             x[10] = 0
             return
@@ -110,6 +111,7 @@ extension RISCVHart {
                 } else {
                     var n: UInt64 = 0
                     while n < count, let byte = platform.consoleRead() {
+                        // SAFETY: `p` came from `ram.pointer(at:count: count)` and `n < count`.
                         p.storeBytes(of: byte, toByteOffset: Int(n), as: UInt8.self)
                         n += 1
                     }
@@ -118,6 +120,7 @@ extension RISCVHart {
                 }
             case 2:
                 var byte = UInt8(truncatingIfNeeded: a0)
+                // SAFETY: a pointer to a local byte, used only during the call.
                 withUnsafeBytes(of: &byte) { platform.consoleWrite($0) }
             default: error = .notSupported
             }

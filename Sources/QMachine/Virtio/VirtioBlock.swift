@@ -19,27 +19,46 @@ import Glibc
 /// readable:  type u32, reserved u32, sector u64 | data (OUT) or segments (DISCARD, WRITE_ZEROES)
 /// writable:  data (IN, GET_ID) | status u8 (OK 0, IOERR 1, UNSUPP 2)
 /// ```
+// @unchecked: `queue`, `transport`, `inFlight`, `broken`, `config` and `completed` are only written
+// with `lock` held (the public `completed` getter reads without it); `guestMemoryWritten` is
+// configuration set before the device is activated; the lets are immutable.
 public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
+    /// virtio-blk feature bits (virtio 1.2 §5.2.3).
     public enum Feature {
+        /// VIRTIO_BLK_F_SIZE_MAX: `size_max` in config limits one segment's bytes.
         public static let sizeMax: UInt64 = 1 << 1
+        /// VIRTIO_BLK_F_SEG_MAX: `seg_max` in config limits the segments per request.
         public static let segMax: UInt64 = 1 << 2
+        /// VIRTIO_BLK_F_RO: the device is read-only.
         public static let readOnly: UInt64 = 1 << 5
+        /// VIRTIO_BLK_F_BLK_SIZE: `blk_size` in config gives the logical block size.
         public static let blkSize: UInt64 = 1 << 6
+        /// VIRTIO_BLK_F_FLUSH: VIRTIO_BLK_T_FLUSH is supported.
         public static let flush: UInt64 = 1 << 9
+        /// VIRTIO_BLK_F_DISCARD: VIRTIO_BLK_T_DISCARD is supported.
         public static let discard: UInt64 = 1 << 13
+        /// VIRTIO_BLK_F_WRITE_ZEROES: VIRTIO_BLK_T_WRITE_ZEROES is supported.
         public static let writeZeroes: UInt64 = 1 << 14
     }
+    /// Request types (`type` of the request header, §5.2.6).
     public enum RequestType: UInt32 {
         case read = 0, write = 1, flush = 4, getID = 8, discard = 11, writeZeroes = 13
     }
+    /// The status byte the device writes at the end of each request.
     public enum Status: UInt8 { case ok = 0, ioError = 1, unsupported = 2 }
+    /// virtio-blk sectors are always 512 bytes, whatever the block size.
     public static let sectorSize = 512
+    /// Length in bytes of the VIRTIO_BLK_T_GET_ID reply (the serial, zero-padded).
     public static let idLength = 20
     static let maxDiscardSectors: UInt32 = 0x3f_ffff
 
+    /// The block node the device reads and writes.
     public let node: any BlockDriver
+    /// The serial number returned by GET_ID (at most 20 bytes are sent).
     public let serial: String
+    /// Whether the device offers VIRTIO_BLK_F_RO and refuses writes.
     public let readOnly: Bool
+    /// The most entries the driver may give the request queue.
     public let queueSize: UInt16
     /// Called with (guest address, length) after the device wrote guest RAM.
     public var guestMemoryWritten: (@Sendable (UInt64, UInt64) -> Void)?
@@ -66,9 +85,13 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         config = Self.makeConfig(capacity: UInt64(node.length) / UInt64(Self.sectorSize), segMax: UInt32(queueSize) - 2)
     }
 
+    /// Device ID 2 (block).
     public var deviceType: VirtioDeviceType { .block }
+    /// One request queue of ``queueSize`` entries.
     public var queueMaxSizes: [UInt16] { [queueSize] }
 
+    /// The features offered: version 1, indirect descriptors, event index, SEG_MAX, BLK_SIZE,
+    /// FLUSH, and RO or DISCARD/WRITE_ZEROES.
     public var deviceFeatures: UInt64 {
         var f = VirtioFeature.version1 | VirtioFeature.ringIndirectDesc | VirtioFeature.ringEventIdx
             | Feature.segMax | Feature.blkSize | Feature.flush
@@ -93,6 +116,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         return c
     }
 
+    /// Reads `size` (1...8) bytes of the config space (capacity, seg_max, blk_size, discard and
+    /// write-zeroes limits) at `offset`, little-endian; out of range reads 0.
     public func readConfig(offset: Int, size: Int) -> UInt64 {
         guard offset >= 0, size > 0, size <= 8, offset + size <= config.count else { return 0 }
         var v: UInt64 = 0
@@ -100,8 +125,11 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         return v
     }
 
+    /// Ignored: no config field is writable (the device does not offer CONFIG_WCE).
     public func writeConfig(offset: Int, size: Int, value: UInt64) {}   // nothing writable (no CONFIG_WCE)
 
+    /// Starts the device after FEATURES_OK and DRIVER_OK: takes queue 0 and uses the event
+    /// index if `features` negotiated it.
     public func activate(features: UInt64, queues: [Virtqueue?], transport: any VirtioTransportCallbacks) {
         lock.withLock {
             queue = queues.first ?? nil
@@ -111,6 +139,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         }
     }
 
+    /// Resets the device: waits for requests in flight, then forgets the queue and transport.
     public func reset() {
         lock.withLock {
             while inFlight > 0 { lock.wait() }
@@ -122,6 +151,9 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
 
     // MARK: - Taking requests
 
+    /// The driver notified queue `index`: takes every available chain, answers the simple
+    /// ones (GET_ID, malformed) at once and starts a task per I/O request; a malformed ring
+    /// sets DEVICE_NEEDS_RESET.
     public func notify(queue index: Int) {
         guard index == 0 else { return }
         var failure: String?
@@ -163,6 +195,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     /// A request ready to run: where its data and status live in guest RAM (checked).
+    // @unchecked: a value whose descriptor addresses were checked against guest RAM; it carries no
+    // pointers, only guest-physical addresses.
     struct Request: @unchecked Sendable {
         var head: UInt16
         var type: RequestType
@@ -234,6 +268,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             let d = buffers[0]
             let n = min(Int(d.length), out.count - filled)
             let src = try host(ram, d.address, n)
+            // SAFETY: `src` was bounds-checked by `host(_:_:_:)` for `n` bytes, and `filled + n <=
+            // out.count`.
             out.withUnsafeMutableBytes { o in o.baseAddress!.advanced(by: filled).copyMemory(from: src, byteCount: n) }
             filled += n
             if n == Int(d.length) { buffers.removeFirst() } else {
@@ -283,6 +319,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             try await node.read(at: r.offset, into: p)
         } else if r.dataLength > 0 {
             let buf = AlignedBuffer(count: r.dataLength)
+            // SAFETY: `buf` has `dataLength` bytes, the sum of the (checked) descriptor lengths; both
+            // closures stay within it.
             try await buf.withUnsafeMutableBytes { try await node.read(at: r.offset, into: $0) }
             try buf.withUnsafeBytes { src in
                 var o = 0
@@ -302,6 +340,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             try await node.write(at: r.offset, from: p, flags: [])
         } else if r.dataLength > 0 {
             let buf = AlignedBuffer(count: r.dataLength)
+            // SAFETY: `buf` has `dataLength` bytes, the sum of the descriptor lengths, and each source
+            // was bounds-checked by `host(_:_:_:)`.
             try buf.withUnsafeMutableBytes { dst in
                 var o = 0
                 for d in r.data {
@@ -343,6 +383,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         for d in buffers where o < bytes.count {
             let n = min(Int(d.length), bytes.count - o)
             let dst = try host(ram, d.address, n)
+            // SAFETY: `dst` was bounds-checked by `host(_:_:_:)` for `n` bytes, and `o + n <=
+            // bytes.count`.
             bytes.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + o, byteCount: n) }
             guestMemoryWritten?(d.address, UInt64(n))
             o += n
@@ -352,6 +394,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
 
     private func write(status: Status, at address: UInt64) {
         guard let q = queue, let p = q.ram.pointer(at: address, count: 1) else { return }
+        // SAFETY: `pointer(at:count: 1)` checked the status byte is inside RAM.
         p.storeBytes(of: status.rawValue, as: UInt8.self)
     }
 

@@ -5,8 +5,11 @@ public enum VirtioDeviceType: UInt32, Sendable {
 
 /// Feature bits shared by all devices (Virtio 1.2, section 6 "Reserved Feature Bits").
 public enum VirtioFeature {
+    /// VIRTIO_F_INDIRECT_DESC (bit 28): descriptors may point to indirect tables (virtio 1.2 §2.7.5.3).
     public static let ringIndirectDesc: UInt64 = 1 << 28
+    /// VIRTIO_F_EVENT_IDX (bit 29): used/avail event indexes suppress notifications (§2.7.10).
     public static let ringEventIdx: UInt64 = 1 << 29
+    /// VIRTIO_F_VERSION_1 (bit 32): a modern (non-legacy) device; required by this transport.
     public static let version1: UInt64 = 1 << 32
 }
 

@@ -13,9 +13,14 @@ import QBlock
 /// 0x0fc ConfigGeneration    0x100+ device configuration space
 /// ```
 /// A slot without a device reads DeviceID 0, which drivers skip.
+// @unchecked: every register var and `lastError` is only written with `lock` held (the `lastError`
+// getter reads it without the lock: see the safety report); the lets are immutable.
 public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked Sendable {
+    /// The size in bytes of one virtio-mmio register window (4 KiB, as QEMU maps them).
     public static let windowSize: UInt64 = 0x1000
+    /// The `MagicValue` register: "virt" in little-endian.
     public static let magic: UInt32 = 0x7472_6976      // "virt"
+    /// The `VendorID` register value.
     public static let vendorID: UInt32 = 0x554d_4551   // "QEMU", as QEMU's devices report
 
     enum Reg: UInt64 {
@@ -43,6 +48,7 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
         var device: UInt64 = 0
     }
 
+    /// The device behind this slot, or `nil` for an empty slot (DeviceID 0).
     public let device: (any VirtioDevice)?
     private let ram: GuestRAM
     private let irq: any InterruptLine
@@ -67,10 +73,13 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
         queues = Array(repeating: QueueRegs(), count: device?.queueMaxSizes.count ?? 0)
     }
 
+    /// The device status the driver last wrote (plus DEVICE_NEEDS_RESET if the device set it).
     public var currentStatus: VirtioStatus { lock.withLock { status } }
 
     // MARK: - BusDevice
 
+    /// A guest read of `size` bytes at register `offset` (virtio 1.2 §4.2.2); offsets from
+    /// 0x100 read the device's config space. Unknown registers read 0.
     public func read(offset: UInt64, size: Int) -> UInt64 {
         if offset >= Self.configBase {
             guard let device else { return 0 }
@@ -110,6 +119,9 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
         }
     }
 
+    /// A guest write of `size` bytes of `value` at register `offset`: feature negotiation,
+    /// queue setup, notifications, interrupt acknowledge and status (writing 0 resets the device).
+    /// Unknown registers are ignored.
     public func write(offset: UInt64, size: Int, value: UInt64) {
         if offset >= Self.configBase {
             device?.writeConfig(offset: Int(offset - Self.configBase), size: size, value: value)
@@ -221,6 +233,8 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
 
     // MARK: - VirtioTransportCallbacks
 
+    /// Called by the device when it put buffers in the used ring of `queue`: sets the
+    /// used-buffer interrupt bit and raises the interrupt line.
     public func signalUsedBuffers(queue: Int) {
         lock.withLock {
             interruptStatus |= InterruptBit.usedBuffer
@@ -228,6 +242,8 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
         }
     }
 
+    /// Called by the device on a fatal driver error (a malformed ring): sets
+    /// DEVICE_NEEDS_RESET, raises a config-change interrupt and records `why` in ``lastError``.
     public func deviceNeedsReset(_ why: String) {
         lock.withLock {
             lastError = why

@@ -10,30 +10,47 @@ import Synchronization
 /// All fields are little-endian. Every guest address is checked against ``GuestRAM`` before
 /// it is touched; a malformed ring or chain throws ``VirtqueueError`` and never reads or
 /// writes outside RAM.
+// @unchecked: `lastAvail`, `usedIndex` and `eventIndex` are only touched by the owning device with its
+// DeviceLock held; the addresses and `ram` are immutable.
 public final class Virtqueue: @unchecked Sendable {
+    /// One buffer of a chain, in guest-physical memory.
     public struct Descriptor: Sendable, Equatable {
+        /// Guest-physical address of the buffer.
         public var address: UInt64
+        /// Length of the buffer in bytes.
         public var length: UInt32
+        /// Whether the device writes it (VIRTQ_DESC_F_WRITE) rather than reads it.
         public var writable: Bool
     }
 
     /// One request: the head index to return in the used ring, and its buffers in order
     /// (device-readable first, then device-writable).
     public struct Chain: Sendable {
+        /// The index of the chain's first descriptor, returned in the used ring.
         public var head: UInt16
+        /// The device-readable buffers, in order.
         public var readable: [Descriptor]
+        /// The device-writable buffers, in order.
         public var writable: [Descriptor]
+        /// Total bytes of the readable buffers.
         public var readableLength: Int { readable.reduce(0) { $0 + Int($1.length) } }
+        /// Total bytes of the writable buffers.
         public var writableLength: Int { writable.reduce(0) { $0 + Int($1.length) } }
     }
 
     enum Flag { static let next: UInt16 = 1, write: UInt16 = 2, indirect: UInt16 = 4 }
+    /// VIRTQ_AVAIL_F_NO_INTERRUPT: the driver asks not to be interrupted (without EVENT_IDX).
     public static let availNoInterrupt: UInt16 = 1
 
+    /// The guest memory holding the rings and buffers.
     public let ram: GuestRAM
+    /// The number of entries in each ring (a power of two, at most 32768).
     public let size: UInt16
+    /// Guest-physical address of the descriptor table (16 bytes per entry).
     public let descAddress: UInt64
+    /// Guest-physical address of the available (driver) ring.
     public let availAddress: UInt64
+    /// Guest-physical address of the used (device) ring.
     public let usedAddress: UInt64
     /// The next available-ring entry to take.
     public private(set) var lastAvail: UInt16 = 0
@@ -72,6 +89,8 @@ public final class Virtqueue: @unchecked Sendable {
     @inline(__always) private func load64(_ a: UInt64) -> UInt64 {
         UInt64(littleEndian: ram.host.loadUnaligned(fromByteOffset: Int(a - ram.base), as: UInt64.self))
     }
+    // SAFETY: `init` checked that the descriptor table and both rings lie inside RAM, and every address
+    // passed here is inside them; `storeBytes` needs no alignment.
     @inline(__always) private func store16(_ a: UInt64, _ v: UInt16) {
         ram.host.storeBytes(of: v.littleEndian, toByteOffset: Int(a - ram.base), as: UInt16.self)
     }
@@ -191,7 +210,9 @@ public struct VirtqueueError: Error, CustomStringConvertible, Sendable {
 
 /// A malformed chain: the head is known, so the request can be failed and returned.
 public struct BadChain: Error, CustomStringConvertible, Sendable {
+    /// The head index of the malformed chain (returned in the used ring with an error status).
     public let head: UInt16
+    /// What is wrong with it, for the log.
     public let why: String
     public var description: String { "descriptor chain at \(head): \(why)" }
 }

@@ -48,6 +48,7 @@ public struct BlockError: Error, CustomStringConvertible, Sendable {
         public var description: String { raw.rawValue }
     }
 
+    /// What kind of failure this is; callers branch on the code, never on the message.
     public var code: Code
     /// The message, worded for a person (as QEMU words it where QEMU has one).
     public var message: String
@@ -62,6 +63,9 @@ public struct BlockError: Error, CustomStringConvertible, Sendable {
     /// The error that caused this one, if any.
     public var underlying: (any Error & Sendable)?
 
+    /// Creates an error with a code, a message for a person and the context that helps
+    /// diagnose it: the `errno` of the failed call, the file `path`, the byte `offset`, the
+    /// `operation` and the `underlying` error that caused this one.
     public init(_ code: Code, _ message: String, errno: Int32? = nil, path: String? = nil,
                 offset: Int64? = nil, operation: String? = nil, underlying: (any Error & Sendable)? = nil) {
         self.code = code

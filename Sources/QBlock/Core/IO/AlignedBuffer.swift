@@ -6,8 +6,13 @@ import Glibc
 ///
 /// Hand its memory to I/O calls only through ``withUnsafeMutableBytes(_:)`` or
 /// ``withUnsafeBytes(_:)``, and only while the buffer is alive.
+// @unchecked: `count`, `alignment` and `base` are immutable; the bytes behind `base` are only accessed
+// inside `withUnsafe…Bytes` by the owner of the buffer, and an I/O call borrows them only while that
+// owner awaits it.
 public final class AlignedBuffer: @unchecked Sendable {
+    /// The size of the buffer in bytes.
     public let count: Int
+    /// The alignment of the memory in bytes (the `O_DIRECT` alignment it was made for).
     public let alignment: Int
     private let base: UnsafeMutableRawPointer
 
@@ -44,16 +49,25 @@ public final class AlignedBuffer: @unchecked Sendable {
         try body(UnsafeMutableRawBufferPointer(start: base, count: count))
     }
 
+    // SAFETY: `base` is valid for `count` bytes while `self` is alive; the caller holds `self` across
+    // the closure.
+    /// Calls `body` with the buffer's `count` bytes for reading; the pointer is valid only
+    /// inside `body`.
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try body(UnsafeRawBufferPointer(start: base, count: count))
     }
 
     /// Async variants: the buffer is kept alive until `body` returns.
+    // SAFETY: `withExtendedLifetime` keeps `self`, and so the `count` bytes at `base`, alive across
+    // every suspension of `body`.
     public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) async throws -> R) async rethrows -> R {
         defer { withExtendedLifetime(self) {} }
         return try await body(UnsafeMutableRawBufferPointer(start: base, count: count))
     }
 
+    // SAFETY: as above: `self` is kept alive until `body` returns.
+    /// Calls async `body` with the buffer's bytes for reading; the buffer is kept alive until
+    /// `body` returns, across its suspensions.
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) async throws -> R) async rethrows -> R {
         defer { withExtendedLifetime(self) {} }
         return try await body(UnsafeRawBufferPointer(start: base, count: count))
@@ -61,6 +75,7 @@ public final class AlignedBuffer: @unchecked Sendable {
 
     /// The contents as an array (for tests and small metadata).
     public var bytes: [UInt8] {
+        // SAFETY: the bytes are copied into an array before the closure returns.
         withUnsafeBytes { Array($0) }
     }
 }
@@ -69,6 +84,7 @@ public final class AlignedBuffer: @unchecked Sendable {
 ///
 /// SAFETY: the async caller that created it awaits the pool job, so the memory it points
 /// to outlives the job; nothing else touches the memory meanwhile.
+// @unchecked: a plain pointer value; see the SAFETY note above for who may dereference it and when.
 package struct SendablePointer: @unchecked Sendable {
     package let raw: UnsafeMutableRawPointer
     package init(raw: UnsafeMutableRawPointer) { self.raw = raw }

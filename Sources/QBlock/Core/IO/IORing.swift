@@ -13,6 +13,8 @@ import Foundation
 /// submission (the page-cache copy happens inside `io_uring_enter`, under the ring's lock),
 /// so two tasks submitting to one ring copy one after the other. With a ring per core and a
 /// submitter that skips a ring another thread is in, those copies run on all cores at once.
+// @unchecked: `next` is only touched with `nextRing` held; each ring in `rings` is used under its own
+// lock in the C helper; `rings` is immutable.
 package final class IORing: @unchecked Sendable {
     package enum Op: Int32 {
         case read = 0
@@ -39,6 +41,8 @@ package final class IORing: @unchecked Sendable {
 
     /// SAFETY: a ring lives for the whole process; its submission side is locked in C and
     /// only its reaper thread touches the completion side.
+    // @unchecked: an immutable ring pointer; the ring behind it is only used under its own lock in the
+    // C helper.
     private struct RingHandle: @unchecked Sendable { let pointer: OpaquePointer }
 
     private init?(rings count: Int, entries: UInt32) {

@@ -11,6 +11,8 @@ import Foundation
 /// `maxThreads` (64 by default, QEMU's thread-pool size), so that `O_DIRECT` requests at
 /// a high queue depth really are in flight together. The pool lives for the whole process
 /// (``IOThreadPool/shared``), like swift-nio's `NIOThreadPool.singleton`.
+// @unchecked: `queue`, `head`, `threads` and `idle` are only touched with `condition` held;
+// `maxThreads` is immutable.
 public final class IOThreadPool: @unchecked Sendable {
     /// The process-wide pool.
     public static let shared = IOThreadPool(maxThreads: 64)
@@ -20,8 +22,10 @@ public final class IOThreadPool: @unchecked Sendable {
     private var head = 0
     private var threads = 0
     private var idle = 0
+    /// The most threads the pool starts; more jobs than that wait in its queue.
     public let maxThreads: Int
 
+    /// Creates a pool that starts threads on demand, up to `maxThreads` (at least 1).
     public init(maxThreads: Int) {
         self.maxThreads = max(1, maxThreads)
     }

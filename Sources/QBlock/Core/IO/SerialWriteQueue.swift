@@ -12,6 +12,8 @@ import Glibc
 /// threads end up in different workers contending like that. Here the next write is already
 /// queued when the current one ends (no gap, no hop back through an awaiting task), and only
 /// one is ever inside the kernel. Reads and `O_DIRECT` writes do not use this.
+// @unchecked: `queue`, `head` and `draining` are only touched with `lock` held; `fd` and `pool` are
+// immutable.
 package final class SerialWriteQueue: @unchecked Sendable {
     private struct Request {
         let buffer: SendablePointer

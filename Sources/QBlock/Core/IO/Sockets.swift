@@ -12,6 +12,7 @@ import Synchronization
 /// keyed by the Unix socket path a server listens on, so that it applies to that listening
 /// socket and the connections accepted from it, and to nothing another test does.
 public enum SocketCalls {
+    /// An `errno` value from a failed socket call (the same type as ``Syscalls/Errno``).
     public typealias Errno = Syscalls.Errno
 
     /// The calls a fault injector may intercept.
@@ -44,6 +45,8 @@ public enum SocketCalls {
         let bytes = Array(path.utf8)
         let capacity = MemoryLayout.size(ofValue: addr.sun_path)
         guard !bytes.isEmpty, bytes.count < capacity else { return .failure(Errno(ENAMETOOLONG)) }
+        // SAFETY: `bytes.count < capacity` was checked above, so the path and its NUL fit in
+        // `sun_path`.
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             p.copyBytes(from: bytes)
             p[bytes.count] = 0
@@ -163,6 +166,8 @@ public enum SocketCalls {
         var first = 0
         while first < iov.count {
             let n = min(iov.count - first, 512)
+            // SAFETY: `first + n <= iov.count`, so the iovec slice is inside the array, which outlives
+            // the sendmsg call; each iovec points into a caller buffer alive for this call.
             let r = iov.withUnsafeMutableBufferPointer { p -> Int in
                 var msg = msghdr()
                 msg.msg_iov = p.baseAddress! + first
@@ -209,6 +214,7 @@ public enum SocketCalls {
 /// The socket hooks tests installed with ``SocketCalls/withInjector(path:_:_:)``, and the
 /// descriptors each applies to: the socket listening at its path, and the connections
 /// accepted from it, until they are closed through ``SocketCalls/close(_:)``.
+// @unchecked: `nextID`, `scopes` and `byFD` are only touched with `lock` held; `matched` is an Atomic.
 private final class SocketHookRegistry: @unchecked Sendable {
     // @unchecked: every var is read and written only with `lock` held; `matched` is atomic.
     typealias Hook = @Sendable (SocketCalls.Call, Int32) -> Int32?

@@ -75,6 +75,8 @@ public enum Syscalls {
         return r.isEmpty ? nil : r
     }
 
+    /// open(2), retried on `EINTR`; the descriptor is registered for hooks installed later.
+    /// - Returns: the descriptor, or the call's `errno`.
     public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0o644) -> Result<Int32, Errno> {
         while true {
             let fd = Glibc.open(path, flags, mode)
@@ -129,6 +131,8 @@ public enum Syscalls {
         return .success(done)
     }
 
+    /// fdatasync(2), retried on `EINTR` (QEMU's `qemu_fdatasync`); a hook may inject a failure.
+    /// - Returns: `.success` or the call's `errno`.
     public static func fdatasync(_ fd: Int32) -> Result<Void, Errno> {
         if let e = injected(.fsync, fd, 0) { return .failure(e) }
         if let rec = recording(fd) { for r in rec { r(.fdatasync(fd: fd)) } }
@@ -138,6 +142,8 @@ public enum Syscalls {
         }
     }
 
+    /// ftruncate(2) to `length` bytes, retried on `EINTR`.
+    /// - Returns: `.success` or the call's `errno`.
     public static func ftruncate(_ fd: Int32, _ length: Int64) -> Result<Void, Errno> {
         if let e = injected(.ftruncate, fd, length) { return .failure(e) }
         if let rec = recording(fd) { for r in rec { r(.ftruncate(fd: fd, length: length)) } }
@@ -147,6 +153,8 @@ public enum Syscalls {
         }
     }
 
+    /// fallocate(2) with `mode` (`FALLOC_FL_*`) over `length` bytes at byte `offset`.
+    /// - Returns: `.success` or the call's `errno` (`EOPNOTSUPP` when the file system lacks the mode).
     public static func fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Result<Void, Errno> {
         if let e = injected(.fallocate, fd, offset) { return .failure(e) }
         if let rec = recording(fd) { for r in rec { r(.fallocate(fd: fd, mode: mode, offset: offset, length: length)) } }
@@ -160,6 +168,8 @@ public enum Syscalls {
         return r < 0 ? .failure(Errno(errno)) : .success(Int64(r))
     }
 
+    /// fstat(2).
+    /// - Returns: the file's `stat`, or the call's `errno`.
     public static func fstat(_ fd: Int32) -> Result<stat, Errno> {
         var st = stat()
         return Glibc.fstat(fd, &st) == 0 ? .success(st) : .failure(Errno(errno))
@@ -172,6 +182,8 @@ public enum Syscalls {
 /// Every descriptor ``Syscalls/open(_:_:_:)`` returns is remembered until
 /// ``Syscalls/close(_:)``, so that a hook installed later finds the descriptors of its file
 /// already open; a file is identified by device and inode.
+// @unchecked: `nextID`, `scopes`, `open` and `byFD` are only touched with `lock` held; `matched` is an
+// Atomic.
 private final class HookRegistry: @unchecked Sendable {
     // @unchecked: every var is read and written only with `lock` held; `matched` is atomic.
     struct Scope: Sendable {

@@ -16,6 +16,8 @@ extension UnsafeMutableRawBufferPointer {
     @inline(__always) package func be64(_ at: Int) -> UInt64 {
         UInt64(bigEndian: loadUnaligned(fromByteOffset: at, as: UInt64.self))
     }
+    // SAFETY: callers pass an offset with `at + size` inside the buffer (bounds-checked in debug
+    // builds); `storeBytes` has no alignment requirement.
     @inline(__always) package func setBE64(_ at: Int, _ v: UInt64) {
         storeBytes(of: v.bigEndian, toByteOffset: at, as: UInt64.self)
     }
@@ -28,6 +30,8 @@ extension UnsafeMutableRawBufferPointer {
 }
 
 extension Array where Element == UInt8 {
+    // SAFETY: each helper's pointer is used only inside its closure, for the array's own bytes or one
+    // local integer; offsets are the caller's, within `count`.
     package func be64(_ at: Int) -> UInt64 { withUnsafeBytes { $0.be64(at) } }
     package func be32(_ at: Int) -> UInt32 { withUnsafeBytes { $0.be32(at) } }
     package mutating func appendBE64(_ v: UInt64) { Swift.withUnsafeBytes(of: v.bigEndian) { append(contentsOf: $0) } }

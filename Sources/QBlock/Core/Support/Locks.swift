@@ -3,15 +3,20 @@ import Glibc
 #endif
 
 /// A small pthread mutex for short, non-suspending critical sections.
+// @unchecked: the only state is the heap-allocated pthread mutex, which exists to be used from several
+// threads; the pointer itself is immutable and freed in `deinit`.
 public final class PosixMutex: @unchecked Sendable {
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
+    /// Creates an unlocked mutex.
     public init() { pthread_mutex_init(m, nil) }
     deinit {
         pthread_mutex_destroy(m)
         m.deallocate()
     }
 
+    /// Runs `body` with the mutex held and returns its result. `body` must not suspend or
+    /// take this mutex again (it is not recursive).
     @inline(__always)
     public func withLock<R>(_ body: () throws -> R) rethrows -> R {
         pthread_mutex_lock(m)
@@ -23,14 +28,19 @@ public final class PosixMutex: @unchecked Sendable {
 /// A fair mutex for async code: waiters suspend instead of blocking a thread, and are
 /// woken in FIFO order. Used where a critical section awaits I/O (qcow2 metadata updates),
 /// like QEMU's `CoMutex`.
+// @unchecked: `locked`, `waiters` and `waiterHead` are only touched with the PosixMutex `lock` held;
+// waiters are resumed after it is released.
 public final class AsyncMutex: @unchecked Sendable {
     private let lock = PosixMutex()
     private var locked = false
     private var waiters: [UnsafeContinuation<Void, Never>] = []
     private var waiterHead = 0
 
+    /// Creates an unlocked mutex.
     public init() {}
 
+    /// Takes the mutex, suspending (without blocking a thread) until it is free. Waiters
+    /// get it in the order they asked.
     public func lock() async {
         let acquired: Bool = lock.withLock {
             if !locked { locked = true; return true }
@@ -47,6 +57,7 @@ public final class AsyncMutex: @unchecked Sendable {
         }
     }
 
+    /// Releases the mutex; ownership passes directly to the oldest waiter, if any.
     public func unlock() {
         let next: UnsafeContinuation<Void, Never>? = lock.withLock {
             if waiterHead < waiters.count {
@@ -61,6 +72,8 @@ public final class AsyncMutex: @unchecked Sendable {
         next?.resume()
     }
 
+    /// Runs `body` with the mutex held (it may suspend) and releases it afterwards, also
+    /// when `body` throws.
     public func withLock<R>(_ body: () async throws -> R) async rethrows -> R {
         await lock()
         defer { unlock() }
@@ -69,13 +82,16 @@ public final class AsyncMutex: @unchecked Sendable {
 }
 
 /// A one-shot event async tasks can wait on (like a `CoQueue` for one condition).
+// @unchecked: `signalled` and `waiters` are only touched with `lock` held.
 public final class AsyncEvent: @unchecked Sendable {
     private let lock = PosixMutex()
     private var signalled = false
     private var waiters: [UnsafeContinuation<Void, Never>] = []
 
+    /// Creates an event that has not been signalled.
     public init() {}
 
+    /// Returns once the event is signalled (at once if it already was).
     public func wait() async {
         if lock.withLock({ signalled }) { return }
         await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
@@ -88,6 +104,7 @@ public final class AsyncEvent: @unchecked Sendable {
         }
     }
 
+    /// Signals the event: wakes every waiter, and every later ``wait()`` returns at once.
     public func signal() {
         let ws: [UnsafeContinuation<Void, Never>] = lock.withLock {
             signalled = true
@@ -100,6 +117,7 @@ public final class AsyncEvent: @unchecked Sendable {
 }
 
 /// A Boolean read and set from any thread.
+// @unchecked: `flag` is only touched with `lock` held.
 package final class LockedFlag: @unchecked Sendable {
     // @unchecked: `flag` is only touched with `lock` held.
     private let lock = PosixMutex()

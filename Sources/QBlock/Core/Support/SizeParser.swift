@@ -1,6 +1,9 @@
 /// Parses sizes as qemu-img does: a number with an optional suffix
 /// (b, k/K, M, G, T, P, E — powers of 1024; a bare number is bytes).
 public enum SizeParser {
+    /// Parses `text` (for example `64k`, `1G`, `512`) into bytes.
+    /// - Returns: the size in bytes, or `nil` for an unknown suffix, a negative number or an
+    ///   overflow (qemu-img then reports an invalid size).
     public static func parse(_ text: String) -> Int64? {
         var s = Substring(text.trimmingCharacters(in: " "))
         guard !s.isEmpty else { return nil }

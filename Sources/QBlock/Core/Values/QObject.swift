@@ -21,8 +21,12 @@ public indirect enum QObject: Sendable, Equatable {
 
     /// An insertion-ordered dictionary that iterates in QEMU's `QDict` order.
     public struct Dict: Sendable, Equatable {
+        /// The members in insertion order (the order they were parsed or added).
         public private(set) var entries: [(key: String, value: QObject)] = []
+        /// Creates an empty dictionary.
         public init() {}
+        /// Creates a dictionary from `pairs` in order; a repeated key keeps its first position
+        /// and its last value.
         public init(_ pairs: [(String, QObject)]) {
             for (k, v) in pairs { self[k] = v }
         }
@@ -32,6 +36,8 @@ public indirect enum QObject: Sendable, Equatable {
             entries = distinctEntries
         }
 
+        /// The value of member `key`, or `nil`. Setting `nil` removes the member; setting a new
+        /// key appends it, setting an existing one replaces its value in place.
         public subscript(key: String) -> QObject? {
             get { entries.first { $0.key == key }?.value }
             set {
@@ -50,6 +56,7 @@ public indirect enum QObject: Sendable, Equatable {
             return indexed.sorted { $0.bucket != $1.bucket ? $0.bucket < $1.bucket : $0.index > $1.index }.map(\.entry)
         }
 
+        /// Two dictionaries are equal when they hold the same members in the same order.
         public static func == (a: Dict, b: Dict) -> Bool {
             a.entries.count == b.entries.count && zip(a.entries, b.entries).allSatisfy { $0.key == $1.key && $0.value == $1.value }
         }

@@ -293,6 +293,8 @@ package struct QMPStreamer {
     /// Feeds received bytes; returns the messages (and errors) they complete.
     package mutating func feed(_ input: UnsafeRawBufferPointer) -> [Output] {
         var out: [Output] = []
+        // SAFETY: `input` holds bytes, so binding it as UInt8 is valid; every index below stays in
+        // `0..<end` and the pointer is not kept past `feed`.
         guard let base = input.baseAddress?.assumingMemoryBound(to: UInt8.self) else { return out }
         let end = input.count
         var i = 0
@@ -300,6 +302,8 @@ package struct QMPStreamer {
             if discarding {
                 // Skip to the next newline at C speed.
                 guard let nl = memchr(base + i, 0x0A, end - i) else { return out }
+                // SAFETY: `nl` was returned by memchr within `base[i..<end]`, memory already bound to
+                // UInt8.
                 i = base.distance(to: nl.assumingMemoryBound(to: UInt8.self)) + 1
                 discarding = false
                 reset()
@@ -307,6 +311,8 @@ package struct QMPStreamer {
             }
             if inString != 0 && !escaped {
                 // Copy the run up to the next quote or backslash in one go.
+                // SAFETY: memchr searches `base[i..<end]` (and the backslash search stops at `q`), so
+                // any match lies inside `input`, bound to UInt8.
                 let q = memchr(base + i, Int32(inString), end - i).map { base.distance(to: $0.assumingMemoryBound(to: UInt8.self)) } ?? end
                 let b = memchr(base + i, 0x5C, min(q, end) - i).map { base.distance(to: $0.assumingMemoryBound(to: UInt8.self)) } ?? end
                 let stop = min(q, b)

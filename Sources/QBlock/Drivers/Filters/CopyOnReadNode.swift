@@ -13,6 +13,7 @@ import QBlockGraph
 /// flight) every call throws ``BlockError`` with code `.closed`.
 // @unchecked Sendable: every stored property is immutable or thread-safe itself (RangeLock, CloseGate).
 public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
+    /// `copy-on-read`, as QEMU names the filter.
     public let driverName = "copy-on-read"
     /// The node reads copy into (the top of the chain).
     public let child: any BlockDriver
@@ -33,14 +34,25 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
         granularity = Int64(child.formatClusterSize ?? 65536)
     }
 
+    /// The child's file name.
     public var filename: String { child.filename }
+    /// The child's length in bytes.
     public var length: Int64 { child.length }
+    /// Whether the child is read-only.
     public var isReadOnly: Bool { child.isReadOnly }
+    /// The child's alignment in bytes.
     public var requestAlignment: Int { child.requestAlignment }
+    /// The filtered child, as QEMU's `file` child of the filter.
     public var file: (any BlockDriver)? { child }
+    /// The node below the filter.
     public var filteredChild: any BlockDriver { child }
+    /// Always `nil`: a filter has no backing child of its own.
     public var backing: (any BlockDriver)? { nil }
 
+    /// Reads `buffer.count` bytes at `offset`; data that comes from the backing chain is
+    /// written into the top image first (whole clusters, under the range lock), as QEMU's
+    /// `copy-on-read` filter does.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
     }
@@ -85,6 +97,8 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
         return try await ranges.withRange(start, end) {
             let buf = AlignedBuffer(count: Int(end - start))
             var written: Int64 = 0
+            // SAFETY: `buf` covers the whole aligned range copied; the async closure keeps it alive
+            // across the read and the write.
             try await buf.withUnsafeMutableBytes { b in
                 var pos = start
                 while pos < end {
@@ -119,24 +133,37 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
         try await ranges.withRange(start, end, body)
     }
 
+    /// Writes `buffer` at `offset`, serialized with copies of the same clusters.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await serialized(offset, Int64(buffer.count), "write") { try await child.write(at: offset, from: buffer, flags: flags) }
     }
 
+    /// Writes zeroes over `length` bytes at `offset`, serialized with copies of the same
+    /// clusters.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try await serialized(offset, length, "write zeroes") { try await child.writeZeroes(at: offset, length: length, flags: flags) }
     }
 
+    /// Discards `length` bytes at `offset`, serialized with copies of the same clusters.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try await serialized(offset, length, "discard") { try await child.discard(at: offset, length: length) }
     }
 
+    /// Flushes the child.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func flush() async throws { try await gate.run(filename, "flush") { try await child.flush() } }
 
+    /// The child's allocation status for the range.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await gate.run(filename, "block status") { try await child.blockStatus(at: offset, length: length) }
     }
 
+    /// Resizes the child to `length` bytes.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
         try await gate.run(filename, "truncate") { try await child.truncate(to: length, preallocation: preallocation) }
     }

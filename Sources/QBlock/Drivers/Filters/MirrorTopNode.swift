@@ -24,6 +24,7 @@ public enum MirrorCopyMode: String, Sendable, CaseIterable {
 // @unchecked Sendable: `mode`, `onDirty` and `sideFile` are only touched with `lock` held;
 // the other stored properties are immutable or thread-safe themselves.
 public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
+    /// `mirror_top`, as QEMU names the filter a mirror job inserts.
     public let driverName = "mirror_top"
     /// The source node.
     public let source: any BlockDriver
@@ -67,14 +68,23 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
         }
     }
 
+    /// The source's file name.
     public var filename: String { source.filename }
+    /// The source's length in bytes.
     public var length: Int64 { source.length }
+    /// Whether the source is read-only.
     public var isReadOnly: Bool { source.isReadOnly }
+    /// The source's alignment in bytes.
     public var requestAlignment: Int { source.requestAlignment }
+    /// Always `nil`: the source is the filter's only child (QEMU links it as `backing`).
     public var file: (any BlockDriver)? { nil }
+    /// The source, as QEMU's `mirror_top` links it.
     public var backing: (any BlockDriver)? { source }
+    /// The source node being mirrored.
     public var filteredChild: any BlockDriver { source }
 
+    /// Reads from the source.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the source's error.
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await gate.run(filename, "read") { try await source.read(at: offset, into: buffer) }
     }
@@ -104,6 +114,8 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
                     try await toTarget()
                 } else {
                     let buf = AlignedBuffer(count: Int(end - start))
+                    // SAFETY: `buf` covers the whole range copied; the async closure keeps it alive
+                    // across the read and the write.
                     try await buf.withUnsafeMutableBytes { b in
                         try await source.read(at: start, into: b)
                         try await target.write(at: start, from: UnsafeRawBufferPointer(b), flags: [])
@@ -134,6 +146,9 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
         persistent?.mark(offset: offset, length: length)
     }
 
+    /// Writes `buffer` at `offset` to the source and, depending on the copy mode, also to the
+    /// target (`write-blocking`) or marks the range dirty for the job (`background`).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the source's or target's error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try gate.enter(filename, "write")
         defer { gate.leave() }
@@ -142,6 +157,9 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
                            toTarget: { try await target.write(at: offset, from: buffer, flags: flags) })
     }
 
+    /// Writes zeroes over `length` bytes at `offset` to the source and, as for ``write(at:from:flags:)``,
+    /// to the target or the dirty bitmap.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the source's or target's error.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try gate.enter(filename, "write zeroes")
         defer { gate.leave() }
@@ -150,6 +168,9 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
                            toTarget: { try await target.writeZeroes(at: offset, length: length, flags: flags) })
     }
 
+    /// Discards `length` bytes at `offset` in the source and marks the range dirty, so the job
+    /// copies whatever the source then reads as.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the source's error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try gate.enter(filename, "discard")
         defer { gate.leave() }
@@ -171,10 +192,14 @@ public final class MirrorTopNode: BlockFilter, @unchecked Sendable {
         if current == .writeBlocking { try await target.flush() }
     }
 
+    /// The source's allocation status for the range.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the source's error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await gate.run(filename, "block status") { try await source.blockStatus(at: offset, length: length) }
     }
 
+    /// Always fails: a node cannot be resized while it is mirrored (QEMU refuses too).
+    /// - Throws: ``BlockError`` `.busy` (or `.closed` after ``close()``).
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
         try gate.check(filename, "truncate")
         throw BlockError(.busy, "Cannot resize a node that is being mirrored", operation: "truncate")

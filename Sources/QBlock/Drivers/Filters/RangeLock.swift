@@ -2,12 +2,14 @@ import QBlockCore
 /// Serializes requests on overlapping byte ranges (QEMU's serialising requests): a
 /// copy-on-read of a cluster and a write to it never interleave, and a read of a cluster
 /// being copied waits for the copy.
+// @unchecked: `held`, `waiters` and `nextID` are only touched with `lock` held.
 public final class RangeLock: @unchecked Sendable {
     private let lock = PosixMutex()
     private var held: [(id: UInt64, start: Int64, end: Int64)] = []
     private var waiters: [UnsafeContinuation<Void, Never>] = []
     private var nextID: UInt64 = 0
 
+    /// Creates a lock with no range held.
     public init() {}
 
     /// A held range; pass it to ``release(_:)``.

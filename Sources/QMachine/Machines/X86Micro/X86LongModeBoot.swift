@@ -43,6 +43,7 @@ enum X86LongModeBoot {
             throw MachineError(.invalidArgument, "x86 boot tables need RAM at 0x0–0x\(String(tablesEnd, radix: 16))", operation: "set up long mode")
         }
         func put(_ values: [UInt64], at address: UInt64) throws {
+            // SAFETY: `values` is alive for the closure; `ram.write` checks the destination range.
             try values.withUnsafeBytes { try ram.write($0, at: address) }
         }
         try put(gdt, at: gdtAddress)

@@ -20,16 +20,28 @@ import QBlock
 ///
 /// The run ends when vCPU 0 ends (power-off, crash, stop) or any vCPU crashes; the other
 /// vCPUs are then stopped. One thread per vCPU.
+// @unchecked: no mutable stored state: every property is an immutable reference to a thread-safe
+// device, bus, VM or vCPU.
 public final class X86MicroMachine: @unchecked Sendable {
+    /// The machine name (`-M x86_64-micro`): a KVM guest without BIOS, entered in long mode.
     public static let name = "x86_64-micro"
+    /// Guest-physical address where the flat firmware binary is loaded and entered.
     public static let firmwareAddress: UInt64 = 0x10_0000
+    /// The initial stack pointer (the stack grows down from the firmware's load address).
     public static let stackTop: UInt64 = 0x10_0000
+    /// The size of vCPU 0's initial stack in bytes; each further vCPU's stack is below it.
     public static let stackSize: UInt64 = 0x4000
+    /// The lowest address the vCPU stacks may reach; it bounds the number of vCPUs.
     public static let stackBottom: UInt64 = 0x8_0000
+    /// The COM1 port base of the 16550 UART.
     public static let uartPort: UInt64 = 0x3f8
+    /// The number of UART ports.
     public static let uartPorts: UInt64 = 8
+    /// Guest-physical address of the first virtio-mmio slot (4 KiB apart, in the MMIO hole).
     public static let virtioBase: UInt64 = 0xd000_0000
+    /// The number of virtio-mmio slots.
     public static let virtioSlots = 8
+    /// Default guest RAM in bytes (16 MiB).
     public static let defaultMemorySize: UInt64 = 16 << 20
     /// RAM ends below the MMIO hole.
     public static let maximumMemorySize: UInt64 = 0xc000_0000
@@ -39,32 +51,43 @@ public final class X86MicroMachine: @unchecked Sendable {
 
     /// How to build the machine.
     public struct Configuration: Sendable {
+        /// Guest RAM in bytes, at most ``maximumMemorySize``.
         public var memorySize: UInt64 = X86MicroMachine.defaultMemorySize
         /// The flat binary loaded at ``X86MicroMachine/firmwareAddress``.
         public var firmwarePath: String
         /// Disks, in slot order.
         public var drives: [Drive] = []
+        /// Where the UART's output goes and its input comes from.
         public var serial: any SerialBackend
+        /// The number of vCPUs (one thread each).
         public var cpus: Int = 1
         /// The KVM device node.
         public var kvmPath: String = KVMHypervisor.defaultPath
 
+        /// A configuration with the defaults, running `firmwarePath` with `serial` as console.
         public init(firmwarePath: String, serial: any SerialBackend) {
             self.firmwarePath = firmwarePath
             self.serial = serial
         }
     }
 
+    /// The configuration the machine was built from.
     public let configuration: Configuration
+    /// The guest's RAM, from address 0.
     public let ram: GuestRAM
     /// x86 port I/O space.
     public let ports = Bus()
     /// MMIO space.
     public let mmio = Bus()
+    /// The console UART at ``uartPort``.
     public let uart: UART16550
+    /// The virtio-mmio slots, empty ones included.
     public let virtio: [VirtioMMIO]
+    /// The virtio-blk devices, one per drive, in slot order.
     public let blocks: [VirtioBlock]
+    /// The KVM virtual machine.
     public let vm: KVMVirtualMachine
+    /// The vCPUs, vCPU 0 first.
     public let vcpus: [KVMVCPU]
 
     /// Builds the machine: opens KVM, maps RAM, loads the firmware, creates the vCPUs.
@@ -117,6 +140,7 @@ public final class X86MicroMachine: @unchecked Sendable {
         }
 
         try X86LongModeBoot.writeTables(into: ram)
+        // SAFETY: `firmware` is alive for the closure; `ram.write` checks the destination range.
         try firmware.withUnsafeBytes { try ram.write($0, at: Self.firmwareAddress) }
 
         let vm = try kvm.createVirtualMachine()
@@ -181,6 +205,7 @@ public final class X86MicroMachine: @unchecked Sendable {
 }
 
 /// The run's bookkeeping: which vCPU exits decided the result, and who has finished.
+// @unchecked: `exits` and `decisive` are only touched with `lock` held.
 private final class RunState: @unchecked Sendable {
     private let lock = DeviceLock()
     private var exits: [VCPUExit?]
@@ -231,6 +256,7 @@ private final class RunState: @unchecked Sendable {
 }
 
 /// An interrupt wire connected to nothing: x86_64-micro's guests poll.
+// @unchecked: no stored state at all.
 final class NoInterruptLine: InterruptLine, @unchecked Sendable {
     func set(_ level: Bool) {}
 }

@@ -40,6 +40,7 @@ package enum FileCreation {
             if prealloc == .off && size > 0 {
                 let n = size < 4096 ? 512 : 4096
                 let zeros = AlignedBuffer(count: n)
+                // SAFETY: `zeros` is kept alive by the async closure until the write returns.
                 try await zeros.withUnsafeBytes { b in try await file.write(at: 0, from: b, flags: []) }
             }
             try await file.close()

@@ -21,15 +21,21 @@ import QBlockGraph
 // with `sizeLock` held; `supportsZeroRange`/`supportsPunchHole` are one-way hints (a stale
 // read only retries a call that fails again); the rest is immutable or thread-safe itself.
 public final class FileNode: BlockDriver, @unchecked Sendable {
+    /// `file`, as QEMU names the protocol driver (also for block devices, QEMU's `host_device`).
     public let driverName = "file"
+    /// The path the file was opened with.
     public let filename: String
     /// Whether writes are refused (the descriptor is O_RDONLY); ``reopen(readOnly:cache:)`` changes it.
     public var isReadOnly: Bool { sizeLock.withLock { mode.readOnly } }
     /// The host cache mode; ``reopen(readOnly:cache:)`` changes it.
     public var cacheMode: CacheMode { sizeLock.withLock { mode.cache } }
+    /// Whether the path is a block device rather than a regular file.
     public let isBlockDevice: Bool
+    /// 1: unaligned requests are bounced internally under `O_DIRECT`, so callers see none.
     public var requestAlignment: Int { 1 }
+    /// Always `nil`: a protocol node has no children.
     public var file: (any BlockDriver)? { nil }
+    /// Always `nil`: a protocol node has no children.
     public var backing: (any BlockDriver)? { nil }
 
     /// What a reopen replaces, together: the descriptor and the flags it was opened with.
@@ -182,6 +188,7 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// The file's size in bytes, cached and updated on writes past the end and on truncate.
     public var length: Int64 {
         sizeLock.withLock { cachedLength }
     }
@@ -207,6 +214,9 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     // MARK: Read and write
 
+    /// Reads `buffer.count` bytes at `offset` with pread(2); bytes past the end of file read
+    /// as zeroes. Unaligned requests under `O_DIRECT` go through an aligned bounce buffer.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error (`.io` with the errno).
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
     }
@@ -235,12 +245,17 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         let start = offset / a * a
         let end = (offset + Int64(buffer.count) + a - 1) / a * a
         let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
+        // SAFETY: `bounce` spans `start..<end`, which contains `offset..<offset+buffer.count`, so the
+        // rebased slice is in bounds; it stays alive for the closure.
         try await bounce.withUnsafeMutableBytes { b in
             try await self.readAdmitted(at: start, into: b)
             buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset - start)..<Int(offset - start) + buffer.count]))
         }
     }
 
+    /// Writes `buffer` at `offset` with pwrite(2), growing the file if needed; `.fua` flushes
+    /// afterwards. Unaligned `O_DIRECT` writes are read-modify-written under a lock.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.noSpace`, or an I/O error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await gate.run(filename, "write") { try await writeAdmitted(at: offset, from: buffer, flags: flags) }
     }
@@ -269,6 +284,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         let end = (offset + Int64(buffer.count) + a - 1) / a * a
         let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
         try await rmwLock.withLock {
+            // SAFETY: `bounce` spans the aligned range around the write, so every slice below is in
+            // bounds; it stays alive for the closure.
             try await bounce.withUnsafeMutableBytes { b in
                 if start != offset || end != offset + Int64(buffer.count) {
                     try await self.readAdmitted(at: start, into: b)
@@ -285,6 +302,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     // MARK: Zeroes, discard, flush
 
+    /// Makes `length` bytes at `offset` read as zeroes: with `.mayUnmap` a punched hole, else
+    /// `FALLOC_FL_ZERO_RANGE`, else writes of zeroes unless `.noFallback` forbids it (QEMU's
+    /// `raw_co_pwrite_zeroes`).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.unsupported` with `.noFallback` when no fast way exists, or an I/O error.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try await gate.run(filename, "write zeroes") { try await writeZeroesAdmitted(at: offset, length: length, flags: flags) }
     }
@@ -332,6 +353,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         var pos = offset
         while pos < offset + length {
             let n = Int(min(Int64(chunk), offset + length - pos))
+            // SAFETY: `zeros` is kept alive by the async closure; every write takes at most
+            // `zeros.count` bytes from it.
             try await zeros.withUnsafeBytes { b in
                 try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
@@ -340,6 +363,9 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         if flags.contains(.fua) { try await sync() }
     }
 
+    /// Punches a hole over `length` bytes at `offset` (`FALLOC_FL_PUNCH_HOLE`); on a block
+    /// device or a file system that cannot do it this is a no-op (discard is advisory, as in QEMU).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, or an I/O error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try await gate.run(filename, "discard") { try await discardAdmitted(at: offset, length: length) }
     }
@@ -353,6 +379,9 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         if case .failure = r { supportsPunchHole = false }
     }
 
+    /// fdatasync(2); does nothing for a read-only node or a cache mode that ignores flushes
+    /// (`unsafe`).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error.
     public func flush() async throws {
         try await gate.run(filename, "flush") {
             if cacheMode.ignoresFlush || isReadOnly { return }
@@ -424,6 +453,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     // MARK: Block status
 
+    /// Whether the run at `offset` (up to `length` bytes) is data or a hole, from
+    /// `SEEK_DATA`/`SEEK_HOLE` (QEMU's `raw_co_block_status`); holes read as zeroes, and
+    /// everything is allocated at this layer.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await gate.run(filename, "block status") { try await blockStatusAdmitted(at: offset, length: length) }
     }
@@ -458,6 +491,10 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
 
     // MARK: Size
 
+    /// Resizes the file to `newLength` bytes with ftruncate(2), preallocating the new area as
+    /// `preallocation` asks (`falloc`: fallocate, `full`: written zeroes); a block device can
+    /// only be "resized" to a size no larger than it is.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.unsupported`, `.noSpace`, or an I/O error.
     public func truncate(to newLength: Int64, preallocation: Preallocation) async throws {
         try await gate.run(filename, "truncate") { try await truncateAdmitted(to: newLength, preallocation: preallocation) }
     }
@@ -495,6 +532,8 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
         var pos = start
         while pos < end {
             let n = Int(min(Int64(chunk), end - pos))
+            // SAFETY: `zeros` is kept alive by the async closure; every write takes at most
+            // `zeros.count` bytes from it.
             try await zeros.withUnsafeBytes { b in
                 try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: [])
             }
@@ -535,6 +574,7 @@ extension FileNode {
         guard gate.tryEnter() else { return [] }
         defer { gate.leave() }
         var buf = [UInt8](repeating: 0, count: count)
+        // SAFETY: `buf` has `count` bytes and pread is told `count`.
         let n: Int = buf.withUnsafeMutableBytes { b in
             if case .success(let n) = Syscalls.pread(fd, b.baseAddress!, count, 0) { return n }
             return 0

@@ -2,13 +2,17 @@ import QBlockCore
 import QBlockNBDWire
 /// What the handshake learnt about an export.
 public struct NBDExportInfo: Sendable, Equatable {
+    /// The export name that was asked for.
     public var exportName: String
     /// Export size in bytes.
     public var size: UInt64
+    /// The export's transmission flags (read-only, flush, FUA, trim, write zeroes, ...).
     public var flags: NBD.TransmissionFlags
     /// Block size constraints (NBD_INFO_BLOCK_SIZE), or the protocol's defaults.
     public var minimumBlockSize: UInt32 = 1
+    /// The preferred request size in bytes (4096 unless the server says otherwise).
     public var preferredBlockSize: UInt32 = 4096
+    /// The largest request payload in bytes (32 MiB unless the server says otherwise).
     public var maximumBlockSize: UInt32 = NBD.maxPayload
     /// Whether structured replies were negotiated.
     public var structuredReplies = false
@@ -19,13 +23,17 @@ public struct NBDExportInfo: Sendable, Equatable {
     /// True if the export was selected with the old NBD_OPT_EXPORT_NAME.
     public var usedExportName = false
 
+    /// Creates the information for `exportName` of `size` bytes with `flags`; the rest has the
+    /// protocol's defaults.
     public init(exportName: String, size: UInt64, flags: NBD.TransmissionFlags) {
         self.exportName = exportName
         self.size = size
         self.flags = flags
     }
 
+    /// The context ID of `base:allocation`, if the server agreed to it.
     public var baseAllocationID: UInt32? { metaContexts[NBD.contextBaseAllocation] }
+    /// The context ID of `qemu:allocation-depth`, if the server agreed to it.
     public var allocationDepthID: UInt32? { metaContexts[NBD.contextAllocationDepth] }
 }
 
@@ -38,6 +46,7 @@ public struct NBDExportInfo: Sendable, Equatable {
 /// structured replies were accepted), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE. A server
 /// that does not know NBD_OPT_GO (or is not fixed-newstyle) gets NBD_OPT_EXPORT_NAME.
 public struct NBDClientHandshake: Sendable {
+    /// What the caller does next with the socket.
     public enum Action: Sendable {
         /// Send `bytes` (possibly none), then read exactly `receive` bytes and call ``receive(_:)``.
         case exchange(send: [UInt8], receive: Int)
@@ -59,7 +68,9 @@ public struct NBDClientHandshake: Sendable {
         case finished
     }
 
+    /// The export to select ("" for the server's default export).
     public let exportName: String
+    /// Whether to ask for the `qemu:allocation-depth` context too.
     public let wantAllocationDepth: Bool
     private var phase = Phase.greeting
     private var pendingHeader: NBDOptionReplyHeader?
@@ -70,6 +81,7 @@ public struct NBDClientHandshake: Sendable {
     private var blockSize: (UInt32, UInt32, UInt32)?
     private var description: String?
 
+    /// Creates a handshake for `exportName`; ``start()`` gives the first action.
     public init(exportName: String, wantAllocationDepth: Bool = true) {
         self.exportName = exportName
         self.wantAllocationDepth = wantAllocationDepth

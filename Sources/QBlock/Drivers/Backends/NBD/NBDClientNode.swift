@@ -31,16 +31,24 @@ import QBlockNBDWire
 // guarded by `lock`, socket writes by `sendLock`; a request's own fields are handed between
 // its task, the sending pool thread and the reader thread under `lock` (see `Request`).
 public final class NBDClientNode: BlockDriver, @unchecked Sendable {
+    /// `nbd`, as QEMU names the protocol driver.
     public let driverName = "nbd"
     /// The export's URI, written as QEMU writes it (``NBDURI/canonicalFilename``).
     public let filename: String
+    /// Where the export lives (also the node's file name).
     public let uri: NBDURI
     /// What the handshake negotiated.
     public let info: NBDExportInfo
+    /// Whether writes are refused: asked for at open, or the export is read-only.
     public let isReadOnly: Bool
+    /// 1: unaligned requests are handled here (read-modify-write against the server's minimum
+    /// block size).
     public var requestAlignment: Int { 1 }
+    /// Always `nil`: a protocol node has no children.
     public var file: (any BlockDriver)? { nil }
+    /// Always `nil`: a protocol node has no children.
     public var backing: (any BlockDriver)? { nil }
+    /// The export's size in bytes, from the handshake.
     public var length: Int64 { Int64(info.size) }
 
     private let socket: NBDSocket
@@ -399,6 +407,9 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Reads `buffer.count` bytes at `offset` with NBD_CMD_READ, split to the server's maximum
+    /// block size; bytes past the end of the export read as zeroes.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or `.io` when the server replies with an error or the connection is lost.
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
     }
@@ -415,6 +426,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
             let start = offset / a * a
             let end = min((offset + Int64(inside) + a - 1) / a * a, size)
             let bounce = AlignedBuffer(count: Int(end - start))
+            // SAFETY: `bounce` covers the aligned range around the request; the async closure keeps it
+            // alive until the reply has been copied.
             try await bounce.withUnsafeMutableBytes { b in
                 try await self.readAligned(at: start, into: b.baseAddress!, count: b.count)
                 base.copyMemory(from: b.baseAddress! + Int(offset - start), byteCount: inside)
@@ -433,6 +446,9 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Writes `buffer` at `offset` with NBD_CMD_WRITE (`.fua` sets NBD_CMD_FLAG_FUA), split to
+    /// the server's maximum block size.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, or `.io` on a server error or lost connection.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await gate.run(filename, "write") { try await writeAdmitted(at: offset, from: buffer, flags: flags) }
     }
@@ -447,6 +463,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
             let end = (offset + Int64(buffer.count) + a - 1) / a * a
             let bounce = AlignedBuffer(count: Int(end - start))
             try await rmwLock.withLock {
+                // SAFETY: `bounce` covers the aligned range around the write; the async closure keeps
+                // it alive across the read-modify-write.
                 try await bounce.withUnsafeMutableBytes { b in
                     try await self.readAligned(at: start, into: b.baseAddress!, count: b.count)
                     (b.baseAddress! + Int(offset - start)).copyMemory(from: base, byteCount: buffer.count)
@@ -485,6 +503,10 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         try await emulateFUA(flags)
     }
 
+    /// Makes `length` bytes at `offset` read as zeroes with NBD_CMD_WRITE_ZEROES (`.mayUnmap`
+    /// clears NO_HOLE, `.noFallback` needs NBD_CMD_FLAG_FAST_ZERO), else by writing zeroes.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.unsupported` with `.noFallback` when the server cannot zero fast,
+    ///   or `.io`.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try await gate.run(filename, "write zeroes") { try await writeZeroesAdmitted(at: offset, length: length, flags: flags) }
     }
@@ -527,6 +549,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         var pos = offset
         while pos < offset + length {
             let n = Int(min(Int64(chunk), offset + length - pos))
+            // SAFETY: `zeros` is kept alive by the async closure; every write takes at most
+            // `zeros.count` bytes from it.
             try await zeros.withUnsafeBytes { b in
                 try await self.writeAdmitted(at: pos, from: UnsafeRawBufferPointer(rebasing: b[0..<n]), flags: flags)
             }
@@ -534,6 +558,9 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Sends NBD_CMD_TRIM for the range; does nothing when the server does not support trim
+    /// (discard is advisory).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, or `.io`.
     public func discard(at offset: Int64, length: Int64) async throws {
         try await gate.run(filename, "discard") { try await discardAdmitted(at: offset, length: length) }
     }
@@ -552,6 +579,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Sends NBD_CMD_FLUSH; does nothing for a read-only node or a server without flush.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or `.io`.
     public func flush() async throws {
         try await gate.run(filename, "flush") { try await flushAdmitted() }
     }
@@ -596,6 +625,8 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         return BlockStatus(flags: flags, length: min(wanted, extEnd - offset), hostOffset: offset)
     }
 
+    /// NBD exports cannot be resized: succeeds only when `newLength` is the current size.
+    /// - Throws: ``BlockError`` `.unsupported` for any other size, or `.closed`.
     public func truncate(to newLength: Int64, preallocation: Preallocation) async throws {
         try gate.check(filename, "truncate")
         if newLength == length { return }

@@ -10,6 +10,8 @@ import QBlockCore
 /// Ownership: the socket owns its descriptor; ``shutdown()`` wakes blocked readers and
 /// writers (they see end of file or `EPIPE`); ``close()`` releases the descriptor once,
 /// after every thread that used it has stopped.
+// @unchecked: `closed` is only touched with `lock` held; `fd` is immutable (closed once, under the
+// lock).
 final class NBDSocket: @unchecked Sendable {
     private let fd: Int32
     private let lock = PosixMutex()
@@ -43,6 +45,7 @@ final class NBDSocket: @unchecked Sendable {
             throw BlockError(.invalidArgument, "Failed to connect to '\(endpoint)': socket path is too long", path: endpoint,
                              operation: "connect")
         }
+        // SAFETY: the path length was checked against `sun_path` above, so it and its NUL fit.
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             p.copyBytes(from: bytes)
             p[bytes.count] = 0
@@ -124,6 +127,7 @@ final class NBDSocket: @unchecked Sendable {
     func readExactly(_ count: Int) -> Result<[UInt8], NBDSocketError> {
         if count == 0 { return .success([]) }
         var b = [UInt8](repeating: 0, count: count)
+        // SAFETY: `b` has `count` (> 0) bytes, so `baseAddress` is non-nil and valid for the read.
         let r = b.withUnsafeMutableBytes { readExactly($0.baseAddress!, count) }
         if let r { return .failure(NBDSocketError(errno: r)) }
         return .success(b)
@@ -144,6 +148,8 @@ final class NBDSocket: @unchecked Sendable {
 
     func writeAll(_ bytes: [UInt8]) -> Int32? {
         if bytes.isEmpty { return nil }
+        // SAFETY: `bytes` is non-empty, so `baseAddress` is non-nil and valid for `count` bytes during
+        // the call.
         return bytes.withUnsafeBytes { writeAll($0.baseAddress!, $0.count) }
     }
 

@@ -9,12 +9,15 @@ import QBlockNBDWire
 /// The export name is the path without its leading `/`, percent-decoded; an empty path or
 /// `/` names the default export (""). TLS (`nbds…`) is refused as unsupported.
 public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
+    /// How to reach the server.
     public enum Transport: Sendable, Equatable {
         case tcp(host: String, port: UInt16)
         case unix(path: String)
     }
 
+    /// TCP host and port, or Unix socket path.
     public var transport: Transport
+    /// The export name, percent-decoded ("" for the default export).
     public var exportName: String
     /// The URI as given (used as the node's filename).
     public var text: String

@@ -7,11 +7,15 @@ import QBlockCore
 public struct Qcow2AmendOptions: Sendable, Equatable {
     /// 2 (compat=0.10) or 3 (compat=1.1).
     public var version: Int?
+    /// Turn the `lazy_refcounts` compatible feature on or off (needs version 3).
     public var lazyRefcounts: Bool?
+    /// A new refcount width in bits (1 to 64, a power of two); the refcount structures are
+    /// rewritten, as `qemu-img amend -o refcount_bits=` does.
     public var refcountBits: Int?
     /// A new virtual size.
     public var size: Int64?
 
+    /// Creates an amendment; every `nil` argument leaves that property unchanged.
     public init(version: Int? = nil, lazyRefcounts: Bool? = nil, refcountBits: Int? = nil, size: Int64? = nil) {
         self.version = version
         self.lazyRefcounts = lazyRefcounts
@@ -234,6 +238,8 @@ extension Qcow2Node {
                         } else {
                             let host = try await allocateClusters(1)
                             if l2Refcount > 1 { try await updateRefcount(host / cs, by: Int64(l2Refcount) - 1) }
+                            // SAFETY: `zeros` is at least one cluster and is kept alive by the async
+                            // closure until the write returns (also below).
                             try await zeros.withUnsafeBytes { try await hostFile.write(at: host, from: $0, flags: []) }
                             try await l2Cache.setDependency(on: refcountCache)
                             t.bytes.setBE64(j * 8, UInt64(host) | (l2Refcount == 1 ? Qcow2Node.copied : 0))

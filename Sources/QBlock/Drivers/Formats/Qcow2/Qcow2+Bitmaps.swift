@@ -74,8 +74,11 @@ public struct Qcow2BitmapFlags: OptionSet, Sendable, Hashable {
 
 /// What `qemu-img info` lists for one bitmap (`Qcow2BitmapInfo`): flags as on disk.
 public struct Qcow2BitmapInfo: Sendable, Equatable {
+    /// The bitmap's name (unique within the image).
     public var name: String
+    /// Bytes of guest data per bit (a power of two, at least 512).
     public var granularity: Int64
+    /// The flags stored in the bitmap directory entry (`in-use`, `auto`, ...).
     public var flags: Qcow2BitmapFlags
 
     /// The QAPI object `qemu-img info` prints: flags ("in-use", "auto"), name, granularity.

@@ -89,6 +89,7 @@ extension Qcow2Node {
                                  path: filename, offset: Int64(off), operation: "read bitmap")
             }
             let data = try await hostFile.read(at: Int64(off), count: cs)
+            // SAFETY: `data` is one cluster and `perCluster` chunks are exactly one cluster of bits.
             data.withUnsafeBytes { b.deserialize(firstChunk: first, count: perCluster, from: $0) }
         }
     }

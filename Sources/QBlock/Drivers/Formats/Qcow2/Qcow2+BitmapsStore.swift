@@ -183,6 +183,8 @@ extension Qcow2Node {
                 let n = min(perCluster, chunks - first)
                 guard n > 0, b.anyDirty(firstChunk: first, count: n) else { continue }
                 for k in buf.indices { buf[k] = 0 }
+                // SAFETY: `buf` is one cluster and `serialize` writes `n` chunks, at most one cluster's
+                // worth of bits.
                 buf.withUnsafeMutableBytes { b.serialize(firstChunk: first, count: n, into: $0) }
                 let off = try await allocateClusters(1)
                 table[i] = UInt64(off)

@@ -10,17 +10,28 @@ extension Qcow2Node: ClusteredFormat, BackingLinked, Emptiable {}
 // MARK: Internal snapshots (Qcow2+Snapshots.swift, Qcow2+SnapshotTable.swift)
 
 extension Qcow2Node: InternalSnapshotting {
+    /// The internal snapshots in the snapshot table, in table order (`qemu-img snapshot -l`).
     public var internalSnapshots: [SnapshotInfo] { snapshots().map(\.info) }
 
+    /// The snapshot whose ID is `id` and/or whose name is `name` (both given: both must match),
+    /// or `nil` (QEMU's `bdrv_snapshot_find_by_id_and_name`).
     public func findInternalSnapshot(id: String?, name: String?) -> SnapshotInfo? {
         findSnapshot(id: id, name: name)?.info
     }
 
+    /// Creates an internal snapshot of the current state named `name`, recording the guest's
+    /// instruction count `icount` if any (`qemu-img snapshot -c`, QMP
+    /// `blockdev-snapshot-internal-sync`).
+    /// - Returns: the new snapshot's table entry.
+    /// - Throws: ``BlockError`` `.readOnly`, `.closed`, or an I/O error; nothing is half-created.
     @discardableResult
     public func createInternalSnapshot(name: String, icount: UInt64?) async throws -> SnapshotInfo {
         try await createSnapshot(name: name, icount: icount).info
     }
 
+    /// A read-only view of a snapshot found by `id`/`name`, or by `orName` as either an ID or
+    /// a name (how `qemu-img convert -l` and `-s` look it up).
+    /// - Throws: ``BlockError`` `.notFound` when no snapshot matches.
     public func internalSnapshotReader(id: String?, name: String?, orName: String?) async throws -> any BlockDriver {
         try await snapshotReader(id: id, name: name, orName: orName)
     }
@@ -32,6 +43,8 @@ extension Qcow2Node: PersistentBitmapStore {
     /// Only version 3 images have the bitmaps extension.
     public var supportsPersistentBitmaps: Bool { header.version >= 3 }
 
+    /// The warning QEMU prints when the image was opened with bitmaps that an older program may
+    /// have made stale (autoclear bit cleared), or `nil`.
     public var staleBitmapsWarning: String? {
         guard openedWithStaleBitmaps else { return nil }
         let what = header.version < 3
@@ -44,6 +57,10 @@ extension Qcow2Node: PersistentBitmapStore {
 // MARK: Maintenance (Qcow2+Amend.swift, Qcow2+Check.swift)
 
 extension Qcow2Node: Amendable {
+    /// Applies `qemu-img amend -o` options (`compat`, `lazy_refcounts`, `refcount_bits`,
+    /// `size`) to the open image.
+    /// - Throws: ``BlockError`` `.invalidArgument` for an unknown or unchangeable option, or
+    ///   `.readOnly`/I/O errors while rewriting.
     public func amend(options: [(String, String)]) async throws {
         try await amend(Qcow2AmendOptions.parse(options))
     }
@@ -56,6 +73,8 @@ extension Qcow2Node: Checkable {}
 extension Qcow2ClusterCompressor: ClusterCompressor {}
 
 extension Qcow2Node: CompressedWriting {
+    /// A compressor for this image's compression type and cluster size (one per task).
+    /// - Throws: ``BlockError`` `.unsupported` when the compression library is unavailable.
     public func makeClusterCompressor() throws -> any ClusterCompressor { try makeCompressor() }
 }
 
@@ -79,6 +98,9 @@ extension Qcow2Node: BlockStatusRecursing {
 // MARK: Information (Qcow2Types.swift)
 
 extension Qcow2Node: FormatInfoReporting {
+    /// What `qemu-img info` reports from the driver: cluster size (bytes), the VM state offset
+    /// (the virtual size rounded up to what one L1 entry maps, as `qcow2_vm_state_offset`) and
+    /// whether the image is marked dirty.
     public var driverInfo: DriverInfo {
         // qcow2_vm_state_offset: the virtual size rounded up to what one L1 entry maps.
         let extendedL2 = header.incompatibleFeatures & Qcow2Header.Incompatible.extendedL2 != 0
@@ -103,6 +125,7 @@ extension Qcow2Node: FormatInfoReporting {
         return QObject.Dict([("type", .string("qcow2")), ("data", .dict(data))])
     }
 
+    /// The `Format specific information` lines of `qemu-img info` (human format), in QEMU's order.
     public var formatSpecificSummary: [(label: String, value: String)] {
         let f = formatInfo
         var out: [(label: String, value: String)] = [("compat", f.compat), ("compression type", f.compressionType.name)]
@@ -119,6 +142,10 @@ extension Qcow2Node: FormatInfoReporting {
 // MARK: Reopen (Qcow2+Reopen.swift)
 
 extension Qcow2Node: ReopenableDriver {
+    /// Switches between read-only and read-write (QEMU's `bdrv_reopen`): going read-only
+    /// writes back cached metadata and clears the dirty flag; going read-write reopens the file
+    /// writable and marks the image dirty on the first write.
+    /// - Throws: ``BlockError`` `.readOnly` when the file cannot be written, or an I/O error.
     public func reopen(readOnly: Bool, cache: CacheMode) async throws {
         if readOnly { try await reopenReadOnly() } else if isReadOnly { try await reopenReadWrite() }
     }

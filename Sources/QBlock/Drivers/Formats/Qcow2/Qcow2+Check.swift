@@ -12,6 +12,11 @@ import QBlockGraph
 /// Repair fixes leaks in place; with corruptions (`-r all`) the COPIED flags are
 /// corrected and the refcount structure is rebuilt at the end of the file.
 extension Qcow2Node {
+    /// Checks the image's metadata as `qemu-img check` does: refcounts against the clusters
+    /// really used, L1/L2 entries, leaks and corruptions; with `repair` it fixes leaks
+    /// (`-r leaks`) or everything it can (`-r all`).
+    /// - Returns: the counts `qemu-img check` prints.
+    /// - Throws: ``BlockError`` `.readOnly` when repairing a read-only node, `.closed`, or I/O errors.
     public func check(repair: CheckRepair?) async throws -> CheckResult {
         try gate.enter(filename, "check")
         defer { gate.leave() }
@@ -61,6 +66,8 @@ extension Qcow2Node {
 
     private func readTable(_ offset: Int64, entries: Int) async throws -> [UInt64] {
         let raw = try await hostFile.read(at: offset, count: entries * 8)
+        // SAFETY: `raw` holds `entries * 8` bytes (read for that many entries); the reads stay inside
+        // the closure.
         return raw.withUnsafeBytes { b in (0..<entries).map { b.be64($0 * 8) } }
     }
 

@@ -129,6 +129,7 @@ extension Qcow2Node {
         do {
             let e = try await l2Cache.getEmpty(newOffset)
             if let contents {
+                // SAFETY: `contents` is one cluster, the size of the cache entry's buffer `e.bytes`.
                 contents.withUnsafeBytes { e.bytes.copyMemory(from: $0) }
             }
             // The table and its refcount must be on disk before L1 points to it.

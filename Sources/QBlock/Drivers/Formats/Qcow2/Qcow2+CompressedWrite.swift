@@ -14,7 +14,9 @@ import QBlockCore
 // @unchecked Sendable: it may be handed to another task, but is used by one at a time (the
 // contract above); the compression contexts are never shared between instances.
 public final class Qcow2ClusterCompressor: @unchecked Sendable {
+    /// The compression algorithm (the image's `compression_type` header field).
     public let type: Qcow2CompressionType
+    /// The cluster size in bytes; every input is one cluster.
     public let clusterSize: Int
     /// The compressed bytes of the last successful ``compress(_:)`` are at the start.
     public let output: AlignedBuffer
@@ -120,6 +122,8 @@ extension Qcow2Node {
         }
         let padded = AlignedBuffer(count: cs)
         try checkCompressedRequest(guestOffset, data.count)
+        // SAFETY: `padded` is one cluster and `data.count <= clusterSize` (checked by the caller);
+        // `compress` only reads `padded` inside the closure.
         padded.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[0..<data.count]).copyMemory(from: data) }
         let n = padded.withUnsafeBytes { compressor.compress($0) }
         try await writePrecompressedCluster(at: guestOffset, data: data, compressed: n.map {

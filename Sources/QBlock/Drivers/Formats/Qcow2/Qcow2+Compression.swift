@@ -82,6 +82,8 @@ enum Qcow2Compression {
             return Array(out[0..<n])
         case .zstd:
             var out = [UInt8](repeating: 0, count: maxSize)
+            // SAFETY: `out` has `maxSize` bytes and zstd is told `o.count`; `input` is valid for
+            // `input.count` bytes during the call.
             let n = out.withUnsafeMutableBytes { o in
                 ZSTD_compress(o.baseAddress, o.count, input.baseAddress, input.count, 0)
             }
@@ -97,6 +99,8 @@ extension Qcow2Node {
         let cs = clusterSize
         let inCluster = Int(guestOffset & Int64(cs - 1))
         if let cached = cachedDecompressed(entry) {
+            // SAFETY: `cached` is one cluster and `inCluster + part.count <= clusterSize` (a part never
+            // crosses a cluster).
             cached.withUnsafeBytes { part.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inCluster..<(inCluster + part.count)])) }
             return
         }
@@ -108,11 +112,15 @@ extension Qcow2Node {
         let readable = Int(min(Int64(size), fileLength - hostOffset))
         let input = AlignedBuffer(count: max(readable, 1))
         let output = AlignedBuffer(count: cs)
+        // SAFETY: `readable <= input.count`, so the rebased slice is inside `input`, alive for the
+        // read.
         try await input.withUnsafeMutableBytes { b in
             try await hostFile.read(at: hostOffset, into: UnsafeMutableRawBufferPointer(rebasing: b[0..<readable]))
         }
         let type = Qcow2CompressionType(rawValue: header.compressionType) ?? .zlib
         do {
+            // SAFETY: both buffers are alive for the nested closures; the input slice is `0..<readable`
+            // of `input`, and the output is exactly one cluster.
             try input.withUnsafeBytes { i in
                 try output.withUnsafeMutableBytes { o in
                     try Qcow2Compression.decompress(type, UnsafeRawBufferPointer(rebasing: i[0..<readable]), into: o)
@@ -121,6 +129,7 @@ extension Qcow2Node {
         } catch let e as BlockError {
             throw e.with(path: filename, offset: hostOffset, operation: "read compressed cluster")
         }
+        // SAFETY: `output` is one cluster and `inCluster + part.count <= clusterSize`.
         output.withUnsafeBytes { part.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inCluster..<(inCluster + part.count)])) }
         storeDecompressed(entry, output)
     }

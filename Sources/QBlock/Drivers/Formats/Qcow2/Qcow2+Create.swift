@@ -151,6 +151,10 @@ extension Qcow2Node {
 
 /// Resizing: growing the L1 table, preallocating; shrinking is in `Qcow2+Shrink.swift`.
 extension Qcow2Node {
+    /// Resizes the virtual disk to `newSize` bytes (a multiple of 512), growing the L1 table
+    /// as needed; `preallocation` applies to the new area (QEMU's `qcow2_co_truncate`).
+    /// Shrinking is refused while internal snapshots exist.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.invalidArgument` for a size QEMU refuses, or an I/O error.
     public func truncate(to newSize: Int64, preallocation: Preallocation) async throws {
         try gate.enter(filename, "truncate")
         defer { gate.leave() }

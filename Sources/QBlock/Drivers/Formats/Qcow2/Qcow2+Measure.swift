@@ -9,6 +9,11 @@ extension Qcow2Format: Measurable {
     /// measure computes all the same (they change nothing in the result).
     public static let measureOnlyOptions = ["data_file", "data_file_raw", "encryption", "encrypt.format"]
 
+    /// How much space a qcow2 image with create options `values` needs (`qemu-img measure`):
+    /// without `source`, for an empty image of option `size`; with it, for a copy of its
+    /// allocated data.
+    /// - Returns: the bytes required now and fully allocated, as QEMU computes them.
+    /// - Throws: ``BlockError`` `.invalidArgument` for an invalid option (QEMU's message).
     public static func measure(options values: [String: String], source: MeasureSource?) async throws -> MeasureResult {
         let extendedL2 = values["extended_l2"].flatMap(CreateOption.parseBool) ?? false
         var clusterSize: Int64 = 65536

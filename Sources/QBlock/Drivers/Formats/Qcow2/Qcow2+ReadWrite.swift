@@ -9,6 +9,9 @@ import QBlockGraph
 extension Qcow2Node {
     // MARK: Read
 
+    /// Reads `buffer.count` bytes at guest `offset`: allocated clusters from the file
+    /// (decompressing compressed ones), unallocated ones from the backing node or as zeroes.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.outOfRange` for a range past the end, or an I/O error.
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try gate.enter(filename, "read")
         defer { gate.leave() }
@@ -64,6 +67,9 @@ extension Qcow2Node {
 
     // MARK: Write
 
+    /// Writes `buffer` at guest `offset`, allocating clusters (copy-on-write of partial
+    /// clusters from the backing node) and marking the image's bitmaps.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.outOfRange` for a range past the end, `.noSpace` or an I/O error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await write(at: offset, from: buffer, flags: flags, placed: nil)
     }
@@ -271,6 +277,8 @@ extension Qcow2Node {
             return
         }
         let buf = AlignedBuffer(count: Int(total))
+        // SAFETY: `buf` has `total` bytes = head + data + tail; every rebased slice below lies in
+        // `0..<total`, and the async closure keeps `buf` alive.
         try await buf.withUnsafeMutableBytes { b in
             if head > 0 && !headZero {
                 try await readOld(oldEntries[0], guestOffset: guestStart,
@@ -408,6 +416,8 @@ extension Qcow2Node {
         var p = start
         while p < end {
             let k = Int(min(Int64(zeros.count), end - p))
+            // SAFETY: `k <= zeros.count`, and the async closure keeps `zeros` alive until the write
+            // returns.
             try await zeros.withUnsafeBytes { z in
                 try await self.write(at: p, from: UnsafeRawBufferPointer(rebasing: z[0..<k]), flags: [])
             }
@@ -434,6 +444,10 @@ extension Qcow2Node {
         }
     }
 
+    /// Discards `length` bytes at guest `offset`: whole clusters become unallocated (or zero
+    /// clusters where a backing node would show through), and their space is freed as QEMU's
+    /// `qcow2_co_pdiscard` does; partial clusters are left alone.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.outOfRange` for a range past the end, or an I/O error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try gate.enter(filename, "discard")
         defer { gate.leave() }
@@ -519,6 +533,10 @@ extension Qcow2Node {
 
     // MARK: Block status
 
+    /// The allocation status of the run of clusters at guest `offset` with the same state (up
+    /// to `length` bytes): data, zero, unallocated (backing), or compressed, with the host
+    /// offset where there is one (`qemu-img map`).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.outOfRange` for an offset past the end, or an I/O error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try gate.enter(filename, "block status")
         defer { gate.leave() }

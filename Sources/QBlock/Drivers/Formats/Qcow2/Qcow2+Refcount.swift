@@ -235,6 +235,9 @@ extension Qcow2Node {
         // Write each new block with the counts of the area clusters it covers.
         let buf = AlignedBuffer(count: clusterSize)
         for nb in newBlocks {
+            // SAFETY: the pointer escapes the closure but `buf` stays alive through this loop iteration
+            // (it is used again below); `clusterSize` bytes, and `setRefcountValue` indexes below `rbe`
+            // entries.
             let bytes = buf.withUnsafeMutableBytes { $0 }
             memset(bytes.baseAddress!, 0, clusterSize)
             let first = Int64(nb.index) * rbe
@@ -245,6 +248,7 @@ extension Qcow2Node {
                 setRefcountValue(in: bytes, Int(c - first), 1)
                 c += 1
             }
+            // SAFETY: `buf` is kept alive by the async `withUnsafeBytes` until the write returns.
             try await buf.withUnsafeBytes { try await hostFile.write(at: nb.cluster << Int64(clusterBits), from: $0, flags: []) }
             refcountCache.discard(nb.cluster << Int64(clusterBits))
         }
@@ -266,6 +270,8 @@ extension Qcow2Node {
             try await refcountCache.flush()
             // The new table.
             var raw = [UInt8](repeating: 0, count: tableClusters * clusterSize)
+            // SAFETY: `raw` was sized for `newTable.count * 8` bytes (rounded up to clusters), so every
+            // 8-byte store fits.
             raw.withUnsafeMutableBytes { b in for (i, v) in newTable.enumerated() { b.setBE64(i * 8, v) } }
             try await hostFile.write(at: tableStart << Int64(clusterBits), bytes: raw)
             noteAllocated(areaStart, areaEnd - areaStart)

@@ -90,12 +90,15 @@ extension Qcow2Node {
             let first = b * rbe
             let slice = refs[Int(first)..<Int(min(first + rbe, Int64(refs.count)))]
             let blockCluster = areaStart + b
+            // SAFETY: `buf` is one cluster, and a refcount block covers at most `rbe` entries of the
+            // new width, so every store fits; used only inside the closure.
             buf.withUnsafeMutableBytes { bytes in
                 bytes.initializeMemory(as: UInt8.self, repeating: 0)
                 for (k, v) in slice.enumerated() where v > 0 {
                     Qcow2Node.setRefcountValue(order: order, in: bytes, k, min(v, maxValue))
                 }
             }
+            // SAFETY: `buf` stays alive (kept by the async `withUnsafeBytes`) until the write returns.
             try await buf.withUnsafeBytes { try await hostFile.write(at: blockCluster * cs, from: $0, flags: []) }
             table[Int(b)] = UInt64(blockCluster * cs)
         }

@@ -141,6 +141,8 @@ extension Qcow2Node {
         for _ in 0..<count {
             off = (off + 7) & ~7
             try await need(off + Qcow2Snapshot.fixedSize)
+            // SAFETY: `need(off + fixedSize)` above made `bytes` hold the whole fixed header, so every
+            // read at `off + k` (k < 40) is in bounds.
             let (l1Offset, l1Size, idLen, nameLen, dateSec, dateNsec, clock, vmState32, extraLen) = bytes.withUnsafeBytes { b in
                 (b.be64(off), b.be32(off + 8), Int(b.be16(off + 12)), Int(b.be16(off + 14)), b.be32(off + 16),
                  b.be32(off + 20), b.be64(off + 24), b.be32(off + 32), Int(b.be32(off + 36)))

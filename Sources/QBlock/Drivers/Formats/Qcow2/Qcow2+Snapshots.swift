@@ -256,6 +256,8 @@ extension Qcow2Node {
             throw BlockError(.corrupt, "Snapshot L1 table offset invalid", path: filename, offset: off, operation: "snapshot load")
         }
         let raw = try await hostFile.read(at: off, count: n * 8)
+        // SAFETY: `raw` holds `n * 8` bytes (the L1 table read above); the reads stay inside the
+        // closure.
         return raw.withUnsafeBytes { b in (0..<n).map { b.be64($0 * 8) } }
     }
 
@@ -398,13 +400,19 @@ public final class Qcow2SnapshotReader: BlockDriver, @unchecked Sendable {
         self.l1 = l1
     }
 
+    /// `qcow2`, the driver of the image the snapshot belongs to.
     public var driverName: String { "qcow2" }
+    /// The image's file name.
     public var filename: String { node.filename }
     /// The disk size recorded in the snapshot.
     public var length: Int64 { Int64(snapshot.diskSize) }
+    /// Always `true`: snapshot views cannot be written.
     public var isReadOnly: Bool { true }
+    /// 1: reads may start at any byte.
     public var requestAlignment: Int { 1 }
+    /// The image's file.
     public var file: (any BlockDriver)? { node.hostFile }
+    /// The image's backing node (unallocated clusters of the snapshot read from it).
     public var backing: (any BlockDriver)? { node.backing }
 
     /// Admits a request into this view and into its image (which refuses it once closed).
@@ -412,6 +420,9 @@ public final class Qcow2SnapshotReader: BlockDriver, @unchecked Sendable {
         try await gate.run(filename, op) { try await node.gate.run(filename, op, body) }
     }
 
+    /// Reads `buffer.count` bytes at `offset` as the disk was when the snapshot was taken,
+    /// through the snapshot's L1 table.
+    /// - Throws: ``BlockError`` `.closed` after ``close()`` of the view or of its image, or an I/O error.
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await run("read") {
             var done = 0
@@ -431,9 +442,17 @@ public final class Qcow2SnapshotReader: BlockDriver, @unchecked Sendable {
         return BlockError(.readOnly, "Permission denied: snapshot views are read-only", errno: EPERM, path: filename, operation: op)
     }
 
+    /// Always fails: snapshot views are read-only.
+    /// - Throws: ``BlockError`` `.readOnly` (or `.closed`).
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws { throw try refuse("write") }
+    /// Always fails: snapshot views are read-only.
+    /// - Throws: ``BlockError`` `.readOnly` (or `.closed`).
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws { throw try refuse("write zeroes") }
+    /// Always fails: snapshot views are read-only.
+    /// - Throws: ``BlockError`` `.readOnly` (or `.closed`).
     public func discard(at offset: Int64, length: Int64) async throws { throw try refuse("discard") }
+    /// Always fails: snapshot views are read-only.
+    /// - Throws: ``BlockError`` `.readOnly` (or `.closed`).
     public func truncate(to length: Int64, preallocation: Preallocation) async throws { throw try refuse("truncate") }
     /// Nothing to write back: the view never changes anything.
     public func flush() async throws {
@@ -448,6 +467,8 @@ public final class Qcow2SnapshotReader: BlockDriver, @unchecked Sendable {
         gate.finishClose()
     }
 
+    /// The allocation status at `offset` in the snapshot's L1 table.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await run("block status") {
             let m = try await node.metaLock.withLock { try await node.lookup(offset, length, in: l1) }

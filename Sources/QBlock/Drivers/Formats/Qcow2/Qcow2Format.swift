@@ -4,27 +4,40 @@ import QBlockGraph
 /// (``Qcow2Node/open(file:options:openBacking:)``), the options of `qemu-img create`,
 /// `blockdev-add` and `blockdev-create`. Measuring is in `Qcow2+Measure.swift`.
 public enum Qcow2Format: FormatDriver {
+    /// The format name in options and `qemu-img info` (`qcow2`).
     public static let name = "qcow2"
 
     /// The magic "QFI\xfb" and the version.
     public static let probeLength = 8
 
+    /// Probe score for the first bytes of a file: 100 for the qcow2 magic `QFI\xfb`, else 0
+    /// (QEMU's `qcow2_probe`).
     public static func probe(_ head: [UInt8]) -> Int {
         head.count >= 4 && head[0] == 0x51 && head[1] == 0x46 && head[2] == 0x49 && head[3] == 0xfb ? 100 : 0
     }
 
+    /// Opens `file` as a qcow2 image (``Qcow2Node/open(file:options:openBacking:)``); the
+    /// backing file named in the header is opened through `openBacking` unless the options
+    /// say otherwise.
+    /// - Throws: ``BlockError`` `.corrupt` for a damaged header, `.unsupported` for
+    ///   unknown incompatible features, or the backing's open error.
     public static func open(file: any BlockDriver, options: OpenOptions,
                             openBacking: (_ name: String, _ format: String?) async throws -> any BlockDriver) async throws -> any BlockDriver {
         try await Qcow2Node.open(file: file, options: options, openBacking: openBacking)
     }
 
+    /// The permissions a qcow2 node takes on its file: the format defaults (write when
+    /// read-write, no shared writers).
     public static func filePermissions(readOnly: Bool) -> (perm: BlockPermissions, shared: BlockPermissions) {
         BlockPermissions.formatDefaults(readOnly: readOnly)
     }
 
+    /// qcow2 images can have a backing file.
     public static let supportsBackingFile = true
+    /// qcow2 images can store compressed clusters (`qemu-img convert -c`).
     public static let supportsCompressedWrites = true
 
+    /// The `-o` options `qemu-img create -f qcow2` accepts, with QEMU's defaults.
     public static let createOptions: [CreateOption] = [
         CreateOption("cluster_size", .size, default: "65536"),
         CreateOption("extended_l2", .bool, default: "off"),
@@ -38,6 +51,9 @@ public enum Qcow2Format: FormatDriver {
         CreateOption("refcount_bits", .number, default: "16"),
     ]
 
+    /// Creates a qcow2 image at `path` of `size` bytes with `-o` `options`, as
+    /// `qemu-img create -f qcow2` does (header, L1 and refcount tables, preallocation).
+    /// - Throws: ``BlockError`` `.invalidArgument` for a bad option (QEMU's message), or an I/O error.
     public static func create(path: String, size: Int64, options: [(String, String)]) async throws {
         var o = Qcow2CreateOptions()
         for (key, value) in options {
@@ -51,6 +67,9 @@ public enum Qcow2Format: FormatDriver {
         try await Qcow2Node.create(path: path, size: size, options: o)
     }
 
+    /// Reads the qcow2 driver's `blockdev-add` members (the ones QEMU accepts; those this
+    /// driver does not act on are accepted and checked for type).
+    /// - Throws: ``BlockError`` `.invalidArgument` for a member of the wrong type.
     public static func readBlockdevOptions(_ m: any DriverOptionReader, into options: inout OpenOptions) throws {
         for key in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
             _ = try m.optionalBool(key)

@@ -32,18 +32,24 @@ import QBlockGraph
 // before the node is shared, or in `deinit`); the other stored properties are immutable or
 // thread-safe themselves (LockedFlag, CloseGate, DirtyBitmapSet, PosixMutex).
 public final class Qcow2Node: BlockDriver, @unchecked Sendable {
+    /// `qcow2`, as QEMU names the driver.
     public let driverName = "qcow2"
     /// The protocol node holding the image's bytes: a `FileNode`, an NBD client node, or any other node.
     public let hostFile: any BlockDriver
+    /// The node holding the image file (QEMU's `file` child).
     public var file: (any BlockDriver)? { hostFile }
+    /// The backing node, if the image has one and it was opened.
     public var backing: (any BlockDriver)? { backingNode }
+    /// The image file's name.
     public var filename: String { hostFile.filename }
     /// Read-only because its file is, or because a reopen made the format node read-only
     /// over a writable file (``reopenReadOnly()``).
     public var isReadOnly: Bool { formatReadOnly.value || hostFile.isReadOnly }
     /// Set by ``reopenReadOnly()``, cleared by ``reopenReadWrite()``.
     let formatReadOnly = LockedFlag()
+    /// 1: guest reads and writes may start at any byte (partial clusters are handled here).
     public var requestAlignment: Int { 1 }
+    /// The virtual disk size in bytes (the header's `size`).
     public var length: Int64 { Int64(header.size) }
 
     /// Cluster size in bytes.
@@ -59,6 +65,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     /// Number of internal snapshots.
     public var snapshotCount: Int { Int(header.nbSnapshots) }
 
+    /// The format-specific part of `qemu-img info`: compat level, features, refcount width,
+    /// compression type and bitmaps.
     public var formatInfo: Qcow2FormatInfo {
         Qcow2FormatInfo(compat: header.version >= 3 ? "1.1" : "0.10",
                         lazyRefcounts: header.compatibleFeatures & Qcow2Header.compatibleLazyRefcounts != 0,
@@ -171,6 +179,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         var l1 = [UInt64](repeating: 0, count: Int(header.l1Size))
         if l1Bytes > 0 {
             let raw = try await file.read(at: Int64(header.l1TableOffset), count: l1Bytes)
+            // SAFETY: `raw` was read with `l1.count * 8` bytes; the reads stay inside the closure.
             raw.withUnsafeBytes { b in for i in 0..<l1.count { l1[i] = b.be64(i * 8) } }
         }
         // Refcount table.
@@ -178,6 +187,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         var rt = [UInt64](repeating: 0, count: rtBytes / 8)
         do {
             let raw = try await file.read(at: Int64(header.refcountTableOffset), count: rtBytes)
+            // SAFETY: `raw` was read with `rt.count * 8` bytes; the reads stay inside the closure.
             raw.withUnsafeBytes { b in for i in 0..<rt.count { rt[i] = b.be64(i * 8) } }
         }
         for (i, e) in rt.enumerated() where e != 0 {
@@ -230,6 +240,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         try await hostFile.write(at: 0, bytes: buf)
     }
 
+    /// Writes back cached L2 and refcount blocks in dependency order, then flushes the file
+    /// (QEMU's `qcow2_co_flush_to_os` plus the file's flush).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error.
     public func flush() async throws {
         try await gate.run(filename, "flush") { try await flushAdmitted() }
     }

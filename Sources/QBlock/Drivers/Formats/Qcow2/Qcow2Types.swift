@@ -4,7 +4,9 @@ import QBlockGraph
 public enum Qcow2CompressionType: UInt8, Sendable {
     case zlib = 0
     case zstd = 1
+    /// The name used by the `compression_type` option (`zlib` or `zstd`).
     public var name: String { self == .zlib ? "zlib" : "zstd" }
+    /// The type named `name` (`zlib` or `zstd`), or `nil` for any other name.
     public init?(name: String) {
         switch name {
         case "zlib": self = .zlib
@@ -20,8 +22,11 @@ public struct Qcow2CreateOptions: Sendable {
     public var clusterSize: Int = 65536
     /// 2 for compat=0.10, 3 for compat=1.1.
     public var version: Int = 3
+    /// Set the `lazy_refcounts` compatible feature (version 3 only).
     public var lazyRefcounts = false
+    /// How much to allocate up front: `off`, `metadata`, `falloc` or `full`.
     public var preallocation: Preallocation = .off
+    /// The algorithm for compressed clusters (`zstd` needs version 3).
     public var compressionType: Qcow2CompressionType = .zlib
     /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (16 for compat=0.10).
     public var refcountBits = 16
@@ -29,8 +34,10 @@ public struct Qcow2CreateOptions: Sendable {
     public var backingFile: String?
     /// The backing file's format, stored in the backing format header extension.
     public var backingFormat: String?
+    /// Use extended L2 entries (32 subclusters per cluster; version 3 only).
     public var extendedL2 = false
 
+    /// Options with qemu-img's defaults: 64 KiB clusters, compat 1.1, 16-bit refcounts, zlib.
     public init() {}
 
     /// Parses a qemu-img `-o` option into these options.
@@ -84,10 +91,15 @@ public struct Qcow2CreateOptions: Sendable {
 public struct Qcow2FormatInfo: Sendable, Equatable {
     /// "0.10" or "1.1".
     public var compat: String
+    /// Whether the `lazy_refcounts` feature is set.
     public var lazyRefcounts: Bool
+    /// The refcount width in bits.
     public var refcountBits: Int
+    /// Whether the image is marked corrupt (QEMU then opens it read-only).
     public var corrupt: Bool
+    /// Whether the image uses extended L2 entries (subclusters).
     public var extendedL2: Bool
+    /// The algorithm of the image's compressed clusters.
     public var compressionType: Qcow2CompressionType
     /// The persistent bitmaps as listed on disk (`qemu-img info` shows them for v3 images
     /// that have any).

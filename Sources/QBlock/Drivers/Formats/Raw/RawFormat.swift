@@ -4,6 +4,7 @@ import QBlockGraph
 /// a last resort, opens a ``RawNode`` over the file (or a window of it), creates a plain
 /// host file, and measures to the virtual size.
 public enum RawFormat: FormatDriver {
+    /// The format name in options and `qemu-img info` (`raw`).
     public static let name = "raw"
 
     /// Raw has no signature to look at.
@@ -18,6 +19,9 @@ public enum RawFormat: FormatDriver {
         var size: Int64?
     }
 
+    /// Opens `file` as a raw image: a ``RawNode`` over the `offset`/`size` window from
+    /// ``readBlockdevOptions(_:into:)`` (the whole file by default). Raw images have no backing
+    /// file, so `openBacking` is never called.
     public static func open(file: any BlockDriver, options: OpenOptions,
                             openBacking: (_ name: String, _ format: String?) async throws -> any BlockDriver) async throws -> any BlockDriver {
         let window = options.formatOptions as? Window ?? Window(offset: 0, size: nil)
@@ -30,9 +34,13 @@ public enum RawFormat: FormatDriver {
         readOnly ? ([.consistentRead], .all) : ([.consistentRead, .write], .all)
     }
 
+    /// Raw images cannot have a backing file.
     public static let supportsBackingFile = false
+    /// Raw images cannot store compressed clusters (`qemu-img convert -c` refuses them).
     public static let supportsCompressedWrites = false
 
+    /// The `-o` options `qemu-img create -f raw` accepts: `size` (bytes) and `preallocation`
+    /// (`off`, `falloc`, `full`).
     public static let createOptions: [CreateOption] = [
         CreateOption("size", .size),
         CreateOption("preallocation", .string),
@@ -50,6 +58,9 @@ public enum RawFormat: FormatDriver {
         try await FileCreation.create(path: path, size: size, preallocation: prealloc)
     }
 
+    /// Reads the raw driver's `blockdev-add` members: `offset` and `size` (bytes, QEMU's
+    /// `raw` window over its file).
+    /// - Throws: ``BlockError`` `.invalidArgument` for a member of the wrong type or range.
     public static func readBlockdevOptions(_ m: any DriverOptionReader, into options: inout OpenOptions) throws {
         let offset = try m.optionalUInt("offset", bits: 64) ?? 0
         let size = try m.optionalUInt("size", bits: 64)
@@ -58,6 +69,7 @@ public enum RawFormat: FormatDriver {
 }
 
 extension RawFormat: Measurable {
+    /// Raw has no options that only `qemu-img measure` accepts.
     public static let measureOnlyOptions: [String] = []
 
     /// QEMU's `raw_measure`: the virtual size (of the source, else `size`), in whole sectors.

@@ -12,10 +12,15 @@ import QBlockGraph
 /// every call after that throws ``BlockError`` with code `.closed`.
 // @unchecked Sendable: every stored property is immutable or thread-safe itself (LockedFlag, CloseGate).
 public final class RawNode: BlockDriver, @unchecked Sendable {
+    /// `raw`, as QEMU names the driver.
     public let driverName = "raw"
+    /// The node whose bytes this one exposes (usually a ``FileNode``); owned by this node.
     public let child: any BlockDriver
+    /// The child, as QEMU's `file` child of the raw node.
     public var file: (any BlockDriver)? { child }
+    /// Always `nil`: raw images have no backing file.
     public var backing: (any BlockDriver)? { nil }
+    /// The child's file name.
     public var filename: String { child.filename }
     /// Read-only because its file is, or because a reopen made it so (``setReadOnly(_:)``).
     public var isReadOnly: Bool { formatReadOnly.value || child.isReadOnly }
@@ -25,26 +30,35 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     /// Makes the node refuse writes (true) or pass them to its file again (false), whatever
     /// the file's own mode (QEMU's reopen of a raw node; raw keeps no metadata to flush).
     public func setReadOnly(_ readOnly: Bool) { formatReadOnly.set(readOnly) }
+    /// The child's alignment: raw adds no alignment of its own.
     public var requestAlignment: Int { child.requestAlignment }
     /// Where the window starts in the child.
     public let offset: Int64
     private let fixedSize: Int64?
 
+    /// Creates a raw view of `file`, starting at byte `offset` and `size` bytes long
+    /// (`nil`: up to the end of the file, following its growth). Takes ownership of `file`.
     public init(file: any BlockDriver, offset: Int64 = 0, size: Int64? = nil) {
         self.child = file
         self.offset = offset
         self.fixedSize = size
     }
 
+    /// The window's size in bytes: the fixed `size`, or the child's length minus `offset`.
     public var length: Int64 {
         if let fixedSize { return fixedSize }
         return max(0, child.length - offset)
     }
 
+    /// Reads `buffer.count` bytes at guest `offset` (bytes, relative to the window) from the
+    /// child.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try await gate.run(filename, "read") { try await child.read(at: self.offset + offset, into: buffer) }
     }
 
+    /// Writes `buffer` at guest `offset` (bytes) through to the child.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly` on a read-only node, or the child's error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await gate.run(filename, "write") {
             if formatReadOnly.value {
@@ -54,6 +68,9 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Makes `length` bytes at `offset` read as zeroes, passed to the child (QEMU's
+    /// `bdrv_co_pwrite_zeroes`).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly` on a read-only node, or the child's error.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try await gate.run(filename, "write zeroes") {
             if formatReadOnly.value {
@@ -63,6 +80,9 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Discards `length` bytes at `offset` in the child (the data may then read as anything
+    /// the child returns for a hole).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly` on a read-only node, or the child's error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try await gate.run(filename, "discard") {
             if formatReadOnly.value {
@@ -72,6 +92,8 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Flushes the child's writes to stable storage; does nothing on a read-only node.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func flush() async throws {
         try await gate.run(filename, "flush") {
             if formatReadOnly.value { return }
@@ -79,6 +101,9 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// The child's allocation status for the range, always reported as allocated at this
+    /// layer (raw has no backing file to fall through to), as QEMU's raw driver does.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await gate.run(filename, "block status") {
             var s = try await child.blockStatus(at: self.offset + offset, length: length)
@@ -87,6 +112,9 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// Resizes the image to `length` bytes by resizing the child; `preallocation` applies to
+    /// the new area (QEMU's `bdrv_co_truncate`).
+    /// - Throws: ``BlockError`` `.closed` after ``close()``; `.unsupported` for a fixed-size window, or the child's error.
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
         try await gate.run(filename, "truncate") { try await truncateAdmitted(to: length, preallocation: preallocation) }
     }
