@@ -34,6 +34,6 @@ let dir = CommandLine.arguments.count > 1 ? CommandLine.arguments[1] : "/tmp"
 do {
     try await runExample(in: dir)
 } catch {
-    fputs("example: \((error as? BlockError)?.message ?? "\(error)")\n", stderr)
+    StandardStream.error.write("example: \((error as? BlockError)?.message ?? "\(error)")\n")
     exit(1)
 }
