@@ -20,8 +20,9 @@ import QBlockGraph
 ///    written and flushed (``markDirtyBeforeMetadataChange()``, as QEMU's `qcow2_mark_dirty`
 ///    does for lazy refcounts); a clean ``Qcow2Node/close()``, a read-only reopen, or a
 ///    repairing check that finds the image consistent clears it again. So an image that was
-///    not closed says so: `qemu-img info` prints "cleanly shut down: no", `img check`
-///    reports it (``CheckResult/notClosedCleanly``), and the next read-write open — ours or
+///    not closed says so: `qemu-img info` prints "cleanly shut down: no", the library's
+///    check reports it (``CheckResult/notClosedCleanly``; `img check` prints what qemu-img
+///    check prints), and the next read-write open — ours or
 ///    QEMU's — repairs the refcounts before use, exactly as after a crash with lazy refcounts.
 ///    (v2 images have no such bit; for them only the warning and the write-back below apply.)
 /// 2. **A node deinitialized without close writes its cached metadata back** when its file
