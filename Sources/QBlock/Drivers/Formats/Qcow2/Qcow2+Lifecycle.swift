@@ -15,27 +15,26 @@ import QBlockGraph
 /// What this implementation does is what a QEMU user already knows from an unclean
 /// shutdown, and no more surprising than that:
 ///
-/// 1. **The dirty bit marks every read-write session that changes metadata** (v3 images;
-///    incompatible feature bit 0). Before the first change to cached metadata, the bit is
-///    written and flushed (``markDirtyBeforeMetadataChange()``, as QEMU's `qcow2_mark_dirty`
-///    does for lazy refcounts); a clean ``Qcow2Node/close()``, a read-only reopen, or a
-///    repairing check that finds the image consistent clears it again. So an image that was
-///    not closed says so: `qemu-img info` prints "cleanly shut down: no", the library's
-///    check reports it (``CheckResult/notClosedCleanly``; `img check` prints what qemu-img
-///    check prints), and the next read-write open — ours or
-///    QEMU's — repairs the refcounts before use, exactly as after a crash with lazy refcounts.
-///    (v2 images have no such bit; for them only the warning and the write-back below apply.)
+/// 1. **The dirty bit, as QEMU sets it.** With lazy refcounts (v3 images; incompatible
+///    feature bit 0), before the first change to cached metadata the bit is written and
+///    flushed (``markDirtyBeforeMetadataChange()``, as QEMU's `qcow2_mark_dirty`); a clean
+///    ``Qcow2Node/close()``, a read-only reopen, or a repairing check that finds the image
+///    consistent clears it again, and the next read-write open — ours or QEMU's — repairs
+///    the refcounts of an image left dirty. Without lazy refcounts no bit is set, as in
+///    QEMU: the caches write refcount blocks before the L2 tables that depend on them, so
+///    the file is consistent at every moment (at worst clusters leak), and an image whose
+///    process died reads as it was at its last flush, for `qemu-img check` as for ours.
 /// 2. **A node deinitialized without close writes its cached metadata back** when its file
 ///    can be written synchronously (``SynchronousWriteTarget``, a `file` node that is still
 ///    open): dirty refcount blocks and L2 tables go to disk in the order the caches'
 ///    dependencies require, then the file is synced. Writes acknowledged before the drop then
 ///    read back after it, as they would have after a close. It cannot `await`, so it does
 ///    nothing else: persistent bitmaps stay marked in use (QEMU treats them as
-///    inconsistent), deferred frees stay leaks, and the dirty bit stays set, so the image
-///    is still reported as not closed cleanly. When the write-back is not possible (the file
+///    inconsistent), deferred frees stay leaks, and with lazy refcounts the dirty bit stays
+///    set, so the image is still reported as not closed cleanly. When the write-back is not possible (the file
 ///    node was closed first, an NBD file, a failing disk), the metadata is lost as in a crash:
-///    the on-disk image is consistent (the caches' ordering leaves at worst leaks) and the
-///    dirty bit says what happened.
+///    the on-disk image is consistent (the caches' ordering leaves at worst leaks; with lazy
+///    refcounts the dirty bit says what happened).
 /// 3. **Debug builds print one line on stderr** for every such drop, naming the file, so
 ///    that the missing `close()` is found where it happens.
 ///
@@ -53,6 +52,11 @@ extension Qcow2Node {
     /// held before any change to the L2 or refcount caches.
     /// - Throws: the I/O error of the header write or flush; nothing was changed then.
     func markDirtyBeforeMetadataChange() async throws {
+        // As QEMU: only lazy refcounts need the bit. Without them the caches' write order
+        // keeps the on-disk image consistent at every moment (at worst leaked clusters), so
+        // a killed process leaves an image that is clean as far as qemu-img check can tell,
+        // and QEMU's own tests (iotests 039) expect the bit clear after such a kill.
+        if header.compatibleFeatures & Qcow2Header.compatibleLazyRefcounts == 0 { return }
         if header.version < 3 || isDirty || isReadOnly { return }
         header.incompatibleFeatures |= Qcow2Header.Incompatible.dirty
         do {
