@@ -1,4 +1,4 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.1
 import PackageDescription
 
 let package = Package(
@@ -11,6 +11,13 @@ let package = Package(
         .executable(name: "nbd", targets: ["nbd"]),
         .library(name: "QMachine", targets: ["QMachine"]),
         .executable(name: "vm", targets: ["vm"]),
+    ],
+    // The tools (img, io, nbd, vm) parse their command lines with swift-argument-parser; the
+    // library does not. A package that depends on QBlock with `traits: []` turns the trait
+    // off, and SwiftPM then neither fetches nor builds swift-argument-parser for it.
+    traits: [
+        .trait(name: "Tools", description: "The command-line tools' dependency, swift-argument-parser."),
+        .default(enabledTraits: ["Tools"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -50,22 +57,22 @@ let package = Package(
         ),
         .executableTarget(
             name: "img",
-            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser", condition: .when(traits: ["Tools"]))],
             path: "Sources/Tools/img"
         ),
         .executableTarget(
             name: "io",
-            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser", condition: .when(traits: ["Tools"]))],
             path: "Sources/Tools/io"
         ),
         .executableTarget(
             name: "nbd",
-            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser", condition: .when(traits: ["Tools"]))],
             path: "Sources/Tools/nbd"
         ),
         .executableTarget(
             name: "vm",
-            dependencies: ["QMachine", "QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["QMachine", "QBlock", "ToolSupport", .product(name: "ArgumentParser", package: "swift-argument-parser", condition: .when(traits: ["Tools"]))],
             path: "Sources/Tools/vm"
         ),
         .target(

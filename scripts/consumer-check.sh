@@ -23,6 +23,12 @@ for example in Sources/*/; do
     "$SWIFT" build --scratch-path "$SCRATCH" --product "$(basename "$example")" 2>&1 | grep -E "error|warning:" || true
     "$SWIFT" build --scratch-path "$SCRATCH" --product "$(basename "$example")" >/dev/null
 done
+# The example package turns QBlock's "Tools" trait off: swift-argument-parser, which only the
+# command-line tools use, must not even be resolved for it.
+if grep -q '"identity" *: *"swift-argument-parser"' "$SCRATCH/workspace-state.json"; then
+    echo "consumer check: swift-argument-parser was resolved for a package that only uses the library" >&2
+    exit 1
+fi
 BIN="$("$SWIFT" build --scratch-path "$SCRATCH" --show-bin-path)"
 for example in Sources/*/; do
     name="$(basename "$example")"
