@@ -1,20 +1,22 @@
 import QBlockCore
 /// The registry of jobs (QEMU's job list): creates and starts jobs, finds them by ID,
-/// and sends every job's events to one sink the monitor subscribes to.
+/// and hands every job's events, as typed ``JobNotification``s, to its subscribers (the
+/// QMP monitor maps them to QMP events).
 // @unchecked: `jobs`, `sinks`, `nextSinkID` and `reserved` are only touched with `lock` held.
 public final class JobManager: @unchecked Sendable {
     private let lock = PosixMutex()
     private var jobs: [Job] = []
-    private var sinks: [(id: Int, sink: @Sendable (JobEvent) -> Void)] = []
+    private var sinks: [(id: Int, sink: @Sendable (JobNotification) -> Void)] = []
     private var nextSinkID = 0
     private var reserved: Set<String> = []
 
     /// Creates a manager with no jobs and no subscribers.
     public init() {}
 
-    /// Adds an event subscriber; returns a token for ``unsubscribe(_:)``.
+    /// Adds an event subscriber: it receives every event of every job, in each job's order;
+    /// returns a token for ``unsubscribe(_:)``.
     @discardableResult
-    public func subscribe(_ sink: @escaping @Sendable (JobEvent) -> Void) -> Int {
+    public func subscribe(_ sink: @escaping @Sendable (JobNotification) -> Void) -> Int {
         lock.withLock {
             nextSinkID += 1
             sinks.append((nextSinkID, sink))
@@ -27,8 +29,8 @@ public final class JobManager: @unchecked Sendable {
         lock.withLock { sinks.removeAll { $0.id == token } }
     }
 
-    func emit(_ event: JobEvent) {
-        for s in lock.withLock({ sinks }) { s.sink(event) }
+    func emit(_ notification: JobNotification) {
+        for s in lock.withLock({ sinks }) { s.sink(notification) }
     }
 
     /// The jobs, oldest first (dismissed jobs are gone).

@@ -9,7 +9,8 @@ import QBlockOperations
 /// The job commands (QEMU 7.2's `qapi/job.json` and the block-job part of
 /// `qapi/block-core.json`): control verbs, queries, and `block-stream` / `block-commit`.
 /// The jobs run in their own tasks; every command here only starts, changes or reads a
-/// job and returns at once. Job events reach every client through the monitor.
+/// job and returns at once. Job events reach every client through the monitor, which
+/// names them (``QMPJobEvents``: the jobs layer reports typed events only).
 extension QMPMonitor {
     /// The monitor's job registry; its events go out as QMP events.
     public var jobs: JobManager {
@@ -110,7 +111,10 @@ extension QMPMonitor {
 final class QMPJobState: @unchecked Sendable {
     let manager = JobManager()
     init(monitor: QMPMonitor) {
-        manager.subscribe { [weak monitor] e in monitor?.emit(event: e.name, data: e.data) }
+        manager.subscribe { [weak monitor] n in
+            guard let monitor, let e = QMPJobEvents.event(for: n) else { return }
+            monitor.emit(event: e.name, data: e.data)
+        }
     }
 }
 
