@@ -24,9 +24,10 @@ extension QMPMonitor {
             let baseBD = try QMPJobs.chainNode(node, node: baseNode, file: base, graph: ctx.graph)
             let filter = CopyOnReadNode(child: node, base: baseBD)
             let stream: StreamJob
-            do { stream = try StreamJob(top: top, base: baseBD, backingFile: backingFile, filter: filter, onError: onError) }
-            catch let e as BlockError { throw QMPError.generic(e.message) }
-            stream.closesRemovedImages = false
+            do {
+                stream = try StreamJob(top: top, base: baseBD, backingFile: backingFile, filter: filter, onError: onError,
+                                       closesRemovedImages: false)
+            } catch let e as BlockError { throw QMPError.generic(e.message) }
             let job = try ctx.monitor.jobs.createForQMP(stream, options: options)
             do { try await stream.insertFilter(into: ctx.graph, above: node, name: filterName) }
             catch { ctx.monitor.jobs.discard(job); throw QMPError.from(error) }
@@ -79,9 +80,10 @@ extension QMPMonitor {
                     throw QMPError.generic("The overlay of '\(topBD.filename)' does not support backing images")
                 }
                 let commit: CommitJob
-                do { commit = try CommitJob(overlay: q, base: baseBD, backingFile: backingFile, graph: ctx.graph, onError: onError) }
-                catch let e as BlockError { throw QMPError.generic(e.message) }
-                commit.closesRemovedImages = false
+                do {
+                    commit = try CommitJob(overlay: q, base: baseBD, backingFile: backingFile, graph: ctx.graph, onError: onError,
+                                           closesRemovedImages: false)
+                } catch let e as BlockError { throw QMPError.generic(e.message) }
                 let job = try ctx.monitor.jobs.startForQMP(commit, options: options)
                 ctx.monitor.block.holdWhileRunning(job, [])
             }
