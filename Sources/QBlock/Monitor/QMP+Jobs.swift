@@ -167,3 +167,10 @@ enum QMPJobs {
         return nil
     }
 }
+
+extension JobManager {
+    /// Registers a job for a QMP command (errors in QMP's words), not started yet.
+    func createForQMP(_ driver: any JobDriver, options: JobOptions) throws -> Job {
+        do { return try create(driver, options: options) } catch let e as BlockError { throw QMPError.generic(e.message) }
+    }
+}
