@@ -99,7 +99,7 @@ extension Unicode.Scalar {
     var isASCIILetter: Bool { ("a"..."z").contains(self) || ("A"..."Z").contains(self) }
 }
 
-/// What `query-jobs` reports for one job (QAPI's `JobInfo`).
+/// What `query-jobs` reports for one job (QAPI's `JobInfo`; the monitor makes its QMP form).
 public struct JobInfo: Sendable, Equatable {
     /// The job ID (`id`).
     public var id: String
@@ -113,21 +113,9 @@ public struct JobInfo: Sendable, Equatable {
     public var totalProgress: UInt64
     /// Why the job failed, once it concluded with an error (`error`).
     public var error: String?
-
-    /// The QMP representation.
-    public var qobject: QObject {
-        var d = QObject.Dict()
-        d["id"] = .string(id)
-        d["type"] = .string(type.rawValue)
-        d["status"] = .string(status.rawValue)
-        d["current-progress"] = .int(Int64(currentProgress))
-        d["total-progress"] = .int(Int64(totalProgress))
-        if let error { d["error"] = .string(error) }
-        return .dict(d)
-    }
 }
 
-/// What `query-block-jobs` reports for one job (QAPI's `BlockJobInfo`).
+/// What `query-block-jobs` reports for one job (QAPI's `BlockJobInfo`; the monitor makes its QMP form).
 public struct BlockJobInfo: Sendable, Equatable {
     /// The job's kind (`type`).
     public var type: JobType
@@ -155,25 +143,6 @@ public struct BlockJobInfo: Sendable, Equatable {
     public var autoDismiss: Bool
     /// Why the job failed, once it concluded with an error (`error`).
     public var error: String?
-
-    /// The QMP representation.
-    public var qobject: QObject {
-        var d = QObject.Dict()
-        d["type"] = .string(type.rawValue)
-        d["device"] = .string(device)
-        d["len"] = .int(Int64(len))
-        d["offset"] = .int(Int64(offset))
-        d["busy"] = .bool(busy)
-        d["paused"] = .bool(paused)
-        d["speed"] = .int(Int64(speed))
-        d["io-status"] = .string(ioStatus.rawValue)
-        d["ready"] = .bool(ready)
-        d["status"] = .string(status.rawValue)
-        d["auto-finalize"] = .bool(autoFinalize)
-        d["auto-dismiss"] = .bool(autoDismiss)
-        if let error { d["error"] = .string(error) }
-        return .dict(d)
-    }
 }
 
 extension Job {

@@ -174,3 +174,38 @@ extension JobManager {
         do { return try create(driver, options: options) } catch let e as BlockError { throw QMPError.generic(e.message) }
     }
 }
+
+extension JobInfo {
+    /// The `query-jobs` entry, members in QEMU's order.
+    var qobject: QObject {
+        var d = QObject.Dict()
+        d["id"] = .string(id)
+        d["type"] = .string(type.rawValue)
+        d["status"] = .string(status.rawValue)
+        d["current-progress"] = .int(Int64(currentProgress))
+        d["total-progress"] = .int(Int64(totalProgress))
+        if let error { d["error"] = .string(error) }
+        return .dict(d)
+    }
+}
+
+extension BlockJobInfo {
+    /// The `query-block-jobs` entry, members in QEMU's order.
+    var qobject: QObject {
+        var d = QObject.Dict()
+        d["type"] = .string(type.rawValue)
+        d["device"] = .string(device)
+        d["len"] = .int(Int64(len))
+        d["offset"] = .int(Int64(offset))
+        d["busy"] = .bool(busy)
+        d["paused"] = .bool(paused)
+        d["speed"] = .int(Int64(speed))
+        d["io-status"] = .string(ioStatus.rawValue)
+        d["ready"] = .bool(ready)
+        d["status"] = .string(status.rawValue)
+        d["auto-finalize"] = .bool(autoFinalize)
+        d["auto-dismiss"] = .bool(autoDismiss)
+        if let error { d["error"] = .string(error) }
+        return .dict(d)
+    }
+}
