@@ -24,7 +24,7 @@ do {
     graph.attach(backend)
     let jobs = JobManager()
     jobs.subscribe { e in
-        if e.name == "BLOCK_JOB_READY" { print("READY"); StandardStream.output.flush() }
+        if case .ready = e.event { print("READY"); StandardStream.output.flush() }
     }
     let mirror = try MirrorJob(source: source, target: target, graph: graph,
                                options: MirrorOptions(sync: .full, copyMode: MirrorCopyMode(rawValue: args.count > 6 ? args[6] : "background") ?? .background,

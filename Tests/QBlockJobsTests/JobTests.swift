@@ -13,12 +13,16 @@ import TestSupport
 @testable import QBlockNBDServer
 @testable import QBlockMonitor
 
-/// Collects the events a ``JobManager`` emits.
+/// Collects the events a ``JobManager`` reports: the typed notifications, and the QMP
+/// events the monitor makes of them (names and `data`, as clients see them).
 final class EventLog: @unchecked Sendable {
     private let lock = PosixMutex()
-    private var list: [JobEvent] = []
-    init(_ manager: JobManager) { manager.subscribe { [weak self] e in self?.lock.withLock { self?.list.append(e) } } }
-    var events: [JobEvent] { lock.withLock { list } }
+    private var list: [JobNotification] = []
+    init(_ manager: JobManager) { manager.subscribe { [weak self] n in self?.lock.withLock { self?.list.append(n) } } }
+    /// The typed notifications, in order.
+    var notifications: [JobNotification] { lock.withLock { list } }
+    /// The QMP events, in order.
+    var events: [(name: String, data: QObject.Dict)] { notifications.compactMap { QMPJobEvents.event(for: $0) } }
     var names: [String] { events.map(\.name) }
     /// The statuses of the JOB_STATUS_CHANGE events, in order.
     var statuses: [String] {
@@ -27,7 +31,7 @@ final class EventLog: @unchecked Sendable {
             return s
         }
     }
-    func first(_ name: String) -> JobEvent? { events.first { $0.name == name } }
+    func first(_ name: String) -> (name: String, data: QObject.Dict)? { events.first { $0.name == name } }
 }
 
 /// A job body that does `chunks` steps of `chunkSize` bytes with pause points and the
@@ -122,6 +126,22 @@ final class StepDriver: CompletableJobDriver, FinalizingJobDriver, @unchecked Se
         #expect(c.data["error"] == nil)
         #expect(d.calls == ["prepare", "commit", "clean"])
         #expect(m.job("job0") == nil)
+    }
+
+    /// The jobs layer reports typed events only, with the figures of their moment; the
+    /// monitor's mapping decides the QMP events (none for the end of a job that is not a
+    /// block job, as QEMU).
+    @Test func reportsTypedEventsAndTheMonitorNamesThem() async throws {
+        let m = JobManager()
+        let events = EventLog(m)
+        let job = try m.start(StepDriver(type: .create, chunks: 2, chunkSize: 512), options: JobOptions(id: "c"))
+        await job.wait(for: .null)
+        let typed = events.notifications.map(\.event.description)
+        #expect(typed == ["status(created)", "status(running)", "status(waiting)", "status(pending)", "completed",
+                          "status(concluded)", "status(null)"])
+        let end = try #require(events.notifications.first { if case .completed = $0.event { true } else { false } })
+        #expect(end.jobID == "c" && end.jobType == .create && end.completed == 1024 && end.total == 1024)
+        #expect(Set(events.names) == ["JOB_STATUS_CHANGE"])
     }
 
     @Test func manualFinalizeAndDismiss() async throws {

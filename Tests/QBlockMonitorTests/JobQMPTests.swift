@@ -119,4 +119,41 @@ import QBlock
         // After the active commit the base holds what the top showed.
         #expect(try JobFixture.same(d.file("base.raw"), expected))
     }
+
+    /// block-commit's `backing-file` and `filter-node-name` are used or refused, never
+    /// accepted and ignored: `backing-file` with the active layer gets QEMU's error, the
+    /// active commit's mirror filter carries `filter-node-name`, and an intermediate commit
+    /// (which inserts no filter here) refuses it. In process, through the library's recipe.
+    @Test func commitOptionsAreUsedOrRefused() async throws {
+        guard Tools.qemuAvailable else { print("qemu tools missing: skipped"); return }
+        let d = TempDir("qmp-commit-options")
+        let (_, mid, top) = try JobFixture.chain(d)
+        let m = QMPMonitor()
+        try await m.execute("blockdev-add", arguments: try QMPSurface2Tests.parse(
+            #"{"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": "\#(top)"}}"#))
+        let midNode = try #require(m.graph.nodes.first { $0.driverName == "qcow2" && $0.filename == mid })
+        func refusal(_ json: String) async -> String? {
+            do { try await m.execute("block-commit", arguments: try QMPSurface2Tests.parse(json)); return nil }
+            catch let e as QMPError { return e.desc } catch { return "\(error)" }
+        }
+        #expect(await refusal(#"{"device": "top", "backing-file": "x.qcow2"}"#)
+                == "'backing-file' specified, but 'top' is the active layer")
+        #expect(await refusal(#"{"device": "top", "filter-node-name": "top"}"#) == "Duplicate nodes with node-name='top'")
+        let intermediate = await refusal(#"{"device": "top", "top-node": "\#(midNode.nodeName)", "filter-node-name": "cf"}"#)
+        #expect(intermediate?.contains("'filter-node-name' is only supported when committing the active layer") == true)
+        #expect(m.jobs.all.isEmpty && m.graph.node(named: "cf") == nil)
+
+        try await m.execute("block-commit", arguments: try QMPSurface2Tests.parse(
+            #"{"device": "top", "job-id": "c", "filter-node-name": "cf"}"#))
+        let job = try #require(m.jobs.job("c"))
+        #expect(await job.wait(for: .ready) == .ready)
+        #expect(m.graph.node(named: "cf")?.driverName == "mirror_top")
+        try await m.execute("block-job-cancel", arguments: try QMPSurface2Tests.parse(#"{"device": "c"}"#))
+        await job.waitConcluded()
+        #expect(job.failure == nil)
+        #expect(m.graph.node(named: "cf") == nil)
+        await m.block.closeAll()
+        await m.block.flushRemaining()
+        #expect(try JobFixture.check(top))
+    }
 }

@@ -62,6 +62,7 @@ extension LiveDisk {
     /// Streams into the top image everything it reads from its backing chain above `base`,
     /// then makes `base` its backing image (QEMU's `block-stream`); the images in between
     /// leave the chain and are closed. The user keeps reading and writing meanwhile.
+    /// (The recipe is ``LiveStream``'s, the one QMP's `block-stream` runs.)
     /// - Parameter base: the backing image that stays (its path, as in ``ImageLayer/path``);
     ///   nil copies the whole chain and leaves the top without backing image.
     /// - Returns: the job; it has no ready phase: await ``BlockJobHandle/finished()``.
@@ -70,21 +71,18 @@ extension LiveDisk {
     public func stream(base: String? = nil) async throws(BlockError) -> BlockJobHandle {
         try await exclusive("stream") {
             let node = top
-            guard let image = LiveDisk.backingLinked(node) else {
-                throw BlockError(.unsupported, "Block format '\(node.driverName)' does not support streaming",
-                                 operation: "stream")
-            }
             let baseNode = try base.map { try chainNode($0, in: node, excludingTop: true) }
-            let filter = CopyOnReadNode(child: node, base: baseNode)
-            let driver = try StreamJob(top: image, base: baseNode, filter: filter)
-            return try await launch(driver, kind: .stream, hasReadyPhase: false, setUp: { _ in
-                try await driver.insertFilter(into: self.graph, above: node)
-            }, settle: { _ in })
+            return try await launch(kind: .stream, hasReadyPhase: false) { job, observe in
+                let started = try await LiveStream.start(into: node, base: baseNode, options: LiveStreamOptions(job: job),
+                                                         graph: self.graph, jobs: self.jobs, observe: observe)
+                return (started, settle: {})
+            }
         }
     }
 
     /// Commits the images from `top` down to (not including) `base` into `base`, and takes
-    /// them out of the chain (QEMU's `block-commit`).
+    /// them out of the chain (QEMU's `block-commit`; the recipe is ``LiveCommit``'s, the
+    /// one QMP's `block-commit` runs).
     ///
     /// Committing the active image (`top` nil) is a mirror into `base`: the job becomes
     /// ready, and ``BlockJobHandle/complete()`` switches the user to `base`. Committing a
@@ -104,35 +102,29 @@ extension LiveDisk {
             }
             let baseNode = try base.map { try chainNode($0, in: topNode, excludingTop: true) }
             let cache = self.cache
-            if topNode.isSameNode(as: node) {
-                let driver = try await ActiveCommit.make(top: node, base: baseNode, graph: graph)
-                let target = driver.targetNode
-                return try await launch(driver, kind: .commit, hasReadyPhase: true, settle: { [self] _ in
-                    if self.top === target {
+            let active = topNode.isSameNode(as: node)
+            return try await launch(kind: .commit, hasReadyPhase: active) { job, observe in
+                let commit = try await LiveCommit.start(top: topNode, of: node, base: baseNode,
+                                                        options: LiveCommitOptions(job: job),
+                                                        graph: self.graph, jobs: self.jobs, observe: observe)
+                return (commit.job, settle: { [self] in
+                    let target = commit.base
+                    if commit.isActive, self.top === target {
                         await retire(node)
                     } else {
-                        // Still a backing image: read-only again, as before the commit.
+                        // A backing image again (an intermediate commit's base, or an active
+                        // commit's that did not switch): read-only, as before the commit.
                         try? await ImageMode.makeReadOnly(target, cache: cache)
                     }
                 })
             }
-            var above: any BlockDriver = node
-            while let next = above.backing, !next.isSameNode(as: topNode) { above = next }
-            guard let overlay = LiveDisk.backingLinked(above) else {
-                throw BlockError(.unsupported, "The overlay of '\(topNode.filename)' does not support backing images",
-                                 operation: "commit")
-            }
-            let driver = try CommitJob(overlay: overlay, base: baseNode, graph: graph)
-            return try await launch(driver, kind: .commit, hasReadyPhase: false, settle: { _ in
-                // The base was reopened read-write for the copy; it is a backing image again.
-                try? await ImageMode.makeReadOnly(driver.base, cache: cache)
-            })
         }
     }
 
-    /// Mirrors the disk into a new image at `path` (QEMU's `drive-mirror`): the job copies
-    /// what `sync` asks for, then every write the user makes, and becomes ready once both
-    /// match. ``BlockJobHandle/complete()`` then switches the user to the copy (the old
+    /// Mirrors the disk into a new image at `path` (QEMU's `drive-mirror`; the recipe is
+    /// ``LiveMirror``'s, the one QMP's `drive-mirror` and `blockdev-mirror` run): the job
+    /// copies what `sync` asks for, then every write the user makes, and becomes ready once
+    /// both match. ``BlockJobHandle/complete()`` then switches the user to the copy (the old
     /// chain is closed); ``BlockJobHandle/cancel(_:)`` with ``JobCancelMode/keepCopy``
     /// leaves a consistent copy without switching.
     /// - Parameters:
@@ -152,47 +144,22 @@ extension LiveDisk {
                 throw BlockError(.invalidArgument, "'\(path)' already exists", path: path, operation: "mirror")
             }
             let source = top
-            // What the target continues into (QEMU's target_backing_bs).
-            var options = MirrorOptions(sync: sync, copyMode: mode)
-            switch sync {
-            case .full: options.targetBacking = nil
-            case .top:
-                options.targetBacking = source.skippingFilters.backing
-                if options.targetBacking == nil { options.sync = .full }
-            case .none: options.targetBacking = source
-            }
-            let backing = options.targetBacking?.skippingFilters.innermostDriver
-            try await ImageCreator.create(format: format.rawValue, path: path, size: source.length,
-                                          backingFile: backing?.filename, backingFormat: backing?.driverName)
-            options.targetIsZeroed = options.sync == .full
-            let target: BlockNode
+            let target = LiveMirrorTarget.newImage(path: path, format: format.rawValue, nodeName: nil, cache: cache)
             do {
-                let driver = try await ImageOpener.open(path, options: OpenOptions(format: format.rawValue, readOnly: false,
-                                                                                   cache: cache, openBacking: false))
-                target = BlockNode(nodeName: graph.generateNodeName(), driver: driver)
+                return try await launch(kind: .mirror, hasReadyPhase: true) { job, observe in
+                    let mirror = try await LiveMirror.start(from: source, to: target,
+                                                            options: LiveMirrorOptions(job: job, sync: sync, copyMode: mode),
+                                                            graph: self.graph, jobs: self.jobs, observe: observe)
+                    return (mirror.job, settle: { [self] in
+                        // Switched: the old chain goes (down to what the target shares); else the target.
+                        await retire(self.top === mirror.target ? source : mirror.target)
+                    })
+                }
             } catch {
-                unlink(path)
-                throw error
-            }
-            do {
-                try graph.add(target)
-                let driver = try MirrorJob(source: source, target: target, graph: graph, options: options)
-                return try await launch(driver, kind: .mirror, hasReadyPhase: true, settle: { [self] _ in
-                    // Switched: the old chain goes (down to what the target shares); else the target.
-                    await retire(self.top === target ? source : target)
-                })
-            } catch {
-                graph.forget(target)
-                try? await target.close()
+                // The file did not exist: whatever is there now is this call's.
                 unlink(path)
                 throw error
             }
         }
-    }
-
-    /// The image format below `node` whose backing link the stream and commit drivers
-    /// change (a capability, not a concrete format).
-    static func backingLinked(_ node: any BlockDriver) -> (any BackingLinked)? {
-        node.skippingFilters.innermostDriver as? any BackingLinked
     }
 }

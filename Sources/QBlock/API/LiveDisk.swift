@@ -160,34 +160,36 @@ public final class LiveDisk: Sendable {
         return String(cString: p)
     }
 
-    /// Registers `driver` as a job, lets `setUp` finish its setup (insert a filter), starts
-    /// it, and returns its handle. `settle` runs once the job has concluded, before
+    /// Starts a job with `start` — a library operation, given the job's options (its ID
+    /// here) and the observer of its events — and returns its handle. The `settle` closure
+    /// `start` returns with the job runs once the job has concluded, before
     /// ``BlockJobHandle/finished()`` returns. Call inside ``exclusive(_:_:)``.
-    func launch(_ driver: any JobDriver, kind: JobType, hasReadyPhase: Bool,
-                setUp: (Job) async throws -> Void = { _ in },
-                settle: @escaping @Sendable (Job) async -> Void) async throws -> BlockJobHandle {
+    func launch(kind: JobType, hasReadyPhase: Bool,
+                _ start: (JobOptions, @escaping @Sendable (BlockJobEvent) -> Void) async throws
+                    -> (job: Job, settle: @Sendable () async -> Void)) async throws -> BlockJobHandle {
         let id: String = state.withLock { s in
             defer { s.jobCounter += 1 }
             return "\(kind.rawValue)\(s.jobCounter)"
         }
         let log = JobEventLog()
-        let job = try jobs.create(driver, options: JobOptions(id: id), observe: { log.append($0) })
+        let started: (job: Job, settle: @Sendable () async -> Void)
         do {
-            try await setUp(job)
+            started = try await start(JobOptions(id: id), { log.append($0) })
         } catch {
-            jobs.discard(job)
             log.finish()
             throw error
         }
+        let job = started.job
+        // No other operation starts before this one returns (``exclusive(_:_:)``), so the
+        // disk is busy before anyone can ask, even if the job has already ended.
         state.withLock { $0.busy = true }
         let settled = Task { [self] in
             await job.waitConcluded()
-            await settle(job)
+            await started.settle()
             state.withLock { $0.busy = false }
         }
         let handle = BlockJobHandle(id: id, kind: kind, hasReadyPhase: hasReadyPhase, job: job, log: log, settled: settled)
         state.withLock { $0.handles.append(handle) }
-        jobs.start(job)
         return handle
     }
 

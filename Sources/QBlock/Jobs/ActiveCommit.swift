@@ -13,9 +13,13 @@ public enum ActiveCommit {
     ///   - top: the active node (users' backends point at it).
     ///   - base: a node below `top` in its backing chain (default: the deepest, as QEMU's).
     ///   - graph: the graph holding `top` and its users.
+    ///   - copyMode: whether writers wait for their copy (`copy-mode`).
+    ///   - onError: what a read or write error does (`on-error`).
+    ///   - filterNodeName: the node name of the mirror's filter above `top` (`filter-node-name`); nil: generated.
     /// - Throws: ``BlockError`` when `base` is not below `top`, or the reopen fails.
     public static func make(top: BlockNode, base: (any BlockDriver)? = nil, graph: BlockGraph,
-                            copyMode: MirrorCopyMode = .background, onError: BlockdevOnError = .report) async throws -> MirrorJob {
+                            copyMode: MirrorCopyMode = .background, onError: BlockdevOnError = .report,
+                            filterNodeName: String? = nil) async throws -> MirrorJob {
         guard let b = base ?? (top.backing == nil ? nil : top.backingChain.last) else {
             throw BlockError(.invalidArgument, "Top image has no backing file", operation: "block-commit")
         }
@@ -27,8 +31,9 @@ public enum ActiveCommit {
         let overlay = above.innermostDriver as? any BackingLinked
         let writable = try await graph.drained { try await BlockReopen.readWrite(b, overlay: overlay, graph: graph) }
         let target = writable as? BlockNode ?? BlockNode(nodeName: graph.generateNodeName(), driver: writable)
-        let options = MirrorOptions(sync: .top, copyMode: copyMode, onSourceError: onError, onTargetError: onError,
+        var options = MirrorOptions(sync: .top, copyMode: copyMode, onSourceError: onError, onTargetError: onError,
                                     commitBase: writable)
+        options.filterNodeName = filterNodeName
         return try MirrorJob(source: top, target: target, graph: graph, options: options, type: .commit)
     }
 }

@@ -9,8 +9,7 @@ import QBlockOperations
 ///
 /// Committing the active layer is a mirror into the base: see ``MirrorJob``.
 // @unchecked: `removed` is only touched with `lock` held; `base` is written only by the job body (one
-// task); `closesRemovedImages` is configuration set before the job starts (by convention, not
-// enforced).
+// task).
 public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     /// Always ``JobType/commit``.
     public let jobType = JobType.commit
@@ -23,8 +22,9 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     let graph: BlockGraph?
     let backingFile: String?
     let onError: BlockdevOnError
-    /// Close the images dropped from the chain at the end (off when a graph owns them).
-    public var closesRemovedImages = true
+    /// Whether the images dropped from the chain are closed at the end (false when a graph
+    /// owns them: the monitor's nodes stay until `blockdev-del`).
+    public let closesRemovedImages: Bool
     /// Bytes per copy request (QEMU's `COMMIT_BUFFER_SIZE`).
     static let chunk: Int64 = 512 << 10
     private let lock = PosixMutex()
@@ -35,9 +35,11 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
     ///   - base: an image below `top` in the chain (default: the deepest, as QEMU's).
     ///   - backingFile: the name written into the overlay's header; default: the base's file name.
     ///   - graph: the graph holding the nodes, for reopening `base` read-write.
+    ///   - onError: `on-error`.
+    ///   - closesRemovedImages: close the images dropped from the chain at the end.
     /// - Throws: ``BlockError`` if `top` has no backing file or `base` is not below it.
     public init(overlay: any BackingLinked, base: (any BlockDriver)? = nil, backingFile: String? = nil,
-                graph: BlockGraph? = nil, onError: BlockdevOnError = .report) throws {
+                graph: BlockGraph? = nil, onError: BlockdevOnError = .report, closesRemovedImages: Bool = true) throws {
         guard let top = overlay.backing else {
             throw BlockError(.invalidArgument, "Top image has no backing file", operation: "block-commit")
         }
@@ -53,6 +55,7 @@ public final class CommitJob: FinalizingJobDriver, @unchecked Sendable {
         self.graph = graph
         self.backingFile = backingFile
         self.onError = onError
+        self.closesRemovedImages = closesRemovedImages
     }
 
     package func run(_ job: Job) async throws {

@@ -144,10 +144,7 @@ extension Job {
             await doFinalize()
         } else {
             // Only a job waiting for job-finalize announces it (QEMU's job_transition_to_pending).
-            var d = QObject.Dict()
-            d["type"] = .string(type.rawValue)
-            d["id"] = .string(id)
-            send(JobEvent(name: "BLOCK_JOB_PENDING", data: d, typed: .pending))
+            send(.pending)
         }
     }
 
@@ -160,7 +157,7 @@ extension Job {
             await f.commit(self)
             await f.clean(self)
         }
-        conclude(error: nil)
+        conclude()
     }
 
     func abortPath(_ failure: Error) async {
@@ -176,15 +173,13 @@ extension Job {
             await f.abort(self)
             await f.clean(self)
         }
-        conclude(error: errorMessage)
+        conclude()
     }
 
-    func conclude(error: String?) {
-        let cancelled = isCancelled
-        if type.isBlockJob {
-            send(cancelled ? blockEvent("BLOCK_JOB_CANCELLED", typed: .cancelled)
-                 : blockEvent("BLOCK_JOB_COMPLETED", error: error, typed: .completed(failure)))
-        }
+    /// Reports the end (``BlockJobEvent/cancelled`` after a forced cancel, else
+    /// ``BlockJobEvent/completed(_:)`` with the failure, if any), then concludes.
+    func conclude() {
+        send(isCancelled ? .cancelled : .completed(failure))
         let dismissNow: Bool = withState {
             transitionLocked(.concluded)
             return autoDismiss
@@ -203,8 +198,9 @@ extension Job {
         }
     }
 
-    /// The text QEMU puts in a job's `error`: the message, or strerror for a bare errno.
-    static func message(of error: Error) -> String {
+    /// The text QEMU puts in a job's `error` (`query-jobs`, `BLOCK_JOB_COMPLETED`): the
+    /// message, or strerror(ECANCELED) for a cancellation.
+    package static func message(of error: Error) -> String {
         let e = error.asBlockError
         if e.code == .cancelled { return String(cString: strerror(ECANCELED)) }
         return e.message

@@ -47,8 +47,9 @@ public final class Job: @unchecked Sendable {
     /// The job's type.
     public var type: JobType { driver.jobType }
     let clock: any JobClock
-    let emit: @Sendable (JobEvent) -> Void
-    /// Receives the typed form of every event, in the same order (the library API's handles).
+    /// Receives every event with the job's figures (the manager's subscribers).
+    let emit: @Sendable (JobNotification) -> Void
+    /// Receives every event too, in the same order (the library API's handles).
     let observe: (@Sendable (BlockJobEvent) -> Void)?
     let onDismiss: @Sendable (Job) -> Void
 
@@ -73,13 +74,13 @@ public final class Job: @unchecked Sendable {
     var wakeGeneration: UInt64 = 0
     var kickPending = false
     /// Events produced under `lock`, delivered by ``flushEvents()`` once it is released.
-    var queuedEvents: [JobEvent] = []
+    var queuedEvents: [JobNotification] = []
     let emitLock = PosixMutex()
     var statusWaiters: [(when: @Sendable (JobStatus) -> Bool, wake: UnsafeContinuation<JobStatus, Never>)] = []
     /// Waiters whose status came, woken by ``flushEvents()`` after the events.
     var queuedWakes: [(UnsafeContinuation<JobStatus, Never>, JobStatus)] = []
 
-    init(options: JobOptions, driver: any JobDriver, emit: @escaping @Sendable (JobEvent) -> Void,
+    init(options: JobOptions, driver: any JobDriver, emit: @escaping @Sendable (JobNotification) -> Void,
          observe: (@Sendable (BlockJobEvent) -> Void)? = nil, onDismiss: @escaping @Sendable (Job) -> Void) {
         id = options.id
         self.driver = driver
@@ -157,14 +158,14 @@ public final class Job: @unchecked Sendable {
     /// Records `bytes` of work done.
     package func progressDone(_ bytes: UInt64) { lock.withLock { progressCurrent += bytes } }
 
-    /// Moves a running job to `ready` and emits `BLOCK_JOB_READY`.
+    /// Moves a running job to `ready` and reports ``BlockJobEvent/ready``.
     package func transitionToReady() {
         let done: Bool = withState {
             guard sm.status == .running else { return false }
             transitionLocked(.ready)
             return true
         }
-        if done { send(blockEvent("BLOCK_JOB_READY", typed: .ready)) }
+        if done { send(.ready) }
     }
 
     /// Accounts `bytes` moved and waits as long as the rate limit asks (QEMU's
@@ -229,7 +230,7 @@ public final class Job: @unchecked Sendable {
     }
 
     /// Applies the error policy `policy` to `error` (QEMU's `block_job_error_action`):
-    /// emits `BLOCK_JOB_ERROR` and, for `stop`, pauses the job as if a user had, with
+    /// reports ``BlockJobEvent/ioError(_:)`` and, for `stop`, pauses the job as if a user had, with
     /// the I/O status set. The caller rethrows on `.report`, goes on on `.ignore`, and on
     /// `.stop` calls ``pausePoint()`` and retries.
     package func errorAction(for error: Error, isRead: Bool, policy: BlockdevOnError) -> BlockErrorAction {
@@ -242,11 +243,7 @@ public final class Job: @unchecked Sendable {
         case .ignore: action = .ignore
         }
         if !isCancelled {
-            var d = QObject.Dict()
-            d["device"] = .string(id)
-            d["operation"] = .string(isRead ? "read" : "write")
-            d["action"] = .string(action.rawValue)
-            send(JobEvent(name: "BLOCK_JOB_ERROR", data: d, typed: .ioError(BlockJobIOError(isRead: isRead, action: action))))
+            send(.ioError(BlockJobIOError(isRead: isRead, action: action)))
         }
         if action == .stop {
             lock.withLock {
@@ -262,21 +259,16 @@ public final class Job: @unchecked Sendable {
 
     // MARK: Internals
 
-    /// Moves to `to` (caller holds the lock) and emits `JOB_STATUS_CHANGE`.
+    /// Moves to `to` (caller holds the lock) and reports ``BlockJobEvent/statusChanged(_:)``.
     func transitionLocked(_ to: JobStatus) {
         let from = sm.status
         do { try sm.transition(to: to) } catch {
             assertionFailure("job \(id): illegal transition \(from) -> \(to)")
             return
         }
-        if from != to {
-            var d = QObject.Dict()
-            d["id"] = .string(id)
-            d["status"] = .string(to.rawValue)
-            queuedEvents.append(JobEvent(name: "JOB_STATUS_CHANGE", data: d, typed: .statusChanged(to)))
-        }
+        if from != to { queuedEvents.append(notificationLocked(.statusChanged(to))) }
         // Waiters wake after the events are delivered (``flushEvents()``), so that one
-        // who saw the status also sees its JOB_STATUS_CHANGE.
+        // who saw the status also sees its status change event.
         for w in statusWaiters where w.when(to) { queuedWakes.append((w.wake, to)) }
         statusWaiters.removeAll { $0.when(to) }
     }
@@ -301,19 +293,25 @@ public final class Job: @unchecked Sendable {
                     return b
                 }
                 if batch.isEmpty && wakes.isEmpty { return }
-                for e in batch {
-                    emit(e)
-                    if let t = e.typed { observe?(t) }
+                for n in batch {
+                    emit(n)
+                    observe?(n.event)
                 }
                 for (c, status) in wakes { c.resume(returning: status) }
             }
         }
     }
 
-    /// Emits `event` after any queued ones.
-    func send(_ event: JobEvent) {
-        lock.withLock { queuedEvents.append(event) }
+    /// Reports `event`, with the job's figures of this moment, after any queued events.
+    func send(_ event: BlockJobEvent) {
+        lock.withLock { queuedEvents.append(notificationLocked(event)) }
         flushEvents()
+    }
+
+    /// `event` with the job's current figures (caller holds the lock).
+    func notificationLocked(_ event: BlockJobEvent) -> JobNotification {
+        JobNotification(jobID: id, jobType: type, event: event, completed: progressCurrent, total: progressTotal,
+                        speed: bucket.rate)
     }
 
     /// Wakes the body from a sleep or pause (QEMU's `job_enter`).
@@ -342,41 +340,5 @@ public final class Job: @unchecked Sendable {
             if now { c.resume() }
         }
         lock.withLock { busy = true }
-    }
-
-    /// A `BLOCK_JOB_*` event with QEMU's common fields.
-    func blockEvent(_ name: String, error: String? = nil, typed: BlockJobEvent) -> JobEvent {
-        var d = QObject.Dict()
-        lock.withLock {
-            d["type"] = .string(type.rawValue)
-            d["device"] = .string(id)
-            d["len"] = .int(Int64(progressTotal))
-            d["offset"] = .int(Int64(progressCurrent))
-            d["speed"] = .int(Int64(bucket.rate))
-        }
-        if let error { d["error"] = .string(error) }
-        return JobEvent(name: name, data: d, typed: typed)
-    }
-}
-
-/// An event a job emits, as QMP sends it (`data` holds QEMU's fields).
-public struct JobEvent: Sendable, CustomStringConvertible {
-    /// The QMP event name: `JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, ...
-    public let name: String
-    /// The event's `data` member.
-    public let data: QObject.Dict
-    /// The same event as a typed value, for the library API.
-    let typed: BlockJobEvent?
-    /// Creates an event without a typed counterpart (one that only QMP clients see).
-    public init(name: String, data: QObject.Dict) {
-        self.init(name: name, data: data, typed: nil)
-    }
-    init(name: String, data: QObject.Dict, typed: BlockJobEvent?) {
-        self.name = name
-        self.data = data
-        self.typed = typed
-    }
-    public var description: String {
-        "\(name) {" + data.entries.map { "\($0.key): \($0.value)" }.joined(separator: ", ") + "}"
     }
 }

@@ -1,20 +1,22 @@
 import QBlockCore
 /// The registry of jobs (QEMU's job list): creates and starts jobs, finds them by ID,
-/// and sends every job's events to one sink the monitor subscribes to.
+/// and hands every job's events, as typed ``JobNotification``s, to its subscribers (the
+/// QMP monitor maps them to QMP events).
 // @unchecked: `jobs`, `sinks`, `nextSinkID` and `reserved` are only touched with `lock` held.
 public final class JobManager: @unchecked Sendable {
     private let lock = PosixMutex()
     private var jobs: [Job] = []
-    private var sinks: [(id: Int, sink: @Sendable (JobEvent) -> Void)] = []
+    private var sinks: [(id: Int, sink: @Sendable (JobNotification) -> Void)] = []
     private var nextSinkID = 0
     private var reserved: Set<String> = []
 
     /// Creates a manager with no jobs and no subscribers.
     public init() {}
 
-    /// Adds an event subscriber; returns a token for ``unsubscribe(_:)``.
+    /// Adds an event subscriber: it receives every event of every job, in each job's order;
+    /// returns a token for ``unsubscribe(_:)``.
     @discardableResult
-    public func subscribe(_ sink: @escaping @Sendable (JobEvent) -> Void) -> Int {
+    public func subscribe(_ sink: @escaping @Sendable (JobNotification) -> Void) -> Int {
         lock.withLock {
             nextSinkID += 1
             sinks.append((nextSinkID, sink))
@@ -27,8 +29,8 @@ public final class JobManager: @unchecked Sendable {
         lock.withLock { sinks.removeAll { $0.id == token } }
     }
 
-    func emit(_ event: JobEvent) {
-        for s in lock.withLock({ sinks }) { s.sink(event) }
+    func emit(_ notification: JobNotification) {
+        for s in lock.withLock({ sinks }) { s.sink(notification) }
     }
 
     /// The jobs, oldest first (dismissed jobs are gone).
@@ -97,7 +99,7 @@ extension Unicode.Scalar {
     var isASCIILetter: Bool { ("a"..."z").contains(self) || ("A"..."Z").contains(self) }
 }
 
-/// What `query-jobs` reports for one job (QAPI's `JobInfo`).
+/// What `query-jobs` reports for one job (QAPI's `JobInfo`; the monitor makes its QMP form).
 public struct JobInfo: Sendable, Equatable {
     /// The job ID (`id`).
     public var id: String
@@ -111,21 +113,9 @@ public struct JobInfo: Sendable, Equatable {
     public var totalProgress: UInt64
     /// Why the job failed, once it concluded with an error (`error`).
     public var error: String?
-
-    /// The QMP representation.
-    public var qobject: QObject {
-        var d = QObject.Dict()
-        d["id"] = .string(id)
-        d["type"] = .string(type.rawValue)
-        d["status"] = .string(status.rawValue)
-        d["current-progress"] = .int(Int64(currentProgress))
-        d["total-progress"] = .int(Int64(totalProgress))
-        if let error { d["error"] = .string(error) }
-        return .dict(d)
-    }
 }
 
-/// What `query-block-jobs` reports for one job (QAPI's `BlockJobInfo`).
+/// What `query-block-jobs` reports for one job (QAPI's `BlockJobInfo`; the monitor makes its QMP form).
 public struct BlockJobInfo: Sendable, Equatable {
     /// The job's kind (`type`).
     public var type: JobType
@@ -153,25 +143,6 @@ public struct BlockJobInfo: Sendable, Equatable {
     public var autoDismiss: Bool
     /// Why the job failed, once it concluded with an error (`error`).
     public var error: String?
-
-    /// The QMP representation.
-    public var qobject: QObject {
-        var d = QObject.Dict()
-        d["type"] = .string(type.rawValue)
-        d["device"] = .string(device)
-        d["len"] = .int(Int64(len))
-        d["offset"] = .int(Int64(offset))
-        d["busy"] = .bool(busy)
-        d["paused"] = .bool(paused)
-        d["speed"] = .int(Int64(speed))
-        d["io-status"] = .string(ioStatus.rawValue)
-        d["ready"] = .bool(ready)
-        d["status"] = .string(status.rawValue)
-        d["auto-finalize"] = .bool(autoFinalize)
-        d["auto-dismiss"] = .bool(autoDismiss)
-        if let error { d["error"] = .string(error) }
-        return .dict(d)
-    }
 }
 
 extension Job {

@@ -8,8 +8,7 @@ import QBlockOperations
 ///
 /// Copies go through a ``CopyOnReadNode`` over the image; writers that go through the
 /// same filter are serialized with the copies, so no copy overwrites newer data.
-// @unchecked: `removed` and `link` are only touched with `lock` held; `closesRemovedImages` is
-// configuration set before the job starts (by convention, not enforced); the lets are immutable or
+// @unchecked: `removed` and `link` are only touched with `lock` held; the lets are immutable or
 // thread-safe.
 public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     /// Always ``JobType/stream``.
@@ -22,8 +21,9 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     public let filter: CopyOnReadNode
     let backingFile: String?
     let onError: BlockdevOnError
-    /// Close the images dropped from the chain at the end (off when a graph owns them).
-    public var closesRemovedImages = true
+    /// Whether the images dropped from the chain are closed at the end (false when a graph
+    /// owns them: the monitor's nodes stay until `blockdev-del`).
+    public let closesRemovedImages: Bool
     /// Bytes per copy request (QEMU's `STREAM_CHUNK`).
     static let chunk: Int64 = 512 << 10
     private let lock = PosixMutex()
@@ -36,9 +36,10 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
     ///   - backingFile: the name written into the header (`backing-file`); default: the base's file name.
     ///   - filter: the copy-on-read filter to copy through; by default a new one over `top`.
     ///   - onError: `on-error`.
+    ///   - closesRemovedImages: close the images dropped from the chain at the end.
     /// - Throws: ``BlockError`` if `base` is not in the backing chain of `top`.
     public init(top: any BackingLinked, base: (any BlockDriver)? = nil, backingFile: String? = nil,
-                filter: CopyOnReadNode? = nil, onError: BlockdevOnError = .report) throws {
+                filter: CopyOnReadNode? = nil, onError: BlockdevOnError = .report, closesRemovedImages: Bool = true) throws {
         if let base, !top.backingChain.dropFirst().contains(where: { $0 === base }) {
             throw BlockError(.invalidArgument, "Node '\(base.filename)' is not a backing image of '\(top.filename)'",
                              operation: "block-stream")
@@ -48,6 +49,7 @@ public final class StreamJob: FinalizingJobDriver, @unchecked Sendable {
         self.backingFile = backingFile
         self.filter = filter ?? CopyOnReadNode(child: top, base: base)
         self.onError = onError
+        self.closesRemovedImages = closesRemovedImages
     }
 
     /// Puts the filter above `node` (the graph node of ``top``) for every user of it, so

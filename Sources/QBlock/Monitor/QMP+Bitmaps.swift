@@ -112,6 +112,14 @@ final class BitmapAddAction: QMPTransactionAction {
         block?.noteBitmap(b)
     }
 
+    /// Nothing with writers held: the bitmap was added in ``prepare()`` (it starts
+    /// recording at once, as QEMU's).
+    func prepareDrained() async throws {}
+    /// Nothing to switch: see ``prepareDrained()``.
+    func commitDrained() {}
+    /// Nothing to finish: the bitmap stays.
+    func commit() async {}
+
     func abort() async {
         if let (_, b, set) = added { set.remove(b) }
     }
@@ -151,6 +159,10 @@ final class BitmapSimpleAction: QMPTransactionAction {
         target = (n, b)
     }
 
+    /// Nothing that may fail with writers held: the checks ran in ``prepare()``.
+    func prepareDrained() async throws {}
+
+    /// Removes, clears, enables or disables the bitmap while no write can mark it.
     func commitDrained() {
         guard let (n, b) = target else { return }
         switch kind {
@@ -160,6 +172,9 @@ final class BitmapSimpleAction: QMPTransactionAction {
         case .disable: b.isEnabled = false
         }
     }
+
+    /// Nothing to finish once writers run again.
+    func commit() async {}
 
     func abort() async {
         if let q = removedPersistent, let (_, b) = target { try? q.persistentBitmaps.add(b) }
@@ -209,10 +224,18 @@ final class BitmapMergeAction: QMPTransactionAction {
         resolved = (target, list)
     }
 
+    /// Nothing that may fail with writers held: the checks ran in ``prepare()``.
+    func prepareDrained() async throws {}
+
+    /// Merges the sources into the target while no write can mark them.
     func commitDrained() {
         guard let (t, list) = resolved else { return }
         for b in list { try? t.merge(from: b) }
     }
 
+    /// Nothing to finish once writers run again.
+    func commit() async {}
+
+    /// Nothing to undo: ``prepare()`` only checked.
     func abort() async {}
 }

@@ -9,7 +9,8 @@ import QBlockOperations
 /// The job commands (QEMU 7.2's `qapi/job.json` and the block-job part of
 /// `qapi/block-core.json`): control verbs, queries, and `block-stream` / `block-commit`.
 /// The jobs run in their own tasks; every command here only starts, changes or reads a
-/// job and returns at once. Job events reach every client through the monitor.
+/// job and returns at once. Job events reach every client through the monitor, which
+/// names them (``QMPJobEvents``: the jobs layer reports typed events only).
 extension QMPMonitor {
     /// The monitor's job registry; its events go out as QMP events.
     public var jobs: JobManager {
@@ -110,7 +111,10 @@ extension QMPMonitor {
 final class QMPJobState: @unchecked Sendable {
     let manager = JobManager()
     init(monitor: QMPMonitor) {
-        manager.subscribe { [weak monitor] e in monitor?.emit(event: e.name, data: e.data) }
+        manager.subscribe { [weak monitor] n in
+            guard let monitor, let e = QMPJobEvents.event(for: n) else { return }
+            monitor.emit(event: e.name, data: e.data)
+        }
     }
 }
 
@@ -161,5 +165,47 @@ enum QMPJobs {
             return n
         }
         return nil
+    }
+}
+
+extension JobManager {
+    /// Registers a job for a QMP command (errors in QMP's words), not started yet.
+    func createForQMP(_ driver: any JobDriver, options: JobOptions) throws -> Job {
+        do { return try create(driver, options: options) } catch let e as BlockError { throw QMPError.generic(e.message) }
+    }
+}
+
+extension JobInfo {
+    /// The `query-jobs` entry, members in QEMU's order.
+    var qobject: QObject {
+        var d = QObject.Dict()
+        d["id"] = .string(id)
+        d["type"] = .string(type.rawValue)
+        d["status"] = .string(status.rawValue)
+        d["current-progress"] = .int(Int64(currentProgress))
+        d["total-progress"] = .int(Int64(totalProgress))
+        if let error { d["error"] = .string(error) }
+        return .dict(d)
+    }
+}
+
+extension BlockJobInfo {
+    /// The `query-block-jobs` entry, members in QEMU's order.
+    var qobject: QObject {
+        var d = QObject.Dict()
+        d["type"] = .string(type.rawValue)
+        d["device"] = .string(device)
+        d["len"] = .int(Int64(len))
+        d["offset"] = .int(Int64(offset))
+        d["busy"] = .bool(busy)
+        d["paused"] = .bool(paused)
+        d["speed"] = .int(Int64(speed))
+        d["io-status"] = .string(ioStatus.rawValue)
+        d["ready"] = .bool(ready)
+        d["status"] = .string(status.rawValue)
+        d["auto-finalize"] = .bool(autoFinalize)
+        d["auto-dismiss"] = .bool(autoDismiss)
+        if let error { d["error"] = .string(error) }
+        return .dict(d)
     }
 }

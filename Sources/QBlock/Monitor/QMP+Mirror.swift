@@ -1,17 +1,18 @@
-#if canImport(Glibc)
-import Glibc
-#endif
+import QBlockAPI
 import QBlockCore
 import QBlockDrivers
 import QBlockGraph
 import QBlockJobs
-import QBlockOpen
-import QBlockOperations
 
 /// `drive-mirror` (the target is a file, created unless `mode: existing`) and
 /// `blockdev-mirror` (the target is a node), with QEMU 7.2's arguments plus the extension
 /// `x-bitmap-file` (a persistent dirty bitmap; see docs/jobs.md). Also registers the
 /// `copy-on-read` blockdev driver.
+///
+/// The handlers read and check the arguments and keep the monitor's books (which nodes a
+/// job holds, the target's auto-deletion); the recipe — creating or opening the target,
+/// the job, its filter, the pivot — is the library's ``LiveMirror``, the one
+/// ``LiveDisk/mirror(to:format:sync:mode:)`` runs.
 extension QMPMonitor {
     func registerMirrorCommands() {
         register("drive-mirror") { args, ctx in
@@ -20,7 +21,7 @@ extension QMPMonitor {
             let format = try args.optionalString("format")
             let nodeName = try args.optionalString("node-name")
             let replaces = try args.optionalString("replaces")
-            let common = try QMPMirrorArgs(args, device: device)
+            let options = try QMPMirrorArgs(args, device: device).options
             let mode = try args.optionalEnum("mode", ["existing", "absolute-paths"]) ?? "absolute-paths"
             try args.done()
             let source = try QMPJobs.node(ctx.graph, device)
@@ -31,61 +32,16 @@ extension QMPMonitor {
             if let nodeName, ctx.graph.node(named: nodeName) != nil {
                 throw QMPError.generic("Duplicate nodes with node-name='\(nodeName)'")
             }
-            let fmt = format ?? (mode == "existing" ? nil : source.skippingFilters.innermostDriver.driverName)
-            var options = common.options
-            // What the target continues into (QEMU's target_backing_bs): the source's
-            // backing node for sync=top (full when there is none), the source itself for
-            // sync=none, nothing for sync=full.
-            var targetBacking: (any BlockDriver)?
-            switch options.sync {
-            case .full: targetBacking = nil
-            case .top:
-                targetBacking = source.skippingFilters.backing
-                if targetBacking == nil { options.sync = .full }
-            case .none: targetBacking = source
-            }
-            var zeroed = false
-            if mode == "absolute-paths" {
-                let backing = targetBacking?.skippingFilters.innermostDriver
-                do {
-                    try await ImageCreator.create(format: fmt ?? "qcow2", path: target, size: source.length,
-                                                  backingFile: backing?.filename, backingFormat: backing?.driverName)
-                } catch let e as BlockError { throw QMPError.generic(e.message) }
-                zeroed = options.sync == .full
-            }
-            let driver: any BlockDriver
-            do {
-                driver = try await ImageOpener.open(target, options: OpenOptions(format: fmt, readOnly: false, openBacking: false))
-            } catch let e as BlockError { throw QMPError.generic(e.message) }
-            if mode == "existing", let wanted = targetBacking {
-                // QEMU opens the existing target's own backing file at the pivot. Ours links
-                // the node of the source's chain that is that file; another file would be a
-                // second, unsynchronized opening of an image in use, so it is refused.
-                let recorded = (driver as? any BackingLinked)?.backingFileName
-                targetBacking = recorded.flatMap { name in
-                    Self.chainNode(of: source, matching: ImageOpener.resolveBackingPath(name, relativeTo: target))
-                }
-                if recorded != nil && targetBacking == nil {
-                    try? await driver.close()
-                    throw QMPError.generic("The backing file of '\(target)' is not an image of the source's backing chain")
-                }
-                if recorded == nil { targetBacking = nil }
-                _ = wanted
-            }
-            options.targetBacking = targetBacking
-            let tnode = BlockNode(nodeName: nodeName ?? ctx.graph.generateNodeName(), driver: driver)
-            options.targetIsZeroed = zeroed
-            do {
-                try ctx.graph.add(tnode)
-                try ctx.monitor.startMirror(source: source, target: tnode, options: options, job: common.job)
-                // The target is the job's: unused once the job ends without a pivot, it is closed.
-                ctx.monitor.block.setAutoDelete(tnode)
-                ctx.monitor.block.inheritOptions(tnode, from: source)
-            } catch {
-                ctx.graph.forget(tnode)
-                try? await driver.close()
-                throw QMPError.from(error)
-            }
+            // The default format is the source's for a new image; an existing one is probed.
+            let to: LiveMirrorTarget = mode == "existing"
+                ? .existingImage(path: target, format: format, nodeName: nodeName, cache: .writeback)
+                : .newImage(path: target, format: format ?? source.skippingFilters.innermostDriver.driverName,
+                            nodeName: nodeName, cache: .writeback)
+            let started = try await LiveMirror.start(from: source, to: to, options: options, graph: ctx.graph, jobs: ctx.monitor.jobs)
+            ctx.monitor.block.holdWhileRunning(started.job, [source, started.target])
+            // The target is the job's: unused once the job ends without a pivot, it is closed.
+            ctx.monitor.block.setAutoDelete(started.target)
+            ctx.monitor.block.inheritOptions(started.target, from: source)
             return .dict(QObject.Dict())
         }
         register("blockdev-mirror") { args, ctx in
@@ -93,17 +49,18 @@ extension QMPMonitor {
             let target = try args.string("target")
             let replaces = try args.optionalString("replaces")
             let filterName = try args.optionalString("filter-node-name")
-            var common = try QMPMirrorArgs(args, device: device)
+            var options = try QMPMirrorArgs(args, device: device).options
             try args.done()
             let source = try QMPJobs.node(ctx.graph, device)
             try Self.checkReplaces(replaces, source: source, graph: ctx.graph)
             if let filterName {
                 if ctx.graph.node(named: filterName) != nil { throw QMPError.generic("Duplicate nodes with node-name='\(filterName)'") }
-                common.options.filterNodeName = filterName
+                options.filterNodeName = filterName
             }
             let tnode = try QMPJobs.node(ctx.graph, target)
-            if tnode === source { throw QMPError.generic("Can't mirror node into itself") }
-            try ctx.monitor.startMirror(source: source, target: tnode, options: common.options, job: common.job)
+            let started = try await LiveMirror.start(from: source, to: .node(tnode), options: options, graph: ctx.graph,
+                                                     jobs: ctx.monitor.jobs)
+            ctx.monitor.block.holdWhileRunning(started.job, [source, tnode])
             return .dict(QObject.Dict())
         }
         QMPBlockdevDrivers.register("copy-on-read") { args, ctx in
@@ -138,59 +95,40 @@ extension QMPMonitor {
             throw QMPError.generic("Replacing node '\(replaces)' is not supported: only the mirror's source can be replaced")
         }
     }
-
-    /// The node of `source`'s backing chain (the source included) whose image file is `path`.
-    static func chainNode(of source: BlockNode, matching path: String) -> (any BlockDriver)? {
-        func canonical(_ p: String) -> String {
-            guard let r = realpath(p, nil) else { return p }
-            defer { free(r) }
-            return String(cString: r)
-        }
-        let want = canonical(path)
-        var cur: (any BlockDriver)? = source
-        while let c = cur {
-            if canonical(c.skippingFilters.innermostDriver.filename) == want { return c }
-            cur = c.skippingFilters.backing
-        }
-        return nil
-    }
-
-    func startMirror(source: BlockNode, target: BlockNode, options: MirrorOptions, job: JobOptions) throws {
-        let driver: MirrorJob
-        do { driver = try MirrorJob(source: source, target: target, graph: graph, options: options) }
-        catch let e as BlockError { throw QMPError.generic(e.message) }
-        let started = try jobs.startForQMP(driver, options: job)
-        block.holdWhileRunning(started, [source, target])
-    }
 }
 
-/// The arguments `drive-mirror` and `blockdev-mirror` share.
+/// The arguments `drive-mirror` and `blockdev-mirror` share, read and checked in QEMU's
+/// order and words, as the library's ``LiveMirrorOptions``.
 struct QMPMirrorArgs {
-    var options = MirrorOptions()
-    var job: JobOptions
+    let options: LiveMirrorOptions
 
     init(_ args: QMPArguments, device: String) throws {
         let sync = try args.enumValue("sync", ["top", "full", "none", "incremental", "bitmap"])
         guard let s = MirrorSync(rawValue: sync) else {
             throw QMPError.generic("Sync mode '\(sync)' not supported")
         }
-        options.sync = s
+        var granularity: Int64?
         if let g = try args.optionalInt("granularity") {
             if g < 512 || g > (64 << 20) { throw QMPError.generic("Parameter 'granularity' expects a value in range [512B, 64MB]") }
             if g & (g - 1) != 0 { throw QMPError.generic("Parameter 'granularity' expects a power of 2") }
-            options.granularity = g
+            granularity = g
         }
+        var bufSize: Int64 = 16 << 20
         if let b = try args.optionalInt("buf-size") {
             if b <= 0 { throw QMPError.generic("Parameter 'buf-size' must be greater than 0") }
-            options.bufSize = b
+            bufSize = b
         }
-        options.onSourceError = try QMPJobs.onError(args, "on-source-error")
-        options.onTargetError = try QMPJobs.onError(args, "on-target-error")
-        options.unmap = try args.optionalBool("unmap") ?? true
+        let onSourceError = try QMPJobs.onError(args, "on-source-error")
+        let onTargetError = try QMPJobs.onError(args, "on-target-error")
+        let unmap = try args.optionalBool("unmap") ?? true
+        var copyMode = MirrorCopyMode.background
         if let m = try args.optionalEnum("copy-mode", MirrorCopyMode.allCases.map(\.rawValue)) {
-            options.copyMode = MirrorCopyMode(rawValue: m) ?? .background
+            copyMode = MirrorCopyMode(rawValue: m) ?? .background
         }
-        options.bitmapFile = try args.optionalString("x-bitmap-file")
-        job = try QMPJobs.options(args, device: device)
+        let bitmapFile = try args.optionalString("x-bitmap-file")
+        let job = try QMPJobs.options(args, device: device)
+        options = LiveMirrorOptions(job: job, sync: s, copyMode: copyMode, granularity: granularity, bufSize: bufSize,
+                                    onSourceError: onSourceError, onTargetError: onTargetError, unmap: unmap,
+                                    bitmapFile: bitmapFile)
     }
 }

@@ -32,7 +32,9 @@ extension QMPMonitor {
     }
 }
 
-/// Shared by both snapshot actions: the recipe's drained steps.
+/// Shared by both snapshot actions: the recipe's drained steps and what follows them
+/// (``QMPTransactionAction/prepareDrained()``, ``QMPTransactionAction/commitDrained()``,
+/// ``QMPTransactionAction/commit()``); each action adds its own preparation and abort.
 class SnapshotBase {
     let monitor: QMPMonitor
     /// Set once prepared: what to switch.
@@ -47,15 +49,23 @@ class SnapshotBase {
         }
     }
 
+    /// Flushes the node while writers are held, so that its content is stable before it
+    /// becomes a backing image.
     func prepareDrained() async throws {
         try await snapshot?.prepareDrained()
     }
 
+    /// Links the overlay above the node and switches the node's users to it; the node is
+    /// reported read-only from now on.
     func commitDrained() {
         guard let snapshot else { return }
         snapshot.commitDrained(in: monitor.graph)
         monitor.block.markReadOnly(snapshot.old)
     }
+
+    /// Nothing once writers run again: the monitor reports the old node read-only
+    /// (``commitDrained()``) instead of reopening it, as ``LiveDisk`` does.
+    func commit() async {}
 }
 
 /// `blockdev-snapshot-sync`: device or node-name, snapshot-file, snapshot-node-name, format,
@@ -157,5 +167,6 @@ final class SnapshotAction: SnapshotBase, QMPTransactionAction {
         snapshot = recipe
     }
 
+    /// Nothing to undo: the overlay is the user's node (`blockdev-add`) and stays as it was.
     func abort() async {}
 }

@@ -1,8 +1,13 @@
+import QBlockAPI
 import QBlockCore
-import QBlockDrivers
 import QBlockGraph
 import QBlockJobs
-/// `block-stream` and `block-commit` (QEMU 7.2 arguments).
+
+/// `block-stream` and `block-commit` (QEMU 7.2 arguments). The handlers read and check the
+/// arguments, find the nodes they name and keep the monitor's books; the recipes are the
+/// library's ``LiveStream`` and ``LiveCommit``, the ones ``LiveDisk/stream(base:)`` and
+/// ``LiveDisk/commit(top:base:)`` run. The images a job takes out of the chain stay open
+/// nodes of the graph, as in QEMU, until `blockdev-del`.
 extension QMPMonitor {
     func registerStreamCommand() {
         register("block-stream") { args, ctx in
@@ -12,26 +17,21 @@ extension QMPMonitor {
             let backingFile = try args.optionalString("backing-file")
             let onError = try QMPJobs.onError(args, "on-error")
             let filterName = try args.optionalString("filter-node-name")
-            let options = try QMPJobs.options(args, device: device)
+            let job = try QMPJobs.options(args, device: device)
             try args.done()
             if base != nil && baseNode != nil {
                 throw QMPError.generic("'base' and 'base-node' cannot be specified at the same time")
             }
             let node = try QMPJobs.node(ctx.graph, device)
-            guard let top = node.innermostDriver as? any BackingLinked else {
+            guard node.innermostDriver is any BackingLinked else {
                 throw QMPError.generic("Block format '\(node.driverName)' used by node '\(device)' does not support streaming")
             }
             let baseBD = try QMPJobs.chainNode(node, node: baseNode, file: base, graph: ctx.graph)
-            let filter = CopyOnReadNode(child: node, base: baseBD)
-            let stream: StreamJob
-            do { stream = try StreamJob(top: top, base: baseBD, backingFile: backingFile, filter: filter, onError: onError) }
-            catch let e as BlockError { throw QMPError.generic(e.message) }
-            stream.closesRemovedImages = false
-            let job = try ctx.monitor.jobs.createForQMP(stream, options: options)
-            do { try await stream.insertFilter(into: ctx.graph, above: node, name: filterName) }
-            catch { ctx.monitor.jobs.discard(job); throw QMPError.from(error) }
-            ctx.monitor.jobs.start(job)
-            ctx.monitor.block.holdWhileRunning(job, [])
+            let options = LiveStreamOptions(job: job, backingFile: backingFile, onError: onError, filterNodeName: filterName,
+                                            closesRemovedImages: false)
+            let started = try await LiveStream.start(into: node, base: baseBD, options: options, graph: ctx.graph,
+                                                     jobs: ctx.monitor.jobs)
+            ctx.monitor.block.holdWhileRunning(started, [])
             return .dict(QObject.Dict())
         }
     }
@@ -45,8 +45,8 @@ extension QMPMonitor {
             let top = try args.optionalString("top")
             let backingFile = try args.optionalString("backing-file")
             let onError = try QMPJobs.onError(args, "on-error")
-            _ = try args.optionalString("filter-node-name")
-            let options = try QMPJobs.options(args, device: device)
+            let filterName = try args.optionalString("filter-node-name")
+            let job = try QMPJobs.options(args, device: device)
             try args.done()
             if base != nil && baseNode != nil {
                 throw QMPError.generic("'base' and 'base-node' cannot be specified at the same time")
@@ -65,42 +65,12 @@ extension QMPMonitor {
             }
             guard topBD.backing != nil else { throw QMPError.generic("Top image has no backing file") }
             let baseBD = try QMPJobs.chainNode(topBD, node: baseNode, file: base, graph: ctx.graph)
-            if topBD === node {
-                // The active layer: a mirror into the base.
-                let driver: MirrorJob
-                do { driver = try await ActiveCommit.make(top: node, base: baseBD, graph: ctx.graph, onError: onError) }
-                catch let e as BlockError { throw QMPError.generic(e.message) }
-                let job = try ctx.monitor.jobs.startForQMP(driver, options: options)
-                ctx.monitor.block.holdWhileRunning(job, [])
-            } else {
-                var overlay: any BlockDriver = node
-                while let b = overlay.backing, b !== topBD { overlay = b }
-                guard let q = overlay.innermostDriver as? any BackingLinked else {
-                    throw QMPError.generic("The overlay of '\(topBD.filename)' does not support backing images")
-                }
-                let commit: CommitJob
-                do { commit = try CommitJob(overlay: q, base: baseBD, backingFile: backingFile, graph: ctx.graph, onError: onError) }
-                catch let e as BlockError { throw QMPError.generic(e.message) }
-                commit.closesRemovedImages = false
-                let job = try ctx.monitor.jobs.startForQMP(commit, options: options)
-                ctx.monitor.block.holdWhileRunning(job, [])
-            }
+            let options = LiveCommitOptions(job: job, backingFile: backingFile, onError: onError, filterNodeName: filterName,
+                                            closesRemovedImages: false)
+            let started = try await LiveCommit.start(top: topBD, of: node, base: baseBD, options: options, graph: ctx.graph,
+                                                     jobs: ctx.monitor.jobs)
+            ctx.monitor.block.holdWhileRunning(started.job, [])
             return .dict(QObject.Dict())
         }
-    }
-}
-
-extension JobManager {
-    /// Registers a job for a QMP command (errors in QMP's words), not started yet.
-    func createForQMP(_ driver: any JobDriver, options: JobOptions) throws -> Job {
-        do { return try create(driver, options: options) } catch let e as BlockError { throw QMPError.generic(e.message) }
-    }
-
-    /// Registers and starts a job for a QMP command.
-    @discardableResult
-    func startForQMP(_ driver: any JobDriver, options: JobOptions) throws -> Job {
-        let job = try createForQMP(driver, options: options)
-        start(job)
-        return job
     }
 }

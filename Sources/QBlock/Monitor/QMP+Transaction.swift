@@ -9,6 +9,9 @@ import QBlockGraph
 /// overlays); ``commitDrained()`` runs with every user of the graph drained and must be quick;
 /// ``commit()`` finishes; ``abort()`` undoes a successful ``prepare()``.
 ///
+/// Every step is a requirement without a default: an action states what it does at each
+/// one, even when that is nothing, so that a new action cannot forget a step.
+///
 /// Other command groups add action types with ``QMPMonitor/registerTransactionAction(_:make:)``.
 public protocol QMPTransactionAction: AnyObject {
     /// Everything that can fail, before writers are held.
@@ -21,15 +24,6 @@ public protocol QMPTransactionAction: AnyObject {
     func commit() async
     /// Undoes a successful ``prepare()``.
     func abort() async
-}
-
-extension QMPTransactionAction {
-    /// Default: the action has no work to do with writers held.
-    public func prepareDrained() async throws {}
-    /// Default: the action switches nothing while writers are held.
-    public func commitDrained() {}
-    /// Default: the action has nothing to finish once writers run again.
-    public func commit() async {}
 }
 
 /// Transaction action types added by other command groups.
@@ -137,8 +131,16 @@ extension QMPMonitor {
     }
 }
 
-/// The `abort` action: fails the transaction on purpose (QEMU's test of rollback).
+/// The `abort` action: fails the transaction on purpose (QEMU's test of rollback). Its
+/// preparation always fails, so no later step ever runs for it.
 final class AbortAction: QMPTransactionAction {
     func prepare() async throws { throw QMPError.generic("Transaction aborted using Abort action") }
+    /// Never reached: ``prepare()`` failed.
+    func prepareDrained() async throws {}
+    /// Never reached: ``prepare()`` failed.
+    func commitDrained() {}
+    /// Never reached: ``prepare()`` failed.
+    func commit() async {}
+    /// Never reached: a failed preparation is not aborted.
     func abort() async {}
 }

@@ -26,8 +26,7 @@ import QBlockGraph
 /// long operations (jobs) start a task and return. Events go to every
 /// client that has negotiated capabilities, and to in-process ``subscribe()`` streams.
 // @unchecked: handlers, sessions, subscribers, `nextID`, `quitHandler` and `state` are only touched
-// with `lock` held; commands are serialized by `commandLock`; `version` is configuration set before the
-// monitor serves clients (by convention, not enforced).
+// with `lock` held; commands are serialized by `commandLock`; the lets are immutable or thread-safe.
 public final class QMPMonitor: @unchecked Sendable {
     /// A command: its arguments (read them, then call ``QMPArguments/done()``) and the
     /// context; returns the `return` value (`.dict(QObject.Dict())` for `{}`).
@@ -35,8 +34,8 @@ public final class QMPMonitor: @unchecked Sendable {
 
     /// The block graph the commands operate on.
     public let graph: BlockGraph
-    /// What `query-version` reports (QEMU 7.2's protocol is what we speak).
-    public var version = (major: 7, minor: 2, micro: 0, package: "qblock")
+    /// What `query-version` reports, fixed at ``init(graph:version:)``.
+    public let version: QMPVersion
 
     private let lock = PosixMutex()
     private var handlers: [String: Handler] = [:]
@@ -51,8 +50,13 @@ public final class QMPMonitor: @unchecked Sendable {
     let commandLock = AsyncMutex()
 
     /// A monitor over `graph` with every standard command group registered.
-    public init(graph: BlockGraph = BlockGraph()) {
+    /// - Parameters:
+    ///   - graph: the block graph the commands operate on.
+    ///   - version: what `query-version` reports; by default QEMU 7.2, whose protocol the
+    ///     monitor speaks.
+    public init(graph: BlockGraph = BlockGraph(), version: QMPVersion = .qemu72) {
         self.graph = graph
+        self.version = version
         for install in QMPMonitor.standardGroups { install(self) }
     }
 
@@ -293,4 +297,27 @@ public struct QMPContext: Sendable {
 
     /// Emits an event to every client (see ``QMPMonitor/emit(event:data:)``).
     public func emit(event: String, data: QObject.Dict? = nil) { monitor.emit(event: event, data: data) }
+}
+
+/// What `query-version` reports: a QEMU version and a package string.
+public struct QMPVersion: Sendable, Hashable {
+    /// The QEMU major version (`qemu.major`).
+    public var major: Int
+    /// The QEMU minor version (`qemu.minor`).
+    public var minor: Int
+    /// The QEMU micro version (`qemu.micro`).
+    public var micro: Int
+    /// The package string (`package`).
+    public var package: String
+
+    /// Creates a version; every parameter is the property of the same name.
+    public init(major: Int, minor: Int, micro: Int, package: String) {
+        self.major = major
+        self.minor = minor
+        self.micro = micro
+        self.package = package
+    }
+
+    /// QEMU 7.2.0, package "qblock": the protocol the monitor speaks.
+    public static let qemu72 = QMPVersion(major: 7, minor: 2, micro: 0, package: "qblock")
 }
