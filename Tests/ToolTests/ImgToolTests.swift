@@ -12,6 +12,7 @@ import QBlock
 @testable import QBlockNBDServer
 @testable import QBlockMonitor
 import TestSupport
+import ToolSupport
 
 
 

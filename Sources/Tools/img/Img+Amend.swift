@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgAmend: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "amend", abstract: "Change format-specific options of an image.")

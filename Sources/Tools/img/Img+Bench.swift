@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench", abstract: "Run a simple I/O benchmark on an image.")
@@ -45,10 +46,10 @@ struct ImgBench: AsyncParsableCommand {
         if let aio, !["threads", "native", "io_uring"].contains(aio) { throw fail("Invalid aio option: \(aio)") }
         do { try b.validate() } catch let e as BlockError { throw fail(e.message) }
         let node = try await image.open(filename, readOnly: !write, cache: mode)
-        writeStdout(b.header)
+        writeStdout(b.headerText)
         do {
             let seconds = try await b.run(on: node)
-            writeStdout(Bench.completionLine(seconds: seconds))
+            writeStdout(Bench.completionText(seconds: seconds))
         } catch let e as BlockError {
             await closeQuietly(node)
             throw fail("Failed request: \(e.message)")

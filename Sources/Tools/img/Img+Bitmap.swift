@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 /// `img bitmap`: offline persistent bitmap operations, as `qemu-img bitmap` (several
 /// operations in one call, applied in the order given; the image is opened read-write

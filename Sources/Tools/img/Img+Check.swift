@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgCheck: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "check", abstract: "Check an image for consistency.")

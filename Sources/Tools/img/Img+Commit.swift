@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgCommit: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "commit", abstract: "Write an image's changes into its backing file.")

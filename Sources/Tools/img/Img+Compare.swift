@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -43,7 +44,7 @@ struct ImgCompare: AsyncParsableCommand {
         await closeQuietly(a)
         await closeQuietly(b)
         if showProgress { writeStdout("\n") }
-        if !quiet { writeStdout(result.report) }
+        if !quiet { writeStdout(result.reportText) }
         if !result.identical { throw ExitCode(1) }
     }
 

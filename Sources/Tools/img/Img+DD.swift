@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgDD: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "dd",

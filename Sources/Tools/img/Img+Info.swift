@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgInfo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "info", abstract: "Show information about an image.")

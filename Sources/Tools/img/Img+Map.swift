@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgMap: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "map", abstract: "Show where an image's data lies.")

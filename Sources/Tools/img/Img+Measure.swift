@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgMeasure: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "measure",
@@ -41,6 +42,6 @@ struct ImgMeasure: AsyncParsableCommand {
             throw ExitCode.failure
         }
         if let node { await closeQuietly(node) }
-        writeStdout(json ? result.json : result.human)
+        writeStdout(json ? result.jsonText : result.humanText)
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 /// `img mirror-finish`: completes, offline, a mirror whose process died, from the mirror's
 /// persistent dirty bitmap (`drive-mirror ... "x-bitmap-file": FILE`). Not in qemu-img,

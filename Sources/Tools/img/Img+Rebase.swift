@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgRebase: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "rebase", abstract: "Change the backing file of an image.")

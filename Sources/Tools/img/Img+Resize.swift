@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgResize: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "resize", abstract: "Change an image's virtual size.")

@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
