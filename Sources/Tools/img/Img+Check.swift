@@ -16,7 +16,7 @@ struct ImgCheck: AsyncParsableCommand {
         var mode: CheckRepair?
         if let repair {
             guard let m = CheckRepair(rawValue: repair) else {
-                throw usageError("Unknown option value for -r (expecting 'leaks' or 'all'): \(repair)")
+                throw tool.usageError("Unknown option value for -r (expecting 'leaks' or 'all'): \(repair)")
             }
             mode = m
         }
@@ -28,9 +28,9 @@ struct ImgCheck: AsyncParsableCommand {
         } catch let e as BlockError {
             await closeQuietly(node)
             if e.message == ImageCheckReport.notSupportedMessage {
-                throw fail(e.message, code: ImageCheckReport.notSupportedExitCode)
+                throw tool.fail(e.message, code: ImageCheckReport.notSupportedExitCode)
             }
-            throw fail("Check failed: \(e.message)")
+            throw tool.fail("Check failed: \(e.message)")
         }
         await closeQuietly(node)
         let report = outcome.report
@@ -38,7 +38,7 @@ struct ImgCheck: AsyncParsableCommand {
             writeStdout(ImageCheckReport.repairedText(leaks: fixed.leaks, corruptions: fixed.corruptions))
         }
         if !quiet { writeStdout(json ? report.jsonText : report.humanText) }
-        if report.result.checkErrors != 0 { throw fail("Check failed") }
+        if report.result.checkErrors != 0 { throw tool.fail("Check failed") }
         throw ExitCode(report.exitCode)
     }
 }

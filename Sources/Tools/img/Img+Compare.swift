@@ -18,10 +18,10 @@ struct ImgCompare: AsyncParsableCommand {
     @Argument(help: "The two images.") var files: [String] = []
 
     func run() async throws {
-        guard files.count == 2 else { throw usageError("Expecting two image file names") }
+        guard files.count == 2 else { throw tool.usageError("Expecting two image file names") }
         var mode = CacheMode.writeback
         if let cache {
-            guard let m = CacheMode(qemuName: cache) else { throw fail("Invalid source cache option: \(cache)", code: 2) }
+            guard let m = CacheMode(qemuName: cache) else { throw tool.fail("Invalid source cache option: \(cache)", code: 2) }
             mode = m
         }
         let showProgress = progress && !quiet
@@ -39,7 +39,7 @@ struct ImgCompare: AsyncParsableCommand {
         } catch let e as BlockError {
             await closeQuietly(a)
             await closeQuietly(b)
-            throw fail(e.message, code: e.operation == "read" ? 4 : 3)
+            throw tool.fail(e.message, code: e.operation == "read" ? 4 : 3)
         }
         await closeQuietly(a)
         await closeQuietly(b)
@@ -55,7 +55,6 @@ struct ImgCompare: AsyncParsableCommand {
     }
 }
 
-/// qemu-img's progress line: "    (P/100%)\r".
 /// Opens an image with exact options (the format named is used as is: an unknown one is
 /// reported as QEMU's "Unknown driver"), printing qemu-img's message and exiting with
 /// `exitCode` on failure.
@@ -64,7 +63,7 @@ func openImage(_ name: String, options: OpenOptions, exitCode: Int32 = 1) async 
         return try await ImageOpener.open(name, options: options)
     } catch let e as BlockError {
         let message = e.message.hasPrefix("Could not open backing file") ? "Could not open '\(name)': " + e.message
-            : openErrorMessage(e, name)
-        throw fail(message, code: exitCode)
+            : ToolProgram.openErrorMessage(e, name)
+        throw tool.fail(message, code: exitCode)
     }
 }

@@ -18,7 +18,7 @@ struct ImgCreate: AsyncParsableCommand {
     @Argument(help: "Size (k, M, G, T, P, E suffixes).") var size: String?
 
     func run() async throws {
-        let sizeValue = try size.map { try parseSize($0, what: "image size") }
+        let sizeValue = try size.map { try tool.parseSize($0, what: "image size") }
         let pairs = options.flatMap { ImageCreator.parseOptionString($0) }
         do {
             let plan = try await ImageCreator.prepare(format: format, path: filename, size: sizeValue, options: pairs,
@@ -32,7 +32,7 @@ struct ImgCreate: AsyncParsableCommand {
                 writeStderr("img: \(filename): \(e.message)")
                 throw ExitCode.failure
             }
-            throw fail("\(filename): \(e.message)")
+            throw tool.fail("\(filename): \(e.message)")
         }
     }
 }

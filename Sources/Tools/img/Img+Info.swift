@@ -17,7 +17,7 @@ struct ImgInfo: AsyncParsableCommand {
         var format = image.format
         while true {
             if infos.contains(where: { $0.filename == name }) {
-                throw fail("Backing file '\(name)' creates an infinite loop.")
+                throw tool.fail("Backing file '\(name)' creates an infinite loop.")
             }
             var opts = image
             opts.format = format

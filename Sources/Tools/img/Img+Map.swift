@@ -13,14 +13,14 @@ struct ImgMap: AsyncParsableCommand {
 
     func run() async throws {
         let json = try out.isJSON
-        let start = try startOffset.map { try parseSize($0, what: "start offset") } ?? 0
-        let length = try maxLength.map { try parseSize($0, what: "max length") }
+        let start = try startOffset.map { try tool.parseSize($0, what: "start offset") } ?? 0
+        let length = try maxLength.map { try tool.parseSize($0, what: "max length") }
         let node = try await image.open(filename)
         do {
             try await BlockMap.render(node, format: json ? .json : .human, start: start, maxLength: length) { writeStdout($0) }
         } catch let e as BlockError {
             await closeQuietly(node)
-            throw fail(e.message)
+            throw tool.fail(e.message)
         }
         await closeQuietly(node)
     }
