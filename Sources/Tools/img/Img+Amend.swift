@@ -27,7 +27,7 @@ struct ImgAmend: AsyncParsableCommand {
             pairs.append((String(kv[0]), kv.count > 1 ? String(kv[1]) : ""))
         }
         let image = try await openImage(files[0], options: OpenOptions(format: format, readOnly: false, cache: mode, openBacking: false))
-        do {
+        try await closing(image) {
             guard let q = image as? any Amendable else {
                 throw tool.fail("Format driver '\(image.driverName)' does not support option amendment")
             }
@@ -36,10 +36,6 @@ struct ImgAmend: AsyncParsableCommand {
             } catch let e as BlockError {
                 throw tool.fail(e.message)
             }
-        } catch {
-            await closeQuietly(image)
-            throw error
         }
-        await closeQuietly(image)
     }
 }

@@ -47,13 +47,13 @@ struct ImgBench: AsyncParsableCommand {
         do { try b.validate() } catch let e as BlockError { throw tool.fail(e.message) }
         let node = try await image.open(filename, readOnly: !write, cache: mode)
         writeStdout(b.headerText)
-        do {
-            let seconds = try await b.run(on: node)
-            writeStdout(Bench.completionText(seconds: seconds))
-        } catch let e as BlockError {
-            await closeQuietly(node)
-            throw tool.fail("Failed request: \(e.message)")
+        try await closing(node) {
+            do {
+                let seconds = try await b.run(on: node)
+                writeStdout(Bench.completionText(seconds: seconds))
+            } catch let e as BlockError {
+                throw tool.fail("Failed request: \(e.message)")
+            }
         }
-        await closeQuietly(node)
     }
 }

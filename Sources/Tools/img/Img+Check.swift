@@ -21,18 +21,16 @@ struct ImgCheck: AsyncParsableCommand {
             mode = m
         }
         let node = try await image.open(filename, readOnly: mode == nil, forRepair: mode != nil)
-        defer { Task { await closeQuietly(node) } }
-        let outcome: (report: ImageCheckReport, repaired: (leaks: Int, corruptions: Int)?)
-        do {
-            outcome = try await ImageCheckReport.run(node, repair: mode) { writeStderr($0 + "\n") }
-        } catch let e as BlockError {
-            await closeQuietly(node)
-            if e.message == ImageCheckReport.notSupportedMessage {
-                throw tool.fail(e.message, code: ImageCheckReport.notSupportedExitCode)
+        let outcome = try await closing(node) {
+            do {
+                return try await ImageCheckReport.run(node, repair: mode) { writeStderr($0 + "\n") }
+            } catch let e as BlockError {
+                if e.message == ImageCheckReport.notSupportedMessage {
+                    throw tool.fail(e.message, code: ImageCheckReport.notSupportedExitCode)
+                }
+                throw tool.fail("Check failed: \(e.message)")
             }
-            throw tool.fail("Check failed: \(e.message)")
         }
-        await closeQuietly(node)
         let report = outcome.report
         if let fixed = outcome.repaired, !json, !quiet {
             writeStdout(ImageCheckReport.repairedText(leaks: fixed.leaks, corruptions: fixed.corruptions))

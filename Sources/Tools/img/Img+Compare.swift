@@ -26,23 +26,16 @@ struct ImgCompare: AsyncParsableCommand {
         }
         let showProgress = progress && !quiet
         let a = try await openOrExit(files[0], format: format1, cache: mode, code: 2)
-        let b: any BlockDriver
-        do {
-            b = try await openOrExit(files[1], format: format2, cache: mode, code: 2)
-        } catch {
-            await closeQuietly(a)
-            throw error
+        let result = try await closing(a) {
+            let b = try await openOrExit(files[1], format: format2, cache: mode, code: 2)
+            return try await closing(b) {
+                do {
+                    return try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? { printProgress($0) } : nil)
+                } catch let e as BlockError {
+                    throw tool.fail(e.message, code: e.operation == "read" ? 4 : 3)
+                }
+            }
         }
-        let result: ImageComparison
-        do {
-            result = try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? { printProgress($0) } : nil)
-        } catch let e as BlockError {
-            await closeQuietly(a)
-            await closeQuietly(b)
-            throw tool.fail(e.message, code: e.operation == "read" ? 4 : 3)
-        }
-        await closeQuietly(a)
-        await closeQuietly(b)
         if showProgress { writeStdout("\n") }
         if !quiet { writeStdout(result.reportText) }
         if !result.identical { throw ExitCode(1) }

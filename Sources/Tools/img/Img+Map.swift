@@ -16,12 +16,12 @@ struct ImgMap: AsyncParsableCommand {
         let start = try startOffset.map { try tool.parseSize($0, what: "start offset") } ?? 0
         let length = try maxLength.map { try tool.parseSize($0, what: "max length") }
         let node = try await image.open(filename)
-        do {
-            try await BlockMap.render(node, format: json ? .json : .human, start: start, maxLength: length) { writeStdout($0) }
-        } catch let e as BlockError {
-            await closeQuietly(node)
-            throw tool.fail(e.message)
+        try await closing(node) {
+            do {
+                try await BlockMap.render(node, format: json ? .json : .human, start: start, maxLength: length) { writeStdout($0) }
+            } catch let e as BlockError {
+                throw tool.fail(e.message)
+            }
         }
-        await closeQuietly(node)
     }
 }

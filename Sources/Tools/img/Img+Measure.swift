@@ -33,14 +33,13 @@ struct ImgMeasure: AsyncParsableCommand {
             }
         }
         let pairs = options.flatMap { ImageCreator.parseOptionString($0) }
-        let result: MeasureResult
-        do {
-            result = try await Measure.measure(format: outputFormat, options: pairs, size: sizeValue, source: node)
-        } catch let e as BlockError {
-            if let node { await closeQuietly(node) }
-            throw tool.failEachLine(e.message)
+        let result = try await closing(node) {
+            do {
+                return try await Measure.measure(format: outputFormat, options: pairs, size: sizeValue, source: node)
+            } catch let e as BlockError {
+                throw tool.failEachLine(e.message)
+            }
         }
-        if let node { await closeQuietly(node) }
         writeStdout(json ? result.jsonText : result.humanText)
     }
 }

@@ -35,8 +35,8 @@ struct ImgRebase: AsyncParsableCommand {
         }
         let image = try await openImage(filename, options: OpenOptions(format: format, readOnly: false, cache: mode,
                                                                         openBacking: !unsafe))
-        var newBacking: (any BlockDriver)?
-        do {
+        try await closing(image) {
+            var newBacking: (any BlockDriver)?
             if !unsafe, let newName {
                 let full = ImageOpener.resolveBackingPath(newName, relativeTo: filename)
                 do {
@@ -46,24 +46,20 @@ struct ImgRebase: AsyncParsableCommand {
                 }
             }
             let showProgress = progress && !quiet
-            do {
-                if unsafe {
-                    try await ImageRebase.changeBackingFile(of: image, to: newName, format: newName == nil ? nil : backingFormat)
-                } else {
-                    try await ImageRebase.rebase(image, onto: newBacking, backingName: newName,
-                                                 backingFormat: newName == nil ? nil : backingFormat,
-                                                 progress: showProgress ? { printProgress($0) } : nil)
-                    if showProgress { writeStdout("\n") }
+            try await closing(newBacking) {
+                do {
+                    if unsafe {
+                        try await ImageRebase.changeBackingFile(of: image, to: newName, format: newName == nil ? nil : backingFormat)
+                    } else {
+                        try await ImageRebase.rebase(image, onto: newBacking, backingName: newName,
+                                                     backingFormat: newName == nil ? nil : backingFormat,
+                                                     progress: showProgress ? { printProgress($0) } : nil)
+                        if showProgress { writeStdout("\n") }
+                    }
+                } catch let e as BlockError {
+                    throw tool.fail(e.message)
                 }
-            } catch let e as BlockError {
-                throw tool.fail(e.message)
             }
-        } catch {
-            if let newBacking { await closeQuietly(newBacking) }
-            await closeQuietly(image)
-            throw error
         }
-        if let newBacking { await closeQuietly(newBacking) }
-        await closeQuietly(image)
     }
 }

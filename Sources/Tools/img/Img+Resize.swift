@@ -28,7 +28,7 @@ struct ImgResize: AsyncParsableCommand {
         let node = try await image.open(filename, readOnly: false)
         let current = qemuLength(node)
         let total = sign == 0 ? amount : current + sign * amount
-        do {
+        try await closing(node) {
             if total <= 0 { throw tool.fail("New image size must be positive") }
             if total < current && !shrink {
                 tool.printError("Use the --shrink option to perform a shrink operation.")
@@ -44,11 +44,7 @@ struct ImgResize: AsyncParsableCommand {
             } catch let e as BlockError {
                 throw tool.fail(e.message)
             }
-        } catch {
-            await closeQuietly(node)
-            throw error
         }
-        await closeQuietly(node)
         if !quiet { writeStdout("Image resized.\n") }
     }
 }

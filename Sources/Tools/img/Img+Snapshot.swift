@@ -27,13 +27,7 @@ struct ImgSnapshot: AsyncParsableCommand {
             throw tool.fail("Could not open '\(filename)': force-share=on can only be used with read-only images")
         }
         let node = try await image.open(filename, readOnly: list)
-        do {
-            try await perform(on: node, filename: filename)
-        } catch {
-            await closeQuietly(node)
-            throw error
-        }
-        await closeQuietly(node)
+        try await closing(node) { try await perform(on: node, filename: filename) }
     }
 
     private func perform(on node: any BlockDriver, filename: String) async throws {

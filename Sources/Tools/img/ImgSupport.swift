@@ -54,3 +54,16 @@ struct OutputOption: ParsableArguments {
 func closeQuietly(_ node: any BlockDriver) async {
     try? await node.close()
 }
+
+/// Runs `body`, then closes `nodes` quietly (in order; nil ones are skipped), whether
+/// `body` returned or threw: qemu-img closes its images on every way out.
+func closing<T>(_ nodes: (any BlockDriver)?..., do body: () async throws -> T) async throws -> T {
+    let result: Result<T, any Error>
+    do {
+        result = .success(try await body())
+    } catch {
+        result = .failure(error)
+    }
+    for case let node? in nodes { await closeQuietly(node) }
+    return try result.get()
+}
