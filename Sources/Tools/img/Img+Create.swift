@@ -28,8 +28,8 @@ struct ImgCreate: AsyncParsableCommand {
         } catch let e as BlockError {
             if e.message.contains("\nDetected format of ") {
                 // qemu-img prints this hint without a final newline; so do we, byte for byte.
-                StandardStream.output.flush()
-                writeStderr("img: \(filename): \(e.message)")
+                flushStdout()
+                writeStderr("\(tool.name): \(filename): \(e.message)")
                 throw ExitCode.failure
             }
             throw tool.fail("\(filename): \(e.message)")
