@@ -139,6 +139,14 @@ import ToolSupport
         }
     }
 
+    @Test func sizesForPeople() {
+        #expect(qemuSizeString(1 << 30) == "1 GiB")
+        #expect(qemuSizeString(200704) == "196 KiB")
+        #expect(qemuSizeString(1572864) == "1.5 MiB")
+        #expect(qemuSizeString(1000) == "0.977 KiB")
+        #expect(qemuSizeString(0) == "0 B")
+    }
+
     @Test func checkReportRendering() {
         var r = CheckResult()
         r.imageEndOffset = 524288; r.totalClusters = 64; r.allocatedClusters = 3; r.fragmentedClusters = 2; r.compressedClusters = 1

@@ -145,20 +145,6 @@ public indirect enum QObject: Sendable, Equatable {
     }
 }
 
-/// Sizes for people, as QEMU's `size_to_str` writes them: "1 GiB", "196 KiB", "1.5 MiB".
-public func qemuSizeString(_ value: Int64) -> String {
-    let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
-    let v = Double(UInt64(bitPattern: value))
-    var exp: Int32 = 0
-    _ = frexp(v / (1000.0 / 1024.0), &exp)
-    let i = max(0, min(6, Int((exp - 1) / 10)))
-    let div = Double(UInt64(1) << UInt64(i * 10))
-    return formatG3(v / div) + " " + suffixes[i] + "B"
-}
-
-/// `printf("%0.3g", v)`.
-func formatG3(_ v: Double) -> String { cFormat("%0.3g", v) }
-
 /// `printf(format, v)` for one floating-point value.
 package func cFormat(_ format: String, _ v: Double) -> String {
     var buf = [CChar](repeating: 0, count: 64)
