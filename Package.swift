@@ -49,7 +49,11 @@ let package = Package(
         ),
         // What the tools share and the library does not need: the qemu-io command language,
         // qemu-img's text output, the tools' error reporting.
-        .target(name: "ToolSupport", dependencies: ["QBlock"], path: "Sources/Tools/Support"),
+        .target(
+            name: "ToolSupport",
+            dependencies: ["QBlock", .product(name: "ArgumentParser", package: "swift-argument-parser", condition: .when(traits: ["Tools"]))],
+            path: "Sources/Tools/Support"
+        ),
         .target(
             name: "QMachine",
             dependencies: ["QBlock", "CKVM"],
@@ -94,13 +98,14 @@ let package = Package(
         .testTarget(name: "QBlockCoreTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockCoreTests"),
         .testTarget(name: "QBlockBitmapsTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockBitmapsTests"),
         .testTarget(name: "QBlockGraphTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockGraphTests"),
-        .testTarget(name: "QBlockDriversTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockDriversTests"),
+        // CloseSafetyTests compares the check report as `img check` renders it with qemu-img's.
+        .testTarget(name: "QBlockDriversTests", dependencies: ["QBlock", "TestSupport", "ToolSupport"], path: "Tests/QBlockDriversTests"),
         .testTarget(name: "QBlockOperationsTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockOperationsTests"),
         .testTarget(name: "QBlockJobsTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockJobsTests"),
         .testTarget(name: "QBlockNBDServerTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockNBDServerTests"),
         .testTarget(name: "QBlockAPITests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockAPITests"),
         .testTarget(name: "QBlockMonitorTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/QBlockMonitorTests"),
-        .testTarget(name: "ToolTests", dependencies: ["QBlock", "TestSupport"], path: "Tests/ToolTests"),
+        .testTarget(name: "ToolTests", dependencies: ["QBlock", "TestSupport", "ToolSupport"], path: "Tests/ToolTests"),
         .testTarget(
             name: "QMachineTests",
             dependencies: ["QMachine", "QBlock", "TestSupport"],

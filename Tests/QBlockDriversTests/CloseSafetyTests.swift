@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TestSupport
+import ToolSupport
 @testable import QBlock
 
 /// Ownership and close: a closed node refuses every call with one error (`.closed`), never

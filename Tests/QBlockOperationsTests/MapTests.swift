@@ -49,11 +49,6 @@ func expectSameMap(_ args: [String], in dir: String, sourceLocation: SourceLocat
                                              "actual-size", "format-specific", "full-backing-filename", "backing-filename",
                                              "dirty-flag"])
         #expect(QObject.quote("a\"b\\c\n\u{1}é") == "\"a\\\"b\\\\c\\n\\u0001\\u00E9\"")
-        #expect(qemuSizeString(1 << 30) == "1 GiB")
-        #expect(qemuSizeString(200704) == "196 KiB")
-        #expect(qemuSizeString(1572864) == "1.5 MiB")
-        #expect(qemuSizeString(1000) == "0.977 KiB")
-        #expect(qemuSizeString(0) == "0 B")
     }
 
     @Test(qemuTrait, arguments: [

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import QBlock
 import TestSupport
+import ToolSupport
 @testable import QBlockCore
 @testable import QBlockNBDWire
 @testable import QBlockBitmaps

@@ -12,6 +12,7 @@ import QBlock
 @testable import QBlockNBDServer
 @testable import QBlockMonitor
 import TestSupport
+import ToolSupport
 
 
 
@@ -136,6 +137,14 @@ import TestSupport
             #expect(ours.status == theirs.status)
             #expect(ours.stderr == asImg(theirs.stderr))
         }
+    }
+
+    @Test func sizesForPeople() {
+        #expect(qemuSizeString(1 << 30) == "1 GiB")
+        #expect(qemuSizeString(200704) == "196 KiB")
+        #expect(qemuSizeString(1572864) == "1.5 MiB")
+        #expect(qemuSizeString(1000) == "0.977 KiB")
+        #expect(qemuSizeString(0) == "0 B")
     }
 
     @Test func checkReportRendering() {

@@ -1,5 +1,5 @@
 // Creates a raw image, writes a pattern through the library, reads it back and shows
-// what qemu-img map would say about the file.
+// the file's allocation map (the runs qemu-img map would list).
 import QBlock
 #if canImport(Glibc)
 import Glibc
@@ -16,7 +16,7 @@ func runExample(path: String) async throws {
     let back = AlignedBuffer(count: 65536)
     try await back.withUnsafeMutableBytes { try await disk.read(at: 1 << 20, into: $0) }
     print(back.bytes == data.bytes ? "read back what was written" : "MISMATCH")
-    for e in try await BlockMap.entries(of: disk) { print(e.json) }
+    for e in try await BlockMap.entries(of: disk) { print(e) }
     try await disk.close()
 }
 

@@ -223,20 +223,4 @@ public struct MeasureResult: Sendable, Equatable {
         self.fullyAllocated = fullyAllocated
         self.bitmaps = bitmaps
     }
-
-    /// `qemu-img measure --output=json`.
-    public var json: String {
-        var d = QObject.Dict()
-        d["required"] = .int(required)
-        d["fully-allocated"] = .int(fullyAllocated)
-        if let bitmaps { d["bitmaps"] = .int(bitmaps) }
-        return QObject.dict(d).prettyJSON + "\n"
-    }
-
-    /// `qemu-img measure` human output.
-    public var human: String {
-        var s = "required size: \(required)\nfully allocated size: \(fullyAllocated)\n"
-        if let bitmaps { s += "bitmaps size: \(bitmaps)\n" }
-        return s
-    }
 }

@@ -33,19 +33,6 @@ public struct Bench: Sendable {
     /// The distance between request offsets actually used: ``step``, or ``bufferSize`` when it is 0.
     public var effectiveStep: Int { step == 0 ? bufferSize : step }
 
-    /// The lines qemu-img bench prints before it starts.
-    public var header: String {
-        var s = "Sending \(count) \(write ? "write" : "read") requests, \(bufferSize) bytes each, \(depth) in parallel "
-            + "(starting at offset \(offset), step size \(effectiveStep))\n"
-        if flushInterval > 0 { s += "Sending flush every \(flushInterval) requests\n" }
-        return s
-    }
-
-    /// "Run completed in 1.234 seconds."
-    public static func completionLine(seconds: Double) -> String {
-        "Run completed in \(cFormat("%.3f", seconds)) seconds.\n"
-    }
-
     /// Checks the parameters as qemu-img does.
     /// - Throws: ``BlockError`` `.invalidArgument` with qemu-img's message.
     public func validate() throws {

@@ -34,15 +34,15 @@ public struct MapEntry: Sendable, Equatable, CustomStringConvertible {
         self.filename = filename
     }
 
-    /// The entry as one object of `qemu-img map --output=json` (7.2: no "compressed" key).
-    public var json: String {
-        var s = "{ \"start\": \(start), \"length\": \(length), \"depth\": \(depth), \"present\": \(present), "
-            + "\"zero\": \(zero), \"data\": \(data)"
-        if let offset { s += ", \"offset\": \(offset)" }
-        return s + "}"
+    /// The entry's fields, for people and logs (the tools print qemu-img's formats).
+    public var description: String {
+        var s = "start \(start) length \(length) depth \(depth)"
+        if present { s += " present" }
+        if zero { s += " zero" }
+        if data { s += " data" }
+        if let offset { s += " offset \(offset)" + (filename.map { " in \($0)" } ?? "") }
+        return s
     }
-
-    public var description: String { json }
 
     /// qemu-img's `entry_mergeable`: `next` continues this entry.
     func mergeable(with next: MapEntry) -> Bool {
@@ -55,11 +55,6 @@ public struct MapEntry: Sendable, Equatable, CustomStringConvertible {
         if let o = offset, o + length != next.offset { return false }
         return true
     }
-}
-
-/// The output formats of `map`.
-public enum MapOutputFormat: String, Sendable {
-    case human, json
 }
 
 /// Computes `qemu-img map` over a node and its backing chain.
@@ -126,8 +121,8 @@ public enum BlockMap {
     /// Walks the image as qemu-img's `img_map` loop does and hands each finished entry to
     /// `emit` together with the entry that follows it (nil for the last one). `emit` may
     /// change the following entry (the human format does, to merge more).
-    static func walk(_ node: any BlockDriver, start: Int64, maxLength: Int64?,
-                     emit: (MapEntry, inout MapEntry?) throws -> Void) async throws {
+    package static func walk(_ node: any BlockDriver, start: Int64, maxLength: Int64?,
+                             emit: (MapEntry, inout MapEntry?) throws -> Void) async throws {
         var length = qemuLength(node)
         if let maxLength { length = min(start + maxLength, length) }
         var curr = MapEntry(start: start, length: 0, depth: 0, present: false, zero: false, data: false)
@@ -152,42 +147,4 @@ public enum BlockMap {
         var none: MapEntry? = nil
         try emit(curr, &none)
     }
-
-    /// Renders `qemu-img map` output, handing text to `output` as it is produced (so that
-    /// what was printed before an error stays printed, as with qemu-img).
-    /// - Throws: ``BlockError`` with qemu-img's message ("File contains external, encrypted
-    ///   or compressed clusters." in the human format, "Could not read file metadata: ...").
-    public static func render(_ node: any BlockDriver, format: MapOutputFormat, start: Int64 = 0, maxLength: Int64? = nil,
-                              output: (String) -> Void) async throws {
-        switch format {
-        case .human:
-            output(pad16("Offset") + pad16("Length") + pad16("Mapped to") + "File\n")
-            try await walk(node, start: start, maxLength: maxLength) { e, next in
-                if e.data && e.offset == nil {
-                    throw BlockError(.unsupported, "File contains external, encrypted or compressed clusters.",
-                                     path: node.filename, operation: "map")
-                }
-                if e.data && !e.zero {
-                    output(pad16(hex(e.start)) + pad16(hex(e.length)) + pad16(hex(e.offset ?? 0)) + (e.filename ?? "") + "\n")
-                }
-                // The human format does not tell zeros from unallocated: merge them.
-                if var n = next, !n.data || n.zero, !e.data || e.zero {
-                    n.data = false
-                    n.zero = true
-                    next = n
-                }
-            }
-        case .json:
-            output("[")
-            try await walk(node, start: start, maxLength: maxLength) { e, next in
-                output(e.json + (next != nil ? ",\n" : ""))
-            }
-            output("]\n")
-        }
-    }
-
-    /// `printf("%#x")`: "0" for zero, else "0x..." in lower case.
-    static func hex(_ v: Int64) -> String { v == 0 ? "0" : "0x" + String(v, radix: 16) }
-
-    static func pad16(_ s: String) -> String { s.count >= 16 ? s : s + String(repeating: " ", count: 16 - s.count) }
 }

@@ -23,18 +23,6 @@ public struct ImageComparison: Sendable, Equatable {
 
     /// Whether the images compared equal (exit status 0 of `qemu-img compare`).
     public var identical: Bool { difference == nil }
-
-    /// The lines qemu-img prints on standard output for this result (without `-q`).
-    public var report: String {
-        var s = sizeMismatchWarning ? "Warning: Image size mismatch!\n" : ""
-        switch difference {
-        case .none: s += "Images are identical.\n"
-        case .content(let o): s += "Content mismatch at offset \(o)!\n"
-        case .blockStatus(let o): s += "Strict mode: Offset \(o) block status mismatch!\n"
-        case .size: s = "Strict mode: Image size mismatch!\n"
-        }
-        return s
-    }
 }
 
 /// `qemu-img compare`: compares the guest-visible content of two images (through their

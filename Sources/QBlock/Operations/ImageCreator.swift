@@ -3,7 +3,7 @@ import QBlockDrivers
 import QBlockGraph
 import QBlockOpen
 /// Creates images the way `qemu-img create` does: the same option syntax (`-o key=value,...`),
-/// the same checks in the same order, the same "Formatting ..." line and the same messages.
+/// the same checks in the same order and the same messages.
 ///
 /// Creation is two steps so that a caller can print the "Formatting" line between them, as
 /// qemu-img does (driver-level errors come after that line): ``prepare(format:path:size:options:backingFile:backingFormat:openBacking:)``
@@ -23,8 +23,6 @@ public enum ImageCreator {
         public var size: Int64
         /// The effective option values by name, as given (sizes and numbers normalized).
         public var values: [String: String]
-        /// What qemu-img prints before creating: `Formatting 'FILE', fmt=... size=...`.
-        public var formattingLine: String
     }
 
     /// Splits a qemu-img option string (`a=1,b=2`, with `,,` for a literal comma) into pairs.
@@ -147,12 +145,7 @@ public enum ImageCreator {
         guard let sizeText = values["size"], let finalSize = Int64(sizeText) else {
             throw BlockError(.invalidArgument, "Image creation needs a size parameter", path: path, operation: "create")
         }
-        var line = "Formatting '\(path)', fmt=\(format)"
-        for desc in table {
-            guard let v = values[desc.name] ?? desc.defaultValue else { continue }
-            line += " \(desc.name)=\(v)"
-        }
-        return Plan(format: format, path: path, size: finalSize, values: values, formattingLine: line)
+        return Plan(format: format, path: path, size: finalSize, values: values)
     }
 
     /// Writes the image a ``Plan`` describes.

@@ -2,7 +2,8 @@ import QBlockCore
 import QBlockDrivers
 import QBlockGraph
 import QBlockOpen
-/// What `qemu-img info` reports about one image, with its human and JSON renderings.
+/// What `qemu-img info` reports about one image (QAPI's `ImageInfo`). The tools render it
+/// as qemu-img prints it; the monitor reports it through ``qobject`` (`query-block`).
 public struct ImageInfo: Sendable, Equatable {
     /// The image's file name (or NBD URI).
     public var filename: String
@@ -93,35 +94,6 @@ public struct ImageInfo: Sendable, Equatable {
         return .dict(d)
     }
 
-    /// `qemu-img info` human output for this image (`bdrv_image_info_dump`), newline-terminated.
-    public var humanText: String {
-        var s = "image: \(filename)\n"
-        s += "file format: \(format)\n"
-        s += "virtual size: \(qemuSizeString(virtualSize)) (\(virtualSize) bytes)\n"
-        s += "disk size: \(actualSize.map(qemuSizeString) ?? "unavailable")\n"
-        if let clusterSize { s += "cluster_size: \(clusterSize)\n" }
-        if dirty { s += "cleanly shut down: no\n" }
-        if let backingFilename {
-            s += "backing file: \(backingFilename)"
-            if let full = fullBackingFilename {
-                if full != backingFilename { s += " (actual path: \(full))" }
-            } else {
-                s += " (cannot determine actual path)"
-            }
-            s += "\n"
-            if let backingFormat { s += "backing file format: \(backingFormat)\n" }
-        }
-        if let snapshots { s += SnapshotInfo.listText(snapshots) }
-        if let formatSpecific, let data = formatSpecific["data"] {
-            s += "Format specific information:\n"
-            s += data.humanDump(indent: 1)
-        }
-        return s
-    }
-
-    /// The JSON `qemu-img info --output=json` prints (without the final newline).
-    public var jsonText: String { qobject.prettyJSON }
-
     /// Opens `filename` without its backing file and collects its information.
     public static func collect(_ filename: String, options: OpenOptions) async throws -> ImageInfo {
         var o = options
@@ -151,15 +123,5 @@ public struct ImageInfo: Sendable, Equatable {
             o.format = info.backingFormat
         }
         return infos
-    }
-
-    /// Renders a list of infos as `qemu-img info [--backing-chain]` does. The result ends with
-    /// a newline.
-    public static func render(_ infos: [ImageInfo], json: Bool, backingChain: Bool) -> String {
-        if json {
-            if backingChain { return QObject.list(infos.map(\.qobject)).prettyJSON + "\n" }
-            return (infos.first?.jsonText ?? "{}") + "\n"
-        }
-        return infos.map(\.humanText).joined(separator: "\n")
     }
 }

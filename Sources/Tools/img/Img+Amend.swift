@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgAmend: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "amend", abstract: "Change format-specific options of an image.")
@@ -13,11 +14,11 @@ struct ImgAmend: AsyncParsableCommand {
     @Argument(help: "Image file name.") var files: [String] = []
 
     func run() async throws {
-        guard !options.isEmpty else { throw usageError("Must specify options (-o)") }
-        guard files.count == 1 else { throw usageError("Expecting one image file name") }
+        guard !options.isEmpty else { throw tool.usageError("Must specify options (-o)") }
+        guard files.count == 1 else { throw tool.usageError("Expecting one image file name") }
         var mode = CacheMode.writeback
         if let c = cache {
-            guard let m = CacheMode(qemuName: c) else { throw fail("Invalid cache option: \(c)") }
+            guard let m = CacheMode(qemuName: c) else { throw tool.fail("Invalid cache option: \(c)") }
             mode = m
         }
         var pairs: [(String, String)] = []
@@ -26,19 +27,15 @@ struct ImgAmend: AsyncParsableCommand {
             pairs.append((String(kv[0]), kv.count > 1 ? String(kv[1]) : ""))
         }
         let image = try await openImage(files[0], options: OpenOptions(format: format, readOnly: false, cache: mode, openBacking: false))
-        do {
+        try await closing(image) {
             guard let q = image as? any Amendable else {
-                throw fail("Format driver '\(image.driverName)' does not support option amendment")
+                throw tool.fail("Format driver '\(image.driverName)' does not support option amendment")
             }
             do {
                 try await q.amend(options: pairs)
             } catch let e as BlockError {
-                throw fail(e.message)
+                throw tool.fail(e.message)
             }
-        } catch {
-            await closeQuietly(image)
-            throw error
         }
-        await closeQuietly(image)
     }
 }

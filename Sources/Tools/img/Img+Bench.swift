@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench", abstract: "Run a simple I/O benchmark on an image.")
@@ -24,35 +25,35 @@ struct ImgBench: AsyncParsableCommand {
         var b = Bench()
         b.write = write
         b.drain = !noDrain
-        if let count { guard let v = Int(count), v >= 0 else { throw fail("Invalid request count specified") }; b.count = v }
-        if let depth { guard let v = Int(depth), v >= 1 else { throw fail("Invalid queue depth specified") }; b.depth = v }
+        if let count { guard let v = Int(count), v >= 0 else { throw tool.fail("Invalid request count specified") }; b.count = v }
+        if let depth { guard let v = Int(depth), v >= 1 else { throw tool.fail("Invalid queue depth specified") }; b.depth = v }
         if let bufferSize {
-            guard let v = SizeParser.parse(bufferSize), v <= Int32.max else { throw invalidNumber("buffer size") }
+            guard let v = SizeParser.parse(bufferSize), v <= Int32.max else { throw tool.invalidNumber("buffer size") }
             b.bufferSize = Int(v)
         }
         if let step {
-            guard let v = SizeParser.parse(step), v <= Int32.max else { throw invalidNumber("step_size") }
+            guard let v = SizeParser.parse(step), v <= Int32.max else { throw tool.invalidNumber("step_size") }
             b.step = Int(v)
         }
-        if let offset { b.offset = try parseSize(offset, what: "offset") }
-        if let pattern { guard let v = UInt8(pattern) else { throw fail("Invalid pattern byte specified") }; b.pattern = v }
+        if let offset { b.offset = try tool.parseSize(offset, what: "offset") }
+        if let pattern { guard let v = UInt8(pattern) else { throw tool.fail("Invalid pattern byte specified") }; b.pattern = v }
         if let flushInterval {
-            guard let v = Int(flushInterval), v >= 0 else { throw fail("Invalid flush interval specified") }
+            guard let v = Int(flushInterval), v >= 0 else { throw tool.fail("Invalid flush interval specified") }
             b.flushInterval = v
         }
         var mode = CacheMode.writeback
-        if let cache { guard let m = CacheMode(qemuName: cache) else { throw fail("Invalid cache mode") }; mode = m }
-        if let aio, !["threads", "native", "io_uring"].contains(aio) { throw fail("Invalid aio option: \(aio)") }
-        do { try b.validate() } catch let e as BlockError { throw fail(e.message) }
+        if let cache { guard let m = CacheMode(qemuName: cache) else { throw tool.fail("Invalid cache mode") }; mode = m }
+        if let aio, !["threads", "native", "io_uring"].contains(aio) { throw tool.fail("Invalid aio option: \(aio)") }
+        do { try b.validate() } catch let e as BlockError { throw tool.fail(e.message) }
         let node = try await image.open(filename, readOnly: !write, cache: mode)
-        writeStdout(b.header)
-        do {
-            let seconds = try await b.run(on: node)
-            writeStdout(Bench.completionLine(seconds: seconds))
-        } catch let e as BlockError {
-            await closeQuietly(node)
-            throw fail("Failed request: \(e.message)")
+        writeStdout(b.headerText)
+        try await closing(node) {
+            do {
+                let seconds = try await b.run(on: node)
+                writeStdout(Bench.completionText(seconds: seconds))
+            } catch let e as BlockError {
+                throw tool.fail("Failed request: \(e.message)")
+            }
         }
-        await closeQuietly(node)
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 /// `img bitmap`: offline persistent bitmap operations, as `qemu-img bitmap` (several
 /// operations in one call, applied in the order given; the image is opened read-write
@@ -63,13 +64,13 @@ struct ImgBitmap: AsyncParsableCommand {
 
     func run() async throws {
         var g: Int64 = 0
-        if let granularity { g = try parseSize(granularity, what: "granularity") }
+        if let granularity { g = try tool.parseSize(granularity, what: "granularity") }
         let actions = orderedActions()
-        if actions.isEmpty { throw fail("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge") }
-        if g != 0 && add == 0 { throw fail("granularity only supported with --add") }
-        if sourceFormat != nil && sourceFile == nil { throw fail("-F only supported with -b") }
-        if sourceFile != nil && merge.isEmpty { throw fail("Merge bitmap source file only supported with --merge") }
-        guard positionals.count == 2 else { throw fail("Expecting filename and bitmap name") }
+        if actions.isEmpty { throw tool.fail("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge") }
+        if g != 0 && add == 0 { throw tool.fail("granularity only supported with --add") }
+        if sourceFormat != nil && sourceFile == nil { throw tool.fail("-F only supported with -b") }
+        if sourceFile != nil && merge.isEmpty { throw tool.fail("Merge bitmap source file only supported with --merge") }
+        guard positionals.count == 2 else { throw tool.fail("Expecting filename and bitmap name") }
         let (filename, name) = (positionals[0], positionals[1])
 
         let node = try await image.open(filename, readOnly: false, openBacking: false)
@@ -88,7 +89,7 @@ struct ImgBitmap: AsyncParsableCommand {
             do {
                 try await perform(act, on: node, name: name, granularity: g, source: source ?? node)
             } catch let e as BlockError {
-                failure = fail("Operation \(act.name) on bitmap \(name) failed: \(e.message)")
+                failure = tool.fail("Operation \(act.name) on bitmap \(name) failed: \(e.message)")
                 break
             }
         }
@@ -96,7 +97,7 @@ struct ImgBitmap: AsyncParsableCommand {
         do {
             try await node.close()
         } catch let e as BlockError {
-            printError("Lost persistent bitmaps during inactivation of node '\(nodeName)': \(e.message)")
+            tool.printError("Lost persistent bitmaps during inactivation of node '\(nodeName)': \(e.message)")
         }
         if let failure { throw failure }
     }

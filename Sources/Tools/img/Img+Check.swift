@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgCheck: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "check", abstract: "Check an image for consistency.")
@@ -15,29 +16,27 @@ struct ImgCheck: AsyncParsableCommand {
         var mode: CheckRepair?
         if let repair {
             guard let m = CheckRepair(rawValue: repair) else {
-                throw usageError("Unknown option value for -r (expecting 'leaks' or 'all'): \(repair)")
+                throw tool.usageError("Unknown option value for -r (expecting 'leaks' or 'all'): \(repair)")
             }
             mode = m
         }
         let node = try await image.open(filename, readOnly: mode == nil, forRepair: mode != nil)
-        defer { Task { await closeQuietly(node) } }
-        let outcome: (report: ImageCheckReport, repaired: (leaks: Int, corruptions: Int)?)
-        do {
-            outcome = try await ImageCheckReport.run(node, repair: mode) { writeStderr($0 + "\n") }
-        } catch let e as BlockError {
-            await closeQuietly(node)
-            if e.message == ImageCheckReport.notSupportedMessage {
-                throw fail(e.message, code: ImageCheckReport.notSupportedExitCode)
+        let outcome = try await closing(node) {
+            do {
+                return try await ImageCheckReport.run(node, repair: mode) { writeStderr($0 + "\n") }
+            } catch let e as BlockError {
+                if e.message == ImageCheckReport.notSupportedMessage {
+                    throw tool.fail(e.message, code: ImageCheckReport.notSupportedExitCode)
+                }
+                throw tool.fail("Check failed: \(e.message)")
             }
-            throw fail("Check failed: \(e.message)")
         }
-        await closeQuietly(node)
         let report = outcome.report
         if let fixed = outcome.repaired, !json, !quiet {
             writeStdout(ImageCheckReport.repairedText(leaks: fixed.leaks, corruptions: fixed.corruptions))
         }
         if !quiet { writeStdout(json ? report.jsonText : report.humanText) }
-        if report.result.checkErrors != 0 { throw fail("Check failed") }
+        if report.result.checkErrors != 0 { throw tool.fail("Check failed") }
         throw ExitCode(report.exitCode)
     }
 }

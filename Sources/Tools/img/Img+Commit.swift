@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgCommit: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "commit", abstract: "Write an image's changes into its backing file.")
@@ -14,14 +15,14 @@ struct ImgCommit: AsyncParsableCommand {
     @Argument(help: "Image file name.") var files: [String] = []
 
     func run() async throws {
-        guard files.count == 1 else { throw usageError("Expecting one image file name") }
+        guard files.count == 1 else { throw tool.usageError("Expecting one image file name") }
         var mode = CacheMode.unsafe
         if let c = cache {
-            guard let m = CacheMode(qemuName: c) else { throw fail("Invalid cache option: \(c)") }
+            guard let m = CacheMode(qemuName: c) else { throw tool.fail("Invalid cache option: \(c)") }
             mode = m
         }
         if let format, !ImageOpener.formats.contains(format) {
-            throw fail("Could not open '\(files[0])': Unknown driver '\(format)'")
+            throw tool.fail("Could not open '\(files[0])': Unknown driver '\(format)'")
         }
         let showProgress = progress && !quiet
         do {
@@ -29,7 +30,7 @@ struct ImgCommit: AsyncParsableCommand {
                                          progress: showProgress ? { printProgress($0) } : nil)
         } catch let e as BlockError {
             if showProgress { writeStdout("\n") }
-            throw fail(e.operation == "open" ? openErrorMessage(e, e.path ?? files[0]) : e.message)
+            throw tool.fail(e.operation == "open" ? ToolProgram.openErrorMessage(e, e.path ?? files[0]) : e.message)
         }
         if showProgress { writeStdout("\n") }
         if !quiet { writeStdout("Image committed.\n") }

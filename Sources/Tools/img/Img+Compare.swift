@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,33 +18,26 @@ struct ImgCompare: AsyncParsableCommand {
     @Argument(help: "The two images.") var files: [String] = []
 
     func run() async throws {
-        guard files.count == 2 else { throw usageError("Expecting two image file names") }
+        guard files.count == 2 else { throw tool.usageError("Expecting two image file names") }
         var mode = CacheMode.writeback
         if let cache {
-            guard let m = CacheMode(qemuName: cache) else { throw fail("Invalid source cache option: \(cache)", code: 2) }
+            guard let m = CacheMode(qemuName: cache) else { throw tool.fail("Invalid source cache option: \(cache)", code: 2) }
             mode = m
         }
         let showProgress = progress && !quiet
         let a = try await openOrExit(files[0], format: format1, cache: mode, code: 2)
-        let b: any BlockDriver
-        do {
-            b = try await openOrExit(files[1], format: format2, cache: mode, code: 2)
-        } catch {
-            await closeQuietly(a)
-            throw error
+        let result = try await closing(a) {
+            let b = try await openOrExit(files[1], format: format2, cache: mode, code: 2)
+            return try await closing(b) {
+                do {
+                    return try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? { printProgress($0) } : nil)
+                } catch let e as BlockError {
+                    throw tool.fail(e.message, code: e.operation == "read" ? 4 : 3)
+                }
+            }
         }
-        let result: ImageComparison
-        do {
-            result = try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? { printProgress($0) } : nil)
-        } catch let e as BlockError {
-            await closeQuietly(a)
-            await closeQuietly(b)
-            throw fail(e.message, code: e.operation == "read" ? 4 : 3)
-        }
-        await closeQuietly(a)
-        await closeQuietly(b)
         if showProgress { writeStdout("\n") }
-        if !quiet { writeStdout(result.report) }
+        if !quiet { writeStdout(result.reportText) }
         if !result.identical { throw ExitCode(1) }
     }
 
@@ -54,7 +48,6 @@ struct ImgCompare: AsyncParsableCommand {
     }
 }
 
-/// qemu-img's progress line: "    (P/100%)\r".
 /// Opens an image with exact options (the format named is used as is: an unknown one is
 /// reported as QEMU's "Unknown driver"), printing qemu-img's message and exiting with
 /// `exitCode` on failure.
@@ -63,7 +56,7 @@ func openImage(_ name: String, options: OpenOptions, exitCode: Int32 = 1) async 
         return try await ImageOpener.open(name, options: options)
     } catch let e as BlockError {
         let message = e.message.hasPrefix("Could not open backing file") ? "Could not open '\(name)': " + e.message
-            : openErrorMessage(e, name)
-        throw fail(message, code: exitCode)
+            : ToolProgram.openErrorMessage(e, name)
+        throw tool.fail(message, code: exitCode)
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -45,21 +46,21 @@ struct ImgConvert: AsyncParsableCommand {
         o.forceShare = forceShare
         o.bitmaps = bitmaps
         o.skipBrokenBitmaps = skipBrokenBitmaps
-        o.warning = { printError("warning: \($0)") }
+        o.warning = { tool.printError("warning: \($0)") }
         if let coroutines {
             guard let m = Int(coroutines), m >= 1, m <= Convert.maxParallelRequests else {
-                throw fail("Invalid number of coroutines. Allowed number of coroutines is between 1 and \(Convert.maxParallelRequests)")
+                throw tool.fail("Invalid number of coroutines. Allowed number of coroutines is between 1 and \(Convert.maxParallelRequests)")
             }
             o.parallelRequests = m
         }
         if let sparseSize {
             guard let s = SizeParser.parse(sparseSize) else {
-                throw fail("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to \(Convert.maxBufferSectors * 512). Select 0 to disable sparse detection (fully allocates output).")
+                throw tool.fail("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to \(Convert.maxBufferSectors * 512). Select 0 to disable sparse detection (fully allocates output).")
             }
             o.minSparse = s
         }
         if let cache {
-            guard let m = CacheMode(qemuName: cache) else { throw fail("Invalid cache option: \(cache)") }
+            guard let m = CacheMode(qemuName: cache) else { throw tool.fail("Invalid cache option: \(cache)") }
             o.targetCache = m
         }
         let sources = Array(files.dropLast())
@@ -67,10 +68,10 @@ struct ImgConvert: AsyncParsableCommand {
         do {
             try o.validate(sourceCount: sources.count)
         } catch let e as BlockError {
-            throw fail(e.message)
+            throw tool.fail(e.message)
         }
         if let sourceCache {
-            guard let m = CacheMode(qemuName: sourceCache) else { throw fail("Invalid source cache option: \(sourceCache)") }
+            guard let m = CacheMode(qemuName: sourceCache) else { throw tool.fail("Invalid source cache option: \(sourceCache)") }
             o.sourceCache = m
         }
         let show = progress && !quiet
@@ -79,10 +80,8 @@ struct ImgConvert: AsyncParsableCommand {
             try await Convert.run(sources: sources, target: target, options: o, progress: printer)
         } catch let e as BlockError {
             if show { writeStdout("\n") }
-            throw fail(e.message)
+            throw tool.fail(e.message)
         }
         if show { writeStdout("\n") }
     }
 }
-
-/// One progress line as qemu-img's `-p` prints it (overwritten by the next).

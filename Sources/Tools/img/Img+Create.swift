@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,7 +18,7 @@ struct ImgCreate: AsyncParsableCommand {
     @Argument(help: "Size (k, M, G, T, P, E suffixes).") var size: String?
 
     func run() async throws {
-        let sizeValue = try size.map { try parseSize($0, what: "image size") }
+        let sizeValue = try size.map { try tool.parseSize($0, what: "image size") }
         let pairs = options.flatMap { ImageCreator.parseOptionString($0) }
         do {
             let plan = try await ImageCreator.prepare(format: format, path: filename, size: sizeValue, options: pairs,
@@ -27,11 +28,11 @@ struct ImgCreate: AsyncParsableCommand {
         } catch let e as BlockError {
             if e.message.contains("\nDetected format of ") {
                 // qemu-img prints this hint without a final newline; so do we, byte for byte.
-                StandardStream.output.flush()
-                writeStderr("img: \(filename): \(e.message)")
+                flushStdout()
+                writeStderr("\(tool.name): \(filename): \(e.message)")
                 throw ExitCode.failure
             }
-            throw fail("\(filename): \(e.message)")
+            throw tool.fail("\(filename): \(e.message)")
         }
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgDD: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "dd",
@@ -20,10 +21,9 @@ struct ImgDD: AsyncParsableCommand {
             if let format, !ImageOpener.formats.contains(format), o.input != nil, o.output != nil {
                 throw BlockError(.invalidArgument, "Unknown file format '\(format)'")
             }
-            try await DD.run(o) { printError($0) }
+            try await DD.run(o) { tool.printError($0) }
         } catch let e as BlockError {
-            for line in e.message.split(separator: "\n", omittingEmptySubsequences: false) { printError(String(line)) }
-            throw ExitCode.failure
+            throw tool.failEachLine(e.message)
         }
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgInfo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "info", abstract: "Show information about an image.")
@@ -16,7 +17,7 @@ struct ImgInfo: AsyncParsableCommand {
         var format = image.format
         while true {
             if infos.contains(where: { $0.filename == name }) {
-                throw fail("Backing file '\(name)' creates an infinite loop.")
+                throw tool.fail("Backing file '\(name)' creates an infinite loop.")
             }
             var opts = image
             opts.format = format

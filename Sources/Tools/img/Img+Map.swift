@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgMap: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "map", abstract: "Show where an image's data lies.")
@@ -12,15 +13,15 @@ struct ImgMap: AsyncParsableCommand {
 
     func run() async throws {
         let json = try out.isJSON
-        let start = try startOffset.map { try parseSize($0, what: "start offset") } ?? 0
-        let length = try maxLength.map { try parseSize($0, what: "max length") }
+        let start = try startOffset.map { try tool.parseSize($0, what: "start offset") } ?? 0
+        let length = try maxLength.map { try tool.parseSize($0, what: "max length") }
         let node = try await image.open(filename)
-        do {
-            try await BlockMap.render(node, format: json ? .json : .human, start: start, maxLength: length) { writeStdout($0) }
-        } catch let e as BlockError {
-            await closeQuietly(node)
-            throw fail(e.message)
+        try await closing(node) {
+            do {
+                try await BlockMap.render(node, format: json ? .json : .human, start: start, maxLength: length) { writeStdout($0) }
+            } catch let e as BlockError {
+                throw tool.fail(e.message)
+            }
         }
-        await closeQuietly(node)
     }
 }

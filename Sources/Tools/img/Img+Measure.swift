@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgMeasure: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "measure",
@@ -16,31 +17,29 @@ struct ImgMeasure: AsyncParsableCommand {
     func run() async throws {
         let json = try out.isJSON
         var sizeValue: Int64?
-        if let size { sizeValue = try parseSize(size, what: "image size") }
-        if files.count > 1 { throw fail("At most one filename argument is allowed.") }
+        if let size { sizeValue = try tool.parseSize(size, what: "image size") }
+        if files.count > 1 { throw tool.fail("At most one filename argument is allowed.") }
         let filename = files.first
-        if filename == nil && format != nil { throw fail("--image-opts, -f, and -l require a filename argument.") }
-        if filename != nil && sizeValue != nil { throw fail("--size N cannot be used together with a filename.") }
-        if filename == nil && sizeValue == nil { throw fail("Either --size N or one filename must be specified.") }
+        if filename == nil && format != nil { throw tool.fail("--image-opts, -f, and -l require a filename argument.") }
+        if filename != nil && sizeValue != nil { throw tool.fail("--size N cannot be used together with a filename.") }
+        if filename == nil && sizeValue == nil { throw tool.fail("Either --size N or one filename must be specified.") }
         var node: (any BlockDriver)?
         if let filename {
-            if let format, !ImageOpener.formats.contains(format) { throw fail("Unknown file format '\(format)'") }
+            if let format, !ImageOpener.formats.contains(format) { throw tool.fail("Unknown file format '\(format)'") }
             do {
                 node = try await ImageOpener.open(filename, options: OpenOptions(format: format, readOnly: true, forceShare: forceShare))
             } catch let e as BlockError {
-                throw fail(openErrorMessage(e, filename))
+                throw tool.fail(ToolProgram.openErrorMessage(e, filename))
             }
         }
         let pairs = options.flatMap { ImageCreator.parseOptionString($0) }
-        let result: MeasureResult
-        do {
-            result = try await Measure.measure(format: outputFormat, options: pairs, size: sizeValue, source: node)
-        } catch let e as BlockError {
-            if let node { await closeQuietly(node) }
-            for line in e.message.split(separator: "\n", omittingEmptySubsequences: false) { printError(String(line)) }
-            throw ExitCode.failure
+        let result = try await closing(node) {
+            do {
+                return try await Measure.measure(format: outputFormat, options: pairs, size: sizeValue, source: node)
+            } catch let e as BlockError {
+                throw tool.failEachLine(e.message)
+            }
         }
-        if let node { await closeQuietly(node) }
-        writeStdout(json ? result.json : result.human)
+        writeStdout(json ? result.jsonText : result.humanText)
     }
 }

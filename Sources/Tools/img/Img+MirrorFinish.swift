@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 /// `img mirror-finish`: completes, offline, a mirror whose process died, from the mirror's
 /// persistent dirty bitmap (`drive-mirror ... "x-bitmap-file": FILE`). Not in qemu-img,
@@ -17,17 +18,17 @@ struct ImgMirrorFinish: AsyncParsableCommand {
     @Argument(help: "SOURCE TARGET") var files: [String] = []
 
     func run() async throws {
-        guard files.count == 2 else { throw usageError("Expecting a source and a target image") }
+        guard files.count == 2 else { throw tool.usageError("Expecting a source and a target image") }
         let source: any BlockDriver
         let target: any BlockDriver
         do {
             source = try await ImageOpener.open(files[0], options: OpenOptions(format: sourceFormat, readOnly: true))
-        } catch let e as BlockError { throw fail(openErrorMessage(e, files[0])) }
+        } catch let e as BlockError { throw tool.fail(ToolProgram.openErrorMessage(e, files[0])) }
         do {
             target = try await ImageOpener.open(files[1], options: OpenOptions(format: targetFormat, readOnly: false))
         } catch let e as BlockError {
             try? await source.close()
-            throw fail(openErrorMessage(e, files[1]))
+            throw tool.fail(ToolProgram.openErrorMessage(e, files[1]))
         }
         let show = progress && !quiet
         let result: MirrorFinish.Result
@@ -37,7 +38,7 @@ struct ImgMirrorFinish: AsyncParsableCommand {
         } catch let e as BlockError {
             try? await target.close()
             try? await source.close()
-            throw fail(e.message)
+            throw tool.fail(e.message)
         }
         try await target.close()
         try await source.close()

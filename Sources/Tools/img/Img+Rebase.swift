@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgRebase: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "rebase", abstract: "Change the backing file of an image.")
@@ -16,53 +17,49 @@ struct ImgRebase: AsyncParsableCommand {
     @Argument(help: "Image file name.") var files: [String] = []
 
     func run() async throws {
-        guard files.count == 1 else { throw usageError(files.isEmpty ? "Expecting one image file name" : "Expecting one image file name") }
+        guard files.count == 1 else { throw tool.usageError(files.isEmpty ? "Expecting one image file name" : "Expecting one image file name") }
         let filename = files[0]
-        if !unsafe && backing == nil { throw usageError("Must specify backing file (-b) or use unsafe mode (-u)") }
-        if forceShare { throw fail("force-share=on can only be used with read-only images") }
-        if let f = backingFormat, !ImageOpener.formats.contains(f) { throw fail("Invalid format name: '\(f)'") }
+        if !unsafe && backing == nil { throw tool.usageError("Must specify backing file (-b) or use unsafe mode (-u)") }
+        if forceShare { throw tool.fail("force-share=on can only be used with read-only images") }
+        if let f = backingFormat, !ImageOpener.formats.contains(f) { throw tool.fail("Invalid format name: '\(f)'") }
         var mode = CacheMode.writeback
         if let c = cache {
-            guard let m = CacheMode(qemuName: c) else { throw fail("Invalid cache option: \(c)") }
+            guard let m = CacheMode(qemuName: c) else { throw tool.fail("Invalid cache option: \(c)") }
             mode = m
         }
-        if let c = sourceCache, CacheMode(qemuName: c) == nil { throw fail("Invalid source cache option: \(c)") }
+        if let c = sourceCache, CacheMode(qemuName: c) == nil { throw tool.fail("Invalid source cache option: \(c)") }
         let newName = (backing?.isEmpty ?? true) ? nil : backing
         // Checked before anything is written, so that a refused rebase leaves the image unchanged.
         if let newName, backingFormat == nil {
-            throw fail("Could not change the backing file to '\(newName)': backing format must be specified")
+            throw tool.fail("Could not change the backing file to '\(newName)': backing format must be specified")
         }
         let image = try await openImage(filename, options: OpenOptions(format: format, readOnly: false, cache: mode,
                                                                         openBacking: !unsafe))
-        var newBacking: (any BlockDriver)?
-        do {
+        try await closing(image) {
+            var newBacking: (any BlockDriver)?
             if !unsafe, let newName {
                 let full = ImageOpener.resolveBackingPath(newName, relativeTo: filename)
                 do {
                     newBacking = try await ImageOpener.open(full, options: OpenOptions(format: backingFormat, readOnly: true, cache: mode))
                 } catch let e as BlockError {
-                    throw fail("Could not open new backing file '\(newName)': " + e.message)
+                    throw tool.fail("Could not open new backing file '\(newName)': " + e.message)
                 }
             }
             let showProgress = progress && !quiet
-            do {
-                if unsafe {
-                    try await ImageRebase.changeBackingFile(of: image, to: newName, format: newName == nil ? nil : backingFormat)
-                } else {
-                    try await ImageRebase.rebase(image, onto: newBacking, backingName: newName,
-                                                 backingFormat: newName == nil ? nil : backingFormat,
-                                                 progress: showProgress ? { printProgress($0) } : nil)
-                    if showProgress { writeStdout("\n") }
+            try await closing(newBacking) {
+                do {
+                    if unsafe {
+                        try await ImageRebase.changeBackingFile(of: image, to: newName, format: newName == nil ? nil : backingFormat)
+                    } else {
+                        try await ImageRebase.rebase(image, onto: newBacking, backingName: newName,
+                                                     backingFormat: newName == nil ? nil : backingFormat,
+                                                     progress: showProgress ? { printProgress($0) } : nil)
+                        if showProgress { writeStdout("\n") }
+                    }
+                } catch let e as BlockError {
+                    throw tool.fail(e.message)
                 }
-            } catch let e as BlockError {
-                throw fail(e.message)
             }
-        } catch {
-            if let newBacking { await closeQuietly(newBacking) }
-            await closeQuietly(image)
-            throw error
         }
-        if let newBacking { await closeQuietly(newBacking) }
-        await closeQuietly(image)
     }
 }

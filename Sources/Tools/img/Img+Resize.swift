@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 
 struct ImgResize: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "resize", abstract: "Change an image's virtual size.")
@@ -16,38 +17,34 @@ struct ImgResize: AsyncParsableCommand {
         let sign: Int64 = text.first == "+" ? 1 : text.first == "-" ? -1 : 0
         if sign != 0 { text = text.dropFirst() }
         guard let amount = SizeParser.parse(String(text)) else {
-            throw fail("Parameter 'size' expects a non-negative number below 2^64\n"
+            throw tool.fail("Parameter 'size' expects a non-negative number below 2^64\n"
                 + "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.")
         }
         var prealloc = Preallocation.off
         if let p = preallocation {
-            guard let m = Preallocation(rawValue: p) else { throw fail("Invalid preallocation mode '\(p)'") }
+            guard let m = Preallocation(rawValue: p) else { throw tool.fail("Invalid preallocation mode '\(p)'") }
             prealloc = m
         }
         let node = try await image.open(filename, readOnly: false)
         let current = qemuLength(node)
         let total = sign == 0 ? amount : current + sign * amount
-        do {
-            if total <= 0 { throw fail("New image size must be positive") }
+        try await closing(node) {
+            if total <= 0 { throw tool.fail("New image size must be positive") }
             if total < current && !shrink {
-                printError("Use the --shrink option to perform a shrink operation.")
-                throw fail("warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+                tool.printError("Use the --shrink option to perform a shrink operation.")
+                throw tool.fail("warning: Shrinking an image will delete all data beyond the shrunken image's end. "
                     + "Before performing such an operation, make sure there is no important data there.")
             }
             if node.driverName == "raw" && prealloc == .metadata {
-                throw fail("Unsupported preallocation mode: metadata")
+                throw tool.fail("Unsupported preallocation mode: metadata")
             }
             do {
                 try await node.truncate(to: total, preallocation: prealloc)
                 try await node.flush()
             } catch let e as BlockError {
-                throw fail(e.message)
+                throw tool.fail(e.message)
             }
-        } catch {
-            await closeQuietly(node)
-            throw error
         }
-        await closeQuietly(node)
         if !quiet { writeStdout("Image resized.\n") }
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -20,19 +21,13 @@ struct ImgSnapshot: AsyncParsableCommand {
 
     func run() async throws {
         let actions = (list ? 1 : 0) + (create != nil ? 1 : 0) + (apply != nil ? 1 : 0) + (delete != nil ? 1 : 0)
-        if actions > 1 { throw usageError("Cannot mix '-l', '-a', '-c', '-d'") }
-        guard files.count == 1, let filename = files.first else { throw usageError("Expecting one image file name") }
+        if actions > 1 { throw tool.usageError("Cannot mix '-l', '-a', '-c', '-d'") }
+        guard files.count == 1, let filename = files.first else { throw tool.usageError("Expecting one image file name") }
         if image.forceShare && !list {
-            throw fail("Could not open '\(filename)': force-share=on can only be used with read-only images")
+            throw tool.fail("Could not open '\(filename)': force-share=on can only be used with read-only images")
         }
         let node = try await image.open(filename, readOnly: list)
-        do {
-            try await perform(on: node, filename: filename)
-        } catch {
-            await closeQuietly(node)
-            throw error
-        }
-        await closeQuietly(node)
+        try await closing(node) { try await perform(on: node, filename: filename) }
     }
 
     private func perform(on node: any BlockDriver, filename: String) async throws {
@@ -42,39 +37,37 @@ struct ImgSnapshot: AsyncParsableCommand {
         } else if let name = create {
             // qemu-img keeps the name in a 256-byte buffer.
             let tag = String(decoding: Array(name.utf8.prefix(255)), as: UTF8.self)
-            guard let snapshotting else { throw fail("Could not create snapshot '\(name)': -95 (Operation not supported)") }
+            guard let snapshotting else { throw tool.fail("Could not create snapshot '\(name)': -95 (Operation not supported)") }
             do {
                 try await snapshotting.createInternalSnapshot(name: tag, icount: 0)
             } catch let e as BlockError {
                 let err = e.errno ?? errnoFor(e)
-                throw fail("Could not create snapshot '\(name)': -\(err) (\(String(cString: strerror(err))))")
+                throw tool.fail("Could not create snapshot '\(name)': -\(err) (\(String(cString: strerror(err))))")
             }
         } else if let name = apply {
             guard let snapshotting else {
                 if image.format == nil {
                     // qemu-img opens the image a second time when it falls back to the file
                     // layer, and warns again.
-                    writeStderr("WARNING: Image format was not specified for '\(filename)' and probing guessed raw.\n"
-                        + "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n"
-                        + "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+                    writeStderr(ToolProgram.rawProbeWarning(filename))
                 }
-                throw fail("Could not apply snapshot '\(name)': Block driver does not support snapshots")
+                throw tool.fail("Could not apply snapshot '\(name)': Block driver does not support snapshots")
             }
             do {
                 try await snapshotting.applySnapshot(idOrName: name)
             } catch let e as BlockError {
                 let why = e.message.hasPrefix("Failed to load snapshot") || e.code == .busy ? e.message : "Failed to load snapshot: " + e.message
-                throw fail("Could not apply snapshot '\(name)': \(why)")
+                throw tool.fail("Could not apply snapshot '\(name)': \(why)")
             }
         } else if let name = delete {
             // qemu-img 7.2 looks the snapshot up by name only (bdrv_snapshot_find).
             guard let snapshotting, snapshotting.internalSnapshots.contains(where: { $0.name == name }) else {
-                throw fail("Could not delete snapshot '\(name)': snapshot not found")
+                throw tool.fail("Could not delete snapshot '\(name)': snapshot not found")
             }
             do {
                 try await snapshotting.deleteSnapshot(idOrName: name)
             } catch let e as BlockError {
-                throw fail("Could not delete snapshot '\(name)': \(e.message)")
+                throw tool.fail("Could not delete snapshot '\(name)': \(e.message)")
             }
         }
         try await node.flush()

@@ -1,8 +1,9 @@
 import ArgumentParser
 import QBlock
-#if canImport(Glibc)
-import Glibc
-#endif
+import ToolSupport
+
+/// How `img` reports errors: "img: message", as qemu-img's `error_report`.
+let tool = ToolProgram(name: "img")
 
 /// `img`: a qemu-img work-alike over the QBlock library.
 @main
@@ -15,27 +16,7 @@ struct Img: AsyncParsableCommand {
                       ImgConvert.self, ImgMeasure.self, ImgDD.self, ImgBitmap.self, ImgMirrorFinish.self])
 
     static func main() async {
-        let args = preprocess(Array(CommandLine.arguments.dropFirst()))
-        do {
-            var command = try parseAsRoot(args)
-            if var asyncCommand = command as? AsyncParsableCommand {
-                try await asyncCommand.run()
-            } else {
-                try command.run()
-            }
-        } catch let code as ExitCode {
-            Glibc.exit(code.rawValue)
-        } catch let e as BlockError {
-            printError(e.message)
-            Glibc.exit(1)
-        } catch {
-            if exitCode(for: error) == .success { exit(withError: error) }
-            // Usage errors: one line as qemu-img's error_exit words them, exit 1.
-            let message = fullMessage(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-            printError(message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message)
-            writeStderr("Try 'img --help' for more information\n")
-            Glibc.exit(1)
-        }
+        await tool.main(Img.self, arguments: preprocess(Array(CommandLine.arguments.dropFirst())))
     }
 
     /// qemu-img takes the last argument of `resize` as the size even when it starts with a

@@ -1,9 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import QBlock
 import ToolSupport
+
+/// How `io` reports errors: "io: message", as qemu-io's `error_report`.
+let tool = ToolProgram(name: "io", helpHint: "Try 'io --help' for more information.")
 
 /// `io`: exercises the I/O path of a disk image, with the commands and output of qemu-io.
 @main
@@ -35,21 +35,11 @@ struct IOTool: AsyncParsableCommand {
     var file: String?
 
     static func main() async {
-        let tool: IOTool
-        do {
-            tool = try parse()
-        } catch {
-            if exitCode(for: error) == .success {
-                Console.out(fullMessage(for: error) + "\n")
-                Glibc.exit(0)
-            }
-            Console.report(message(for: error))
-            Console.err("Try 'io --help' for more information.")
-            Glibc.exit(1)
-        }
-        let status = await tool.execute()
-        Console.flush()
-        Glibc.exit(status)
+        await tool.main(IOTool.self, usageErrors: .wholeMessage)
+    }
+
+    func run() async throws {
+        throw ExitCode(await execute())
     }
 
     /// Opens the image, runs the commands, and returns the exit status.
@@ -58,12 +48,12 @@ struct IOTool: AsyncParsableCommand {
         if noCache { options.cache = .none }
         if let cache {
             guard let mode = CacheMode(qemuName: cache) else {
-                Console.report("Invalid cache option: \(cache)")
+                tool.printError("Invalid cache option: \(cache)")
                 return 1
             }
             options.cache = mode
         }
-        let session = QemuIOSession(output: Console.output, programName: Console.programName)
+        let session = QemuIOSession(output: .standardStreams, programName: tool.name)
         if let file, await !session.open(file, options: options) {
             return 1
         }
@@ -86,8 +76,8 @@ struct IOTool: AsyncParsableCommand {
     func interactive(_ session: QemuIOSession) async -> Bool {
         var ok = true
         while await !session.quitRequested {
-            Console.out("qemu-io> ")
-            Console.flush()
+            writeStdout("qemu-io> ")
+            flushStdout()
             // readLine blocks: run it on an I/O pool thread, never on the cooperative pool.
             guard let line = await IOThreadPool.shared.run({ readLine(strippingNewline: true) }) else { break }
             if await !session.execute(line) { ok = false }

@@ -1,5 +1,6 @@
 import Foundation
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,11 +20,11 @@ extension Nbd {
             try server.listen(unix: path)
         } catch {
             await shutDown(monitor, server)
-            throw fail(QMPError.from(error).desc)
+            throw tool.fail(QMPError.from(error).desc)
         }
         if let pidFile, !FileManager.default.createFile(atPath: pidFile, contents: Data("\(getpid())\n".utf8)) {
             await shutDown(monitor, server)
-            throw fail("Failed to write pid file '\(pidFile)'")
+            throw tool.fail("Failed to write pid file '\(pidFile)'")
         }
         let done = AsyncEvent()
         monitor.onQuit { done.signal() }

@@ -1,9 +1,13 @@
 import ArgumentParser
 import Foundation
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// How `nbd` reports errors: "nbd: message", as qemu-nbd's `error_report`.
+let tool = ToolProgram(name: "nbd")
 
 /// `nbd`: a qemu-nbd work-alike — exports one image over NBD with QBlock's server.
 @main
@@ -73,30 +77,12 @@ struct Nbd: AsyncParsableCommand {
         sigemptyset(&set)
         for sig in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, sig) }
         pthread_sigmask(SIG_UNBLOCK, &set, nil)
-        do {
-            var command = try parseAsRoot(nil)
-            if var asyncCommand = command as? AsyncParsableCommand {
-                try await asyncCommand.run()
-            } else {
-                try command.run()
-            }
-        } catch let code as ExitCode {
-            Glibc.exit(code.rawValue)
-        } catch let e as BlockError {
-            printError(e.message)
-            Glibc.exit(1)
-        } catch {
-            if exitCode(for: error) == .success { exit(withError: error) }
-            let message = fullMessage(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-            printError(message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message)
-            writeStderr("Try 'nbd --help' for more information\n")
-            Glibc.exit(1)
-        }
+        await tool.main(Nbd.self)
     }
 
     func run() async throws {
         let settings = try validateSettings()
-        if qmp == nil && filename == nil { throw fail("Expected exactly one image file name") }
+        if qmp == nil && filename == nil { throw tool.fail("Expected exactly one image file name") }
         if fork && Daemon.readyFD == nil {
             // The parent: start the server as a detached child and wait until it listens.
             throw ExitCode(Daemon.spawnAndWait())
@@ -114,7 +100,7 @@ struct Nbd: AsyncParsableCommand {
         } catch let e as BlockError {
             try? await node.close()
             // qemu-nbd prints the error without its hint line.
-            throw fail(String(e.message.split(separator: "\n").first ?? ""))
+            throw tool.fail(String(e.message.split(separator: "\n").first ?? ""))
         }
         let server = NBDServer(exports: [export], options: NBDServer.Options(maxClients: settings.shared, persistent: persistent))
         do {
@@ -125,21 +111,21 @@ struct Nbd: AsyncParsableCommand {
             }
         } catch let e as BlockError {
             try? await node.close()
-            throw fail(e.message)
+            throw tool.fail(e.message)
         }
         if let pidFile {
             let ok = FileManager.default.createFile(atPath: pidFile, contents: Data("\(getpid())\n".utf8))
             if !ok {
                 await server.shutdown()
                 try? await node.close()
-                throw fail("Failed to write pid file '\(pidFile)'")
+                throw tool.fail("Failed to write pid file '\(pidFile)'")
             }
         }
         do {
             try server.start()
         } catch let e as BlockError {
             try? await node.close()
-            throw fail(e.message)
+            throw tool.fail(e.message)
         }
         let signals = SignalWatcher { Task { await server.shutdown() } }
         Daemon.signalReady()
@@ -156,7 +142,7 @@ struct Nbd: AsyncParsableCommand {
             if failure == nil { failure = e }
         }
         if let pidFile { unlink(pidFile) }
-        if let failure { throw fail(failure.message) }
+        if let failure { throw tool.fail(failure.message) }
     }
 
     /// The bitmap `name` of `node` or of the first image below it that has one, as qemu-nbd
@@ -179,25 +165,25 @@ struct Nbd: AsyncParsableCommand {
 
     /// Checks the options as qemu-nbd does, with its messages.
     func validateSettings() throws -> Settings {
-        guard let n = Int(shared), n >= 1 else { throw fail("Invalid shared device number '\(shared)'") }
-        guard let p = UInt16(port) else { throw fail("Invalid port number `\(port)'") }
+        guard let n = Int(shared), n >= 1 else { throw tool.fail("Invalid shared device number '\(shared)'") }
+        guard let p = UInt16(port) else { throw tool.fail("Invalid port number `\(port)'") }
         var cacheMode = CacheMode.writeback
         if let cache {
-            guard let c = CacheMode(qemuName: cache) else { throw fail("Invalid cache mode `\(cache)'") }
+            guard let c = CacheMode(qemuName: cache) else { throw tool.fail("Invalid cache mode `\(cache)'") }
             cacheMode = c
         }
-        guard let d = NBDExport.DiscardMode(rawValue: discard) else { throw fail("Invalid discard mode `\(discard)'") }
+        guard let d = NBDExport.DiscardMode(rawValue: discard) else { throw tool.fail("Invalid discard mode `\(discard)'") }
         guard let z = NBDExport.DetectZeroes(rawValue: detectZeroes) else {
-            throw fail("Invalid detect-zeroes mode '\(detectZeroes)'")
+            throw tool.fail("Invalid detect-zeroes mode '\(detectZeroes)'")
         }
         if z == .unmap && d != .unmap {
-            throw fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+            throw tool.fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
         }
         if let format, !ImageOpener.formats.contains(format) {
-            throw fail("Unknown file format '\(format)'")
+            throw tool.fail("Unknown file format '\(format)'")
         }
-        if exportName.utf8.count > 4096 { throw fail("export name '\(exportName)' too long") }
-        if let d = exportDescription, d.utf8.count > 4096 { throw fail("description '\(d)' too long") }
+        if exportName.utf8.count > 4096 { throw tool.fail("export name '\(exportName)' too long") }
+        if let d = exportDescription, d.utf8.count > 4096 { throw tool.fail("description '\(d)' too long") }
         // qemu-nbd advertises multi-connection exactly when more than one client may connect.
         let options = NBDExport.Options(readOnly: readOnly, discard: d, detectZeroes: z, allocationDepth: allocationDepth,
                                         writethrough: cacheMode.writeThrough, multiConnection: n > 1)
@@ -209,13 +195,11 @@ struct Nbd: AsyncParsableCommand {
         do {
             let node = try await ImageOpener.open(filename, options: options)
             if format == nil && node.driverName == "raw" && !readOnly {
-                writeStderr("WARNING: Image format was not specified for '\(filename)' and probing guessed raw.\n"
-                    + "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n"
-                    + "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+                writeStderr(ToolProgram.rawProbeWarning(filename))
             }
             return node
         } catch let e as BlockError {
-            throw fail(e.message.hasPrefix("Could not open") ? e.message : "Failed to blk_new_open '\(filename)': \(e.message)")
+            throw tool.fail(e.message.hasPrefix("Could not open") ? e.message : "Failed to blk_new_open '\(filename)': \(e.message)")
         }
     }
 }

@@ -1,26 +1,10 @@
 import ArgumentParser
 import Foundation
 import QBlock
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
-
-func writeStderr(_ s: String) {
-    StandardStream.error.write(s)
-    StandardStream.error.flush()
-}
-
-/// Prints "nbd: message" on stderr, as qemu-nbd's error_report does.
-func printError(_ message: String) {
-    StandardStream.output.flush()
-    writeStderr("nbd: \(message)\n")
-}
-
-/// Reports `message` and returns the failure exit code, for `throw fail(...)`.
-func fail(_ message: String) -> ExitCode {
-    printError(message)
-    return ExitCode(1)
-}
 
 /// `--fork`: the parent re-executes this program as a detached child (a fresh process,
 /// rather than fork() in a process whose runtime already has threads) and waits until the
@@ -50,7 +34,7 @@ enum Daemon {
         do {
             try proc.run()
         } catch {
-            printError("Failed to fork: \(error)")
+            tool.printError("Failed to fork: \(error)")
             return 1
         }
         try? pipe.fileHandleForWriting.close()

@@ -2,9 +2,13 @@ import ArgumentParser
 import Foundation
 import QBlock
 import QMachine
+import ToolSupport
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// How `vm` reports errors: "vm: message".
+let tool = ToolProgram(name: "vm")
 
 /// `vm`: boots a Linux kernel on a QMachine machine, with disks served by QBlock.
 ///
@@ -58,27 +62,14 @@ struct VM: AsyncParsableCommand {
     var qmp: String?
 
     static func main() async {
-        do {
-            var command = try parseAsRoot(nil)
-            if var asyncCommand = command as? AsyncParsableCommand {
-                try await asyncCommand.run()
-            } else {
-                try command.run()
+        await tool.main(VM.self, usageErrors: .argumentParser) { error in
+            switch error {
+            case let e as MachineError: return e.description
+            case let e as BlockError: return e.description
+            case let e as QMPError: return e.desc
+            default: return nil
             }
-        } catch let e as MachineError {
-            fail(e.description)
-        } catch let e as BlockError {
-            fail(e.description)
-        } catch let e as QMPError {
-            fail(e.desc)
-        } catch {
-            exit(withError: error)
         }
-    }
-
-    static func fail(_ message: String) -> Never {
-        FileHandle.standardError.write(Data("vm: \(message)\n".utf8))
-        Foundation.exit(1)
     }
 
     func validate() throws {
@@ -186,7 +177,7 @@ struct VM: AsyncParsableCommand {
             let retired = (vm as? RISCVVirtMachine).map { String(format: ", %llu instructions retired", $0.cpu.instructionsRetired) } ?? ""
             FileHandle.standardError.write(Data((String(format: "vm: %.2f s", secs) + retired + "\n").utf8))
         }
-        if let e = quiesceError ?? closeError { Self.fail("cannot flush the disks: \(e)") }
+        if let e = quiesceError ?? closeError { tool.exitWithError("cannot flush the disks: \(e)") }
 
         switch cause {
         case .hostQMPQuit, .hostQMPSystemReset: return
@@ -194,13 +185,13 @@ struct VM: AsyncParsableCommand {
         }
         switch exit {
         case .shutdown: return
-        case .reset: Self.fail("guest requested a reboot")
-        case .stopped: Self.fail("stopped by a signal")
+        case .reset: tool.exitWithError("guest requested a reboot")
+        case .stopped: tool.exitWithError("stopped by a signal")
         case .crashed(let message):
             // The CPU's message may already start with "guest crash:"; say it once.
             var m = Substring(message)
             for prefix in ["guest crashed: ", "guest crash: "] where m.hasPrefix(prefix) { m = m.dropFirst(prefix.count) }
-            Self.fail("guest crashed: \(m)")
+            tool.exitWithError("guest crashed: \(m)")
         }
     }
 

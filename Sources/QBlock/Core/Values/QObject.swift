@@ -143,76 +143,11 @@ public indirect enum QObject: Sendable, Equatable {
         let h = String(v, radix: 16, uppercase: true)
         return "\\u" + String(repeating: "0", count: max(0, 4 - h.count)) + h
     }
-
-    /// The human dump qemu-img uses for "Format specific information" (`dump_qobject`):
-    /// one `key: value` line per entry, dashes in keys shown as spaces, nested values
-    /// indented four spaces per level.
-    public func humanDump(indent: Int) -> String {
-        var out = ""
-        QObject.dump(self, into: &out, indent: indent)
-        return out
-    }
-
-    private static func scalarText(_ v: QObject) -> String? {
-        switch v {
-        case .int(let i): return String(i)
-        case .bool(let b): return b ? "true" : "false"
-        case .string(let s): return s
-        case .null: return "null"
-        case .double(let d): return QObject.doubleText(d)
-        default: return nil
-        }
-    }
-
-    private static func dump(_ v: QObject, into out: inout String, indent: Int) {
-        let pad = String(repeating: " ", count: indent * 4)
-        switch v {
-        case .dict(let d):
-            for e in d.qemuOrdered {
-                let key = e.key.replacingDashes()
-                if let s = scalarText(e.value) {
-                    out += "\(pad)\(key): \(s)\n"
-                } else {
-                    out += "\(pad)\(key):\n"
-                    dump(e.value, into: &out, indent: indent + 1)
-                }
-            }
-        case .list(let l):
-            for (i, e) in l.enumerated() {
-                if let s = scalarText(e) {
-                    out += "\(pad)[\(i)]: \(s)\n"
-                } else {
-                    out += "\(pad)[\(i)]:\n"
-                    dump(e, into: &out, indent: indent + 1)
-                }
-            }
-        default:
-            if let s = scalarText(v) { out += "\(pad)\(s)\n" }
-        }
-    }
 }
-
-extension String {
-    func replacingDashes() -> String { String(map { $0 == "-" ? " " : $0 }) }
-}
-
-/// Sizes for people, as QEMU's `size_to_str` writes them: "1 GiB", "196 KiB", "1.5 MiB".
-public func qemuSizeString(_ value: Int64) -> String {
-    let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
-    let v = Double(UInt64(bitPattern: value))
-    var exp: Int32 = 0
-    _ = frexp(v / (1000.0 / 1024.0), &exp)
-    let i = max(0, min(6, Int((exp - 1) / 10)))
-    let div = Double(UInt64(1) << UInt64(i * 10))
-    return formatG3(v / div) + " " + suffixes[i] + "B"
-}
-
-/// `printf("%0.3g", v)`.
-func formatG3(_ v: Double) -> String { cFormat("%0.3g", v) }
 
 /// `printf(format, v)` for one floating-point value.
 package func cFormat(_ format: String, _ v: Double) -> String {
     var buf = [CChar](repeating: 0, count: 64)
-    _ = withVaList([v]) { vsnprintf(&buf, buf.count, format, $0) }
-    return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    let n = withVaList([v]) { vsnprintf(&buf, buf.count, format, $0) }
+    return String(decoding: buf.prefix(max(0, min(Int(n), buf.count - 1))).map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

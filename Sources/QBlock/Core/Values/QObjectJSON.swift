@@ -50,7 +50,7 @@ extension QObject {
     }
 
     /// A double as QEMU's JSON writer prints it (`%.17g`).
-    static func doubleText(_ d: Double) -> String {
+    package static func doubleText(_ d: Double) -> String {
         if !d.isFinite { return "null" }
         return cFormat("%.17g", d)
     }

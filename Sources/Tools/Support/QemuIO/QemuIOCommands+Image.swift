@@ -102,22 +102,17 @@ extension QemuIOSession {
     /// `truncate [-m prealloc_mode] off`
     func truncate(_ argv: [String]) async -> Bool {
         var prealloc = Preallocation.off
-        let g = GetOpt(argv, "m:")
-        for item in g.items {
-            switch item {
-            case .error(let message):
-                err(message)
-                return usage("truncate")
-            case .option(_, let arg):
-                guard let p = Preallocation(rawValue: arg ?? "") else {
-                    report("Invalid preallocation mode '\(arg ?? "")'")
-                    return false
-                }
-                prealloc = p
+        let operands = parseOptions(argv, "m:") { _, arg in
+            guard let p = Preallocation(rawValue: arg ?? "") else {
+                report("Invalid preallocation mode '\(arg ?? "")'")
+                return false
             }
+            prealloc = p
+            return true
         }
-        guard g.operands.count == 1 else { return usage("truncate") }
-        guard let size = number(g.operands[0]), let node else { return false }
+        guard let operands else { return false }
+        guard operands.count == 1 else { return usage("truncate") }
+        guard let size = number(operands[0]), let node else { return false }
         await waitForRequests()
         do {
             try await node.truncate(to: size, preallocation: prealloc)
@@ -131,47 +126,42 @@ extension QemuIOSession {
     /// `open [-rnU] [-t cache] [-f fmt] [-o options] path`
     func openCommand(_ argv: [String]) async -> Bool {
         var options = OpenOptions()
-        let g = GetOpt(argv, "rnUt:f:o:")
-        for item in g.items {
-            switch item {
-            case .error(let message):
-                err(message)
-                return usage("open")
-            case .option(let c, let arg):
-                switch c {
-                case "r": options.readOnly = true
-                case "n": options.cache = .none
-                case "U": options.forceShare = true
-                case "t":
-                    guard let mode = CacheMode(qemuName: arg ?? "") else {
-                        report("Invalid cache option: \(arg ?? "")")
+        let operands = parseOptions(argv, "rnUt:f:o:") { c, arg in
+            switch c {
+            case "r": options.readOnly = true
+            case "n": options.cache = .none
+            case "U": options.forceShare = true
+            case "t":
+                guard let mode = CacheMode(qemuName: arg ?? "") else {
+                    report("Invalid cache option: \(arg ?? "")")
+                    return false
+                }
+                options.cache = mode
+            case "f": options.format = arg
+            default:
+                for pair in (arg ?? "").split(separator: ",") {
+                    let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
+                    guard kv.count == 2, kv[0] == "driver" || kv[0] == "format" else {
+                        report("Unsupported open option '\(pair)' (only driver=FMT is supported)")
                         return false
                     }
-                    options.cache = mode
-                case "f": options.format = arg
-                default:
-                    for pair in (arg ?? "").split(separator: ",") {
-                        let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
-                        guard kv.count == 2, kv[0] == "driver" || kv[0] == "format" else {
-                            report("Unsupported open option '\(pair)' (only driver=FMT is supported)")
-                            return false
-                        }
-                        options.format = kv[1]
-                    }
+                    options.format = kv[1]
                 }
             }
+            return true
         }
-        guard g.operands.count == 1 else {
+        guard let operands else { return false }
+        guard operands.count == 1 else {
             if node != nil {
                 report("file open already, try 'help close'")
                 return false
             }
-            if g.operands.isEmpty {
+            if operands.isEmpty {
                 report("can't open: Must specify either driver or file")
                 return false
             }
             return usage("open")
         }
-        return await open(g.operands[0], options: options)
+        return await open(operands[0], options: options)
     }
 }

@@ -69,190 +69,84 @@ extension QemuIOSession {
 
     /// `write [-bcCfnquz] [-P pattern | -s source_file] off len`
     func write(_ argv: [String]) async -> Bool {
-        var machine = false, quiet = false, vmstate = false, compressed = false, zero = false
-        var flags: WriteFlags = []
-        var zeroFlags: WriteFlags = []
-        var pattern: UInt8?
-        var sourceFile: String?
-        let g = GetOpt(argv, "bcCfnpP:qs:uz")
-        for item in g.items {
-            switch item {
-            case .error(let message):
-                err(message)
-                return usage("write")
-            case .option(let c, let arg):
-                switch c {
-                case "b": vmstate = true
-                case "c": compressed = true
-                case "C": machine = true
-                case "f": flags.insert(.fua)
-                case "n": zeroFlags.insert(.noFallback)
-                case "P":
-                    guard let p = patternByte(arg ?? "") else { return false }
-                    pattern = p
-                case "q": quiet = true
-                case "s": sourceFile = arg
-                case "u": zeroFlags.insert(.mayUnmap)
-                case "z": zero = true
-                default: break // -p: ignored
-                }
-            }
-        }
-        guard g.operands.count == 2 else { return usage("write") }
-        if vmstate && zero {
+        guard let a = requestArguments(argv, "bcCfnpP:qs:uz", sourceFile: true) else { return false }
+        guard a.operands.count == 2 else { return usage("write") }
+        if a.vmstate && a.zero {
             out("-b and -z cannot be specified at the same time\n")
             return false
         }
-        if zeroFlags.contains(.noFallback) && !zero {
+        if a.zeroFlags.contains(.noFallback) && !a.zero {
             out("-n requires -z to be specified\n")
             return false
         }
-        if zeroFlags.contains(.mayUnmap) && !zero {
+        if a.zeroFlags.contains(.mayUnmap) && !a.zero {
             out("-u requires -z to be specified\n")
             return false
         }
-        if [zero, pattern != nil, sourceFile != nil].filter({ $0 }).count > 1 {
+        if [a.zero, a.pattern != nil, a.sourceFile != nil].filter({ $0 }).count > 1 {
             out("Only one of -z, -P, and -s can be specified at the same time\n")
             return false
         }
-        guard let offset = number(g.operands[0]), let count = number(g.operands[1]), let node else { return false }
-        if count > BlockRequestLimits.maxBytes && !zeroFlags.contains(.noFallback) {
-            out("length cannot exceed \(BlockRequestLimits.maxBytes) without -n, given \(g.operands[1])\n")
-            return false
+        guard let offset = number(a.operands[0]), let count = number(a.operands[1]), let node else { return false }
+        if !a.zeroFlags.contains(.noFallback) {
+            guard withinRequestLimit(count, given: a.operands[1], condition: " without -n") else { return false }
         }
-        if vmstate || compressed {
-            if offset % 512 != 0 {
-                out("\(offset) is not a sector-aligned value for 'offset'\n")
-                return false
-            }
-            if count % 512 != 0 {
-                out("\(count) is not a sector-aligned value for 'count'\n")
-                return false
-            }
+        if a.vmstate || a.compressed {
+            guard sectorAligned(offset: offset, count: count) else { return false }
         }
         var loaded: AlignedBuffer?
-        if let sourceFile, !vmstate, !zero {
+        if let sourceFile = a.sourceFile, !a.vmstate, !a.zero {
             guard let b = loadSourceFile(sourceFile, count: count) else { return false }
             loaded = b
         }
-        let start = ContinuousClock.now
-        let failure: BlockError?
-        if vmstate || (compressed && !zero) {
-            // No node of this library writes VM state or compressed clusters through this interface.
-            failure = BlockError(.unsupported, "Operation not supported", errno: ENOTSUP)
-        } else {
-            let source: WriteSource = zero ? .zeroes(zeroFlags)
-                : loaded.map { .buffer($0) } ?? .pattern(pattern ?? 0xcd)
-            failure = await performWrite(node, offset: offset, count: count, source: source, flags: flags)
+        let source: WriteSource = a.zero ? .zeroes(a.zeroFlags) : loaded.map { .buffer($0) } ?? .pattern(a.pattern ?? 0xcd)
+        // No node of this library writes VM state or compressed clusters through this interface.
+        let unsupported = a.vmstate || (a.compressed && !a.zero)
+        return await timedRequest("wrote", failure: "write", offset: offset, count: count, a) {
+            if unsupported { return BlockError(.unsupported, "Operation not supported", errno: ENOTSUP) }
+            return await performWrite(node, offset: offset, count: count, source: source, flags: a.flags)
         }
-        let report = QemuIOReport(since: start)
-        if let failure {
-            out("write failed: \(failure.errnoText)\n")
-            return false
-        }
-        if !quiet {
-            out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
-        }
-        return true
     }
 
     /// `writev [-Cfq] [-P pattern] off len [len..]`
     func writev(_ argv: [String]) async -> Bool {
-        var machine = false, quiet = false
-        var flags: WriteFlags = []
-        var pattern: UInt8 = 0xcd
-        let g = GetOpt(argv, "CfqP:")
-        for item in g.items {
-            switch item {
-            case .error(let message):
-                err(message)
-                return usage("writev")
-            case .option(let c, let arg):
-                switch c {
-                case "C": machine = true
-                case "f": flags.insert(.fua)
-                case "P":
-                    guard let p = patternByte(arg ?? "") else { return false }
-                    pattern = p
-                default: quiet = true
-                }
-            }
+        guard let a = requestArguments(argv, "CfqP:") else { return false }
+        guard a.operands.count >= 2 else { return usage("writev") }
+        guard let (offset, count) = vectoredRange(a.operands), let node else { return false }
+        return await timedRequest("wrote", failure: "writev", offset: offset, count: count, a) {
+            await performWrite(node, offset: offset, count: count, source: .pattern(a.pattern ?? 0xcd), flags: a.flags)
         }
-        guard g.operands.count >= 2 else { return usage("writev") }
-        guard let offset = number(g.operands[0]), let count = vectorLength(Array(g.operands.dropFirst())),
-              let node else { return false }
-        let start = ContinuousClock.now
-        let failure = await performWrite(node, offset: offset, count: count, source: .pattern(pattern), flags: flags)
-        let report = QemuIOReport(since: start)
-        if let failure {
-            out("writev failed: \(failure.errnoText)\n")
-            return false
-        }
-        if !quiet {
-            out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
-        }
-        return true
     }
 
     /// `aio_write [-Cfiquz] [-P pattern] off len [len..]`: succeeds once submitted.
     func aioWrite(_ argv: [String]) -> Bool {
-        var machine = false, quiet = false, zero = false
-        var flags: WriteFlags = []
-        var zeroFlags: WriteFlags = []
-        var pattern: UInt8 = 0xcd
-        var patternGiven = false
-        let g = GetOpt(argv, "CfiqP:uz")
-        for item in g.items {
-            switch item {
-            case .error(let message):
-                err(message)
-                return usage("aio_write")
-            case .option(let c, let arg):
-                switch c {
-                case "C": machine = true
-                case "f": flags.insert(.fua)
-                case "i":
-                    out("injecting invalid write request\n")
-                    return true
-                case "P":
-                    guard let p = patternByte(arg ?? "") else { return false }
-                    pattern = p
-                    patternGiven = true
-                case "q": quiet = true
-                case "u": zeroFlags.insert(.mayUnmap)
-                default: zero = true
-                }
-            }
+        guard let a = requestArguments(argv, "CfiqP:uz") else { return false }
+        if a.inject {
+            out("injecting invalid write request\n")
+            return true
         }
-        _ = patternGiven // qemu-io 7.2 accepts -z with -P and ignores the pattern
-        guard g.operands.count >= 2 else { return usage("aio_write") }
-        if zero && g.operands.count != 2 {
+        guard a.operands.count >= 2 else { return usage("aio_write") }
+        if a.zero && a.operands.count != 2 {
             out("-z supports only a single length parameter\n")
             return false
         }
-        if zeroFlags.contains(.mayUnmap) && !zero {
+        if a.zeroFlags.contains(.mayUnmap) && !a.zero {
             out("-u requires -z to be specified\n")
             return false
         }
-        guard let offset = number(g.operands[0]) else { return false }
-        let count: Int64
-        if zero {
-            guard let n = number(g.operands[1]) else { return false }
-            count = n
+        let range: (offset: Int64, count: Int64)?
+        if a.zero {
+            // A single length: parsed as a number, not a vector (qemu-io 7.2 also accepts -P
+            // with -z and ignores the pattern).
+            range = number(a.operands[0]).flatMap { o in number(a.operands[1]).map { (o, $0) } }
         } else {
-            guard let n = vectorLength(Array(g.operands.dropFirst())) else { return false }
-            count = n
+            range = vectoredRange(a.operands)
         }
-        guard let node else { return false }
-        let source: WriteSource = zero ? .zeroes(zeroFlags) : .pattern(pattern)
-        startAIO { [self, flags, quiet, machine] in
-            let start = ContinuousClock.now
-            let failure = await performWrite(node, offset: offset, count: count, source: source, flags: flags)
-            let report = QemuIOReport(since: start)
-            if let failure {
-                out("aio_write failed: \(failure.errnoText)\n")
-            } else if !quiet {
-                out(report.lines("wrote", offset: offset, count: count, total: count, machine: machine))
+        guard let (offset, count) = range, let node else { return false }
+        let source: WriteSource = a.zero ? .zeroes(a.zeroFlags) : .pattern(a.pattern ?? 0xcd)
+        startAIO { [self] in
+            _ = await timedRequest("wrote", failure: "aio_write", offset: offset, count: count, a) {
+                await performWrite(node, offset: offset, count: count, source: source, flags: a.flags)
             }
         }
         return true
@@ -260,34 +154,17 @@ extension QemuIOSession {
 
     /// `discard [-Cq] off len`
     func discard(_ argv: [String]) async -> Bool {
-        var machine = false, quiet = false
-        let g = GetOpt(argv, "Cq")
-        for item in g.items {
-            switch item {
-            case .error(let message):
-                err(message)
-                return usage("discard")
-            case .option(let c, _):
-                if c == "C" { machine = true } else { quiet = true }
+        guard let a = requestArguments(argv, "Cq") else { return false }
+        guard a.operands.count == 2 else { return usage("discard") }
+        guard let offset = number(a.operands[0]), let count = number(a.operands[1]), let node else { return false }
+        guard withinRequestLimit(count, given: a.operands[1]) else { return false }
+        return await timedRequest("discard", failure: "discard", offset: offset, count: count, a) {
+            do {
+                try await node.checkedDiscard(at: offset, length: count)
+                return nil
+            } catch {
+                return error.asBlockError
             }
         }
-        guard g.operands.count == 2 else { return usage("discard") }
-        guard let offset = number(g.operands[0]), let count = number(g.operands[1]), let node else { return false }
-        if count > BlockRequestLimits.maxBytes {
-            out("length cannot exceed \(BlockRequestLimits.maxBytes), given \(g.operands[1])\n")
-            return false
-        }
-        let start = ContinuousClock.now
-        do {
-            try await node.checkedDiscard(at: offset, length: count)
-        } catch {
-            out("discard failed: \(error.asBlockError.errnoText)\n")
-            return false
-        }
-        let report = QemuIOReport(since: start)
-        if !quiet {
-            out(report.lines("discard", offset: offset, count: count, total: count, machine: machine))
-        }
-        return true
     }
 }

@@ -12,6 +12,13 @@ struct QemuIOReport {
         nanoseconds = d.attoseconds / 1_000_000_000
     }
 
+    /// Runs `body` and measures how long it took.
+    static func timing<T: Sendable>(_ body: @Sendable () async -> T) async -> (T, QemuIOReport) {
+        let start = ContinuousClock.now
+        let value = await body()
+        return (value, QemuIOReport(since: start))
+    }
+
     private var total: Double { Double(seconds) + Double(nanoseconds) / 1e9 }
 
     func lines(_ op: String, offset: Int64, count: Int64, total bytes: Int64, ops: Int = 1, machine: Bool) -> String {

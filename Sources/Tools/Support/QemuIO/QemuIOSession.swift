@@ -25,6 +25,11 @@ public struct QemuIOOutput: Sendable {
         self.standardOutput = standardOutput
         self.standardError = standardError
     }
+
+    /// The process's standard output and error (C's buffered `stdout`, unbuffered `stderr`),
+    /// each call written with one stdio call.
+    package static let standardStreams = QemuIOOutput(standardOutput: { writeStdout($0) },
+                                                      standardError: { writeStderr($0) })
 }
 
 /// A qemu-io command interpreter: the open image, the asynchronous requests in flight, and
@@ -165,11 +170,7 @@ public actor QemuIOSession {
             return false
         }
         if probedRaw && !options.readOnly {
-            err("""
-                WARNING: Image format was not specified for '\(path)' and probing guessed raw.
-                         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
-                         Specify the 'raw' format explicitly to remove the restrictions.
-                """)
+            output.standardError(ToolProgram.rawProbeWarning(path))
         }
         return true
     }

@@ -5,9 +5,9 @@ import Foundation
 
 /// Numbers as QEMU's command-line tools read and print them: qemu-io's `cvtnum`
 /// (QEMU's `qemu_strtosz`: "64k", "1.5M", "0x200") and `cvtstr` ("64 KiB", "1.500 KiB").
-public enum QemuNumbers {
+package enum QemuNumbers {
     /// Why a size did not parse; `message(for:)` words it as qemu-io does.
-    public enum ParseError: Error, Equatable, Sendable {
+    package enum ParseError: Error, Equatable, Sendable {
         /// Not a number, or an unknown suffix (qemu-io: -EINVAL).
         case invalid
         /// Does not fit in 63 bits (qemu-io: -ERANGE).
@@ -42,7 +42,7 @@ public enum QemuNumbers {
     /// fraction and a binary suffix (B, K, M, G, T, P, E; bytes by default), or a hexadecimal
     /// number (QEMU 7.2 still accepts a suffix after it, with a deprecation warning passed to
     /// `warning`). The result is at most `Int64.max`.
-    public static func parseSize(_ text: String, warning: ((String) -> Void)? = nil) -> Result<Int64, ParseError> {
+    package static func parseSize(_ text: String, warning: ((String) -> Void)? = nil) -> Result<Int64, ParseError> {
         let b = Array(text.utf8)
         func at(_ i: Int) -> UInt8? { i < b.count ? b[i] : nil }
         var i = 0
@@ -128,7 +128,7 @@ public enum QemuNumbers {
     }
 
     /// qemu-io's message for a number that did not parse (`print_cvtnum_err`).
-    public static func message(for error: ParseError, argument: String) -> String {
+    package static func message(for error: ParseError, argument: String) -> String {
         switch error {
         case .invalid: return "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- \(argument)"
         case .tooLarge: return "Parsing error: argument too large -- \(argument)"
@@ -136,7 +136,7 @@ public enum QemuNumbers {
     }
 
     /// Formats a byte count or rate as qemu-io's `cvtstr` does: "512 bytes", "64 KiB", "1.500 KiB".
-    public static func formatSize(_ value: Double) -> String {
+    package static func formatSize(_ value: Double) -> String {
         let units: [(Double, String)] = [
             (0x1p60, " EiB"), (0x1p50, " PiB"), (0x1p40, " TiB"), (0x1p30, " GiB"), (0x1p20, " MiB"), (0x1p10, " KiB"),
         ]
@@ -155,7 +155,7 @@ public enum QemuNumbers {
 
     /// Formats an elapsed time as qemu-io's `timestr`: "00.00 sec", or "0:00:00.00" when
     /// `verbose` (the machine-readable -C form) or when the time reaches a second.
-    public static func formatTime(seconds: Int64, nanoseconds: Int64, verbose: Bool) -> String {
+    package static func formatTime(seconds: Int64, nanoseconds: Int64, verbose: Bool) -> String {
         let frac = Double(nanoseconds) / 1e9
         let secs = Double(seconds % 60) + frac
         if verbose || seconds > 0 {

@@ -2,10 +2,10 @@
 import Glibc
 #endif
 
-/// Byte patterns for exercising images (qemu-io's `-P pattern`) and hex dumps of what was read.
-public enum Pattern {
+/// qemu-io's byte patterns (`-P pattern`) and its hex dump of what was read (`read -v`).
+package enum Pattern {
     /// Parses a pattern byte as qemu-io does (`strtol` base 0: "171", "0xab", "0253"); nil unless 0...255.
-    public static func parseByte(_ text: String) -> UInt8? {
+    package static func parseByte(_ text: String) -> UInt8? {
         text.withCString { p -> UInt8? in
             var end: UnsafeMutablePointer<CChar>?
             errno = 0
@@ -16,25 +16,25 @@ public enum Pattern {
     }
 
     /// Fills `buffer` with `byte`.
-    public static func fill(_ buffer: UnsafeMutableRawBufferPointer, with byte: UInt8) {
+    package static func fill(_ buffer: UnsafeMutableRawBufferPointer, with byte: UInt8) {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
         memset(base, Int32(byte), buffer.count)
     }
 
     /// Whether every byte of `buffer` equals `byte`.
-    public static func matches(_ buffer: UnsafeRawBufferPointer, byte: UInt8) -> Bool {
+    package static func matches(_ buffer: UnsafeRawBufferPointer, byte: UInt8) -> Bool {
         for b in buffer where b != byte { return false }
         return true
     }
 
     /// The offset (within `buffer`) of the first byte that differs from `byte`, if any.
-    public static func firstMismatch(_ buffer: UnsafeRawBufferPointer, byte: UInt8) -> Int? {
+    package static func firstMismatch(_ buffer: UnsafeRawBufferPointer, byte: UInt8) -> Int? {
         buffer.firstIndex { $0 != byte }
     }
 
     /// A hex dump in qemu-io's format (`read -v`): lines of up to 16 bytes,
     /// `"%08x:  "`, each byte `"%02x "`, a space, then the alphanumeric bytes with `.` for the rest.
-    public static func hexDump(_ buffer: UnsafeRawBufferPointer, offset: Int64) -> String {
+    package static func hexDump(_ buffer: UnsafeRawBufferPointer, offset: Int64) -> String {
         let hex = Array("0123456789abcdef".utf8)
         var out: [UInt8] = []
         out.reserveCapacity(buffer.count / 16 * 78 + 80)
