@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import TestSupport
 import ToolSupport
@@ -503,6 +504,64 @@ import ToolSupport
             await #expect(throws: BlockError.self) { _ = try await NBDClientNode.connect(uri, readOnly: true) }
             return running
         }
+        let client = try await NBDClientNode.connect(uri, readOnly: true)
+        #expect(try await client.read(at: 0, count: 512).allSatisfy { $0 == 0x5a })
+        try await client.close()
+        await server.shutdown()
+        try await running.value
+        try await f.close()
+    }
+
+    /// The same hook reaches the NBD client: a client connecting to the hooked path has its
+    /// `connect`, `send` and `recv` calls asked about, so a test can refuse the connection
+    /// or break it in the middle of a session, and the client reports it as a lost server.
+    @Test func socketInjectorReachesNBDClient() async throws {
+        let dir = TempDir("close")
+        let f = try FileNode(path: try Self.rawFile(dir), readOnly: true)
+        let sock = dir.file("s.sock")
+        let uri = try NBDURI("nbd+unix:///?socket=\(sock)")
+        let server = NBDServer(exports: [try NBDExport(node: f, options: .init(readOnly: true))],
+                               options: .init(maxClients: 4, persistent: true))
+        try server.listen(unix: sock)
+        try server.start()
+        let running = Task { try await server.run() }
+
+        // Refused before connect(2).
+        await SocketCalls.withInjector(path: sock, { call, _ in call == .connect ? ECONNREFUSED : nil }) {
+            do {
+                _ = try await NBDClientNode.connect(uri, readOnly: true)
+                Issue.record("connected through a refused connect")
+            } catch let e as BlockError {
+                #expect(e.message == "Failed to connect to '\(sock)': Connection refused")
+            } catch {
+                Issue.record("\(error)")
+            }
+        }
+
+        // Broken after the handshake: only the client's descriptor (seen at `.connect`) fails.
+        final class Hook: Sendable {
+            let clientFD = Atomic<Int32>(-1)
+            let armed = Atomic<Bool>(false)
+        }
+        let hook = Hook()
+        try await SocketCalls.withInjector(path: sock, { call, fd in
+            if call == .connect { hook.clientFD.store(fd, ordering: .relaxed) }
+            return hook.armed.load(ordering: .relaxed) && call == .send && fd == hook.clientFD.load(ordering: .relaxed) ? EIO : nil
+        }) {
+            let client = try await NBDClientNode.connect(uri, readOnly: true)
+            #expect(hook.clientFD.load(ordering: .relaxed) >= 0)
+            #expect(try await client.read(at: 0, count: 512).allSatisfy { $0 == 0x5a })
+            hook.armed.store(true, ordering: .relaxed)
+            do {
+                _ = try await client.read(at: 512, count: 512)
+                Issue.record("read through a failed send")
+            } catch let e as BlockError {
+                #expect(e.message.contains("lost: Input/output error"), "\(e.message)")
+            }
+            try? await client.close()
+        }
+
+        // Outside the scope the path is not hooked any more.
         let client = try await NBDClientNode.connect(uri, readOnly: true)
         #expect(try await client.read(at: 0, count: 512).allSatisfy { $0 == 0x5a })
         try await client.close()

@@ -5,7 +5,9 @@ import QBlockCore
 
 /// A connected stream socket with blocking calls. Every call blocks its thread, so callers
 /// run them on ``IOThreadPool`` or on the NBD client's own reader thread, never on the
-/// cooperative pool. `EINTR` is retried here, in one place.
+/// cooperative pool. Every system call goes through ``SocketCalls`` (the seam the NBD server
+/// uses too), which retries `EINTR` and lets a test's ``SocketCalls/withInjector(path:_:_:)``
+/// fail the connections made to a Unix socket path.
 ///
 /// Ownership: the socket owns its descriptor; ``shutdown()`` wakes blocked readers and
 /// writers (they see end of file or `EPIPE`); ``close()`` releases the descriptor once,
@@ -24,103 +26,40 @@ final class NBDSocket: @unchecked Sendable {
     /// Connects to the export's endpoint (blocking).
     /// - Throws: ``BlockError`` worded like QEMU's "Failed to connect to '…': Connection refused".
     static func connect(_ uri: NBDURI) throws -> NBDSocket {
+        let endpoint = uri.endpoint
+        let r: Result<Int32, SocketCalls.ConnectError>
         switch uri.transport {
-        case .unix(let path): return try connectUnix(path: path, endpoint: uri.endpoint)
-        case .tcp(let host, let port): return try connectTCP(host: host, port: port, endpoint: uri.endpoint)
+        case .unix(let path): r = SocketCalls.connectUnix(path: path)
+        case .tcp(let host, let port): r = SocketCalls.connectTCP(host: host, port: port)
         }
-    }
-
-    private static func failure(_ err: Int32, _ endpoint: String) -> BlockError {
-        var e = BlockError.system(err, "connect", path: endpoint)
-        e.message = "Failed to connect to '\(endpoint)': \(BlockError.strerror(err))"
-        return e
-    }
-
-    private static func connectUnix(path: String, endpoint: String) throws -> NBDSocket {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard bytes.count < capacity else {
+        switch r {
+        case .success(let fd):
+            return NBDSocket(fd: fd)
+        case .failure(.system(let e)) where e.rawValue == ENAMETOOLONG && uri.isUnix:
             throw BlockError(.invalidArgument, "Failed to connect to '\(endpoint)': socket path is too long", path: endpoint,
                              operation: "connect")
-        }
-        // SAFETY: the path length was checked against `sun_path` above, so it and its NUL fit.
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            p.copyBytes(from: bytes)
-            p[bytes.count] = 0
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw failure(errno, endpoint) }
-        let sock = NBDSocket(fd: fd)
-        let r: Int32 = withUnsafePointer(to: &addr) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                retryingEINTR { Glibc.connect(fd, sa, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-        }
-        guard r == 0 else {
-            let e = errno
-            sock.close()
-            throw failure(e, endpoint)
-        }
-        return sock
-    }
-
-    private static func connectTCP(host: String, port: UInt16, endpoint: String) throws -> NBDSocket {
-        var hints = addrinfo()
-        hints.ai_family = AF_UNSPEC
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        var list: UnsafeMutablePointer<addrinfo>?
-        let gai = getaddrinfo(host, String(port), &hints, &list)
-        guard gai == 0, let first = list else {
-            let why = gai_strerror(gai).map { String(cString: $0) } ?? "unknown error"
+        case .failure(.system(let e)):
+            var err = BlockError.system(e.rawValue, "connect", path: endpoint)
+            err.message = "Failed to connect to '\(endpoint)': \(BlockError.strerror(e.rawValue))"
+            throw err
+        case .failure(.resolution(let why)):
             throw BlockError(.notFound, "address resolution failed for \(endpoint): \(why)", path: endpoint, operation: "connect")
-        }
-        defer { freeaddrinfo(list) }
-        var lastError: Int32 = ECONNREFUSED
-        var cur: UnsafeMutablePointer<addrinfo>? = first
-        while let ai = cur {
-            cur = ai.pointee.ai_next
-            let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
-            if fd < 0 { lastError = errno; continue }
-            let sock = NBDSocket(fd: fd)
-            if retryingEINTR({ Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) }) == 0 {
-                var one: Int32 = 1
-                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-                return sock
-            }
-            lastError = errno
-            sock.close()
-        }
-        throw failure(lastError, endpoint)
-    }
-
-    private static func retryingEINTR(_ body: () -> Int32) -> Int32 {
-        while true {
-            let r = body()
-            if r < 0 && errno == EINTR { continue }
-            return r
         }
     }
 
     /// Bounds every blocking receive (for the handshake); 0 removes the bound.
     func setReceiveTimeout(seconds: Int) {
-        var tv = timeval(tv_sec: seconds, tv_usec: 0)
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        SocketCalls.setReceiveTimeout(fd, seconds: seconds)
     }
 
     /// Reads exactly `count` bytes into `p`.
     /// - Returns: nil on success, else the errno (0 for end of file before `count` bytes).
     func readExactly(_ p: UnsafeMutableRawPointer, _ count: Int) -> Int32? {
-        var done = 0
-        while done < count {
-            let n = recv(fd, p + done, count - done, 0)
-            if n > 0 { done += n; continue }
-            if n == 0 { return 0 }
-            if errno == EINTR { continue }
-            return errno
+        switch SocketCalls.recvExactly(fd, p, count) {
+        case .success(true): return nil
+        case .success(false): return 0
+        case .failure(let e): return e.rawValue
         }
-        return nil
     }
 
     /// Reads exactly `count` bytes into a new array, or returns the errno (0: end of file).
@@ -136,16 +75,13 @@ final class NBDSocket: @unchecked Sendable {
     /// Writes all of `count` bytes at `p` (never raising SIGPIPE).
     /// - Returns: nil on success, else the errno.
     func writeAll(_ p: UnsafeRawPointer, _ count: Int) -> Int32? {
-        var done = 0
-        while done < count {
-            let n = send(fd, p + done, count - done, Int32(MSG_NOSIGNAL))
-            if n > 0 { done += n; continue }
-            if n < 0 && errno == EINTR { continue }
-            return n == 0 ? EPIPE : errno
-        }
+        if count == 0 { return nil }
+        if case .failure(let e) = SocketCalls.sendAll(fd, [UnsafeRawBufferPointer(start: p, count: count)]) { return e.rawValue }
         return nil
     }
 
+    /// Writes all of `bytes` (never raising SIGPIPE).
+    /// - Returns: nil on success, else the errno.
     func writeAll(_ bytes: [UInt8]) -> Int32? {
         if bytes.isEmpty { return nil }
         // SAFETY: `bytes` is non-empty, so `baseAddress` is non-nil and valid for `count` bytes during
@@ -156,7 +92,7 @@ final class NBDSocket: @unchecked Sendable {
     /// Wakes every thread blocked on the socket; later calls fail.
     func shutdown() {
         lock.withLock {
-            if !closed { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+            if !closed { SocketCalls.shutdown(fd) }
         }
     }
 
@@ -165,7 +101,7 @@ final class NBDSocket: @unchecked Sendable {
         lock.withLock {
             if closed { return }
             closed = true
-            _ = Glibc.close(fd)
+            SocketCalls.close(fd)
         }
     }
 }
@@ -173,4 +109,12 @@ final class NBDSocket: @unchecked Sendable {
 /// A socket failure: an errno, or 0 for the peer closing the connection.
 struct NBDSocketError: Error, Sendable {
     var errno: Int32
+}
+
+extension NBDURI {
+    /// Whether the export is reached over a Unix socket.
+    var isUnix: Bool {
+        if case .unix = transport { return true }
+        return false
+    }
 }
