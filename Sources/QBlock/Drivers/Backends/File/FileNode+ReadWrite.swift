@@ -1,0 +1,153 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSupport
+import QBlockCore
+import QBlockGraph
+
+/// Reads, writes and flushes: positional I/O through io_uring or the thread pool, bounced
+/// through aligned buffers under `O_DIRECT`.
+extension FileNode {
+    // MARK: Read and write
+
+    /// Reads `buffer.count` bytes at `offset` with pread(2); bytes past the end of file read
+    /// as zeroes. Unaligned requests under `O_DIRECT` go through an aligned bounce buffer.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error (`.io` with the errno).
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await gate.run(filename, "read") { try await readAdmitted(at: offset, into: buffer) }
+    }
+
+    /// ``read(at:into:)`` for a request already admitted by the gate.
+    func readAdmitted(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        guard buffer.count > 0 else { return }
+        if !isAligned(offset, buffer.count, buffer.baseAddress) {
+            try await bouncedRead(at: offset, into: buffer)
+            return
+        }
+        let p = SendablePointer(raw: buffer.baseAddress!)
+        let count = buffer.count
+        let r = await preadFull(p, count, offset)
+        switch r {
+        case .success(let n):
+            // Past end of file reads as zeros (the file may be shorter than a format expects).
+            if n < count { memset(p.raw + n, 0, count - n) }
+        case .failure(let e):
+            throw BlockError.system(e.rawValue, "read", path: filename, offset: offset)
+        }
+    }
+
+    func bouncedRead(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        let a = Int64(directAlignment)
+        let start = offset / a * a
+        let end = (offset + Int64(buffer.count) + a - 1) / a * a
+        let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
+        // SAFETY: `bounce` spans `start..<end`, which contains `offset..<offset+buffer.count`, so the
+        // rebased slice is in bounds; it stays alive for the closure.
+        try await bounce.withUnsafeMutableBytes { b in
+            try await self.readAdmitted(at: start, into: b)
+            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset - start)..<Int(offset - start) + buffer.count]))
+        }
+    }
+
+    /// Writes `buffer` at `offset` with pwrite(2), growing the file if needed; `.fua` flushes
+    /// afterwards. Unaligned `O_DIRECT` writes are read-modify-written under a lock.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.noSpace`, or an I/O error.
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await gate.run(filename, "write") { try await writeAdmitted(at: offset, from: buffer, flags: flags) }
+    }
+
+    /// ``write(at:from:flags:)`` for a request already admitted by the gate.
+    func writeAdmitted(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try checkWritable("write")
+        guard buffer.count > 0 else { return }
+        if !isAligned(offset, buffer.count, buffer.baseAddress) {
+            try await bouncedWrite(at: offset, from: buffer, flags: flags)
+            return
+        }
+        let p = SendablePointer(raw: UnsafeMutableRawPointer(mutating: buffer.baseAddress!))
+        let count = buffer.count
+        let r = await pwriteFull(p, count, offset)
+        if case .failure(let e) = r {
+            throw BlockError.system(e.rawValue, "write", path: filename, offset: offset)
+        }
+        noteExtent(offset + Int64(count))
+        if flags.contains(.fua) || cacheMode.writeThrough { try await sync() }
+    }
+
+    func bouncedWrite(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        let a = Int64(directAlignment)
+        let start = offset / a * a
+        let end = (offset + Int64(buffer.count) + a - 1) / a * a
+        let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
+        try await rmwLock.withLock {
+            // SAFETY: `bounce` spans the aligned range around the write, so every slice below is in
+            // bounds; it stays alive for the closure.
+            try await bounce.withUnsafeMutableBytes { b in
+                if start != offset || end != offset + Int64(buffer.count) {
+                    try await self.readAdmitted(at: start, into: b)
+                }
+                UnsafeMutableRawBufferPointer(rebasing: b[Int(offset - start)...]).copyMemory(from: buffer)
+                try await self.writeAdmitted(at: start, from: UnsafeRawBufferPointer(b), flags: flags)
+            }
+        }
+    }
+
+    // MARK: Positional I/O: io_uring when the kernel has it, else the thread pool
+
+    /// Reads until `count` bytes or end of file; returns the bytes read.
+    func preadFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
+        let fd = self.fd
+        var done = 0
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
+            while done < count {
+                let n = min(count - done, 1 << 30)
+                let r = await ring.perform(.read, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
+                if r > 0 { done += Int(r); continue }
+                if r == 0 { return .success(done) }
+                if r == -EINTR || r == -EAGAIN { continue }
+                if r == -EBUSY || r == -EOPNOTSUPP { break }
+                return .failure(Syscalls.Errno(-r))
+            }
+            if done == count { return .success(done) }
+        }
+        let rest = SendablePointer(raw: p.raw + done)
+        let start = done
+        return await pool.run { Syscalls.pread(fd, rest.raw, count - start, offset + Int64(start)) }.map { $0 + start }
+    }
+
+    /// Writes all of `count` bytes.
+    func pwriteFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
+        if let serialWrites { return await serialWrites.write(p, count, offset) }
+        let fd = self.fd
+        var done = 0
+        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
+            while done < count {
+                let n = min(count - done, 1 << 30)
+                let r = await ring.perform(.write, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
+                if r > 0 { done += Int(r); continue }
+                if r == -EINTR || r == -EAGAIN { continue }
+                if r == -EBUSY || r == -EOPNOTSUPP { break }
+                if r == 0 { return .failure(Syscalls.Errno(EIO)) }
+                return .failure(Syscalls.Errno(-r))
+            }
+            if done == count { return .success(done) }
+        }
+        let rest = SendablePointer(raw: p.raw + done)
+        let start = done
+        return await pool.run { Syscalls.pwrite(fd, rest.raw, count - start, offset + Int64(start)) }.map { $0 + start }
+    }
+
+    /// Reads up to `count` bytes at `offset` synchronously on the caller's thread.
+    /// Only for probing a few header bytes at open time.
+    package func probeBytes(count: Int) -> [UInt8] {
+        guard gate.tryEnter() else { return [] }
+        defer { gate.leave() }
+        var buf = [UInt8](repeating: 0, count: count)
+        // SAFETY: `buf` has `count` bytes and pread is told `count`.
+        let n: Int = buf.withUnsafeMutableBytes { b in
+            if case .success(let n) = Syscalls.pread(fd, b.baseAddress!, count, 0) { return n }
+            return 0
+        }
+        return Array(buf[0..<n])
+    }
+}
