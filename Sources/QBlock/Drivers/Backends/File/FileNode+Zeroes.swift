@@ -4,6 +4,7 @@ import Glibc
 import CSupport
 import QBlockCore
 import QBlockGraph
+import Synchronization
 
 /// Write-zeroes, discard and truncate: `fallocate` (zero range, punch hole) and
 /// `ftruncate`, with QEMU's fallbacks.
@@ -24,13 +25,13 @@ extension FileNode {
         let fd = self.fd
         let curLen = self.length
         if !isBlockDevice {
-            if flags.contains(.mayUnmap) && supportsPunchHole && offset + length <= curLen {
+            if flags.contains(.mayUnmap) && supportsPunchHole.load(ordering: .relaxed) && offset + length <= curLen {
                 let mode = qb_falloc_punch_hole() | qb_falloc_keep_size()
                 let r = await pool.run { Syscalls.fallocate(fd, mode, offset, length) }
                 if case .success = r { return }
-                supportsPunchHole = false
+                supportsPunchHole.store(false, ordering: .relaxed)
             }
-            if supportsZeroRange {
+            if supportsZeroRange.load(ordering: .relaxed) {
                 let r = await pool.run { Syscalls.fallocate(fd, qb_falloc_zero_range(), offset, length) }
                 switch r {
                 case .success:
@@ -40,7 +41,7 @@ extension FileNode {
                 case .failure(let e) where e.rawValue == ENOSPC:
                     throw BlockError.system(e.rawValue, "write zeroes", path: filename, offset: offset)
                 case .failure:
-                    supportsZeroRange = false
+                    supportsZeroRange.store(false, ordering: .relaxed)
                 }
             }
             if offset >= curLen {
@@ -80,11 +81,11 @@ extension FileNode {
 
     func discardAdmitted(at offset: Int64, length: Int64) async throws {
         try checkWritable("discard")
-        guard length > 0, !isBlockDevice, supportsPunchHole else { return }
+        guard length > 0, !isBlockDevice, supportsPunchHole.load(ordering: .relaxed) else { return }
         let fd = self.fd
         let mode = qb_falloc_punch_hole() | qb_falloc_keep_size()
         let r = await pool.run { Syscalls.fallocate(fd, mode, offset, length) }
-        if case .failure = r { supportsPunchHole = false }
+        if case .failure = r { supportsPunchHole.store(false, ordering: .relaxed) }
     }
 
     /// fdatasync(2); does nothing for a read-only node or a cache mode that ignores flushes

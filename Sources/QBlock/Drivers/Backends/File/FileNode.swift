@@ -4,6 +4,7 @@ import Glibc
 import CSupport
 import QBlockCore
 import QBlockGraph
+import Synchronization
 
 /// The `file` protocol driver: a regular file or a block device.
 ///
@@ -25,8 +26,8 @@ import QBlockGraph
 /// `FileNode+SynchronousWrite.swift`. The stored state is internal (not private) so that
 /// those files reach it; nothing outside this folder uses it.
 // @unchecked Sendable: `mode`, `retiredFDs`, `cachedLength` and `fdsClosed` are only touched
-// with `sizeLock` held; `supportsZeroRange`/`supportsPunchHole` are one-way hints (a stale
-// read only retries a call that fails again); the rest is immutable or thread-safe itself.
+// with `sizeLock` held; `supportsZeroRange`/`supportsPunchHole` are atomics; the rest is
+// immutable or thread-safe itself.
 public final class FileNode: BlockDriver, @unchecked Sendable {
     /// `file`, as QEMU names the protocol driver (also for block devices, QEMU's `host_device`).
     public let driverName = "file"
@@ -77,8 +78,14 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     let gate = CloseGate()
     /// Serializes read-modify-write cycles of unaligned O_DIRECT writes.
     let rmwLock = AsyncMutex()
-    var supportsZeroRange = true
-    var supportsPunchHole = true
+    /// Whether `FALLOC_FL_ZERO_RANGE` may work on this file: true until it first fails.
+    /// Concurrent requests read and clear it, so it is an atomic; relaxed ordering is
+    /// enough, because it is a hint: a request that still sees `true` after another
+    /// cleared it only tries the call once more, fails the same way, and falls back.
+    let supportsZeroRange = Atomic<Bool>(true)
+    /// Whether `FALLOC_FL_PUNCH_HOLE` may work on this file: true until it first fails
+    /// (an atomic hint, like ``supportsZeroRange``).
+    let supportsPunchHole = Atomic<Bool>(true)
 
     /// Opens `path`.
     /// - Parameters:
