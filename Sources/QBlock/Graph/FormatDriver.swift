@@ -204,6 +204,35 @@ public protocol DriverOptionReader: AnyObject {
     func optionalSize(_ key: String) throws -> Int64?
     /// A member of QAPI's `BlockdevDriver` enum (a format or protocol name QEMU knows).
     func optionalDriverName(_ key: String) throws -> String?
+    /// A nested object member (a protocol's `server`), as a reader of its own whose members'
+    /// names are prefixed with this one's (`server.path`); nil when absent.
+    /// - Throws: QEMU's error for a member that is not an object.
+    func optionalObjectMembers(_ key: String) throws -> (any DriverOptionReader)?
+    /// Fails with QEMU's "Parameter 'NAME' is unexpected" for the first member not read.
+    func done() throws
+}
+
+extension DriverOptionReader {
+    /// A mandatory string member.
+    /// - Throws: ``missingError(_:)`` when absent, the reader's error when not a string.
+    public func requiredString(_ key: String) throws -> String {
+        guard let s = try optionalString(key) else { throw missingError(key) }
+        return s
+    }
+
+    /// A mandatory member that must be one of `values`.
+    /// - Throws: ``missingError(_:)`` when absent, the reader's error for another value.
+    public func requiredEnum(_ key: String, _ values: [String]) throws -> String {
+        guard let s = try optionalEnum(key, values) else { throw missingError(key) }
+        return s
+    }
+
+    /// A mandatory nested object member, as a reader of its own.
+    /// - Throws: ``missingError(_:)`` when absent, the reader's error when not an object.
+    public func requiredObjectMembers(_ key: String) throws -> any DriverOptionReader {
+        guard let o = try optionalObjectMembers(key) else { throw missingError(key) }
+        return o
+    }
 }
 
 /// What `qemu-img measure` reports: the file size a new image needs.

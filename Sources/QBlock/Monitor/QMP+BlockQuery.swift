@@ -157,8 +157,9 @@ extension QMPBlockState {
         d["node-name"] = .string(node.nodeName)
         d["stats"] = .dict(Self.zeroStats(highest: node.watch.highestOffset))
         if node.innermostDriver is any HostStorage {
+            // (QEMU's `BlockStatsSpecificFile`, discriminated by the node's driver: `file`.)
             let dc = node.watch.discards
-            d["driver-specific"] = .dict(QObject.Dict([("driver", .string("file")), ("discard-nb-ok", .int(dc.ok)),
+            d["driver-specific"] = .dict(QObject.Dict([("driver", .string(node.innermostDriver.driverName)), ("discard-nb-ok", .int(dc.ok)),
                                                         ("discard-nb-failed", .int(dc.failed)), ("discard-bytes-ok", .int(dc.bytes))]))
         }
         if let f = node.driver.file as? BlockNode { d["parent"] = nodeStats(f, backendLevel: backendLevel) }

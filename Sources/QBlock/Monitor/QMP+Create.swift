@@ -6,9 +6,10 @@ import QBlockOperations
 import QBlockOpen
 /// `blockdev-create` (QEMU 7.2's `qapi/block-core.json`): image creation as a job of type
 /// `create`, with `auto-finalize` on and `auto-dismiss` off, as QEMU runs it. Drivers:
-/// `file` (a host file) and every ``BlockdevCreatable`` format of ``FormatRegistry`` (an
-/// image written onto an open node — libvirt's flow is create file, `blockdev-add` it,
-/// create qcow2 on that node, `blockdev-add` qcow2). Other drivers are refused: those QEMU
+/// every ``ProtocolCreatable`` protocol of ``ProtocolRegistry`` (`file`: a host file) and
+/// every ``BlockdevCreatable`` format of ``FormatRegistry`` (an image written onto an open
+/// node — libvirt's flow is create file, `blockdev-add` it, create qcow2 on that node,
+/// `blockdev-add` qcow2). Other drivers are refused: those QEMU
 /// cannot create either with its own message, those it can (vmdk, luks, …) as not
 /// supported here.
 extension QMPMonitor {
@@ -20,8 +21,8 @@ extension QMPMonitor {
         "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk",
         "vpc", "vvfat",
     ]
-    /// The drivers QEMU can create (`bdrv_co_create`); of them we create `file` and the
-    /// registered ``BlockdevCreatable`` formats.
+    /// The drivers QEMU can create (`bdrv_co_create`); of them we create the registered
+    /// ``ProtocolCreatable`` protocols and ``BlockdevCreatable`` formats.
     static let qemuCreateDrivers: Set<String> = ["file", "gluster", "luks", "nfs", "parallels", "qcow", "qcow2", "qed",
                                                  "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"]
 
@@ -41,25 +42,19 @@ extension QMPMonitor {
 
 /// A checked `blockdev-create` request (`BlockdevCreateOptions`).
 enum QMPCreateRequest: Sendable {
-    case file(path: String, size: Int64, preallocation: Preallocation, nocow: Bool)
+    /// Storage of a protocol (a host file), created by the plan.
+    case `protocol`(ProtocolCreatePlan)
     /// An image of a format, written onto `plan.file` (a node name or a `BlockdevRef`
     /// object, opened when the job runs).
     case format(BlockdevCreatePlan)
 
     static func parse(_ o: QMPArguments) throws -> QMPCreateRequest {
         let driver = try o.enumValue("driver", QMPMonitor.blockdevDriverNames)
-        if driver == "file" {
-            let filename = try o.string("filename")
-            guard let size = try o.optionalSize("size") else { throw o.missing("size") }
-            let prealloc = try o.optionalEnum("preallocation", Preallocation.allCases.map(\.rawValue)).flatMap(Preallocation.init) ?? .off
-            let nocow = try o.bool("nocow", default: false)
-            let hint = try o.optionalSize("extent-size-hint")
+        if let proto = ProtocolRegistry.driver(named: driver) as? any ProtocolCreatable.Type {
+            let plan = try proto.readBlockdevCreateOptions(o)
             try o.done()
-            if let hint, hint != 0 {
-                // Only XFS honours the hint in QEMU; we never set it, so we refuse rather than ignore it.
-                throw QMPError.generic("extent-size-hint is not supported by this implementation")
-            }
-            return .file(path: filename, size: size, preallocation: prealloc, nocow: nocow)
+            try plan.check()
+            return .protocol(plan)
         }
         if let format = FormatRegistry.driver(named: driver) as? any BlockdevCreatable.Type {
             let plan = try format.readBlockdevCreateOptions(o)
@@ -100,8 +95,8 @@ final class BlockdevCreateJob: JobDriver, @unchecked Sendable {
         job.setProgressTotal(1)
         defer { job.progressDone(1) }
         switch request {
-        case .file(let path, let size, let prealloc, let nocow):
-            try await ImageCreator.createFile(path: path, size: size, preallocation: prealloc, nocow: nocow)
+        case .protocol(let plan):
+            try await plan.create()
         case .format(let plan):
             let (file, opened) = try await openFile(plan.file)
             do {
@@ -140,21 +135,13 @@ final class BlockdevCreateJob: JobDriver, @unchecked Sendable {
         case .dict(let d):
             let a = QMPArguments(d, path: "options.file")
             let driver = try a.enumValue("driver", QMPMonitor.blockdevDriverNames)
-            guard driver == "file" else {
+            // (Only a protocol whose storage blockdev-create makes can be opened here: a host file.)
+            guard let proto = ProtocolRegistry.driver(named: driver) as? any ProtocolCreatable.Type else {
                 throw BlockError(.unsupported, "blockdev-create: a new 'file' node may only use driver 'file' here")
             }
-            let filename = try a.string("filename")
-            for k in ["node-name", "discard", "detect-zeroes", "locking", "aio"] { _ = a.value(k) }
-            _ = try a.optionalBool("read-only")
+            let open = try proto.readCreateTarget(a)
             try a.done()
-            do {
-                let f = try FileNode(path: filename, readOnly: false, perm: [.consistentRead, .write, .resize],
-                                     shared: [.consistentRead, .writeUnchanged])
-                return (f, true)
-            } catch {
-                let e = error.asBlockError
-                throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno)
-            }
+            return (try await open(), true)
         default:
             throw BlockError(.invalidArgument, "Invalid parameter type for 'options.file', expected: BlockdevRef")
         }

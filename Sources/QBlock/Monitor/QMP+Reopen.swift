@@ -90,19 +90,16 @@ final class ReopenSpec: @unchecked Sendable {
         if let v = try a.optionalBool("auto-read-only"), v { s.fixedMembers.append(("auto-read-only", .bool(v))) }
         if let v = try a.optionalBool("force-share"), v { s.fixedMembers.append(("force-share", .bool(v))) }
         s.detectZeroes = try a.optionalEnum("detect-zeroes", ["off", "on", "unmap"])
-        switch s.driver {
-        case "file":
-            s.filename = try a.string("filename")
-            for k in ["locking", "aio", "pr-manager"] { if let v = a.value(k) { _ = try a.optionalString(k); s.fixedMembers.append((k, v)) } }
-            for k in ["drop-cache", "x-check-cache-dropped"] { if let v = a.value(k) { _ = try a.optionalBool(k); s.fixedMembers.append((k, v)) } }
-            if let v = a.value("aio-max-batch") { _ = try a.optionalInt("aio-max-batch"); s.fixedMembers.append(("aio-max-batch", v)) }
-        default:
-            guard let format = FormatRegistry.driver(named: s.driver) else {
-                // Drivers we cannot open: their members are not checked (the node cannot be of
-                // that driver, so the reopen fails on the driver anyway).
+        if let proto = ProtocolRegistry.driver(named: s.driver) {
+            if let given = try proto.readReopenOptions(a) {
+                s.filename = given.filename
+                s.fixedMembers += given.fixedMembers
+            } else {
+                // A protocol whose nodes cannot be reopened: its members are not checked (the
+                // reopen fails on the node's driver).
                 a.markAllRead()
-                break
             }
+        } else if let format = FormatRegistry.driver(named: s.driver) {
             // A format's own members (none can change in place), read as blockdev-add reads them.
             let members = RecordingReader(a)
             var ignored = OpenOptions()
@@ -114,6 +111,10 @@ final class ReopenSpec: @unchecked Sendable {
             }
             s.file = try child(a, "file", nullable: false)
             if s.file == nil { throw a.missing("file") }
+        } else {
+            // Drivers we cannot open: their members are not checked (the node cannot be of
+            // that driver, so the reopen fails on the driver anyway).
+            a.markAllRead()
         }
         try a.done()
         return s
@@ -355,4 +356,6 @@ private final class RecordingReader: DriverOptionReader {
     func optionalEnum(_ key: String, _ values: [String]) throws -> String? { note(key, try args.optionalEnum(key, values)) }
     func optionalSize(_ key: String) throws -> Int64? { note(key, try args.optionalSize(key)) }
     func optionalDriverName(_ key: String) throws -> String? { note(key, try args.optionalDriverName(key)) }
+    func optionalObjectMembers(_ key: String) throws -> (any DriverOptionReader)? { note(key, try args.optionalObjectMembers(key)) }
+    func done() throws { try args.done() }
 }

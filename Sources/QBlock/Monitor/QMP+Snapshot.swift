@@ -117,11 +117,12 @@ final class SnapshotSyncAction: SnapshotBase, QMPTransactionAction {
             }
             created = true
         }
-        var d = QObject.Dict([("driver", .string(format)), ("backing", .null),
-                              ("file", .dict(QObject.Dict([("driver", .string("file")), ("filename", .string(file))])))])
-        if let overlayName { d["node-name"] = .string(overlayName) }
         let block = monitor.block
         do {
+            // The overlay's protocol (a host file) from its name.
+            var d = QObject.Dict([("driver", .string(format)), ("backing", .null),
+                                  ("file", .dict(try ProtocolRegistry.blockdevOptions(forFilename: file)))])
+            if let overlayName { d["node-name"] = .string(overlayName) }
             let o = try await block.open(QMPArguments(d), parent: nil, isRoot: false)
             block.setAutoDelete(o)
             block.inheritOptions(o, from: node)

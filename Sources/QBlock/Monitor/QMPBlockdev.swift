@@ -3,16 +3,17 @@ import QBlockDrivers
 import QBlockGraph
 import QBlockNBDServer
 import QBlockOpen
-/// The drivers `blockdev-add` knows, by QAPI name: the formats of ``FormatRegistry``, and
-/// the protocols and filters registered here. A driver reads its own members from the
-/// arguments (the common ones — `driver`, `node-name`, `read-only`, `cache`, `discard`,
-/// `detect-zeroes`, `auto-read-only`, `force-share` — are read before it is called) and
-/// returns the opened driver; children (`file`, `backing`, a filter's child) are opened
-/// with ``QMPOpenContext/child(_:_:)``. A format reads its members through
-/// ``FormatDriver/readBlockdevOptions(_:into:)``; its `file` and `backing` children are
+/// The drivers `blockdev-add` knows, by QAPI name: the formats of ``FormatRegistry``, the
+/// protocols of ``ProtocolRegistry``, and the filters registered here. A driver reads its
+/// own members from the arguments (the common ones — `driver`, `node-name`, `read-only`,
+/// `cache`, `discard`, `detect-zeroes`, `auto-read-only`, `force-share` — are read before it
+/// is called) and returns the opened driver; children (`file`, `backing`, a filter's child)
+/// are opened with ``QMPOpenContext/child(_:_:)``. A format reads its members through
+/// ``FormatDriver/readBlockdevOptions(_:into:)``, a protocol through
+/// ``ProtocolDriver/readBlockdevOptions(_:)``; a format's `file` and `backing` children are
 /// opened here.
 ///
-/// A driver from another file registers itself once, before use:
+/// A filter from another file registers itself once, before use:
 /// ```swift
 /// QMPBlockdevDrivers.register("copy-on-read") { args, ctx in
 ///     let child = try await ctx.child(args, "file")
@@ -26,21 +27,24 @@ public enum QMPBlockdevDrivers {
 
     private static let lock = PosixMutex()
     // @unchecked: the opener table is only read or changed with `Self.lock` held.
-    nonisolated(unsafe) private static var table: [String: Opener] = [
-        "file": QMPBlockdevDrivers.openFile,
-        "nbd": QMPBlockdevDrivers.openNBD,
-    ]
+    nonisolated(unsafe) private static var table: [String: Opener] = [:]
 
-    /// Adds (or replaces) a protocol or filter driver `name` (formats are in ``FormatRegistry``).
+    /// Adds (or replaces) a filter driver `name` (formats are in ``FormatRegistry``,
+    /// protocols in ``ProtocolRegistry``).
     public static func register(_ name: String, opener: @escaping Opener) {
         lock.withLock { table[name] = opener }
     }
 
     /// The driver names, sorted.
-    public static var names: [String] { Set(lock.withLock { Array(table.keys) } + FormatRegistry.names).sorted() }
+    public static var names: [String] {
+        Set(lock.withLock { Array(table.keys) } + FormatRegistry.names + ProtocolRegistry.names).sorted()
+    }
 
     static func opener(_ name: String) -> Opener? {
         if let o = lock.withLock({ table[name] }) { return o }
+        if let proto = ProtocolRegistry.driver(named: name) {
+            return { args, ctx in try await openProtocol(proto, args, ctx) }
+        }
         guard let format = FormatRegistry.driver(named: name) else { return nil }
         return { args, ctx in try await openFormat(format, args, ctx) }
     }
@@ -96,32 +100,11 @@ public final class QMPOpenContext: @unchecked Sendable {
 }
 
 extension QMPBlockdevDrivers {
-    static func openFile(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
-        let filename = try args.string("filename")
-        _ = try args.optionalEnum("locking", ["auto", "on", "off"])
-        _ = try args.optionalEnum("aio", ["threads", "native", "io_uring"])
-        _ = try args.optionalString("pr-manager")
-        _ = try args.optionalBool("drop-cache")
-        _ = try args.optionalBool("x-check-cache-dropped")
-        _ = try args.optionalInt("aio-max-batch")
+    /// A protocol node: the driver's own members, then (nothing left over) the open.
+    static func openProtocol(_ proto: any ProtocolDriver.Type, _ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
+        let open = try proto.readBlockdevOptions(args)
         try args.done()
-        let readOnly = ctx.readOnly, cache = ctx.cache
-        let result: Result<FileNode, BlockError> = await IOThreadPool.shared.run {
-            do {
-                let f = try FileNode(path: filename, readOnly: readOnly, cache: cache, locking: false)
-                let (perm, shared) = ImageOpener.lockPermissions(format: "file", options: OpenOptions(readOnly: readOnly))
-                do { try f.lock(perm: perm, shared: shared) } catch let e as BlockError {
-                    Task { try? await f.close() }
-                    return .failure(BlockError(e.code, "Failed to get \"\(readOnly ? "consistent read" : "write")\" lock\nIs another process using the image [\(filename)]?"))
-                }
-                return .success(f)
-            } catch let e as BlockError {
-                return .failure(BlockError(e.code, "Could not open '\(filename)': \(e.message)"))
-            } catch {
-                return .failure(BlockError(.io, "Could not open '\(filename)': \(error)"))
-            }
-        }
-        return try result.get()
+        return try await open(ctx.readOnly, ctx.cache)
     }
 
     /// A format node: the format's own members, then `file`, then (for a format with
@@ -141,18 +124,12 @@ extension QMPBlockdevDrivers {
         let imageName = file.filename
         let node = try await format.open(file: file, options: options) { name, format in
             let path = ImageOpener.resolveBackingPath(name, relativeTo: imageName)
-            let fileArgs: QObject
-            if NBDURI.isNBDURI(path) {
-                fileArgs = .string(path)
-            } else {
-                fileArgs = .dict(QObject.Dict([("driver", .string("file")), ("filename", .string(path))]))
-            }
-            let fmt: String
-            if let format { fmt = format } else if NBDURI.isNBDURI(path) { fmt = "raw" } else {
-                fmt = await IOThreadPool.shared.run { (try? ImageOpener.probe(path)) ?? "raw" }
-            }
-            let d = QObject.Dict([("driver", .string(fmt)), ("read-only", .bool(true)), ("file", fileArgs)])
+            var fmt = "raw"
+            if let format { fmt = format } else if let probed = await ImageOpener.probeFormat(of: path) { fmt = probed }
             do {
+                // The backing file's protocol (a host file, an NBD URI) from its name.
+                let fileArgs = try ProtocolRegistry.blockdevOptions(forFilename: path)
+                let d = QObject.Dict([("driver", .string(fmt)), ("read-only", .bool(true)), ("file", .dict(fileArgs))])
                 return try await ctx.block.open(QMPArguments(d, path: "backing"), parent: ctx, isRoot: false)
             } catch {
                 throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
@@ -167,76 +144,17 @@ extension QMPBlockdevDrivers {
         }
         return node
     }
-
-    static func openNBD(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
-        let server = try args.object("server")
-        let export = try args.optionalString("export") ?? ""
-        _ = try args.optionalString("tls-creds")
-        _ = try args.optionalString("tls-hostname")
-        _ = try args.optionalString("x-dirty-bitmap")
-        _ = try args.optionalUInt("reconnect-delay", bits: 32)
-        _ = try args.optionalUInt("open-timeout", bits: 32)
-        let address = try QMPSocketAddress.parse(server, legacy: false)
-        try args.done()
-        let encoded = export.addingPercentEncodingForNBD()
-        let text: String
-        switch address {
-        case .unix(let path): text = "nbd+unix:///\(encoded)?socket=\(path)"
-        case .tcp(let host, let port): text = "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(encoded)"
-        }
-        do {
-            return try await NBDClientNode.connect(try NBDURI(text), readOnly: ctx.readOnly)
-        } catch let e as BlockError {
-            if case .unix(let path) = address, e.errno != nil {
-                throw QMPError.generic("Failed to connect to '\(path)': \(BlockError.strerror(e.errno ?? 0))")
-            }
-            throw QMPError.generic(e.message)
-        }
-    }
 }
 
 /// QAPI's `SocketAddress` (flat: `{"type": "unix", "path": …}`) and `SocketAddressLegacy`
-/// (`{"type": "unix", "data": {"path": …}}`, used by `nbd-server-start`).
+/// (`{"type": "unix", "data": {"path": …}}`, used by `nbd-server-start`), read as the NBD
+/// client driver reads its `server` (``NBDURI/Transport/init(socketAddress:legacy:)``).
 enum QMPSocketAddress {
     static func parse(_ a: QMPArguments, legacy: Bool) throws -> NBDServer.Address {
-        let type = try a.enumValue("type", ["inet", "unix", "vsock", "fd"])
-        let body = legacy ? try a.object("data") : a
-        let result: NBDServer.Address
-        switch type {
-        case "unix":
-            let path = try body.string("path")
-            _ = try body.optionalBool("abstract")
-            _ = try body.optionalBool("tight")
-            result = .unix(path: path)
-        case "inet":
-            let host = try body.string("host")
-            let port = try body.string("port")
-            for k in ["numeric", "ipv4", "ipv6", "keep-alive", "mptcp"] { _ = try body.optionalBool(k) }
-            _ = try body.optionalUInt("to", bits: 16)
-            guard let p = UInt16(port) else { throw QMPError.generic("Parameter 'port' expects a port number") }
-            result = .tcp(host: host, port: p)
-        default:
-            throw QMPError.generic("Socket address type '\(type)' is not supported here")
+        switch try NBDURI.Transport(socketAddress: a, legacy: legacy) {
+        case .unix(let path): return .unix(path: path)
+        case .tcp(let host, let port): return .tcp(host: host, port: port)
         }
-        if legacy { try body.done() }
-        try a.done()
-        return result
-    }
-}
-
-extension String {
-    /// Percent-encodes what an NBD URI path may not hold.
-    func addingPercentEncodingForNBD() -> String {
-        var out = ""
-        for b in utf8 {
-            let c = Character(UnicodeScalar(b))
-            if (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || "-._~".contains(c) {
-                out.append(c)
-            } else {
-                out += "%" + (b < 16 ? "0" : "") + String(b, radix: 16, uppercase: true)
-            }
-        }
-        return out
     }
 }
 
@@ -257,5 +175,11 @@ extension QMPArguments: DriverOptionReader {
     /// - Throws: ``QMPError`` if the member is not a string naming a driver QEMU knows.
     public func optionalDriverName(_ key: String) throws -> String? {
         try optionalEnum(key, QMPMonitor.blockdevDriverNames)
+    }
+
+    /// A nested object member as a reader of its own (``optionalObject(_:)``).
+    /// - Throws: ``QMPError`` "Invalid parameter type for 'NAME', expected: object".
+    public func optionalObjectMembers(_ key: String) throws -> (any DriverOptionReader)? {
+        try optionalObject(key)
     }
 }

@@ -5,8 +5,8 @@ import QBlockGraph
 /// ``ImageCreator``, ``Measure`` — looks it up here; adding a format is its folder and one
 /// entry in ``builtIn``.
 ///
-/// Protocol drivers (file, nbd) are not formats: ``ImageOpener`` picks one by the file
-/// name, `blockdev-add` by its `driver` member.
+/// Protocol drivers (file, nbd) are not formats: they are listed in ``ProtocolRegistry``,
+/// where ``ImageOpener`` picks one by the file name and `blockdev-add` by its `driver` member.
 public enum FormatRegistry {
     /// The registered formats. The order is the order ``names`` lists them in.
     public static let builtIn: [any FormatDriver.Type] = [Qcow2Format.self, RawFormat.self]

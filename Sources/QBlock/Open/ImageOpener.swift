@@ -8,9 +8,10 @@ import QBlockGraph
 /// Turns a filename and options into a tree of nodes — the format node on top of its `file`
 /// protocol node, and the backing chain below it.
 ///
-/// It sits above the drivers it chooses among: the protocol by the file name (an NBD URI
-/// or a host file), the format from ``FormatRegistry`` by name or by probing. Formats
-/// never open other formats by name themselves; they ask the opener for their backing file.
+/// It sits above the drivers it chooses among: the protocol from ``ProtocolRegistry`` by the
+/// file name (an NBD URI or a host file), the format from ``FormatRegistry`` by name or by
+/// probing. Formats never open other formats by name themselves; they ask the opener for
+/// their backing file.
 public enum ImageOpener {
     /// Format names this build can open.
     public static var formats: [String] { FormatRegistry.names }
@@ -22,7 +23,22 @@ public enum ImageOpener {
         return try await open(filename, options: options, seen: &seen, isBacking: false)
     }
 
-    /// Guesses the format of the file at `path` from its first bytes ("qcow2", else "raw").
+    /// Guesses the format of the image named `filename` (a host path or a URI a protocol
+    /// claims) from its first bytes: opens it read-only through its protocol driver, reads
+    /// them and closes it.
+    /// - Returns: the format name, or nil when the image cannot be opened or read.
+    public static func probeFormat(of filename: String) async -> String? {
+        let proto = ProtocolRegistry.driver(forFilename: filename)
+        guard let node = try? await proto.open(filename: filename, options: OpenOptions(readOnly: true, locking: false)) else {
+            return nil
+        }
+        let head = try? await proto.probeHead(of: node, count: FormatRegistry.probeLength)
+        try? await node.close()
+        return head.flatMap { FormatRegistry.probe($0)?.name }
+    }
+
+    /// Guesses the format of the host file at `path` from its first bytes ("qcow2", else
+    /// "raw"), synchronously.
     public static func probe(_ path: String) throws -> String {
         let f = try FileNode(path: path, readOnly: true, locking: false)
         defer { Task { try? await f.close() } }
@@ -63,38 +79,27 @@ public enum ImageOpener {
         }
         let file: any BlockDriver
         let format: String
+        let proto = ProtocolRegistry.driver(forFilename: filename)
         do {
-            if NBDURI.isNBDURI(filename) {
-                // An NBD export: no image locks (the server owns the image).
-                let node = try await NBDClientNode.connect(try NBDURI(filename), readOnly: options.readOnly)
-                file = node
+            let node = try await proto.open(filename: filename, options: options)
+            file = node
+            do {
                 if let f = options.format {
                     format = f
                 } else {
-                    do {
-                        format = try probeFormat(try await node.read(at: 0, count: Int(min(Int64(FormatRegistry.probeLength), node.length))),
-                                                 path: filename)
-                    } catch {
-                        try? await node.close()
-                        throw error
-                    }
+                    format = try probeFormat(try await proto.probeHead(of: node, count: FormatRegistry.probeLength), path: filename)
                 }
-            } else {
-                let f = try FileNode(path: filename, readOnly: options.readOnly, cache: options.cache, locking: false)
-                file = f
-                do {
-                    format = try options.format ?? probeFormat(f.probeBytes(count: FormatRegistry.probeLength), path: filename)
-                } catch {
-                    try? await f.close()
-                    throw error
-                }
+            } catch {
+                try? await node.close()
+                throw error
             }
         } catch let e as BlockError {
             // (The file layer's errors name the file twice in qemu-img's wording, the nbd layer's once.)
             throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
-                             operation: NBDURI.isNBDURI(filename) ? "nbd open" : "open", underlying: e.underlying)
+                             operation: proto.openOperation, underlying: e.underlying)
         }
         do {
+            // (Only a host file takes image locks; an NBD server owns its image.)
             if options.locking, let hostFile = file as? any HostStorage {
                 let (perm, shared) = lockPermissions(format: format, options: options)
                 try hostFile.lock(perm: perm, shared: shared)

@@ -15,11 +15,7 @@ extension ImageCreator {
     /// - Throws: ``BlockError`` "Could not create 'PATH': …", "Could not resize file: …".
     public static func createFile(path: String, size: Int64, preallocation: Preallocation = .off,
                                   nocow: Bool = false) async throws {
-        if size < 0 {
-            // QEMU creates the file, then fails to resize it to the (unsigned) huge size.
-            try await FileCreation.create(path: path, size: 0, preallocation: .off, nocow: nocow)
-            throw BlockError(.invalidArgument, "Could not resize file: Invalid argument", errno: EINVAL, path: path, operation: "create")
-        }
-        try await FileCreation.create(path: path, size: size, preallocation: preallocation, nocow: nocow, roundUp: false)
+        // (A negative size: QEMU creates the file, then fails to resize it to the unsigned huge size.)
+        try await FileCreation.createExactly(path: path, size: size, preallocation: preallocation, nocow: nocow)
     }
 }

@@ -52,6 +52,20 @@ package enum FileCreation {
         }
     }
 
+    /// Creates the file at `path` with exactly `size` bytes, as QMP's `blockdev-create` of a
+    /// `file` does (and ``create(path:size:preallocation:nocow:roundUp:)`` without rounding).
+    /// A negative size (a QAPI `size` beyond 2^63) creates the file and then fails to
+    /// resize it, as QEMU does with the unsigned size.
+    /// - Throws: ``BlockError`` as ``create(path:size:preallocation:nocow:roundUp:)``, or
+    ///   "Could not resize file: Invalid argument" for a negative size.
+    package static func createExactly(path: String, size: Int64, preallocation: Preallocation, nocow: Bool) async throws {
+        if size < 0 {
+            try await create(path: path, size: 0, preallocation: .off, nocow: nocow)
+            throw BlockError(.invalidArgument, "Could not resize file: Invalid argument", errno: EINVAL, path: path, operation: "create")
+        }
+        try await create(path: path, size: size, preallocation: preallocation, nocow: nocow, roundUp: false)
+    }
+
     /// Sets Linux's `FS_NOCOW_FL` on the (empty) file at `path`; failures are ignored, as
     /// QEMU ignores them (ext4 and most file systems do not know the flag).
     static func setNoCOW(_ path: String) {
