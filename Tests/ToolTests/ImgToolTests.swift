@@ -51,6 +51,18 @@ import ToolSupport
         _ = try expectSameAsQemu(["create"] + args)
     }
 
+    /// Size arguments go through QEMU's syntax (`SizeParser`), as qemu-img's `cvtnum` reads
+    /// them: no exponent, no trailing blank, a fraction rounded half up, hexadecimal.
+    static let createSizeSyntaxCases: [String] = [
+        "1e3", "5 ", " 5", "+5", ".5k", "1e2k", "1.5e3k", "0.0005k", "0.5k", "1.k", "1.25k", "0x200", "1.5",
+    ]
+
+    @Test(qemuTrait, arguments: createSizeSyntaxCases)
+    func createSizeSyntaxMatchesQemu(size: String) throws {
+        let (a, b) = try expectSameAsQemu(["create", "-f", "raw", "x", size])
+        #expect(fileStat(a.file("x"))?.size == fileStat(b.file("x"))?.size)
+    }
+
     static let qcow2CreateCases: [[String]] = {
         var cases: [[String]] = []
         for cs in ["512", "4k", "64k", "2M"] {
