@@ -45,12 +45,13 @@ extension Nbd {
 
     /// Opens the image as node `disk0` and exports it, with the monitor's commands.
     private func addImage(_ filename: String, to monitor: QMPMonitor, settings: Settings) async throws {
-        let fmt: String
-        if let format { fmt = format } else { fmt = (try? ImageOpener.probe(filename)) ?? "raw" }
+        var fmt = "raw"
+        if let format { fmt = format } else if let probed = await ImageOpener.probeFormat(of: filename) { fmt = probed }
         var cache = QObject.Dict()
         cache["direct"] = .bool(settings.cache.direct)
         cache["no-flush"] = .bool(settings.cache.ignoresFlush)
-        let file = QObject.Dict([("driver", .string("file")), ("filename", .string(filename))])
+        // The protocol (a host file, an NBD URI) from the file name, as ImageOpener picks it.
+        let file = try ProtocolRegistry.blockdevOptions(forFilename: filename)
         try await monitor.execute("blockdev-add", arguments: QObject.Dict([
             ("driver", .string(fmt)), ("node-name", .string("disk0")), ("read-only", .bool(readOnly)),
             ("cache", .dict(cache)), ("file", .dict(file)),
