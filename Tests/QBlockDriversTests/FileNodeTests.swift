@@ -14,6 +14,27 @@ import QBlock
 import TestSupport
 
 @Suite struct FileNodeTests {
+    /// Probing reads the header through an aligned buffer under `O_DIRECT`: a qcow2 image
+    /// opened with `cache=none` and no format is qcow2 (it probed as raw before). Skipped
+    /// where the file system refuses `O_DIRECT` (tmpfs).
+    @Test func probingUnderODirect() async throws {
+        let dir = TempDir()
+        let path = dir.file("a.qcow2")
+        try await ImageCreator.create(format: "qcow2", path: path, size: 1 << 20)
+        let file: FileNode
+        do { file = try FileNode(path: path, readOnly: true, cache: .none, locking: false) } catch let e as BlockError where e.code == .unsupported {
+            return
+        }
+        let head = file.probeBytes(count: 104)
+        #expect(head.count == 104)
+        #expect(head.prefix(4) == [0x51, 0x46, 0x49, 0xfb])
+        #expect(file.probeBytes(count: 5000).count == 5000)
+        try await file.close()
+        let node = try await ImageOpener.open(path, options: OpenOptions(readOnly: true, cache: .none))
+        #expect(node.driverName == "qcow2")
+        try await node.close()
+    }
+
     @Test func writeReadRoundTrip() async throws {
         let dir = TempDir()
         let path = dir.file("a.raw")

@@ -137,17 +137,20 @@ extension FileNode {
         return await pool.run { Syscalls.pwrite(fd, rest.raw, count - start, offset + Int64(start)) }.map { $0 + start }
     }
 
-    /// Reads up to `count` bytes at `offset` synchronously on the caller's thread.
-    /// Only for probing a few header bytes at open time.
+    /// Reads up to `count` bytes at offset 0 synchronously on the caller's thread (fewer for
+    /// a shorter file, none when the read fails). Only for probing a few header bytes at
+    /// open time. Under `O_DIRECT` the read goes through an aligned buffer of whole aligned
+    /// blocks, as the kernel requires (an unaligned read failed, and a qcow2 image opened
+    /// with `cache=none` and no format probed as raw).
     package func probeBytes(count: Int) -> [UInt8] {
-        guard gate.tryEnter() else { return [] }
+        guard count > 0, gate.tryEnter() else { return [] }
         defer { gate.leave() }
-        var buf = [UInt8](repeating: 0, count: count)
-        // SAFETY: `buf` has `count` bytes and pread is told `count`.
-        let n: Int = buf.withUnsafeMutableBytes { b in
-            if case .success(let n) = Syscalls.pread(fd, b.baseAddress!, count, 0) { return n }
-            return 0
+        let a = directAlignment
+        let buf = AlignedBuffer(count: (count + a - 1) / a * a, alignment: max(a, 512))
+        // SAFETY: `buf` has `buf.count` bytes and pread is told `buf.count`.
+        return buf.withUnsafeMutableBytes { b -> [UInt8] in
+            guard case .success(let n) = Syscalls.pread(fd, b.baseAddress!, b.count, 0) else { return [] }
+            return Array(b[0..<min(n, count)])
         }
-        return Array(buf[0..<n])
     }
 }
