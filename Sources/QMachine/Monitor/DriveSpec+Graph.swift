@@ -4,25 +4,14 @@ extension DriveSpec {
     /// The `blockdev-add` arguments QEMU's `-drive` amounts to: a format node (named
     /// `nodeName`) on a protocol node — a `file` node for a path, an `nbd` node for an NBD
     /// URI — with the image's backing chain opened below it.
-    /// - Throws: `.invalidArgument` for an NBD URI that does not parse.
+    /// - Throws: the protocol's error for a file name it cannot use (`.invalidArgument` for an
+    ///   NBD URI that does not parse).
     public func blockdevArguments(nodeName: String) throws -> QObject.Dict {
-        let protocolNode: QObject.Dict
-        let fmt: String
-        if NBDURI.isNBDURI(file) {
-            let uri = try NBDURI(file)
-            let server: QObject.Dict
-            switch uri.transport {
-            case .unix(let path):
-                server = QObject.Dict([("type", .string("unix")), ("path", .string(path))])
-            case .tcp(let host, let port):
-                server = QObject.Dict([("type", .string("inet")), ("host", .string(host)), ("port", .string(String(port)))])
-            }
-            protocolNode = QObject.Dict([("driver", .string("nbd")), ("server", .dict(server)), ("export", .string(uri.exportName))])
-            fmt = format ?? "raw"
-        } else {
-            protocolNode = QObject.Dict([("driver", .string("file")), ("filename", .string(file))])
-            fmt = format ?? ((try? ImageOpener.probe(file)) ?? "raw")
-        }
+        // The protocol node as the protocol registry builds it for a file name (a `file` node
+        // for a path, an `nbd` node for an NBD URI); only host files are probed for their
+        // format, anything else is raw unless told, as QEMU's -drive.
+        let protocolNode = try ProtocolRegistry.blockdevOptions(forFilename: file)
+        let fmt = format ?? ((try? ImageOpener.probe(file)) ?? "raw")
         return QObject.Dict([("driver", .string(fmt)), ("node-name", .string(nodeName)), ("read-only", .bool(readOnly)),
                              ("file", .dict(protocolNode))])
     }
