@@ -70,7 +70,7 @@ private final class SlowMemory: BlockDriver, @unchecked Sendable {
                 }
             }
             try await Task.sleep(nanoseconds: 10_000_000)
-            try await graph.drained {
+            await graph.drained {
                 #expect(backend.requestsInFlight == 0)
                 graph.replace(na, with: nc)
             }

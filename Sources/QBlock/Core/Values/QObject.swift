@@ -214,5 +214,5 @@ func formatG3(_ v: Double) -> String { cFormat("%0.3g", v) }
 package func cFormat(_ format: String, _ v: Double) -> String {
     var buf = [CChar](repeating: 0, count: 64)
     _ = withVaList([v]) { vsnprintf(&buf, buf.count, format, $0) }
-    return String(cString: buf)
+    return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

@@ -65,7 +65,7 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
             let (copy, n) = try await needsCopy(at: at, length: want)
             let part = UnsafeMutableRawBufferPointer(rebasing: buffer[pos..<pos + Int(n)])
             if copy {
-                try await copyAdmitted(at: at, length: n, into: part)
+                _ = try await copyAdmitted(at: at, length: n, into: part)
             } else {
                 try await child.read(at: at, into: part)
             }
