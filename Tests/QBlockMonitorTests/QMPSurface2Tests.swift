@@ -120,7 +120,7 @@ struct QMPSurface2Tests {
     /// secret (data, file, base64), iothread, duplicate and unknown ids, refused types.
     @Test func objectsMatchQemuStorageDaemon() throws {
         _ = try Self.compareWithQemu("transcript-objects.jsonl") { dir in
-            try Array("secret1".utf8).withUnsafeBytes { _ = FileManager.default.createFile(atPath: dir.file("sec.txt"), contents: Data($0)) }
+            Array("secret1".utf8).withUnsafeBytes { _ = FileManager.default.createFile(atPath: dir.file("sec.txt"), contents: Data($0)) }
         }
     }
 

@@ -30,7 +30,6 @@ public enum ImageRebase {
         let size = image.length
         let oldBacking = image.backing
         let oldSize = oldBacking.map { $0.length } ?? 0
-        let newSize = newBacking.map { $0.length } ?? 0
         let bufOld = AlignedBuffer(count: Int(chunkSize))
         let bufNew = AlignedBuffer(count: Int(chunkSize))
         var offset: Int64 = 0
