@@ -6,10 +6,11 @@ import TestSupport
 
 /// A seeded, randomized model test of `close()` racing I/O (the fixed-pattern version is
 /// ``CloseSafetyTests``): N tasks run random reads, writes, write-zeroes, discards and flushes
-/// on one image (qcow2, raw over a file node, or a bare file node), each on byte ranges it
-/// alone owns (chunks dealt round-robin, so tasks share clusters and tables), checked against
-/// a byte model; after a random number of completed calls, `close()` runs concurrently, and
-/// once it returns other files are opened to take the freed descriptor numbers.
+/// on one image (qcow2, raw over a file node, a bare file node, or a block backend over
+/// qcow2), each on byte ranges it alone owns (chunks dealt round-robin, so tasks share
+/// clusters and tables), checked against a byte model; after a random number of completed
+/// calls, `close()` runs concurrently, and once it returns other files are opened to take the
+/// freed descriptor numbers.
 ///
 /// Invariants:
 /// - a call completes with the model's bytes (a read) or fails with `BlockError` `.closed`,
@@ -24,15 +25,18 @@ import TestSupport
 /// Every case prints `seed=…`; a failing case is shrunk (fewer tasks, fewer calls) and its
 /// reproducer printed. Environment:
 /// - `QBLOCK_CLOSERACE_SEED=N` runs that seed only (every format, or `QBLOCK_CLOSERACE_FORMAT`'s:
-///   raw, qcow2 or file);
+///   raw, qcow2, file or backend);
 /// - `QBLOCK_CLOSERACE_TASKS`, `QBLOCK_CLOSERACE_OPS`, `QBLOCK_CLOSERACE_CLOSE_AFTER` override what
 ///   the seed chose (the shrunk reproducer sets them);
 /// - `QBLOCK_CLOSERACE_SECONDS=S` runs random seeds for S seconds per format (the long mode).
 @Suite struct CloseRaceModelTests {
-    /// qcow2; raw over a file; a bare file node (its own close gate, with nothing above it).
+    /// qcow2; raw over a file; a bare file node (its own close gate, with nothing above it);
+    /// a block backend over a qcow2 node (the backend is closed, then the node, as the graph
+    /// does).
     enum Format: String, CaseIterable, Sendable, CustomTestStringConvertible {
-        case raw, qcow2, file
+        case raw, qcow2, file, backend
         var testDescription: String { rawValue }
+        var isQcow2: Bool { self == .qcow2 || self == .backend }
     }
 
     // MARK: Cases
@@ -71,7 +75,7 @@ import TestSupport
 
         var description: String {
             var s = "seed=\(seed) format=\(format.rawValue) tasks=\(tasks) ops=\(opsPerTask) closeAfter=\(closeAfter) chunk=\(chunk)x\(chunksPerTask)"
-            if format == .qcow2 { s += " cluster=\(clusterSize) lazyRefcounts=\(lazyRefcounts)" }
+            if format.isQcow2 { s += " cluster=\(clusterSize) lazyRefcounts=\(lazyRefcounts)" }
             return s
         }
 
@@ -299,7 +303,7 @@ import TestSupport
     struct TaskResult: Sendable {
         var model: TaskModel
         /// Writes (or zeroes/discards, as zero bytes) that failed with `.closed`: landed or not.
-        var uncertain: [(at: Int, bytes: [UInt8])] = []
+        var uncertain: [(at: Int, bytes: [UInt8], what: String)] = []
         var failures: [String] = []
         var calls = 0
         var closedCalls = 0
@@ -308,6 +312,9 @@ import TestSupport
 
     /// State the tasks share: the completed-call count that triggers the close, and the close's progress.
     final class Shared: Sendable {
+        /// The node below the one under test that its owner closes right after it (backend).
+        let below: (any BlockDriver)?
+        init(below: (any BlockDriver)?) { self.below = below }
         let completed = Atomic<Int>(0)
         /// 0 before close, 1 while it runs, 2 once it returned.
         let closeState = Atomic<Int>(0)
@@ -326,6 +333,9 @@ import TestSupport
             var out = CloseOutcome()
             do { try await node.close() } catch { out.error = "close() threw: \(error)" }
             shared.closeState.store(2, ordering: .sequentiallyConsistent)
+            if let below = shared.below {
+                do { try await below.close() } catch { out.error = "close() of the node below threw: \(error)" }
+            }
             for _ in 0..<16 {
                 if let f = try? FileNode(path: distractor, readOnly: true, locking: false) { out.thieves.append(f) }
             }
@@ -402,11 +412,11 @@ import TestSupport
             case .closed:
                 sawClosed = true
                 closedInARow += 1
-                if let w = written { res.uncertain.append((w.0, w.1)) }
+                if let w = written { res.uncertain.append((w.0, w.1, what)) }
                 res.closedCalls += 1
             case .failed(let why):
                 res.failures.append("\(what) failed with something other than .closed: \(why)")
-                if let w = written { res.uncertain.append((w.0, w.1)) }
+                if let w = written { res.uncertain.append((w.0, w.1, what)) }
             }
             if shared.completed.add(1, ordering: .sequentiallyConsistent).newValue == c.closeAfter {
                 startClose(node, shared, distractor: distractor)
@@ -438,7 +448,7 @@ import TestSupport
     static func runCase(_ c: Case, quiet: Bool = false, timeout: Double = 60) async throws -> [String] {
         if !quiet { print("close race: \(c)") }
         let dir = TempDir("closerace")
-        let path = dir.file(c.format == .qcow2 ? "img.qcow2" : "img.raw")
+        let path = dir.file(c.format.isQcow2 ? "img.qcow2" : "img.raw")
         let distractor = dir.file("other.raw")
         try writeFile(distractor, at: 0, [UInt8](repeating: distractorByte, count: 1 << 20))
         var failures: [String] = []
@@ -448,6 +458,7 @@ import TestSupport
         var r = SplitMix(seed: c.seed ^ 0x5eed)
         var initial = [TaskModel](repeating: TaskModel(c), count: c.tasks)
         let node: any BlockDriver
+        var below: (any BlockDriver)?
         switch c.format {
         case .raw, .file:
             let fill = Op.bytes(r.next(), c.size)
@@ -460,12 +471,18 @@ import TestSupport
             }
             let file = try FileNode(path: path, readOnly: false)
             node = c.format == .raw ? RawNode(file: file) : file
-        case .qcow2:
+        case .qcow2, .backend:
             var o = Qcow2CreateOptions()
             o.clusterSize = c.clusterSize
             o.lazyRefcounts = c.lazyRefcounts
             try await Qcow2Node.create(path: path, size: Int64(c.size), options: o)
-            node = try await ImageOpener.open(path)
+            let image = try await ImageOpener.open(path)
+            if c.format == .backend {
+                node = BlockBackend(name: "drive0", node: BlockNode(nodeName: "n0", driver: image))
+                below = image
+            } else {
+                node = image
+            }
         }
         for t in 0..<c.tasks {
             for j in 0..<c.chunksPerTask where r.next() % 2 == 0 {
@@ -475,10 +492,10 @@ import TestSupport
                 initial[t].set(base, data)
             }
         }
-        if c.format == .qcow2 { try await node.flush() }
+        if c.format.isQcow2 { try await node.flush() }
 
         // The race.
-        let shared = Shared()
+        let shared = Shared(below: below)
         let initialModels = initial
         let run = Task { () -> [TaskResult] in
             if c.closeAfter == 0 { startClose(node, shared, distractor: distractor) }
@@ -536,7 +553,7 @@ import TestSupport
     /// Reopens the image, compares it with the models, and runs `qemu-img check` on qcow2.
     static func verifyImage(_ c: Case, path: String, results: [TaskResult]) async throws -> [String] {
         var failures: [String] = []
-        let reopened: any BlockDriver = c.format == .qcow2
+        let reopened: any BlockDriver = c.format.isQcow2
             ? try await ImageOpener.open(path)
             : RawNode(file: try FileNode(path: path, readOnly: true))
         let disk = try await reopened.read(at: 0, count: c.size)
@@ -570,10 +587,14 @@ import TestSupport
                 let onDisk = Array(disk[u.at..<(u.at + u.bytes.count)])
                 let new = onDisk == u.bytes
                 let old = onDisk.withUnsafeBytes { res.model.allows($0, at: u.at) }
-                if !new && !old { failures.append("reopened image: a write refused with .closed at \(u.at)+\(u.bytes.count) landed in part") }
+                if !new && !old {
+                    let landed = onDisk.indices.filter { onDisk[$0] == u.bytes[$0] && !res.model.allows(onDisk[$0], at: u.at + $0) }
+                    failures.append("reopened image: \(u.what), refused with .closed, landed in part: \(landed.count) of its bytes, "
+                                    + "from \(u.at + landed.first!) to \(u.at + landed.last!)")
+                }
             }
         }
-        if c.format == .qcow2 {
+        if c.format.isQcow2 {
             if Tools.qemuAvailable {
                 let r = try run("qemu-img", "check", path)
                 if r.status != 0 { failures.append("qemu-img check: \(r)") }
