@@ -123,7 +123,7 @@ struct BitmapSideFileTests {
         let dir = try #require(ProcessInfo.processInfo.environment[Self.writerEnv])
         let b = try DirtyBitmap(name: "m", size: Self.diskSize, granularity: Self.granularity)
         let f = try await BitmapSideFile.open(path: "\(dir)/w.side", bitmap: b)
-        _ = FileManager.default.createFile(atPath: "\(dir)/flushed.log", contents: nil)
+        #expect(FileManager.default.createFile(atPath: "\(dir)/flushed.log", contents: nil))
         let log = try #require(FileHandle(forWritingAtPath: "\(dir)/flushed.log"))
         var rng = SystemRandomNumberGenerator()
         var round = 0

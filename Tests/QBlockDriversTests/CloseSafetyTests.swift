@@ -273,6 +273,60 @@ import ToolSupport
         }
     }
 
+    // MARK: A request admitted before close
+
+    /// The qcow2 requests whose work goes through another of the node's own calls: the
+    /// explicit zeros of partial clusters, the flush of a FUA request.
+    enum AdmittedKind: String, CaseIterable, CustomTestStringConvertible {
+        case zeroes, fuaWrite, fuaZeroes
+        var testDescription: String { rawValue }
+    }
+
+    /// A qcow2 request admitted before close() began completes whole, though the close begins
+    /// while it runs: its inner steps must not go through the gate again, where the close
+    /// refused them after part of the request had landed (found by CloseRaceModelTests: a
+    /// write-zeroes over partial clusters failed with .closed with its head zeroed and its
+    /// tail not; a FUA write failed with .closed after its data landed).
+    @Test(arguments: AdmittedKind.allCases)
+    func aRequestAdmittedBeforeCloseCompletesWhole(_ kind: AdmittedKind) async throws {
+        let dir = TempDir("close")
+        let path = dir.file("a.qcow2")
+        var o = Qcow2CreateOptions()
+        o.clusterSize = 4096
+        try await Qcow2Node.create(path: path, size: Int64(Self.size), options: o)
+        let q = try #require(try await ImageOpener.open(path) as? Qcow2Node)
+        try await q.write(at: 0, bytes: [UInt8](repeating: 0x11, count: 16384))
+        try await q.flush()
+        // At the request's first data write, start close() and let the write go on only
+        // once the node refuses new calls.
+        let armed = Atomic<Bool>(true)
+        let closer = Mutex<Task<Void, Error>?>(nil)
+        try await Syscalls.withInjector(path: path, { call, _ in
+            guard case .pwrite = call, armed.exchange(false, ordering: .sequentiallyConsistent) else { return nil }
+            closer.withLock { $0 = Task { try await q.close() } }
+            let deadline = ContinuousClock.now + .seconds(5)
+            while q.isOpen && ContinuousClock.now < deadline { usleep(100) }
+            return nil
+        }) {
+            switch kind {
+            // Head [1024, 4096) and tail [8192, 9216) are explicit zeros, [4096, 8192) an L2 change.
+            case .zeroes: try await q.writeZeroes(at: 1024, length: 8192, flags: [])
+            case .fuaZeroes: try await q.writeZeroes(at: 1024, length: 8192, flags: [.fua])
+            case .fuaWrite: try await q.write(at: 1024, bytes: [UInt8](repeating: 0, count: 8192), flags: [.fua])
+            }
+        }
+        let wroteData = !armed.load(ordering: .sequentiallyConsistent)
+        #expect(wroteData, "the request wrote data")
+        try await #require(closer.withLock { $0 }).value
+        await Self.expectClosed("write", .qcow2) { try await q.write(at: 0, bytes: [1]) }
+        let r = try #require(try await ImageOpener.open(path) as? Qcow2Node)
+        let got = try await r.read(at: 0, count: 16384)
+        try await r.close()
+        let want = [UInt8](repeating: 0x11, count: 1024) + [UInt8](repeating: 0, count: 8192)
+            + [UInt8](repeating: 0x11, count: 16384 - 9216)
+        #expect(got == want, "\(kind): the request landed whole")
+    }
+
     // MARK: An image dropped without close
 
     /// Opens `path`, writes `pattern` at a few offsets (allocating clusters, so the metadata

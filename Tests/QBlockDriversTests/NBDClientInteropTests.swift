@@ -99,7 +99,7 @@ final class NBDTestServer: @unchecked Sendable {
                                ready: @escaping () -> Bool) throws -> NBDTestServer {
         guard let path = Tools.which(tool) else { throw RunError.notFound(tool) }
         let log = dir.file("\(tool)-\(UUID().uuidString.prefix(8)).log")
-        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        #expect(FileManager.default.createFile(atPath: log, contents: nil))
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args

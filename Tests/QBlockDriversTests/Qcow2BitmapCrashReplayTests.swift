@@ -58,7 +58,7 @@ struct Qcow2BitmapCrashReplayTests {
         var inUseSeen = false
         for k in 0...calls.count {
             if k > 0 { Qcow2CrashReplayTests.apply(calls[k - 1], fd: fd, to: &file) }
-            _ = FileManager.default.createFile(atPath: probe, contents: Data(file))
+            #expect(FileManager.default.createFile(atPath: probe, contents: Data(file)))
             let n = try await ImageOpener.open(probe, options: OpenOptions(format: "qcow2", readOnly: true, locking: false))
             let r = try await (n as? Qcow2Node)?.check(repair: nil)
             #expect(r?.corruptions == 0, "a crash after call \(k) of \(calls.count) leaves corruption: \(r?.messages.prefix(3) ?? [])")

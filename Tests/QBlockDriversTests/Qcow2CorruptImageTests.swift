@@ -71,7 +71,7 @@ import TestSupport
         var (bytes, l2) = try await Self.validImage(dir)
         damage.patch(&bytes, l2)
         let path = dir + "/bad.qcow2"
-        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
         var message = ""
         do {
             let node = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2", readOnly: true))
@@ -93,7 +93,7 @@ import TestSupport
         let dir = try tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/plain.raw"
-        _ = FileManager.default.createFile(atPath: path, contents: Data(count: 1 << 20))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(count: 1 << 20)))
         await #expect(throws: BlockError.self) {
             _ = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2", readOnly: true))
         }
@@ -129,7 +129,7 @@ import TestSupport
         var (bytes, _) = try await Self.validImage(dir)
         bytes[79] |= 0x02
         let path = dir + "/c.qcow2"
-        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
         do {
             _ = try await ImageOpener.open(path)
             Issue.record("corrupt image opened read-write")
@@ -147,7 +147,7 @@ import TestSupport
         var (bytes, l2) = try await Self.validImage(dir)
         bytes.replaceSubrange(l2..<(l2 + 8), with: Self.be64((1 << 63) | 0x50201))
         let path = dir + "/c.qcow2"
-        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
         let n = try await ImageOpener.open(path)
         await #expect(throws: BlockError.self) { _ = try await n.read(at: 0, count: 512) }
         try? await n.close()

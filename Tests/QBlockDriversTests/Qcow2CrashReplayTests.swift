@@ -113,7 +113,7 @@ import QBlock
         let probe = dir + "/probe.qcow2"
         for (i, k) in prefixes.sorted().enumerated() {
             while applied < k { Self.apply(calls[applied], fd: fd, to: &file); applied += 1 }
-            _ = FileManager.default.createFile(atPath: probe, contents: Data(file))
+            #expect(FileManager.default.createFile(atPath: probe, contents: Data(file)))
             let n = try await ImageOpener.open(probe, options: OpenOptions(readOnly: true, locking: false))
             let q = try #require(n as? Qcow2Node)
             let r = try await q.check(repair: nil)

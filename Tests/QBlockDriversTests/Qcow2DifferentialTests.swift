@@ -46,7 +46,7 @@ struct SeededRandom: RandomNumberGenerator {
 
         // Base: raw with some data.
         let base = dir + "/base.raw"
-        _ = FileManager.default.createFile(atPath: base, contents: nil)
+        #expect(FileManager.default.createFile(atPath: base, contents: nil))
         let baseNode = try await ImageOpener.open(base, options: OpenOptions(format: "raw"))
         try await baseNode.truncate(to: Int64(size), preallocation: .off)
         for _ in 0..<20 {
@@ -151,7 +151,7 @@ struct SeededRandom: RandomNumberGenerator {
             let (st, out, err) = try sh(["qemu-img", "check", top])
             #expect(st == 0, "seed \(seed): qemu-img check: \(out) \(err)")
             let modelPath = dir + "/model.raw"
-            _ = FileManager.default.createFile(atPath: modelPath, contents: Data(model.bytes))
+            #expect(FileManager.default.createFile(atPath: modelPath, contents: Data(model.bytes)))
             let (cst, cout, cerr) = try sh(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", modelPath, top])
             #expect(cst == 0, "seed \(seed): qemu-img compare: \(cout) \(cerr)")
         }

@@ -377,7 +377,7 @@ struct Qcow2NoSpaceTests {
         guard m.status == 0 else { print("nospace: cannot mount tmpfs (\(m.stderr)); test skipped"); return }
         defer { _ = try? run("umount", mnt.path) }
         let filler = mnt.file("filler")
-        _ = FileManager.default.createFile(atPath: filler, contents: Data(count: 1 << 20))
+        #expect(FileManager.default.createFile(atPath: filler, contents: Data(count: 1 << 20)))
         let path = mnt.file("img.qcow2")
         _ = try mustRun("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "16M")
         let node = try await ImageOpener.open(path)

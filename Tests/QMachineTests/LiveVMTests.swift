@@ -60,7 +60,7 @@ import TestSupport
         guard let python = Tools.which("python3") else { print("LiveVMTests skipped: python3 missing"); return }
         let dir = TempDir("livevm-ctl")
         let kernel = dir.file("loop.Image")
-        _ = FileManager.default.createFile(atPath: kernel, contents: Data(TinyKernel.image([0x0000_006f])))   // j .
+        #expect(FileManager.default.createFile(atPath: kernel, contents: Data(TinyKernel.image([0x0000_006f]))))   // j .
         let r = try run("/usr/bin/timeout", ["--signal=KILL", "180", python, "\(Self.repo)/Tests/Scripts/python/livevm/control.py",
                                              "--vm", vm, "--kernel", kernel, "--workdir", dir.path, "--case", which])
         if r.status == 77 { print("LiveVMTests skipped: \(r.stdout)"); return }

@@ -114,9 +114,9 @@ final class FakeCPU: RISCVBootCPU, @unchecked Sendable {
     @Test func machineLoadsKernelInitrdAndDeviceTree() async throws {
         let dir = TempDir("machine")
         let kernel = LoaderTests.header(imageSize: 3 << 20) + [UInt8](repeating: 0x13, count: 8192)
-        _ = FileManager.default.createFile(atPath: dir.file("Image"), contents: Data(kernel))
+        #expect(FileManager.default.createFile(atPath: dir.file("Image"), contents: Data(kernel)))
         let initrd = Array("070701".utf8) + [UInt8](repeating: 0x30, count: 5000)
-        _ = FileManager.default.createFile(atPath: dir.file("initrd"), contents: Data(initrd))
+        #expect(FileManager.default.createFile(atPath: dir.file("initrd"), contents: Data(initrd)))
         let serial = BufferSerialBackend()
         var config = RISCVVirtMachine.Configuration(kernelPath: dir.file("Image"), serial: serial)
         config.memorySize = 256 << 20

@@ -126,7 +126,7 @@ enum TinyKernel {
 
     func file(_ name: String, _ bytes: [UInt8]) -> String {
         let p = dir.file(name)
-        _ = FileManager.default.createFile(atPath: p, contents: Data(bytes))
+        #expect(FileManager.default.createFile(atPath: p, contents: Data(bytes)))
         return p
     }
 

@@ -16,7 +16,6 @@ import QBlockCore
 // @unchecked: `state`, `inFlight` and both waiter lists are only touched with `lock` held;
 // continuations are resumed after it is released.
 package final class CloseGate: @unchecked Sendable {
-    // @unchecked: every stored var is read and written only with `lock` held.
     private enum State { case open, closing, closed }
     private let lock = PosixMutex()
     private var state = State.open

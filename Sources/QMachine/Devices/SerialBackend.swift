@@ -68,15 +68,16 @@ public final class FDSerialBackend: SerialBackend, @unchecked Sendable {
     /// with each chunk read until ``close()`` or end of input.
     public func startInput(_ receiver: @escaping @Sendable ([UInt8]) -> Void) {
         guard inFD >= 0 else { return }
-        let go: Bool = lock.withLock {
-            if started { return false }
+        // The stop descriptor is read under the lock too: `close()` may run on another thread.
+        let stopFD: Int32? = lock.withLock {
+            if started { return nil }
             started = true
             // SAFETY: `stopPipe` has two elements, as pipe(2) needs.
             stopPipe.withUnsafeMutableBufferPointer { _ = pipe($0.baseAddress!) }
-            return true
+            return stopPipe[0]
         }
-        guard go else { return }
-        let fd = inFD, stopFD = stopPipe[0]
+        guard let stopFD else { return }
+        let fd = inFD
         let t = Thread {
             var buf = [UInt8](repeating: 0, count: 256)
             while true {

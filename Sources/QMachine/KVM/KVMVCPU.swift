@@ -1,4 +1,5 @@
 import CKVM
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,9 +18,9 @@ import Glibc
 ///
 /// ``run()`` blocks its (dedicated) thread. ``requestStop()`` sets `immediate_exit` and
 /// sends the thread a signal (``kickSignal``) so a `KVM_RUN` in progress returns `EINTR`.
-// @unchecked: `stopRequested` and `runningThread` are only touched with `lock` held; `runPage`,
-// `exitCount` and `unhandledAccesses` are confined to the thread in `run()` (the public counters are
-// read without a lock: see the safety report).
+// @unchecked: `stopRequested` and `runningThread` are only touched with `lock` held; the `runPage`
+// mapping is only read and written by the thread in `run()`, except its `immediate_exit` byte, which
+// `requestStop` may set from another thread (ckvm stores it atomically); the counters are Atomics.
 public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
     /// The vCPU index given to `KVM_CREATE_VCPU`.
     public let id: Int
@@ -36,10 +37,15 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
     /// The thread inside run(), for kicking; nil when none is.
     private var runningThread: UInt64?
 
-    /// Accesses that hit nothing on the buses (diagnostics).
-    public private(set) var unhandledAccesses = 0
-    /// How many exits to user space the last ``run()`` took (diagnostics).
-    public private(set) var exitCount = 0
+    // The counters are written by the vCPU thread and may be read by any thread while it
+    // runs (a monitor, a test): Atomics, so a reader sees some recent value and never a torn
+    // one. Relaxed ordering is enough, they publish nothing else.
+    private let unhandled = Atomic<Int>(0)
+    private let exits = Atomic<Int>(0)
+    /// Accesses that hit nothing on the buses (diagnostics). Any thread.
+    public var unhandledAccesses: Int { unhandled.load(ordering: .relaxed) }
+    /// How many exits to user space the last ``run()`` took (diagnostics). Any thread.
+    public var exitCount: Int { exits.load(ordering: .relaxed) }
 
     /// The signal that kicks a vCPU thread out of `KVM_RUN`.
     public static let kickSignal: Int32 = ckvm_kick_signal()
@@ -110,7 +116,7 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
         }
         guard started else { return lock.withLock { stopRequested } ? .stopped : .crashed("vCPU \(id) is already running") }
         _ = ckvm_unblock_signal(Self.kickSignal)
-        exitCount = 0
+        exits.store(0, ordering: .relaxed)
         let exit = loop()
         lock.withLock { runningThread = nil }
         return exit
@@ -145,7 +151,7 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
                 continue
             }
             guard rc >= 0 else { return .crashed("KVM_RUN failed at RIP \(ripText()): \(Errno.text(-rc))") }
-            exitCount += 1
+            exits.add(1, ordering: .relaxed)
             if let exit = handleExit() { return exit }
         }
     }
@@ -213,10 +219,10 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
         for i in 0..<Int(count) {
             let p = data + i * n
             if direction == UInt8(KVM_EXIT_IO_OUT) {
-                if !ports.write(UInt64(port), size: n, value: Self.load(p, n)) { unhandledAccesses += 1 }
+                if !ports.write(UInt64(port), size: n, value: Self.load(p, n)) { unhandled.add(1, ordering: .relaxed) }
             } else {
                 let v = ports.read(UInt64(port), size: n)
-                if v == nil { unhandledAccesses += 1 }
+                if v == nil { unhandled.add(1, ordering: .relaxed) }
                 Self.store(v ?? ~0, p, n)
             }
         }
@@ -229,10 +235,10 @@ public final class KVMVCPU: VirtualCPU, @unchecked Sendable {
         let data = UnsafeMutableRawPointer(ckvm_run_mmio_data(runPage)!)
         let n = Int(min(len, 8))
         if isWrite != 0 {
-            if !mmio.write(address, size: n, value: Self.load(data, n)) { unhandledAccesses += 1 }
+            if !mmio.write(address, size: n, value: Self.load(data, n)) { unhandled.add(1, ordering: .relaxed) }
         } else {
             let v = mmio.read(address, size: n)
-            if v == nil { unhandledAccesses += 1 }
+            if v == nil { unhandled.add(1, ordering: .relaxed) }
             Self.store(v ?? 0, data, n)
         }
     }

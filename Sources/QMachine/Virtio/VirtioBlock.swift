@@ -19,9 +19,10 @@ import Glibc
 /// readable:  type u32, reserved u32, sector u64 | data (OUT) or segments (DISCARD, WRITE_ZEROES)
 /// writable:  data (IN, GET_ID) | status u8 (OK 0, IOERR 1, UNSUPP 2)
 /// ```
-// @unchecked: `queue`, `transport`, `inFlight`, `broken`, `config` and `completed` are only written
-// with `lock` held (the public `completed` getter reads without it); `guestMemoryWritten` is
-// configuration set before the device is activated; the lets are immutable.
+// @unchecked: `queue`, `transport`, `inFlight`, `broken` and `completedCount` are only read and
+// written with `lock` held (the public ``completed`` and ``requestsInFlight`` getters take it too);
+// `guestMemoryWritten` is configuration set while the machine is built, before the device is shared;
+// the lets are immutable (`config` included).
 public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// virtio-blk feature bits (virtio 1.2 §5.2.3).
     public enum Feature {
@@ -68,9 +69,12 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     private var transport: (any VirtioTransportCallbacks)?
     private var inFlight = 0
     private var broken = false
-    private var config: [UInt8]
+    private let config: [UInt8]
+    private var completedCount = 0
+    // Safe from any thread: request tasks on the cooperative pool increment the count with
+    // `lock` held, and this getter takes it too.
     /// Requests completed (statistics and tests).
-    public private(set) var completed = 0
+    public var completed: Int { lock.withLock { completedCount } }
     /// Requests taken from the queue and not yet completed (`stop` waits for none).
     public var requestsInFlight: Int { lock.withLock { inFlight } }
 
@@ -159,7 +163,10 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         var failure: String?
         var interrupt = false
         var toStart: [Request] = []
+        var reportTo: (any VirtioTransportCallbacks)?
         lock.withLock {
+            // Taken under the lock: `activate` and `reset` change `transport` from other threads.
+            reportTo = transport
             guard let q = queue, !broken else { return }
             let oldUsed = q.usedIndex
             while true {
@@ -178,7 +185,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                 case .done(let status, let statusAddress):
                     write(status: status, at: statusAddress)
                     q.push(head: chain.head, written: 1)
-                    completed += 1
+                    completedCount += 1
                 case .broken(let why):
                     failure = why
                 }
@@ -187,7 +194,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             if failure != nil { broken = true }
             interrupt = q.needsInterrupt(since: oldUsed)
         }
-        if let failure { transport?.deviceNeedsReset("virtio-blk: \(failure)") }
+        if let failure { reportTo?.deviceNeedsReset("virtio-blk: \(failure)") }
         if interrupt { signal() }
         for r in toStart {
             Task.detached { [self] in await self.execute(r) }
@@ -417,7 +424,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
             write(status: status, at: r.statusAddress)
             let old = q.usedIndex
             q.push(head: r.head, written: UInt32(written + 1))
-            completed += 1
+            completedCount += 1
             return q.needsInterrupt(since: old)
         }
         if interrupt { signal() }

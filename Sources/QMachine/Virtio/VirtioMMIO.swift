@@ -13,8 +13,9 @@ import QBlock
 /// 0x0fc ConfigGeneration    0x100+ device configuration space
 /// ```
 /// A slot without a device reads DeviceID 0, which drivers skip.
-// @unchecked: every register var and `lastError` is only written with `lock` held (the `lastError`
-// getter reads it without the lock: see the safety report); the lets are immutable.
+// @unchecked: every register var and `storedLastError` are only read and written with `lock` held
+// (the public ``lastError`` getter takes it too); the lets are immutable, `queueCount` included, so
+// the queue-notify path can check a queue index without the lock.
 public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked Sendable {
     /// The size in bytes of one virtio-mmio register window (4 KiB, as QEMU maps them).
     public static let windowSize: UInt64 = 0x1000
@@ -58,19 +59,25 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
     private var driverFeatures: UInt64 = 0
     private var queueSel: UInt32 = 0
     private var queues: [QueueRegs]
+    /// `queues.count`, fixed at init: read on the notify path outside the lock.
+    private let queueCount: Int
     private var status = VirtioStatus()
     private var interruptStatus: UInt32 = 0
     private var configGeneration: UInt32 = 0
     private var lineLevel = false
+    // Safe from any thread: written by `deviceNeedsReset` (an I/O completion thread) and read
+    // here with `lock` held, so a reader never sees a String being replaced.
     /// Why the device asked for a reset, for diagnostics.
-    public private(set) var lastError: String?
+    public var lastError: String? { lock.withLock { storedLastError } }
+    private var storedLastError: String?
 
     /// - Parameter device: the device behind this slot, or nil for an empty slot.
     public init(device: (any VirtioDevice)?, ram: GuestRAM, irq: any InterruptLine) {
         self.device = device
         self.ram = ram
         self.irq = irq
-        queues = Array(repeating: QueueRegs(), count: device?.queueMaxSizes.count ?? 0)
+        queueCount = device?.queueMaxSizes.count ?? 0
+        queues = Array(repeating: QueueRegs(), count: queueCount)
     }
 
     /// The device status the driver last wrote (plus DEVICE_NEEDS_RESET if the device set it).
@@ -131,8 +138,10 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
         let v = UInt32(truncatingIfNeeded: value)
         switch reg {
         case .queueNotify:
-            // Outside the lock: the device may complete requests (and signal) at once.
-            if lock.withLock({ status.contains(.driverOK) && !status.contains(.needsReset) }), Int(v) < queues.count {
+            // Outside the lock: the device may complete requests (and signal) at once. The
+            // index is checked against the immutable `queueCount`, not `queues`, which register
+            // writes from other vCPUs may be changing.
+            if lock.withLock({ status.contains(.driverOK) && !status.contains(.needsReset) }), Int(v) < queueCount {
                 device.notify(queue: Int(v))
             }
             return
@@ -246,7 +255,7 @@ public final class VirtioMMIO: BusDevice, VirtioTransportCallbacks, @unchecked S
     /// DEVICE_NEEDS_RESET, raises a config-change interrupt and records `why` in ``lastError``.
     public func deviceNeedsReset(_ why: String) {
         lock.withLock {
-            lastError = why
+            storedLastError = why
             status.insert(.needsReset)
             configGeneration &+= 1
             interruptStatus |= InterruptBit.configChange

@@ -143,12 +143,12 @@ extension Qcow2Node {
             }
         }
         if let size = options.size, size != Int64(header.size) {
-            try await truncate(to: size, preallocation: .off)
+            try await truncateAdmitted(to: size, preallocation: .off)
         }
         if newVersion < oldVersion {
             try await downgrade()
         }
-        try await flush()
+        try await flushAdmitted()
     }
 
     /// compat=1.1 → 0.10: zero clusters become unallocated (no backing file) or clusters of

@@ -115,7 +115,7 @@ extension Qcow2Node {
         let cs = clusterSize
         if data.count == cs {
             let n = compressor.compress(data)
-            try await writePrecompressedCluster(at: guestOffset, data: data, compressed: n.map {
+            try await writePrecompressedAdmitted(at: guestOffset, data: data, compressed: n.map {
                 UnsafeRawBufferPointer(start: compressor.output.unsafeBase, count: $0)
             })
             return
@@ -126,7 +126,7 @@ extension Qcow2Node {
         // `compress` only reads `padded` inside the closure.
         padded.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[0..<data.count]).copyMemory(from: data) }
         let n = padded.withUnsafeBytes { compressor.compress($0) }
-        try await writePrecompressedCluster(at: guestOffset, data: data, compressed: n.map {
+        try await writePrecompressedAdmitted(at: guestOffset, data: data, compressed: n.map {
             UnsafeRawBufferPointer(start: compressor.output.unsafeBase, count: $0)
         })
     }
@@ -152,10 +152,17 @@ extension Qcow2Node {
                                           compressed: UnsafeRawBufferPointer?) async throws {
         try gate.enter(filename, "write compressed")
         defer { gate.leave() }
+        try await writePrecompressedAdmitted(at: guestOffset, data: data, compressed: compressed)
+    }
+
+    /// ``writePrecompressedCluster(at:data:compressed:)`` for a request the gate already
+    /// admitted (``writeCompressedCluster(at:data:)``): it does not enter the gate again.
+    private func writePrecompressedAdmitted(at guestOffset: Int64, data: UnsafeRawBufferPointer,
+                                            compressed: UnsafeRawBufferPointer?) async throws {
         try checkWritable("write compressed")
         try checkCompressedRequest(guestOffset, data.count)
         guard let compressed, compressed.count > 0 else {
-            try await write(at: guestOffset, from: data, flags: [])
+            try await writeAdmitted(at: guestOffset, from: data, flags: [], placed: nil)
             return
         }
         defer { markBitmaps(guestOffset, Int64(data.count)) }

@@ -158,6 +158,11 @@ extension Qcow2Node {
     public func truncate(to newSize: Int64, preallocation: Preallocation) async throws {
         try gate.enter(filename, "truncate")
         defer { gate.leave() }
+        try await truncateAdmitted(to: newSize, preallocation: preallocation)
+    }
+
+    /// ``truncate(to:preallocation:)`` for a request the gate already admitted (``amend(_:)``).
+    func truncateAdmitted(to newSize: Int64, preallocation: Preallocation) async throws {
         try checkWritable("truncate")
         if newSize % 512 != 0 {
             throw BlockError(.invalidArgument, "The new size must be a multiple of 512", path: filename, operation: "truncate")

@@ -83,6 +83,14 @@ extension Qcow2Node {
                placed: (() -> Void)?) async throws {
         try gate.enter(filename, "write")
         defer { gate.leave() }
+        try await writeAdmitted(at: offset, from: buffer, flags: flags, placed: placed)
+    }
+
+    /// ``write(at:from:flags:placed:)`` for a request the gate already admitted (the write
+    /// paths of write-zeroes and compressed writes): it must not enter the gate again, or a
+    /// close beginning meanwhile would refuse the rest of a request that has partly landed.
+    func writeAdmitted(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                       placed: (() -> Void)?) async throws {
         try checkWritable("write")
         try checkRange(offset, Int64(buffer.count), "write")
         defer { markBitmaps(offset, Int64(buffer.count)) }
@@ -93,7 +101,7 @@ extension Qcow2Node {
                                        placed: placed)
             done += n
         }
-        if flags.contains(.fua) { try await flush() }
+        if flags.contains(.fua) { try await flushAdmitted() }
     }
 
     /// Requests must lie within the virtual size (the L1 table covers nothing beyond it).
@@ -334,7 +342,7 @@ extension Qcow2Node {
         let efficient = header.version >= 3 || (backingNode == nil && header.backingFileName == nil)
         guard efficient else {
             try await zeroExplicitly(from: offset, to: end, flags: flags)
-            if flags.contains(.fua) { try await flush() }
+            if flags.contains(.fua) { try await flushAdmitted() }
             return
         }
         // [offset, headEnd) and [tailStart, end) are partial clusters, whole clusters between
@@ -347,7 +355,7 @@ extension Qcow2Node {
             try await zeroWholeClusters(from: headEnd, to: tailStart, unmap: flags.contains(.mayUnmap))
         }
         if end > tailStart { try await zeroPartialCluster(from: tailStart, to: end, flags: flags) }
-        if flags.contains(.fua) { try await flush() }
+        if flags.contains(.fua) { try await flushAdmitted() }
     }
 
     /// Zeroes [start, end), which lies inside one cluster. The check that the rest of the
@@ -419,7 +427,7 @@ extension Qcow2Node {
             // SAFETY: `k <= zeros.count`, and the async closure keeps `zeros` alive until the write
             // returns.
             try await zeros.withUnsafeBytes { z in
-                try await self.write(at: p, from: UnsafeRawBufferPointer(rebasing: z[0..<k]), flags: [])
+                try await self.writeAdmitted(at: p, from: UnsafeRawBufferPointer(rebasing: z[0..<k]), flags: [], placed: nil)
             }
             p += Int64(k)
         }

@@ -235,18 +235,18 @@ extension Qcow2Node {
         // Write each new block with the counts of the area clusters it covers.
         let buf = AlignedBuffer(count: clusterSize)
         for nb in newBlocks {
-            // SAFETY: the pointer escapes the closure but `buf` stays alive through this loop iteration
-            // (it is used again below); `clusterSize` bytes, and `setRefcountValue` indexes below `rbe`
-            // entries.
-            let bytes = buf.withUnsafeMutableBytes { $0 }
-            memset(bytes.baseAddress!, 0, clusterSize)
             let first = Int64(nb.index) * rbe
-            // A block for an index before the area (the area starts further on after a growth
-            // that failed half-way) counts nothing.
-            var c = max(first, areaStart)
-            while c < min(first + rbe, areaEnd) {
-                setRefcountValue(in: bytes, Int(c - first), 1)
-                c += 1
+            // SAFETY: `bytes` is only used inside the closure, while `buf` (its `clusterSize` bytes)
+            // is alive; `setRefcountValue` indexes below `rbe` entries, which fill one cluster.
+            buf.withUnsafeMutableBytes { bytes in
+                memset(bytes.baseAddress!, 0, clusterSize)
+                // A block for an index before the area (the area starts further on after a growth
+                // that failed half-way) counts nothing.
+                var c = max(first, areaStart)
+                while c < min(first + rbe, areaEnd) {
+                    setRefcountValue(in: bytes, Int(c - first), 1)
+                    c += 1
+                }
             }
             // SAFETY: `buf` is kept alive by the async `withUnsafeBytes` until the write returns.
             try await buf.withUnsafeBytes { try await hostFile.write(at: nb.cluster << Int64(clusterBits), from: $0, flags: []) }

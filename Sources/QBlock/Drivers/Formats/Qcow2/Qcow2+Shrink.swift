@@ -70,7 +70,7 @@ extension Qcow2Node {
             try await hostFile.flush()
             try await truncateUnusedTail()
         }
-        try await flush()
+        try await flushAdmitted()
     }
 
     /// Makes guest clusters [first, end) unallocated and frees what they used. Lock held.

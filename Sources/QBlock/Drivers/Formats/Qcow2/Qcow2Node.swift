@@ -106,6 +106,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     let decompressLock = PosixMutex()
     /// Open/closed state and the requests in flight (see ``CloseGate``).
     let gate = CloseGate()
+    /// False once ``close()`` has begun: the node refuses new requests (for tests that make a
+    /// close race a request at a chosen step).
+    package var isOpen: Bool { gate.isOpen }
     /// This session set the dirty bit on disk (``markDirtyBeforeMetadataChange()``), so a
     /// clean close clears it.
     var dirtyMarkedHere = false
