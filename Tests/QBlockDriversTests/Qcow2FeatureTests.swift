@@ -116,4 +116,38 @@ struct Qcow2FeatureTests {
         let (st, out, _) = try sh(["qemu-img", "check", path])
         #expect(st == 0, "\(out)")
     }
+
+    /// Growing an image whose backing file reaches past its old end: the added area reads as
+    /// zeros, never as the backing file's old data there (QEMU's bdrv_co_truncate zeroes it;
+    /// iotests 292 shrinks to 520k and grows to 567k). Same reads and the same map as qemu-img
+    /// doing the same resizes.
+    @Test(arguments: [true, false])
+    func growingOverALongerBackingFileReadsZeros(shrinkFirst: Bool) async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let base = dir + "/b.qcow2"
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", base, "1M"])
+        try sh(["qemu-io", "-c", "write -P 0x11 0 1M", base])
+        for name in ["ours", "qemu"] {
+            let size = shrinkFirst ? "1M" : "256k"
+            try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", "\(dir)/\(name).qcow2", size])
+        }
+        let q = try #require(try await ImageOpener.open(dir + "/ours.qcow2") as? Qcow2Node)
+        if shrinkFirst { try await q.truncate(to: 520 << 10, preallocation: .off) }
+        try await q.truncate(to: 567 << 10, preallocation: .off)
+        let keep: Int64 = shrinkFirst ? 520 << 10 : 256 << 10
+        #expect(try await q.read(at: 0, count: Int(keep)).allSatisfy { $0 == 0x11 })
+        #expect(try await q.read(at: keep, count: Int((567 << 10) - keep)).allSatisfy { $0 == 0 },
+                "the grown area reads zeros, not the backing file's data")
+        try await q.close()
+        if shrinkFirst { try sh(["qemu-img", "resize", "-q", "--shrink", dir + "/qemu.qcow2", "520k"]) }
+        try sh(["qemu-img", "resize", "-q", dir + "/qemu.qcow2", "567k"])
+        let (_, ours, _) = try sh(["qemu-img", "map", "--output=json", dir + "/ours.qcow2"])
+        let (_, qemu, _) = try sh(["qemu-img", "map", "--output=json", dir + "/qemu.qcow2"])
+        #expect(ours == qemu)
+        let (st, cmp, _) = try sh(["qemu-img", "compare", dir + "/ours.qcow2", dir + "/qemu.qcow2"])
+        #expect(st == 0, "\(cmp)")
+        let (cst, check, _) = try sh(["qemu-img", "check", dir + "/ours.qcow2"])
+        #expect(cst == 0, "\(check)")
+    }
 }

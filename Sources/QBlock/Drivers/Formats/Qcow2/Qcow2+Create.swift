@@ -176,6 +176,7 @@ extension Qcow2Node {
             if let e = b.useError() { throw e }
         }
         defer { persistentBitmaps.resize(to: Int64(header.size)) }
+        let oldSize = Int64(header.size)
         try await metaLock.withLock {
             let old = Int64(header.size)
             if newSize < old {
@@ -196,6 +197,12 @@ extension Qcow2Node {
             f.appendBE64(header.size)
             try await hostFile.write(at: 24, bytes: f)
             try await hostFile.flush()
+        }
+        // As QEMU's bdrv_co_truncate: when the backing file reaches past the old end, the
+        // area the image gains must read as zeros, not as the backing file's old data there
+        // (data the guest never wrote, e.g. after a shrink and a grow; iotests 292).
+        if newSize > oldSize, preallocation == .off, let backing = backingNode, backing.length > oldSize {
+            try await writeZeroesAdmitted(at: oldSize, length: newSize - oldSize, flags: [])
         }
     }
 

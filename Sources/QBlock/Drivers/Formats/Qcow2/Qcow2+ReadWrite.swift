@@ -336,6 +336,12 @@ extension Qcow2Node {
         try checkWritable("write zeroes")
         try checkRange(offset, length, "write zeroes")
         defer { markBitmaps(offset, length) }
+        try await writeZeroesAdmitted(at: offset, length: length, flags: flags)
+    }
+
+    /// ``writeZeroes(at:length:flags:)`` for a range already checked, in a request the gate
+    /// already admitted (a resize that zeroes the area it adds); it marks no bitmaps.
+    func writeZeroesAdmitted(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         let cs = Int64(clusterSize)
         let end = offset + length
         let size = Int64(header.size)
