@@ -23,3 +23,24 @@ public enum CacheMode: String, Sendable, CaseIterable {
         self.init(rawValue: qemuName)
     }
 }
+
+/// How a host file's requests reach the kernel, as QEMU's `aio=` / qemu-io's `--aio` name it.
+/// The data a request reads or writes is the same whichever is chosen.
+public enum AIOMode: String, Sendable, CaseIterable {
+    /// Blocking pread/pwrite on a pool of threads (QEMU's default).
+    case threads
+    /// The kernel's asynchronous I/O; QEMU's Linux AIO needs `O_DIRECT` (`cache.direct=on`).
+    /// Here it is served by io_uring, the kernel's successor interface, under the same rule.
+    case native
+    /// io_uring.
+    case ioUring = "io_uring"
+
+    /// Parses `threads`, `native` or `io_uring`.
+    public init?(qemuName: String) { self.init(rawValue: qemuName) }
+
+    /// QEMU's error when `native` is asked for without `O_DIRECT`, nil when `cache` allows it.
+    public func conflict(with cache: CacheMode) -> String? {
+        self == .native && !cache.direct
+            ? "aio=native was specified, but it requires cache.direct=on, which was not specified." : nil
+    }
+}

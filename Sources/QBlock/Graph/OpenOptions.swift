@@ -19,6 +19,15 @@ public struct OpenOptions: Sendable {
     public var allowCorrupt: Bool
     /// Whether this open is for a check with repair (opens images marked corrupt read-write).
     public var forRepair: Bool
+    /// Snapshot mode (qemu-io's and QEMU's `-s`, `snapshot=on`): the image is opened
+    /// read-only under a temporary qcow2 overlay that takes every write and is deleted when
+    /// it is closed; the image itself never changes.
+    public var snapshot = false
+    /// Copy-on-read (`-C`, `copy-on-read=on`): data read from the backing chain is written
+    /// into the top image.
+    public var copyOnRead = false
+    /// How host files submit their requests; nil: io_uring when the kernel has it, else threads.
+    public var aio: AIOMode?
     /// Options only the chosen format understands (``FormatOpenOptions``), as its
     /// ``FormatDriver/readBlockdevOptions(_:into:)`` set them; nil: the format's defaults.
     public var formatOptions: (any FormatOpenOptions)?

@@ -19,8 +19,56 @@ public enum ImageOpener {
     /// Opens `filename` with `options` and returns the root node.
     /// - Throws: ``BlockError``: `.notFound`, `.locked`, `.corrupt`, `.unsupported`, ...
     public static func open(_ filename: String, options: OpenOptions = OpenOptions()) async throws -> any BlockDriver {
+        if let conflict = options.aio?.conflict(with: options.cache) {
+            throw BlockError(.invalidArgument, conflict, path: filename, operation: "open")
+        }
         var seen = Set<String>()
-        return try await open(filename, options: options, seen: &seen, isBacking: false)
+        var imageOptions = options
+        // Snapshot mode: the image read-only, as a backing file is (QEMU's temporary snapshot).
+        if options.snapshot { imageOptions.readOnly = true; imageOptions.copyOnRead = false }
+        let root = try await open(filename, options: imageOptions, seen: &seen, isBacking: false)
+        let top = options.snapshot ? try await temporaryOverlay(above: root, options: options) : root
+        return options.copyOnRead && !options.readOnly ? CopyOnReadNode(child: top, ownsChild: true) : top
+    }
+
+    /// QEMU's temporary snapshot (`snapshot=on`): a qcow2 overlay of `root`'s size, in
+    /// `$TMPDIR` (or /var/tmp, as QEMU), with no backing file name in its header, opened
+    /// read-write with `root` as its backing node and unlinked at once, so it disappears with
+    /// the process. The overlay owns `root`.
+    /// - Throws: ``BlockError`` from creating or opening the overlay (`root` is closed then).
+    static func temporaryOverlay(above root: any BlockDriver, options: OpenOptions) async throws -> any BlockDriver {
+        let dir = getenv("TMPDIR").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 } ?? "/var/tmp"
+        var template = Array("\(dir)/vl.XXXXXX".utf8CString)
+        // SAFETY: mkstemp writes the generated name into the template's own storage.
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else {
+            let e = errno
+            try? await root.close()
+            throw BlockError(.io, "Could not get temporary filename: \(String(cString: strerror(e)))", errno: e, operation: "open")
+        }
+        Glibc.close(fd)
+        let path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        defer { unlink(path) }
+        do {
+            guard let qcow2 = FormatRegistry.driver(named: "qcow2") else {
+                throw BlockError(.unsupported, "Unknown driver 'qcow2'", operation: "open")
+            }
+            try await qcow2.create(path: path, size: root.length, options: [])
+            var o = options
+            o.format = "qcow2"; o.readOnly = false; o.openBacking = false; o.snapshot = false
+            o.copyOnRead = false; o.forceShare = false; o.formatOptions = nil
+            var seen = Set<String>()
+            let overlay = try await open(path, options: o, seen: &seen, isBacking: false)
+            guard let linked = overlay as? any BackingLinked else {
+                try? await overlay.close()
+                throw BlockError(.unsupported, "Driver 'qcow2' does not support backing files", operation: "open")
+            }
+            linked.setBackingNode(root)
+            return overlay
+        } catch {
+            try? await root.close()
+            throw error
+        }
     }
 
     /// Guesses the format of the image named `filename` (a host path or a URI a protocol

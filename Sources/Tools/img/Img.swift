@@ -3,7 +3,7 @@ import QBlock
 import ToolSupport
 
 /// How `img` reports errors: "img: message", as qemu-img's `error_report`.
-let tool = ToolProgram(name: "img")
+let tool = ToolProgram.invoked(as: "img")
 
 /// `img`: a qemu-img work-alike over the QBlock library.
 @main

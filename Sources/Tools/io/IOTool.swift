@@ -3,7 +3,7 @@ import QBlock
 import ToolSupport
 
 /// How `io` reports errors: "io: message", as qemu-io's `error_report`.
-let tool = ToolProgram(name: "io", helpHint: "Try 'io --help' for more information.")
+let tool = ToolProgram.invoked(as: "io", helpHint: { "Try '\($0) --help' for more information." })
 
 /// `io`: exercises the I/O path of a disk image, with the commands and output of qemu-io.
 @main
@@ -31,6 +31,24 @@ struct IOTool: AsyncParsableCommand {
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Force shared permissions (only with -r).")
     var forceShare = false
 
+    @Flag(name: [.customShort("s"), .customLong("snapshot")], help: "Use a temporary snapshot: writes go to a temporary overlay, the image is not changed.")
+    var snapshot = false
+
+    @Flag(name: [.customShort("C"), .customLong("copy-on-read")], help: "Copy data read from the backing chain into the image.")
+    var copyOnRead = false
+
+    @Option(name: [.customShort("d"), .customLong("discard")], help: "Discard mode: ignore (off) or unmap (on, the default).")
+    var discard: String?
+
+    @Option(name: [.customShort("i"), .customLong("aio")], help: "How requests reach the host: threads, native (needs -t none) or io_uring.")
+    var aio: String?
+
+    @Flag(name: [.customShort("k"), .customLong("native-aio")], help: "Same as --aio native.")
+    var nativeAIO = false
+
+    @Flag(name: [.customShort("m"), .customLong("misalign")], help: "Misalign request buffers by 16 bytes in memory (tests bounce buffering).")
+    var misalign = false
+
     @Argument(help: "The image to open.")
     var file: String?
 
@@ -45,6 +63,24 @@ struct IOTool: AsyncParsableCommand {
     /// Opens the image, runs the commands, and returns the exit status.
     func execute() async -> Int32 {
         var options = OpenOptions(format: format, readOnly: readOnly, forceShare: forceShare)
+        options.snapshot = snapshot
+        options.copyOnRead = copyOnRead
+        var unmap = true
+        if let discard {
+            guard let u = QemuIOSession.unmap(discardMode: discard) else {
+                tool.printError("Invalid discard option: \(discard)")
+                return 1
+            }
+            unmap = u
+        }
+        if nativeAIO { options.aio = .native }
+        if let aio {
+            guard let mode = AIOMode(qemuName: aio) else {
+                tool.printError("Invalid aio option: \(aio)")
+                return 1
+            }
+            options.aio = mode
+        }
         if noCache { options.cache = .none }
         if let cache {
             guard let mode = CacheMode(qemuName: cache) else {
@@ -53,8 +89,8 @@ struct IOTool: AsyncParsableCommand {
             }
             options.cache = mode
         }
-        let session = QemuIOSession(output: .standardStreams, programName: tool.name)
-        if let file, await !session.open(file, options: options) {
+        let session = QemuIOSession(output: .standardStreams, programName: tool.name, misalign: misalign)
+        if let file, await !session.open(file, options: options, unmap: unmap) {
             return 1
         }
         let ok = commands.isEmpty ? await interactive(session) : await run(commands, in: session)

@@ -7,7 +7,7 @@ import Glibc
 #endif
 
 /// How `nbd` reports errors: "nbd: message", as qemu-nbd's `error_report`.
-let tool = ToolProgram(name: "nbd")
+let tool = ToolProgram.invoked(as: "nbd")
 
 /// `nbd`: a qemu-nbd work-alike — exports one image over NBD with QBlock's server.
 @main

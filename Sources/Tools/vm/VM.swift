@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 /// How `vm` reports errors: "vm: message".
-let tool = ToolProgram(name: "vm")
+let tool = ToolProgram.invoked(as: "vm")
 
 /// `vm`: boots a Linux kernel on a QMachine machine, with disks served by QBlock.
 ///

@@ -15,6 +15,8 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// The alignment of the memory in bytes (the `O_DIRECT` alignment it was made for).
     public let alignment: Int
     private let base: UnsafeMutableRawPointer
+    /// What posix_memalign returned (`base` less the misalignment).
+    private let allocation: UnsafeMutableRawPointer
 
     /// The size of a transparent huge page on the platforms we run on.
     static let hugePageSize = 2 << 20
@@ -23,25 +25,29 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// With `hugePages`, a buffer of 2 MiB or more is aligned to 2 MiB and offered to the
     /// kernel for transparent huge pages: a copy loop's buffers then fault in once per 2 MiB
     /// rather than once per page, and copies into them miss the TLB far less.
-    public init(count: Int, alignment: Int = 4096, hugePages: Bool = false) {
+    /// `misalignment` bytes (less than `alignment`) shift the start off the alignment, as
+    /// qemu-io's `--misalign` does to exercise bounce buffering.
+    public init(count: Int, alignment: Int = 4096, hugePages: Bool = false, misalignment: Int = 0) {
         let huge = hugePages && count >= AlignedBuffer.hugePageSize
         let align = huge ? max(alignment, AlignedBuffer.hugePageSize) : alignment
+        let shift = max(0, min(misalignment, align - 1))
         self.count = count
-        self.alignment = align
+        self.alignment = shift == 0 ? align : 1
         var p: UnsafeMutableRawPointer?
-        let size = max(count, 1)
+        let size = max(count, 1) + shift
         let rounded = (size + align - 1) / align * align
         if posix_memalign(&p, align, rounded) != 0 || p == nil {
             // Allocation failure of a few MiB is not a condition callers can handle either.
             preconditionFailure("out of memory allocating \(count) bytes")
         }
-        base = p!
+        allocation = p!
+        base = allocation + shift
         // Only advice: where THP is off the buffer simply stays in small pages.
-        if huge { _ = madvise(base, rounded, MADV_HUGEPAGE) }
-        memset(base, 0, size)
+        if huge { _ = madvise(allocation, rounded, MADV_HUGEPAGE) }
+        memset(allocation, 0, size)
     }
 
-    deinit { free(base) }
+    deinit { free(allocation) }
 
     /// SAFETY: the pointer is valid for `count` bytes for the lifetime of `self`, which the
     /// caller keeps alive across the closure.

@@ -9,8 +9,9 @@ import QBlockGraph
 /// take the same lock, so a copy never overwrites newer data, and a read of a cluster
 /// being copied waits for the copy.
 ///
-/// The filter does not own its child; after ``close()`` (which waits for the requests in
-/// flight) every call throws ``BlockError`` with code `.closed`.
+/// The filter does not own its child unless made with `ownsChild` (qemu-io's `-C`, where
+/// closing the image closes the filter and its child); after ``close()`` (which waits for
+/// the requests in flight) every call throws ``BlockError`` with code `.closed`.
 // @unchecked Sendable: every stored property is immutable or thread-safe itself (RangeLock, CloseGate).
 public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     /// `copy-on-read`, as QEMU names the filter.
@@ -24,13 +25,17 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
     public let ranges = RangeLock()
     let granularity: Int64
     private let gate = CloseGate()
+    /// Whether ``close()`` closes the child too.
+    let ownsChild: Bool
 
     /// - Parameters:
     ///   - child: the image to copy into.
     ///   - base: the first node whose data is not copied (the stream base).
-    public init(child: any BlockDriver, base: (any BlockDriver)? = nil) {
+    ///   - ownsChild: close the child when the filter closes.
+    public init(child: any BlockDriver, base: (any BlockDriver)? = nil, ownsChild: Bool = false) {
         self.child = child
         self.base = base
+        self.ownsChild = ownsChild
         granularity = Int64(child.formatClusterSize ?? 65536)
     }
 
@@ -174,5 +179,6 @@ public final class CopyOnReadNode: BlockFilter, @unchecked Sendable {
         guard await gate.beginClose() else { return }
         await gate.drain()
         gate.finishClose()
+        if ownsChild { try await child.close() }
     }
 }

@@ -25,6 +25,17 @@ package struct ToolProgram: Sendable {
         self.helpHint = helpHint ?? "Try '\(name) --help' for more information"
     }
 
+    /// The tool as it was invoked: QEMU's tools name themselves after the last component of
+    /// `argv[0]` (`error_set_progname`), so a link called `qemu-img` prints "qemu-img: ..."
+    /// and QEMU's test suite's expected outputs apply unchanged. `defaultName` when the
+    /// process has no usable `argv[0]`.
+    /// - Parameter helpHint: as in ``init(name:helpHint:)``, given the name.
+    package static func invoked(as defaultName: String, helpHint: ((String) -> String)? = nil) -> ToolProgram {
+        let invoked = CommandLine.arguments.first.map { $0.split(separator: "/").last.map(String.init) ?? "" } ?? ""
+        let name = invoked.isEmpty ? defaultName : invoked
+        return ToolProgram(name: name, helpHint: helpHint?(name))
+    }
+
     /// Prints "NAME: message" on standard error, as QEMU's `error_report` does (what standard
     /// output holds is written first, so that the two keep their order).
     package func printError(_ message: String) {

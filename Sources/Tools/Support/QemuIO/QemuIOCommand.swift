@@ -52,7 +52,7 @@ extension QemuIOSession {
                       argMin: 0, argMax: 0) { s, _ in await s.length() },
         QemuIOCommand(name: "map", args: "", oneline: "prints the allocated areas of a file",
                       argMin: 0, argMax: 0) { s, _ in await s.map() },
-        QemuIOCommand(name: "open", altName: "o", args: "[-rnU] [-t cache] [-f fmt] [-o options] path",
+        QemuIOCommand(name: "open", altName: "o", args: "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]",
                       oneline: "open the file specified by path", help: QemuIOHelp.open,
                       argMin: 1, argMax: -1, needsFile: false) { s, a in await s.openCommand(a) },
         QemuIOCommand(name: "quit", altName: "q", args: nil, oneline: "exit the program",

@@ -123,13 +123,17 @@ extension QemuIOSession {
         }
     }
 
-    /// `open [-rnU] [-t cache] [-f fmt] [-o options] path`
+    /// `open [-rsCnkU] [-t cache] [-d discard] [-i aio] [-f fmt] [-o options] path`
     func openCommand(_ argv: [String]) async -> Bool {
         var options = OpenOptions()
-        let operands = parseOptions(argv, "rnUt:f:o:") { c, arg in
+        var unmap = true
+        let operands = parseOptions(argv, "rsCnkUt:d:i:f:o:") { c, arg in
             switch c {
             case "r": options.readOnly = true
+            case "s": options.snapshot = true
+            case "C": options.copyOnRead = true
             case "n": options.cache = .none
+            case "k": options.aio = .native
             case "U": options.forceShare = true
             case "t":
                 guard let mode = CacheMode(qemuName: arg ?? "") else {
@@ -137,6 +141,18 @@ extension QemuIOSession {
                     return false
                 }
                 options.cache = mode
+            case "d":
+                guard let u = QemuIOSession.unmap(discardMode: arg ?? "") else {
+                    report("Invalid discard option: \(arg ?? "")")
+                    return false
+                }
+                unmap = u
+            case "i":
+                guard let mode = AIOMode(qemuName: arg ?? "") else {
+                    report("Invalid aio option: \(arg ?? "")")
+                    return false
+                }
+                options.aio = mode
             case "f": options.format = arg
             default:
                 for pair in (arg ?? "").split(separator: ",") {
@@ -162,6 +178,6 @@ extension QemuIOSession {
             }
             return usage("open")
         }
-        return await open(operands[0], options: options)
+        return await open(operands[0], options: options, unmap: unmap)
     }
 }

@@ -4,10 +4,10 @@ import Glibc
 #endif
 
 /// Reads `count` bytes at `offset` of `node` after checking the range.
-private func performRead(_ node: any BlockDriver, offset: Int64, count: Int64) async -> Result<AlignedBuffer, BlockError> {
+private func performRead(_ node: any BlockDriver, offset: Int64, count: Int64, misalignment: Int) async -> Result<AlignedBuffer, BlockError> {
     do {
         try node.checkRequest(offset: offset, length: count, operation: "read")
-        let buf = AlignedBuffer(count: Int(count))
+        let buf = AlignedBuffer(count: Int(count), misalignment: misalignment)
         try await buf.withUnsafeMutableBytes { b in try await node.read(at: offset, into: b) }
         return .success(buf)
     } catch {
@@ -77,7 +77,7 @@ extension QemuIOSession {
     private nonisolated func readAndReport(_ node: any BlockDriver, offset: Int64, count: Int64,
                                            checking: (start: Int64, count: Int64), _ a: RequestArguments,
                                            failure: String) async -> Bool {
-        let (result, report) = await QemuIOReport.timing { await performRead(node, offset: offset, count: count) }
+        let (result, report) = await QemuIOReport.timing { await performRead(node, offset: offset, count: count, misalignment: misalignment) }
         let buf: AlignedBuffer
         switch result {
         case .failure(let e):

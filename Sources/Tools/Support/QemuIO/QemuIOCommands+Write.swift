@@ -13,7 +13,7 @@ private enum WriteSource {
 
 /// Writes `count` bytes at `offset` of `node` after checking the range.
 private func performWrite(_ node: any BlockDriver, offset: Int64, count: Int64, source: WriteSource,
-                          flags: WriteFlags) async -> BlockError? {
+                          flags: WriteFlags, misalignment: Int) async -> BlockError? {
     do {
         if case .zeroes(let zflags) = source {
             try await node.checkedWriteZeroes(at: offset, length: count, flags: zflags.union(flags))
@@ -24,7 +24,7 @@ private func performWrite(_ node: any BlockDriver, offset: Int64, count: Int64, 
         if case .buffer(let b) = source {
             buf = b
         } else {
-            buf = AlignedBuffer(count: Int(count))
+            buf = AlignedBuffer(count: Int(count), misalignment: misalignment)
             if case .pattern(let p) = source { buf.withUnsafeMutableBytes { Pattern.fill($0, with: p) } }
         }
         try await buf.withUnsafeBytes { b in try await node.write(at: offset, from: b, flags: flags) }
@@ -38,7 +38,7 @@ extension QemuIOSession {
     /// A buffer of `count` bytes filled with the contents of `path`, repeated as needed
     /// (qemu-io's `qemu_io_alloc_from_file`); nil after printing why not.
     private func loadSourceFile(_ path: String, count: Int64) -> AlignedBuffer? {
-        let buf = AlignedBuffer(count: Int(count))
+        let buf = AlignedBuffer(count: Int(count), misalignment: misalignment)
         do {
             guard let f = fopen(path, "r") else {
                 err("\(path): \(BlockError.strerror(errno))")
@@ -104,7 +104,7 @@ extension QemuIOSession {
         let unsupported = a.vmstate || (a.compressed && !a.zero)
         return await timedRequest("wrote", failure: "write", offset: offset, count: count, a) {
             if unsupported { return BlockError(.unsupported, "Operation not supported", errno: ENOTSUP) }
-            return await performWrite(node, offset: offset, count: count, source: source, flags: a.flags)
+            return await performWrite(node, offset: offset, count: count, source: source, flags: a.flags, misalignment: misalignment)
         }
     }
 
@@ -114,7 +114,7 @@ extension QemuIOSession {
         guard a.operands.count >= 2 else { return usage("writev") }
         guard let (offset, count) = vectoredRange(a.operands), let node else { return false }
         return await timedRequest("wrote", failure: "writev", offset: offset, count: count, a) {
-            await performWrite(node, offset: offset, count: count, source: .pattern(a.pattern ?? 0xcd), flags: a.flags)
+            await performWrite(node, offset: offset, count: count, source: .pattern(a.pattern ?? 0xcd), flags: a.flags, misalignment: misalignment)
         }
     }
 
@@ -146,7 +146,7 @@ extension QemuIOSession {
         let source: WriteSource = a.zero ? .zeroes(a.zeroFlags) : .pattern(a.pattern ?? 0xcd)
         startAIO { [self] in
             _ = await timedRequest("wrote", failure: "aio_write", offset: offset, count: count, a) {
-                await performWrite(node, offset: offset, count: count, source: source, flags: a.flags)
+                await performWrite(node, offset: offset, count: count, source: source, flags: a.flags, misalignment: misalignment)
             }
         }
         return true
@@ -160,6 +160,8 @@ extension QemuIOSession {
         guard withinRequestLimit(count, given: a.operands[1]) else { return false }
         return await timedRequest("discard", failure: "discard", offset: offset, count: count, a) {
             do {
+                // (Opened with discard=ignore: the request succeeds and changes nothing.)
+                if await !self.unmap { try node.checkRequest(offset: offset, length: count, operation: "discard"); return nil }
                 try await node.checkedDiscard(at: offset, length: count)
                 return nil
             } catch {

@@ -58,6 +58,10 @@ public actor QemuIOSession {
     public nonisolated let programName: String
 
     var node: (any BlockDriver)?
+    /// Whether discard requests reach the image (qemu-io's `-d unmap`, the default); false
+    /// (`-d ignore`) makes them succeed without effect, as QEMU's nodes opened without
+    /// `BDRV_O_UNMAP` do.
+    var unmap = true
     /// True once `quit` ran: the caller should stop reading commands.
     public private(set) var quitRequested = false
     private var pending: [Task<Void, Never>] = []
@@ -66,10 +70,15 @@ public actor QemuIOSession {
     /// - Parameters:
     ///   - output: where results and diagnostics go.
     ///   - programName: the prefix of diagnostic lines, as QEMU's `error_report` prints it.
-    public init(output: QemuIOOutput, programName: String = "qemu-io") {
+    ///   - misalign: shift request buffers 16 bytes off their alignment (qemu-io's `--misalign`).
+    public init(output: QemuIOOutput, programName: String = "qemu-io", misalign: Bool = false) {
         self.output = output
         self.programName = programName
+        self.misalignment = misalign ? 16 : 0
     }
+
+    /// How many bytes request buffers start past an aligned address (16 with `--misalign`).
+    nonisolated let misalignment: Int
 
     /// True while an image is open.
     public var isImageOpen: Bool { node != nil }
@@ -148,8 +157,9 @@ public actor QemuIOSession {
     /// - Parameters:
     ///   - path: the image file.
     ///   - options: format, read-only, cache mode and force-share.
+    ///   - unmap: whether discard requests reach the image (`-d unmap`; false: `-d ignore`).
     /// - Returns: false after printing why the image could not be opened.
-    public func open(_ path: String, options: OpenOptions) async -> Bool {
+    public func open(_ path: String, options: OpenOptions, unmap: Bool = true) async -> Bool {
         if node != nil {
             report("file open already, try 'help close'")
             return false
@@ -169,10 +179,21 @@ public actor QemuIOSession {
             report("can't open device \(path): \(error.asBlockError.message)")
             return false
         }
-        if probedRaw && !options.readOnly {
+        if probedRaw && !options.readOnly && !options.snapshot {
             output.standardError(ToolProgram.rawProbeWarning(path))
         }
+        self.unmap = unmap
         return true
+    }
+
+    /// qemu-io's `-d` values: `unmap`/`on` pass discards to the image (true), `ignore`/`off`
+    /// drop them (false); nil for anything else (QEMU's `bdrv_parse_discard_flags`).
+    public static func unmap(discardMode: String) -> Bool? {
+        switch discardMode {
+        case "unmap", "on": return true
+        case "ignore", "off": return false
+        default: return nil
+        }
     }
 
     /// Waits for outstanding requests and closes the image, if one is open (the `close`

@@ -98,7 +98,7 @@ extension FileNode {
     func preadFull(_ p: SendablePointer, _ count: Int, _ offset: Int64) async -> Result<Int, Syscalls.Errno> {
         let fd = self.fd
         var done = 0
-        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
+        if let ring = self.ring, !Syscalls.intercepts(fd) {
             while done < count {
                 let n = min(count - done, 1 << 30)
                 let r = await ring.perform(.read, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))
@@ -120,7 +120,7 @@ extension FileNode {
         if let serialWrites { return await serialWrites.write(p, count, offset) }
         let fd = self.fd
         var done = 0
-        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
+        if let ring = self.ring, !Syscalls.intercepts(fd) {
             while done < count {
                 let n = min(count - done, 1 << 30)
                 let r = await ring.perform(.write, fd: fd, buffer: p.raw + done, count: n, offset: offset + Int64(done))

@@ -101,7 +101,7 @@ extension FileNode {
     /// fdatasync; only for a request admitted by the gate.
     func sync() async throws {
         let fd = self.fd
-        if let ring = IORing.shared, !Syscalls.intercepts(fd) {
+        if let ring = self.ring, !Syscalls.intercepts(fd) {
             while true {
                 let r = await ring.perform(.fdatasync, fd: fd, buffer: nil, count: 0, offset: 0)
                 if r == 0 { return }

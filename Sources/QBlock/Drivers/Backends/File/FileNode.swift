@@ -68,6 +68,11 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     var directAlignment: Int { sizeLock.withLock { mode.directAlignment } }
     var serialWrites: SerialWriteQueue? { sizeLock.withLock { mode.serialWrites } }
     let pool: IOThreadPool
+    /// The io_uring rings requests go through, nil for the thread pool (`aio=threads`, or a
+    /// kernel without io_uring).
+    let ring: IORing?
+    /// How requests are submitted, as asked at open (nil: automatic).
+    public let aio: AIOMode?
     /// Guards `mode`, `retiredFDs`, `cachedLength` and `fdsClosed`.
     let sizeLock = PosixMutex()
     /// The file's size as this node last saw it (guarded by `sizeLock`).
@@ -95,12 +100,21 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     ///   - shared: permissions this user lets other processes take.
     ///   - locking: false to skip image locks entirely.
     ///   - create: create the file if missing (truncating it is the caller's business).
+    ///   - aio: how requests are submitted: `threads` uses the thread pool only; `native` and
+    ///     `io_uring` use io_uring (`native` only with `O_DIRECT`, as QEMU); nil: io_uring
+    ///     when the kernel has it.
+    /// - Throws: ``BlockError`` `.invalidArgument` for `aio=native` without `O_DIRECT`.
     public init(path: String, readOnly: Bool, cache: CacheMode = .writeback,
                 perm: BlockPermissions? = nil, shared: BlockPermissions = .all,
                 locking: Bool = true, create: Bool = false,
-                pool: IOThreadPool = .shared) throws {
+                pool: IOThreadPool = .shared, aio: AIOMode? = nil) throws {
+        if let aio, let conflict = aio.conflict(with: cache) {
+            throw BlockError(.invalidArgument, conflict, path: path, operation: "open")
+        }
         self.filename = path
         self.pool = pool
+        self.aio = aio
+        self.ring = aio == .threads ? nil : IORing.shared
         let fd = try Self.openDescriptor(path, readOnly: readOnly, cache: cache, create: create)
         guard case .success(let st) = Syscalls.fstat(fd) else {
             Syscalls.close(fd)

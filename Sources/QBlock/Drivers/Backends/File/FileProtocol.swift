@@ -18,7 +18,7 @@ public enum FileProtocol: ProtocolCreatable {
     /// the format is known).
     /// - Throws: ``BlockError`` from open(2) and fstat(2) (`.notFound`, `.permissionDenied`, …).
     public static func open(filename: String, options: OpenOptions) async throws -> any BlockDriver {
-        try FileNode(path: filename, readOnly: options.readOnly, cache: options.cache, locking: false)
+        try FileNode(path: filename, readOnly: options.readOnly, cache: options.cache, locking: false, aio: options.aio)
     }
 
     /// The first bytes read synchronously with one pread(2) (``FileNode/probeBytes(count:)``,
@@ -28,16 +28,16 @@ public enum FileProtocol: ProtocolCreatable {
         return file.probeBytes(count: count)
     }
 
-    /// Reads `filename` and the members QEMU's `file` driver has (`locking`, `aio`,
-    /// `pr-manager`, `drop-cache`, `x-check-cache-dropped`, `aio-max-batch`, accepted and
-    /// ignored). The node opens on ``IOThreadPool`` and takes QEMU's default permissions of
+    /// Reads `filename` and the members QEMU's `file` driver has: `aio` (``AIOMode``; absent:
+    /// io_uring when the kernel has it), and `locking`, `pr-manager`, `drop-cache`,
+    /// `x-check-cache-dropped`, `aio-max-batch`, accepted and ignored. The node opens on ``IOThreadPool`` and takes QEMU's default permissions of
     /// a node of its own (``BlockPermissions/formatDefaults(readOnly:)``).
     /// - Throws: the reader's errors; the opener throws ``BlockError`` "Could not open
     ///   'PATH': …" or QEMU's "Failed to get "write" lock" message.
     public static func readBlockdevOptions(_ m: any DriverOptionReader) throws -> ProtocolOpener {
         let filename = try m.requiredString("filename")
         _ = try m.optionalEnum("locking", ["auto", "on", "off"])
-        _ = try m.optionalEnum("aio", ["threads", "native", "io_uring"])
+        let aio = try m.optionalEnum("aio", AIOMode.allCases.map(\.rawValue)).flatMap(AIOMode.init(qemuName:))
         _ = try m.optionalString("pr-manager")
         _ = try m.optionalBool("drop-cache")
         _ = try m.optionalBool("x-check-cache-dropped")
@@ -45,7 +45,7 @@ public enum FileProtocol: ProtocolCreatable {
         return { readOnly, cache in
             let result: Result<FileNode, BlockError> = await IOThreadPool.shared.run {
                 do {
-                    let f = try FileNode(path: filename, readOnly: readOnly, cache: cache, locking: false)
+                    let f = try FileNode(path: filename, readOnly: readOnly, cache: cache, locking: false, aio: aio)
                     let (perm, shared) = BlockPermissions.formatDefaults(readOnly: readOnly)
                     do { try f.lock(perm: perm, shared: shared) } catch let e as BlockError {
                         Task { try? await f.close() }
