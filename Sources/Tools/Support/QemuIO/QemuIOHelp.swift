@@ -120,11 +120,42 @@ enum QemuIOHelp {
      'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached
 
      -r, -- open file read-only
+     -s, -- use snapshot file
+     -C, -- use copy-on-read
      -n, -- disable host cache, short for -t none
      -U, -- force shared permissions
+     -k, -- use kernel AIO implementation (Linux only, prefer use of -i)
+     -i, -- use AIO mode (threads, native or io_uring)
      -t, -- use the given cache mode for the image
+     -d, -- use the given discard mode for the image
      -f, -- the image format (same as -o driver=FMT)
-     -o, -- options: driver=FMT is supported
+     -o, -- options to be given to the block driver
+
+
+    """
+    static let reopen = """
+
+     Changes the open options of an already opened image
+
+     Example:
+     'reopen -r' - makes the image read-only
+
+     -r, -- Reopen the image read-only
+     -w, -- Reopen the image read-write
+     -c, -- Change the cache mode to the given value
+     -o, -- Changes block driver options (cf. 'open' command)
+
+
+    """
+    static let sigraise = """
+
+     raises the given signal
+
+     Example:
+     'sigraise 15' - raises SIGTERM
+
+     Invokes raise(signal), where "signal" is the mandatory integer argument
+     given to sigraise.
 
 
     """
