@@ -62,7 +62,8 @@ struct IOTool: AsyncParsableCommand {
 
     /// Opens the image, runs the commands, and returns the exit status.
     func execute() async -> Int32 {
-        var options = OpenOptions(format: format, readOnly: readOnly, forceShare: forceShare)
+        // (qemu-io's default cache mode is writethrough: every write is durable when it completes.)
+        var options = OpenOptions(format: format, readOnly: readOnly, cache: .writethrough, forceShare: forceShare)
         options.snapshot = snapshot
         options.copyOnRead = copyOnRead
         var unmap = true

@@ -118,6 +118,7 @@ extension Qcow2Node {
             try await writePrecompressedAdmitted(at: guestOffset, data: data, compressed: n.map {
                 UnsafeRawBufferPointer(start: compressor.output.unsafeBase, count: $0)
             })
+            if writeThrough.value { try await flushAdmitted() }
             return
         }
         let padded = AlignedBuffer(count: cs)
@@ -129,6 +130,7 @@ extension Qcow2Node {
         try await writePrecompressedAdmitted(at: guestOffset, data: data, compressed: n.map {
             UnsafeRawBufferPointer(start: compressor.output.unsafeBase, count: $0)
         })
+        if writeThrough.value { try await flushAdmitted() }
     }
 
     private func checkCompressedRequest(_ guestOffset: Int64, _ count: Int) throws {

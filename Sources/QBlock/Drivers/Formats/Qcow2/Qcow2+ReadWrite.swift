@@ -83,7 +83,7 @@ extension Qcow2Node {
                placed: (() -> Void)?) async throws {
         try gate.enter(filename, "write")
         defer { gate.leave() }
-        try await writeAdmitted(at: offset, from: buffer, flags: flags, placed: placed)
+        try await writeAdmitted(at: offset, from: buffer, flags: writeThrough.value ? flags.union(.fua) : flags, placed: placed)
     }
 
     /// ``write(at:from:flags:placed:)`` for a request the gate already admitted (the write
@@ -336,7 +336,7 @@ extension Qcow2Node {
         try checkWritable("write zeroes")
         try checkRange(offset, length, "write zeroes")
         defer { markBitmaps(offset, length) }
-        try await writeZeroesAdmitted(at: offset, length: length, flags: flags)
+        try await writeZeroesAdmitted(at: offset, length: length, flags: writeThrough.value ? flags.union(.fua) : flags)
     }
 
     /// ``writeZeroes(at:length:flags:)`` for a range already checked, in a request the gate

@@ -47,6 +47,10 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public var isReadOnly: Bool { formatReadOnly.value || hostFile.isReadOnly }
     /// Set by ``reopenReadOnly()``, cleared by ``reopenReadWrite()``.
     let formatReadOnly = LockedFlag()
+    /// Opened with a write-through cache mode (`writethrough`, `directsync`): every write is
+    /// made durable with its metadata before it completes, as QEMU does for a backend without
+    /// a write cache (each write carries FUA, which this driver serves with a flush).
+    let writeThrough = LockedFlag()
     /// 1: guest reads and writes may start at any byte (partial clusters are handled here).
     public var requestAlignment: Int { 1 }
     /// The virtual disk size in bytes (the header's `size`).
@@ -199,6 +203,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
             }
         }
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
+        node.writeThrough.set(options.cache.writeThrough)
         try await node.loadSnapshotTable()
         try await node.loadPersistentBitmaps()
         node.openedWithStaleBitmaps = header.autoclearFeatures & Qcow2Header.autoclearBitmaps == 0
