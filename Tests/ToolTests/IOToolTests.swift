@@ -300,6 +300,27 @@ struct IOToolTests {
         #expect(r.status == 0 && r.stdout.isEmpty && r.stderr.isEmpty, "\(r)")
     }
 
+    @Test("lazy refcounts: a guest flush leaves refcounts cached while the image is dirty, as QEMU (iotests 039)",
+          .enabled(if: IOToolHarness.haveQemu))
+    func lazyRefcountsFlushLikeQemu() throws {
+        var checks: [Int32] = []
+        for writer in [IOToolHarness.qemuIO!, IOToolHarness.ioBinary!] {
+            let dir = try IOToolHarness.TempDir()
+            let img = dir.path + "/x.qcow2"
+            _ = try IOToolHarness.run(IOToolHarness.qemuImg!, ["create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", img, "128M"])
+            _ = try IOToolHarness.run(writer, ["-t", "writethrough", "-c", "write -q -P 0x5a 0 512", "-c", "sigraise 9", img])
+            // The data cluster is referenced and durable; its refcount is not (the dirty bit says so).
+            let check = try IOToolHarness.run(IOToolHarness.qemuImg!, ["check", img])
+            checks.append(check.status)
+            #expect((check.stdout + check.stderr).contains("ERROR cluster 5 refcount=0 reference=1"), "\(writer): \(check)")
+            let r = try IOToolHarness.run(IOToolHarness.qemuIO!, ["-r", "-c", "read -q -P 0x5a 0 512", img])
+            #expect(r.status == 0 && r.stdout.isEmpty, "\(writer): \(r)")
+            let repaired = try IOToolHarness.run(IOToolHarness.qemuImg!, ["check", "-r", "all", img])
+            #expect(repaired.status == 0, "\(repaired)")
+        }
+        #expect(checks[0] == checks[1])
+    }
+
     @Test("-s (snapshot mode) writes to a temporary overlay; -d ignore drops discards", .enabled(if: IOToolHarness.haveQemu))
     func snapshotModeAndDiscardIgnore() throws {
         let dir = try IOToolHarness.TempDir()

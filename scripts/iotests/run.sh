@@ -75,7 +75,7 @@ run_check() {
     log "$label: $(echo "$list" | wc -w) tests, check $fmtopts${group:+ -g $group} $*"
     export iotests qemu_prog qsd_prog img io nbd fmtopts out cache label fmt
     echo "$list" | xargs -P "$jobs" -n 1 bash -c '
-        t="$0"; scratch="$cache/scratch-$label-$fmt-${t//\//_}"
+        t="${0#tests/}"; scratch="$cache/scratch-$label-$fmt-${t//\//_}"
         rm -rf "$scratch"; mkdir -p "$scratch/sock"
         cd "$iotests" && TEST_DIR="$scratch" SOCK_DIR="$scratch/sock" \
             QEMU_PROG="$qemu_prog" QSD_PROG="$qsd_prog" \

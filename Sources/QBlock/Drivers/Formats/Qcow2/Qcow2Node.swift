@@ -249,19 +249,24 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     }
 
     /// Writes back cached L2 and refcount blocks in dependency order, then flushes the file
-    /// (QEMU's `qcow2_co_flush_to_os` plus the file's flush).
+    /// (QEMU's `qcow2_co_flush_to_os` plus the file's flush). While the image is marked
+    /// dirty (lazy refcounts in use) the refcount blocks stay cached, as QEMU's
+    /// `qcow2_write_caches`: the refcounts on disk are not trusted until a clean close, and
+    /// the next open rebuilds them; every L2 entry, and so every acknowledged write, is durable.
     /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error.
     public func flush() async throws {
-        try await gate.run(filename, "flush") { try await flushAdmitted() }
+        try await gate.run(filename, "flush") { try await flushAdmitted(lazyRefcounts: true) }
     }
 
     /// Writes the metadata caches back and flushes the file (``flush()`` without the gate).
-    func flushAdmitted() async throws {
+    /// - Parameter lazyRefcounts: a guest flush: refcount blocks are left cached while the
+    ///   image is marked dirty (``flush()``); false writes them too (close, reopen, amend, shrink).
+    func flushAdmitted(lazyRefcounts: Bool = false) async throws {
         if isReadOnly { return }
         try await metaLock.withLock {
             try await retryPendingFrees()
             try await l2Cache.flush()
-            try await refcountCache.flush()
+            if !(lazyRefcounts && isDirty) { try await refcountCache.flush() }
         }
         try await hostFile.flush()
     }
