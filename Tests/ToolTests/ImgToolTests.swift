@@ -51,6 +51,23 @@ import ToolSupport
         _ = try expectSameAsQemu(["create"] + args)
     }
 
+    /// `rebase -u -F` records any driver name QEMU has (iotests 031 writes `host_device`);
+    /// an unknown name is refused, a safe rebase onto a format this build lacks fails to open.
+    static let rebaseFormatNameCases: [[String]] = [
+        ["-u", "-b", "/some/backing/file/path", "-F", "host_device", "t.qcow2"],
+        ["-u", "-b", "/some/backing/file/path", "-F", "bogus", "t.qcow2"],
+        ["-u", "-b", "b.raw", "-F", "raw", "t.qcow2"],
+    ]
+
+    @Test(qemuTrait, arguments: rebaseFormatNameCases)
+    func rebaseFormatNamesMatchQemu(args: [String]) throws {
+        let (a, b) = try expectSameAsQemu(["rebase"] + args) { dir in
+            _ = try run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", dir.file("t.qcow2"), "1M")
+            _ = try run("qemu-img", "create", "-q", "-f", "raw", dir.file("b.raw"), "1M")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: a.file("t.qcow2"))) == Data(contentsOf: URL(fileURLWithPath: b.file("t.qcow2"))))
+    }
+
     /// Size arguments go through QEMU's syntax (`SizeParser`), as qemu-img's `cvtnum` reads
     /// them: no exponent, no trailing blank, a fraction rounded half up, hexadecimal.
     static let createSizeSyntaxCases: [String] = [

@@ -16,6 +16,18 @@ public enum ImageOpener {
     /// Format names this build can open.
     public static var formats: [String] { FormatRegistry.names }
 
+    /// Every block driver name QEMU 7.2 knows (QAPI's `BlockdevDriver`), whether or not this
+    /// build has it: what qemu-img accepts as a format *name* where it only records the name
+    /// (`rebase -u -F host_device`), and what QMP's `driver` members accept before the driver
+    /// itself is looked up.
+    public static let qemuDriverNames = [
+        "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+        "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
+        "http", "https", "iscsi", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate",
+        "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk",
+        "vpc", "vvfat",
+    ]
+
     /// Opens `filename` with `options` and returns the root node.
     /// - Throws: ``BlockError``: `.notFound`, `.locked`, `.corrupt`, `.unsupported`, ...
     public static func open(_ filename: String, options: OpenOptions = OpenOptions()) async throws -> any BlockDriver {
