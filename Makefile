@@ -70,6 +70,8 @@ iotests: release
 iotests-slice: build
 	BIN="$$($(SWIFT) build $(SWIFT_FLAGS) --show-bin-path)" bash scripts/iotests/slice.sh
 
+test: iotests-slice
+
 demo: release
 	BIN="$$($(SWIFT) build $(SWIFT_FLAGS) -c release --show-bin-path)" bash scripts/demo.sh
 
