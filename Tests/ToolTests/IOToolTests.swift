@@ -321,6 +321,23 @@ struct IOToolTests {
         #expect(checks[0] == checks[1])
     }
 
+    @Test("a raw file whose size is no multiple of 512 is a disk of whole sectors, its tail reading zeros, as QEMU (iotests 101)",
+          .enabled(if: IOToolHarness.haveQemu))
+    func shortRawFileReadsAsWholeSectors() throws {
+        var outputs: [String] = []
+        for tool in [IOToolHarness.qemuIO!, IOToolHarness.ioBinary!] {
+            let dir = try IOToolHarness.TempDir()
+            let img = dir.path + "/x.raw"
+            #expect(FileManager.default.createFile(atPath: img, contents: Data(repeating: 7, count: 320)))
+            let r = try IOToolHarness.run(tool, ["-f", "raw", "-c", "length", "-c", "read -q -P 7 0 320", "-c", "read -q -P 0 320 192",
+                                                  "-c", "write -q -P 9 256 256", "-c", "length", "-c", "map", img])
+            #expect(r.status == 0, "\(tool): \(r)")
+            outputs.append(r.stdout + r.stderr.replacingOccurrences(of: "\(tool): ", with: "qemu-io: "))
+            #expect((try? FileManager.default.attributesOfItem(atPath: img)[.size] as? Int) == 512)
+        }
+        #expect(outputs[0] == outputs[1])
+    }
+
     @Test("-s (snapshot mode) writes to a temporary overlay; -d ignore drops discards", .enabled(if: IOToolHarness.haveQemu))
     func snapshotModeAndDiscardIgnore() throws {
         let dir = try IOToolHarness.TempDir()

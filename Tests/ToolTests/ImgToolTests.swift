@@ -43,7 +43,7 @@ import ToolSupport
         ["-f", "qcow2", "-o", "cluster_size=abc", "x", "1M"], ["-f", "qcow2", "-o", "lazy_refcounts=maybe", "x", "1M"],
         ["-f", "qcow2", "-o", "refcount_bits=x", "x", "1M"], ["-f", "qcow2", "-o", "foo=bar", "x", "1M"],
         ["-f", "qcow2", "x"], ["-f", "qcow2", "-b", "", "-F", "raw", "x", "1M"], ["-f", "qcow2", "-b", "x", "-F", "raw", "x", "1M"],
-        ["-f", "qcow2", "-b", "nonexistent", "-F", "raw", "x", "1M"],
+        ["-f", "qcow2", "-b", "nonexistent", "-F", "raw", "x", "1M"], ["-f", "bochs", "x", "1M"], ["-f", "cloop", "x", "1M"],
     ]
 
     @Test(qemuTrait, arguments: createErrorCases)

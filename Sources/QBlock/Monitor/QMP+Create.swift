@@ -17,8 +17,7 @@ extension QMPMonitor {
     static var blockdevDriverNames: [String] { ImageOpener.qemuDriverNames }
     /// The drivers QEMU can create (`bdrv_co_create`); of them we create the registered
     /// ``ProtocolCreatable`` protocols and ``BlockdevCreatable`` formats.
-    static let qemuCreateDrivers: Set<String> = ["file", "gluster", "luks", "nfs", "parallels", "qcow", "qcow2", "qed",
-                                                 "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"]
+    static var qemuCreateDrivers: Set<String> { ImageOpener.qemuCreatableDrivers.subtracting(["raw"]) }
 
     func registerCreateCommands() {
         register("blockdev-create") { args, ctx in

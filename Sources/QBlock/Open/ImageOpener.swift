@@ -28,6 +28,20 @@ public enum ImageOpener {
         "vpc", "vvfat",
     ]
 
+    /// The drivers of ``qemuDriverNames`` that QEMU can create images with (`create_opts`).
+    public static let qemuCreatableDrivers: Set<String> = ["file", "gluster", "luks", "nfs", "parallels", "qcow", "qcow2",
+                                                           "qed", "raw", "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"]
+
+    /// The error for creating an image of `format` with a driver this build does not have:
+    /// QEMU's "Format driver 'bochs' does not support image creation" for a driver QEMU has
+    /// but cannot create with, else "Unknown file format 'NAME'".
+    public static func creationRefusal(format: String, path: String? = nil) -> BlockError {
+        if qemuDriverNames.contains(format) && !qemuCreatableDrivers.contains(format) {
+            return BlockError(.unsupported, "Format driver '\(format)' does not support image creation", path: path, operation: "create")
+        }
+        return BlockError(.invalidArgument, "Unknown file format '\(format)'", path: path, operation: "create")
+    }
+
     /// Opens `filename` with `options` and returns the root node.
     /// - Throws: ``BlockError``: `.notFound`, `.locked`, `.corrupt`, `.unsupported`, ...
     public static func open(_ filename: String, options: OpenOptions = OpenOptions()) async throws -> any BlockDriver {
