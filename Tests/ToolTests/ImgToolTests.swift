@@ -23,7 +23,8 @@ import ToolSupport
         ["-f", "raw", "x", "1M"], ["x", "100"], ["-f", "raw", "x", "0"], ["-q", "-f", "raw", "x", "5000"],
         ["-f", "raw", "-o", "preallocation=full", "x", "5000"], ["-f", "raw", "-o", "preallocation=falloc", "x", "1M"],
         ["-f", "raw", "-o", "preallocation=off", "x", "1M"], ["-f", "raw", "-o", "size=2M", "x"],
-        ["-f", "raw", "x", "1M", "-o", "preallocation=full"],
+        ["-f", "raw", "x", "1M", "-o", "preallocation=full"], ["-f", "raw", "-o", "preallocation=off,extent_size_hint=0", "x", "128k"],
+        ["-f", "raw", "-o", "extent_size_hint=1M", "x", "128k"],
     ]
 
     @Test(qemuTrait, arguments: rawCreateCases)
@@ -44,6 +45,7 @@ import ToolSupport
         ["-f", "qcow2", "-o", "refcount_bits=x", "x", "1M"], ["-f", "qcow2", "-o", "foo=bar", "x", "1M"],
         ["-f", "qcow2", "x"], ["-f", "qcow2", "-b", "", "-F", "raw", "x", "1M"], ["-f", "qcow2", "-b", "x", "-F", "raw", "x", "1M"],
         ["-f", "qcow2", "-b", "nonexistent", "-F", "raw", "x", "1M"], ["-f", "bochs", "x", "1M"], ["-f", "cloop", "x", "1M"],
+        ["-f", "raw", "-o", "extent_size_hint=5G", "x", "1M"], ["-f", "raw", "-o", "extent_size_hint=x", "x", "1M"],
     ]
 
     @Test(qemuTrait, arguments: createErrorCases)
@@ -221,6 +223,8 @@ import ToolSupport
         ["-f", "raw", "--preallocation=full", "r.raw", "3M"], ["-f", "raw", "--preallocation=metadata", "r.raw", "3M"],
         ["-f", "raw", "--preallocation=bogus", "r.raw", "3M"], ["-q", "-f", "raw", "r.raw", "3M"], ["-f", "raw", "r.raw", "2M"],
         ["-f", "raw", "--shrink", "r.raw", "--", "-10M"], ["r.raw", "4M"], ["-f", "raw", "missing.raw", "1M"],
+        ["-f", "raw", "--shrink", "--preallocation=falloc", "r.raw", "--", "-256k"],
+        ["-f", "raw", "--shrink", "--preallocation=full", "r.raw", "1M"], ["-f", "raw", "--preallocation=falloc", "r.raw", "2M"],
     ]
 
     @Test(qemuTrait, arguments: resizeCases)
