@@ -46,6 +46,7 @@ import ToolSupport
         ["-f", "qcow2", "x"], ["-f", "qcow2", "-b", "", "-F", "raw", "x", "1M"], ["-f", "qcow2", "-b", "x", "-F", "raw", "x", "1M"],
         ["-f", "qcow2", "-b", "nonexistent", "-F", "raw", "x", "1M"], ["-f", "bochs", "x", "1M"], ["-f", "cloop", "x", "1M"],
         ["-f", "raw", "-o", "extent_size_hint=5G", "x", "1M"], ["-f", "raw", "-o", "extent_size_hint=x", "x", "1M"],
+        ["-f", "qcow2", "-o", "extent_size_hint=5G", "x", "1M"],
     ]
 
     @Test(qemuTrait, arguments: createErrorCases)
@@ -92,6 +93,7 @@ import ToolSupport
         cases.append(["-o", "preallocation=metadata"])
         cases.append(["-o", "compat=0.10,lazy_refcounts=on"])
         cases.append(["-o", "cluster_size=3000"])
+        cases.append(["-o", "preallocation=falloc,extent_size_hint=0"])
         return cases
     }()
 
