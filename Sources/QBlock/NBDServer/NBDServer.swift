@@ -68,7 +68,6 @@ public final class NBDServer: @unchecked Sendable {
     private var listeners: [Listener] = []
     private var connections: [Int: NBDConnection] = [:]
     private var nextID = 0
-    private var servedAny = false
     private var acceptorsRunning = 0
     private var wakeRead: Int32 = -1
     private var wakeWrite: Int32 = -1
@@ -332,7 +331,6 @@ public final class NBDServer: @unchecked Sendable {
                 nextID += 1
                 let c = NBDConnection(id: nextID, fd: fd, server: self, exports: exports)
                 connections[nextID] = c
-                servedAny = true
                 return c
             }
             guard let conn else {
@@ -343,12 +341,16 @@ public final class NBDServer: @unchecked Sendable {
         }
     }
 
-    /// Called by a connection's reader thread when it has closed its socket.
+    /// Called by a connection's reader thread when it has closed its socket. Without
+    /// ``Options/persistent`` the server stops when the last client goes and that client had
+    /// reached the transmission phase, as qemu-nbd: a client that only listed the exports
+    /// (`qemu-nbd --list`, `nbdinfo --list`) or gave up in the handshake does not stop it.
     func connectionEnded(_ c: NBDConnection) {
+        let negotiated = c.transmission != nil
         let last: Bool = condition.withLock {
             connections[c.id] = nil
             condition.broadcast()
-            return connections.isEmpty && servedAny && !options.persistent && state == .running
+            return connections.isEmpty && negotiated && !options.persistent && state == .running
         }
         if last { finished.signal() }
     }
