@@ -460,7 +460,8 @@ extension Qcow2Node {
 
     /// Discards `length` bytes at guest `offset`: whole clusters become unallocated (or zero
     /// clusters where a backing node would show through), and their space is freed as QEMU's
-    /// `qcow2_co_pdiscard` does; partial clusters are left alone.
+    /// `qcow2_co_pdiscard` does; partial clusters are left alone, and so is everything in a
+    /// v2 image with a backing file.
     /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.outOfRange` for a range past the end, or an I/O error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try gate.enter(filename, "discard")
@@ -468,6 +469,9 @@ extension Qcow2Node {
         try checkWritable("discard")
         try checkRange(offset, length, "discard")
         defer { markBitmaps(offset, length) }
+        // As QEMU's qcow2_co_pdiscard: a v2 image has no zero flag, and unallocating would
+        // show the backing file's data, so the request changes nothing.
+        if header.version < 3 && (backingNode != nil || header.backingFileName != nil) { return }
         let cs = Int64(clusterSize)
         let start = (offset + cs - 1) / cs * cs
         var end = (offset + length) / cs * cs
