@@ -41,6 +41,68 @@ struct Qcow2IotestsRegressionTests {
         #expect(st == 0, "\(cmp)")
     }
 
+    /// iotests 090, 073, 287: qemu-io's `write -c` reaches the library as
+    /// ``BlockDriver/checkedWriteCompressed(at:from:)``: several clusters in one request, zlib
+    /// and zstd, with QEMU's EINVAL for a misaligned request and EIO over allocated data.
+    @Test(arguments: ["zlib", "zstd"])
+    func compressedWriteRequests(type: String) async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/c.qcow2"
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=\(type)", path, "192k"])
+        let n = try await ImageOpener.open(path)
+        let data = filled(0x2a, 128 << 10)
+        let one = filled(0x2a, 64 << 10)
+        try await data.withUnsafeBytes { try await n.checkedWriteCompressed(at: 0, from: $0) }
+        let misaligned = await #expect(throws: BlockError.self) {
+            try await one.withUnsafeBytes { try await n.checkedWriteCompressed(at: 512, from: $0) }
+        }
+        #expect(misaligned?.errno == EINVAL)
+        let e = await #expect(throws: BlockError.self) {
+            try await one.withUnsafeBytes { try await n.checkedWriteCompressed(at: 0, from: $0) }
+        }
+        #expect(e?.errno == EIO, "compression cannot overwrite an allocated cluster")
+        try await n.discard(at: 64 << 10, length: 64 << 10)
+        try await n.close()
+        let (rst, rout, _) = try sh(["qemu-io", "-c", "read -P 0x2a 0 64k", "-c", "read -P 0 64k 128k", path])
+        #expect(rst == 0 && !rout.contains("fail"), "\(rout)")
+        let (cst, check, _) = try sh(["qemu-img", "check", path])
+        #expect(cst == 0, "\(check)")
+        #expect(check.contains("100.00% compressed clusters"), "\(check)")
+    }
+
+    /// iotests 029: VM state (qemu-io's `write -b`/`read -b`) lives past the disk, at the
+    /// offset QEMU computes, and a huge position grows the L1 table; qemu-io reads what we
+    /// wrote, an internal snapshot keeps it, and the image checks clean.
+    @Test func vmStateBesideTheDisk() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/v.qcow2"
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"])
+        let n = try await ImageOpener.open(path)
+        for (pos, byte) in [(Int64(0), UInt8(0x22)), (Int64(1) << 40, UInt8(0x11))] {
+            try await filled(byte, 4096).withUnsafeBytes { try await n.saveVMState(at: pos, from: $0) }
+        }
+        let back = AlignedBuffer(count: 4096)
+        try await back.withUnsafeMutableBytes { try await n.loadVMState(at: 1 << 40, into: $0) }
+        #expect(back.withUnsafeBytes { $0.allSatisfy { $0 == 0x11 } })
+        try await back.withUnsafeMutableBytes { try await n.loadVMState(at: 1 << 30, into: $0) }
+        #expect(back.withUnsafeBytes { $0.allSatisfy { $0 == 0 } }, "never written: zeros")
+        #expect(try await n.read(at: 0, count: 4096).allSatisfy { $0 == 0 }, "the disk is untouched")
+        try await n.close()
+        let (rst, rout, _) = try sh(["qemu-io", "-c", "read -b -P 0x22 0 4k", "-c", "read -b -P 0x11 1T 4k", path])
+        #expect(rst == 0 && !rout.contains("fail"), "\(rout)")
+        try sh(["qemu-img", "snapshot", "-c", "foo", path])
+        try sh(["qemu-io", "-c", "write -b -P 0x33 1T 4k", path])
+        try sh(["qemu-img", "snapshot", "-a", "foo", path])
+        let n2 = try await ImageOpener.open(path)
+        try await back.withUnsafeMutableBytes { try await n2.loadVMState(at: 1 << 40, into: $0) }
+        #expect(back.withUnsafeBytes { $0.allSatisfy { $0 == 0x11 } }, "the snapshot kept the VM state")
+        try await n2.close()
+        let (cst, check, _) = try sh(["qemu-img", "check", path])
+        #expect(cst == 0, "\(check)")
+    }
+
     /// iotests 066: writing into zero clusters that keep their host clusters (`write -z`
     /// without unmap) reuses those clusters in place, merged with neighbouring data clusters
     /// into one request, as QEMU does; the parts not written read as zeros. Same map and
@@ -70,3 +132,9 @@ struct Qcow2IotestsRegressionTests {
     }
 }
 
+/// A buffer of `count` bytes of `byte`.
+private func filled(_ byte: UInt8, _ count: Int) -> AlignedBuffer {
+    let b = AlignedBuffer(count: count)
+    b.withUnsafeMutableBytes { _ = memset($0.baseAddress!, Int32(byte), count) }
+    return b
+}

@@ -148,8 +148,8 @@ extension Qcow2Node {
     }
 
     /// Writes the first run of `buffer` that needs the same treatment; returns its length.
-    private func writeRun(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
-                          placed: (() -> Void)?) async throws -> Int {
+    func writeRun(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                  placed: (() -> Void)?) async throws -> Int {
         let cbits = Int64(clusterBits)
         let firstCluster = offset >> cbits
         let lastCluster = (offset + Int64(buffer.count) - 1) >> cbits
