@@ -130,6 +130,50 @@ struct Qcow2IotestsRegressionTests {
         let (cst, check, _) = try sh(["qemu-img", "check", dir + "/ours.qcow2"])
         #expect(cst == 0, "\(check)")
     }
+    /// iotests 036: unknown incompatible feature bits are named from the image's feature
+    /// name table, in table order, and what remains is given as a hex mask, as QEMU's
+    /// report_unsupported_feature; the same message as qemu-img's.
+    @Test(arguments: [UInt64(1) << 63, UInt64(7) << 61, UInt64(5) << 61])
+    func unknownIncompatibleFeaturesNamedAsQemu(bits: UInt64) async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/f.qcow2"
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"])
+        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        for k in 0..<8 { b[72 + k] = UInt8(truncatingIfNeeded: bits >> UInt64(56 - 8 * k)) }
+        // The first entry of the feature name table (after the extension header) names bit 62.
+        var off = Int(b[100]) << 24 | Int(b[101]) << 16 | Int(b[102]) << 8 | Int(b[103])
+        while Array(b[off..<off + 4]) != [0x68, 0x03, 0xf8, 0x57] {
+            let len = Int(b[off + 4]) << 24 | Int(b[off + 5]) << 16 | Int(b[off + 6]) << 8 | Int(b[off + 7])
+            off += 8 + (len + 7) & ~7
+        }
+        let entry = [0, 62] + Array("test2".utf8) + [UInt8](repeating: 0, count: 41)
+        b.replaceSubrange(off + 8..<off + 56, with: entry)
+        try Data(b).write(to: URL(fileURLWithPath: path))
+        let e = await #expect(throws: BlockError.self) { _ = try await ImageOpener.open(path) }
+        let (_, _, err) = try sh(["qemu-img", "info", path])
+        #expect(e.map { "qemu-img: " + $0.message + "\n" } == err)
+    }
+
+    /// iotests 054: an image too big for its cluster size: qemu-img create's message, and
+    /// "Image is too big" at open (before the L1 size check), as QEMU.
+    @Test func imageTooBigMessages() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/big.qcow2"
+        let e = await #expect(throws: BlockError.self) {
+            try await Qcow2Node.create(path: path, size: 1 << 60, options: Qcow2CreateOptions())
+        }
+        let (_, _, qerr) = try sh(["qemu-img", "create", "-q", "-f", "qcow2", dir + "/q.qcow2", "1048576T"])
+        #expect(e.map { "qemu-img: \(dir)/q.qcow2: " + $0.message + "\n" } == qerr)
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "4G"])
+        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        for k in 0..<8 { b[24 + k] = UInt8(truncatingIfNeeded: UInt64(1 << 60) >> UInt64(56 - 8 * k)) }
+        try Data(b).write(to: URL(fileURLWithPath: path))
+        let o = await #expect(throws: BlockError.self) { _ = try await ImageOpener.open(path) }
+        let (_, _, err) = try sh(["qemu-img", "info", path])
+        #expect(o.map { "qemu-img: " + $0.message + "\n" } == err)
+    }
 }
 
 /// A buffer of `count` bytes of `byte`.
