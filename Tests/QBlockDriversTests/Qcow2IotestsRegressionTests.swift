@@ -174,6 +174,33 @@ struct Qcow2IotestsRegressionTests {
         let (_, _, err) = try sh(["qemu-img", "info", path])
         #expect(o.map { "qemu-img: " + $0.message + "\n" } == err)
     }
+    /// iotests 305: an unaligned refcount block offset does not stop the open (reads work);
+    /// the write that needs that block fails and marks the image corrupt, and check reports
+    /// the block and the refcounts it cannot read, as QEMU does.
+    @Test func unalignedRefcountBlockFoundWhenUsed() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/r.qcow2"
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "refcount_bits=64,cluster_size=1k", path, "1M"])
+        try sh(["qemu-io", "-c", "write 0 124k", "-c", "discard 121k 1k", "-c", "discard 123k 1k", path])
+        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        let table = (48..<56).reduce(0) { $0 << 8 | Int(b[$1]) }
+        b[table + 14] = 0x06
+        try Data(b).write(to: URL(fileURLWithPath: path))
+        let check = try #require(try await ImageOpener.open(path, options: OpenOptions(readOnly: true)) as? Qcow2Node)
+        let r = try await check.check(repair: nil)
+        try await check.close()
+        #expect(r.messages.contains("ERROR refcount block 1 is not cluster aligned; refcount table entry corrupted"))
+        #expect(r.messages.contains("Can't get refcount for cluster 128: Input/output error"))
+        #expect(r.corruptions == 1 && r.checkErrors == 2)
+        let n = try await ImageOpener.open(path)
+        #expect(try await n.read(at: 0, count: 120 << 10).allSatisfy { $0 == 0xcd })
+        let e = await #expect(throws: BlockError.self) { try await n.write(at: 121 << 10, bytes: [UInt8](repeating: 1, count: 3072)) }
+        #expect(e?.code == .corrupt)
+        try? await n.close()
+        let (_, info, _) = try sh(["qemu-img", "info", path])
+        #expect(info.contains("corrupt: true"))
+    }
 }
 
 /// A buffer of `count` bytes of `byte`.
