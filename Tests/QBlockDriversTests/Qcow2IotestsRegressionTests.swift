@@ -201,6 +201,41 @@ struct Qcow2IotestsRegressionTests {
         let (_, info, _) = try sh(["qemu-img", "info", path])
         #expect(info.contains("corrupt: true"))
     }
+    /// iotests 138: check's messages as qemu-img check's, in its order: a reference past the
+    /// end of the file by a cluster or more, and with `-r all` the comparison again with
+    /// "Repairing" lines, then the COPIED flags.
+    @Test func checkMessagesAsQemu() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // A data cluster far past the end of the file.
+        let far = dir + "/far.qcow2"
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", far, "512"])
+        try sh(["qemu-io", "-c", "write 0 512", far])
+        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: far)))
+        b.replaceSubrange(2056..<2064, with: [0, 0x80, 0, 0, 0, 0, 0, 0])
+        try Data(b).write(to: URL(fileURLWithPath: far))
+        // A leaked header cluster and an L1 entry without COPIED.
+        let leak = dir + "/leak.qcow2"
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", leak, "64k"])
+        try sh(["qemu-io", "-c", "write 0 64k", leak])
+        b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: leak)))
+        let be = { (o: Int) in (o..<o + 8).reduce(0) { $0 << 8 | Int(b[$1]) } }
+        let refblock = be(be(48))
+        b[refblock + 1] = 2
+        b[be(40)] &= 0x7f
+        try Data(b).write(to: URL(fileURLWithPath: leak))
+        for (path, repair) in [(far, CheckRepair?.none), (leak, CheckRepair?.none), (leak, CheckRepair.all)] {
+            let copy = path + ".qemu"
+            try FileManager.default.copyItem(atPath: path, toPath: copy)
+            let (_, _, qerr) = try sh(["qemu-img", "check"] + (repair == nil ? [] : ["-r", "all"]) + [copy])
+            let n = try #require(try await ImageOpener.open(path, options: OpenOptions(readOnly: repair == nil)) as? Qcow2Node)
+            let r = try await n.check(repair: repair)
+            try await n.close()
+            let qemu = qerr.split(separator: "\n").map(String.init).filter { !$0.hasPrefix("The following") && !$0.isEmpty }
+            #expect(r.messages == qemu, "\(path) \(String(describing: repair))")
+            try FileManager.default.removeItem(atPath: copy)
+        }
+    }
 }
 
 /// A buffer of `count` bytes of `byte`.
