@@ -256,6 +256,17 @@ struct Qcow2IotestsRegressionTests {
         let (_, qcheck, _) = try sh(["qemu-img", "check", dir + "/qemu.base"])
         #expect(ocheck == qcheck)
     }
+    /// iotests 114: a backing format no driver has is "Unknown driver" after "Could not open
+    /// backing file", without naming the backing file again, as qemu-img says it.
+    @Test func unknownBackingDriverMessage() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", dir + "/b.qcow2", "1M"])
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", dir + "/b.qcow2", "-F", "foo", dir + "/t.qcow2", "1M"])
+        let e = await #expect(throws: BlockError.self) { _ = try await ImageOpener.open(dir + "/t.qcow2") }
+        let (_, _, err) = try sh(["qemu-img", "info", dir + "/t.qcow2"])
+        #expect(e.map { "qemu-img: Could not open '\(dir)/t.qcow2': " + $0.message + "\n" } == err)
+    }
 }
 
 /// A buffer of `count` bytes of `byte`.
