@@ -142,6 +142,21 @@ public protocol CompressedWriting: ClusteredFormat {
     func finishCompressedWrites() async throws
 }
 
+/// A format that keeps a VM state (a machine's RAM and devices, saved with an internal
+/// snapshot) beside the disk, past the guest-visible end (QEMU's `bdrv_save_vmstate` and
+/// `bdrv_load_vmstate`; qemu-io's `write -b` and `read -b`). Positions count from the start
+/// of the VM state area; requests there are not limited by the virtual size.
+public protocol VMStateStoring: BlockDriver {
+    /// Writes `buffer` at `position` of the VM state area.
+    /// - Throws: ``BlockError`` `.readOnly`, `.invalidArgument` for a negative position or an
+    ///   area the format cannot address, I/O errors.
+    func writeVMState(at position: Int64, from buffer: UnsafeRawBufferPointer) async throws
+    /// Reads `buffer.count` bytes at `position` of the VM state area (zeros where nothing
+    /// was written).
+    /// - Throws: ``BlockError`` `.invalidArgument` for a negative position, I/O errors.
+    func readVMState(at position: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws
+}
+
 /// A format that allocates space in its file as writes arrive, so that the order of
 /// allocating writes decides the image's layout (qcow2). A writer that wants qemu-img's
 /// layout issues its writes in order, and may let the next one start as soon as this

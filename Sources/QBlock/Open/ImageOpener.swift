@@ -151,6 +151,11 @@ public enum ImageOpener {
         if seen.count > 256 {
             throw BlockError(.invalidArgument, "Backing chain is too long (more than 256 images)", path: filename, operation: "open")
         }
+        // QEMU looks a backing file's driver up before opening it: "Unknown driver" alone
+        // (iotests 114).
+        if isBacking, let f = options.format, FormatRegistry.driver(named: f) == nil {
+            throw BlockError(.unsupported, "Unknown driver '\(f)'", path: filename, operation: "open")
+        }
         let file: any BlockDriver
         let format: String
         let proto = ProtocolRegistry.driver(forFilename: filename)

@@ -4,8 +4,15 @@ import Glibc
 #endif
 
 /// Reads `count` bytes at `offset` of `node` after checking the range.
-private func performRead(_ node: any BlockDriver, offset: Int64, count: Int64, misalignment: Int) async -> Result<AlignedBuffer, BlockError> {
+/// With `vmstate`, reads VM state (`read -b`) instead.
+private func performRead(_ node: any BlockDriver, offset: Int64, count: Int64, misalignment: Int,
+                         vmstate: Bool = false) async -> Result<AlignedBuffer, BlockError> {
     do {
+        if vmstate {
+            let buf = AlignedBuffer(count: Int(count), misalignment: misalignment)
+            try await buf.withUnsafeMutableBytes { b in try await node.loadVMState(at: offset, into: b) }
+            return .success(buf)
+        }
         try node.checkRequest(offset: offset, length: count, operation: "read")
         let buf = AlignedBuffer(count: Int(count), misalignment: misalignment)
         try await buf.withUnsafeMutableBytes { b in try await node.read(at: offset, into: b) }
@@ -39,10 +46,12 @@ extension QemuIOSession {
         }
         if a.vmstate {
             guard sectorAligned(offset: offset, count: count) else { return false }
-            out("read failed: \(BlockError.strerror(ENOTSUP))\n")
-            return false
         }
         guard let node else { return false }
+        if a.vmstate {
+            return await readAndReport(node, offset: offset, count: count, checking: (patternOffset, patternCount), a,
+                                       failure: "read", vmstate: true)
+        }
         return await readAndReport(node, offset: offset, count: count, checking: (patternOffset, patternCount), a,
                                    failure: "read")
     }
@@ -76,8 +85,10 @@ extension QemuIOSession {
     /// - Returns: false if the read failed or the pattern did not match.
     private nonisolated func readAndReport(_ node: any BlockDriver, offset: Int64, count: Int64,
                                            checking: (start: Int64, count: Int64), _ a: RequestArguments,
-                                           failure: String) async -> Bool {
-        let (result, report) = await QemuIOReport.timing { await performRead(node, offset: offset, count: count, misalignment: misalignment) }
+                                           failure: String, vmstate: Bool = false) async -> Bool {
+        let (result, report) = await QemuIOReport.timing {
+            await performRead(node, offset: offset, count: count, misalignment: misalignment, vmstate: vmstate)
+        }
         let buf: AlignedBuffer
         switch result {
         case .failure(let e):

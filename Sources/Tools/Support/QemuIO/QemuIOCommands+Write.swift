@@ -34,6 +34,31 @@ private func performWrite(_ node: any BlockDriver, offset: Int64, count: Int64, 
     }
 }
 
+/// A VM state write (`write -b`) or a compressed write (`write -c`) of `count` bytes.
+private func performSpecialWrite(_ node: any BlockDriver, offset: Int64, count: Int64, source: WriteSource,
+                                 vmstate: Bool, misalignment: Int) async -> BlockError? {
+    do {
+        let buf: AlignedBuffer
+        switch source {
+        case .buffer(let b): buf = b
+        case .pattern(let p):
+            buf = AlignedBuffer(count: Int(count), misalignment: misalignment)
+            buf.withUnsafeMutableBytes { Pattern.fill($0, with: p) }
+        case .zeroes: buf = AlignedBuffer(count: Int(count), misalignment: misalignment)
+        }
+        try await buf.withUnsafeBytes { b in
+            if vmstate {
+                try await node.saveVMState(at: offset, from: b)
+            } else {
+                try await node.checkedWriteCompressed(at: offset, from: b)
+            }
+        }
+        return nil
+    } catch {
+        return error.asBlockError
+    }
+}
+
 extension QemuIOSession {
     /// A buffer of `count` bytes filled with the contents of `path`, repeated as needed
     /// (qemu-io's `qemu_io_alloc_from_file`); nil after printing why not.
@@ -100,10 +125,13 @@ extension QemuIOSession {
             loaded = b
         }
         let source: WriteSource = a.zero ? .zeroes(a.zeroFlags) : loaded.map { .buffer($0) } ?? .pattern(a.pattern ?? 0xcd)
-        // No node of this library writes VM state or compressed clusters through this interface.
-        let unsupported = a.vmstate || (a.compressed && !a.zero)
+        // VM state and compressed writes (qemu-io's do_save_vmstate, do_write_compressed).
+        let special = a.vmstate || (a.compressed && !a.zero)
         return await timedRequest("wrote", failure: "write", offset: offset, count: count, a) {
-            if unsupported { return BlockError(.unsupported, "Operation not supported", errno: ENOTSUP) }
+            if special {
+                return await performSpecialWrite(node, offset: offset, count: count, source: source,
+                                                 vmstate: a.vmstate, misalignment: misalignment)
+            }
             return await performWrite(node, offset: offset, count: count, source: source, flags: a.flags, misalignment: misalignment)
         }
     }

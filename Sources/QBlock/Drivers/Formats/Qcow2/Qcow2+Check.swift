@@ -25,7 +25,7 @@ extension Qcow2Node {
         defer { metaLock.unlock() }
         try await l2Cache.flush()
         try await refcountCache.flush()
-        var result = try await countReferences(includeRefcountStructure: true)
+        var result = try await countReferences(includeRefcountStructure: true, repair: repair)
         if let repair, result.result.corruptions > 0 || result.result.leaks > 0 {
             try await applyRepair(repair, &result)
         }
@@ -49,6 +49,13 @@ extension Qcow2Node {
     private func addRef(_ rc: inout ReferenceCount, _ offset: Int64, _ bytes: Int64, _ what: String) {
         guard bytes > 0 else { return }
         let cs = Int64(clusterSize)
+        // As QEMU's qcow2_inc_refcounts_imrt: the last cluster may reach past the end of the
+        // file by less than a cluster, anything further is a corruption and is not counted.
+        if offset > hostFile.length + cs - bytes {
+            rc.result.messages.append("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x\(String(offset, radix: 16)) size 0x\(String(bytes, radix: 16))")
+            rc.result.corruptions += 1
+            return
+        }
         let first = offset / cs
         let last = (offset + bytes - 1) / cs
         for c in first...last {
@@ -85,12 +92,9 @@ extension Qcow2Node {
                 rc.result.corruptions += 1
                 continue
             }
-            if l2 >= fileEnd {
-                rc.result.messages.append("ERROR l2_offset=\(String(l2, radix: 16)): Table is outside the image; L1 entry corrupted")
-                rc.result.corruptions += 1
-                continue
-            }
             addRef(&rc, l2, cs, "L2 table")
+            // Past the end of the file (reported by addRef) the table reads as zeros: nothing more.
+            if l2 >= fileEnd { continue }
             let table = try await readTable(l2, entries: l2Entries)
             for (j, le) in table.enumerated() {
                 switch kind(of: le) {
@@ -101,11 +105,6 @@ extension Qcow2Node {
                         rc.result.allocatedClusters += 1
                         rc.result.compressedClusters += 1
                         rc.result.fragmentedClusters += 1
-                    }
-                    if off >= fileEnd {
-                        rc.result.messages.append("ERROR compressed cluster at offset \(String(off, radix: 16)) is outside the image")
-                        rc.result.corruptions += 1
-                        continue
                     }
                     addRef(&rc, off, Int64(size), "compressed cluster")
                 case .normal, .zeroAllocated:
@@ -120,11 +119,6 @@ extension Qcow2Node {
                         if nextContiguous != 0 && off != nextContiguous { rc.result.fragmentedClusters += 1 }
                         nextContiguous = off + cs
                     }
-                    if off >= fileEnd + cs * 1024 {
-                        rc.result.messages.append("ERROR offset=\(String(off, radix: 16)): Cluster is outside the image; L2 entry corrupted")
-                        rc.result.corruptions += 1
-                        continue
-                    }
                     addRef(&rc, off, cs, "data cluster")
                     _ = (i, j)
                 default: break
@@ -134,7 +128,7 @@ extension Qcow2Node {
     }
 
     /// Counts every reference in the image. Lock held, caches flushed.
-    func countReferences(includeRefcountStructure: Bool) async throws -> ReferenceCount {
+    func countReferences(includeRefcountStructure: Bool, repair: CheckRepair? = nil) async throws -> ReferenceCount {
         let cs = Int64(clusterSize)
         var rc = ReferenceCount()
         let fileEnd = hostFile.length
@@ -178,13 +172,52 @@ extension Qcow2Node {
                 addRef(&rc, off, cs, "refcount block")
             }
         }
-        // COPIED flags of the active tables.
+        // Compare.
+        let coveredClusters = Int64(refcountTable.count) * Int64(refcountBlockEntries)
+        let limit = max(Int64(rc.refs.count), min(coveredClusters, (fileEnd + cs - 1) / cs))
+        var highest: Int64 = -1
+        var mismatches: [(cluster: Int64, stored: UInt64, computed: UInt64)] = []
+        for c in 0..<limit {
+            let computed = c < Int64(rc.refs.count) ? rc.refs[Int(c)] : 0
+            let stored: UInt64
+            do {
+                stored = try await refcount(of: c)
+            } catch {
+                // As QEMU's compare_refcounts: reported, counted, and the check goes on (a
+                // block that cannot be used is EIO there).
+                rc.result.messages.append("Can't get refcount for cluster \(c): \(String(cString: strerror(EIO)))")
+                rc.result.checkErrors += 1
+                continue
+            }
+            if computed > 0 || stored > 0 { highest = c }  // QEMU counts leaked clusters too
+            if stored < computed {
+                rc.result.messages.append("ERROR cluster \(c) refcount=\(stored) reference=\(computed)")
+                rc.result.corruptions += 1
+            } else if stored > computed {
+                rc.result.messages.append("Leaked cluster \(c) refcount=\(stored) reference=\(computed)")
+                rc.result.leaks += 1
+            }
+            if stored != computed { mismatches.append((c, stored, computed)) }
+        }
+        // As QEMU's qcow2_check_refcounts: with a repair that is not a rebuild, the comparison
+        // runs again fixing in place, "Repairing" what the mode fixes.
+        let rebuild = repair == .all && mismatches.contains { $0.stored == 0 }
+        if repair != nil && !rebuild {
+            for (c, stored, computed) in mismatches {
+                let fixing = stored != 0 && (stored > computed ? repair != nil : repair == .all)
+                let label = fixing ? "Repairing" : stored < computed ? "ERROR" : "Leaked"
+                rc.result.messages.append("\(label) cluster \(c) refcount=\(stored) reference=\(computed)")
+            }
+        }
+        // COPIED flags of the active tables, after the comparison as in QEMU ("Repairing"
+        // where -r all will fix them).
         for (i, e) in l1Table.enumerated() {
             let l2 = Int64(e & Qcow2Node.l1OffsetMask)
             if l2 == 0 || l2 & (cs - 1) != 0 || l2 >= fileEnd { continue }
-            let stored = try await refcount(of: l2 / cs)
+            // As QEMU's check_oflag_copied: a refcount that cannot be read is skipped silently.
+            guard let stored = try? await refcount(of: l2 / cs) else { continue }
             if (stored == 1) != (e & Qcow2Node.copied != 0) {
-                rc.result.messages.append("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(stored)")
+                rc.result.messages.append("\(repair == .all ? "Repairing" : "ERROR") OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(stored)")
                 rc.result.corruptions += 1
                 rc.copiedErrors.append((i, -1))
             }
@@ -194,28 +227,12 @@ extension Qcow2Node {
                 guard k == .normal || k == .zeroAllocated else { continue }
                 let off = Int64(le & Qcow2Node.l2OffsetMask)
                 if off & (cs - 1) != 0 || off >= fileEnd + cs * 1024 { continue }
-                let r = try await refcount(of: off / cs)
+                guard let r = try? await refcount(of: off / cs) else { continue }
                 if (r == 1) != (le & Qcow2Node.copied != 0) {
-                    rc.result.messages.append("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(le, radix: 16)) refcount=\(r)")
+                    rc.result.messages.append("\(repair == .all ? "Repairing" : "ERROR") OFLAG_COPIED data cluster: l2_entry=\(String(le, radix: 16)) refcount=\(r)")
                     rc.result.corruptions += 1
                     rc.copiedErrors.append((i, j))
                 }
-            }
-        }
-        // Compare.
-        let coveredClusters = Int64(refcountTable.count) * Int64(refcountBlockEntries)
-        let limit = max(Int64(rc.refs.count), min(coveredClusters, (fileEnd + cs - 1) / cs))
-        var highest: Int64 = -1
-        for c in 0..<limit {
-            let computed = c < Int64(rc.refs.count) ? rc.refs[Int(c)] : 0
-            let stored = try await refcount(of: c)
-            if computed > 0 || stored > 0 { highest = c }  // QEMU counts leaked clusters too
-            if stored < computed {
-                rc.result.messages.append("ERROR cluster \(c) refcount=\(stored) reference=\(computed)")
-                rc.result.corruptions += 1
-            } else if stored > computed {
-                rc.result.messages.append("Leaked cluster \(c) refcount=\(stored) reference=\(computed)")
-                rc.result.leaks += 1
             }
         }
         rc.result.imageEndOffset = (highest + 1) * cs

@@ -183,6 +183,9 @@ extension Qcow2Node {
                     throw BlockError(.unsupported, "Compression can't overwrite an allocated cluster", errno: EIO,
                                      path: filename, offset: guestOffset, operation: "write compressed")
                 }
+                // The L2 table first, then the bytes, as QEMU's
+                // qcow2_alloc_compressed_cluster_offset (the same layout as qemu-img's).
+                _ = try await l2TableForWrite(l1Index)
                 host = try await allocateBytes(compressed.count)
                 inflight.append(InflightAllocation(firstCluster: cluster, count: 1, done: event))
             } catch {

@@ -12,7 +12,15 @@ extension Qcow2Node {
     /// - Throws: ``BlockError`` `.invalidArgument` for option combinations qemu-img refuses.
     public static func create(path: String, size: Int64, options o: Qcow2CreateOptions) async throws {
         // qemu-img rounds the size up to whole 512-byte sectors.
-        let size = try checkCreate(size: size < 0 ? size : (size + 511) / 512 * 512, options: o)
+        let requested = size
+        let size: Int64
+        do {
+            size = try checkCreate(size: requested < 0 ? requested : (requested + 511) / 512 * 512, options: o)
+        } catch let e as BlockError where e.errno == EFBIG {
+            // QEMU's bdrv_create words a too large size this way (the cluster size has a default).
+            throw BlockError(.invalidArgument, "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+                             errno: EFBIG)
+        }
         let file = try FileNode(path: path, readOnly: false, perm: [.consistentRead, .write, .resize],
                                 shared: [.consistentRead, .writeUnchanged], create: true)
         do {
@@ -74,7 +82,8 @@ extension Qcow2Node {
         let l2Entries = Int64(cs / 8)
         let neededL1 = (size + Int64(cs) * l2Entries - 1) / (Int64(cs) * l2Entries)
         if neededL1 > (32 << 20) / 8 {
-            throw BlockError(.invalidArgument, "Could not resize image: The image size is too large for the cluster size")
+            throw BlockError(.invalidArgument, "Could not resize image: The image size is too large for the cluster size",
+                             errno: EFBIG)
         }
         return size
     }

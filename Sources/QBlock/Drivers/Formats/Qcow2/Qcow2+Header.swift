@@ -69,8 +69,8 @@ package struct Qcow2Header: Equatable {
     package var otherExtensions: [(type: UInt32, data: [UInt8])] = []
     var backingFileName: String?
     var backingFormat: String?
-    /// Names of features from the feature name table: (type, bit) → name.
-    var featureNames: [Int: String] = [:]
+    /// The feature name table, in its order: (type, bit, name).
+    var featureNames: [(type: UInt8, bit: UInt8, name: String)] = []
 
     package static func == (a: Qcow2Header, b: Qcow2Header) -> Bool {
         a.encodeFixed() == b.encodeFixed() && a.backingFileName == b.backingFileName && a.backingFormat == b.backingFormat
@@ -141,10 +141,13 @@ package struct Qcow2Header: Equatable {
             case .backingFormat:
                 h.backingFormat = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
             case .featureNameTable:
+                // As QEMU reads it: zero-padded to whole 48-byte entries, up to the first
+                // entry without a name.
                 var i = 0
-                while i + 48 <= data.count {
-                    let name = String(decoding: data[(i + 2)..<(i + 48)].prefix { $0 != 0 }, as: UTF8.self)
-                    h.featureNames[Int(data[i]) << 8 | Int(data[i + 1])] = name
+                while i + 2 < data.count && data[i + 2] != 0 {
+                    let entry = data[i..<min(i + 48, data.count)]
+                    let name = String(decoding: entry.dropFirst(2).prefix { $0 != 0 }, as: UTF8.self)
+                    h.featureNames.append((type: data[i], bit: data[i + 1], name: name))
                     i += 48
                 }
             default:
@@ -160,10 +163,15 @@ package struct Qcow2Header: Equatable {
         // Feature checks.
         let unknown = h.incompatibleFeatures & ~Incompatible.known
         if unknown != 0 {
+            // As QEMU's report_unsupported_feature: the table's names of incompatible bits
+            // that are set, in table order, then what remains of the mask in hex.
             var names: [String] = []
-            for bit in 0..<64 where unknown & (1 << UInt64(bit)) != 0 {
-                names.append(h.featureNames[bit] ?? "Unknown incompatible feature: \(bit)")
+            var rest = unknown
+            for f in h.featureNames where f.type == 0 && f.bit < 64 && rest & (1 << UInt64(f.bit)) != 0 {
+                names.append(f.name)
+                rest &= ~(1 << UInt64(f.bit))
             }
+            if rest != 0 { names.append("Unknown incompatible feature: " + String(rest, radix: 16)) }
             throw BlockError(.unsupported, "Unsupported qcow2 feature(s): " + names.joined(separator: ", "))
         }
         if h.incompatibleFeatures & Incompatible.externalDataFile != 0 {
@@ -190,6 +198,8 @@ package struct Qcow2Header: Equatable {
         let l2Entries = cs / 8
         let neededL1 = (h.size + cs * l2Entries - 1) / (cs * l2Entries)
         if h.size > UInt64(Int64.max) / 2 { throw corrupt("Image size too large") }
+        // QEMU's qcow2_do_open: an L1 index past INT_MAX is refused before the table size.
+        if neededL1 > UInt64(Int32.max) { throw BlockError(.invalidArgument, "Image is too big") }
         if UInt64(h.l1Size) < neededL1 { throw corrupt("L1 table is too small") }
         if h.l1Size > 0 && h.l1TableOffset >= UInt64(fileLength) {
             throw corrupt("L1 table offset \(h.l1TableOffset) points past the end of the file (\(fileLength) bytes)")

@@ -142,11 +142,14 @@ extension Qcow2Node {
         let guestStart: Int64
         let runBytes: Int
         let event: AsyncEvent
+        /// The host clusters are the zero clusters' own (kept allocated, refcount one), written
+        /// in place: nothing to free after the L2 update, nothing to give back on failure.
+        var reused = false
     }
 
     /// Writes the first run of `buffer` that needs the same treatment; returns its length.
-    private func writeRun(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
-                          placed: (() -> Void)?) async throws -> Int {
+    func writeRun(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                  placed: (() -> Void)?) async throws -> Int {
         let cbits = Int64(clusterBits)
         let firstCluster = offset >> cbits
         let lastCluster = (offset + Int64(buffer.count) - 1) >> cbits
@@ -186,16 +189,16 @@ extension Qcow2Node {
                 if let failure {
                     // The data never became reachable: give the clusters back (QEMU's
                     // qcow2_alloc_cluster_abort), without waiting for any other write.
-                    await releaseUnreferenced(a.host >> cbits, clusters)
+                    if !a.reused { await releaseUnreferenced(a.host >> cbits, clusters) }
                     throw failure
                 }
                 do {
                     try await commitAllocation(a)
                 } catch {
-                    await releaseUnreferenced(a.host >> cbits, clusters)
+                    if !a.reused { await releaseUnreferenced(a.host >> cbits, clusters) }
                     throw error
                 }
-                try await freeReplaced(a.oldEntries)
+                if !a.reused { try await freeReplaced(a.oldEntries) }
                 return a.runBytes
             }
         }
@@ -206,19 +209,45 @@ extension Qcow2Node {
         let cs = Int64(clusterSize)
         let cbits = Int64(clusterBits)
         let m = try await lookup(offset, Int64(count))
-        if m.kind == .normal && m.copied {
-            return .inPlace(host: m.hostOffset, length: Int(m.length))
-        }
         let firstCluster = offset >> cbits
         let lastCluster = (offset + Int64(count) - 1) >> cbits
         let l1Index = Int(firstCluster / Int64(l2Entries))
-        let table = try await l2TableForWrite(l1Index)
         let firstL2 = Int(firstCluster % Int64(l2Entries))
+        if (m.kind == .normal || m.kind == .zeroAllocated) && m.copied {
+            // As QEMU (cluster_needs_new_alloc, handle_copied): clusters with their own host
+            // cluster, data or zero flag, contiguous in the file, are written where they are
+            // in one request; the parts of zero clusters the request does not cover are zeroed.
+            let inCluster = offset & (cs - 1)
+            let base = m.hostOffset - inCluster
+            let t = try await l2Cache.get(try await l2Offset(l1Index))
+            let maxClusters = min(lastCluster - firstCluster + 1, Int64(l2Entries - firstL2))
+            var n: Int64 = 0
+            var zeroes = false
+            while n < maxClusters {
+                let e = t.bytes.be64((firstL2 + Int(n)) * 8)
+                let k = kind(of: e)
+                guard k == .normal || k == .zeroAllocated, e & Qcow2Node.copied != 0,
+                      Int64(e & Qcow2Node.l2OffsetMask) == base + n * cs else { break }
+                if k == .zeroAllocated { zeroes = true }
+                n += 1
+            }
+            if !zeroes { return .inPlace(host: m.hostOffset, length: Int(m.length)) }
+            let table = try await l2TableForWrite(l1Index)
+            let oldEntries = (0..<Int(n)).map { table.bytes.be64((firstL2 + $0) * 8) }
+            let guestStart = firstCluster << cbits
+            let event = AsyncEvent()
+            inflight.append(InflightAllocation(firstCluster: firstCluster, count: n, done: event))
+            return .allocated(Allocation(l1Index: l1Index, firstL2: firstL2, host: base,
+                                         oldEntries: oldEntries, guestStart: guestStart,
+                                         runBytes: Int(min(Int64(count), guestStart + n * cs - offset)),
+                                         event: event, reused: true))
+        }
+        let table = try await l2TableForWrite(l1Index)
         let maxClusters = min(lastCluster - firstCluster + 1, Int64(l2Entries - firstL2))
         var oldEntries: [UInt64] = []
         for i in 0..<Int(maxClusters) {
             let e = table.bytes.be64((firstL2 + i) * 8)
-            if kind(of: e) == .normal && e & Qcow2Node.copied != 0 { break }
+            if kind(of: e) == .normal || kind(of: e) == .zeroAllocated, e & Qcow2Node.copied != 0 { break }
             oldEntries.append(e)
         }
         let n = Int64(oldEntries.count)
@@ -462,7 +491,8 @@ extension Qcow2Node {
 
     /// Discards `length` bytes at guest `offset`: whole clusters become unallocated (or zero
     /// clusters where a backing node would show through), and their space is freed as QEMU's
-    /// `qcow2_co_pdiscard` does; partial clusters are left alone.
+    /// `qcow2_co_pdiscard` does; partial clusters are left alone, and so is everything in a
+    /// v2 image with a backing file.
     /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.outOfRange` for a range past the end, or an I/O error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try gate.enter(filename, "discard")
@@ -470,6 +500,9 @@ extension Qcow2Node {
         try checkWritable("discard")
         try checkRange(offset, length, "discard")
         defer { markBitmaps(offset, length) }
+        // As QEMU's qcow2_co_pdiscard: a v2 image has no zero flag, and unallocating would
+        // show the backing file's data, so the request changes nothing.
+        if header.version < 3 && (backingNode != nil || header.backingFileName != nil) { return }
         let cs = Int64(clusterSize)
         let start = (offset + cs - 1) / cs * cs
         var end = (offset + length) / cs * cs

@@ -64,10 +64,21 @@ extension Qcow2Node {
     func refcount(of cluster: Int64) async throws -> UInt64 {
         let ti = Int(cluster / Int64(refcountBlockEntries))
         guard ti < refcountTable.count else { return 0 }
-        let blockOffset = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)
+        let blockOffset = try await refcountBlockOffset(ti)
         if blockOffset == 0 { return 0 }
         let e = try await refcountCache.get(blockOffset)
         return refcountValue(in: e.bytes, Int(cluster % Int64(refcountBlockEntries)))
+    }
+
+    /// The offset of refcount block `ti` (0: none). An unaligned one marks the image
+    /// corrupt, with QEMU's message (qcow2_get_refcount, alloc_refcount_block).
+    func refcountBlockOffset(_ ti: Int) async throws -> Int64 {
+        let off = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)
+        if off & Int64(clusterSize - 1) != 0 {
+            throw await signalCorruption("Refblock offset 0x\(String(off, radix: 16)) unaligned (reftable index: 0x\(String(ti, radix: 16)))",
+                                         offset: off)
+        }
+        return off
     }
 
     // MARK: Updating
@@ -80,7 +91,7 @@ extension Qcow2Node {
         try await markDirtyBeforeMetadataChange()
         try await ensureRefcountBlock(for: cluster)
         let ti = Int(cluster / Int64(refcountBlockEntries))
-        let blockOffset = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)
+        let blockOffset = try await refcountBlockOffset(ti)
         let e = try await refcountCache.get(blockOffset)
         let i = Int(cluster % Int64(refcountBlockEntries))
         let old = refcountValue(in: e.bytes, i)
