@@ -254,6 +254,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     func flushAdmitted() async throws {
         if isReadOnly { return }
         try await metaLock.withLock {
+            await hostFile.debugEvent(.flushToOS)
             try await retryPendingFrees()
             try await l2Cache.flush()
             try await refcountCache.flush()
