@@ -128,3 +128,35 @@ extension BlockDriver {
         }
     }
 }
+
+/// A node that can stop requests at a ``BlkdebugEvent`` until they are resumed (QEMU's
+/// `bdrv_debug_breakpoint` family, behind qemu-io's `break`, `resume`, `remove_break` and
+/// `wait_break`). A breakpoint fires once: the request that reports the event waits, tagged,
+/// and the breakpoint is gone.
+public protocol DebugBreakpoints: DebugEventReceiver {
+    /// Stops the next request that reports `event`, tagging it `tag`.
+    func setBreakpoint(event: BlkdebugEvent, tag: String)
+    /// Removes the breakpoints tagged `tag` and resumes every request stopped with that tag.
+    /// - Returns: false when there was neither (QEMU's ENOENT).
+    func removeBreakpoint(tag: String) -> Bool
+    /// Resumes one request stopped with `tag`.
+    /// - Returns: false when none is stopped with it (QEMU's ENOENT).
+    func resume(tag: String) -> Bool
+    /// Whether a request stopped with `tag` is waiting.
+    func isSuspended(tag: String) -> Bool
+}
+
+extension BlockDriver {
+    /// The first node at or below this one that has ``DebugBreakpoints``, found as
+    /// ``debugEvent(_:)`` finds its receiver; nil when there is none (QEMU's ENOTSUP).
+    public var debugBreakpointNode: (any DebugBreakpoints)? {
+        var node: (any BlockDriver)? = self
+        var hops = 0
+        while let n = node?.innermostDriver, hops < 16 {
+            if let b = n as? any DebugBreakpoints { return b }
+            node = n.filterChild ?? n.file
+            hops += 1
+        }
+        return nil
+    }
+}

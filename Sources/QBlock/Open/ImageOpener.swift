@@ -146,7 +146,7 @@ public enum ImageOpener {
         }
         do {
             // (Only a host file takes image locks; an NBD server owns its image.)
-            if options.locking, let hostFile = file as? any HostStorage {
+            if options.locking, let hostFile = file.skippingFilters.innermostDriver as? any HostStorage {
                 let (perm, shared) = lockPermissions(format: format, options: options)
                 try hostFile.lock(perm: perm, shared: shared)
             }

@@ -25,7 +25,7 @@ import QBlockGraph
 /// (or the alignment) become writes of a zeroed buffer, as QEMU's block layer does when
 /// blkdebug refuses them. After ``close()`` every call throws `.closed`.
 // @unchecked Sendable: the mutable rule state is only touched with `lock` held; the rest is immutable.
-public final class BlkdebugNode: BlockFilter, DebugEventReceiver, @unchecked Sendable {
+public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Sendable {
     /// `blkdebug`, as QEMU names the driver.
     public let driverName = "blkdebug"
     /// The image file the filter sits on (QEMU's `image` child).
@@ -45,6 +45,9 @@ public final class BlkdebugNode: BlockFilter, DebugEventReceiver, @unchecked Sen
     nonisolated(unsafe) private var order: [Int] = []
     nonisolated(unsafe) private var active: [Int] = []
     nonisolated(unsafe) private var state = 1
+    // Guarded by `lock`: breakpoints (event, tag) and the requests they stopped, oldest first.
+    nonisolated(unsafe) private var breakpoints: [(event: BlkdebugEvent, tag: String)] = []
+    nonisolated(unsafe) private var suspended: [(tag: String, resume: CheckedContinuation<Void, Never>)] = []
 
     /// Creates the filter above `image` with `rules`.
     /// - Parameters:
@@ -96,8 +99,10 @@ public final class BlkdebugNode: BlockFilter, DebugEventReceiver, @unchecked Sen
 
     /// Processes `event`: arms its `inject-error` rules and applies its `set-state` rules,
     /// both only for rules of the current state (or of state 0).
+    /// A breakpoint on the event stops the caller until ``resume(tag:)`` (printing QEMU's
+    /// "blkdebug: Suspended request 'TAG'" on stdout).
     public func receiveDebugEvent(_ event: BlkdebugEvent) async {
-        lock.withLock {
+        let stops: [String] = lock.withLock {
             var newState = state
             var armed = false
             for id in order {
@@ -111,7 +116,53 @@ public final class BlkdebugNode: BlockFilter, DebugEventReceiver, @unchecked Sen
                 }
             }
             state = newState
+            let hits = breakpoints.filter { $0.event == event }.map(\.tag)
+            breakpoints.removeAll { $0.event == event }
+            return hits
         }
+        for tag in stops {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                lock.withLock { suspended.append((tag, c)) }
+                StandardStream.output.write("blkdebug: Suspended request '\(tag)'\n")
+            }
+        }
+    }
+
+    /// Stops the next request that reports `event` (a one-shot breakpoint tagged `tag`).
+    public func setBreakpoint(event: BlkdebugEvent, tag: String) {
+        lock.withLock { breakpoints.insert((event, tag), at: 0) }
+    }
+
+    /// Removes the breakpoints tagged `tag` and resumes the requests stopped with it.
+    /// - Returns: false when there was neither.
+    public func removeBreakpoint(tag: String) -> Bool {
+        let removed: Bool = lock.withLock {
+            let before = breakpoints.count
+            breakpoints.removeAll { $0.tag == tag }
+            return breakpoints.count != before
+        }
+        var resumed = false
+        while resume(tag: tag) { resumed = true }
+        return removed || resumed
+    }
+
+    /// Resumes the most recently stopped request tagged `tag` (printing QEMU's "blkdebug:
+    /// Resuming request 'TAG'" on stdout).
+    /// - Returns: false when none is stopped with that tag.
+    public func resume(tag: String) -> Bool {
+        let c: CheckedContinuation<Void, Never>? = lock.withLock {
+            guard let i = suspended.lastIndex(where: { $0.tag == tag }) else { return nil }
+            return suspended.remove(at: i).resume
+        }
+        guard let c else { return false }
+        StandardStream.output.write("blkdebug: Resuming request '\(tag)'\n")
+        c.resume()
+        return true
+    }
+
+    /// Whether a request stopped with `tag` is waiting.
+    public func isSuspended(tag: String) -> Bool {
+        lock.withLock { suspended.contains { $0.tag == tag } }
     }
 
     /// Fails with the errno of the first armed rule that matches the request, as QEMU's

@@ -308,6 +308,7 @@ extension Qcow2Node {
                                   into: UnsafeMutableRawBufferPointer(rebasing: b[from..<Int(total)]))
             }
             UnsafeMutableRawBufferPointer(rebasing: b[head..<(head + data.count)]).copyMemory(from: data)
+            await hostFile.debugEvent(.writeAio)
             await hostFile.debugEvent(.cowWrite)
             try await hostFile.write(at: host, from: UnsafeRawBufferPointer(b), flags: [])
         }
