@@ -154,4 +154,19 @@ import QBlock
         #expect(try await zeroes.blockStatus(at: 0, length: 4096).flags.contains(.zero))
         await #expect(throws: BlockError.self) { try await ImageOpener.open("null-co://x", options: OpenOptions(format: "raw")) }
     }
+
+    @Test func breakpointSuspendsUntilResumed() async throws {
+        let f = try await Self.fixture(config: "")
+        let node = try await ImageOpener.open("blkdebug::\(f.image)", options: OpenOptions(format: "qcow2"))
+        let b = try #require(node.debugBreakpointNode)
+        b.setBreakpoint(event: .writeAio, tag: "A")
+        let write = Task { try await node.write(at: 0, bytes: [0x11]) }
+        while !b.isSuspended(tag: "A") { try await Task.sleep(nanoseconds: 100_000) }
+        #expect(!b.resume(tag: "B"))
+        #expect(b.resume(tag: "A"))
+        try await write.value
+        #expect(try await node.read(at: 0, count: 2) == [0x11, 0x5a])
+        #expect(!b.removeBreakpoint(tag: "A"))
+        try await node.close()
+    }
 }

@@ -68,7 +68,7 @@ package final class Qcow2MetadataCache {
             return e
         }
         let e = try await victim()
-        await file.debugEvent(name == "L2" ? .l2Load : .refblockLoad)
+        if name == "L2" { await file.debugEvent(.l2Load) }
         try await file.read(at: offset, into: e.bytes)
         install(e, offset)
         return e

@@ -78,9 +78,11 @@ extension Qcow2Node {
     /// file (QEMU's discard passthrough for guest requests).
     func updateRefcount(_ cluster: Int64, by delta: Int64, discardHost: Bool = false) async throws {
         try await markDirtyBeforeMetadataChange()
+        await hostFile.debugEvent(.refblockAlloc)
         try await ensureRefcountBlock(for: cluster)
         let ti = Int(cluster / Int64(refcountBlockEntries))
         let blockOffset = Int64(refcountTable[ti] & Qcow2Node.l1OffsetMask)
+        await hostFile.debugEvent(.refblockLoad)
         let e = try await refcountCache.get(blockOffset)
         let i = Int(cluster % Int64(refcountBlockEntries))
         let old = refcountValue(in: e.bytes, i)
@@ -118,7 +120,6 @@ extension Qcow2Node {
             try await growRefcountTable(covering: ti)
             if refcountTable[ti] != 0 { return }
         }
-        await hostFile.debugEvent(.refblockAlloc)
         // Allocate a block in the first free cluster.
         while true {
             let blockCluster = try await findFreeClusters(1)
