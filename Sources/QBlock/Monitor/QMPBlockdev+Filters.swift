@@ -40,6 +40,8 @@ extension QMPBlockdevDrivers {
                     default: throw QMPError.generic("Invalid parameter type for '\(o.name(m))'")
                     }
                 }
+                if group == "set-state" && o.dict["new_state"] == nil { throw o.missing("new_state") }
+                if o.dict["event"] == nil { throw o.missing("event") }
                 try o.done()
                 rules.append(try BlkdebugConfig.rule(group: group, fields: fields))
             }
