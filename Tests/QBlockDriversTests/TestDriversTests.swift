@@ -169,4 +169,15 @@ import QBlock
         #expect(!b.removeBreakpoint(tag: "A"))
         try await node.close()
     }
+
+    @Test func noneEventFiresAtOpen() async throws {
+        let f = try await Self.fixture(config: "[set-state]\nevent = \"none\"\nnew_state = \"5\"\n[inject-error]\nevent = \"none\"\niotype = \"flush\"\n")
+        let node = try await ImageOpener.open("blkdebug:\(f.config):\(f.image)", options: OpenOptions(format: "raw"))
+        let debug = try #require(node.file?.innermostDriver as? BlkdebugNode)
+        #expect(debug.currentState == 5)
+        // Only flushes fail: the rule's iotype.
+        _ = try await node.read(at: 0, count: 512)
+        #expect(await Self.errno { try await node.flush() } == EIO)
+        try? await node.close()
+    }
 }

@@ -50,8 +50,10 @@ extension QMPBlockdevDrivers {
         _ = try args.optionalStringList("unshare-child-perms")
         let image = try await ctx.child(args, "image")
         try args.done()
-        return try BlkdebugNode(image: image, rules: rules, configFile: config, align: Int(align),
-                                maxTransfer: Int(maxTransfer), optWriteZero: Int(optWriteZero))
+        let node = try BlkdebugNode(image: image, rules: rules, configFile: config, align: Int(align),
+                                    maxTransfer: Int(maxTransfer), optWriteZero: Int(optWriteZero))
+        await node.receiveDebugEvent(.none)   // QEMU reports `none` once, at open
+        return node
     }
 
     /// QEMU's `BlockdevOptionsBlkverify`: `raw` and `test`, opened in that order.

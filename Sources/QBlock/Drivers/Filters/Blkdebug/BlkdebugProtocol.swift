@@ -33,7 +33,9 @@ public enum BlkdebugProtocol: PrefixedFilterDriver {
         var config: String?
         if case .string(let c)? = parsed.options["config"] { config = c }
         let rules = try config.map { try readConfigFile($0) } ?? []
-        return try BlkdebugNode(image: image, rules: rules, configFile: config)
+        let node = try BlkdebugNode(image: image, rules: rules, configFile: config)
+        await node.receiveDebugEvent(.none)   // QEMU reports `none` once, at open
+        return node
     }
 
     /// Reads and parses the blkdebug config file at `path`.
