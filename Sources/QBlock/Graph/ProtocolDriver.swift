@@ -119,3 +119,42 @@ public struct ProtocolCreatePlan: Sendable {
         self.create = create
     }
 }
+
+/// A driver that file names claim by a prefix (`blkdebug:`, `blkverify:`) and whose node
+/// sits above other nodes the same file name names (QEMU's `bdrv_parse_filename` of a
+/// filter such as blkdebug). The driver only splits the name and builds its node; the
+/// registry above the drivers opens the children it names (recursively, so a child may be
+/// prefixed too) and lists the driver in `ProtocolRegistry.prefixed`.
+public protocol PrefixedFilterDriver: Sendable {
+    /// The QAPI driver name: "blkdebug".
+    static var name: String { get }
+    /// The file name prefix this driver claims, colon included: "blkdebug:".
+    static var filenamePrefix: String { get }
+    /// Splits `filename` (which starts with ``filenamePrefix``) into the driver's own
+    /// options and the file names of its children, in the order they are opened.
+    /// - Throws: ``BlockError`` `.invalidArgument` with QEMU's message for a malformed name.
+    static func parseFilename(_ filename: String) throws -> PrefixedFilename
+    /// Opens the node for a parsed file name above its `children` (opened from
+    /// ``PrefixedFilename/children``, in that order). The node owns the children.
+    /// - Throws: ``BlockError`` (the caller closes the children then).
+    static func open(_ parsed: PrefixedFilename, children: [any BlockDriver], options: OpenOptions) async throws -> any BlockDriver
+}
+
+/// A file name a ``PrefixedFilterDriver`` claims, split into its parts.
+public struct PrefixedFilename: Sendable {
+    /// The driver's own `blockdev-add` members the name gives (`config` for blkdebug).
+    public var options: QObject.Dict
+    /// The children the name names: the `blockdev-add` member each is (`image`, `raw`,
+    /// `test`) and its file name.
+    public var children: [(member: String, filename: String)]
+    /// The members among ``children`` opened as whole images, their format probed
+    /// (blkverify's `test`); the others are opened as protocol nodes only.
+    public var imageMembers: Set<String>
+
+    /// Creates a parsed name from its parts (see the properties).
+    public init(options: QObject.Dict, children: [(member: String, filename: String)], imageMembers: Set<String> = []) {
+        self.options = options
+        self.children = children
+        self.imageMembers = imageMembers
+    }
+}

@@ -37,11 +37,12 @@ public enum QMPBlockdevDrivers {
 
     /// The driver names, sorted.
     public static var names: [String] {
-        Set(lock.withLock { Array(table.keys) } + FormatRegistry.names + ProtocolRegistry.names).sorted()
+        Set(lock.withLock { Array(table.keys) } + Array(builtInFilters.keys) + FormatRegistry.names + ProtocolRegistry.names).sorted()
     }
 
     static func opener(_ name: String) -> Opener? {
         if let o = lock.withLock({ table[name] }) { return o }
+        if let o = builtInFilters[name] { return o }
         if let proto = ProtocolRegistry.driver(named: name) {
             return { args, ctx in try await openProtocol(proto, args, ctx) }
         }
@@ -123,7 +124,7 @@ extension QMPBlockdevDrivers {
         options.openBacking = format.supportsBackingFile && backingValue == nil
         let imageName = file.filename
         let node = try await format.open(file: file, options: options) { name, format in
-            let path = ImageOpener.resolveBackingPath(name, relativeTo: imageName)
+            let path = ImageOpener.resolveBackingPath(name, relativeTo: ProtocolRegistry.imagePath(forFilename: imageName))
             var fmt = "raw"
             if let format { fmt = format } else if let probed = await ImageOpener.probeFormat(of: path) { fmt = probed }
             do {

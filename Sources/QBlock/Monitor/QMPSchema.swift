@@ -19,7 +19,7 @@ import QBlockCore
 /// integers introspect as `int`), `{}` (no members), `[TYPE]`, or a defined NAME. Type names
 /// here are for reading only (they name where a type is first used). Unions list the
 /// drivers and object types this implementation accepts: `blockdev-add` offers file, raw,
-/// qcow2, nbd and copy-on-read; `blockdev-create` file and qcow2; `object-add` secret and
+/// qcow2, nbd, null-co, null-aio, copy-on-read, blkdebug and blkverify; `blockdev-create` file and qcow2; `object-add` secret and
 /// iothread. `QMPSurface2Tests` checks every registered command has an entry.
 enum QMPSchema {
     static let table = #"""
@@ -94,7 +94,7 @@ enum block-commit.on-error report ignore enospc stop auto
 alternate block-dirty-bitmap-merge.bitmaps str | block-dirty-bitmap-merge.bitmaps2
 union block-export-add {type: block-export-add.type, id: str, fixed-iothread?: bool, iothread?: str, node-name: str, writable?: bool, writethrough?: bool} tag=type nbd=block-export-add.nbd vhost-user-blk=block-export-add.vhost-user-blk fuse=block-export-add.fuse vduse-blk=block-export-add.vduse-blk
 enum block-export-del.mode safe hard
-union blockdev-add {driver: blockdev-add.driver, node-name?: str, discard?: blockdev-add.discard, cache?: blockdev-add.cache, read-only?: bool, auto-read-only?: bool, force-share?: bool, detect-zeroes?: blockdev-add.detect-zeroes} tag=driver copy-on-read=blockdev-add.copy-on-read file=blockdev-add.file nbd=blockdev-add.nbd qcow2=blockdev-add.qcow2 raw=blockdev-add.raw
+union blockdev-add {driver: blockdev-add.driver, node-name?: str, discard?: blockdev-add.discard, cache?: blockdev-add.cache, read-only?: bool, auto-read-only?: bool, force-share?: bool, detect-zeroes?: blockdev-add.detect-zeroes} tag=driver blkdebug=blockdev-add.blkdebug blkverify=blockdev-add.blkverify copy-on-read=blockdev-add.copy-on-read file=blockdev-add.file nbd=blockdev-add.nbd null-aio=blockdev-add.null-co null-co=blockdev-add.null-co qcow2=blockdev-add.qcow2 raw=blockdev-add.raw
 enum blockdev-backup.sync top full none incremental bitmap
 enum blockdev-backup.bitmap-mode on-success never always
 object blockdev-backup.x-perf {use-copy-range?: bool, max-workers?: int, max-chunk?: int}
@@ -133,7 +133,15 @@ enum blockdev-add.driver blkdebug blklogwrites blkreplay blkverify bochs cloop c
 enum blockdev-add.discard ignore unmap
 object blockdev-add.cache {direct?: bool, no-flush?: bool}
 enum blockdev-add.detect-zeroes off on unmap
+object blockdev-add.blkdebug {image: blockdev-add.copy-on-read.file, config?: str, align?: int, max-transfer?: int, opt-write-zero?: int, max-write-zero?: int, opt-discard?: int, max-discard?: int, inject-error?: [blockdev-add.blkdebug.inject-error], set-state?: [blockdev-add.blkdebug.set-state], take-child-perms?: [blockdev-add.blkdebug.take-child-perms], unshare-child-perms?: [blockdev-add.blkdebug.take-child-perms]}
+object blockdev-add.blkdebug.inject-error {event: blockdev-add.blkdebug.event, state?: int, iotype?: blockdev-add.blkdebug.iotype, errno?: int, sector?: int, once?: bool, immediately?: bool}
+object blockdev-add.blkdebug.set-state {event: blockdev-add.blkdebug.event, state?: int, new_state: int}
+enum blockdev-add.blkdebug.event l1_update l1_grow_alloc_table l1_grow_write_table l1_grow_activate_table l2_load l2_update l2_update_compressed l2_alloc_cow_read l2_alloc_write read_aio read_backing_aio read_compressed write_aio write_compressed vmstate_load vmstate_save cow_read cow_write reftable_load reftable_grow reftable_update refblock_load refblock_update refblock_update_part refblock_alloc refblock_alloc_hookup refblock_alloc_write refblock_alloc_write_blocks refblock_alloc_write_table refblock_alloc_switch_table cluster_alloc cluster_alloc_bytes cluster_free flush_to_os flush_to_disk pwritev_rmw_head pwritev_rmw_after_head pwritev_rmw_tail pwritev_rmw_after_tail pwritev pwritev_zero pwritev_done empty_image_prepare l1_shrink_write_table l1_shrink_free_l2_clusters cor_write cluster_alloc_space none
+enum blockdev-add.blkdebug.iotype read write write-zeroes discard flush block-status
+enum blockdev-add.blkdebug.take-child-perms consistent-read write write-unchanged resize
+object blockdev-add.blkverify {test: blockdev-add.copy-on-read.file, raw: blockdev-add.copy-on-read.file}
 object blockdev-add.copy-on-read {file: blockdev-add.copy-on-read.file, bottom?: str}
+object blockdev-add.null-co {size?: int, latency-ns?: int, read-zeroes?: bool}
 object blockdev-add.file {filename: str, pr-manager?: str, locking?: blockdev-add.file.locking, aio?: blockdev-add.file.aio, aio-max-batch?: int, drop-cache?: bool, x-check-cache-dropped?: bool @unstable} @dynamic-auto-read-only
 object blockdev-add.nbd {server: block-export-add.vhost-user-blk.addr, export?: str, tls-creds?: str, tls-hostname?: str, x-dirty-bitmap?: str @unstable, reconnect-delay?: int, open-timeout?: int}
 object blockdev-add.qcow2 {file: blockdev-add.copy-on-read.file, backing?: blockdev-add.qcow2.backing, lazy-refcounts?: bool, pass-discard-request?: bool, pass-discard-snapshot?: bool, pass-discard-other?: bool, overlap-check?: blockdev-add.qcow2.overlap-check, cache-size?: int, l2-cache-size?: int, l2-cache-entry-size?: int, refcount-cache-size?: int, cache-clean-interval?: int, encrypt?: blockdev-add.qcow2.encrypt, data-file?: blockdev-add.copy-on-read.file}

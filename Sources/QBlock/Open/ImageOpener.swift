@@ -102,11 +102,10 @@ public enum ImageOpener {
     /// them and closes it.
     /// - Returns: the format name, or nil when the image cannot be opened or read.
     public static func probeFormat(of filename: String) async -> String? {
-        let proto = ProtocolRegistry.driver(forFilename: filename)
-        guard let node = try? await proto.open(filename: filename, options: OpenOptions(readOnly: true, locking: false)) else {
+        guard let node = try? await ProtocolRegistry.openNode(filename: filename, options: OpenOptions(readOnly: true, locking: false)) else {
             return nil
         }
-        let head = try? await proto.probeHead(of: node, count: FormatRegistry.probeLength)
+        let head = try? await ProtocolRegistry.probeHead(of: node, filename: filename, count: FormatRegistry.probeLength)
         try? await node.close()
         return head.flatMap { FormatRegistry.probe($0)?.name }
     }
@@ -158,15 +157,14 @@ public enum ImageOpener {
         }
         let file: any BlockDriver
         let format: String
-        let proto = ProtocolRegistry.driver(forFilename: filename)
         do {
-            let node = try await proto.open(filename: filename, options: options)
+            let node = try await ProtocolRegistry.openNode(filename: filename, options: options)
             file = node
             do {
                 if let f = options.format {
                     format = f
                 } else {
-                    format = try probeFormat(try await proto.probeHead(of: node, count: FormatRegistry.probeLength), path: filename)
+                    format = try probeFormat(try await ProtocolRegistry.probeHead(of: node, filename: filename, count: FormatRegistry.probeLength), path: filename)
                 }
             } catch {
                 try? await node.close()
@@ -175,11 +173,11 @@ public enum ImageOpener {
         } catch let e as BlockError {
             // (The file layer's errors name the file twice in qemu-img's wording, the nbd layer's once.)
             throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
-                             operation: proto.openOperation, underlying: e.underlying)
+                             operation: ProtocolRegistry.openOperation(forFilename: filename), underlying: e.underlying)
         }
         do {
             // (Only a host file takes image locks; an NBD server owns its image.)
-            if options.locking, let hostFile = file as? any HostStorage {
+            if options.locking, let hostFile = file.skippingFilters.innermostDriver as? any HostStorage {
                 let (perm, shared) = lockPermissions(format: format, options: options)
                 try hostFile.lock(perm: perm, shared: shared)
             }
@@ -192,7 +190,7 @@ public enum ImageOpener {
                 backingOptions.readOnly = true
                 backingOptions.format = backingFormat
                 backingOptions.forRepair = false
-                let path = resolveBackingPath(backingName, relativeTo: filename)
+                let path = resolveBackingPath(backingName, relativeTo: ProtocolRegistry.imagePath(forFilename: filename))
                 do {
                     return try await open(path, options: backingOptions, seen: &chain, isBacking: true)
                 } catch let e as BlockError {

@@ -64,7 +64,11 @@ public enum ImageCommit {
                     throw BlockError(.unsupported, "Committed data from '\(path)' but could not empty it: the image format does not support emptying",
                                      path: path, operation: "commit")
                 }
-                try await q.makeEmpty()
+                do { try await q.makeEmpty() } catch {
+                    let e = error.asBlockError
+                    throw BlockError(e.code, "Failed to empty \(path): \(e.message)", errno: e.errno, path: path,
+                                     operation: "commit", underlying: e)
+                }
             }
         } catch {
             await closeAll()

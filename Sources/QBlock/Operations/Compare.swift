@@ -37,10 +37,14 @@ public enum ImageCompare {
     /// - Parameters:
     ///   - strict: also require the same allocation status everywhere and the same size.
     ///   - progress: called with the percentage done (0...100).
+    ///   - sizeMismatch: called when the common part matched and the tail of the longer
+    ///     image is about to be checked (where qemu-img prints its size warning, before an
+    ///     error in the tail ends the comparison).
     /// - Throws: ``BlockError`` when block status or a read fails; `operation` is
     ///   "block status" or "read" (qemu-img exits with 3 or 4 respectively).
     public static func compare(_ a: any BlockDriver, _ b: any BlockDriver, strict: Bool = false,
-                               progress: ((Double) -> Void)? = nil) async throws -> ImageComparison {
+                               progress: ((Double) -> Void)? = nil,
+                               sizeMismatch: (() -> Void)? = nil) async throws -> ImageComparison {
         let size1 = qemuLength(a), size2 = qemuLength(b)
         if strict && size1 != size2 {
             return ImageComparison(sizeMismatchWarning: false, difference: .size)
@@ -83,6 +87,7 @@ public enum ImageCompare {
         }
         var result = ImageComparison(sizeMismatchWarning: size1 != size2, difference: nil)
         if size1 != size2 {
+            sizeMismatch?()
             let (over, overSize) = size1 > size2 ? (a, size1) : (b, size2)
             while offset < overSize {
                 let s = try await status(over, offset, overSize)

@@ -52,7 +52,7 @@ public struct ImageInfo: Sendable, Equatable {
         filename = node.filename
         format = node.driverName
         virtualSize = qemuLength(node)
-        if let f = (node.file as? any HostStorage) ?? (node as? any HostStorage) {
+        if let f = (node.file?.skippingFilters.innermostDriver as? any HostStorage) ?? (node as? any HostStorage) {
             actualSize = f.allocatedSize
         }
         dirty = false

@@ -29,10 +29,16 @@ struct ImgCompare: AsyncParsableCommand {
         let result = try await closing(a) {
             let b = try await openOrExit(files[1], format: format2, cache: mode, code: 2)
             return try await closing(b) {
+                var tailChecked = false
                 do {
-                    return try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? { printProgress($0) } : nil)
+                    return try await ImageCompare.compare(a, b, strict: strict, progress: showProgress ? { printProgress($0) } : nil,
+                                                          sizeMismatch: { tailChecked = true })
                 } catch let e as BlockError {
-                    throw tool.fail(e.message, code: e.operation == "read" ? 4 : 3)
+                    let exit = tool.fail(e.message, code: e.operation == "read" ? 4 : 3)
+                    // qemu-img printed its size warning before the tail failed, on stdout,
+                    // which reaches the terminal after the error at exit.
+                    if tailChecked && !quiet { writeStdout("Warning: Image size mismatch!\n") }
+                    throw exit
                 }
             }
         }

@@ -121,6 +121,7 @@ extension Qcow2Node {
         }
         var contents: [UInt8]?
         if old != 0 {
+            await hostFile.debugEvent(.l2AllocCowRead)
             let t = try await l2Cache.get(old)
             contents = Array(UnsafeRawBufferPointer(t.bytes))
         }
@@ -134,6 +135,7 @@ extension Qcow2Node {
             }
             // The table and its refcount must be on disk before L1 points to it.
             try await l2Cache.setDependency(on: refcountCache)
+            await hostFile.debugEvent(.l2AllocWrite)
             try await l2Cache.flush()
             try await refcountCache.flush()
             try await hostFile.flush()
@@ -156,6 +158,7 @@ extension Qcow2Node {
     func writeL1Entry(_ i: Int) async throws {
         var v: [UInt8] = []
         v.appendBE64(l1Table[i])
+        await hostFile.debugEvent(.l1Update)
         try await hostFile.write(at: Int64(header.l1TableOffset) + Int64(i * 8), bytes: v)
     }
 

@@ -199,6 +199,7 @@ extension Qcow2Node {
         // written before any table refers to it, so a crash can only leak the bytes.
         var failure: Error?
         do {
+            await hostFile.debugEvent(.writeCompressed)
             try await hostFile.write(at: host, from: compressed, flags: [])
         } catch {
             failure = error

@@ -115,6 +115,7 @@ extension Qcow2Node {
         // SAFETY: `readable <= input.count`, so the rebased slice is inside `input`, alive for the
         // read.
         try await input.withUnsafeMutableBytes { b in
+            await hostFile.debugEvent(.readCompressed)
             try await hostFile.read(at: hostOffset, into: UnsafeMutableRawBufferPointer(rebasing: b[0..<readable]))
         }
         let type = Qcow2CompressionType(rawValue: header.compressionType) ?? .zlib

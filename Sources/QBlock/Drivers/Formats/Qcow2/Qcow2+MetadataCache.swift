@@ -68,6 +68,7 @@ package final class Qcow2MetadataCache {
             return e
         }
         let e = try await victim()
+        if name == "L2" { await file.debugEvent(.l2Load) }
         try await file.read(at: offset, into: e.bytes)
         install(e, offset)
         return e
@@ -198,6 +199,7 @@ package final class Qcow2MetadataCache {
     }
 
     private func writeEntry(_ e: Entry) async throws {
+        await file.debugEvent(name == "L2" ? .l2Update : .refblockUpdatePart)
         try await file.write(at: e.offset, from: UnsafeRawBufferPointer(e.bytes), flags: [])
         e.dirty = false
     }

@@ -39,6 +39,7 @@ extension Qcow2Node {
     func readMapped(_ m: Mapping, guestOffset: Int64, into part: UnsafeMutableRawBufferPointer) async throws {
         switch m.kind {
         case .normal:
+            await hostFile.debugEvent(.readAio)
             try await hostFile.read(at: m.hostOffset, into: part)
         case .zero, .zeroAllocated:
             memset(part.baseAddress!, 0, part.count)
@@ -55,6 +56,7 @@ extension Qcow2Node {
             memset(part.baseAddress!, 0, part.count)
             return
         }
+        await hostFile.debugEvent(.readBackingAio)
         let blen = b.length
         let avail = max(0, min(Int64(part.count), blen - offset))
         if avail > 0 {
@@ -167,6 +169,7 @@ extension Qcow2Node {
             if let placed, plan.length == buffer.count { placed() }
             switch plan {
             case .inPlace(let host, let n):
+                await hostFile.debugEvent(.writeAio)
                 try await hostFile.write(at: host, from: UnsafeRawBufferPointer(rebasing: buffer[0..<n]), flags: [])
                 return n
             case .allocated(let a):
@@ -302,6 +305,7 @@ extension Qcow2Node {
         let head = Int(offset - guestStart)
         let tail = Int(total) - head - data.count
         if head == 0 && tail == 0 {
+            await hostFile.debugEvent(.writeAio)
             try await hostFile.write(at: host, from: data, flags: [])
             return
         }
@@ -311,7 +315,9 @@ extension Qcow2Node {
         if headZero && tailZero {
             // Zero the clusters efficiently, then write the data (as QEMU does for zero
             // copy-on-write areas, so the host file is laid out the same).
+            await hostFile.debugEvent(.clusterAllocSpace)
             try await hostFile.writeZeroes(at: host, length: total, flags: [])
+            await hostFile.debugEvent(.writeAio)
             try await hostFile.write(at: host + Int64(head), from: data, flags: [])
             return
         }
@@ -319,6 +325,7 @@ extension Qcow2Node {
         // SAFETY: `buf` has `total` bytes = head + data + tail; every rebased slice below lies in
         // `0..<total`, and the async closure keeps `buf` alive.
         try await buf.withUnsafeMutableBytes { b in
+            await hostFile.debugEvent(.cowRead)
             if head > 0 && !headZero {
                 try await readOld(oldEntries[0], guestOffset: guestStart,
                                   into: UnsafeMutableRawBufferPointer(rebasing: b[0..<head]))
@@ -332,6 +339,8 @@ extension Qcow2Node {
                                   into: UnsafeMutableRawBufferPointer(rebasing: b[from..<Int(total)]))
             }
             UnsafeMutableRawBufferPointer(rebasing: b[head..<(head + data.count)]).copyMemory(from: data)
+            await hostFile.debugEvent(.writeAio)
+            await hostFile.debugEvent(.cowWrite)
             try await hostFile.write(at: host, from: UnsafeRawBufferPointer(b), flags: [])
         }
     }

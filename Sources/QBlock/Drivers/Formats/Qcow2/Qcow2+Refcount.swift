@@ -89,9 +89,11 @@ extension Qcow2Node {
     /// file (QEMU's discard passthrough for guest requests).
     func updateRefcount(_ cluster: Int64, by delta: Int64, discardHost: Bool = false) async throws {
         try await markDirtyBeforeMetadataChange()
+        await hostFile.debugEvent(.refblockAlloc)
         try await ensureRefcountBlock(for: cluster)
         let ti = Int(cluster / Int64(refcountBlockEntries))
         let blockOffset = try await refcountBlockOffset(ti)
+        await hostFile.debugEvent(.refblockLoad)
         let e = try await refcountCache.get(blockOffset)
         let i = Int(cluster % Int64(refcountBlockEntries))
         let old = refcountValue(in: e.bytes, i)
@@ -180,11 +182,13 @@ extension Qcow2Node {
             setRefcountValue(in: e.bytes, Int(blockCluster % Int64(refcountBlockEntries)), 1)
         }
         // The block must be on disk before the table points to it.
+        await hostFile.debugEvent(.refblockAllocWrite)
         try await hostFile.write(at: blockOffset, from: UnsafeRawBufferPointer(e.bytes), flags: [])
         e.dirty = false
         noteAllocated(blockCluster, 1)
         try await hostFile.flush()
         refcountTable[ti] = UInt64(blockOffset)
+        await hostFile.debugEvent(.refblockAllocHookup)
         do {
             try await writeRefcountTableEntry(ti)
         } catch {
@@ -196,12 +200,14 @@ extension Qcow2Node {
     private func writeRefcountTableEntry(_ ti: Int) async throws {
         var v: [UInt8] = []
         v.appendBE64(refcountTable[ti])
+        await hostFile.debugEvent(.reftableUpdate)
         try await hostFile.write(at: Int64(header.refcountTableOffset) + Int64(ti * 8), bytes: v)
     }
 
     /// Grows the refcount table so that entry `index` exists. The new table and the
     /// refcount blocks needed to describe it are placed after the end of the image.
     func growRefcountTable(covering index: Int) async throws {
+        await hostFile.debugEvent(.reftableGrow)
         try await refcountCache.flush()
         let cs = Int64(clusterSize)
         let rbe = Int64(refcountBlockEntries)
@@ -260,6 +266,7 @@ extension Qcow2Node {
                 }
             }
             // SAFETY: `buf` is kept alive by the async `withUnsafeBytes` until the write returns.
+            await hostFile.debugEvent(.refblockAllocWriteBlocks)
             try await buf.withUnsafeBytes { try await hostFile.write(at: nb.cluster << Int64(clusterBits), from: $0, flags: []) }
             refcountCache.discard(nb.cluster << Int64(clusterBits))
         }
@@ -284,6 +291,7 @@ extension Qcow2Node {
             // SAFETY: `raw` was sized for `newTable.count * 8` bytes (rounded up to clusters), so every
             // 8-byte store fits.
             raw.withUnsafeMutableBytes { b in for (i, v) in newTable.enumerated() { b.setBE64(i * 8, v) } }
+            await hostFile.debugEvent(.refblockAllocWriteTable)
             try await hostFile.write(at: tableStart << Int64(clusterBits), bytes: raw)
             noteAllocated(areaStart, areaEnd - areaStart)
             try await hostFile.flush()
@@ -291,6 +299,7 @@ extension Qcow2Node {
             var fields: [UInt8] = []
             fields.appendBE64(UInt64(tableStart << Int64(clusterBits)))
             fields.appendBE32(UInt32(tableClusters))
+            await hostFile.debugEvent(.refblockAllocSwitchTable)
             try await hostFile.write(at: 48, bytes: fields)
         } catch {
             for c in counted { await releaseUnreferenced(c, 1) }
@@ -354,6 +363,7 @@ extension Qcow2Node {
     /// the run, which is then searched for again).
     func allocateClusters(_ count: Int64) async throws -> Int64 {
         while true {
+            await hostFile.debugEvent(.clusterAlloc)
             let start = try await findFreeClusters(count)
             if let missing = firstClusterWithoutBlock(start, start + count) {
                 try await restartAfterNewBlock(start, missing)
@@ -388,6 +398,7 @@ extension Qcow2Node {
         let first = offset >> Int64(clusterBits)
         var c = first
         do {
+            await hostFile.debugEvent(.clusterFree)
             try await refcountCache.setDependency(on: l2Cache)
             while c < first + count {
                 try await updateRefcount(c, by: -1, discardHost: discardHost)

@@ -64,6 +64,7 @@ extension Qcow2Node {
         try checkWritable("make empty")
         try await metaLock.withLock {
             let cs = Int64(clusterSize)
+            await hostFile.debugEvent(.emptyImagePrepare)
             try await dropClustersLocked(from: 0, to: (Int64(header.size) + cs - 1) / cs)
             try await l2Cache.flush()
             try await refcountCache.flush()

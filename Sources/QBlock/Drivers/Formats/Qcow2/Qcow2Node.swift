@@ -261,6 +261,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     func flushAdmitted(lazyRefcounts: Bool = false) async throws {
         if isReadOnly { return }
         try await metaLock.withLock {
+            await hostFile.debugEvent(.flushToOS)
             try await retryPendingFrees()
             try await l2Cache.flush()
             if !(lazyRefcounts && isDirty) { try await refcountCache.flush() }
