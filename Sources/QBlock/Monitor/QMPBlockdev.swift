@@ -68,12 +68,18 @@ public final class QMPOpenContext: @unchecked Sendable {
     /// The node's place in QEMU's node list, taken once its `file` child is open (QEMU names
     /// a node after opening its file and before opening its backing file).
     var slot: Int?
+    /// Set when the tree is opened for ``DriveOpener`` (`-drive` semantics); nil for `blockdev-add`.
+    let drive: DriveSession?
+    /// `force-share`: the node takes only consistent reads and shares everything (read-only nodes).
+    let forceShare: Bool
 
-    init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState) {
+    init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState, drive: DriveSession? = nil, forceShare: Bool = false) {
         self.readOnly = readOnly
         self.cache = cache
         self.graph = graph
         self.block = block
+        self.drive = drive
+        self.forceShare = forceShare
     }
 
     /// Opens child `key` of `args`: a nested object is opened as a new (implicit) node, a
@@ -85,7 +91,7 @@ public final class QMPOpenContext: @unchecked Sendable {
             guard let n = graph.node(named: name) else { throw QMPError.noDevice(device: name, node: name) }
             return n
         case .dict(let d):
-            return try await block.open(QMPArguments(d, path: args.name(key)), parent: self, isRoot: false, isBacking: key == "backing")
+            return try await block.open(QMPArguments(d, path: args.name(key), keyval: args.keyval), parent: self, isRoot: false, isBacking: key == "backing")
         default:
             throw QMPError.generic("Invalid parameter type for '\(args.name(key))', expected: BlockdevRef")
         }
@@ -104,6 +110,23 @@ extension QMPBlockdevDrivers {
     static func openProtocol(_ proto: any ProtocolDriver.Type, _ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
         let open = try proto.readBlockdevOptions(args)
         try args.done()
+        if let session = ctx.drive, case .string(let filename)? = args.dict["filename"] {
+            // -drive semantics: opened by name without locks; the format above takes them
+            // (DriveSession), or none with `locking=off`.
+            var o = OpenOptions(readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
+            o.aio = session.defaults.aio
+            if case .string(let a)? = args.dict["aio"] { o.aio = AIOMode(qemuName: a) }
+            let node: any BlockDriver
+            do {
+                node = try await proto.open(filename: filename, options: o)
+            } catch let e as BlockError {
+                throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
+                                 operation: proto.openOperation, underlying: e.underlying)
+            }
+            let lockingOff = args.dict["locking"] == .string("off") || args.dict["locking"] == .bool(false)
+            session.opened(node, locking: !lockingOff)
+            return node
+        }
         return try await open(ctx.readOnly, ctx.cache)
     }
 
@@ -112,6 +135,10 @@ extension QMPBlockdevDrivers {
     /// name or an object: that node.
     static func openFormat(_ format: any FormatDriver.Type, _ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
         var options = OpenOptions(format: format.name, readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
+        if let session = ctx.drive {
+            options.allowCorrupt = session.defaults.allowCorrupt
+            options.forRepair = session.defaults.forRepair && !ctx.readOnly
+        }
         try format.readBlockdevOptions(args, into: &options)
         let backingValue = format.supportsBackingFile ? args.value("backing") : nil
         let file = try await ctx.child(args, "file")
@@ -133,6 +160,14 @@ extension QMPBlockdevDrivers {
                 return try await ctx.block.open(QMPArguments(d, path: "backing"), parent: ctx, isRoot: false)
             } catch {
                 throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
+            }
+        }
+        if let session = ctx.drive {
+            do {
+                try session.lock(file: file, format: format.name, readOnly: ctx.readOnly, forceShare: ctx.forceShare)
+            } catch {
+                try? await node.close()
+                throw error
             }
         }
         if let explicitBacking {
@@ -167,6 +202,10 @@ extension QMPArguments: DriverOptionReader {
     /// - Throws: ``QMPError`` "Parameter 'NAME' expects uint64" if the member is not a number.
     public func optionalSize(_ key: String) throws -> Int64? {
         guard let v = value(key) else { return nil }
+        if keyval, case .string(let text) = v {
+            guard let n = KeyvalValue.size(text) else { throw KeyvalValue.sizeError(name(key)) }
+            return Int64(bitPattern: n)
+        }
         guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(name(key))' expects uint64") }
         return i
     }

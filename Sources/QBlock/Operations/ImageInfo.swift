@@ -48,11 +48,13 @@ public struct ImageInfo: Sendable, Equatable {
     }
 
     /// Collects the information of an open node (its backing node is not looked at).
-    public init(node: any BlockDriver) {
+    public init(node wrapped: any BlockDriver) {
+        // (Graph wrappers — nodes opened through the monitor's machinery — are looked through.)
+        let node = wrapped.innermostDriver
         filename = node.filename
         format = node.driverName
         virtualSize = qemuLength(node)
-        if let f = (node.file as? any HostStorage) ?? (node as? any HostStorage) {
+        if let f = (node.file?.innermostDriver as? any HostStorage) ?? (node as? any HostStorage) {
             actualSize = f.allocatedSize
         }
         dirty = false

@@ -47,16 +47,3 @@ struct ImgCompare: AsyncParsableCommand {
                             exitCode: code)
     }
 }
-
-/// Opens an image with exact options (the format named is used as is: an unknown one is
-/// reported as QEMU's "Unknown driver"), printing qemu-img's message and exiting with
-/// `exitCode` on failure.
-func openImage(_ name: String, options: OpenOptions, exitCode: Int32 = 1) async throws -> any BlockDriver {
-    do {
-        return try await ImageOpener.open(name, options: options)
-    } catch let e as BlockError {
-        let message = e.message.hasPrefix("Could not open backing file") ? "Could not open '\(name)': " + e.message
-            : ToolProgram.openErrorMessage(e, name)
-        throw tool.fail(message, code: exitCode)
-    }
-}
