@@ -36,6 +36,7 @@ public enum DriveOpener {
     /// - Throws: ``QMPError`` worded as QEMU's `bdrv_open` errors (for options), or the
     ///   drivers' errors (``BlockError`` for files that cannot be opened or locked).
     public static func open(filename: String?, options: QObject.Dict, defaults: OpenOptions) async throws -> any BlockDriver {
+        _ = filtersRegistered
         var flat = DriveOptions.flatten(options)
         var filename = filename
         if let name = filename, DriveOptions.isJSONFilename(name) {
@@ -74,6 +75,13 @@ public enum DriveOpener {
         if defaults.copyOnRead && !readOnly { top = CopyOnReadNode(child: top, ownsChild: true) }
         return top
     }
+
+    /// The filters register themselves with ``QMPBlockdevDrivers`` when a monitor installs
+    /// its command groups: one monitor, made once, so that every filter can be named here.
+    private static let filtersRegistered: Bool = {
+        _ = QMPMonitor()
+        return true
+    }()
 
     /// Opens one level of the tree (`-drive` options of one node; `protocolLevel` for a
     /// `file` child, whose driver a file name alone chooses) and returns its node:

@@ -79,7 +79,7 @@ extension QMPMonitor {
                 }
                 base = found.backing
             }
-            return CopyOnReadNode(child: child, base: base)
+            return CopyOnReadNode(child: child, base: base, ownsChild: ctx.ownsChildren)
         }
     }
 

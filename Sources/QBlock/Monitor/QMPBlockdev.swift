@@ -72,6 +72,10 @@ public final class QMPOpenContext: @unchecked Sendable {
     let drive: DriveSession?
     /// `force-share`: the node takes only consistent reads and shares everything (read-only nodes).
     let forceShare: Bool
+    /// Whether the node being opened owns its children and must close them when it is closed
+    /// (true when ``DriveOpener`` opens the tree, whose root owns every node; false for
+    /// `blockdev-add`, where the monitor tracks the nodes). A filter passes it on to its node.
+    public var ownsChildren: Bool { drive != nil }
 
     init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState, drive: DriveSession? = nil, forceShare: Bool = false) {
         self.readOnly = readOnly
