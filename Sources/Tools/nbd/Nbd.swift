@@ -67,6 +67,9 @@ struct Nbd: AsyncParsableCommand {
     @Option(name: .customLong("qmp"), help: "Daemon mode: serve a QMP monitor on this Unix socket (the image is optional).")
     var qmp: String?
 
+    @Flag(name: [.customShort("v"), .customLong("verbose")], help: "Verbose (accepted; nothing more is printed).")
+    var verbose = false
+
     @Flag(name: .customLong("image-opts"), help: "The file name is an option string (driver=qcow2,file.filename=...).")
     var imageOpts = false
 
