@@ -28,6 +28,12 @@ let driveIOScenarios: [[String]] = [
     ["-c", "open -o driver=nosuch IMG"],
     ["-c", "open -o driver=qcow2,file.driver=qcow2,file.file.filename=IMG"],
     ["-c", "open -o driver=file,filename=IMG", "-c", "read -P 0x51 0 4"],
+    ["-c", "open -o driver=qcow2,read-only=on IMG"],
+    ["-c", "open -r -o driver=qcow2,read-only=off IMG", "-c", "write -P 9 0 1"],
+    ["-c", "open -o driver=qcow2,backing=null IMG", "-c", "read -P 0 0 1"],
+    ["-c", "open -o driver=qcow2,backing=nosuch IMG"],
+    ["-c", "open -s -o driver=qcow2 IMG", "-c", "write -P 0x44 0 4k", "-c", "read -P 0x44 0 4k"],
+    ["-c", "open -o driver=qcow2,file.aio=native,cache.direct=on IMG", "-c", "write -P 5 0 4k", "-c", "read -P 5 0 4k"],
     // --object secret.
     ["--object", "secret,id=sec0,data=123456", "-c", "read 0 512", "IMG"],
     ["--object", "secret,id=sec0,data=MTIzNDU2,format=base64", "-c", "read 0 512", "IMG"],

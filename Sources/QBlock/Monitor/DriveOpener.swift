@@ -50,6 +50,8 @@ public enum DriveOpener {
         if defaults.forceShare, tree["force-share"] == nil { tree["force-share"] = .bool(true) }
         let args = QMPArguments(tree, keyval: true)
         let readOnly = try args.optionalBool("read-only") ?? defaults.readOnly
+        // The caller wants to write (QEMU's BlockBackend asks for the write permission).
+        if readOnly && !defaults.readOnly { throw QMPError.generic("Block node is read-only") }
         let forceShare = try args.optionalBool("force-share") ?? false
         if forceShare && !readOnly {
             throw QMPError.generic("force-share=on can only be used with read-only images")
@@ -156,8 +158,12 @@ public enum DriveOpener {
                 let backing = try await openLevel(b, filename: nil, protocolLevel: false, session: session, state: state)
                 opened.append(backing)
                 opts["backing"] = .string(backing.nodeName)
-            } else if case .string(let s)? = opts["backing"], s.isEmpty {
-                opts["backing"] = .null
+            } else if case .string(let s)? = opts["backing"] {
+                if s.isEmpty {
+                    opts["backing"] = .null
+                } else if state.graph.node(named: s) == nil {
+                    throw QMPError.generic("Could not open backing file: \(QMPError.noDevice(device: s, node: s).desc)")
+                }
             }
             return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
         } catch {
