@@ -82,6 +82,23 @@ struct DriveOptionsToolTests {
         #expect(i.status == q.status)
     }
 
+    @Test("a backing file named by a json: name opens through the options",
+          .enabled(if: IOToolHarness.haveQemu, "needs qemu-io, qemu-img and the built io tool"))
+    func jsonBackingName() throws {
+        let dir = try IOToolHarness.TempDir()
+        let base = dir.path + "/b.qcow2", top = dir.path + "/t.qcow2"
+        _ = try IOToolHarness.run(IOToolHarness.qemuImg!, ["create", "-q", "-f", "qcow2", base, "1M"])
+        _ = try IOToolHarness.run(IOToolHarness.qemuIO!, ["-c", "write -P 0x11 0 64k", base])
+        let backing = #"json:{"driver":"qcow2","file":{"driver":"file","filename":"BASE"}}"#.replacingOccurrences(of: "BASE", with: base)
+        _ = try IOToolHarness.run(IOToolHarness.qemuImg!, ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", top])
+        let args = ["--image-opts", "-c", "read -P 0x11 0 64k", "driver=qcow2,file.filename=\(top)"]
+        let q = try IOToolHarness.run(IOToolHarness.qemuIO!, args)
+        let i = try IOToolHarness.run(IOToolHarness.ioBinary!, args)
+        #expect(IOToolHarness.mask(i.stdout, image: top, program: "io") == IOToolHarness.mask(q.stdout, image: top, program: "qemu-io"))
+        #expect(i.stderr == "" && q.stderr == "")
+        #expect(i.status == 0 && q.status == 0)
+    }
+
     @Test("QemuOpts strings: ',,' escapes, implied key, bare flags")
     func parseOptionStrings() throws {
         let d = try DriveOptions.parse("a.qcow2,driver=qcow2,file.filename=/x,,y,read-only,noauto", impliedKey: "file")

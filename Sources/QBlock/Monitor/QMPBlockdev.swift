@@ -154,6 +154,18 @@ extension QMPBlockdevDrivers {
         options.openBacking = format.supportsBackingFile && backingValue == nil
         let imageName = file.filename
         let node = try await format.open(file: file, options: options) { name, format in
+            if let session = ctx.drive, DriveOptions.isJSONFilename(name) {
+                // A backing file named by options (-drive semantics; the tree's root owns it).
+                do {
+                    var opts = try DriveOptions.crumple(try DriveOptions.parseJSONFilename(name))
+                    if let format, opts["driver"] == nil { opts["driver"] = .string(format) }
+                    if opts["read-only"] == nil { opts["read-only"] = .bool(true) }
+                    if ctx.forceShare, opts["force-share"] == nil { opts["force-share"] = .bool(true) }
+                    return try await DriveOpener.openLevel(opts, filename: nil, protocolLevel: false, session: session, state: ctx.block)
+                } catch {
+                    throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
+                }
+            }
             let path = ImageOpener.resolveBackingPath(name, relativeTo: imageName)
             var fmt = "raw"
             if let format { fmt = format } else if let probed = await ImageOpener.probeFormat(of: path) { fmt = probed }
