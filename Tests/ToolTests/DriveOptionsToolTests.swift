@@ -19,6 +19,8 @@ let driveIOScenarios: [[String]] = [
     ["--image-opts", "-c", "close", "-c", "open -o driver=qcow2 IMG", "driver=qcow2,file.filename=IMG"],
     ["-U", "--image-opts", "-c", "read 0 1", "driver=qcow2,file.filename=IMG"],
     ["-r", "-U", "--image-opts", "-c", "read 0 1", "driver=qcow2,file.filename=IMG"],
+    ["-r", "-U", "--image-opts", "-c", "read 0 1", "driver=qcow2,file.filename=IMG,force-share=off"],
+    ["-r", "-U", "--image-opts", "-c", "read 0 1", "driver=qcow2,file.filename=IMG,force-share=on"],
     // open -o with any options, merged with the path.
     ["-c", "open -o driver=qcow2 IMG", "-c", "read -P 0 0 4k"],
     ["-c", "open -o l2-cache-size=1M,refcount-cache-size=0.25M IMG", "-c", "write -P 3 0 1k", "-c", "read -P 3 0 1k"],
@@ -49,6 +51,11 @@ let driveImgScenarios: [[String]] = [
     ["info", "--image-opts", "driver=qcow2,file.filename=IMG,bogus=1"],
     ["map", "--output=json", "--image-opts", "driver=qcow2,file.driver=file,file.filename=IMG"],
     ["check", #"json:{"driver":"qcow2","file.filename":"IMG"}"#],
+    ["info", "-U", "--image-opts", "driver=qcow2,file.filename=IMG,force-share=off"],
+    ["info", "-U", "--image-opts", "driver=qcow2,file.filename=IMG,force-share=on"],
+    ["compare", "--image-opts", "driver=qcow2,file.filename=IMG", "file.filename=IMG,l2-cache-size=512k"],
+    ["compare", "IMG", #"json:{"driver":"qcow2","file.filename":"IMG"}"#],
+    ["measure", "-O", "qcow2", "--image-opts", "driver=qcow2,file.filename=IMG"],
     ["info", "--object", "secret,id=sec0,data=abc", "IMG"],
     ["info", "--object", "secret,id=sec0,file=/nonexistent/secret", "IMG"],
 ]

@@ -30,6 +30,10 @@ struct ImageOptions: ParsableArguments {
         if let format, !ImageOpener.formats.contains(format) {
             throw tool.fail("Unknown file format '\(format)'")
         }
+        if forceShare && imageOpts, let given = (try? DriveOptions.parse(filename, impliedKey: "file"))?["force-share"],
+           given != .string("on") {
+            throw tool.fail("--force-share/-U conflicts with image options")
+        }
         let options = OpenOptions(format: format, readOnly: readOnly, cache: cache, forceShare: forceShare,
                                   openBacking: openBacking, allowCorrupt: forRepair, forRepair: forRepair)
         return try await openImage(filename, options: options, imageOpts: imageOpts, warnings: true)

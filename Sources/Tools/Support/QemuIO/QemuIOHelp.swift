@@ -120,11 +120,16 @@ enum QemuIOHelp {
      'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached
 
      -r, -- open file read-only
+     -s, -- writes go to a temporary overlay, the image is left unchanged
+     -C, -- copy data read from the backing chain into the image
      -n, -- disable host cache, short for -t none
      -U, -- force shared permissions
+     -k, -- native AIO (same as -i native)
+     -i, -- AIO mode: threads, native or io_uring
      -t, -- use the given cache mode for the image
+     -d, -- discard mode: ignore (off) or unmap (on)
      -f, -- the image format (same as -o driver=FMT)
-     -o, -- options: driver=FMT is supported
+     -o, -- block driver options, key=value[,...] (',,' for a comma), merged with the path
 
 
     """

@@ -189,6 +189,10 @@ public actor QemuIOSession {
             report("file open already, try 'help close'")
             return false
         }
+        if options.forceShare, let given = driveOptions?["force-share"], given != .string("on") {
+            report("-U conflicts with image options")
+            return false
+        }
         if options.forceShare && !options.readOnly {
             report("can't open\(device): force-share=on can only be used with read-only images")
             return false
