@@ -15,6 +15,8 @@ let driveIOScenarios: [[String]] = [
     // --image-opts, with string values typed as each option needs, and its exclusions.
     ["--image-opts", "-c", "write -P 0x22 4k 4k", "-c", "read -P 0x22 4k 4k", "driver=qcow2,file.filename=IMG,l2-cache-size=1M,lazy-refcounts=off"],
     ["--image-opts", "-c", "read 0 1", "file.filename=IMG"],
+    ["--image-opts", "-c", "read 0 1", "IMG,driver=qcow2"],
+    ["-c", "open -o driver=qcow2,lazy-refcounts IMG", "-c", "read 0 1"],
     ["--image-opts", "-f", "qcow2", "-c", "read 0 1", "driver=qcow2,file.filename=IMG"],
     ["--image-opts", "-c", "close", "-c", "open -o driver=qcow2 IMG", "driver=qcow2,file.filename=IMG"],
     ["-U", "--image-opts", "-c", "read 0 1", "driver=qcow2,file.filename=IMG"],
@@ -49,6 +51,8 @@ let driveImgScenarios: [[String]] = [
     ["info", #"json:{"driver":"qcow2","file":{"driver":"file","filename":"IMG"}}"#],
     ["info", "-f", "qcow2", "--image-opts", "driver=qcow2,file.filename=IMG"],
     ["info", "--image-opts", "driver=qcow2,file.filename=IMG,bogus=1"],
+    ["info", "--image-opts", #"json:{"driver":"qcow2","file.filename":"IMG"}"#],
+    ["info", "--image-opts", "IMG,driver=qcow2"],
     ["map", "--output=json", "--image-opts", "driver=qcow2,file.driver=file,file.filename=IMG"],
     ["check", #"json:{"driver":"qcow2","file.filename":"IMG"}"#],
     ["info", "-U", "--image-opts", "driver=qcow2,file.filename=IMG,force-share=off"],
@@ -108,7 +112,12 @@ struct DriveOptionsToolTests {
 
     @Test("QemuOpts strings: ',,' escapes, implied key, bare flags")
     func parseOptionStrings() throws {
-        let d = try DriveOptions.parse("a.qcow2,driver=qcow2,file.filename=/x,,y,read-only,noauto", impliedKey: "file")
+        var warnings: [String] = []
+        let d = try DriveOptions.parse("a.qcow2,driver=qcow2,file.filename=/x,,y,read-only,noauto,id=x", impliedKey: "file",
+                                       warning: { warnings.append($0) })
+        #expect(warnings == ["short-form boolean option 'read-only' deprecated\nPlease use read-only=on instead",
+                             "short-form boolean option 'noauto' deprecated\nPlease use auto=off instead"])
+        #expect(d["id"] == nil)
         #expect(d["file"] == .string("a.qcow2"))
         #expect(d["file.filename"] == .string("/x,y"))
         #expect(d["read-only"] == .string("on"))

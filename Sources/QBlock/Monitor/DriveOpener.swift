@@ -151,6 +151,8 @@ public enum DriveOpener {
                 }
             } else if driver == nil {
                 throw QMPError.generic("Must specify either driver or file")
+            } else if let driver, FormatRegistry.driver(named: driver) != nil {
+                throw QMPError.generic("A block device must be specified for \"file\"")
             }
             if case .dict(var b)? = opts["backing"] {
                 if b["read-only"] == nil { b["read-only"] = .bool(true) }

@@ -15,43 +15,60 @@ import QBlockOpen
 /// (`file.filename` → `file: {filename}`) for ``DriveOpener``.
 public enum DriveOptions {
     /// Parses a QemuOpts string: `key=value` pairs separated by commas, `,,` standing for a
-    /// comma inside a key or value. A first element without `=` is the value of
-    /// `impliedKey` when there is one; any other element without `=` is `key=on` (`nokey`:
-    /// `key=off`). Values stay strings (``DriveOpener`` converts them as each driver needs).
-    /// - Throws: ``QMPError`` for an empty key or, without `impliedKey`, a first element
-    ///   that is only a value where a key is needed.
-    public static func parse(_ text: String, impliedKey: String? = nil) throws -> QObject.Dict {
+    /// comma inside a value. A first element without `=` is the value of `impliedKey` when
+    /// there is one; any other element without `=` is `key=on` (`nokey`: `key=off`), which
+    /// QEMU deprecates: `warning` gets its two-line message. An `id` member is dropped, as
+    /// QemuOpts keeps it apart, unless `keepID`. Values stay strings (``DriveOpener`` converts
+    /// them as each driver needs).
+    public static func parse(_ text: String, impliedKey: String? = nil, keepID: Bool = false,
+                             warning: ((String) -> Void)? = nil) throws -> QObject.Dict {
         var result = QObject.Dict()
-        var elements: [String] = []
-        var current = ""
-        var chars = Array(text)[...]
-        while let c = chars.popFirst() {
-            if c == "," {
-                if chars.first == "," {
-                    chars.removeFirst()
-                    current.append(",")
-                } else {
-                    elements.append(current)
-                    current = ""
+        let chars = Array(text)
+        var p = 0
+        var implied = impliedKey
+        // A value runs to the next single comma; ",," is a comma in it.
+        func readValue() -> String {
+            var v = ""
+            while p < chars.count {
+                if chars[p] == "," {
+                    if p + 1 < chars.count && chars[p + 1] == "," { v.append(","); p += 2; continue }
+                    break
                 }
-            } else {
-                current.append(c)
+                v.append(chars[p])
+                p += 1
             }
+            return v
         }
-        elements.append(current)
-        for (i, element) in elements.enumerated() {
-            if element.isEmpty { continue }
-            if let eq = element.firstIndex(of: "=") {
-                let key = String(element[..<eq])
-                guard !key.isEmpty else { throw QMPError.generic("Invalid parameter ''") }
-                result[key] = .string(String(element[element.index(after: eq)...]))
-            } else if i == 0, let impliedKey {
-                result[impliedKey] = .string(element)
-            } else if element.hasPrefix("no") && element.count > 2 {
-                result[String(element.dropFirst(2))] = .string("off")
+        while p < chars.count {
+            var end = p
+            while end < chars.count && chars[end] != "=" && chars[end] != "," { end += 1 }
+            let key: String
+            let value: String
+            if end < chars.count && chars[end] == "=" {
+                key = String(chars[p..<end])
+                p = end + 1
+                value = readValue()
+            } else if let first = implied {
+                key = first
+                value = readValue()
             } else {
-                result[element] = .string("on")
+                let name = String(chars[p..<end])
+                p = end
+                if name.hasPrefix("no") {
+                    key = String(name.dropFirst(2))
+                    value = "off"
+                } else {
+                    key = name
+                    value = "on"
+                }
+                if name != "help" && name != "?" {
+                    warning?("short-form boolean option '\(name)' deprecated\nPlease use \(key)=\(value) instead")
+                }
             }
+            implied = nil
+            if p < chars.count && chars[p] == "," { p += 1 }
+            if key == "id" && !keepID { continue }
+            result[key] = .string(value)
         }
         return result
     }

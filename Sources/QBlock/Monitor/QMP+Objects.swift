@@ -224,7 +224,7 @@ extension QMPObjects {
     public static func commandLine(_ specs: [String]) throws -> QMPObjects {
         let objects = QMPObjects()
         for spec in specs {
-            let args = QMPArguments(try DriveOptions.parse(spec, impliedKey: "qom-type"), keyval: true)
+            let args = QMPArguments(try DriveOptions.parse(spec, impliedKey: "qom-type", keepID: true), keyval: true)
             let type = try args.enumValue("qom-type", QMPMonitor.objectTypeNames)
             let id = try args.string("id")
             objects.add(id, try make(type: type, id: id, args, checkingAgainst: objects))

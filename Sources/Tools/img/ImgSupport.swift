@@ -53,7 +53,7 @@ struct ImageOptions: ParsableArguments {
 func openImage(_ name: String, options: OpenOptions, imageOpts: Bool = false, exitCode: Int32 = 1,
                warnings: Bool = false) async throws -> any BlockDriver {
     do {
-        let node = try await ImageSpec.open(name, imageOpts: imageOpts, options: options)
+        let node = try await ImageSpec.open(name, imageOpts: imageOpts, options: options, warning: ImageSpec.printWarning(tool))
         guard warnings else { return node }
         tool.warnAboutStaleBitmaps(node)
         if options.format == nil && node.driverName == "raw" && !options.readOnly && !imageOpts && !DriveOptions.isJSONFilename(name) {

@@ -111,7 +111,8 @@ struct IOTool: AsyncParsableCommand {
             var opened: Bool
             if imageOpts {
                 do {
-                    let drive = try DriveOptions.parse(file, impliedKey: "file")
+                    // (qemu-io names no option implicitly: a bare word is a flag.)
+                    let drive = try DriveOptions.parse(file, warning: ImageSpec.printWarning(tool))
                     opened = await session.open(nil, options: options, unmap: unmap, driveOptions: drive)
                 } catch {
                     tool.printError("\(QMPError.from(error).desc)")

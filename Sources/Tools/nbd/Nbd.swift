@@ -204,7 +204,7 @@ struct Nbd: AsyncParsableCommand {
     func openImage(_ s: Settings, filename: String) async throws -> any BlockDriver {
         let options = OpenOptions(format: format, readOnly: readOnly, cache: s.cache)
         do {
-            let node = try await ImageSpec.open(filename, imageOpts: imageOpts, options: options)
+            let node = try await ImageSpec.open(filename, imageOpts: imageOpts, options: options, warning: ImageSpec.printWarning(tool))
             if format == nil && node.driverName == "raw" && !readOnly && !ImageSpec.isDriveSpec(filename, imageOpts: imageOpts) {
                 writeStderr(ToolProgram.rawProbeWarning(filename))
             }

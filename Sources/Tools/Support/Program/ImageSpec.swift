@@ -10,18 +10,19 @@ package enum ImageSpec {
     }
 
     /// Opens `name` in the mode `options` gives: with `imageOpts`, `name` is a QemuOpts
-    /// string (`driver=qcow2,file.filename=...`, a bare first element being `file`);
-    /// otherwise a file name (maybe `json:{...}`) with `extra` options on top.
+    /// string (`driver=qcow2,file.filename=...`, a bare first element being `file`; QEMU's
+    /// deprecation warnings go to `warning`); otherwise a file name (maybe `json:{...}`) with
+    /// `extra` options on top.
     /// - Throws: ``BlockError``; for a drive spec its message is QEMU's `bdrv_open` error
     ///   without the "Could not open 'NAME': " the tools put in front.
     package static func open(_ name: String, imageOpts: Bool, options: OpenOptions,
-                             extra: QObject.Dict = QObject.Dict()) async throws -> any BlockDriver {
+                             extra: QObject.Dict = QObject.Dict(), warning: ((String) -> Void)? = nil) async throws -> any BlockDriver {
         guard isDriveSpec(name, imageOpts: imageOpts, extra: extra) else {
             return try await ImageOpener.open(name, options: options)
         }
         do {
             if imageOpts {
-                var opts = try DriveOptions.parse(name, impliedKey: "file")
+                var opts = try DriveOptions.parse(name, impliedKey: "file", warning: warning)
                 for (k, v) in extra.entries { opts[k] = v }
                 return try await DriveOpener.open(filename: nil, options: opts, defaults: options)
             }
@@ -29,6 +30,12 @@ package enum ImageSpec {
         } catch let e as QMPError {
             throw BlockError(.invalidArgument, e.desc, operation: "open options")
         }
+    }
+
+    /// Prints a QemuOpts deprecation warning as QEMU does: "NAME: warning: " before its
+    /// first line.
+    package static func printWarning(_ tool: ToolProgram) -> (String) -> Void {
+        { tool.printError("warning: " + $0) }
     }
 
     /// The objects of `--object` options (QemuOpts strings, the type first).

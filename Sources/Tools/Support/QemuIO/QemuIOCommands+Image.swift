@@ -163,7 +163,7 @@ extension QemuIOSession {
                 }
                 do {
                     // (Repeated -o options add up, as QEMU's option list does.)
-                    for (k, v) in try DriveOptions.parse(arg ?? "").entries { drive[k] = v }
+                    for (k, v) in try DriveOptions.parse(arg ?? "", warning: { self.report("warning: " + $0) }).entries { drive[k] = v }
                 } catch {
                     report(error.asDriveMessage)
                     return false
@@ -175,7 +175,7 @@ extension QemuIOSession {
         guard var operands else { return false }
         if imageOpts && operands.count == 1 {
             do {
-                drive = try DriveOptions.parse(operands.removeFirst())
+                drive = try DriveOptions.parse(operands.removeFirst(), warning: { self.report("warning: " + $0) })
             } catch {
                 report(error.asDriveMessage)
                 return false

@@ -173,7 +173,7 @@ public actor QemuIOSession {
     /// Opens an image named by a file name (plain or `json:{...}`), by `-drive` style
     /// options, or both, as qemu-io's `open -o OPTIONS [path]` and `--image-opts OPTIONS` do
     /// (``DriveOpener``; options are dotted keys with string values, as
-    /// ``DriveOptions/parse(_:impliedKey:)`` gives them).
+    /// ``DriveOptions/parse(_:impliedKey:keepID:warning:)`` gives them).
     ///
     /// Failures are printed as qemu-io prints them ("can't open device PATH: …", or "can't
     /// open: …" without a path).
