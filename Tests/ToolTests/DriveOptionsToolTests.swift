@@ -53,6 +53,8 @@ let driveImgScenarios: [[String]] = [
     ["info", "--image-opts", "driver=qcow2,file.filename=IMG,bogus=1"],
     ["info", "--image-opts", #"json:{"driver":"qcow2","file.filename":"IMG"}"#],
     ["info", "--image-opts", "IMG,driver=qcow2"],
+    ["map", "--image-opts", "driver=raw,offset=64k,size=64k,file.filename=IMG"],
+    ["check", "--image-opts", "driver=raw,file.filename=IMG"],
     ["map", "--output=json", "--image-opts", "driver=qcow2,file.driver=file,file.filename=IMG"],
     ["check", #"json:{"driver":"qcow2","file.filename":"IMG"}"#],
     ["info", "-U", "--image-opts", "driver=qcow2,file.filename=IMG,force-share=off"],

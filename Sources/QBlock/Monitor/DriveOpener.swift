@@ -62,10 +62,10 @@ public enum DriveOpener {
         // Snapshot mode: the image read-only under a temporary overlay (as ImageOpener).
         let imageReadOnly = readOnly || defaults.snapshot
         tree["read-only"] = .bool(imageReadOnly)
-        if !defaults.openBacking, tree["backing"] == nil { tree["backing"] = .null }
         let session = DriveSession(defaults: defaults)
         let state = QMPBlockState(graph: BlockGraph())
-        let root = try await openLevel(tree, filename: filename, protocolLevel: false, session: session, state: state)
+        let root = try await openLevel(tree, filename: filename, protocolLevel: false, session: session, state: state,
+                                       skipBacking: !defaults.openBacking)
         do {
             try session.lockRemaining(readOnly: imageReadOnly, forceShare: forceShare)
         } catch {
@@ -86,11 +86,12 @@ public enum DriveOpener {
     }()
 
     /// Opens one level of the tree (`-drive` options of one node; `protocolLevel` for a
-    /// `file` child, whose driver a file name alone chooses) and returns its node:
+    /// `file` child, whose driver a file name alone chooses; `skipBacking` opens no backing
+    /// file the image names) and returns its node:
     /// a protocol node as it is, a format node after opening (and probing) its `file` child
     /// and its `backing` child when given as options.
     static func openLevel(_ given: QObject.Dict, filename: String?, protocolLevel: Bool, session: DriveSession,
-                          state: QMPBlockState) async throws -> BlockNode {
+                          state: QMPBlockState, skipBacking: Bool = false) async throws -> BlockNode {
         var opts = given
         let driver: String?
         switch opts["driver"] {
@@ -153,6 +154,11 @@ public enum DriveOpener {
                 throw QMPError.generic("Must specify either driver or file")
             } else if let driver, FormatRegistry.driver(named: driver) != nil {
                 throw QMPError.generic("A block device must be specified for \"file\"")
+            }
+            // Without backing files (qemu-img info): none for a format that could have one.
+            if skipBacking, opts["backing"] == nil, case .string(let f)? = opts["driver"],
+               FormatRegistry.driver(named: f)?.supportsBackingFile == true {
+                opts["backing"] = .null
             }
             if case .dict(var b)? = opts["backing"] {
                 if b["read-only"] == nil { b["read-only"] = .bool(true) }
