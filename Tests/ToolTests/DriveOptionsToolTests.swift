@@ -12,6 +12,7 @@ let driveIOScenarios: [[String]] = [
     ["-c", "read -P 0 0 4k", #"json:{"driver":"qcow2","file.filename":"IMG","l2-cache-size":"1M"}"#],
     ["-c", "read 0 1", #"json:{"driver":"qcow2","file":{"driver":"file","filename":"IMG","bogus":1}}"#],
     ["-c", "read 0 1", "json:[1]"],
+    ["-f", "raw", "-c", "read -P 0x51 0 1", #"json:{"driver":"qcow2","file.filename":"IMG"}"#],
     // --image-opts, with string values typed as each option needs, and its exclusions.
     ["--image-opts", "-c", "write -P 0x22 4k 4k", "-c", "read -P 0x22 4k 4k", "driver=qcow2,file.filename=IMG,l2-cache-size=1M,lazy-refcounts=off"],
     ["--image-opts", "-c", "read 0 1", "file.filename=IMG"],

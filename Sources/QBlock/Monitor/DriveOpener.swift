@@ -38,15 +38,14 @@ public enum DriveOpener {
     public static func open(filename: String?, options: QObject.Dict, defaults: OpenOptions) async throws -> any BlockDriver {
         _ = filtersRegistered
         var flat = DriveOptions.flatten(options)
+        // A format given apart from the options (-f) is one of them; the json: name's come below.
+        if let f = defaults.format { flat["driver"] = .string(f) }
         var filename = filename
         if let name = filename, DriveOptions.isJSONFilename(name) {
             for (k, v) in try DriveOptions.parseJSONFilename(name).entries where flat[k] == nil { flat[k] = v }
             filename = nil
         }
         var tree = try DriveOptions.crumple(flat)
-        if let f = defaults.format {
-            if tree["driver"] == nil { tree["driver"] = .string(f) }
-        }
         if defaults.forceShare, tree["force-share"] == nil { tree["force-share"] = .bool(true) }
         let args = QMPArguments(tree, keyval: true)
         let readOnly = try args.optionalBool("read-only") ?? defaults.readOnly
