@@ -283,6 +283,80 @@ struct IOToolTests {
         #expect(r2.status == 0 && r2.stdout.isEmpty && r2.stderr.isEmpty, "\(r2)")
     }
 
+    @Test("a write io acknowledged in writethrough mode (its default) survives SIGKILL, metadata included",
+          .enabled(if: IOToolHarness.haveQemu), arguments: [[], ["-t", "writethrough"], ["-t", "directsync"]])
+    func writethroughSurvivesKill(cacheArgs: [String]) throws {
+        let dir = try IOToolHarness.TempDir()
+        let img = dir.path + "/x.qcow2"
+        _ = try IOToolHarness.run(IOToolHarness.qemuImg!, ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "128M"])
+        // sigraise 9 kills io before any close or flush of its own: only what each write
+        // made durable is in the file (iotests 039).
+        let w = try IOToolHarness.run(IOToolHarness.ioBinary!, cacheArgs + [
+            "-c", "write -q -P 0x5a 0 512", "-c", "write -q -z 1M 64k", "-c", "write -q -P 0x33 2M 64k",
+            "-c", "sigraise 9", img])
+        #expect(w.status == 9 || w.status == 137, "\(w)")
+        let r = try IOToolHarness.run(IOToolHarness.qemuIO!, [
+            "-r", "-c", "read -q -P 0x5a 0 512", "-c", "read -q -P 0 1M 64k", "-c", "read -q -P 0x33 2M 64k", img])
+        #expect(r.status == 0 && r.stdout.isEmpty && r.stderr.isEmpty, "\(r)")
+    }
+
+    @Test("lazy refcounts: a guest flush leaves refcounts cached while the image is dirty, as QEMU (iotests 039)",
+          .enabled(if: IOToolHarness.haveQemu))
+    func lazyRefcountsFlushLikeQemu() throws {
+        var checks: [Int32] = []
+        for writer in [IOToolHarness.qemuIO!, IOToolHarness.ioBinary!] {
+            let dir = try IOToolHarness.TempDir()
+            let img = dir.path + "/x.qcow2"
+            _ = try IOToolHarness.run(IOToolHarness.qemuImg!, ["create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", img, "128M"])
+            _ = try IOToolHarness.run(writer, ["-t", "writethrough", "-c", "write -q -P 0x5a 0 512", "-c", "sigraise 9", img])
+            // The data cluster is referenced and durable; its refcount is not (the dirty bit says so).
+            let check = try IOToolHarness.run(IOToolHarness.qemuImg!, ["check", img])
+            checks.append(check.status)
+            #expect((check.stdout + check.stderr).contains("ERROR cluster 5 refcount=0 reference=1"), "\(writer): \(check)")
+            let r = try IOToolHarness.run(IOToolHarness.qemuIO!, ["-r", "-c", "read -q -P 0x5a 0 512", img])
+            #expect(r.status == 0 && r.stdout.isEmpty, "\(writer): \(r)")
+            let repaired = try IOToolHarness.run(IOToolHarness.qemuImg!, ["check", "-r", "all", img])
+            #expect(repaired.status == 0, "\(repaired)")
+        }
+        #expect(checks[0] == checks[1])
+    }
+
+    @Test("a raw file whose size is no multiple of 512 is a disk of whole sectors, its tail reading zeros, as QEMU (iotests 101)",
+          .enabled(if: IOToolHarness.haveQemu))
+    func shortRawFileReadsAsWholeSectors() throws {
+        var outputs: [String] = []
+        for tool in [IOToolHarness.qemuIO!, IOToolHarness.ioBinary!] {
+            let dir = try IOToolHarness.TempDir()
+            let img = dir.path + "/x.raw"
+            #expect(FileManager.default.createFile(atPath: img, contents: Data(repeating: 7, count: 320)))
+            let r = try IOToolHarness.run(tool, ["-f", "raw", "-c", "length", "-c", "read -q -P 7 0 320", "-c", "read -q -P 0 320 192",
+                                                  "-c", "write -q -P 9 256 256", "-c", "length", "-c", "map", img])
+            #expect(r.status == 0, "\(tool): \(r)")
+            outputs.append(r.stdout + r.stderr.replacingOccurrences(of: "\(tool): ", with: "qemu-io: "))
+            #expect((try? FileManager.default.attributesOfItem(atPath: img)[.size] as? Int) == 512)
+        }
+        #expect(outputs[0] == outputs[1])
+    }
+
+    @Test("-s (snapshot mode) writes to a temporary overlay; -d ignore drops discards", .enabled(if: IOToolHarness.haveQemu))
+    func snapshotModeAndDiscardIgnore() throws {
+        let dir = try IOToolHarness.TempDir()
+        let img = dir.path + "/x.qcow2"
+        _ = try IOToolHarness.run(IOToolHarness.qemuImg!, ["create", "-q", "-f", "qcow2", img, "1M"])
+        _ = try IOToolHarness.run(IOToolHarness.qemuIO!, ["-c", "write -q -P 1 0 64k", img])
+        let before = try Data(contentsOf: URL(fileURLWithPath: img))
+        let s = try IOToolHarness.run(IOToolHarness.ioBinary!, [
+            "--aio", "threads", "-s", "-c", "write -q -P 2 0 4k", "-c", "read -q -P 2 0 4k", "-c", "read -q -P 1 4k 60k", img])
+        #expect(s.status == 0 && s.stdout.isEmpty && s.stderr.isEmpty, "\(s)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: img)) == before, "snapshot mode changed the image")
+        let d = try IOToolHarness.run(IOToolHarness.ioBinary!, ["-d", "ignore", "-c", "discard -q 0 64k", "-c", "read -q -P 1 0 64k", img])
+        #expect(d.status == 0 && d.stdout.isEmpty && d.stderr.isEmpty, "\(d)")
+        let bad = try IOToolHarness.run(IOToolHarness.ioBinary!, ["--aio", "native", "-c", "read -q 0 1", img])
+        let ref = try IOToolHarness.run(IOToolHarness.qemuIO!, ["--aio", "native", "-c", "read -q 0 1", img])
+        #expect(bad.status == ref.status)
+        #expect(bad.stderr.replacingOccurrences(of: "io: ", with: "qemu-io: ") == ref.stderr)
+    }
+
     @Test("failures exit 1 with one-line errors", .enabled(if: IOToolHarness.ioBinary != nil))
     func exitStatus() throws {
         let io = try #require(IOToolHarness.ioBinary)

@@ -23,7 +23,8 @@ import ToolSupport
         ["-f", "raw", "x", "1M"], ["x", "100"], ["-f", "raw", "x", "0"], ["-q", "-f", "raw", "x", "5000"],
         ["-f", "raw", "-o", "preallocation=full", "x", "5000"], ["-f", "raw", "-o", "preallocation=falloc", "x", "1M"],
         ["-f", "raw", "-o", "preallocation=off", "x", "1M"], ["-f", "raw", "-o", "size=2M", "x"],
-        ["-f", "raw", "x", "1M", "-o", "preallocation=full"],
+        ["-f", "raw", "x", "1M", "-o", "preallocation=full"], ["-f", "raw", "-o", "preallocation=off,extent_size_hint=0", "x", "128k"],
+        ["-f", "raw", "-o", "extent_size_hint=1M", "x", "128k"],
     ]
 
     @Test(qemuTrait, arguments: rawCreateCases)
@@ -43,12 +44,31 @@ import ToolSupport
         ["-f", "qcow2", "-o", "cluster_size=abc", "x", "1M"], ["-f", "qcow2", "-o", "lazy_refcounts=maybe", "x", "1M"],
         ["-f", "qcow2", "-o", "refcount_bits=x", "x", "1M"], ["-f", "qcow2", "-o", "foo=bar", "x", "1M"],
         ["-f", "qcow2", "x"], ["-f", "qcow2", "-b", "", "-F", "raw", "x", "1M"], ["-f", "qcow2", "-b", "x", "-F", "raw", "x", "1M"],
-        ["-f", "qcow2", "-b", "nonexistent", "-F", "raw", "x", "1M"],
+        ["-f", "qcow2", "-b", "nonexistent", "-F", "raw", "x", "1M"], ["-f", "bochs", "x", "1M"], ["-f", "cloop", "x", "1M"],
+        ["-f", "raw", "-o", "extent_size_hint=5G", "x", "1M"], ["-f", "raw", "-o", "extent_size_hint=x", "x", "1M"],
+        ["-f", "qcow2", "-o", "extent_size_hint=5G", "x", "1M"],
     ]
 
     @Test(qemuTrait, arguments: createErrorCases)
     func createErrorsMatchQemu(args: [String]) throws {
         _ = try expectSameAsQemu(["create"] + args)
+    }
+
+    /// `rebase -u -F` records any driver name QEMU has (iotests 031 writes `host_device`);
+    /// an unknown name is refused, a safe rebase onto a format this build lacks fails to open.
+    static let rebaseFormatNameCases: [[String]] = [
+        ["-u", "-b", "/some/backing/file/path", "-F", "host_device", "t.qcow2"],
+        ["-u", "-b", "/some/backing/file/path", "-F", "bogus", "t.qcow2"],
+        ["-u", "-b", "b.raw", "-F", "raw", "t.qcow2"],
+    ]
+
+    @Test(qemuTrait, arguments: rebaseFormatNameCases)
+    func rebaseFormatNamesMatchQemu(args: [String]) throws {
+        let (a, b) = try expectSameAsQemu(["rebase"] + args) { dir in
+            _ = try run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", dir.file("t.qcow2"), "1M")
+            _ = try run("qemu-img", "create", "-q", "-f", "raw", dir.file("b.raw"), "1M")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: a.file("t.qcow2"))) == Data(contentsOf: URL(fileURLWithPath: b.file("t.qcow2"))))
     }
 
     /// Size arguments go through QEMU's syntax (`SizeParser`), as qemu-img's `cvtnum` reads
@@ -73,6 +93,7 @@ import ToolSupport
         cases.append(["-o", "preallocation=metadata"])
         cases.append(["-o", "compat=0.10,lazy_refcounts=on"])
         cases.append(["-o", "cluster_size=3000"])
+        cases.append(["-o", "preallocation=falloc,extent_size_hint=0"])
         return cases
     }()
 
@@ -204,6 +225,8 @@ import ToolSupport
         ["-f", "raw", "--preallocation=full", "r.raw", "3M"], ["-f", "raw", "--preallocation=metadata", "r.raw", "3M"],
         ["-f", "raw", "--preallocation=bogus", "r.raw", "3M"], ["-q", "-f", "raw", "r.raw", "3M"], ["-f", "raw", "r.raw", "2M"],
         ["-f", "raw", "--shrink", "r.raw", "--", "-10M"], ["r.raw", "4M"], ["-f", "raw", "missing.raw", "1M"],
+        ["-f", "raw", "--shrink", "--preallocation=falloc", "r.raw", "--", "-256k"],
+        ["-f", "raw", "--shrink", "--preallocation=full", "r.raw", "1M"], ["-f", "raw", "--preallocation=falloc", "r.raw", "2M"],
     ]
 
     @Test(qemuTrait, arguments: resizeCases)

@@ -18,6 +18,8 @@
 #   IOTESTS_TIMEOUT   seconds after which a test is stopped and fails, default 300
 #   IOTESTS_QEMU      "skip" to reuse the QEMU pass lists of an earlier run (they do not
 #                     change while the installed QEMU does not)
+#   IOTESTS_ONLY      "ours" to run our tools only and require every test run to pass
+#                     (the slice `make test` runs); the QEMU run is skipped
 #   IOTESTS_KNOWN     the file that explains each expected difference, default
 #                     docs/iotests.md (rows "| fmt | test | reason |")
 #
@@ -73,7 +75,7 @@ run_check() {
     log "$label: $(echo "$list" | wc -w) tests, check $fmtopts${group:+ -g $group} $*"
     export iotests qemu_prog qsd_prog img io nbd fmtopts out cache label fmt
     echo "$list" | xargs -P "$jobs" -n 1 bash -c '
-        t="$0"; scratch="$cache/scratch-$label-$fmt-${t//\//_}"
+        t="${0#tests/}"; scratch="$cache/scratch-$label-$fmt-${t//\//_}"
         rm -rf "$scratch"; mkdir -p "$scratch/sock"
         cd "$iotests" && TEST_DIR="$scratch" SOCK_DIR="$scratch/sock" \
             QEMU_PROG="$qemu_prog" QSD_PROG="$qsd_prog" \
@@ -92,6 +94,23 @@ run_check() {
 passed() { sed -n 's/^ok [^ ]* \([^ #]*\) *$/\1/p' "$1" | sort -u; }
 
 status=0
+if [ "${IOTESTS_ONLY:-}" = ours ]; then
+    for fmt in $formats; do
+        run_check ours "$fmt" "$ours/qemu-img" "$ours/qemu-io" "$ours/qemu-nbd" "$@"
+        passed "$results/ours-$fmt.tap" > "$results/ours-$fmt.pass"
+        failed="$(grep -v -E '^ok [^ ]* [^ #]* *$' "$results/ours-$fmt.tap" | awk '{print ($1 == "not") ? $4 : $3 " (skipped)"}' | tr '\n' ' ')"
+        echo "== $fmt: $(wc -l < "$results/ours-$fmt.pass") passed: $(tr '\n' ' ' < "$results/ours-$fmt.pass")"
+        if [ -n "$failed" ]; then
+            echo "FAILED or skipped with ours ($fmt): $failed (outputs in $results/ours-$fmt.out)"
+            for t in $failed; do
+                f="$results/ours-$fmt.out/${t//\//_}.tap"
+                [ -f "$f" ] && sed -n '1,60p' "$f"
+            done
+            status=1
+        fi
+    done
+    exit $status
+fi
 for fmt in $formats; do
     if [ "${IOTESTS_QEMU:-}" != skip ] || [ ! -s "$results/qemu-$fmt.tap" ]; then
         run_check qemu "$fmt" "$(command -v qemu-img)" "$(command -v qemu-io)" "$(command -v qemu-nbd)" "$@"

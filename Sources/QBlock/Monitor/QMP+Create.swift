@@ -14,17 +14,10 @@ import QBlockOpen
 /// supported here.
 extension QMPMonitor {
     /// QAPI's `BlockdevDriver` (QEMU 7.2): the values `driver` members accept.
-    static let blockdevDriverNames = [
-        "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
-        "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
-        "http", "https", "iscsi", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate",
-        "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk",
-        "vpc", "vvfat",
-    ]
+    static var blockdevDriverNames: [String] { ImageOpener.qemuDriverNames }
     /// The drivers QEMU can create (`bdrv_co_create`); of them we create the registered
     /// ``ProtocolCreatable`` protocols and ``BlockdevCreatable`` formats.
-    static let qemuCreateDrivers: Set<String> = ["file", "gluster", "luks", "nfs", "parallels", "qcow", "qcow2", "qed",
-                                                 "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"]
+    static var qemuCreateDrivers: Set<String> { ImageOpener.qemuCreatableDrivers.subtracting(["raw"]) }
 
     func registerCreateCommands() {
         register("blockdev-create") { args, ctx in

@@ -16,6 +16,32 @@ public enum ImageOpener {
     /// Format names this build can open.
     public static var formats: [String] { FormatRegistry.names }
 
+    /// Every block driver name QEMU 7.2 knows (QAPI's `BlockdevDriver`), whether or not this
+    /// build has it: what qemu-img accepts as a format *name* where it only records the name
+    /// (`rebase -u -F host_device`), and what QMP's `driver` members accept before the driver
+    /// itself is looked up.
+    public static let qemuDriverNames = [
+        "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+        "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
+        "http", "https", "iscsi", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate",
+        "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk",
+        "vpc", "vvfat",
+    ]
+
+    /// The drivers of ``qemuDriverNames`` that QEMU can create images with (`create_opts`).
+    public static let qemuCreatableDrivers: Set<String> = ["file", "gluster", "luks", "nfs", "parallels", "qcow", "qcow2",
+                                                           "qed", "raw", "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"]
+
+    /// The error for creating an image of `format` with a driver this build does not have:
+    /// QEMU's "Format driver 'bochs' does not support image creation" for a driver QEMU has
+    /// but cannot create with, else "Unknown file format 'NAME'".
+    public static func creationRefusal(format: String, path: String? = nil) -> BlockError {
+        if qemuDriverNames.contains(format) && !qemuCreatableDrivers.contains(format) {
+            return BlockError(.unsupported, "Format driver '\(format)' does not support image creation", path: path, operation: "create")
+        }
+        return BlockError(.invalidArgument, "Unknown file format '\(format)'", path: path, operation: "create")
+    }
+
     /// Opens `filename` with `options` and returns the root node.
     /// - Throws: ``BlockError``: `.notFound`, `.locked`, `.corrupt`, `.unsupported`, ...
     public static func open(_ filename: String, options: OpenOptions = OpenOptions()) async throws -> any BlockDriver {

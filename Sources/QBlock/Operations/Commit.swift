@@ -38,7 +38,7 @@ public enum ImageCommit {
             while let q = cur as? any BackingLinked, let name = q.backingFileName {
                 let full = ImageOpener.resolveBackingPath(name, relativeTo: curPath)
                 chain.append((full, q.backingFormat))
-                if let base, matches(base, name: name, full: full) { break }
+                if let base, matches(base, name: name, full: full, top: path) { break }
                 if base == nil { break }
                 options = OpenOptions(format: q.backingFormat, readOnly: true, cache: cache, openBacking: false)
                 let next = try await ImageOpener.open(full, options: options)
@@ -50,7 +50,7 @@ public enum ImageCommit {
                 if let base { throw BlockError(.notFound, "Did not find '\(base)' in the backing chain of '\(path)'", path: path, operation: "commit") }
                 throw BlockError(.invalidArgument, "Image does not have a backing file", path: path, operation: "commit")
             }
-            if let base, !matches(base, name: (cur as? any BackingLinked)?.backingFileName ?? "", full: last.path) {
+            if let base, !matches(base, name: (cur as? any BackingLinked)?.backingFileName ?? "", full: last.path, top: path) {
                 throw BlockError(.notFound, "Did not find '\(base)' in the backing chain of '\(path)'", path: path, operation: "commit")
             }
             let baseNode = try await ImageOpener.open(last.path, options: OpenOptions(format: last.format, readOnly: false, cache: cache))
@@ -74,10 +74,19 @@ public enum ImageCommit {
     }
 
     /// Whether `base` (as given on the command line) names the backing image stored as
-    /// `name` and resolved to `full`.
-    package static func matches(_ base: String, name: String, full: String) -> Bool {
-        if base == name || base == full { return true }
-        return canonical(base) != nil && canonical(base) == canonical(full)
+    /// `name` and resolved to `full`. With `top` (the image the chain is searched from), a
+    /// relative host path is taken relative to `top`'s folder and compared by real path, as
+    /// QEMU's `bdrv_find_backing_image`: `commit -b t.mid sub/t.qcow2` finds `sub/t.mid`,
+    /// `-b sub/t.mid` does not. Names with a protocol are compared as strings.
+    package static func matches(_ base: String, name: String, full: String, top: String? = nil) -> Bool {
+        let hasProtocol = { (s: String) in s.contains("://") || s.hasPrefix("json:") }
+        if hasProtocol(base) || hasProtocol(name) { return base == name || base == full }
+        guard let top else {
+            if base == name || base == full { return true }
+            return canonical(base) != nil && canonical(base) == canonical(full)
+        }
+        let resolved = ImageOpener.resolveBackingPath(base, relativeTo: top)
+        return canonical(resolved) != nil && canonical(resolved) == canonical(full)
     }
 
     private static func canonical(_ path: String) -> String? {

@@ -200,7 +200,8 @@ public enum Convert {
                                       options o: ConvertOptions) async throws -> (any BlockDriver, String?) {
         let format = o.targetFormat
         guard let driver = FormatRegistry.driver(named: format) else {
-            throw BlockError(.invalidArgument, "Unknown file format '\(format)'")
+            let e = ImageOpener.creationRefusal(format: format)
+            throw BlockError(e.code, e.message)
         }
         var backing = o.backingFile
         if !o.skipCreate {

@@ -59,7 +59,7 @@ public enum ImageCreator {
     public static func prepare(format: String, path: String, size: Int64?, options: [(String, String)],
                                backingFile: String?, backingFormat: String?, openBacking: Bool = true) async throws -> Plan {
         guard let table = FormatRegistry.driver(named: format)?.createOptions else {
-            throw BlockError(.invalidArgument, "Unknown file format '\(format)'", path: path, operation: "create")
+            throw ImageOpener.creationRefusal(format: format, path: path)
         }
         var values: [String: String] = [:]
         for (key, value) in options {

@@ -15,7 +15,7 @@ struct ImgBitmap: AsyncParsableCommand {
     @Flag(name: .customLong("enable"), help: "Enable the bitmap.") var enable: Int
     @Flag(name: .customLong("disable"), help: "Disable the bitmap.") var disable: Int
     @Option(name: .customLong("merge"), parsing: .singleValue, help: "Merge this source bitmap into the bitmap.") var merge: [String] = []
-    @Option(name: .customShort("g"), help: "Granularity for --add.") var granularity: String?
+    @Option(name: [.customShort("g"), .customLong("granularity")], help: "Granularity for --add.") var granularity: String?
     @Option(name: .customShort("b"), help: "Image holding the --merge source bitmap.") var sourceFile: String?
     @Option(name: .customShort("F"), help: "Format of the -b image.") var sourceFormat: String?
     @Argument(help: "Image file name and bitmap name.") var positionals: [String] = []

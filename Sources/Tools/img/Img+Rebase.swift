@@ -25,7 +25,8 @@ struct ImgRebase: AsyncParsableCommand {
         let filename = files[0]
         if !unsafe && backing == nil { throw tool.usageError("Must specify backing file (-b) or use unsafe mode (-u)") }
         if forceShare { throw tool.fail("force-share=on can only be used with read-only images") }
-        if let f = backingFormat, !ImageOpener.formats.contains(f) { throw tool.fail("Invalid format name: '\(f)'") }
+        // (As qemu-img: any driver QEMU has is a valid name; opening it is another matter.)
+        if let f = backingFormat, !ImageOpener.qemuDriverNames.contains(f) { throw tool.fail("Invalid format name: '\(f)'") }
         var mode = CacheMode.writeback
         if let c = cache {
             guard let m = CacheMode(qemuName: c) else { throw tool.fail("Invalid cache option: \(c)") }

@@ -30,6 +30,8 @@ struct ImgResize: AsyncParsableCommand {
         let total = sign == 0 ? amount : current + sign * amount
         try await closing(node) {
             if total <= 0 { throw tool.fail("New image size must be positive") }
+            // (As qemu-img: preallocating makes sense only for an area that is added.)
+            if total <= current && prealloc != .off { throw tool.fail("Preallocation can only be used for growing images") }
             if total < current && !shrink {
                 tool.printError("Use the --shrink option to perform a shrink operation.")
                 throw tool.fail("warning: Shrinking an image will delete all data beyond the shrunken image's end. "

@@ -78,7 +78,8 @@ struct IOTool: AsyncParsableCommand {
             tool.printError("--image-opts and -f are mutually exclusive")
             return 1
         }
-        var options = OpenOptions(format: format, readOnly: readOnly, forceShare: forceShare)
+        // (qemu-io's default cache mode is writethrough: every write is durable when it completes.)
+        var options = OpenOptions(format: format, readOnly: readOnly, cache: .writethrough, forceShare: forceShare)
         options.snapshot = snapshot
         options.copyOnRead = copyOnRead
         var unmap = true

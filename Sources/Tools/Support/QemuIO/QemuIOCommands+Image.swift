@@ -125,7 +125,7 @@ extension QemuIOSession {
 
     /// `open [-rsCnkU] [-t cache] [-d discard] [-i aio] [-f fmt] [-o options] path`
     func openCommand(_ argv: [String]) async -> Bool {
-        var options = OpenOptions()
+        var options = OpenOptions(cache: .writethrough)  // (qemu-io's default, as on its command line)
         var unmap = true
         var drive = QObject.Dict()
         var hasDriveOptions = false

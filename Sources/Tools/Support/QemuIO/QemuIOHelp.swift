@@ -120,16 +120,42 @@ enum QemuIOHelp {
      'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached
 
      -r, -- open file read-only
-     -s, -- writes go to a temporary overlay, the image is left unchanged
-     -C, -- copy data read from the backing chain into the image
+     -s, -- use snapshot file
+     -C, -- use copy-on-read
      -n, -- disable host cache, short for -t none
      -U, -- force shared permissions
-     -k, -- native AIO (same as -i native)
-     -i, -- AIO mode: threads, native or io_uring
+     -k, -- use kernel AIO implementation (Linux only, prefer use of -i)
+     -i, -- use AIO mode (threads, native or io_uring)
      -t, -- use the given cache mode for the image
-     -d, -- discard mode: ignore (off) or unmap (on)
+     -d, -- use the given discard mode for the image
      -f, -- the image format (same as -o driver=FMT)
-     -o, -- block driver options, key=value[,...] (',,' for a comma), merged with the path
+     -o, -- options to be given to the block driver
+
+
+    """
+    static let reopen = """
+
+     Changes the open options of an already opened image
+
+     Example:
+     'reopen -r' - makes the image read-only
+
+     -r, -- Reopen the image read-only
+     -w, -- Reopen the image read-write
+     -c, -- Change the cache mode to the given value
+     -o, -- Changes block driver options (cf. 'open' command)
+
+
+    """
+    static let sigraise = """
+
+     raises the given signal
+
+     Example:
+     'sigraise 15' - raises SIGTERM
+
+     Invokes raise(signal), where "signal" is the mandatory integer argument
+     given to sigraise.
 
 
     """

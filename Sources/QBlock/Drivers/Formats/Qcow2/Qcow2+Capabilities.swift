@@ -148,5 +148,6 @@ extension Qcow2Node: ReopenableDriver {
     /// - Throws: ``BlockError`` `.readOnly` when the file cannot be written, or an I/O error.
     public func reopen(readOnly: Bool, cache: CacheMode) async throws {
         if readOnly { try await reopenReadOnly() } else if isReadOnly { try await reopenReadWrite() }
+        writeThrough.set(cache.writeThrough)
     }
 }

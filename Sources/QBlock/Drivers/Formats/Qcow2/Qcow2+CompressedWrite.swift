@@ -118,6 +118,7 @@ extension Qcow2Node {
             try await writePrecompressedAdmitted(at: guestOffset, data: data, compressed: n.map {
                 UnsafeRawBufferPointer(start: compressor.output.unsafeBase, count: $0)
             })
+            if writeThrough.value { try await flushAdmitted(lazyRefcounts: true) }
             return
         }
         let padded = AlignedBuffer(count: cs)
@@ -129,6 +130,7 @@ extension Qcow2Node {
         try await writePrecompressedAdmitted(at: guestOffset, data: data, compressed: n.map {
             UnsafeRawBufferPointer(start: compressor.output.unsafeBase, count: $0)
         })
+        if writeThrough.value { try await flushAdmitted(lazyRefcounts: true) }
     }
 
     private func checkCompressedRequest(_ guestOffset: Int64, _ count: Int) throws {
@@ -217,8 +219,9 @@ extension Qcow2Node {
             l2Cache.pin(t)
             defer { l2Cache.release(t) }
             // Before the entry changes: setting the dependency may write the L2 cache, and the
-            // reference must not reach the disk before the count.
-            try await l2Cache.setDependency(on: refcountCache)
+            // reference must not reach the disk before the count (unless lazy refcounts
+            // marked the image dirty, as in a normal write).
+            if !isDirty { try await l2Cache.setDependency(on: refcountCache) }
             let sectors = UInt64(((host + Int64(compressed.count) - 1) >> 9) - (host >> 9))
             let shift = UInt64(62 - (clusterBits - 8))
             t.bytes.setBE64(l2Index * 8, UInt64(host) | Qcow2Node.compressedFlag | (sectors << shift))

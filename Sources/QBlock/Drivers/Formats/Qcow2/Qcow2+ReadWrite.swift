@@ -83,7 +83,7 @@ extension Qcow2Node {
                placed: (() -> Void)?) async throws {
         try gate.enter(filename, "write")
         defer { gate.leave() }
-        try await writeAdmitted(at: offset, from: buffer, flags: flags, placed: placed)
+        try await writeAdmitted(at: offset, from: buffer, flags: writeThrough.value ? flags.union(.fua) : flags, placed: placed)
     }
 
     /// ``write(at:from:flags:placed:)`` for a request the gate already admitted (the write
@@ -101,7 +101,7 @@ extension Qcow2Node {
                                        placed: placed)
             done += n
         }
-        if flags.contains(.fua) { try await flushAdmitted() }
+        if flags.contains(.fua) { try await flushAdmitted(lazyRefcounts: true) }
     }
 
     /// Requests must lie within the virtual size (the L1 table covers nothing beyond it).
@@ -240,8 +240,10 @@ extension Qcow2Node {
         defer { l2Cache.release(t) }
         // Set the dependency before touching the entries: setting it may write the L2 cache
         // (when the refcount cache depended on it), and the new references must not reach
-        // the disk before the counts of the clusters they point to.
-        try await l2Cache.setDependency(on: refcountCache)
+        // the disk before the counts of the clusters they point to — unless the image is
+        // marked dirty (lazy refcounts): then the next open rebuilds the counts anyway, and
+        // QEMU lets the references go first (`qcow2_need_accurate_refcounts`).
+        if !isDirty { try await l2Cache.setDependency(on: refcountCache) }
         for i in 0..<a.oldEntries.count {
             t.bytes.setBE64((a.firstL2 + i) * 8, UInt64(a.host + Int64(i) * cs) | Qcow2Node.copied)
         }
@@ -336,7 +338,7 @@ extension Qcow2Node {
         try checkWritable("write zeroes")
         try checkRange(offset, length, "write zeroes")
         defer { markBitmaps(offset, length) }
-        try await writeZeroesAdmitted(at: offset, length: length, flags: flags)
+        try await writeZeroesAdmitted(at: offset, length: length, flags: writeThrough.value ? flags.union(.fua) : flags)
     }
 
     /// ``writeZeroes(at:length:flags:)`` for a range already checked, in a request the gate
@@ -348,7 +350,7 @@ extension Qcow2Node {
         let efficient = header.version >= 3 || (backingNode == nil && header.backingFileName == nil)
         guard efficient else {
             try await zeroExplicitly(from: offset, to: end, flags: flags)
-            if flags.contains(.fua) { try await flushAdmitted() }
+            if flags.contains(.fua) { try await flushAdmitted(lazyRefcounts: true) }
             return
         }
         // [offset, headEnd) and [tailStart, end) are partial clusters, whole clusters between
@@ -361,7 +363,7 @@ extension Qcow2Node {
             try await zeroWholeClusters(from: headEnd, to: tailStart, unmap: flags.contains(.mayUnmap))
         }
         if end > tailStart { try await zeroPartialCluster(from: tailStart, to: end, flags: flags) }
-        if flags.contains(.fua) { try await flushAdmitted() }
+        if flags.contains(.fua) { try await flushAdmitted(lazyRefcounts: true) }
     }
 
     /// Zeroes [start, end), which lies inside one cluster. The check that the rest of the

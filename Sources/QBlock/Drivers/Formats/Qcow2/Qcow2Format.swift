@@ -49,6 +49,7 @@ public enum Qcow2Format: FormatDriver {
         CreateOption("backing_fmt", .string),
         CreateOption("lazy_refcounts", .bool, default: "off"),
         CreateOption("refcount_bits", .number, default: "16"),
+        CreateOption("extent_size_hint", .size),
     ]
 
     /// Creates a qcow2 image at `path` of `size` bytes with `-o` `options`, as

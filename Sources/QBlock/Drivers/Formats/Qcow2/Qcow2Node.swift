@@ -47,6 +47,10 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public var isReadOnly: Bool { formatReadOnly.value || hostFile.isReadOnly }
     /// Set by ``reopenReadOnly()``, cleared by ``reopenReadWrite()``.
     let formatReadOnly = LockedFlag()
+    /// Opened with a write-through cache mode (`writethrough`, `directsync`): every write is
+    /// made durable with its metadata before it completes, as QEMU does for a backend without
+    /// a write cache (each write carries FUA, which this driver serves with a flush).
+    let writeThrough = LockedFlag()
     /// 1: guest reads and writes may start at any byte (partial clusters are handled here).
     public var requestAlignment: Int { 1 }
     /// The virtual disk size in bytes (the header's `size`).
@@ -199,6 +203,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
             }
         }
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
+        node.writeThrough.set(options.cache.writeThrough)
         try await node.loadSnapshotTable()
         try await node.loadPersistentBitmaps()
         node.openedWithStaleBitmaps = header.autoclearFeatures & Qcow2Header.autoclearBitmaps == 0
@@ -244,19 +249,24 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     }
 
     /// Writes back cached L2 and refcount blocks in dependency order, then flushes the file
-    /// (QEMU's `qcow2_co_flush_to_os` plus the file's flush).
+    /// (QEMU's `qcow2_co_flush_to_os` plus the file's flush). While the image is marked
+    /// dirty (lazy refcounts in use) the refcount blocks stay cached, as QEMU's
+    /// `qcow2_write_caches`: the refcounts on disk are not trusted until a clean close, and
+    /// the next open rebuilds them; every L2 entry, and so every acknowledged write, is durable.
     /// - Throws: ``BlockError`` `.closed` after ``close()``, or an I/O error.
     public func flush() async throws {
-        try await gate.run(filename, "flush") { try await flushAdmitted() }
+        try await gate.run(filename, "flush") { try await flushAdmitted(lazyRefcounts: true) }
     }
 
     /// Writes the metadata caches back and flushes the file (``flush()`` without the gate).
-    func flushAdmitted() async throws {
+    /// - Parameter lazyRefcounts: a guest flush: refcount blocks are left cached while the
+    ///   image is marked dirty (``flush()``); false writes them too (close, reopen, amend, shrink).
+    func flushAdmitted(lazyRefcounts: Bool = false) async throws {
         if isReadOnly { return }
         try await metaLock.withLock {
             try await retryPendingFrees()
             try await l2Cache.flush()
-            try await refcountCache.flush()
+            if !(lazyRefcounts && isDirty) { try await refcountCache.flush() }
         }
         try await hostFile.flush()
     }

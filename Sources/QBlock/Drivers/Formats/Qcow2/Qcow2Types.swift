@@ -36,6 +36,9 @@ public struct Qcow2CreateOptions: Sendable {
     public var backingFormat: String?
     /// Use extended L2 entries (32 subclusters per cluster; version 3 only).
     public var extendedL2 = false
+    /// The image file's extent size hint (`extent_size_hint`, passed to the file as QEMU's
+    /// qcow2 passes it to its protocol); nil: the file driver's default, 1 MiB.
+    public var extentSizeHint: Int64?
 
     /// Options with qemu-img's defaults: 64 KiB clusters, compat 1.1, 16-bit refcounts, zlib.
     public init() {}
@@ -81,6 +84,12 @@ public struct Qcow2CreateOptions: Sendable {
             refcountBits = v
         case "backing_file": backingFile = value
         case "backing_fmt": backingFormat = value
+        case "extent_size_hint":
+            guard let v = SizeParser.parse(value) else {
+                throw BlockError(.invalidArgument, "Parameter 'extent_size_hint' expects a non-negative number below 2^64")
+            }
+            guard v <= Int64(UInt32.max) else { throw BlockError(.invalidArgument, "Extent size hint is too large") }
+            extentSizeHint = v
         default:
             throw BlockError(.invalidArgument, "Invalid parameter '\(key)'")
         }

@@ -39,11 +39,12 @@ public enum RawFormat: FormatDriver {
     /// Raw images cannot store compressed clusters (`qemu-img convert -c` refuses them).
     public static let supportsCompressedWrites = false
 
-    /// The `-o` options `qemu-img create -f raw` accepts: `size` (bytes) and `preallocation`
-    /// (`off`, `falloc`, `full`).
+    /// The `-o` options `qemu-img create -f raw` accepts: `size` (bytes), `preallocation`
+    /// (`off`, `falloc`, `full`) and `extent_size_hint` (bytes; 0 disables it).
     public static let createOptions: [CreateOption] = [
         CreateOption("size", .size),
         CreateOption("preallocation", .string),
+        CreateOption("extent_size_hint", .size),
     ]
 
     /// A host file of the size (rounded up to whole sectors), as QEMU's file driver makes it.
@@ -55,7 +56,16 @@ public enum RawFormat: FormatDriver {
             }
             prealloc = mode
         }
-        try await FileCreation.create(path: path, size: size, preallocation: prealloc)
+        var hint: Int64?
+        if let h = options.last(where: { $0.0 == "extent_size_hint" })?.1 {
+            // (ImageCreator checked the syntax already, as for every `.size` option.)
+            guard let v = SizeParser.parse(h) else {
+                throw BlockError(.invalidArgument, "Parameter 'extent_size_hint' expects a non-negative number below 2^64", path: path, operation: "create")
+            }
+            try FileCreation.checkExtentSizeHint(v, path: path)
+            hint = v
+        }
+        try await FileCreation.create(path: path, size: size, preallocation: prealloc, extentSizeHint: hint)
     }
 
     /// Reads the raw driver's `blockdev-add` members: `offset` and `size` (bytes, QEMU's

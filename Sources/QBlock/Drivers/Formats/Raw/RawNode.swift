@@ -44,10 +44,13 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         self.fixedSize = size
     }
 
-    /// The window's size in bytes: the fixed `size`, or the child's length minus `offset`.
+    /// The window's size in bytes: the fixed `size`, or the child's length rounded up to
+    /// whole 512-byte sectors, minus `offset`. QEMU's block layer sizes nodes in sectors, so a
+    /// 320-byte file is a 512-byte disk whose tail reads as zeros (iotests 101); the file
+    /// node zero-fills reads past its end and grows on writes there.
     public var length: Int64 {
         if let fixedSize { return fixedSize }
-        return max(0, child.length - offset)
+        return max(0, (child.length + 511) / 512 * 512 - offset)
     }
 
     /// Reads `buffer.count` bytes at guest `offset` (bytes, relative to the window) from the
