@@ -168,7 +168,12 @@ public final class QMPBlockState: @unchecked Sendable {
     /// On failure, whatever was created is closed and removed.
     /// A backing child is opened read-only unless it says otherwise (QEMU's default for a
     /// child holding the older data); a file child takes its parent's mode.
-    func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool, isBacking: Bool = false) async throws -> BlockNode {
+    /// With `drive` (or a parent opened so), the node is opened for ``DriveOpener``: host
+    /// files without locks until the format above them is known, the cache mode inherited or
+    /// from the session's defaults, `force-share` honoured.
+    func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool, isBacking: Bool = false,
+              drive: DriveSession? = nil) async throws -> BlockNode {
+        let session = drive ?? parent?.drive
         let driver = try args.enumValue("driver", QMPBlockdevDrivers.names)
         let nodeName = try args.optionalString("node-name")
         if isRoot && nodeName == nil { throw QMPError.generic("'node-name' must be specified for the root node") }
@@ -176,6 +181,11 @@ public final class QMPBlockState: @unchecked Sendable {
         let readOnly = try args.optionalBool("read-only") ?? (isBacking || (parent?.readOnly ?? false))
         var direct = parent?.cache.direct ?? false
         var noFlush = false
+        if let session, args.dict["cache"] == nil {
+            let inherited = parent?.cache ?? session.defaults.cache
+            direct = inherited.direct
+            noFlush = inherited.ignoresFlush
+        }
         if let cache = try args.optionalObject("cache") {
             direct = try cache.optionalBool("direct") ?? direct
             noFlush = try cache.optionalBool("no-flush") ?? false
@@ -184,15 +194,22 @@ public final class QMPBlockState: @unchecked Sendable {
         let discard = try args.optionalEnum("discard", ["ignore", "unmap"]) ?? "ignore"
         let detectZeroes = try args.optionalEnum("detect-zeroes", ["off", "on", "unmap"]) ?? "off"
         _ = try args.optionalBool("auto-read-only")
-        _ = try args.optionalBool("force-share")
-        let cache: CacheMode = noFlush ? .unsafe : (direct ? .none : .writeback)
+        let forceShare = try args.optionalBool("force-share") ?? (parent?.forceShare ?? false)
+        var cache: CacheMode = noFlush ? .unsafe : (direct ? .none : .writeback)
+        if let session {
+            if forceShare && !readOnly { throw QMPError.generic("force-share=on can only be used with read-only images") }
+            // Keep writethrough and directsync, which cache.direct/no-flush cannot spell.
+            let inherited = parent?.cache ?? session.defaults.cache
+            if inherited.direct == direct && inherited.ignoresFlush == noFlush { cache = inherited }
+            args.owner = (driver, QMPBlockdevDrivers.isProtocolLike(driver))
+        }
         if let nodeName, graph.node(named: nodeName) != nil {
             throw QMPError.generic("Duplicate nodes with node-name='\(nodeName)'")
         }
         guard let opener = QMPBlockdevDrivers.opener(driver) else {
             throw QMPError.generic("Parameter 'driver' does not accept value '\(driver)'")
         }
-        let ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self)
+        let ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare)
         let opened: any BlockDriver
         do {
             opened = try await opener(args, ctx)

@@ -67,6 +67,11 @@ extension QMPMonitor {
             let child = try await ctx.child(args, "file")
             let bottomName = try args.optionalString("bottom")
             try args.done()
+            // The filter writes what it reads into its child (QEMU refuses a read-only one;
+            // checked for -drive style opens, whose trees the filter owns).
+            if ctx.ownsChildren && ctx.readOnly {
+                throw QMPError.generic("Block node is read-only")
+            }
             // `bottom` is the lowest node whose data is still copied (inclusive): the
             // filter stops at its backing node.
             var base: (any BlockDriver)?
@@ -79,7 +84,7 @@ extension QMPMonitor {
                 }
                 base = found.backing
             }
-            return CopyOnReadNode(child: child, base: base)
+            return CopyOnReadNode(child: child, base: base, ownsChild: ctx.ownsChildren)
         }
     }
 

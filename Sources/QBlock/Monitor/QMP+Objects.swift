@@ -36,48 +36,7 @@ extension QMPMonitor {
             let type = try args.enumValue("qom-type", QMPMonitor.objectTypeNames)
             let id = try args.string("id")
             let objects = ctx.monitor.objects
-            let object: QMPObjects.Object
-            switch type {
-            case "secret":
-                _ = try args.optionalBool("loaded")
-                let format = try args.optionalEnum("format", ["raw", "base64"]) ?? "raw"
-                let keyid = try args.optionalString("keyid")
-                let iv = try args.optionalString("iv")
-                let data = try args.optionalString("data")
-                let file = try args.optionalString("file")
-                try args.done()
-                try QMPObjects.checkID(id)
-                try objects.checkFree(id)
-                if keyid != nil || iv != nil {
-                    throw QMPError.generic("Encrypted secrets (keyid, iv) are not supported by this implementation")
-                }
-                object = .secret(try QMPObjects.loadSecret(data: data, file: file, format: format))
-            case "iothread":
-                var t = QMPObjects.IOThread(id: id)
-                t.aioMaxBatch = try args.optionalInt("aio-max-batch") ?? 0
-                t.threadPoolMin = try args.optionalInt("thread-pool-min") ?? 0
-                t.threadPoolMax = try args.optionalInt("thread-pool-max") ?? 64
-                t.pollMaxNs = try args.optionalInt("poll-max-ns") ?? 32768
-                t.pollGrow = try args.optionalInt("poll-grow") ?? 0
-                t.pollShrink = try args.optionalInt("poll-shrink") ?? 0
-                try args.done()
-                try QMPObjects.checkID(id)
-                try objects.checkFree(id)
-                object = .iothread(t)
-            default:
-                // The members are not read: the type is refused whatever they are.
-                args.markAllRead()
-                try QMPObjects.checkID(id)
-                try objects.checkFree(id)
-                switch type {
-                case "throttle-group":
-                    throw QMPError.generic("throttle-group objects are not supported by this implementation (no I/O throttling)")
-                case "tls-creds-anon", "tls-creds-psk", "tls-creds-x509":
-                    throw QMPError.generic("TLS credentials support requires GNUTLS")
-                default:
-                    throw QMPError.generic("invalid object type: \(type)")
-                }
-            }
+            let object = try QMPObjects.make(type: type, id: id, args, checkingAgainst: objects)
             objects.add(id, object)
             return .dict(QObject.Dict())
         }
@@ -209,5 +168,67 @@ public final class QMPObjects: @unchecked Sendable {
             if bits >= 8 { bits -= 8; out.append(UInt8((acc >> UInt32(bits)) & 0xff)) }
         }
         return out
+    }
+}
+
+extension QMPObjects {
+    /// A new object of `type` with `id` from its properties `args` (`object-add`'s members
+    /// after `qom-type` and `id`), checked against the ids `objects` already holds.
+    static func make(type: String, id: String, _ args: QMPArguments, checkingAgainst objects: QMPObjects) throws -> Object {
+        switch type {
+        case "secret":
+            _ = try args.optionalBool("loaded")
+            let format = try args.optionalEnum("format", ["raw", "base64"]) ?? "raw"
+            let keyid = try args.optionalString("keyid")
+            let iv = try args.optionalString("iv")
+            let data = try args.optionalString("data")
+            let file = try args.optionalString("file")
+            try args.done()
+            try QMPObjects.checkID(id)
+            try objects.checkFree(id)
+            if keyid != nil || iv != nil {
+                throw QMPError.generic("Encrypted secrets (keyid, iv) are not supported by this implementation")
+            }
+            return .secret(try QMPObjects.loadSecret(data: data, file: file, format: format))
+        case "iothread":
+            var t = QMPObjects.IOThread(id: id)
+            t.aioMaxBatch = try args.optionalInt("aio-max-batch") ?? 0
+            t.threadPoolMin = try args.optionalInt("thread-pool-min") ?? 0
+            t.threadPoolMax = try args.optionalInt("thread-pool-max") ?? 64
+            t.pollMaxNs = try args.optionalInt("poll-max-ns") ?? 32768
+            t.pollGrow = try args.optionalInt("poll-grow") ?? 0
+            t.pollShrink = try args.optionalInt("poll-shrink") ?? 0
+            try args.done()
+            try QMPObjects.checkID(id)
+            try objects.checkFree(id)
+            return .iothread(t)
+        default:
+            // The members are not read: the type is refused whatever they are.
+            args.markAllRead()
+            try QMPObjects.checkID(id)
+            try objects.checkFree(id)
+            switch type {
+            case "throttle-group":
+                throw QMPError.generic("throttle-group objects are not supported by this implementation (no I/O throttling)")
+            case "tls-creds-anon", "tls-creds-psk", "tls-creds-x509":
+                throw QMPError.generic("TLS credentials support requires GNUTLS")
+            default:
+                throw QMPError.generic("invalid object type: \(type)")
+            }
+        }
+    }
+
+    /// The objects of QEMU's `--object` command-line options (`secret,id=sec0,data=...`,
+    /// QemuOpts syntax with the type first), created in order as `object-add` creates them.
+    /// - Throws: ``QMPError`` with `object-add`'s messages.
+    public static func commandLine(_ specs: [String]) throws -> QMPObjects {
+        let objects = QMPObjects()
+        for spec in specs {
+            let args = QMPArguments(try DriveOptions.parse(spec, impliedKey: "qom-type", keepID: true), keyval: true)
+            let type = try args.enumValue("qom-type", QMPMonitor.objectTypeNames)
+            let id = try args.string("id")
+            objects.add(id, try make(type: type, id: id, args, checkingAgainst: objects))
+        }
+        return objects
     }
 }

@@ -67,11 +67,20 @@ public final class QMPArguments: @unchecked Sendable {
     /// The dotted path of this object inside the arguments ("" at the top).
     public let path: String
     private var used = Set<String>()
+    /// Keyval mode (QEMU's `-drive`, `--image-opts`, `json:` file names): a boolean, integer
+    /// or size member may also be given as a string ("on", "42", "1M"), and members nobody
+    /// read are reported as the block layer reports unknown options.
+    public let keyval: Bool
+    /// In keyval mode, the driver whose options these are and whether it is a protocol (for
+    /// QEMU's "Block format 'qcow2' does not support the option 'x'").
+    var owner: (driver: String, isProtocol: Bool)?
 
-    /// Wraps the members `dict` of the object at the dotted `path` ("" for the command's arguments).
-    public init(_ dict: QObject.Dict = QObject.Dict(), path: String = "") {
+    /// Wraps the members `dict` of the object at the dotted `path` ("" for the command's
+    /// arguments); `keyval` accepts strings for typed members (see ``keyval``).
+    public init(_ dict: QObject.Dict = QObject.Dict(), path: String = "", keyval: Bool = false) {
         self.dict = dict
         self.path = path
+        self.keyval = keyval
     }
 
     /// The full name of member `key`, as QEMU's messages spell it.
@@ -112,6 +121,10 @@ public final class QMPArguments: @unchecked Sendable {
     /// Member `key` as a boolean, nil when absent.
     public func optionalBool(_ key: String) throws -> Bool? {
         guard let v = value(key) else { return nil }
+        if keyval, case .string(let text) = v {
+            guard let b = KeyvalValue.bool(text) else { throw QMPError.generic("Parameter '\(name(key))' expects 'on' or 'off'") }
+            return b
+        }
         guard case .bool(let b) = v else { throw typeError(key, "boolean") }
         return b
     }
@@ -122,6 +135,10 @@ public final class QMPArguments: @unchecked Sendable {
     /// Member `key` as an integer (QAPI `int`), nil when absent.
     public func optionalInt(_ key: String) throws -> Int64? {
         guard let v = value(key) else { return nil }
+        if keyval, case .string(let text) = v {
+            guard let i = KeyvalValue.int(text) else { throw QMPError.generic("Parameter '\(name(key))' expects a number") }
+            return i
+        }
         guard case .int(let i) = v else { throw typeError(key, "integer") }
         return i
     }
@@ -134,7 +151,12 @@ public final class QMPArguments: @unchecked Sendable {
 
     /// An unsigned member of `bits` bits (QEMU's uint8/16/32/64).
     public func optionalUInt(_ key: String, bits: Int = 64) throws -> UInt64? {
-        guard let v = value(key) else { return nil }
+        guard var v = value(key) else { return nil }
+        if keyval, case .string(let text) = v {
+            // (QEMU's block options that are sizes take suffixes; plain numbers are sizes too.)
+            guard let n = KeyvalValue.size(text) else { throw KeyvalValue.sizeError(name(key)) }
+            v = .int(Int64(bitPattern: n))
+        }
         // (QEMU's texts: a non-number "expects uint64", a value out of range "expects uint32_t".)
         guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(name(key))' expects uint64") }
         guard i >= 0, bits >= 64 || UInt64(i) < (UInt64(1) << UInt64(bits)) else {
@@ -161,7 +183,7 @@ public final class QMPArguments: @unchecked Sendable {
     public func optionalObject(_ key: String) throws -> QMPArguments? {
         guard let v = value(key) else { return nil }
         guard case .dict(let d) = v else { throw typeError(key, "object") }
-        return QMPArguments(d, path: name(key))
+        return QMPArguments(d, path: name(key), keyval: keyval)
     }
 
     /// Mandatory nested object `key`.
@@ -195,6 +217,12 @@ public final class QMPArguments: @unchecked Sendable {
     /// Fails with "Parameter 'x' is unexpected" for the first member not read.
     public func done() throws {
         for e in dict.entries where !used.contains(e.key) {
+            if let owner {
+                // (QEMU names the option as its flattened key: `encrypt.key-secret`.)
+                let key = DriveOptions.flatten(QObject.Dict([(e.key, e.value)])).entries.first?.key ?? e.key
+                throw QMPError.generic(owner.isProtocol ? "Block protocol '\(owner.driver)' doesn't support the option '\(key)'"
+                                       : "Block format '\(owner.driver)' does not support the option '\(key)'")
+            }
             throw QMPError.generic("Parameter '\(name(e.key))' is unexpected")
         }
     }

@@ -69,12 +69,22 @@ public final class QMPOpenContext: @unchecked Sendable {
     /// The node's place in QEMU's node list, taken once its `file` child is open (QEMU names
     /// a node after opening its file and before opening its backing file).
     var slot: Int?
+    /// Set when the tree is opened for ``DriveOpener`` (`-drive` semantics); nil for `blockdev-add`.
+    let drive: DriveSession?
+    /// `force-share`: the node takes only consistent reads and shares everything (read-only nodes).
+    let forceShare: Bool
+    /// Whether the node being opened owns its children and must close them when it is closed
+    /// (true when ``DriveOpener`` opens the tree, whose root owns every node; false for
+    /// `blockdev-add`, where the monitor tracks the nodes). A filter passes it on to its node.
+    public var ownsChildren: Bool { drive != nil }
 
-    init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState) {
+    init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState, drive: DriveSession? = nil, forceShare: Bool = false) {
         self.readOnly = readOnly
         self.cache = cache
         self.graph = graph
         self.block = block
+        self.drive = drive
+        self.forceShare = forceShare
     }
 
     /// Opens child `key` of `args`: a nested object is opened as a new (implicit) node, a
@@ -86,7 +96,7 @@ public final class QMPOpenContext: @unchecked Sendable {
             guard let n = graph.node(named: name) else { throw QMPError.noDevice(device: name, node: name) }
             return n
         case .dict(let d):
-            return try await block.open(QMPArguments(d, path: args.name(key)), parent: self, isRoot: false, isBacking: key == "backing")
+            return try await block.open(QMPArguments(d, path: args.name(key), keyval: args.keyval), parent: self, isRoot: false, isBacking: key == "backing")
         default:
             throw QMPError.generic("Invalid parameter type for '\(args.name(key))', expected: BlockdevRef")
         }
@@ -105,6 +115,23 @@ extension QMPBlockdevDrivers {
     static func openProtocol(_ proto: any ProtocolDriver.Type, _ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
         let open = try proto.readBlockdevOptions(args)
         try args.done()
+        if let session = ctx.drive, case .string(let filename)? = args.dict["filename"] {
+            // -drive semantics: opened by name without locks; the format above takes them
+            // (DriveSession), or none with `locking=off`.
+            var o = OpenOptions(readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
+            o.aio = session.defaults.aio
+            if case .string(let a)? = args.dict["aio"] { o.aio = AIOMode(qemuName: a) }
+            let node: any BlockDriver
+            do {
+                node = try await proto.open(filename: filename, options: o)
+            } catch let e as BlockError {
+                throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
+                                 operation: proto.openOperation, underlying: e.underlying)
+            }
+            let lockingOff = args.dict["locking"] == .string("off") || args.dict["locking"] == .bool(false)
+            session.opened(node, locking: !lockingOff)
+            return node
+        }
         return try await open(ctx.readOnly, ctx.cache)
     }
 
@@ -113,6 +140,10 @@ extension QMPBlockdevDrivers {
     /// name or an object: that node.
     static func openFormat(_ format: any FormatDriver.Type, _ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
         var options = OpenOptions(format: format.name, readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
+        if let session = ctx.drive {
+            options.allowCorrupt = session.defaults.allowCorrupt
+            options.forRepair = session.defaults.forRepair && !ctx.readOnly
+        }
         try format.readBlockdevOptions(args, into: &options)
         let backingValue = format.supportsBackingFile ? args.value("backing") : nil
         let file = try await ctx.child(args, "file")
@@ -124,6 +155,18 @@ extension QMPBlockdevDrivers {
         options.openBacking = format.supportsBackingFile && backingValue == nil
         let imageName = file.filename
         let node = try await format.open(file: file, options: options) { name, format in
+            if let session = ctx.drive, DriveOptions.isJSONFilename(name) {
+                // A backing file named by options (-drive semantics; the tree's root owns it).
+                do {
+                    var opts = try DriveOptions.crumple(try DriveOptions.parseJSONFilename(name))
+                    if let format, opts["driver"] == nil { opts["driver"] = .string(format) }
+                    if opts["read-only"] == nil { opts["read-only"] = .bool(true) }
+                    if ctx.forceShare, opts["force-share"] == nil { opts["force-share"] = .bool(true) }
+                    return try await DriveOpener.openLevel(opts, filename: nil, protocolLevel: false, session: session, state: ctx.block)
+                } catch {
+                    throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
+                }
+            }
             let path = ImageOpener.resolveBackingPath(name, relativeTo: ProtocolRegistry.imagePath(forFilename: imageName))
             var fmt = "raw"
             if let format { fmt = format } else if let probed = await ImageOpener.probeFormat(of: path) { fmt = probed }
@@ -134,6 +177,14 @@ extension QMPBlockdevDrivers {
                 return try await ctx.block.open(QMPArguments(d, path: "backing"), parent: ctx, isRoot: false)
             } catch {
                 throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
+            }
+        }
+        if let session = ctx.drive {
+            do {
+                try session.lock(file: file, format: format.name, readOnly: ctx.readOnly, forceShare: ctx.forceShare)
+            } catch {
+                try? await node.close()
+                throw error
             }
         }
         if let explicitBacking {
@@ -168,6 +219,10 @@ extension QMPArguments: DriverOptionReader {
     /// - Throws: ``QMPError`` "Parameter 'NAME' expects uint64" if the member is not a number.
     public func optionalSize(_ key: String) throws -> Int64? {
         guard let v = value(key) else { return nil }
+        if keyval, case .string(let text) = v {
+            guard let n = KeyvalValue.size(text) else { throw KeyvalValue.sizeError(name(key)) }
+            return Int64(bitPattern: n)
+        }
         guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(name(key))' expects uint64") }
         return i
     }

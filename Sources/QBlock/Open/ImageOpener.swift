@@ -62,7 +62,7 @@ public enum ImageOpener {
     /// read-write with `root` as its backing node and unlinked at once, so it disappears with
     /// the process. The overlay owns `root`.
     /// - Throws: ``BlockError`` from creating or opening the overlay (`root` is closed then).
-    static func temporaryOverlay(above root: any BlockDriver, options: OpenOptions) async throws -> any BlockDriver {
+    package static func temporaryOverlay(above root: any BlockDriver, options: OpenOptions) async throws -> any BlockDriver {
         let dir = getenv("TMPDIR").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 } ?? "/var/tmp"
         var template = Array("\(dir)/vl.XXXXXX".utf8CString)
         // SAFETY: mkstemp writes the generated name into the template's own storage.

@@ -48,7 +48,9 @@ public struct ImageInfo: Sendable, Equatable {
     }
 
     /// Collects the information of an open node (its backing node is not looked at).
-    public init(node: any BlockDriver) {
+    public init(node wrapped: any BlockDriver) {
+        // (Graph wrappers — nodes opened through the monitor's machinery — are looked through.)
+        let node = wrapped.innermostDriver
         filename = node.filename
         format = node.driverName
         virtualSize = qemuLength(node)

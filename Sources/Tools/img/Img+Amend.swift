@@ -11,11 +11,15 @@ struct ImgAmend: AsyncParsableCommand {
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Flag(name: .customLong("force"), help: "Allow unsafe operations.") var force = false
+    @Flag(name: .customLong("image-opts"), help: "The file name is an option string (driver=qcow2,file.filename=...).") var imageOpts = false
+    @Option(name: .customLong("object"), help: "Create a user object (secret,id=ID,data=...); repeatable.") var objects: [String] = []
     @Argument(help: "Image file name.") var files: [String] = []
 
     func run() async throws {
         guard !options.isEmpty else { throw tool.usageError("Must specify options (-o)") }
         guard files.count == 1 else { throw tool.usageError("Expecting one image file name") }
+        do { _ = try ImageSpec.objects(objects) } catch let e as BlockError { throw tool.fail(e.message) }
+        if imageOpts && format != nil { throw tool.fail("--image-opts and --format are mutually exclusive") }
         var mode = CacheMode.writeback
         if let c = cache {
             guard let m = CacheMode(qemuName: c) else { throw tool.fail("Invalid cache option: \(c)") }
@@ -26,7 +30,8 @@ struct ImgAmend: AsyncParsableCommand {
             let kv = o.split(separator: "=", maxSplits: 1)
             pairs.append((String(kv[0]), kv.count > 1 ? String(kv[1]) : ""))
         }
-        let image = try await openImage(files[0], options: OpenOptions(format: format, readOnly: false, cache: mode, openBacking: false))
+        let image = try await openImage(files[0], options: OpenOptions(format: format, readOnly: false, cache: mode, openBacking: false),
+                                        imageOpts: imageOpts)
         try await closing(image) {
             guard let q = image as? any Amendable else {
                 throw tool.fail("Format driver '\(image.driverName)' does not support option amendment")

@@ -15,6 +15,8 @@ struct ImgCompare: AsyncParsableCommand {
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the images shared with other writers.") var forceShare = false
+    @Flag(name: .customLong("image-opts"), help: "The file names are option strings (driver=qcow2,file.filename=...).") var imageOpts = false
+    @Option(name: .customLong("object"), help: "Create a user object (secret,id=ID,data=...); repeatable.") var objects: [String] = []
     @Argument(help: "The two images.") var files: [String] = []
 
     func run() async throws {
@@ -24,6 +26,7 @@ struct ImgCompare: AsyncParsableCommand {
             guard let m = CacheMode(qemuName: cache) else { throw tool.fail("Invalid source cache option: \(cache)", code: 2) }
             mode = m
         }
+        do { _ = try ImageSpec.objects(objects) } catch let e as BlockError { throw tool.fail(e.message, code: 2) }
         let showProgress = progress && !quiet
         let a = try await openOrExit(files[0], format: format1, cache: mode, code: 2)
         let result = try await closing(a) {
@@ -49,20 +52,8 @@ struct ImgCompare: AsyncParsableCommand {
 
     /// A read-only open with `-U`.
     func openOrExit(_ name: String, format: String?, cache: CacheMode, code: Int32) async throws -> any BlockDriver {
-        try await openImage(name, options: OpenOptions(format: format, readOnly: true, cache: cache, forceShare: forceShare),
-                            exitCode: code)
-    }
-}
-
-/// Opens an image with exact options (the format named is used as is: an unknown one is
-/// reported as QEMU's "Unknown driver"), printing qemu-img's message and exiting with
-/// `exitCode` on failure.
-func openImage(_ name: String, options: OpenOptions, exitCode: Int32 = 1) async throws -> any BlockDriver {
-    do {
-        return try await ImageOpener.open(name, options: options)
-    } catch let e as BlockError {
-        let message = e.message.hasPrefix("Could not open backing file") ? "Could not open '\(name)': " + e.message
-            : ToolProgram.openErrorMessage(e, name)
-        throw tool.fail(message, code: exitCode)
+        if imageOpts && format != nil { throw tool.fail("--image-opts and --format are mutually exclusive", code: code) }
+        return try await openImage(name, options: OpenOptions(format: format, readOnly: true, cache: cache, forceShare: forceShare),
+                                   imageOpts: imageOpts, exitCode: code)
     }
 }

@@ -21,6 +21,8 @@ struct ImgInfo: AsyncParsableCommand {
             }
             var opts = image
             opts.format = format
+            // (Only the top image is named by the option string; its backing files by their names.)
+            opts.imageOpts = image.imageOpts && infos.isEmpty
             let node = try await opts.open(name, openBacking: false)
             let info = ImageInfo(node: node)
             await closeQuietly(node)

@@ -14,10 +14,14 @@ struct ImgRebase: AsyncParsableCommand {
     @Flag(name: .customShort("p"), help: "Show progress.") var progress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open shared (not allowed: the image is written).") var forceShare = false
+    @Flag(name: .customLong("image-opts"), help: "The file name is an option string (driver=qcow2,file.filename=...).") var imageOpts = false
+    @Option(name: .customLong("object"), help: "Create a user object (secret,id=ID,data=...); repeatable.") var objects: [String] = []
     @Argument(help: "Image file name.") var files: [String] = []
 
     func run() async throws {
         guard files.count == 1 else { throw tool.usageError(files.isEmpty ? "Expecting one image file name" : "Expecting one image file name") }
+        do { _ = try ImageSpec.objects(objects) } catch let e as BlockError { throw tool.fail(e.message) }
+        if imageOpts && format != nil { throw tool.fail("--image-opts and --format are mutually exclusive") }
         let filename = files[0]
         if !unsafe && backing == nil { throw tool.usageError("Must specify backing file (-b) or use unsafe mode (-u)") }
         if forceShare { throw tool.fail("force-share=on can only be used with read-only images") }
@@ -35,7 +39,7 @@ struct ImgRebase: AsyncParsableCommand {
             throw tool.fail("Could not change the backing file to '\(newName)': backing format must be specified")
         }
         let image = try await openImage(filename, options: OpenOptions(format: format, readOnly: false, cache: mode,
-                                                                        openBacking: !unsafe))
+                                                                        openBacking: !unsafe), imageOpts: imageOpts)
         try await closing(image) {
             var newBacking: (any BlockDriver)?
             if !unsafe, let newName {

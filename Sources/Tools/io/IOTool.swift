@@ -49,6 +49,12 @@ struct IOTool: AsyncParsableCommand {
     @Flag(name: [.customShort("m"), .customLong("misalign")], help: "Misalign request buffers by 16 bytes in memory (tests bounce buffering).")
     var misalign = false
 
+    @Flag(name: .customLong("image-opts"), help: "The file argument is an option string (driver=qcow2,file.filename=...).")
+    var imageOpts = false
+
+    @Option(name: .customLong("object"), help: "Create a user object (secret,id=ID,data=...); repeatable.")
+    var objects: [String] = []
+
     @Argument(help: "The image to open.")
     var file: String?
 
@@ -62,6 +68,16 @@ struct IOTool: AsyncParsableCommand {
 
     /// Opens the image, runs the commands, and returns the exit status.
     func execute() async -> Int32 {
+        do {
+            _ = try ImageSpec.objects(objects)
+        } catch {
+            tool.printError(error.asBlockError.message)
+            return 1
+        }
+        if format != nil && imageOpts {
+            tool.printError("--image-opts and -f are mutually exclusive")
+            return 1
+        }
         // (qemu-io's default cache mode is writethrough: every write is durable when it completes.)
         var options = OpenOptions(format: format, readOnly: readOnly, cache: .writethrough, forceShare: forceShare)
         options.snapshot = snapshot
@@ -91,8 +107,22 @@ struct IOTool: AsyncParsableCommand {
             options.cache = mode
         }
         let session = QemuIOSession(output: .standardStreams, programName: tool.name, misalign: misalign)
-        if let file, await !session.open(file, options: options, unmap: unmap) {
-            return 1
+        await session.setImageOpts(imageOpts)
+        if let file {
+            var opened: Bool
+            if imageOpts {
+                do {
+                    // (qemu-io names no option implicitly: a bare word is a flag.)
+                    let drive = try DriveOptions.parse(file, warning: ImageSpec.printWarning(tool))
+                    opened = await session.open(nil, options: options, unmap: unmap, driveOptions: drive)
+                } catch {
+                    tool.printError("\(QMPError.from(error).desc)")
+                    opened = false
+                }
+            } else {
+                opened = await session.open(file, options: options, unmap: unmap)
+            }
+            if !opened { return 1 }
         }
         let ok = commands.isEmpty ? await interactive(session) : await run(commands, in: session)
         await session.close()

@@ -45,6 +45,9 @@ extension Nbd {
 
     /// Opens the image as node `disk0` and exports it, with the monitor's commands.
     private func addImage(_ filename: String, to monitor: QMPMonitor, settings: Settings) async throws {
+        if ImageSpec.isDriveSpec(filename, imageOpts: imageOpts) {
+            throw QMPError.generic("With --qmp, an image given as options (json:, --image-opts) is not supported; add it with blockdev-add")
+        }
         var fmt = "raw"
         if let format { fmt = format } else if let probed = await ImageOpener.probeFormat(of: filename) { fmt = probed }
         var cache = QObject.Dict()

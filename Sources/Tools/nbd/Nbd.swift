@@ -67,6 +67,15 @@ struct Nbd: AsyncParsableCommand {
     @Option(name: .customLong("qmp"), help: "Daemon mode: serve a QMP monitor on this Unix socket (the image is optional).")
     var qmp: String?
 
+    @Flag(name: [.customShort("v"), .customLong("verbose")], help: "Verbose (accepted; nothing more is printed).")
+    var verbose = false
+
+    @Flag(name: .customLong("image-opts"), help: "The file name is an option string (driver=qcow2,file.filename=...).")
+    var imageOpts = false
+
+    @Option(name: .customLong("object"), help: "Create a user object (secret,id=ID,data=...); repeatable.")
+    var objects: [String] = []
+
     @Argument(help: "Image file name.")
     var filename: String?
 
@@ -179,6 +188,8 @@ struct Nbd: AsyncParsableCommand {
         if z == .unmap && d != .unmap {
             throw tool.fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
         }
+        do { _ = try ImageSpec.objects(objects) } catch let e as BlockError { throw tool.fail(e.message) }
+        if imageOpts && format != nil { throw tool.fail("--image-opts and -f are mutually exclusive") }
         if let format, !ImageOpener.formats.contains(format) {
             throw tool.fail("Unknown file format '\(format)'")
         }
@@ -193,12 +204,13 @@ struct Nbd: AsyncParsableCommand {
     func openImage(_ s: Settings, filename: String) async throws -> any BlockDriver {
         let options = OpenOptions(format: format, readOnly: readOnly, cache: s.cache)
         do {
-            let node = try await ImageOpener.open(filename, options: options)
-            if format == nil && node.driverName == "raw" && !readOnly {
+            let node = try await ImageSpec.open(filename, imageOpts: imageOpts, options: options, warning: ImageSpec.printWarning(tool))
+            if format == nil && node.driverName == "raw" && !readOnly && !ImageSpec.isDriveSpec(filename, imageOpts: imageOpts) {
                 writeStderr(ToolProgram.rawProbeWarning(filename))
             }
             return node
         } catch let e as BlockError {
+            if ImageSpec.isDriveSpec(filename, imageOpts: imageOpts) { throw tool.fail("Failed to blk_new_open '\(filename)': \(e.message)") }
             throw tool.fail(e.message.hasPrefix("Could not open") ? e.message : "Failed to blk_new_open '\(filename)': \(e.message)")
         }
     }

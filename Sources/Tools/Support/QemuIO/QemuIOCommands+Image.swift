@@ -127,6 +127,8 @@ extension QemuIOSession {
     func openCommand(_ argv: [String]) async -> Bool {
         var options = OpenOptions(cache: .writethrough)  // (qemu-io's default, as on its command line)
         var unmap = true
+        var drive = QObject.Dict()
+        var hasDriveOptions = false
         let operands = parseOptions(argv, "rsCnkUt:d:i:f:o:") { c, arg in
             switch c {
             case "r": options.readOnly = true
@@ -155,29 +157,40 @@ extension QemuIOSession {
                 options.aio = mode
             case "f": options.format = arg
             default:
-                for pair in (arg ?? "").split(separator: ",") {
-                    let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
-                    guard kv.count == 2, kv[0] == "driver" || kv[0] == "format" else {
-                        report("Unsupported open option '\(pair)' (only driver=FMT is supported)")
-                        return false
-                    }
-                    options.format = kv[1]
+                if imageOpts {
+                    out("--image-opts and 'open -o' are mutually exclusive\n")
+                    return false
                 }
+                do {
+                    // (Repeated -o options add up, as QEMU's option list does.)
+                    for (k, v) in try DriveOptions.parse(arg ?? "", warning: { self.report("warning: " + $0) }).entries { drive[k] = v }
+                } catch {
+                    report(error.asDriveMessage)
+                    return false
+                }
+                hasDriveOptions = true
             }
             return true
         }
-        guard let operands else { return false }
-        guard operands.count == 1 else {
+        guard var operands else { return false }
+        if imageOpts && operands.count == 1 {
+            do {
+                drive = try DriveOptions.parse(operands.removeFirst(), warning: { self.report("warning: " + $0) })
+            } catch {
+                report(error.asDriveMessage)
+                return false
+            }
+            hasDriveOptions = true
+        }
+        guard operands.count <= 1 else { return usage("open") }
+        if operands.isEmpty && !hasDriveOptions {
             if node != nil {
                 report("file open already, try 'help close'")
                 return false
             }
-            if operands.isEmpty {
-                report("can't open: Must specify either driver or file")
-                return false
-            }
-            return usage("open")
+            report("can't open: Must specify either driver or file")
+            return false
         }
-        return await open(operands[0], options: options, unmap: unmap)
+        return await open(operands.first, options: options, unmap: unmap, driveOptions: hasDriveOptions ? drive : nil)
     }
 }

@@ -62,6 +62,13 @@ public actor QemuIOSession {
     /// (`-d ignore`) makes them succeed without effect, as QEMU's nodes opened without
     /// `BDRV_O_UNMAP` do.
     var unmap = true
+    /// qemu-io's `--image-opts`: the `open` command's path operand is an option string
+    /// (and `open -o` is refused).
+    public var imageOpts = false
+
+    /// Sets ``imageOpts``.
+    public func setImageOpts(_ on: Bool) { imageOpts = on }
+
     /// True once `quit` ran: the caller should stop reading commands.
     public private(set) var quitRequested = false
     private var pending: [Task<Void, Never>] = []
@@ -160,17 +167,53 @@ public actor QemuIOSession {
     ///   - unmap: whether discard requests reach the image (`-d unmap`; false: `-d ignore`).
     /// - Returns: false after printing why the image could not be opened.
     public func open(_ path: String, options: OpenOptions, unmap: Bool = true) async -> Bool {
+        await open(path as String?, options: options, unmap: unmap, driveOptions: nil)
+    }
+
+    /// Opens an image named by a file name (plain or `json:{...}`), by `-drive` style
+    /// options, or both, as qemu-io's `open -o OPTIONS [path]` and `--image-opts OPTIONS` do
+    /// (``DriveOpener``; options are dotted keys with string values, as
+    /// ``DriveOptions/parse(_:impliedKey:keepID:warning:)`` gives them).
+    ///
+    /// Failures are printed as qemu-io prints them ("can't open device PATH: …", or "can't
+    /// open: …" without a path).
+    /// - Parameters:
+    ///   - path: the image file, or nil when `driveOptions` name it.
+    ///   - options: the open mode (format, read-only, cache mode, force-share, …).
+    ///   - unmap: whether discard requests reach the image.
+    ///   - driveOptions: the options, or nil for none.
+    /// - Returns: false after printing why the image could not be opened.
+    public func open(_ path: String?, options: OpenOptions, unmap: Bool = true, driveOptions: QObject.Dict?) async -> Bool {
+        let device = path.map { " device \($0)" } ?? ""
         if node != nil {
             report("file open already, try 'help close'")
             return false
         }
+        if options.forceShare, let given = driveOptions?["force-share"], given != .string("on") {
+            report("-U conflicts with image options")
+            return false
+        }
         if options.forceShare && !options.readOnly {
-            report("can't open device \(path): force-share=on can only be used with read-only images")
+            report("can't open\(device): force-share=on can only be used with read-only images")
             return false
         }
         if let f = options.format, !ImageOpener.formats.contains(f) {
-            report("can't open device \(path): Unknown driver '\(f)'")
+            report("can't open\(device): Unknown driver '\(f)'")
             return false
+        }
+        guard let path, driveOptions == nil, !DriveOptions.isJSONFilename(path) else {
+            do {
+                node = try await DriveOpener.open(filename: path, options: driveOptions ?? QObject.Dict(), defaults: options)
+            } catch {
+                report("can't open\(device): \(error.asDriveMessage)")
+                return false
+            }
+            if options.format == nil && driveOptions?["driver"] == nil, let path, !DriveOptions.isJSONFilename(path),
+               node?.driverName == "raw", !options.readOnly, !options.snapshot {
+                output.standardError(ToolProgram.rawProbeWarning(path))
+            }
+            self.unmap = unmap
+            return true
         }
         let probedRaw = options.format == nil && (try? ImageOpener.probe(path)) == "raw"
         do {
@@ -246,5 +289,14 @@ public actor QemuIOSession {
             count += len
         }
         return count
+    }
+}
+
+extension Error {
+    /// The message of an error from ``DriveOpener``: a monitor error's description or a
+    /// block error's message.
+    var asDriveMessage: String {
+        if let e = self as? QMPError { return e.desc }
+        return asBlockError.message
     }
 }
