@@ -321,6 +321,28 @@ import TestSupport
         #expect(throws: BlockError.self) { try NBDURI(text) }
     }
 
+    /// QEMU's legacy `nbd:` file names (iotests 058 opens `nbd:unix:PATH`).
+    @Test(arguments: [
+        ("nbd:unix:/tmp/s", NBDURI.Transport.unix(path: "/tmp/s"), "", "nbd+unix://?socket=/tmp/s"),
+        ("nbd:unix:/tmp/s:exportname=exp", .unix(path: "/tmp/s"), "exp", "nbd+unix:///exp?socket=/tmp/s"),
+        ("nbd:localhost:10810", .tcp(host: "localhost", port: 10810), "", "nbd://localhost:10810"),
+        ("nbd:127.0.0.1:99:exportname=a", .tcp(host: "127.0.0.1", port: 99), "a", "nbd://127.0.0.1:99/a"),
+        ("nbd:[::1]:99", .tcp(host: "::1", port: 99), "", "nbd:[::1]:99"),
+    ])
+    func parsesLegacy(_ text: String, _ transport: NBDURI.Transport, _ export: String, _ canonical: String) throws {
+        let u = try NBDURI(text)
+        #expect(u.transport == transport)
+        #expect(u.exportName == export)
+        #expect(u.canonicalFilename == canonical)
+        #expect(NBDProtocol.claimsLegacyFilename(text))
+        #expect(ProtocolRegistry.driver(forFilename: text).name == NBDProtocol.name)
+    }
+
+    @Test(arguments: ["nbd:unix:", "nbd:host", "nbd:host:notaport", "nbd::99"])
+    func rejectsLegacy(_ text: String) {
+        #expect(throws: BlockError.self) { try NBDURI(text) }
+    }
+
     @Test func notURIs() {
         #expect(!NBDURI.isNBDURI("/tmp/nbd://x"))
         #expect(!NBDURI.isNBDURI("image.qcow2"))

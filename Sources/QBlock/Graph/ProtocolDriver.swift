@@ -19,6 +19,10 @@ public protocol ProtocolDriver: Sendable {
     /// takes every file name no other driver claims.
     static var uriSchemes: [String] { get }
 
+    /// Whether this driver takes `filename` although it has none of ``uriSchemes`` (QEMU's
+    /// legacy pseudo-protocol syntaxes such as `nbd:unix:PATH`); false by default.
+    static func claimsLegacyFilename(_ filename: String) -> Bool
+
     /// The `operation` of the "Could not open 'NAME': …" error `ImageOpener` makes of this
     /// driver's open errors: "open" for a host file, whose errors qemu-img words with the
     /// file name twice (see the tools' `openErrorMessage`), something else for the others.
@@ -57,6 +61,9 @@ public protocol ProtocolDriver: Sendable {
 }
 
 extension ProtocolDriver {
+    /// None by default.
+    public static func claimsLegacyFilename(_ filename: String) -> Bool { false }
+
     /// Reads the first `count` bytes (fewer for a shorter node) with a plain read.
     public static func probeHead(of node: any BlockDriver, count: Int) async throws -> [UInt8] {
         try await node.read(at: 0, count: Int(min(Int64(count), node.length)))

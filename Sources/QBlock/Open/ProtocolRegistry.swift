@@ -32,6 +32,7 @@ public enum ProtocolRegistry {
             let scheme = filename[..<r.lowerBound].lowercased()
             if let d = builtIn.first(where: { $0.uriSchemes.contains(scheme) }) { return d }
         }
+        if let d = builtIn.first(where: { $0.claimsLegacyFilename(filename) }) { return d }
         guard let plain = builtIn.first(where: { $0.uriSchemes.isEmpty }) else {
             preconditionFailure("ProtocolRegistry.builtIn has no driver for plain host paths")
         }

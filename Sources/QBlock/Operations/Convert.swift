@@ -115,18 +115,11 @@ public enum Convert {
                 await closeAll()
                 throw BlockError(.invalidArgument, "No support for concatenating multiple snapshot")
             }
-            guard let q = opened[0] as? any InternalSnapshotting else {
-                await closeAll()
-                throw BlockError(.unsupported, "Failed to load snapshot: Block format '\(opened[0].driverName)' used by device '' does not support internal snapshots")
-            }
             do {
-                let (id, name) = parseSnapshotSpec(spec)
-                sourcesForCopy = [try await (id == nil && name == nil
-                    ? q.internalSnapshotReader(id: spec, name: nil, orName: spec)
-                    : q.internalSnapshotReader(id: id, name: name, orName: nil))]
+                sourcesForCopy = [try await InternalSnapshotView.open(spec, of: opened[0])]
             } catch {
                 await closeAll()
-                throw BlockError(.notFound, "Failed to load snapshot: \(error.asBlockError.message)")
+                throw error
             }
         }
         if options.bitmaps {
@@ -171,16 +164,6 @@ public enum Convert {
         progress?(100)
     }
 
-    /// Splits "snapshot.id=X,snapshot.name=Y" (either part optional); plain text gives (nil, nil).
-    static func parseSnapshotSpec(_ spec: String) -> (String?, String?) {
-        guard spec.hasPrefix("snapshot.") else { return (nil, nil) }
-        var id: String?, name: String?
-        for part in spec.split(separator: ",") {
-            if part.hasPrefix("snapshot.id=") { id = String(part.dropFirst("snapshot.id=".count)) }
-            if part.hasPrefix("snapshot.name=") { name = String(part.dropFirst("snapshot.name=".count)) }
-        }
-        return (id, name)
-    }
 
     /// qemu-img's message for an image that could not be opened.
     static func openError(_ error: Error, _ filename: String) -> BlockError {

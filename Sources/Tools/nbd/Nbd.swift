@@ -70,6 +70,24 @@ struct Nbd: AsyncParsableCommand {
     @Flag(name: [.customShort("v"), .customLong("verbose")], help: "Verbose (accepted; nothing more is printed).")
     var verbose = false
 
+    @Flag(name: [.customShort("L"), .customLong("list")], help: "List the exports of the server at -k SOCKET or -b HOST -p PORT, and exit.")
+    var list = false
+
+    @Option(name: [.customShort("o"), .customLong("offset")], help: "Export the image from this byte offset on (a raw window).")
+    var offset: String?
+
+    @Option(name: [.customShort("l"), .customLong("load-snapshot")], help: "Export this internal snapshot (ID_OR_NAME or snapshot.id=,snapshot.name=), read-only.")
+    var loadSnapshot: String?
+
+    @Flag(name: [.customShort("s"), .customLong("snapshot")], help: "Writes go to a temporary overlay; the image is not changed.")
+    var snapshot = false
+
+    @Flag(name: [.customShort("n"), .customLong("nocache")], help: "Disable the host cache (same as --cache=none).")
+    var noCache = false
+
+    @Option(name: .customLong("aio"), help: "How requests reach the host: threads, native (needs --cache=none) or io_uring.")
+    var aio: String?
+
     @Flag(name: .customLong("image-opts"), help: "The file name is an option string (driver=qcow2,file.filename=...).")
     var imageOpts = false
 
@@ -90,6 +108,7 @@ struct Nbd: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if list { return try await listExports() }
         let settings = try validateSettings()
         if qmp == nil && filename == nil { throw tool.fail("Expected exactly one image file name") }
         if fork && Daemon.readyFD == nil {
@@ -99,7 +118,19 @@ struct Nbd: AsyncParsableCommand {
         if Daemon.readyFD != nil { _ = setsid() }
         if let qmp { return try await runDaemon(qmp: qmp, settings: settings) }
 
-        let node = try await openImage(settings, filename: filename ?? "")
+        var underneath: (any BlockDriver)?
+        let node = try await openImage(settings, filename: filename ?? "", underneath: &underneath)
+        do {
+            try await serve(node, settings: settings)
+        } catch {
+            try? await underneath?.close()
+            throw error
+        }
+        try? await underneath?.close()
+    }
+
+    /// Exports `node` until the server stops, then closes it (qemu-nbd's main loop).
+    func serve(_ node: any BlockDriver, settings: Settings) async throws {
         let export: NBDExport
         do {
             var options = settings.exportOptions
@@ -169,7 +200,34 @@ struct Nbd: AsyncParsableCommand {
         var shared: Int
         var port: UInt16
         var cache: CacheMode
+        var aio: AIOMode?
+        var offset: Int64
         var exportOptions: NBDExport.Options
+    }
+
+    /// `--list`: the exports of the server at `-k` or `-b`/`-p`, in qemu-nbd's words.
+    func listExports() async throws {
+        if filename != nil { throw tool.fail("List mode is incompatible with a file name") }
+        if !exportName.isEmpty || exportDescription != nil || offset != nil || format != nil || loadSnapshot != nil
+            || !bitmap.isEmpty || allocationDepth || aio != nil || discard != "ignore" || cache != nil || noCache {
+            throw tool.fail("List mode is incompatible with per-device settings")
+        }
+        if fork { throw tool.fail("List mode is incompatible with forking") }
+        let text: String
+        if let socket {
+            text = "nbd+unix:///?socket=\(socket)"
+        } else {
+            guard let p = UInt16(port) else { throw tool.fail("Invalid port number `\(port)'") }
+            // (qemu-nbd lists from "localhost" unless -b names a host.)
+            let host = bind == "0.0.0.0" ? "localhost" : bind
+            text = "nbd://\(host.contains(":") ? "[\(host)]" : host):\(p)"
+        }
+        do {
+            let exports = try await NBDExportList.list(try NBDURI(text))
+            writeStdout(NbdListOutput.render(exports))
+        } catch let e as BlockError {
+            throw tool.fail(e.message)
+        }
     }
 
     /// Checks the options as qemu-nbd does, with its messages.
@@ -177,9 +235,23 @@ struct Nbd: AsyncParsableCommand {
         guard let n = Int(shared), n >= 1 else { throw tool.fail("Invalid shared device number '\(shared)'") }
         guard let p = UInt16(port) else { throw tool.fail("Invalid port number `\(port)'") }
         var cacheMode = CacheMode.writeback
-        if let cache {
+        if noCache && cache != nil { throw tool.fail("-n and --cache can only be specified once") }
+        if let cache = noCache ? "none" : cache {
             guard let c = CacheMode(qemuName: cache) else { throw tool.fail("Invalid cache mode `\(cache)'") }
             cacheMode = c
+        }
+        var aioMode: AIOMode?
+        if let aio {
+            guard let a = AIOMode(qemuName: aio) else { throw tool.fail("Invalid aio mode '\(aio)'") }
+            aioMode = a
+        }
+        var start: Int64 = 0
+        if let offset {
+            // (qemu_strtou64: decimal, 0x hexadecimal or 0 octal, nothing after the number.)
+            let t = offset.lowercased()
+            let v = t.hasPrefix("0x") ? Int64(t.dropFirst(2), radix: 16) : (t.count > 1 && t.hasPrefix("0") ? Int64(t.dropFirst(), radix: 8) : Int64(t))
+            guard let v, v >= 0 else { throw tool.fail("Invalid offset '\(offset)'") }
+            start = v
         }
         guard let d = NBDExport.DiscardMode(rawValue: discard) else { throw tool.fail("Invalid discard mode `\(discard)'") }
         guard let z = NBDExport.DetectZeroes(rawValue: detectZeroes) else {
@@ -198,15 +270,35 @@ struct Nbd: AsyncParsableCommand {
         // qemu-nbd advertises multi-connection exactly when more than one client may connect.
         let options = NBDExport.Options(readOnly: readOnly, discard: d, detectZeroes: z, allocationDepth: allocationDepth,
                                         writethrough: cacheMode.writeThrough, multiConnection: n > 1)
-        return Settings(shared: n, port: p, cache: cacheMode, exportOptions: options)
+        var exportOptions = options
+        // (-l implies a read-only export, as in qemu-nbd.)
+        if loadSnapshot != nil { exportOptions.readOnly = true }
+        return Settings(shared: n, port: p, cache: cacheMode, aio: aioMode, offset: start, exportOptions: exportOptions)
     }
 
-    func openImage(_ s: Settings, filename: String) async throws -> any BlockDriver {
-        let options = OpenOptions(format: format, readOnly: readOnly, cache: s.cache)
+    /// Opens the image to export; with `-l`, `underneath` receives the image below the
+    /// snapshot view that is returned (closed after the view).
+    func openImage(_ s: Settings, filename: String, underneath: inout (any BlockDriver)?) async throws -> any BlockDriver {
+        let ro = readOnly || loadSnapshot != nil
+        var options = OpenOptions(format: format, readOnly: ro, cache: s.cache)
+        options.aio = s.aio
+        options.snapshot = snapshot
         do {
-            let node = try await ImageSpec.open(filename, imageOpts: imageOpts, options: options, warning: ImageSpec.printWarning(tool))
-            if format == nil && node.driverName == "raw" && !readOnly && !ImageSpec.isDriveSpec(filename, imageOpts: imageOpts) {
+            var node = try await ImageSpec.open(filename, imageOpts: imageOpts, options: options, warning: ImageSpec.printWarning(tool))
+            if format == nil && node.driverName == "raw" && !ro && !snapshot && !ImageSpec.isDriveSpec(filename, imageOpts: imageOpts) {
                 writeStderr(ToolProgram.rawProbeWarning(filename))
+            }
+            // --offset: a raw window over the image from that byte on (qemu-nbd's raw node with `offset`).
+            if s.offset > 0 { node = RawNode(file: node, offset: s.offset) }
+            if let loadSnapshot {
+                do {
+                    let view = try await InternalSnapshotView.open(loadSnapshot, of: node)
+                    underneath = node
+                    node = view
+                } catch let e as BlockError {
+                    try? await node.close()
+                    throw tool.fail(e.message)
+                }
             }
             return node
         } catch let e as BlockError {

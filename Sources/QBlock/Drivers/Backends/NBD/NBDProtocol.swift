@@ -10,6 +10,9 @@ public enum NBDProtocol: ProtocolDriver {
     /// `nbd`, `nbd+tcp`, `nbd+unix` and the TLS schemes (which ``NBDURI`` refuses clearly).
     public static var uriSchemes: [String] { NBDURI.schemes }
 
+    /// QEMU's legacy `nbd:unix:PATH[:exportname=NAME]` and `nbd:HOST:PORT[:exportname=NAME]`.
+    public static func claimsLegacyFilename(_ filename: String) -> Bool { NBDURI.isLegacy(filename) }
+
     /// "nbd open": qemu-img names the URI once in these errors.
     public static let openOperation = "nbd open"
 

@@ -54,12 +54,51 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// Whether `text` uses QEMU's legacy syntax, `nbd:unix:PATH[:exportname=NAME]` or
+    /// `nbd:HOST:PORT[:exportname=NAME]` (no `://`).
+    public static func isLegacy(_ text: String) -> Bool {
+        text.hasPrefix("nbd:") && !text.hasPrefix("nbd://")
+    }
+
+    /// The transport and export name of a legacy `nbd:` file name (QEMU's `nbd_parse_filename`).
+    static func parseLegacy(_ text: String, _ bad: (String) -> BlockError) throws -> (Transport, String) {
+        var rest = Substring(text.dropFirst("nbd:".count))
+        var export = ""
+        if let r = rest.range(of: ":exportname=") {
+            export = String(rest[r.upperBound...])
+            rest = rest[..<r.lowerBound]
+        }
+        if rest.hasPrefix("unix:") {
+            let path = rest.dropFirst("unix:".count)
+            guard !path.isEmpty else { throw bad("missing socket path") }
+            return (.unix(path: String(path)), export)
+        }
+        var host = rest, portText: Substring = ""
+        if rest.hasPrefix("["), let close = rest.firstIndex(of: "]") {
+            host = rest[rest.index(after: rest.startIndex)..<close]
+            let after = rest[rest.index(after: close)...]
+            guard after.hasPrefix(":") else { throw bad("missing port") }
+            portText = after.dropFirst()
+        } else if let colon = rest.lastIndex(of: ":") {
+            host = rest[..<colon]
+            portText = rest[rest.index(after: colon)...]
+        } else {
+            throw bad("missing port")
+        }
+        guard !host.isEmpty, let port = UInt16(portText) else { throw bad("bad host or port") }
+        return (.tcp(host: String(host), port: port), export)
+    }
+
     /// Parses `text`.
     /// - Throws: ``BlockError`` `.invalidArgument` for a malformed URI, `.unsupported` for TLS.
     public init(_ text: String) throws {
         self.text = text
         func bad(_ why: String) -> BlockError {
             BlockError(.invalidArgument, "Invalid NBD URI '\(text)': \(why)", path: text, operation: "open")
+        }
+        if NBDURI.isLegacy(text) {
+            (transport, exportName) = try NBDURI.parseLegacy(text, bad)
+            return
         }
         guard let schemeEnd = text.range(of: "://") else { throw bad("missing '://'") }
         let scheme = text[..<schemeEnd.lowerBound].lowercased()
