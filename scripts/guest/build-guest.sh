@@ -39,6 +39,8 @@ if [ -z "$name" ]; then
 fi
 
 log() { echo "build-guest: $*" >&2; }
+# shellcheck source=../lib/private-apt.sh
+. "$(dirname "$0")/../lib/private-apt.sh"
 
 # Host tools: cpio, gzip, dpkg-deb, xz (Debian packages), installed when missing.
 need_pkgs=""
@@ -58,29 +60,13 @@ apt_root="$GUEST_DIR/apt"
 
 # --- 1. Download the packages with a private apt configuration (once) ---------------------
 fetch() {
-    mkdir -p "$debs" "$apt_root"/{lists/partial,cache/archives/partial,etc/apt.conf.d,etc/preferences.d,etc/sources.list.d}
-    : > "$apt_root/status"
+    mkdir -p "$debs"
+    private_apt_setup "$apt_root"
     keyring=/usr/share/keyrings/debian-archive-keyring.gpg
     signed=""
     [ -f "$keyring" ] && signed=" signed-by=$keyring"
     echo "deb [arch=riscv64$signed] $MIRROR $SUITE main" > "$apt_root/etc/sources.list"
-    apt_opts=(
-        -o "Dir::Etc=$apt_root/etc"
-        -o "Dir::Etc::sourcelist=$apt_root/etc/sources.list"
-        -o "Dir::Etc::sourceparts=$apt_root/etc/sources.list.d"
-        -o "Dir::Etc::preferences=$apt_root/etc/preferences"
-        -o "Dir::Etc::preferencesparts=$apt_root/etc/preferences.d"
-        -o "Dir::State=$apt_root"
-        -o "Dir::State::lists=$apt_root/lists"
-        -o "Dir::State::status=$apt_root/status"
-        -o "Dir::Cache=$apt_root/cache"
-        -o "APT::Architecture=riscv64"
-        -o "APT::Architectures=riscv64"
-        -o "Debug::NoLocking=1"
-        -o "Acquire::Retries=3"
-    )
-    # Downloads are done by the _apt user when we are root; it must be able to write there.
-    if [ "$(id -u)" = 0 ]; then apt_opts+=(-o "APT::Sandbox::User=root"); fi
+    apt_opts+=(-o "APT::Architecture=riscv64" -o "APT::Architectures=riscv64")
     log "apt-get update (private configuration, $SUITE riscv64)"
     if ! apt-get "${apt_opts[@]}" update -qq >"$GUEST_DIR/apt-update.log" 2>&1; then
         log "apt-get update failed (see $GUEST_DIR/apt-update.log)"; return 2

@@ -22,8 +22,9 @@ if ! command -v dpkg-source >/dev/null; then
 fi
 
 apt_root="$cache/apt"
-mkdir -p "$apt_root"/{lists/partial,cache/archives/partial,etc/apt.conf.d,etc/preferences.d,etc/sources.list.d}
-: > "$apt_root/status"
+# shellcheck source=../lib/private-apt.sh
+. "$(dirname "$0")/../lib/private-apt.sh"
+private_apt_setup "$apt_root"
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 signed=""; [ -f "$keyring" ] && signed=" [signed-by=$keyring]"
 # The installed release's code name (bookworm for Debian 12).
@@ -34,20 +35,6 @@ mirror="${IOTESTS_MIRROR:-http://deb.debian.org/debian}"
     echo "deb-src$signed $mirror $suite-updates main"
     echo "deb-src$signed ${IOTESTS_SECURITY_MIRROR:-http://deb.debian.org/debian-security} $suite-security main"
 } > "$apt_root/etc/sources.list"
-apt_opts=(
-    -o "Dir::Etc=$apt_root/etc"
-    -o "Dir::Etc::sourcelist=$apt_root/etc/sources.list"
-    -o "Dir::Etc::sourceparts=$apt_root/etc/sources.list.d"
-    -o "Dir::Etc::preferences=$apt_root/etc/preferences"
-    -o "Dir::Etc::preferencesparts=$apt_root/etc/preferences.d"
-    -o "Dir::State=$apt_root"
-    -o "Dir::State::lists=$apt_root/lists"
-    -o "Dir::State::status=$apt_root/status"
-    -o "Dir::Cache=$apt_root/cache"
-    -o "Debug::NoLocking=1"
-    -o "Acquire::Retries=3"
-)
-if [ "$(id -u)" = 0 ]; then apt_opts+=(-o "APT::Sandbox::User=root"); fi
 
 log "apt-get update (private configuration, deb-src $suite)"
 if ! apt-get "${apt_opts[@]}" update -qq > "$cache/apt-update.log" 2>&1 \

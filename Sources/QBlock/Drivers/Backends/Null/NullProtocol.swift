@@ -1,18 +1,19 @@
 import QBlockCore
 import QBlockGraph
 
-/// The `null-co` protocol driver (``NullNode``): the file name `null-co://` and nothing else,
-/// or `blockdev-add` with `size`, `latency-ns` and `read-zeroes`.
-public enum NullCoProtocol: ProtocolDriver {
-    /// `null-co`.
-    public static let name = "null-co"
-    /// `null-co`.
-    public static let uriSchemes = ["null-co"]
+/// What `null-co` and `null-aio` share: everything but the name (QEMU's two differ in how
+/// they complete requests, which makes no difference here). Each takes the file name
+/// `NAME://` and nothing else, or `blockdev-add` with `size`, `latency-ns` and `read-zeroes`.
+public protocol NullProtocolDriver: ProtocolDriver {}
+
+extension NullProtocolDriver {
+    /// The driver's name: `null-co://`, `null-aio://`.
+    public static var uriSchemes: [String] { [name] }
     /// "null open".
-    public static let openOperation = "null open"
+    public static var openOperation: String { "null open" }
 
     /// A 1 GiB node that drops writes (see ``NullNode``).
-    /// - Throws: ``BlockError`` "The only allowed filename for this driver is 'null-co://'".
+    /// - Throws: ``BlockError`` "The only allowed filename for this driver is 'NAME://'".
     public static func open(filename: String, options: OpenOptions) async throws -> any BlockDriver {
         try NullOptions.open(name, filename: filename, options: options)
     }
@@ -23,40 +24,23 @@ public enum NullCoProtocol: ProtocolDriver {
         try NullOptions.read(name, members)
     }
 
-    /// `{"driver": "null-co"}`.
-    /// - Throws: ``BlockError`` for a name other than `null-co://`.
+    /// `{"driver": NAME}`.
+    /// - Throws: ``BlockError`` for a name other than `NAME://`.
     public static func blockdevOptions(filename: String) throws -> QObject.Dict {
         try NullOptions.blockdevOptions(name, filename: filename)
     }
 }
 
-/// The `null-aio` protocol driver: `null-co` under another name (QEMU's differ in how
-/// they complete requests, which makes no difference here).
-public enum NullAioProtocol: ProtocolDriver {
+/// The `null-co` protocol driver (``NullNode``).
+public enum NullCoProtocol: NullProtocolDriver {
+    /// `null-co`.
+    public static let name = "null-co"
+}
+
+/// The `null-aio` protocol driver: `null-co` under another name.
+public enum NullAioProtocol: NullProtocolDriver {
     /// `null-aio`.
     public static let name = "null-aio"
-    /// `null-aio`.
-    public static let uriSchemes = ["null-aio"]
-    /// "null open".
-    public static let openOperation = "null open"
-
-    /// A 1 GiB node that drops writes (see ``NullNode``).
-    /// - Throws: ``BlockError`` "The only allowed filename for this driver is 'null-aio://'".
-    public static func open(filename: String, options: OpenOptions) async throws -> any BlockDriver {
-        try NullOptions.open(name, filename: filename, options: options)
-    }
-
-    /// Reads `size`, `latency-ns` and `read-zeroes`.
-    /// - Throws: the reader's errors; ``BlockError`` "latency-ns is invalid".
-    public static func readBlockdevOptions(_ members: any DriverOptionReader) throws -> ProtocolOpener {
-        try NullOptions.read(name, members)
-    }
-
-    /// `{"driver": "null-aio"}`.
-    /// - Throws: ``BlockError`` for a name other than `null-aio://`.
-    public static func blockdevOptions(filename: String) throws -> QObject.Dict {
-        try NullOptions.blockdevOptions(name, filename: filename)
-    }
 }
 
 /// What the two null drivers share.
