@@ -18,10 +18,11 @@ extension QMPBlockdevDrivers {
     /// config file's), `take-child-perms` and `unshare-child-perms` (accepted, ignored).
     static func openBlkdebug(_ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
         let config = try args.optionalString("config")
-        let align = try args.optionalInt("align") ?? 0
-        let maxTransfer = try args.optionalInt("max-transfer") ?? 0
-        let optWriteZero = try args.optionalInt("opt-write-zero") ?? 0
-        for k in ["max-write-zero", "opt-discard", "max-discard"] { _ = try args.optionalInt(k) }
+        // (Sizes: `file.align=4k` from an option string, as blkdebug's QemuOpts take them.)
+        let align = try args.optionalSize("align") ?? 0
+        let maxTransfer = try args.optionalSize("max-transfer") ?? 0
+        let optWriteZero = try args.optionalSize("opt-write-zero") ?? 0
+        for k in ["max-write-zero", "opt-discard", "max-discard"] { _ = try args.optionalSize(k) }
         var rules = try config.map { try BlkdebugProtocol.readConfigFile($0) } ?? []
         for (key, group, members) in [("inject-error", "inject-error", ["event", "state", "iotype", "errno", "sector", "once", "immediately"]),
                                       ("set-state", "set-state", ["event", "state", "new_state"])] {
