@@ -74,6 +74,43 @@ struct Qcow2IotestsRegressionTests {
     /// iotests 029: VM state (qemu-io's `write -b`/`read -b`) lives past the disk, at the
     /// offset QEMU computes, and a huge position grows the L1 table; qemu-io reads what we
     /// wrote, an internal snapshot keeps it, and the image checks clean.
+    /// A write that reuses a preallocated zero cluster in place must not read and write back
+    /// the data cluster next to it: another write into that data cluster, in flight at the
+    /// same time, was overwritten with the old bytes (an acknowledged write lost; seen once as
+    /// a model mismatch in Qcow2NoSpaceTests). blkdebug breakpoints hold the data-cluster
+    /// write after it was planned, and the zero-cluster write (if it copies the neighbour)
+    /// between reading and writing the old bytes, so the interleaving is the bad one.
+    @Test func reusedZeroClusterLeavesItsDataNeighbourAlone() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/z.qcow2"
+        let cs = 65536
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"])
+        try sh(["qemu-io", "-c", "write -q -P 1 0 1M", "-c", "write -q -z 0 64k", path])
+        let n = try await ImageOpener.open("blkdebug::" + path, options: OpenOptions(format: "qcow2"))
+        let bp = try #require(n.debugBreakpointNode)
+        // B: in place into cluster 1, stopped after it was planned, before its data write.
+        bp.setBreakpoint(event: .writeAio, tag: "B")
+        let bStart = Int64(cs + 16384), bLength = 8192
+        let second = Task { try await filled(0xbb, bLength).withUnsafeBytes { try await n.write(at: bStart, from: $0, flags: []) } }
+        while !bp.isSuspended(tag: "B") { try await Task.sleep(nanoseconds: 1_000_000) }
+        // A: all of the zero cluster 0 and the head of cluster 1.
+        bp.setBreakpoint(event: .cowWrite, tag: "A")
+        let first = Task { try await filled(0xaa, cs + 4096).withUnsafeBytes { try await n.write(at: 0, from: $0, flags: []) } }
+        var waited = 0
+        while !bp.isSuspended(tag: "A") && waited < 500 { try await Task.sleep(nanoseconds: 1_000_000); waited += 1 }
+        _ = bp.resume(tag: "B")
+        try await second.value
+        _ = bp.removeBreakpoint(tag: "A")
+        try await first.value
+        let back = try await n.read(at: 0, count: 2 * cs)
+        try await n.close()
+        #expect(back[0..<(cs + 4096)].allSatisfy { $0 == 0xaa })
+        #expect(back[(cs + 4096)..<Int(bStart)].allSatisfy { $0 == 1 })
+        #expect(back[Int(bStart)..<Int(bStart) + bLength].allSatisfy { $0 == 0xbb }, "the write into the data cluster was lost")
+        #expect(back[(Int(bStart) + bLength)...].allSatisfy { $0 == 1 })
+    }
+
     @Test func vmStateBesideTheDisk() async throws {
         let dir = try tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }

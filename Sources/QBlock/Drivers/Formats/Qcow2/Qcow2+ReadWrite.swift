@@ -216,25 +216,27 @@ extension Qcow2Node {
         let lastCluster = (offset + Int64(count) - 1) >> cbits
         let l1Index = Int(firstCluster / Int64(l2Entries))
         let firstL2 = Int(firstCluster % Int64(l2Entries))
-        if (m.kind == .normal || m.kind == .zeroAllocated) && m.copied {
-            // As QEMU (cluster_needs_new_alloc, handle_copied): clusters with their own host
-            // cluster, data or zero flag, contiguous in the file, are written where they are
-            // in one request; the parts of zero clusters the request does not cover are zeroed.
+        if m.kind == .normal && m.copied {
+            return .inPlace(host: m.hostOffset, length: Int(m.length))
+        }
+        if m.kind == .zeroAllocated && m.copied {
+            // As QEMU (cluster_needs_new_alloc, handle_copied): zero clusters that keep their
+            // own host cluster, contiguous in the file, are written where they are; the parts
+            // the request does not cover are zeroed. The run holds zero clusters only: a data
+            // cluster in it would be read and written back around the request (or zeroed
+            // before the data lands), racing with its own in-place writers and readers; it
+            // is written in place by the next run instead.
             let inCluster = offset & (cs - 1)
             let base = m.hostOffset - inCluster
             let t = try await l2Cache.get(try await l2Offset(l1Index))
             let maxClusters = min(lastCluster - firstCluster + 1, Int64(l2Entries - firstL2))
             var n: Int64 = 0
-            var zeroes = false
             while n < maxClusters {
                 let e = t.bytes.be64((firstL2 + Int(n)) * 8)
-                let k = kind(of: e)
-                guard k == .normal || k == .zeroAllocated, e & Qcow2Node.copied != 0,
+                guard kind(of: e) == .zeroAllocated, e & Qcow2Node.copied != 0,
                       Int64(e & Qcow2Node.l2OffsetMask) == base + n * cs else { break }
-                if k == .zeroAllocated { zeroes = true }
                 n += 1
             }
-            if !zeroes { return .inPlace(host: m.hostOffset, length: Int(m.length)) }
             let table = try await l2TableForWrite(l1Index)
             let oldEntries = (0..<Int(n)).map { table.bytes.be64((firstL2 + $0) * 8) }
             let guestStart = firstCluster << cbits
