@@ -51,23 +51,7 @@ extension Qcow2Node: VMStateStoring {
         try gate.enter(filename, "load vmstate")
         defer { gate.leave() }
         let offset = try vmStateRange(position, Int64(buffer.count), "load vmstate")
-        var done = 0
-        while done < buffer.count {
-            let pos = offset + Int64(done)
-            await metaLock.lock()
-            let m: Mapping
-            do {
-                m = try await lookup(pos, Int64(buffer.count - done))
-            } catch {
-                metaLock.unlock()
-                throw error
-            }
-            metaLock.unlock()
-            let n = Int(m.length)
-            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
-            try await readMapped(m, guestOffset: pos, into: part)
-            done += n
-        }
+        try await readRuns(at: offset, into: buffer)
     }
 
     /// The guest offset of VM state `position`, after checking the request.
