@@ -58,9 +58,9 @@ struct Qcow2CrashTests {
         kill(p.processIdentifier, SIGKILL)
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
-        let lines = String(decoding: data, as: UTF8.self).split(separator: "\n")
-        let flushed = lines.compactMap { $0.hasPrefix("FLUSHED ") ? Int($0.dropFirst(8)) : nil }.max() ?? -1
-        print("crash test seed=\(seed): last flushed round \(flushed)")
+        let model = StressModel(seed: seed, initial: [UInt8](repeating: 0, count: size),
+                                output: String(decoding: data, as: UTF8.self), writeThrough: false)
+        print("crash test seed=\(seed): last flushed round \(model.flushedRound)")
 
         // io_uring requests still in flight when the process died keep the file (and its
         // image locks) referenced until the kernel tears the ring down: retry briefly.
@@ -71,27 +71,11 @@ struct Qcow2CrashTests {
         }
         #expect(st == 0 || st == 3, "seed \(seed): qemu-img check exit \(st): \(outText) \(errText)")
 
-        // Model: the state after round `flushed`; bytes touched by the next two rounds are unknown.
-        var model = [UInt8](repeating: 0, count: size)
-        var unknown = [Bool](repeating: false, count: size)
-        if flushed >= 0 {
-            for r in 0...flushed {
-                for op in StressPlan.ops(seed: seed, round: r, size: size) {
-                    let v: UInt8 = op.kind == .write ? op.byte : 0
-                    for i in op.offset..<(op.offset + op.length) { model[i] = v }
-                }
-            }
-        }
-        for r in (flushed + 1)...(flushed + 2) {
-            for op in StressPlan.ops(seed: seed, round: r, size: size) {
-                for i in op.offset..<(op.offset + op.length) { unknown[i] = true }
-            }
-        }
+        // Rounds up to the last flush are durable; the requests after it are unknown.
         let node = try await ImageOpener.open(path, options: OpenOptions(readOnly: true))
         let got = try await node.read(at: 0, count: size)
         try await node.close()
-        var bad = -1
-        for i in 0..<size where !unknown[i] && got[i] != model[i] { bad = i; break }
-        #expect(bad < 0, "seed \(seed): flushed data lost at offset \(bad)")
+        let bad = model.firstMismatch(got)
+        #expect(bad == nil, "seed \(seed): flushed data lost at offset \(bad ?? -1)")
     }
 }
