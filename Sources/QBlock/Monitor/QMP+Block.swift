@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import QBlockBitmaps
 import QBlockCore
 import QBlockDrivers
@@ -193,7 +196,7 @@ public final class QMPBlockState: @unchecked Sendable {
         }
         let discard = try args.optionalEnum("discard", ["ignore", "unmap"]) ?? "ignore"
         let detectZeroes = try args.optionalEnum("detect-zeroes", ["off", "on", "unmap"]) ?? "off"
-        _ = try args.optionalBool("auto-read-only")
+        let autoReadOnly = try args.optionalBool("auto-read-only") ?? (parent?.autoReadOnly ?? false)
         let forceShare = try args.optionalBool("force-share") ?? (parent?.forceShare ?? false)
         var cache: CacheMode = noFlush ? .unsafe : (direct ? .none : .writeback)
         if let session {
@@ -209,10 +212,24 @@ public final class QMPBlockState: @unchecked Sendable {
         guard let opener = QMPBlockdevDrivers.opener(driver) else {
             throw QMPError.generic("Parameter 'driver' does not accept value '\(driver)'")
         }
-        let ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare)
+        var ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
+                                 autoReadOnly: autoReadOnly)
         let opened: any BlockDriver
         do {
             opened = try await opener(args, ctx)
+        } catch let error where autoReadOnly && !readOnly && QMPBlockdevDrivers.isProtocolLike(driver) && Self.isWriteDenied(error) {
+            // auto-read-only: a host file the process may only read opens read-only (a
+            // writer above it then fails, as in QEMU, where the file reopens read-write
+            // when a writer attaches).
+            await rollBack(ctx.created)
+            ctx = QMPOpenContext(readOnly: true, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
+                                 autoReadOnly: autoReadOnly)
+            do {
+                opened = try await opener(args, ctx)
+            } catch {
+                await rollBack(ctx.created)
+                throw error
+            }
         } catch {
             await rollBack(ctx.created)
             throw error
@@ -233,6 +250,12 @@ public final class QMPBlockState: @unchecked Sendable {
         }
         parent?.created.append(contentsOf: ctx.created + [node])
         return node
+    }
+
+    /// Whether `error` is the host refusing write access (EACCES, EPERM, EROFS).
+    static func isWriteDenied(_ error: any Error) -> Bool {
+        guard let e = error as? BlockError, let errno = e.errno else { return false }
+        return errno == EACCES || errno == EPERM || errno == EROFS
     }
 
     private func rollBack(_ nodes: [BlockNode]) async {

@@ -78,12 +78,19 @@ extension QMPMonitor {
     func registerNBDCommands() {
         register("nbd-server-start") { args, ctx in
             let addr = try QMPSocketAddress.parse(try args.object("addr"), legacy: true)
-            _ = try args.optionalString("tls-creds")
+            let tlsCreds = try args.optionalString("tls-creds")
+            // (tls-authz only applies to TLS sessions, as in QEMU.)
             _ = try args.optionalString("tls-authz")
             let maxConnections = try args.optionalUInt("max-connections", bits: 32) ?? 0
             try args.done()
             let state = ctx.monitor.nbd
             if state.server != nil { throw QMPError.generic("NBD server already running") }
+            if let tlsCreds {
+                // No TLS credentials object can be created here (object-add refuses the
+                // tls-creds-* types), so a server asked for TLS never starts in plain text.
+                throw QMPError.generic(ctx.monitor.objects.exists(tlsCreds) ? "Object with id '\(tlsCreds)' is not TLS credentials"
+                                       : "No TLS credentials with id '\(tlsCreds)'")
+            }
             let server = NBDServer(options: NBDServer.Options(maxClients: maxConnections == 0 ? 1 << 16 : Int(maxConnections),
                                                               persistent: true))
             switch addr {

@@ -100,6 +100,9 @@ public final class QMPObjects: @unchecked Sendable {
         }
     }
 
+    /// Whether an object `id` exists (of any type).
+    func exists(_ id: String) -> Bool { lock.withLock { objects.contains { $0.id == id } } }
+
     func add(_ id: String, _ object: Object) { lock.withLock { objects.append((id, object)) } }
 
     func remove(_ id: String) -> Bool {

@@ -38,10 +38,12 @@ public struct QMPError: Error, Sendable, Equatable, CustomStringConvertible {
     public var description: String { "\(errorClass.rawValue): \(desc)" }
 
     /// Any error as a QMP error: a ``QMPError`` as it is, a ``BlockError`` as a
-    /// `GenericError` with its message, anything else with its description.
+    /// `GenericError` with the first line of its message (later lines are hints for a
+    /// terminal — "Is another process using the image …?" — which QEMU leaves out of QMP
+    /// replies), anything else with its description.
     public static func from(_ error: any Error) -> QMPError {
         if let e = error as? QMPError { return e }
-        if let e = error as? BlockError { return .generic(e.message) }
+        if let e = error as? BlockError { return .generic(String(e.message.prefix { $0 != "\n" })) }
         if let e = error as? JSONParseError { return .generic(e.message) }
         return .generic("\(error)")
     }

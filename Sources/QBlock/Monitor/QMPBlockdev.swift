@@ -78,7 +78,13 @@ public final class QMPOpenContext: @unchecked Sendable {
     /// `blockdev-add`, where the monitor tracks the nodes). A filter passes it on to its node.
     public var ownsChildren: Bool { drive != nil }
 
-    init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState, drive: DriveSession? = nil, forceShare: Bool = false) {
+    /// `auto-read-only` (inherited by implicit children): a host file that cannot be
+    /// opened for writing is opened read-only instead.
+    let autoReadOnly: Bool
+
+    init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState, drive: DriveSession? = nil, forceShare: Bool = false,
+         autoReadOnly: Bool = false) {
+        self.autoReadOnly = autoReadOnly
         self.readOnly = readOnly
         self.cache = cache
         self.graph = graph
@@ -88,18 +94,24 @@ public final class QMPOpenContext: @unchecked Sendable {
     }
 
     /// Opens child `key` of `args`: a nested object is opened as a new (implicit) node, a
-    /// string names an existing node. Returns nil when the member is absent.
+    /// string names an existing node. Returns nil when the member is absent. A writable node
+    /// needs its children other than `backing` writable too: a read-only one fails with
+    /// QEMU's "Block node is read-only" (its permission check), never a node that claims to
+    /// be writable over a file it cannot write.
     public func optionalChild(_ args: QMPArguments, _ key: String) async throws -> BlockNode? {
         guard let v = args.value(key) else { return nil }
+        let child: BlockNode
         switch v {
         case .string(let name):
             guard let n = graph.node(named: name) else { throw QMPError.noDevice(device: name, node: name) }
-            return n
+            child = n
         case .dict(let d):
-            return try await block.open(QMPArguments(d, path: args.name(key), keyval: args.keyval), parent: self, isRoot: false, isBacking: key == "backing")
+            child = try await block.open(QMPArguments(d, path: args.name(key), keyval: args.keyval), parent: self, isRoot: false, isBacking: key == "backing")
         default:
             throw QMPError.generic("Invalid parameter type for '\(args.name(key))', expected: BlockdevRef")
         }
+        if !readOnly && key != "backing" && child.isReadOnly { throw QMPError.generic("Block node is read-only") }
+        return child
     }
 
     /// Like ``optionalChild(_:_:)`` for a mandatory child ("Parameter 'file' is missing").

@@ -29,31 +29,37 @@ public enum FileProtocol: ProtocolCreatable {
     }
 
     /// Reads `filename` and the members QEMU's `file` driver has: `aio` (``AIOMode``; absent:
-    /// io_uring when the kernel has it), and `locking`, `pr-manager`, `drop-cache`,
-    /// `x-check-cache-dropped`, `aio-max-batch`, accepted and ignored. The node opens on ``IOThreadPool`` and takes QEMU's default permissions of
-    /// a node of its own (``BlockPermissions/formatDefaults(readOnly:)``).
+    /// io_uring when the kernel has it), `locking` (`off`: no image locks; `on` and `auto`:
+    /// QEMU's locks, OFD locks being always there on Linux), `pr-manager` (refused at open:
+    /// there are no persistent-reservation manager objects), and `drop-cache`,
+    /// `x-check-cache-dropped`, `aio-max-batch`, which only matter to QEMU's migration and
+    /// Linux AIO batching (type-checked; nothing here depends on them). The node opens on
+    /// ``IOThreadPool`` and takes QEMU's default permissions of a node of its own
+    /// (``BlockPermissions/formatDefaults(readOnly:)``).
     /// - Throws: the reader's errors; the opener throws ``BlockError`` "Could not open
-    ///   'PATH': …" or QEMU's "Failed to get "write" lock" message.
+    ///   'PATH': …" (with the errno) or ``ImageLock``'s "Failed to get (shared) "PERM" lock".
     public static func readBlockdevOptions(_ m: any DriverOptionReader) throws -> ProtocolOpener {
         let filename = try m.requiredString("filename")
-        _ = try m.optionalEnum("locking", ["auto", "on", "off"])
+        let locking = try m.optionalEnum("locking", ["auto", "on", "off"]) ?? "auto"
         let aio = try m.optionalEnum("aio", AIOMode.allCases.map(\.rawValue)).flatMap(AIOMode.init(qemuName:))
-        _ = try m.optionalString("pr-manager")
+        let prManager = try m.optionalString("pr-manager")
         _ = try m.optionalBool("drop-cache")
         _ = try m.optionalBool("x-check-cache-dropped")
         _ = try m.optionalInt("aio-max-batch")
         return { readOnly, cache in
+            if let prManager { throw BlockError(.invalidArgument, "No persistent reservation manager with id '\(prManager)'") }
             let result: Result<FileNode, BlockError> = await IOThreadPool.shared.run {
                 do {
                     let f = try FileNode(path: filename, readOnly: readOnly, cache: cache, locking: false, aio: aio)
+                    guard locking != "off" else { return .success(f) }
                     let (perm, shared) = BlockPermissions.formatDefaults(readOnly: readOnly)
                     do { try f.lock(perm: perm, shared: shared) } catch let e as BlockError {
                         Task { try? await f.close() }
-                        return .failure(BlockError(e.code, "Failed to get \"\(readOnly ? "consistent read" : "write")\" lock\nIs another process using the image [\(filename)]?"))
+                        return .failure(e)
                     }
                     return .success(f)
                 } catch let e as BlockError {
-                    return .failure(BlockError(e.code, "Could not open '\(filename)': \(e.message)"))
+                    return .failure(BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno))
                 } catch {
                     return .failure(BlockError(.io, "Could not open '\(filename)': \(error)"))
                 }
