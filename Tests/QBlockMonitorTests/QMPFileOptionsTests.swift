@@ -59,4 +59,25 @@ struct QMPFileOptionsTests {
             #expect(a == b)
         }
     }
+
+    @Test("two parents of one node must not conflict: a second qcow2 node on a file another writes is refused, as qemu-storage-daemon")
+    func permissionConflictsMatchQemu() throws {
+        let setup: (TempDir) throws -> Void = { dir in
+            try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("a.qcow2"), "1M")
+        }
+        guard let (ours, _) = try QMPSurface2Tests.compareWithQemu("transcript-permissions.jsonl", setup: setup) else { return }
+        // The nodes that were refused or deleted left the file node open and the image clean.
+        let check = try run("qemu-img", ["check", ours.file("a.qcow2")])
+        #expect(check.status == 0, "\(check)")
+    }
+
+    @Test("an NBD export is a user of its node: a writable export of a file a qcow2 node uses is refused, and the reverse, as qemu-storage-daemon")
+    func exportPermissionConflictsMatchQemu() throws {
+        let setup: (TempDir) throws -> Void = { dir in
+            try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file("a.qcow2"), "1M")
+        }
+        guard let (ours, _) = try QMPSurface2Tests.compareWithQemu("transcript-permissions-exports.jsonl", setup: setup) else { return }
+        let check = try run("qemu-img", ["check", ours.file("a.qcow2")])
+        #expect(check.status == 0, "\(check)")
+    }
 }

@@ -30,6 +30,9 @@ public final class QMPBlockState: @unchecked Sendable {
     private var autoDelete: [BlockNode] = []
     /// Nodes reported read-only since a snapshot made them a backing image (QEMU reopens them so).
     private var reportedReadOnly = Set<ObjectIdentifier>()
+    /// The permissions of backends that are users in ``QMPPermissions`` (exports), while
+    /// they are attached to the graph.
+    private var rootEdges: [(backend: BlockBackend, edge: QMPPermissions.Edge)] = []
 
     private var bitmapSeq: [ObjectIdentifier: Int] = [:]
     private var bitmapCounter = 0
@@ -92,6 +95,21 @@ public final class QMPBlockState: @unchecked Sendable {
             reportedReadOnly.insert(ObjectIdentifier(node))
             if let f = node.driver.file as? BlockNode { reportedReadOnly.insert(ObjectIdentifier(f)) }
         }
+    }
+
+    /// Records `backend`'s permissions (before it is attached to the graph); entries of
+    /// backends no longer attached are dropped.
+    func setRootUserEdge(_ backend: BlockBackend, _ edge: QMPPermissions.Edge) {
+        let attached = graph.backends
+        lock.withLock {
+            rootEdges.removeAll { e in e.backend === backend || !attached.contains { $0 === e.backend } }
+            rootEdges.append((backend, edge))
+        }
+    }
+
+    /// The permissions `backend` takes as a user of its node, if it is one.
+    func rootUserEdge(_ backend: BlockBackend) -> QMPPermissions.Edge? {
+        lock.withLock { rootEdges.first { $0.backend === backend }?.edge }
     }
 
     func isReportedReadOnly(_ node: BlockNode) -> Bool { lock.withLock { reportedReadOnly.contains(ObjectIdentifier(node)) } }
@@ -213,7 +231,7 @@ public final class QMPBlockState: @unchecked Sendable {
             throw QMPError.generic("Parameter 'driver' does not accept value '\(driver)'")
         }
         var ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
-                                 autoReadOnly: autoReadOnly)
+                                 autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName)
         let opened: any BlockDriver
         do {
             opened = try await opener(args, ctx)
@@ -223,7 +241,7 @@ public final class QMPBlockState: @unchecked Sendable {
             // when a writer attaches).
             await rollBack(ctx.created)
             ctx = QMPOpenContext(readOnly: true, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
-                                 autoReadOnly: autoReadOnly)
+                                 autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName)
             do {
                 opened = try await opener(args, ctx)
             } catch {
@@ -258,14 +276,46 @@ public final class QMPBlockState: @unchecked Sendable {
         return errno == EACCES || errno == EPERM || errno == EROFS
     }
 
+    /// Closes and forgets the nodes a failed open created (children before their parents in
+    /// `nodes`), leaving open any existing node they used (``closeTree(_:owned:)``).
     private func rollBack(_ nodes: [BlockNode]) async {
         for n in nodes.reversed() { graph.forget(n) }
-        // Closing the topmost created node closes its children with it.
+        let created = Set(nodes.map { ObjectIdentifier($0) })
         var closed = Set<ObjectIdentifier>()
         for n in nodes.reversed() where !closed.contains(ObjectIdentifier(n)) {
-            try? await n.close()
+            if let q = n.innermostDriver as? any BackingLinked, let b = q.backing as? BlockNode, !created.contains(ObjectIdentifier(b)) {
+                q.setBackingNode(nil)
+            }
+            try? await closeTree(n, owned: created)
             var c: (any BlockDriver)? = n
-            while let d = c { closed.insert(ObjectIdentifier(d as AnyObject)); c = d.file }
+            while let d = c as? BlockNode, d === n || created.contains(ObjectIdentifier(d)) { closed.insert(ObjectIdentifier(d)); c = d.driver.file }
+        }
+    }
+
+    /// Closes `top` and the `file` children below it that are in `owned` (nodes it created),
+    /// but no node outside `owned`: a level whose child chain leaves `owned` (a node named
+    /// in `file` that the monitor holds, perhaps below an implicit raw or filter) closes
+    /// leaving its file open (``FileSharingClose``; a driver without it only flushes).
+    func closeTree(_ top: BlockNode, owned: Set<ObjectIdentifier>) async throws {
+        func chainOwned(_ start: BlockNode) -> Bool {
+            var c: BlockNode? = start
+            var depth = 0
+            while let n = c, depth < 64 {
+                if !owned.contains(ObjectIdentifier(n)) { return false }
+                c = n.driver.file as? BlockNode
+                depth += 1
+            }
+            return true
+        }
+        var n = top
+        for _ in 0..<64 {
+            guard let f = n.driver.file as? BlockNode, !chainOwned(f) else {
+                try await n.close()
+                return
+            }
+            if let c = n.innermostDriver as? any FileSharingClose { try await c.closeLeavingFileOpen() } else { try await n.flush() }
+            guard owned.contains(ObjectIdentifier(f)) else { return }
+            n = f
         }
     }
 
@@ -302,17 +352,9 @@ public final class QMPBlockState: @unchecked Sendable {
             slots[ObjectIdentifier(node)] = nil
             for n in implicit { info[ObjectIdentifier(n)] = nil; slots[ObjectIdentifier(n)] = nil }
         }
-        if let f = node.driver.file as? BlockNode, !mine.contains(ObjectIdentifier(f)) {
-            // Its file is another node of the graph (named in `file`): close the format node
-            // but not that node (a format that cannot only flushes).
-            if let c = node.innermostDriver as? any FileSharingClose {
-                try await c.closeLeavingFileOpen()
-            } else {
-                try await node.flush()
-            }
-        } else {
-            try await node.close()
-        }
+        // A file that is another node of the graph (named in `file`, perhaps below an
+        // implicit raw or filter) stays open.
+        try await closeTree(node, owned: mine)
     }
 
     /// Closes every node the monitor added or created (snapshot overlays too), overlays

@@ -41,6 +41,13 @@ extension QMPMonitor {
             throw QMPError.generic("Cannot export read-only node as writable")
         }
         let backend = BlockBackend(name: "", node: request.node)
+        // QEMU attaches the export's backend sharing everything, then stops sharing resize.
+        let edge = QMPPermissions.exportEdge(writable: request.writable)
+        for shared in [BlockPermissions.all, edge.shared] {
+            try QMPPermissions.check(adding: QMPPermissions.User(id: ObjectIdentifier(backend), name: "an unnamed block device", role: "root",
+                                                                 edge: (edge.perm, shared)), to: request.node, in: block)
+        }
+        block.setRootUserEdge(backend, edge)
         // The node's own discard and detect-zeroes choices govern what clients' TRIM and
         // zero writes do, as in QEMU (the flags live on the node there).
         let info = block.nodeInfo(request.node)

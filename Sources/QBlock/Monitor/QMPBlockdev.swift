@@ -82,8 +82,15 @@ public final class QMPOpenContext: @unchecked Sendable {
     /// opened for writing is opened read-only instead.
     let autoReadOnly: Bool
 
+    /// The driver of the node being opened and its `node-name`, if given (for the
+    /// permission check of the children it takes).
+    let driver: String
+    let nodeName: String?
+
     init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState, drive: DriveSession? = nil, forceShare: Bool = false,
-         autoReadOnly: Bool = false) {
+         autoReadOnly: Bool = false, driver: String = "", nodeName: String? = nil) {
+        self.driver = driver
+        self.nodeName = nodeName
         self.autoReadOnly = autoReadOnly
         self.readOnly = readOnly
         self.cache = cache
@@ -111,6 +118,7 @@ public final class QMPOpenContext: @unchecked Sendable {
             throw QMPError.generic("Invalid parameter type for '\(args.name(key))', expected: BlockdevRef")
         }
         if !readOnly && key != "backing" && child.isReadOnly { throw QMPError.generic("Block node is read-only") }
+        try checkPermissions(attaching: child, as: key, parentName: { nodeName ?? graph.generateNodeName() })
         return child
     }
 

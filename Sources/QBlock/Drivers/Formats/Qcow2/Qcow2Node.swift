@@ -178,7 +178,10 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         let header = try Qcow2Header.parse(Array(head.prefix(prelim.clusterSize)), fileLength: fileLength)
         let cs = Int64(header.clusterSize)
 
-        if !file.isReadOnly && header.incompatibleFeatures & Qcow2Header.Incompatible.corrupt != 0 && !options.forRepair {
+        // Read-only when asked, even over a writable file (a read-only node sharing a file
+        // node): such a node never writes, not even the dirty-bit repair or autoclear bits.
+        let readOnly = options.readOnly || file.isReadOnly
+        if !readOnly && header.incompatibleFeatures & Qcow2Header.Incompatible.corrupt != 0 && !options.forRepair {
             throw BlockError(.corrupt, "qcow2: Image is corrupt; cannot be opened read/write")
         }
         // L1 table.
@@ -200,6 +203,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         // Unaligned refcount block offsets are found when a block is used (QEMU's
         // qcow2_get_refcount), not at open: reads work, refcount updates mark the image corrupt.
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
+        if readOnly { node.formatReadOnly.set(true) }
         node.writeThrough.set(options.cache.writeThrough)
         try await node.loadSnapshotTable()
         try await node.loadPersistentBitmaps()
@@ -208,7 +212,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         if let name = header.backingFileName, options.openBacking {
             node.backingNode = try await openBacking(name, header.backingFormat)
         }
-        if !file.isReadOnly {
+        if !readOnly {
             try await node.prepareForWriting(options: options)
         }
         return node

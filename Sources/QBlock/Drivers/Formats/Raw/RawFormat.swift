@@ -21,11 +21,14 @@ public enum RawFormat: FormatDriver {
 
     /// Opens `file` as a raw image: a ``RawNode`` over the `offset`/`size` window from
     /// ``readBlockdevOptions(_:into:)`` (the whole file by default). Raw images have no backing
-    /// file, so `openBacking` is never called.
+    /// file, so `openBacking` is never called. Opened read-only (`options.readOnly`), the node
+    /// refuses writes even when its file is writable (a read-only node over a shared file).
     public static func open(file: any BlockDriver, options: OpenOptions,
                             openBacking: (_ name: String, _ format: String?) async throws -> any BlockDriver) async throws -> any BlockDriver {
         let window = options.formatOptions as? Window ?? Window(offset: 0, size: nil)
-        return RawNode(file: file, offset: window.offset, size: window.size)
+        let node = RawNode(file: file, offset: window.offset, size: window.size)
+        if options.readOnly { node.setReadOnly(true) }
+        return node
     }
 
     /// Raw passes its users' writes through: it shares everything, and writes (without
