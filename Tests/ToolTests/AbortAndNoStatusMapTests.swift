@@ -28,7 +28,8 @@ import TestSupport
     }
 
     @Test(qemuTrait, arguments: [#"json:{"driver":"null-co","size":1048576}"#,
-                                 #"json:{"driver":"null-co","size":1048576,"read-zeroes":true}"#])
+                                 #"json:{"driver":"null-co","size":1048576,"read-zeroes":true}"#,
+                                 #"json:{"driver":"raw","file":{"driver":"null-co","size":1048576}}"#])
     func mapOfANodeWithoutStatusMatchesQemuImg(name: String) throws {
         for fmt in ["--output=json", "--output=human"] {
             let ours = try run("img", "map", fmt, name)

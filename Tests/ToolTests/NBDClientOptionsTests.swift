@@ -46,6 +46,9 @@ import TestSupport
             for b in ["b0", "b1"] {
                 try expectSameMap(Self.opts(s.socket, "x-dirty-bitmap=qemu:dirty-bitmap:\(b)"), "\(server) \(b)")
             }
+            // Under a raw format node: raw hands the question to its file, as QEMU's.
+            try expectSameMap("driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=\(s.socket),"
+                              + "file.x-dirty-bitmap=qemu:dirty-bitmap:b0", "\(server) raw over nbd")
             // A dirty run is not data and not present: what the bitmap says, not base:allocation.
             let b0 = try run("img", "map", "--output=json", "--image-opts", Self.opts(s.socket, "x-dirty-bitmap=qemu:dirty-bitmap:b0"))
             #expect(b0.stdout.contains(#"{ "start": 1048576, "length": 1048576, "depth": 0, "present": false, "zero": false, "data": false}"#),
