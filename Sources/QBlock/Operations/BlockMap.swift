@@ -1,6 +1,7 @@
 import QBlockCore
 import QBlockDrivers
 import QBlockGraph
+import QBlockOpen
 /// One run of `qemu-img map` output.
 public struct MapEntry: Sendable, Equatable, CustomStringConvertible {
     /// Where the run starts in the guest's view, in bytes.
@@ -61,8 +62,9 @@ public struct MapEntry: Sendable, Equatable, CustomStringConvertible {
 public enum BlockMap {
     /// The status of the run at `offset` (at most `length` bytes) as qemu-img's
     /// `get_block_status` sees it: the chain is walked down until a node says the run is
-    /// data or zeros; a run unallocated in a node without backing (or beyond the end of
-    /// its backing node) reads as zeros there and is not "present".
+    /// data or zeros; a run unallocated in a format node without backing (or beyond the end
+    /// of its backing node) reads as zeros there and is not "present"; in a node that
+    /// cannot have a backing file it is neither data nor zeros and has no offset.
     public static func status(of node: any BlockDriver, at offset: Int64, length: Int64) async throws -> MapEntry {
         var bytes = length
         var depth: Int64 = 0
@@ -100,8 +102,13 @@ public enum BlockMap {
                         depth += 1
                         continue
                     }
-                } else {
+                } else if FormatRegistry.driver(named: cur.driverName)?.supportsBackingFile == true {
                     flags.insert(.zero)
+                } else {
+                    // A node that cannot have a backing file (nbd with an `x-dirty-bitmap`
+                    // context, null-co without read-zeroes) says neither: qemu-img reports
+                    // no status at all for the run, so no zeros and no offset.
+                    s.hostOffset = nil
                 }
             }
             let hostFile = s.hostOffset == nil ? nil : (cur.file ?? cur).filename

@@ -27,6 +27,8 @@ struct QemuIOCommand: Sendable {
 extension QemuIOSession {
     /// The commands, sorted by name as qemu-io's table is.
     static let commands: [QemuIOCommand] = [
+        QemuIOCommand(name: "abort", args: nil, oneline: "simulate a program crash using abort(3)",
+                      argMin: 0, argMax: 0, needsFile: false) { s, _ in await s.crash() },
         QemuIOCommand(name: "aio_flush", args: nil, oneline: "completes all outstanding aio requests",
                       argMin: 0, argMax: 0) { s, _ in await s.waitForRequests(); return true },
         QemuIOCommand(name: "aio_read", args: "[-Ciqv] [-P pattern] off len [len..]",

@@ -4,6 +4,13 @@ import Glibc
 #endif
 
 extension QemuIOSession {
+    /// `abort`: ends the process with abort(3), leaving the image as a crash would (QEMU's
+    /// tests use it to leave persistent bitmaps marked in use). Like qemu-io, it does not
+    /// flush standard output first: output still buffered is lost with the process.
+    func crash() -> Bool {
+        abort()
+    }
+
     /// `sigraise signal`: flushes standard output and error and raises `signal` in this
     /// process (QEMU's tests kill qemu-io with it mid-session, to leave an image as a crash
     /// would).

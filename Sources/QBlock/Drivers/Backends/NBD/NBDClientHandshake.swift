@@ -18,6 +18,9 @@ public struct NBDExportInfo: Sendable, Equatable {
     public var structuredReplies = false
     /// Negotiated metadata contexts, by name.
     public var metaContexts: [String: UInt32] = [:]
+    /// The context whose flags block status reports: `base:allocation`, or the one given
+    /// as `x-dirty-bitmap` (``NBDClientHandshake/statusContext``).
+    public var statusContext: String = NBD.contextBaseAllocation
     /// The export's description, if the server sent one.
     public var exportDescription: String?
     /// True if the export was selected with the old NBD_OPT_EXPORT_NAME.
@@ -35,6 +38,8 @@ public struct NBDExportInfo: Sendable, Equatable {
     public var baseAllocationID: UInt32? { metaContexts[NBD.contextBaseAllocation] }
     /// The context ID of `qemu:allocation-depth`, if the server agreed to it.
     public var allocationDepthID: UInt32? { metaContexts[NBD.contextAllocationDepth] }
+    /// The context ID of ``statusContext``, if the server agreed to it.
+    public var statusContextID: UInt32? { metaContexts[statusContext] }
 }
 
 /// The client side of the NBD fixed newstyle handshake, as a state machine without I/O.
@@ -43,8 +48,9 @@ public struct NBDExportInfo: Sendable, Equatable {
 /// end of the handshake. The driver sends, reads exactly that many bytes and feeds them to
 /// ``receive(_:)``. The client asks for, in order: NO_ZEROES (in its flags), structured
 /// replies, the `base:allocation` and `qemu:allocation-depth` metadata contexts (when
-/// structured replies were accepted), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE. A server
-/// that does not know NBD_OPT_GO (or is not fixed-newstyle) gets NBD_OPT_EXPORT_NAME.
+/// structured replies were accepted; only the ``statusContext`` when one is given), then
+/// NBD_OPT_GO with NBD_INFO_BLOCK_SIZE. A server that does not know NBD_OPT_GO (or is not
+/// fixed-newstyle) gets NBD_OPT_EXPORT_NAME.
 public struct NBDClientHandshake: Sendable {
     /// What the caller does next with the socket.
     public enum Action: Sendable {
@@ -72,6 +78,10 @@ public struct NBDClientHandshake: Sendable {
     public let exportName: String
     /// Whether to ask for the `qemu:allocation-depth` context too.
     public let wantAllocationDepth: Bool
+    /// The one metadata context to ask for in place of `base:allocation` (QEMU's
+    /// `x-dirty-bitmap`, e.g. `qemu:dirty-bitmap:NAME`), or nil. The server must answer with
+    /// that context or none; whether none is an error is the caller's decision.
+    public let statusContext: String?
     private var phase = Phase.greeting
     private var pendingHeader: NBDOptionReplyHeader?
     private var noZeroes = false
@@ -81,10 +91,12 @@ public struct NBDClientHandshake: Sendable {
     private var blockSize: (UInt32, UInt32, UInt32)?
     private var description: String?
 
-    /// Creates a handshake for `exportName`; ``start()`` gives the first action.
-    public init(exportName: String, wantAllocationDepth: Bool = true) {
+    /// Creates a handshake for `exportName`, asking for `statusContext` alone when given;
+    /// ``start()`` gives the first action.
+    public init(exportName: String, wantAllocationDepth: Bool = true, statusContext: String? = nil) {
         self.exportName = exportName
         self.wantAllocationDepth = wantAllocationDepth
+        self.statusContext = statusContext
     }
 
     /// True while waiting for the reply to NBD_OPT_EXPORT_NAME (a server that does not know
@@ -224,6 +236,7 @@ public struct NBDClientHandshake: Sendable {
         var i = NBDExportInfo(exportName: exportName, size: size, flags: flags)
         i.structuredReplies = structured
         i.metaContexts = structured ? contexts : [:]
+        if let statusContext { i.statusContext = statusContext }
         i.exportDescription = description
         if let (mn, pref, mx) = blockSize {
             i.minimumBlockSize = mn
@@ -263,7 +276,11 @@ public struct NBDClientHandshake: Sendable {
                 structured = true
                 phase = .setMetaContext
                 var queries = [NBD.contextBaseAllocation]
-                if wantAllocationDepth { queries.append(NBD.contextAllocationDepth) }
+                if let statusContext {
+                    queries = [statusContext]
+                } else if wantAllocationDepth {
+                    queries.append(NBD.contextAllocationDepth)
+                }
                 let req = NBDMetaContextRequest(exportName: exportName, queries: queries)
                 return .exchange(send: NBDEncode.optionRequest(.setMetaContext, payload: req.encode()),
                                  receive: NBDOptionReplyHeader.size)
@@ -279,7 +296,18 @@ public struct NBDClientHandshake: Sendable {
                     throw protocolError("malformed NBD_REP_META_CONTEXT")
                 }
                 let name = String(decoding: payload[4...], as: UTF8.self)
-                if name == NBD.contextBaseAllocation || (wantAllocationDepth && name == NBD.contextAllocationDepth) {
+                if let statusContext {
+                    // QEMU's client asks for one context and takes no other, nor two.
+                    guard name == statusContext else {
+                        throw BlockError(.io, "Failed to negotiate meta context '\(statusContext)', server answered with different context '\(name)'",
+                                         errno: 71 /* EPROTO */, operation: "nbd handshake")
+                    }
+                    guard contexts.isEmpty else {
+                        throw BlockError(.io, "Server answered with more than one context", errno: 71 /* EPROTO */,
+                                         operation: "nbd handshake")
+                    }
+                    contexts[name] = id
+                } else if name == NBD.contextBaseAllocation || (wantAllocationDepth && name == NBD.contextAllocationDepth) {
                     contexts[name] = id
                 } else {
                     throw protocolError("server selected unrequested metadata context '\(name)'")

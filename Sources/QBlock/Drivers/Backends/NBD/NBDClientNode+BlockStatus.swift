@@ -6,10 +6,13 @@ import QBlockCore
 import QBlockGraph
 import QBlockNBDWire
 
-/// Block status from the `base:allocation` metadata context.
+/// Block status from the `base:allocation` metadata context (or the `x-dirty-bitmap` one).
 extension NBDClientNode {
     /// Block status from `base:allocation`: a hole is not data, a zero run reads as zeros;
-    /// every run is allocated at this node, as QEMU's nbd driver reports it.
+    /// a run is allocated at this node when it is data or zeros (QEMU's block layer adds
+    /// that to what its nbd driver reports). With an `x-dirty-bitmap` context
+    /// (``NBDExportInfo/statusContext``) its flags stand in for `base:allocation`'s, an
+    /// allocation depth above 2 counted as 2, as QEMU's client does.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await gate.run(filename, "block status") { try await blockStatusAdmitted(at: offset, length: length) }
     }
@@ -20,7 +23,7 @@ extension NBDClientNode {
             return BlockStatus(flags: [.zero, .allocated], length: max(1, length), hostOffset: offset)
         }
         let wanted = max(1, min(length, size - offset))
-        guard let ctx = info.baseAllocationID else {
+        guard let ctx = info.statusContextID else {
             return BlockStatus(flags: [.data, .allocated], length: wanted, hostOffset: offset)
         }
         let a = minBlock
@@ -37,9 +40,12 @@ extension NBDClientNode {
         guard extEnd > offset else {
             return BlockStatus(flags: [.data, .allocated], length: min(wanted, end - offset), hostOffset: offset)
         }
-        var flags: BlockStatus.Flags = [.allocated]
-        if ext.flags & NBD.stateHole == 0 { flags.insert(.data) }
-        if ext.flags & NBD.stateZero != 0 { flags.insert(.zero) }
+        var bits = ext.flags
+        if info.statusContext == NBD.contextAllocationDepth && bits > 2 { bits = 2 }
+        var flags: BlockStatus.Flags = []
+        if bits & NBD.stateHole == 0 { flags.insert(.data) }
+        if bits & NBD.stateZero != 0 { flags.insert(.zero) }
+        if !flags.isEmpty { flags.insert(.allocated) }
         return BlockStatus(flags: flags, length: min(wanted, extEnd - offset), hostOffset: offset)
     }
 }

@@ -90,37 +90,95 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
         self.pool = pool
     }
 
-    /// Connects to the export named by `uri` and negotiates (on a pool thread).
+    /// Connects to the export named by `uri` and negotiates (on a pool thread), as `options`
+    /// say: with `openTimeout`, failed attempts are repeated until it has passed; with a
+    /// `statusContext`, the server must agree to it.
     /// - Parameters:
     ///   - readOnly: refuse writes even if the export accepts them.
     /// - Throws: ``BlockError``: `.notFound` for an unknown export or a missing socket,
-    ///   `.io` for a refused connection or a protocol error, `.unsupported` for TLS.
-    public static func connect(_ uri: NBDURI, readOnly: Bool, pool: IOThreadPool = .shared) async throws -> NBDClientNode {
-        let r: Result<(NBDSocket, NBDExportInfo), BlockError> = await pool.run {
-            do {
-                let sock = try NBDSocket.connect(uri)
-                do {
-                    sock.setReceiveTimeout(seconds: handshakeTimeoutSeconds)
-                    let info = try handshake(sock, uri: uri)
-                    sock.setReceiveTimeout(seconds: 0)
-                    return .success((sock, info))
-                } catch {
-                    sock.close()
-                    throw error
-                }
-            } catch {
-                return .failure(error.asBlockError)
+    ///   `.io` for a refused connection or a protocol error, `.unsupported` for TLS,
+    ///   `.invalidArgument` when the server does not offer `options.statusContext`.
+    public static func connect(_ uri: NBDURI, readOnly: Bool, options: NBDClientOptions = NBDClientOptions(),
+                               pool: IOThreadPool = .shared) async throws -> NBDClientNode {
+        let (sock, info) = try await establish(uri, options: options, pool: pool)
+        if options.statusContext != nil, info.statusContextID == nil {
+            // QEMU's nbd_handle_updated_info: its "requested x-dirty-bitmap NAME not found" is
+            // dropped on the way (no error pointer), so qemu-img prints the generic open error.
+            // The server gets NBD_CMD_DISC as a courtesy.
+            await pool.run {
+                _ = sock.writeAll(NBDRequest(flags: [], type: NBD.Command.disconnect.rawValue, cookie: 0, offset: 0, length: 0).encode())
+                sock.close()
             }
+            throw BlockError(.invalidArgument, "Could not open image: Invalid argument", errno: EINVAL, path: uri.text,
+                             operation: "nbd open")
         }
-        let (sock, info) = try r.get()
         let node = NBDClientNode(uri: uri, info: info, socket: sock, readOnly: readOnly, pool: pool)
         node.startReader()
         return node
     }
 
+    /// One connection attempt: connect and negotiate (blocking, on a pool thread).
+    static func attempt(_ uri: NBDURI, options: NBDClientOptions) -> Result<(NBDSocket, NBDExportInfo), BlockError> {
+        do {
+            let sock = try NBDSocket.connect(uri)
+            do {
+                sock.setReceiveTimeout(seconds: handshakeTimeoutSeconds)
+                let info = try handshake(sock, uri: uri, statusContext: options.statusContext)
+                sock.setReceiveTimeout(seconds: 0)
+                return .success((sock, info))
+            } catch {
+                sock.close()
+                throw error
+            }
+        } catch {
+            return .failure(error.asBlockError)
+        }
+    }
+
+    /// Connects and negotiates; with an `openTimeout`, as QEMU's open timer: failed attempts
+    /// are repeated after 1, 2, 4, 8, then 16 seconds until the timeout has passed, and the
+    /// open then fails with the last attempt's error ("Connection attempt cancelled by
+    /// timeout" if the first attempt has not finished by then; its connection is dropped).
+    static func establish(_ uri: NBDURI, options: NBDClientOptions, pool: IOThreadPool) async throws -> (NBDSocket, NBDExportInfo) {
+        guard options.openTimeout > 0 else {
+            return try await pool.run { attempt(uri, options: options) }.get()
+        }
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(Int64(options.openTimeout))
+        var lastError: BlockError?
+        var pause: Int64 = 1
+        while true {
+            let race = NBDOpenRace()
+            Task.detached {
+                let r = await pool.run { attempt(uri, options: options) }
+                // Too late: the open has failed; nobody takes this connection.
+                if !race.finish(.attempt(r)), case .success((let sock, _)) = r { sock.close() }
+            }
+            let timer = Task.detached {
+                try? await Task.sleep(until: deadline, clock: clock)
+                _ = race.finish(.timedOut)
+            }
+            let outcome = await race.outcome()
+            timer.cancel()
+            switch outcome {
+            case .attempt(.success(let connected)):
+                return connected
+            case .attempt(.failure(let e)):
+                lastError = e
+            case .timedOut:
+                throw lastError ?? BlockError(.io, "Connection attempt cancelled by timeout", errno: ETIMEDOUT,
+                                              path: uri.text, operation: "nbd open")
+            }
+            let wake = min(clock.now + .seconds(pause), deadline)
+            try? await Task.sleep(until: wake, clock: clock)
+            if let lastError, clock.now >= deadline { throw lastError }
+            pause = min(pause * 2, 16)
+        }
+    }
+
     /// Drives ``NBDClientHandshake`` over the socket (blocking).
-    static func handshake(_ sock: NBDSocket, uri: NBDURI) throws -> NBDExportInfo {
-        var hs = NBDClientHandshake(exportName: uri.exportName)
+    static func handshake(_ sock: NBDSocket, uri: NBDURI, statusContext: String? = nil) throws -> NBDExportInfo {
+        var hs = NBDClientHandshake(exportName: uri.exportName, statusContext: statusContext)
         var action = hs.start()
         while true {
             switch action {

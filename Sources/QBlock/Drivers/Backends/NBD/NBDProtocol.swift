@@ -1,5 +1,6 @@
 import QBlockCore
 import QBlockGraph
+import QBlockNBDWire
 /// The `nbd` protocol driver as the registry sees it (``ProtocolDriver``): an export of an
 /// NBD server, named by an NBD URI (``NBDURI``) or by `blockdev-add`'s `server` and
 /// `export`. It opens an ``NBDClientNode``; the server owns the image, so no image locks.
@@ -24,26 +25,40 @@ public enum NBDProtocol: ProtocolDriver {
     }
 
     /// Reads QEMU's `BlockdevOptionsNbd`: `server` (a flat QAPI `SocketAddress`), `export`
-    /// (the default export when absent), and `tls-creds`, `tls-hostname`, `x-dirty-bitmap`,
-    /// `reconnect-delay`, `open-timeout` (accepted and ignored).
-    /// - Throws: the reader's errors, ``BlockError`` for a socket address it cannot use; the
-    ///   opener throws QEMU's "Failed to connect to 'PATH': …" for a Unix socket, else the
-    ///   client's error.
+    /// (the default export when absent), `x-dirty-bitmap` and `open-timeout`
+    /// (``NBDClientOptions``). This client has no TLS: `tls-creds` is refused as QEMU refuses
+    /// credentials that do not exist (no TLS credentials object can be created here), and
+    /// `tls-hostname`, which QEMU reads only with `tls-creds`, is then without effect as in
+    /// QEMU. It does not reconnect after a lost connection: a `reconnect-delay` other than 0
+    /// is refused.
+    /// - Throws: the reader's errors, ``BlockError`` for a socket address it cannot use,
+    ///   `tls-creds`, a `reconnect-delay`, an over-long `x-dirty-bitmap`; the opener throws
+    ///   QEMU's "Failed to connect to 'PATH': …" for a Unix socket, else the client's error.
     public static func readBlockdevOptions(_ m: any DriverOptionReader) throws -> ProtocolOpener {
         let server = try m.requiredObjectMembers("server")
         let export = try m.optionalString("export") ?? ""
-        _ = try m.optionalString("tls-creds")
+        let tlsCreds = try m.optionalString("tls-creds")
         _ = try m.optionalString("tls-hostname")
-        _ = try m.optionalString("x-dirty-bitmap")
-        _ = try m.optionalUInt("reconnect-delay", bits: 32)
-        _ = try m.optionalUInt("open-timeout", bits: 32)
+        let bitmap = try m.optionalString("x-dirty-bitmap")
+        let reconnectDelay = try m.optionalUInt("reconnect-delay", bits: 32) ?? 0
+        let openTimeout = try m.optionalUInt("open-timeout", bits: 32) ?? 0
         let address = try NBDURI.Transport(socketAddress: server, legacy: false)
+        if let tlsCreds {
+            throw BlockError(.invalidArgument, "No TLS credentials with id '\(tlsCreds)'")
+        }
+        if let bitmap, bitmap.utf8.count > NBD.maxStringLength {
+            throw BlockError(.invalidArgument, "x-dirty-bitmap query too long to send to server")
+        }
+        if reconnectDelay != 0 {
+            throw BlockError(.unsupported, "reconnect-delay=\(reconnectDelay) is not supported: the NBD client does not reconnect after losing its connection (only 0 is accepted)")
+        }
+        let options = NBDClientOptions(statusContext: bitmap, openTimeout: UInt32(openTimeout))
         let text = NBDURI.text(address, exportName: export)
         return { readOnly, _ in
             do {
-                return try await NBDClientNode.connect(try NBDURI(text), readOnly: readOnly)
+                return try await NBDClientNode.connect(try NBDURI(text), readOnly: readOnly, options: options)
             } catch let e as BlockError {
-                if case .unix(let path) = address, let err = e.errno {
+                if case .unix(let path) = address, let err = e.errno, e.operation != "nbd open" {
                     throw BlockError(e.code, "Failed to connect to '\(path)': \(BlockError.strerror(err))", errno: err)
                 }
                 throw e

@@ -104,13 +104,15 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         }
     }
 
-    /// The child's allocation status for the range, always reported as allocated at this
-    /// layer (raw has no backing file to fall through to), as QEMU's raw driver does.
+    /// The child's status for the range, allocated at this layer when the child says data
+    /// or zeros: QEMU's raw driver hands the question to its file (BDRV_BLOCK_RAW), whose
+    /// answer counts as allocated only then (a file always says one of them; an nbd child
+    /// with an `x-dirty-bitmap` context or null-co without read-zeroes may say neither).
     /// - Throws: ``BlockError`` `.closed` after ``close()``, or the child's error.
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         try await gate.run(filename, "block status") {
             var s = try await child.blockStatus(at: self.offset + offset, length: length)
-            s.flags.insert(.allocated)
+            if !s.flags.isDisjoint(with: [.data, .zero]) { s.flags.insert(.allocated) }
             return s
         }
     }
