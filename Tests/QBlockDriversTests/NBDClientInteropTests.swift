@@ -425,6 +425,49 @@ struct NBDClientNbdkitTests {
         }
     }
 
+    /// With a server minimum block size, an unaligned write is a read-modify-write of its
+    /// blocks; an aligned write or a zeroing of the same block running at the same time must
+    /// not be undone by it (either order is fine, an old byte outside the patch is not).
+    @Test func readModifyWriteDoesNotUndoConcurrentWrites() async throws {
+        let dir = TempDir("nbdc")
+        // Writes are delayed, so a read-modify-write's stale write can land after a whole-block
+        // write sent while its read was in flight.
+        let server = try NBDTestServer.nbdkit(["--filter=blocksize-policy", "--filter=delay", "memory", "1M", "blocksize-minimum=4096",
+                                               "blocksize-preferred=65536", "blocksize-maximum=65536",
+                                               "blocksize-error-policy=error", "delay-write=10ms", "delay-zero=10ms"], dir: dir)
+        defer { server.stop() }
+        let uri = server.uri
+        try await within(180, "read-modify-write") {
+            let node = try await NBDClientNode.connect(try NBDURI(uri), readOnly: false)
+            let blocks = 32
+            for round in 0..<3 {
+                let fill = UInt8(round * 2 + 1), patch = UInt8(round * 2 + 2)
+                try await withThrowingTaskGroup(of: Void.self) { g in
+                    for b in 0..<blocks {
+                        let base = Int64(b * 4096)
+                        let zero = round > 0 && b % 3 == 0
+                        // The patch first: its read goes out before the whole-block request.
+                        g.addTask { try await node.write(at: base + 100, bytes: [UInt8](repeating: patch, count: 100)) }
+                        g.addTask {
+                            if zero { try await node.writeZeroes(at: base, length: 4096, flags: []) } else {
+                                try await node.write(at: base, bytes: [UInt8](repeating: fill, count: 4096))
+                            }
+                        }
+                    }
+                    try await g.waitForAll()
+                }
+                let got = try await node.read(at: 0, count: blocks * 4096)
+                for b in 0..<blocks {
+                    let want: UInt8 = round > 0 && b % 3 == 0 ? 0 : fill
+                    let lost = got[(b * 4096)..<((b + 1) * 4096)].enumerated().contains { i, v in (i < 100 || i >= 200) && v != want }
+                    #expect(!lost, "round \(round) block \(b): a write was undone by a read-modify-write")
+                    if lost { break }
+                }
+            }
+            try await node.close()
+        }
+    }
+
     @Test func serverErrorsSurfaceAsBlockErrors() async throws {
         let dir = TempDir("nbdc")
         let server = try NBDTestServer.nbdkit(["--filter=error", "memory", "16M", "error-pread=EIO",

@@ -50,7 +50,8 @@ extension FileNode {
     }
 
     /// Writes `buffer` at `offset` with pwrite(2), growing the file if needed; `.fua` flushes
-    /// afterwards. Unaligned `O_DIRECT` writes are read-modify-written under a lock.
+    /// afterwards. Unaligned `O_DIRECT` writes are read-modify-written, holding their aligned
+    /// blocks against every overlapping request (``RangeSerializer``).
     /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.noSpace`, or an I/O error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await gate.run(filename, "write") { try await writeAdmitted(at: offset, from: buffer, flags: flags) }
@@ -60,10 +61,21 @@ extension FileNode {
     func writeAdmitted(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try checkWritable("write")
         guard buffer.count > 0 else { return }
+        if directAlignment <= 1 {
+            try await writeAligned(at: offset, from: buffer, flags: flags)
+            return
+        }
         if !isAligned(offset, buffer.count, buffer.baseAddress) {
             try await bouncedWrite(at: offset, from: buffer, flags: flags)
             return
         }
+        try await inflight.withRange(offset..<(offset + Int64(buffer.count)), exclusive: false) {
+            try await writeAligned(at: offset, from: buffer, flags: flags)
+        }
+    }
+
+    /// One pwrite of an aligned request (any request without O_DIRECT), ordered by the caller.
+    func writeAligned(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         let p = SendablePointer(raw: UnsafeMutableRawPointer(mutating: buffer.baseAddress!))
         let count = buffer.count
         let r = await pwriteFull(p, count, offset)
@@ -74,20 +86,24 @@ extension FileNode {
         if flags.contains(.fua) || cacheMode.writeThrough { try await sync() }
     }
 
+    /// An O_DIRECT write through an aligned bounce buffer: a read-modify-write of the aligned
+    /// blocks around an unaligned range (holding them exclusively), or a plain copy when only
+    /// the memory was misaligned.
     func bouncedWrite(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         let a = Int64(directAlignment)
         let start = offset / a * a
         let end = (offset + Int64(buffer.count) + a - 1) / a * a
+        let partial = start != offset || end != offset + Int64(buffer.count)
         let bounce = AlignedBuffer(count: Int(end - start), alignment: directAlignment)
-        try await rmwLock.withLock {
+        try await inflight.withRange(start..<end, exclusive: partial) {
             // SAFETY: `bounce` spans the aligned range around the write, so every slice below is in
             // bounds; it stays alive for the closure.
             try await bounce.withUnsafeMutableBytes { b in
-                if start != offset || end != offset + Int64(buffer.count) {
+                if partial {
                     try await self.readAdmitted(at: start, into: b)
                 }
                 UnsafeMutableRawBufferPointer(rebasing: b[Int(offset - start)...]).copyMemory(from: buffer)
-                try await self.writeAdmitted(at: start, from: UnsafeRawBufferPointer(b), flags: flags)
+                try await self.writeAligned(at: start, from: UnsafeRawBufferPointer(b), flags: flags)
             }
         }
     }

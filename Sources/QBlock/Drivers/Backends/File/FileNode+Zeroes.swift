@@ -22,37 +22,14 @@ extension FileNode {
     func writeZeroesAdmitted(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try checkWritable("write zeroes")
         guard length > 0 else { return }
-        let fd = self.fd
-        let curLen = self.length
-        if !isBlockDevice {
-            if flags.contains(.mayUnmap) && supportsPunchHole.load(ordering: .relaxed) && offset + length <= curLen {
-                let mode = qb_falloc_punch_hole() | qb_falloc_keep_size()
-                let r = await pool.run { Syscalls.fallocate(fd, mode, offset, length) }
-                if case .success = r { return }
-                supportsPunchHole.store(false, ordering: .relaxed)
+        // With O_DIRECT, ordered against read-modify-writes of the same blocks (the fallback
+        // below goes through writeAdmitted, which orders each write itself).
+        let done = directAlignment > 1
+            ? try await inflight.withRange(offset..<(offset + length), exclusive: false) {
+                try await zeroInPlace(at: offset, length: length, flags: flags)
             }
-            if supportsZeroRange.load(ordering: .relaxed) {
-                let r = await pool.run { Syscalls.fallocate(fd, qb_falloc_zero_range(), offset, length) }
-                switch r {
-                case .success:
-                    noteExtent(offset + length)
-                    if flags.contains(.fua) || cacheMode.writeThrough { try await sync() }
-                    return
-                case .failure(let e) where e.rawValue == ENOSPC:
-                    throw BlockError.system(e.rawValue, "write zeroes", path: filename, offset: offset)
-                case .failure:
-                    supportsZeroRange.store(false, ordering: .relaxed)
-                }
-            }
-            if offset >= curLen {
-                // Beyond end of file: extending the file reads as zeros.
-                if case .failure(let e) = await pool.run({ Syscalls.ftruncate(fd, offset + length) }) {
-                    throw BlockError.system(e.rawValue, "write zeroes", path: filename, offset: offset)
-                }
-                noteExtent(offset + length)
-                return
-            }
-        }
+            : try await zeroInPlace(at: offset, length: length, flags: flags)
+        if done { return }
         if flags.contains(.noFallback) {
             throw BlockError(.unsupported, "write zeroes cannot be done efficiently", errno: ENOTSUP, path: filename, offset: offset)
         }
@@ -72,6 +49,42 @@ extension FileNode {
         if flags.contains(.fua) { try await sync() }
     }
 
+    /// Zeroes with `fallocate` (punching a hole with `.mayUnmap`) or by extending the file;
+    /// false when only writing zeroes can do it.
+    private func zeroInPlace(at offset: Int64, length: Int64, flags: WriteFlags) async throws -> Bool {
+        guard !isBlockDevice else { return false }
+        let fd = self.fd
+        let curLen = self.length
+        if flags.contains(.mayUnmap) && supportsPunchHole.load(ordering: .relaxed) && offset + length <= curLen {
+            let mode = qb_falloc_punch_hole() | qb_falloc_keep_size()
+            let r = await pool.run { Syscalls.fallocate(fd, mode, offset, length) }
+            if case .success = r { return true }
+            supportsPunchHole.store(false, ordering: .relaxed)
+        }
+        if supportsZeroRange.load(ordering: .relaxed) {
+            let r = await pool.run { Syscalls.fallocate(fd, qb_falloc_zero_range(), offset, length) }
+            switch r {
+            case .success:
+                noteExtent(offset + length)
+                if flags.contains(.fua) || cacheMode.writeThrough { try await sync() }
+                return true
+            case .failure(let e) where e.rawValue == ENOSPC:
+                throw BlockError.system(e.rawValue, "write zeroes", path: filename, offset: offset)
+            case .failure:
+                supportsZeroRange.store(false, ordering: .relaxed)
+            }
+        }
+        if offset >= curLen {
+            // Beyond end of file: extending the file reads as zeros.
+            if case .failure(let e) = await pool.run({ Syscalls.ftruncate(fd, offset + length) }) {
+                throw BlockError.system(e.rawValue, "write zeroes", path: filename, offset: offset)
+            }
+            noteExtent(offset + length)
+            return true
+        }
+        return false
+    }
+
     /// Punches a hole over `length` bytes at `offset` (`FALLOC_FL_PUNCH_HOLE`); on a block
     /// device or a file system that cannot do it this is a no-op (discard is advisory, as in QEMU).
     /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, or an I/O error.
@@ -84,7 +97,9 @@ extension FileNode {
         guard length > 0, !isBlockDevice, supportsPunchHole.load(ordering: .relaxed) else { return }
         let fd = self.fd
         let mode = qb_falloc_punch_hole() | qb_falloc_keep_size()
-        let r = await pool.run { Syscalls.fallocate(fd, mode, offset, length) }
+        let r = directAlignment > 1
+            ? await inflight.withRange(offset..<(offset + length), exclusive: false) { await pool.run { Syscalls.fallocate(fd, mode, offset, length) } }
+            : await pool.run { Syscalls.fallocate(fd, mode, offset, length) }
         if case .failure = r { supportsPunchHole.store(false, ordering: .relaxed) }
     }
 

@@ -81,8 +81,9 @@ public final class FileNode: BlockDriver, @unchecked Sendable {
     var fdsClosed = false
     /// Open/closed state and the requests in flight (see ``CloseGate``).
     let gate = CloseGate()
-    /// Serializes read-modify-write cycles of unaligned O_DIRECT writes.
-    let rmwLock = AsyncMutex()
+    /// Orders unaligned O_DIRECT writes (read-modify-write of their aligned blocks) against
+    /// every overlapping write, zeroing and discard (used only when O_DIRECT needs alignment).
+    let inflight = RangeSerializer()
     /// Whether `FALLOC_FL_ZERO_RANGE` may work on this file: true until it first fails.
     /// Concurrent requests read and clear it, so it is an atomic; relaxed ordering is
     /// enough, because it is a hint: a request that still sees `true` after another

@@ -70,7 +70,9 @@ extension NBDClientNode {
             let start = offset / a * a
             let end = (offset + Int64(buffer.count) + a - 1) / a * a
             let bounce = AlignedBuffer(count: Int(end - start))
-            try await rmwLock.withLock {
+            // The blocks around the write are held against every overlapping request while
+            // their stale copy is in flight (RangeSerializer).
+            try await serializer.withRange(start..<end, exclusive: true) {
                 // SAFETY: `bounce` covers the aligned range around the write; the async closure keeps
                 // it alive across the read-modify-write.
                 try await bounce.withUnsafeMutableBytes { b in
@@ -78,6 +80,12 @@ extension NBDClientNode {
                     (b.baseAddress! + Int(offset - start)).copyMemory(from: base, byteCount: buffer.count)
                     try await self.writeAligned(at: start, from: UnsafeRawPointer(b.baseAddress!), count: b.count, flags: flags)
                 }
+            }
+            return
+        }
+        if a > 1 {
+            try await serializer.withRange(offset..<(offset + Int64(buffer.count)), exclusive: false) {
+                try await writeAligned(at: offset, from: base, count: buffer.count, flags: flags)
             }
             return
         }

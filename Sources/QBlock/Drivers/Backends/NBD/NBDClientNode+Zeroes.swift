@@ -36,11 +36,14 @@ extension NBDClientNode {
         var cflags = commandFlags(flags)
         if !flags.contains(.mayUnmap) { cflags.insert(.noHole) }
         if flags.contains(.noFallback) { cflags.insert(.fastZero) }
-        var pos = alignedStart
-        while pos < alignedEnd {
-            let n = min(alignedEnd - pos, maxNoPayload)
-            try await perform(.writeZeroes, flags: cflags, offset: pos, length: Int(n), operation: "write zeroes")
-            pos += n
+        // (Ordered against read-modify-writes of the same blocks, as writes are.)
+        try await serializer.withRange(alignedStart..<alignedEnd, exclusive: false) {
+            var pos = alignedStart
+            while pos < alignedEnd {
+                let n = min(alignedEnd - pos, maxNoPayload)
+                try await perform(.writeZeroes, flags: cflags, offset: pos, length: Int(n), operation: "write zeroes")
+                pos += n
+            }
         }
         if offset + length > alignedEnd {
             try await writeZeroBuffers(at: alignedEnd, length: offset + length - alignedEnd, flags: flags)
@@ -76,11 +79,14 @@ extension NBDClientNode {
         let a = minBlock
         let start = (offset + a - 1) / a * a
         let end = min(offset + length, self.length) / a * a
-        var pos = start
-        while pos < end {
-            let n = min(end - pos, maxNoPayload)
-            try await perform(.trim, offset: pos, length: Int(n), operation: "discard")
-            pos += n
+        guard start < end else { return }
+        try await serializer.withRange(start..<end, exclusive: false) {
+            var pos = start
+            while pos < end {
+                let n = min(end - pos, maxNoPayload)
+                try await perform(.trim, offset: pos, length: Int(n), operation: "discard")
+                pos += n
+            }
         }
     }
 }

@@ -62,7 +62,9 @@ public final class NBDClientNode: BlockDriver, @unchecked Sendable {
     let pool: IOThreadPool
     let lock = PosixMutex()
     let sendLock = PosixMutex()
-    let rmwLock = AsyncMutex()
+    /// Orders read-modify-writes of unaligned writes (a server with a minimum block size)
+    /// against overlapping writes, zeroing and trims.
+    let serializer = RangeSerializer()
     let readerDone = AsyncEvent()
     // Guarded by `lock`:
     var nextCookie: UInt64 = 1
