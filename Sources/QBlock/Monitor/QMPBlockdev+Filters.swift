@@ -26,7 +26,16 @@ extension QMPBlockdevDrivers {
         var rules = try config.map { try BlkdebugProtocol.readConfigFile($0) } ?? []
         for (key, group, members) in [("inject-error", "inject-error", ["event", "state", "iotype", "errno", "sector", "once", "immediately"]),
                                       ("set-state", "set-state", ["event", "state", "new_state"])] {
-            for (i, item) in (try args.optionalList(key) ?? []).enumerated() {
+            // (-drive style options may give one rule as an object: `inject-error.event=…`,
+            // as QEMU's blkdebug reads its option groups.)
+            var items: [QObject]
+            if args.keyval, case .dict(let one)? = args.dict[key] {
+                _ = args.value(key)
+                items = [.dict(one)]
+            } else {
+                items = try args.optionalList(key) ?? []
+            }
+            for (i, item) in items.enumerated() {
                 guard case .dict(let d) = item else {
                     throw QMPError.generic("Invalid parameter type for '\(args.name(key)).\(i)', expected: object")
                 }
