@@ -38,6 +38,9 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     public let maxTransfer: Int
     /// The smallest write-zeroes request passed down as one (0: the alignment).
     public let optWriteZero: Int
+    /// The largest write-zeroes request passed down at once (0: no limit; `max-transfer`
+    /// limits only the writes of zeros for unaligned parts, as in QEMU's block layer).
+    public let maxWriteZero: Int
     private let lock = PosixMutex()
     private let gate = CloseGate()
     // Guarded by `lock`: the rules by id, the ids of the armed ones (newest first), the state.
@@ -63,7 +66,7 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     /// - Throws: ``BlockError`` `.invalidArgument` with QEMU's "Cannot meet constraints
     ///   with …" when a limit is not a power of two or not a multiple of the alignment.
     public init(image: any BlockDriver, rules: [BlkdebugRule], configFile: String? = nil,
-                align: Int = 0, maxTransfer: Int = 0, optWriteZero: Int = 0) throws {
+                align: Int = 0, maxTransfer: Int = 0, optWriteZero: Int = 0, maxWriteZero: Int = 0) throws {
         if align != 0 && (align >= Int(Int32.max) || align & (align - 1) != 0) {
             throw BlockError(.invalidArgument, "Cannot meet constraints with align \(align)", operation: "open")
         }
@@ -74,11 +77,15 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
         if optWriteZero != 0 && (optWriteZero >= Int(Int32.max) || optWriteZero % alignment != 0) {
             throw BlockError(.invalidArgument, "Cannot meet constraints with opt-write-zero \(optWriteZero)", operation: "open")
         }
+        if maxWriteZero != 0 && (maxWriteZero >= Int(Int32.max) || maxWriteZero % max(optWriteZero, align, 1) != 0) {
+            throw BlockError(.invalidArgument, "Cannot meet constraints with max-write-zero \(maxWriteZero)", operation: "open")
+        }
         self.image = image
         self.configFile = configFile
         self.requestAlignment = alignment
         self.maxTransfer = maxTransfer
         self.optWriteZero = optWriteZero
+        self.maxWriteZero = maxWriteZero
         // QEMU inserts each rule at the head of its event's list: later rules act first.
         for (i, r) in rules.enumerated() { self.rules[i] = r }
         order = Array(rules.indices.reversed())
@@ -232,7 +239,7 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
             let end = max((offset + length) / unit * unit, start)
             if start > offset { try await zeroWrite(at: offset, length: start - offset, flags: flags) }
             if end > start {
-                let step = maxTransfer > 0 ? Int64(maxTransfer) : end - start
+                let step = maxWriteZero > 0 ? max(Int64(maxWriteZero) / unit * unit, unit) : end - start
                 var at = start
                 while at < end {
                     let n = min(step, end - at)
