@@ -204,7 +204,7 @@ public enum DriveReopen {
         switch node {
         case let q as Qcow2Node:
             let options = try Qcow2RuntimeOptions.read(args)
-            consumed.formUnion(["lazy-refcounts", "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size"])
+            consumed.formUnion(Qcow2RuntimeOptions.keys)
             if options != q.runtimeOptions { action = { try await q.reopen(options: options) } }
         case let r as RawNode:
             let offset = Int64(bitPattern: try args.optionalUInt("offset", bits: 64) ?? 0)

@@ -22,6 +22,9 @@ public struct Qcow2RuntimeOptions: FormatOpenOptions, Equatable {
     /// Options with every member at its default.
     public init() {}
 
+    /// The option names these members are read from.
+    public static let keys: Set<String> = ["lazy-refcounts", "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size"]
+
     /// Reads the members from `m` (absent members stay nil).
     /// - Throws: the reader's error for a member of the wrong type.
     public static func read(_ m: any DriverOptionReader) throws -> Qcow2RuntimeOptions {
@@ -111,6 +114,13 @@ extension Qcow2Node {
             throw BlockError(.invalidArgument, "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
         }
         return lazy
+    }
+
+    /// Checks `options` for this image as ``reopen(options:)`` would, changing nothing.
+    /// - Throws: ``BlockError`` `.invalidArgument` with QEMU's message.
+    public func checkReopen(options: Qcow2RuntimeOptions) throws {
+        _ = try Self.cacheCapacities(options, header: header, legacyL2Bytes: nil)
+        _ = try Self.lazyRefcounts(options, header: header)
     }
 
     /// Changes the runtime options of the open image (qemu-io's `reopen -o`, QEMU's
