@@ -42,6 +42,9 @@ let reopenQcow2Scenarios: [[String]] = [
     ["-c", "open -o cache-size=0 IMG", "-c", "write -P 4 0 64k", "-c", "read -P 4 0 64k"],
     ["-c", "open -o cache-size=2M,refcount-cache-size=1M IMG", "-c", "read -P 0 0 64k"],
     ["-c", "open -o l2-cache-entry-size=16k IMG", "-c", "read -P 0 0 64k"],
+    // Backing options for an image without a backing file.
+    ["-c", "open -o backing.driver=qcow2 IMG"],
+    ["-c", "open -o backing.l2-cache-size=1M IMG"],
     // blkdebug named by its prefixed file name with options for the image below it (177, 204).
     ["-c", "open -o driver=blkdebug,image.driver=qcow2,align=4k,max-transfer=64k blkdebug::IMG",
      "-c", "write -P 33 1000 128k", "-c", "read -P 33 1000 128k"],

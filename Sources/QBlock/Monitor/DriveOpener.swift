@@ -198,10 +198,11 @@ public enum DriveOpener {
                 if backingOverride != nil { _ = session.popBackingOptions() }
                 throw error
             }
-            if backingOverride != nil, session.popBackingOptions() != nil {
+            if let b = backingOverride, session.popBackingOptions() != nil {
                 // The image names no backing file: the options have no file to open.
                 try? await node.close()
-                throw QMPError.generic("Could not open backing file: A block device must be specified for \"file\"")
+                let why = b["driver"] == nil ? "Must specify either driver or file" : "A block device must be specified for \"file\""
+                throw QMPError.generic("Could not open backing file: \(why)")
             }
             return node
         } catch {
