@@ -14,6 +14,9 @@ let reopenQcow2Scenarios: [[String]] = [
     ["-c", "reopen -o driver=raw", "IMG"],
     ["-c", "reopen -o file.driver=qcow2", "IMG"],
     ["-c", "reopen -o file.locking=off", "IMG"],
+    ["-c", "reopen -o file.aio=native", "IMG"],
+    ["-c", "reopen -o file.read-only=on", "-c", "write -P 1 0 512", "IMG"],
+    ["-c", "reopen -r -o file.read-only=on", "-c", "read -P 0 0 512", "IMG"],
     // Unchanged values are fine.
     ["-c", "open -o node-name=foo IMG", "-c", "reopen -o node-name=foo", "-c", "reopen", "-c", "read -P 0 0 1"],
     ["-c", "open -o file.node-name=foo IMG", "-c", "reopen -o file.node-name=foo", "-c", "reopen"],

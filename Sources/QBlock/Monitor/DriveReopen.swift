@@ -99,6 +99,15 @@ public enum DriveReopen {
                 : (currentCache.writeThrough ? .writethrough : .writeback)
         }
 
+        if let fileLevel = levels.first(where: { $0.prefix == "file." }), let v = fileLevel.given["read-only"],
+           try bool(v, "read-only") {
+            if !readOnly {
+                let r = Int.random(in: 0..<100)
+                let name = (format.file as? BlockNode)?.nodeName ?? "#block0\(r < 10 ? "0" : "")\(r)"
+                throw QMPError.generic("Read-only block node '\(name)' cannot support read-write users")
+            }
+        }
+
         // Each level's driver options, then the options that must stay as they are.
         var actions: [() async throws -> Void] = []
         for level in levels {
@@ -180,6 +189,9 @@ public enum DriveReopen {
         // A mode asked for below the top level (the top's is the request's).
         if !level.prefix.isEmpty {
             for key in ["read-only", "cache.direct", "cache.no-flush"] {
+                // (The format's file made read-only under a writable format: QEMU's
+                // permission error, from reopen(_:opened:request:currentCache:).)
+                if key == "read-only", level.prefix == "file.", let v = level.given[key], (try? bool(v, key)) == true { continue }
                 if let v = level.given[key], v != level.old[key] {
                     throw QMPError.generic("reopen: changing '\(level.prefix)\(key)' is not supported by this implementation")
                 }
