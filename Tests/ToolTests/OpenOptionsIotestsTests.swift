@@ -15,6 +15,9 @@ let reopenQcow2Scenarios: [[String]] = [
     ["-c", "reopen -o file.driver=qcow2", "IMG"],
     ["-c", "reopen -o file.locking=off", "IMG"],
     ["-c", "reopen -o file.aio=native", "IMG"],
+    // The top's discard mode: discards dropped, then passed on again.
+    ["-c", "write -P 7 0 128k", "-c", "reopen -o discard=ignore", "-c", "discard 0 64k", "-c", "read -P 7 0 64k",
+     "-c", "reopen -o discard=unmap", "-c", "discard 64k 64k", "-c", "read -P 0 64k 64k", "-c", "reopen -o discard=bogus", "IMG"],
     ["-c", "reopen -o file.read-only=on", "-c", "write -P 1 0 512", "IMG"],
     ["-c", "reopen -r -o file.read-only=on", "-c", "read -P 0 0 512", "IMG"],
     // Unchanged values are fine.

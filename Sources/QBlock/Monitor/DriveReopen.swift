@@ -14,9 +14,10 @@ import QBlockGraph
 ///   (``Qcow2RuntimeOptions``), raw's `offset` and `size`;
 /// - every other option must keep its value: "Cannot change the option 'driver'".
 ///
-/// Options QEMU could change that this implementation cannot (qcow2's `overlap-check`,
-/// `pass-discard-*`, `cache-clean-interval`, file's `drop-cache`, a node's `discard` and
-/// `detect-zeroes`, the mode of a backing node) are refused with a message saying so
+/// The top's `discard` mode changes (``Outcome/unmap``, for the tool to apply). Options QEMU
+/// could change that this implementation cannot (qcow2's `overlap-check`, `pass-discard-*`,
+/// `cache-clean-interval`, file's `drop-cache`, `detect-zeroes`, the `discard` of a node
+/// below the top, the mode of a node below the top) are refused with a message saying so
 /// when their value would change.
 public enum DriveReopen {
     /// What qemu-io's `reopen` was given.
@@ -60,18 +61,26 @@ public enum DriveReopen {
         "host_device": ["drop-cache", "x-check-cache-dropped"],
     ]
 
+    /// What a successful reopen leaves for the tool to keep.
+    public struct Outcome: Sendable {
+        /// The options to lay the next reopen over (dotted keys).
+        public var options: QObject.Dict
+        /// The top's new discard mode (`discard=unmap`: true, `ignore`: false); nil: unchanged.
+        public var unmap: Bool?
+    }
+
     /// Reopens the image under `top` as qemu-io's `reopen` does.
     /// - Parameters:
     ///   - top: the image as the tool holds it (filters above the format are looked through).
     ///   - opened: the options it was opened (or last reopened) with, dotted keys.
     ///   - request: what `reopen` was given.
     ///   - currentCache: the cache mode in use (for the levels `-c` and `cache.*` leave alone).
-    /// - Returns: the options to remember for the next reopen.
+    /// - Returns: the options to remember for the next reopen and the top's discard mode.
     /// - Throws: ``QMPError`` with QEMU's messages ("Cannot change the option 'driver'",
     ///   "Cannot set both -r/-w and 'read-only'", …), the drivers' errors when the change
     ///   itself fails (the image then keeps its previous mode where it could be restored).
     public static func reopen(_ top: any BlockDriver, opened: QObject.Dict, request: Request,
-                              currentCache: CacheMode) async throws -> QObject.Dict {
+                              currentCache: CacheMode) async throws -> Outcome {
         let given = DriveOptions.flatten(request.options)
         if given["read-only"] != nil && request.readOnly != nil {
             throw QMPError.generic("Cannot set both -r/-w and 'read-only'")
@@ -138,7 +147,9 @@ public enum DriveReopen {
         // mode and cache qemu-io adds itself.
         var next = DriveOptions.flatten(opened)
         for (k, v) in given.entries where !["read-only", "cache.direct", "cache.no-flush"].contains(k) { next[k] = v }
-        return next
+        var unmap: Bool?
+        if case .string(let d)? = given["discard"] { unmap = d == "unmap" || d == "on" }
+        return Outcome(options: next, unmap: unmap)
     }
 
     /// The levels of the tree below `driver` in QEMU's reopen order: a node, then its
@@ -198,6 +209,8 @@ public enum DriveReopen {
             }
         }
         for key in ["discard", "detect-zeroes"] {
+            // (The top's discard mode changes: the tool passes discards on or drops them.)
+            if key == "discard" && level.prefix.isEmpty { continue }
             if let v = level.given[key], v != level.old[key] {
                 throw QMPError.generic("reopen: changing '\(level.prefix)\(key)' is not supported by this implementation")
             }

@@ -66,7 +66,9 @@ extension QemuIOSession {
         let currentCache = (file as? FileNode)?.cacheMode ?? .writeback
         await waitForRequests()
         do {
-            openedOptions = try await DriveReopen.reopen(top, opened: openedOptions, request: request, currentCache: currentCache)
+            let outcome = try await DriveReopen.reopen(top, opened: openedOptions, request: request, currentCache: currentCache)
+            openedOptions = outcome.options
+            if let u = outcome.unmap { unmap = u }
             return true
         } catch {
             report(error.asDriveMessage)
