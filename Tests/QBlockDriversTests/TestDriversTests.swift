@@ -175,8 +175,11 @@ import QBlock
         let node = try await ImageOpener.open("blkdebug:\(f.config):\(f.image)", options: OpenOptions(format: "raw"))
         let debug = try #require(node.file?.innermostDriver as? BlkdebugNode)
         #expect(debug.currentState == 5)
-        // Only flushes fail: the rule's iotype.
+        // Only flushes fail: the rule's iotype; and only flushes with a write to reach the
+        // disk for (QEMU skips a flush with no write since the last one).
         _ = try await node.read(at: 0, count: 512)
+        try await node.flush()
+        try await node.write(at: 0, bytes: [UInt8](repeating: 1, count: 512))
         #expect(await Self.errno { try await node.flush() } == EIO)
         try? await node.close()
     }

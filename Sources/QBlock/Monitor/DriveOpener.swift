@@ -109,6 +109,9 @@ public enum DriveOpener {
             for (k, v) in proto.entries where opts[k] == nil { opts[k] = v }
             return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
         }
+        if let driver, let filter = ProtocolRegistry.prefixed.first(where: { $0.name == driver }) {
+            return try await openPrefixed(filter, opts, filename: filename, session: session, state: state)
+        }
         if let driver, QMPBlockdevDrivers.isProtocolLike(driver) {
             if let filename {
                 if opts["filename"] != nil {
@@ -159,6 +162,17 @@ public enum DriveOpener {
                FormatRegistry.driver(named: f)?.supportsBackingFile == true {
                 opts["backing"] = .null
             }
+            // Backing options without a file: how to open the image's own backing file
+            // (its name from the image; `backing.driver` overrides the stored format).
+            var backingOverride: QObject.Dict?
+            if case .dict(let b)? = opts["backing"], b["file"] == nil, b["filename"] == nil,
+               case .string(let f)? = opts["driver"], FormatRegistry.driver(named: f)?.supportsBackingFile == true {
+                let bd = (b["driver"]).flatMap { if case .string(let s) = $0 { return s } else { return nil } }
+                if bd.map({ !QMPBlockdevDrivers.isProtocolLike($0) }) ?? true {
+                    backingOverride = b
+                    opts["backing"] = nil
+                }
+            }
             if case .dict(var b)? = opts["backing"] {
                 if b["read-only"] == nil { b["read-only"] = .bool(true) }
                 for key in ["cache", "force-share"] where b[key] == nil { b[key] = opts[key] }
@@ -172,12 +186,92 @@ public enum DriveOpener {
                     throw QMPError.generic("Could not open backing file: \(QMPError.noDevice(device: s, node: s).desc)")
                 }
             }
+            if var b = backingOverride {
+                if b["read-only"] == nil { b["read-only"] = .bool(true) }
+                for key in ["cache", "force-share"] where b[key] == nil { b[key] = opts[key] }
+                session.pushBackingOptions(b)
+            }
+            let node: BlockNode
+            do {
+                node = try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
+            } catch {
+                if backingOverride != nil { _ = session.popBackingOptions() }
+                throw error
+            }
+            if let b = backingOverride, session.popBackingOptions() != nil {
+                // The image names no backing file: the options have no file to open.
+                try? await node.close()
+                let why = b["driver"] == nil ? "Must specify either driver or file" : "A block device must be specified for \"file\""
+                throw QMPError.generic("Could not open backing file: \(why)")
+            }
+            return node
+        } catch {
+            for n in opened.reversed() { try? await n.close() }
+            throw error
+        }
+    }
+
+    /// A filter named by its prefixed file name (`blkdebug::IMAGE`) and by options
+    /// (`driver=blkdebug,image.driver=qcow2`): the children the name names are opened with
+    /// the options given for them (`image.…`), as QEMU's blkdebug opens `x-image`.
+    private static func openPrefixed(_ filter: any PrefixedFilterDriver.Type, _ given: QObject.Dict, filename: String?,
+                                     session: DriveSession, state: QMPBlockState) async throws -> BlockNode {
+        var opts = given
+        var filename = filename
+        if filename == nil, let named = stringMember(opts, "filename") {
+            filename = named
+            opts["filename"] = nil
+        }
+        var parsed = PrefixedFilename(options: QObject.Dict(), children: [])
+        if let filename, filename.hasPrefix(filter.filenamePrefix) {
+            if opts["filename"] != nil {
+                throw QMPError.generic("Can't specify 'file' and 'filename' options at the same time")
+            }
+            do { parsed = try filter.parseFilename(filename) } catch { throw QMPError.generic(error.asBlockError.message) }
+            for (k, v) in parsed.options.entries where opts[k] == nil { opts[k] = v }
+        } else {
+            // Children given as options: each opened as -drive opens a child (its protocol
+            // from its file name, or the driver it names); a file name without the prefix
+            // names the last child (the image), as QEMU's blkdebug and blkverify take it.
+            let members = prefixedChildren[filter.name] ?? []
+            for (member, isImage) in members {
+                let isLast = member == members.last?.0
+                var given = false
+                if case .dict? = opts[member] { given = true }
+                guard given || (isLast && filename != nil) else { continue }
+                parsed.children.append((member: member, filename: isLast ? (filename ?? "") : ""))
+                if isImage { parsed.imageMembers.insert(member) }
+            }
+        }
+        var opened: [BlockNode] = []
+        do {
+            for child in parsed.children {
+                var childOpts = QObject.Dict()
+                switch opts[child.member] {
+                case .dict(let d)?: childOpts = d
+                case nil: break
+                default: throw QMPError.generic("Invalid parameter type for '\(child.member)', expected: BlockdevRef")
+                }
+                // The child inherits the mode (QEMU's bdrv_inherited_options).
+                for key in ["read-only", "cache", "force-share"] where childOpts[key] == nil { childOpts[key] = opts[key] }
+                let node = try await openLevel(childOpts, filename: child.filename.isEmpty ? nil : child.filename,
+                                               protocolLevel: !parsed.imageMembers.contains(child.member), session: session, state: state)
+                opened.append(node)
+                opts[child.member] = .string(node.nodeName)
+            }
             return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
         } catch {
             for n in opened.reversed() { try? await n.close() }
             throw error
         }
     }
+
+    /// The children of the prefixed filters by member, and whether each is a whole image
+    /// (its format probed) rather than a protocol node: the members their file names give.
+    private static let prefixedChildren: [String: [(String, Bool)]] = [
+        "blkdebug": [("image", false)],
+        "blkverify": [("raw", false), ("test", true)],
+    ]
 
     private static func stringMember(_ d: QObject.Dict, _ key: String) -> String? {
         if case .string(let s)? = d[key] { return s }
@@ -209,6 +303,16 @@ final class DriveSession: @unchecked Sendable {
     private var pending: [(node: any HostStorage, locking: Bool)] = []
 
     init(defaults: OpenOptions) { self.defaults = defaults }
+
+    /// Options for the backing file the format node being opened names itself (a stack:
+    /// each level pushes its own before opening its format node, whose backing opener pops it).
+    private var backingOptions: [QObject.Dict] = []
+
+    /// Pushes options for the backing file of the format node about to be opened.
+    func pushBackingOptions(_ options: QObject.Dict) { mutex.withLock { backingOptions.append(options) } }
+
+    /// Takes the options pushed for the node whose backing file is being opened, if any.
+    func popBackingOptions() -> QObject.Dict? { mutex.withLock { backingOptions.popLast() } }
 
     /// Records a host file opened without locks (`locking`: false when the node says
     /// `locking=off`).

@@ -142,9 +142,18 @@ public enum DriveOptions {
             if let scalar = flat[head], !isDict(scalar) {
                 throw QMPError.generic("Cannot use '\(head)' both as a value and as an object of options ('\(head).\(members.entries[0].key)')")
             }
-            out[head] = .dict(try crumple(members))
+            out[head] = listOrDict(try crumple(members))
         }
         return out
+    }
+
+    /// An object whose keys are 0, 1, … n-1 (in any order) as the list of its values, as
+    /// QEMU's `qdict_crumple` reads `inject-error.0.event=…`; any other object as it is.
+    private static func listOrDict(_ d: QObject.Dict) -> QObject {
+        let indices = d.entries.map { $0.key.allSatisfy(\.isNumber) ? Int($0.key) : nil }
+        guard !indices.isEmpty, indices.allSatisfy({ $0 != nil }),
+              Set(indices.compactMap { $0 }) == Set(0..<d.entries.count) else { return .dict(d) }
+        return .list((0..<d.entries.count).map { d[String($0)] ?? .null })
     }
 
     private static func isDict(_ v: QObject) -> Bool {

@@ -18,7 +18,8 @@ import QBlockDrivers
 /// (`read-only`, `cache`), and only when the child was created with the parent; a child
 /// given as options is reopened with those. Replacing a `file` or `backing` child by another
 /// node, or dropping the backing node (`null`), is refused here, as are driver options we
-/// cannot change in place (qcow2 cache sizes, raw `offset`/`size`, file `locking`/`aio`).
+/// cannot change in place (raw `offset`/`size`, file `locking`/`aio`, qcow2's options other
+/// than `lazy-refcounts` and the cache sizes, which change as ``Qcow2RuntimeOptions``).
 extension QMPMonitor {
     func registerReopenCommands() {
         register("blockdev-reopen") { args, ctx in
@@ -74,6 +75,8 @@ final class ReopenSpec: @unchecked Sendable {
     var hasBacking = false
     /// Driver members given that this implementation cannot change in place, in order.
     var fixedMembers: [(String, QObject)] = []
+    /// A qcow2 node's runtime options (those left out go back to their defaults).
+    var qcow2Options: Qcow2RuntimeOptions?
 
     /// Reads the members as `blockdev-add` does, in the schema's order, without opening anything.
     static func parse(_ a: QMPArguments) throws -> ReopenSpec {
@@ -102,9 +105,15 @@ final class ReopenSpec: @unchecked Sendable {
         } else if let format = FormatRegistry.driver(named: s.driver) {
             // A format's own members (none can change in place), read as blockdev-add reads them.
             let members = RecordingReader(a)
-            var ignored = OpenOptions()
-            try format.readBlockdevOptions(members, into: &ignored)
-            s.fixedMembers += members.given
+            var read = OpenOptions()
+            try format.readBlockdevOptions(members, into: &read)
+            var given = members.given
+            if let q = read.formatOptions as? Qcow2RuntimeOptions {
+                // qcow2's runtime options change in place (Qcow2Node.reopen(options:)).
+                s.qcow2Options = q
+                given.removeAll { Qcow2RuntimeOptions.keys.contains($0.0) }
+            }
+            s.fixedMembers += given
             if format.supportsBackingFile {
                 s.hasBacking = a.value("backing") != nil
                 s.backing = try child(a, "backing", nullable: true)
@@ -146,6 +155,8 @@ final class ReopenPlan: @unchecked Sendable {
         var noFlush: Bool
         var discard: String
         var detectZeroes: String
+        /// New runtime options for a qcow2 node (nil: unchanged).
+        var qcow2: Qcow2RuntimeOptions? = nil
         var cache: CacheMode { noFlush ? .unsafe : (direct ? .none : .writeback) }
     }
     /// What a child takes from its parent: the values the parent sets (explicitly or by inheritance).
@@ -189,7 +200,11 @@ final class ReopenPlan: @unchecked Sendable {
         let readOnly = parent?.isBacking == true ? (spec.readOnly ?? true) : (spec.readOnly ?? parent?.readOnly ?? false)
         let direct = spec.direct ?? parent?.direct ?? false
         let noFlush = spec.noFlush ?? parent?.noFlush ?? false
-        let t = Target(node: node, readOnly: readOnly, direct: direct, noFlush: noFlush, discard: discard, detectZeroes: detectZeroes)
+        var t = Target(node: node, readOnly: readOnly, direct: direct, noFlush: noFlush, discard: discard, detectZeroes: detectZeroes)
+        if let q = spec.qcow2Options, let qcow2 = node.innermostDriver as? Qcow2Node {
+            do { try qcow2.checkReopen(options: q) } catch { throw QMPError.from(error) }
+            t.qcow2 = q
+        }
         if let i = index(of: node) { targets[i] = t } else { targets.append(t) }
         let inherit = Inherited(readOnly: spec.readOnly ?? parent?.readOnly, direct: spec.direct ?? parent?.direct,
                                 noFlush: spec.noFlush ?? parent?.noFlush, isBacking: false)
@@ -303,17 +318,24 @@ final class ReopenPlan: @unchecked Sendable {
     /// so that a format node never writes to a read-only file. Call with writers held.
     func apply() async throws {
         var done: [(any ReopenableDriver, Bool, CacheMode)] = []
+        var optionsDone: [(Qcow2Node, Qcow2RuntimeOptions)] = []
         func step(_ t: Target) async throws {
             guard let d = t.node.driver as? any ReopenableDriver else { return }
             let before = (t.node.isReadOnly, block.nodeInfo(t.node).map { $0.noFlush ? CacheMode.unsafe : $0.cache } ?? .writeback)
             try await d.reopen(readOnly: t.readOnly, cache: t.cache)
             done.append((d, before.0, before.1))
+            if let q = t.qcow2, let qcow2 = t.node.innermostDriver as? Qcow2Node, q != qcow2.runtimeOptions {
+                let previous = qcow2.runtimeOptions
+                try await qcow2.reopen(options: q)
+                optionsDone.append((qcow2, previous))
+            }
         }
         do {
             for t in targets where t.readOnly { try await step(t) }
             for t in targets.reversed() where !t.readOnly { try await step(t) }
         } catch {
             // Undo in reverse order; a failure here leaves the node as it is, still usable.
+            for (q, previous) in optionsDone.reversed() { try? await q.reopen(options: previous) }
             for (d, ro, cache) in done.reversed() where !ro { try? await d.reopen(readOnly: false, cache: cache) }
             for (d, ro, cache) in done where ro { try? await d.reopen(readOnly: true, cache: cache) }
             throw QMPError.from(error)

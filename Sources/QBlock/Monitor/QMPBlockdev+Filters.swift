@@ -22,11 +22,21 @@ extension QMPBlockdevDrivers {
         let align = try args.optionalSize("align") ?? 0
         let maxTransfer = try args.optionalSize("max-transfer") ?? 0
         let optWriteZero = try args.optionalSize("opt-write-zero") ?? 0
-        for k in ["max-write-zero", "opt-discard", "max-discard"] { _ = try args.optionalSize(k) }
+        let maxWriteZero = try args.optionalSize("max-write-zero") ?? 0
+        for k in ["opt-discard", "max-discard"] { _ = try args.optionalSize(k) }
         var rules = try config.map { try BlkdebugProtocol.readConfigFile($0) } ?? []
         for (key, group, members) in [("inject-error", "inject-error", ["event", "state", "iotype", "errno", "sector", "once", "immediately"]),
                                       ("set-state", "set-state", ["event", "state", "new_state"])] {
-            for (i, item) in (try args.optionalList(key) ?? []).enumerated() {
+            // (-drive style options may give one rule as an object: `inject-error.event=…`,
+            // as QEMU's blkdebug reads its option groups.)
+            var items: [QObject]
+            if args.keyval, case .dict(let one)? = args.dict[key] {
+                _ = args.value(key)
+                items = [.dict(one)]
+            } else {
+                items = try args.optionalList(key) ?? []
+            }
+            for (i, item) in items.enumerated() {
                 guard case .dict(let d) = item else {
                     throw QMPError.generic("Invalid parameter type for '\(args.name(key)).\(i)', expected: object")
                 }
@@ -52,7 +62,7 @@ extension QMPBlockdevDrivers {
         let image = try await ctx.child(args, "image")
         try args.done()
         let node = try BlkdebugNode(image: image, rules: rules, configFile: config, align: Int(align),
-                                    maxTransfer: Int(maxTransfer), optWriteZero: Int(optWriteZero))
+                                    maxTransfer: Int(maxTransfer), optWriteZero: Int(optWriteZero), maxWriteZero: Int(maxWriteZero))
         await node.receiveDebugEvent(.none)   // QEMU reports `none` once, at open
         return node
     }

@@ -175,6 +175,23 @@ extension QMPBlockdevDrivers {
         options.openBacking = format.supportsBackingFile && backingValue == nil
         let imageName = file.filename
         let node = try await format.open(file: file, options: options) { name, format in
+            if let session = ctx.drive, var given = session.popBackingOptions() {
+                // Options for the image's own backing file (`backing.driver=qcow2`): over
+                // those of a `json:` name, else on the file the name resolves to.
+                do {
+                    var filename: String?
+                    if DriveOptions.isJSONFilename(name) {
+                        let named = try DriveOptions.crumple(try DriveOptions.parseJSONFilename(name))
+                        for (k, v) in named.entries where given[k] == nil { given[k] = v }
+                    } else {
+                        filename = ImageOpener.resolveBackingPath(name, relativeTo: ProtocolRegistry.imagePath(forFilename: imageName))
+                    }
+                    if let format, given["driver"] == nil { given["driver"] = .string(format) }
+                    return try await DriveOpener.openLevel(given, filename: filename, protocolLevel: false, session: session, state: ctx.block)
+                } catch {
+                    throw QMPError.generic("Could not open backing file: \(QMPError.from(error).desc)")
+                }
+            }
             if let session = ctx.drive, DriveOptions.isJSONFilename(name) {
                 // A backing file named by options (-drive semantics; the tree's root owns it).
                 do {

@@ -24,6 +24,16 @@ extension QemuIOSession {
     func info() -> Bool {
         guard let node else { return false }
         var text = "format name: \(node.driverName)\n"
+        // QEMU prints a protocol driver's name twice (its format and protocol names), and
+        // stops there for a driver without image information (null, nbd).
+        let name = node.driverName
+        if ProtocolRegistry.driver(named: name) != nil || ProtocolRegistry.prefixed.contains(where: { $0.name == name }) {
+            text += "format name: \(name)\n"
+        }
+        if ["null-co", "null-aio", "nbd"].contains(name) {
+            out(text)
+            return false
+        }
         var clusterSize: Int64 = 0
         var vmStateOffset: Int64 = 0
         let reporting = node as? any FormatInfoReporting

@@ -32,13 +32,12 @@ extension QemuIOSession {
         }
     }
 
-    /// `reopen [-r|-w] [-c cache]`: makes the open image read-only or writable again and
-    /// changes its host cache mode, in place (the format first when it becomes read-only,
-    /// its file first when it becomes writable), as qemu-io's `reopen`.
+    /// `reopen [-r|-w] [-c cache] [-o options]`: makes the open image read-only or writable
+    /// again, changes its host cache mode and the options given (``DriveReopen``), in
+    /// place, as qemu-io's `reopen`.
     func reopen(_ argv: [String]) async -> Bool {
         guard let top = node else { return false }
-        var readOnly: Bool?
-        var cache: CacheMode?
+        var request = DriveReopen.Request()
         var failed = false
         let operands = parseOptions(argv, "c:o:rw") { c, arg in
             switch c {
@@ -48,44 +47,38 @@ extension QemuIOSession {
                     failed = true
                     return false
                 }
-                cache = mode
+                request.cache = mode
             case "r", "w":
-                if readOnly != nil {
+                if request.readOnly != nil {
                     report("Only one -r/-w option may be given")
                     failed = true
                     return false
                 }
-                readOnly = c == "r"
+                request.readOnly = c == "r"
             default:
-                report("reopen -o is not supported yet: options cannot be changed on reopen")
-                failed = true
-                return false
+                do {
+                    // (Several -o merge, as qemu-io's option list does.)
+                    for (k, v) in try DriveOptions.parse(arg ?? "").entries { request.options[k] = v }
+                } catch {
+                    report(error.asDriveMessage)
+                    failed = true
+                    return false
+                }
             }
             return true
         }
         guard let operands, !failed else { return false }
         guard operands.isEmpty else { return usage("reopen") }
-        let format = top.skippingFilters.innermostDriver
-        let file = format.file?.innermostDriver
-        let wantReadOnly = readOnly ?? format.isReadOnly
-        let fileCache = cache ?? (file as? FileNode)?.cacheMode ?? .writeback
+        let file = top.skippingFilters.innermostDriver.file?.innermostDriver
+        let currentCache = (file as? FileNode)?.cacheMode ?? .writeback
         await waitForRequests()
         do {
-            guard let f = format as? any ReopenableDriver else {
-                throw BlockError(.unsupported, "Block format '\(format.driverName)' used by device '' does not support reopening files",
-                                 operation: "reopen")
-            }
-            let reopenableFile = file as? any ReopenableDriver
-            if wantReadOnly {
-                try await f.reopen(readOnly: true, cache: fileCache)
-                try await reopenableFile?.reopen(readOnly: true, cache: fileCache)
-            } else {
-                try await reopenableFile?.reopen(readOnly: false, cache: fileCache)
-                try await f.reopen(readOnly: false, cache: fileCache)
-            }
+            let outcome = try await DriveReopen.reopen(top, opened: openedOptions, request: request, currentCache: currentCache)
+            openedOptions = outcome.options
+            if let u = outcome.unmap { unmap = u }
             return true
         } catch {
-            report(error.asBlockError.message)
+            report(error.asDriveMessage)
             return false
         }
     }

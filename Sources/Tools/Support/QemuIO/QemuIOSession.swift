@@ -58,6 +58,9 @@ public actor QemuIOSession {
     public nonisolated let programName: String
 
     var node: (any BlockDriver)?
+    /// The options the image was opened (or last reopened) with, dotted keys: what
+    /// `reopen` keeps and compares against.
+    var openedOptions = QObject.Dict()
     /// Whether discard requests reach the image (qemu-io's `-d unmap`, the default); false
     /// (`-d ignore`) makes them succeed without effect, as QEMU's nodes opened without
     /// `BDRV_O_UNMAP` do.
@@ -197,12 +200,22 @@ public actor QemuIOSession {
             report("can't open\(device): force-share=on can only be used with read-only images")
             return false
         }
-        if let f = options.format, !ImageOpener.formats.contains(f) {
+        // (Options and json: names go to DriveOpener, which knows every driver.)
+        let byOptions = driveOptions != nil || path.map(DriveOptions.isJSONFilename) ?? true
+        if let f = options.format, !byOptions, !ImageOpener.formats.contains(f) {
             report("can't open\(device): Unknown driver '\(f)'")
             return false
         }
+        openedOptions = QObject.Dict()
+        if let f = options.format { openedOptions["driver"] = .string(f) }
         guard let path, driveOptions == nil, !DriveOptions.isJSONFilename(path) else {
             do {
+                for (k, v) in DriveOptions.flatten(driveOptions ?? QObject.Dict()).entries where options.format == nil || k != "driver" {
+                    openedOptions[k] = v
+                }
+                if let path, DriveOptions.isJSONFilename(path) {
+                    for (k, v) in try DriveOptions.parseJSONFilename(path).entries where openedOptions[k] == nil { openedOptions[k] = v }
+                }
                 node = try await DriveOpener.open(filename: path, options: driveOptions ?? QObject.Dict(), defaults: options)
             } catch {
                 report("can't open\(device): \(error.asDriveMessage)")

@@ -39,8 +39,15 @@ extension FileNode {
                 }
             }
         }
-        guard let (n, isData) = r else {
+        guard let (found, isData) = r else {
             return BlockStatus(flags: [.data, .allocated], length: maxLen, hostOffset: offset)
+        }
+        var n = found
+        // Under O_DIRECT a data run ending in a partial block at the end of the file covers
+        // that whole block (QEMU's raw_co_block_status returns no partial blocks).
+        let a = Int64(directAlignment)
+        if isData, cacheMode.direct, a > 1, offset + n == fileLength, fileLength % a != 0 {
+            n = min((fileLength + a - 1) / a * a - offset, length)
         }
         return BlockStatus(flags: isData ? [.data, .allocated] : [.zero, .allocated], length: n, hostOffset: offset)
     }

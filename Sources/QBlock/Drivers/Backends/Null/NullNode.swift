@@ -24,8 +24,9 @@ public final class NullNode: BlockDriver, @unchecked Sendable {
     public let readZeroes: Bool
     /// How long each request waits before it completes, in nanoseconds.
     public let latencyNanoseconds: Int64
-    /// Whether the node was opened read-only.
-    public let isReadOnly: Bool
+    /// Whether the node refuses writes (opened read-only, or reopened so).
+    public var isReadOnly: Bool { readOnlyFlag.value }
+    private let readOnlyFlag = LockedFlag()
     private let gate = CloseGate()
 
     /// Creates a null node.
@@ -41,7 +42,7 @@ public final class NullNode: BlockDriver, @unchecked Sendable {
         self.length = length
         self.readZeroes = readZeroes
         self.latencyNanoseconds = latencyNanoseconds
-        self.isReadOnly = readOnly
+        readOnlyFlag.set(readOnly)
     }
 
     /// `null-co://` or `null-aio://`.
@@ -114,4 +115,10 @@ public final class NullNode: BlockDriver, @unchecked Sendable {
         await gate.drain()
         gate.finishClose()
     }
+}
+
+extension NullNode: ReopenableDriver {
+    /// Switches between read-only and read-write (QEMU's null driver reopens with any
+    /// mode); there is no host cache to change.
+    public func reopen(readOnly: Bool, cache: CacheMode) async throws { readOnlyFlag.set(readOnly) }
 }

@@ -38,6 +38,9 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     public let maxTransfer: Int
     /// The smallest write-zeroes request passed down as one (0: the alignment).
     public let optWriteZero: Int
+    /// The largest write-zeroes request passed down at once (0: no limit; `max-transfer`
+    /// limits only the writes of zeros for unaligned parts, as in QEMU's block layer).
+    public let maxWriteZero: Int
     private let lock = PosixMutex()
     private let gate = CloseGate()
     // Guarded by `lock`: the rules by id, the ids of the armed ones (newest first), the state.
@@ -45,6 +48,9 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     nonisolated(unsafe) private var order: [Int] = []
     nonisolated(unsafe) private var active: [Int] = []
     nonisolated(unsafe) private var state = 1
+    /// Write-type requests so far, and how many of them the last successful flush covered (under `lock`).
+    nonisolated(unsafe) private var writeGeneration = 0
+    nonisolated(unsafe) private var flushedGeneration = 0
     // Guarded by `lock`: breakpoints (event, tag) and the requests they stopped, oldest first.
     nonisolated(unsafe) private var breakpoints: [(event: BlkdebugEvent, tag: String)] = []
     nonisolated(unsafe) private var suspended: [(tag: String, resume: CheckedContinuation<Void, Never>)] = []
@@ -60,7 +66,7 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     /// - Throws: ``BlockError`` `.invalidArgument` with QEMU's "Cannot meet constraints
     ///   with …" when a limit is not a power of two or not a multiple of the alignment.
     public init(image: any BlockDriver, rules: [BlkdebugRule], configFile: String? = nil,
-                align: Int = 0, maxTransfer: Int = 0, optWriteZero: Int = 0) throws {
+                align: Int = 0, maxTransfer: Int = 0, optWriteZero: Int = 0, maxWriteZero: Int = 0) throws {
         if align != 0 && (align >= Int(Int32.max) || align & (align - 1) != 0) {
             throw BlockError(.invalidArgument, "Cannot meet constraints with align \(align)", operation: "open")
         }
@@ -71,11 +77,15 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
         if optWriteZero != 0 && (optWriteZero >= Int(Int32.max) || optWriteZero % alignment != 0) {
             throw BlockError(.invalidArgument, "Cannot meet constraints with opt-write-zero \(optWriteZero)", operation: "open")
         }
+        if maxWriteZero != 0 && (maxWriteZero >= Int(Int32.max) || maxWriteZero % max(optWriteZero, align, 1) != 0) {
+            throw BlockError(.invalidArgument, "Cannot meet constraints with max-write-zero \(maxWriteZero)", operation: "open")
+        }
         self.image = image
         self.configFile = configFile
         self.requestAlignment = alignment
         self.maxTransfer = maxTransfer
         self.optWriteZero = optWriteZero
+        self.maxWriteZero = maxWriteZero
         // QEMU inserts each rule at the head of its event's list: later rules act first.
         for (i, r) in rules.enumerated() { self.rules[i] = r }
         order = Array(rules.indices.reversed())
@@ -208,6 +218,7 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     /// - Throws: ``BlockError`` with the rule's errno, `.closed`, or the image's error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await gate.run(filename, "write") {
+            defer { wrote() }
             for f in fragments(buffer.count) {
                 await receiveDebugEvent(.pwritev)
                 try check(.write, offset: offset + Int64(f.lowerBound), length: Int64(f.count), operation: "write")
@@ -222,12 +233,13 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     /// - Throws: ``BlockError`` with the rule's errno, `.closed`, or the image's error.
     public func writeZeroes(at offset: Int64, length: Int64, flags: WriteFlags) async throws {
         try await gate.run(filename, "write zeroes") {
+            defer { wrote() }
             let unit = Int64(max(optWriteZero, requestAlignment))
             let start = min((offset + unit - 1) / unit * unit, offset + length)
             let end = max((offset + length) / unit * unit, start)
             if start > offset { try await zeroWrite(at: offset, length: start - offset, flags: flags) }
             if end > start {
-                let step = maxTransfer > 0 ? Int64(maxTransfer) : end - start
+                let step = maxWriteZero > 0 ? max(Int64(maxWriteZero) / unit * unit, unit) : end - start
                 var at = start
                 while at < end {
                     let n = min(step, end - at)
@@ -258,21 +270,31 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     /// - Throws: ``BlockError`` with the rule's errno, `.closed`, or the image's error.
     public func discard(at offset: Int64, length: Int64) async throws {
         try await gate.run(filename, "discard") {
+            defer { wrote() }
             try check(.discard, offset: offset, length: length, operation: "discard")
             try await image.discard(at: offset, length: length)
         }
     }
 
-    /// Flushes the image unless an armed rule fails flushes.
+    /// Flushes the image unless an armed rule fails flushes. As QEMU's block layer, a flush
+    /// with no write since the last successful one only passes on to the image: no
+    /// `flush_to_disk` event, no rule checked.
     /// - Throws: ``BlockError`` with the rule's errno, `.closed`, or the image's error.
     public func flush() async throws {
         try await gate.run(filename, "flush") {
+            let generation = lock.withLock { writeGeneration }
             await receiveDebugEvent(.flushToOS)
-            await receiveDebugEvent(.flushToDisk)
-            try check(.flush, offset: 0, length: 0, operation: "flush")
+            if generation != lock.withLock({ flushedGeneration }) {
+                await receiveDebugEvent(.flushToDisk)
+                try check(.flush, offset: 0, length: 0, operation: "flush")
+            }
             try await image.flush()
+            lock.withLock { flushedGeneration = max(flushedGeneration, generation) }
         }
     }
+
+    /// Counts a write-type request (QEMU's `write_gen`), which a later flush must reach the disk for.
+    private func wrote() { lock.withLock { writeGeneration += 1 } }
 
     /// The image's status, unless an armed `block-status` rule fails the query.
     /// - Throws: ``BlockError`` with the rule's errno, `.closed`, or the image's error.
@@ -286,7 +308,10 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
     /// Resizes the image.
     /// - Throws: `.closed`, or the image's error.
     public func truncate(to length: Int64, preallocation: Preallocation) async throws {
-        try await gate.run(filename, "truncate") { try await image.truncate(to: length, preallocation: preallocation) }
+        try await gate.run(filename, "truncate") {
+            defer { wrote() }
+            try await image.truncate(to: length, preallocation: preallocation)
+        }
     }
 
     /// Closes the filter and the image, after the requests in flight.

@@ -138,6 +138,7 @@ extension Qcow2Node {
             try await metaLock.withLock {
                 if lazy { header.compatibleFeatures |= Qcow2Header.compatibleLazyRefcounts }
                 else { header.compatibleFeatures &= ~Qcow2Header.compatibleLazyRefcounts }
+                useLazyRefcounts = lazy
                 try await writeHeader()
                 try await hostFile.flush()
             }

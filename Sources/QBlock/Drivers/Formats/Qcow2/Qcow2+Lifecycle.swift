@@ -56,7 +56,7 @@ extension Qcow2Node {
         // keeps the on-disk image consistent at every moment (at worst leaked clusters), so
         // a killed process leaves an image that is clean as far as qemu-img check can tell,
         // and QEMU's own tests (iotests 039) expect the bit clear after such a kill.
-        if header.compatibleFeatures & Qcow2Header.compatibleLazyRefcounts == 0 { return }
+        if !useLazyRefcounts { return }
         if header.version < 3 || isDirty || isReadOnly { return }
         header.incompatibleFeatures |= Qcow2Header.Incompatible.dirty
         do {

@@ -56,8 +56,20 @@ package final class Qcow2MetadataCache {
         entries = (0..<baseCapacity).map { _ in Entry(size: tableSize) }
     }
 
-    private let baseCapacity: Int
+    private var baseCapacity: Int
     var capacity: Int { entries.count }
+
+    /// Empties the cache and gives it room for `capacity` tables (a reopen with new cache
+    /// sizes, as QEMU replaces its caches). Every table must be written back first.
+    /// - Throws: ``BlockError`` `.internalError` if a table is dirty or in use.
+    func reset(capacity: Int) throws {
+        if entries.contains(where: { $0.dirty || $0.pins > 0 }) {
+            throw BlockError(.internalError, "\(name) cache: cannot resize with tables dirty or in use")
+        }
+        baseCapacity = max(2, capacity)
+        index.removeAll()
+        entries = (0..<baseCapacity).map { _ in Entry(size: tableSize) }
+    }
 
     /// The table at `offset`, read from disk if not cached. The entry is pinned: call
     /// ``release(_:)`` when done if more cache calls follow before you stop using it.

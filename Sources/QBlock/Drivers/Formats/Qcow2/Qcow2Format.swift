@@ -72,16 +72,14 @@ public enum Qcow2Format: FormatDriver {
     /// driver does not act on are accepted and checked for type).
     /// - Throws: ``BlockError`` `.invalidArgument` for a member of the wrong type.
     public static func readBlockdevOptions(_ m: any DriverOptionReader, into options: inout OpenOptions) throws {
-        for key in ["lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
+        let runtime = try Qcow2RuntimeOptions.read(m)
+        for key in ["pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
             _ = try m.optionalBool(key)
         }
-        let cacheSize = try m.optionalUInt("l2-cache-size", bits: 64)
-        for key in ["cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"] {
-            _ = try m.optionalUInt(key, bits: 64)
-        }
+        _ = try m.optionalUInt("cache-clean-interval", bits: 64)
         _ = try m.optionalString("overlap-check")
         _ = try m.optionalString("data-file")
-        if let cacheSize { options.l2CacheSize = Int(cacheSize) }
+        options.formatOptions = runtime
     }
 }
 

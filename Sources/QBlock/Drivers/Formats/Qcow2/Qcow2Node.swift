@@ -90,6 +90,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     let l2Entries: Int
     var l1Table: [UInt64]
     package let l2Cache: Qcow2MetadataCache
+    /// Whether refcount updates may stay cached while the image is marked dirty (QEMU's
+    /// `use_lazy_refcounts`: the header's feature bit, or the `lazy-refcounts` option).
+    var useLazyRefcounts: Bool
+    /// The runtime options the node was opened or last reopened with.
+    public internal(set) var runtimeOptions: Qcow2RuntimeOptions
     package let refcountCache: Qcow2MetadataCache
     var refcountTable: [UInt64]
     /// Refcount entries per refcount block.
@@ -144,7 +149,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
 
     deinit { droppedWithoutClose() }
 
-    init(file: any BlockDriver, header: Qcow2Header, l1: [UInt64], refcountTable: [UInt64], l2CacheSize: Int?) {
+    init(file: any BlockDriver, header: Qcow2Header, l1: [UInt64], refcountTable: [UInt64],
+         capacities: Qcow2CacheCapacities, lazyRefcounts: Bool, runtimeOptions: Qcow2RuntimeOptions) {
         self.hostFile = file
         self.header = header
         self.clusterBits = Int(header.clusterBits)
@@ -152,14 +158,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         self.l1Table = l1
         self.refcountTable = refcountTable
         self.refcountBlockEntries = header.clusterSize * 8 / header.refcountBits
+        self.useLazyRefcounts = lazyRefcounts
+        self.runtimeOptions = runtimeOptions
         let cs = header.clusterSize
-        // QEMU's default: enough L2 tables to cover the whole disk, at most 32 MiB.
-        let coverPerTable = Int64(cs) * Int64(cs / 8)
-        let needed = Int((Int64(header.size) + coverPerTable - 1) / coverPerTable)
-        let l2Bytes = l2CacheSize ?? min(32 << 20, max(needed * cs, 1 << 20))
-        let l2Count = max(4, l2Bytes / cs)
-        l2Cache = Qcow2MetadataCache(name: "L2", file: file, tableSize: cs, capacity: l2Count)
-        refcountCache = Qcow2MetadataCache(name: "refcount", file: file, tableSize: cs, capacity: max(4, l2Count / 4))
+        l2Cache = Qcow2MetadataCache(name: "L2", file: file, tableSize: cs, capacity: capacities.l2)
+        refcountCache = Qcow2MetadataCache(name: "refcount", file: file, tableSize: cs, capacity: capacities.refcount)
         let fileClusters = (file.length + Int64(cs) - 1) / Int64(cs)
         endCluster = fileClusters
         let sync: () async throws -> Void = { [unowned file] in try await file.flush() }
@@ -202,7 +205,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         }
         // Unaligned refcount block offsets are found when a block is used (QEMU's
         // qcow2_get_refcount), not at open: reads work, refcount updates mark the image corrupt.
-        let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, l2CacheSize: options.l2CacheSize)
+        let runtime = options.formatOptions as? Qcow2RuntimeOptions ?? Qcow2RuntimeOptions()
+        let capacities = try cacheCapacities(runtime, header: header, legacyL2Bytes: options.l2CacheSize)
+        let lazy = try lazyRefcounts(runtime, header: header)
+        let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, capacities: capacities,
+                             lazyRefcounts: lazy, runtimeOptions: runtime)
         if readOnly { node.formatReadOnly.set(true) }
         node.writeThrough.set(options.cache.writeThrough)
         try await node.loadSnapshotTable()

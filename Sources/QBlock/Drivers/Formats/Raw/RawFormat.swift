@@ -26,6 +26,7 @@ public enum RawFormat: FormatDriver {
     public static func open(file: any BlockDriver, options: OpenOptions,
                             openBacking: (_ name: String, _ format: String?) async throws -> any BlockDriver) async throws -> any BlockDriver {
         let window = options.formatOptions as? Window ?? Window(offset: 0, size: nil)
+        try RawNode.checkWindow(offset: window.offset, size: window.size, fileLength: (file.length + 511) / 512 * 512)
         let node = RawNode(file: file, offset: window.offset, size: window.size)
         if options.readOnly { node.setReadOnly(true) }
         return node

@@ -33,15 +33,40 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     /// The child's alignment: raw adds no alignment of its own.
     public var requestAlignment: Int { child.requestAlignment }
     /// Where the window starts in the child.
-    public let offset: Int64
-    private let fixedSize: Int64?
+    public var offset: Int64 { windowLock.withLock { window.offset } }
+    private var fixedSize: Int64? { windowLock.withLock { window.size } }
+    private let windowLock = PosixMutex()
+    private var window: (offset: Int64, size: Int64?)
 
     /// Creates a raw view of `file`, starting at byte `offset` and `size` bytes long
     /// (`nil`: up to the end of the file, following its growth). Takes ownership of `file`.
     public init(file: any BlockDriver, offset: Int64 = 0, size: Int64? = nil) {
         self.child = file
-        self.offset = offset
-        self.fixedSize = size
+        self.window = (offset, size)
+    }
+
+    /// Moves the window (qemu-io's `reopen -o offset=…,size=…`, QEMU's raw reopen); call
+    /// it with no request in flight.
+    /// - Throws: ``BlockError`` `.invalidArgument` for a window the file cannot hold (QEMU's messages).
+    public func setWindow(offset: Int64, size: Int64?) throws {
+        try Self.checkWindow(offset: offset, size: size, fileLength: (child.length + 511) / 512 * 512)
+        windowLock.withLock { window = (offset, size) }
+    }
+
+    /// QEMU's checks of a raw window (`raw_apply_options`): the offset within the file, the
+    /// window inside it, its size in whole sectors. `fileLength` is the file's length in
+    /// whole sectors, as QEMU's block layer sees it.
+    /// - Throws: ``BlockError`` `.invalidArgument` with QEMU's message.
+    public static func checkWindow(offset: Int64, size: Int64?, fileLength: Int64) throws {
+        if offset > fileLength {
+            throw BlockError(.invalidArgument, "Offset (\(offset)) cannot be greater than size of the containing file (\(fileLength))")
+        }
+        if let size, fileLength - offset < size {
+            throw BlockError(.invalidArgument, "The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the  actual size of the containing file (\(fileLength))")
+        }
+        if let size, size % 512 != 0 {
+            throw BlockError(.invalidArgument, "Specified size is not multiple of 512")
+        }
     }
 
     /// The window's size in bytes: the fixed `size`, or the child's length rounded up to
