@@ -77,6 +77,19 @@ public enum DriveOpener {
         return top
     }
 
+    /// Makes ``ImageOpener`` open `json:{...}` names — given as an image, or recorded as a
+    /// backing file — through this opener, as QEMU's `bdrv_open` does for every file name.
+    /// The tools call it at start, and so does every ``QMPMonitor``; calling it again is harmless.
+    public static func installJSONFilenames() {
+        ImageOpener.setJSONFilenameOpener { name, options in
+            do {
+                return try await open(filename: name, options: QObject.Dict(), defaults: options)
+            } catch let e as QMPError {
+                throw BlockError(.invalidArgument, e.desc, path: name, operation: "open options")
+            }
+        }
+    }
+
     /// The filters register themselves with ``QMPBlockdevDrivers`` when a monitor installs
     /// its command groups: one monitor, made once, so that every filter can be named here.
     private static let filtersRegistered: Bool = {
