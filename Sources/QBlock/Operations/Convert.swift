@@ -43,7 +43,15 @@ public struct ConvertOptions: Sendable {
     public var bitmaps = false
     /// With `bitmaps`, skip inconsistent bitmaps instead of failing (`--skip-broken-bitmaps`).
     public var skipBrokenBitmaps = false
-    /// Receives warnings qemu-img prints as "warning: ..." (a skipped bitmap).
+    /// Read errors in the sources are not fatal (`--salvage`): a block status query that
+    /// fails is retried on shorter ranges down to one sector, which is then read as data; a
+    /// read that fails is retried sector by sector, and each sector that cannot be read is
+    /// written as zeros. Each failing sector is reported to `warning` unless `quiet`.
+    public var salvage = false
+    /// Do not report the sectors `salvage` could not read (`-q`).
+    public var quiet = false
+    /// Receives warnings qemu-img prints as "warning: ..." (a skipped bitmap, a sector
+    /// `salvage` could not read).
     public var warning: (@Sendable (String) -> Void)?
 
     /// Creates qemu-img convert's defaults: probe the sources, create a raw target, sparse at 4 KiB, 8 requests in flight.

@@ -29,6 +29,7 @@ struct ImgConvert: AsyncParsableCommand {
     @Option(name: .customShort("s"), help: "Convert this internal snapshot (deprecated form of -l).") var snapshotLegacy: String?
     @Flag(name: .customLong("bitmaps"), help: "Copy the source's persistent bitmaps.") var bitmaps = false
     @Flag(name: .customLong("skip-broken-bitmaps"), help: "With --bitmaps, skip inconsistent bitmaps.") var skipBrokenBitmaps = false
+    @Flag(name: .customLong("salvage"), help: "Read errors in the sources are not fatal: unreadable sectors become zeros.") var salvage = false
     @Argument(help: "Source images, then the target.") var files: [String] = []
 
     func run() async throws {
@@ -46,6 +47,8 @@ struct ImgConvert: AsyncParsableCommand {
         o.forceShare = forceShare
         o.bitmaps = bitmaps
         o.skipBrokenBitmaps = skipBrokenBitmaps
+        o.salvage = salvage
+        o.quiet = quiet
         o.warning = { tool.printError("warning: \($0)") }
         if let coroutines {
             guard let m = Int(coroutines), m >= 1, m <= Convert.maxParallelRequests else {
