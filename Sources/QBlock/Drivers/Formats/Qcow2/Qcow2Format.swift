@@ -39,17 +39,28 @@ public enum Qcow2Format: FormatDriver {
 
     /// The `-o` options `qemu-img create -f qcow2` accepts, with QEMU's defaults.
     public static let createOptions: [CreateOption] = [
-        CreateOption("cluster_size", .size, default: "65536"),
-        CreateOption("extended_l2", .bool, default: "off"),
-        CreateOption("preallocation", .string),
-        CreateOption("compression_type", .string, default: "zlib"),
-        CreateOption("size", .size),
-        CreateOption("compat", .string),
-        CreateOption("backing_file", .string),
-        CreateOption("backing_fmt", .string),
-        CreateOption("lazy_refcounts", .bool, default: "off"),
-        CreateOption("refcount_bits", .number, default: "16"),
-        CreateOption("extent_size_hint", .size),
+        CreateOption("cluster_size", .size, default: "65536", help: "qcow2 cluster size"),
+        CreateOption("extended_l2", .bool, default: "off", help: "Extended L2 tables"),
+        CreateOption("preallocation", .string, help: "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+        CreateOption("compression_type", .string, default: "zlib", help: "Compression method used for image cluster compression"),
+        CreateOption("size", .size, help: "Virtual disk size"),
+        CreateOption("compat", .string, help: "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        CreateOption("backing_file", .string, help: "File name of a base image"),
+        CreateOption("backing_fmt", .string, help: "Image format of the base image"),
+        CreateOption("lazy_refcounts", .bool, default: "off", help: "Postpone refcount updates"),
+        CreateOption("refcount_bits", .number, default: "16", help: "Width of a reference count entry in bits"),
+        CreateOption("extent_size_hint", .size, help: "Extent size hint for the image file, 0 to disable", protocolLevel: true),
+    ]
+
+    /// The `-o` options `qemu-img amend -f qcow2` takes (the backing file ones only to refuse
+    /// them as QEMU does, pointing to `rebase`).
+    public static let amendOptions: [CreateOption] = [
+        CreateOption("backing_file", .string, help: "File name of a base image"),
+        CreateOption("backing_fmt", .string, help: "Image format of the base image"),
+        CreateOption("compat", .string, help: "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        CreateOption("lazy_refcounts", .bool, help: "Postpone refcount updates"),
+        CreateOption("refcount_bits", .number, help: "Width of a reference count entry in bits"),
+        CreateOption("size", .size, help: "Virtual disk size"),
     ]
 
     /// Creates a qcow2 image at `path` of `size` bytes with `-o` `options`, as
@@ -84,6 +95,8 @@ public enum Qcow2Format: FormatDriver {
         if let cacheSize { options.l2CacheSize = Int(cacheSize) }
     }
 }
+
+extension Qcow2Format: AmendableFormat {}
 
 extension Qcow2Format: BlockdevCreatable {
     /// QAPI's `BlockdevCreateOptionsQcow2`, member by member in the schema's order.

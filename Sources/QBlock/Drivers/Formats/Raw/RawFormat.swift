@@ -42,9 +42,9 @@ public enum RawFormat: FormatDriver {
     /// The `-o` options `qemu-img create -f raw` accepts: `size` (bytes), `preallocation`
     /// (`off`, `falloc`, `full`) and `extent_size_hint` (bytes; 0 disables it).
     public static let createOptions: [CreateOption] = [
-        CreateOption("size", .size),
-        CreateOption("preallocation", .string),
-        CreateOption("extent_size_hint", .size),
+        CreateOption("size", .size, help: "Virtual disk size"),
+        CreateOption("preallocation", .string, help: "Preallocation mode (allowed values: off, falloc, full)", protocolLevel: true),
+        CreateOption("extent_size_hint", .size, help: "Extent size hint for the image file, 0 to disable", protocolLevel: true),
     ]
 
     /// A host file of the size (rounded up to whole sectors), as QEMU's file driver makes it.
