@@ -177,8 +177,6 @@ public protocol BlockStatusRecursing: BlockDriver {
     var recursesBlockStatusIntoFile: Bool { get }
 }
 
-/// A format that shows its file's bytes unchanged (raw): it shares resizing with its file,
-/// reports status past its end itself, and has driver information only when its file has.
 /// A filter whose block status queries can fail by themselves (blkdebug's injected
 /// `block-status` errors). Code that looks through filters for the status of the content
 /// below (``BlockDriver/skippingFilters``) asks each such filter first, as QEMU's status
@@ -189,6 +187,8 @@ public protocol BlockStatusChecking: BlockFilter {
     func checkBlockStatus(at offset: Int64, length: Int64) throws
 }
 
+/// A format that shows its file's bytes unchanged (raw): it shares resizing with its file,
+/// reports status past its end itself, and has driver information only when its file has.
 public protocol PassThroughFormat: BlockDriver {
     /// The protocol node whose bytes it shows.
     var passedThrough: any BlockDriver { get }
