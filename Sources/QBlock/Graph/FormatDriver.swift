@@ -119,6 +119,20 @@ public struct MeasureSource {
     }
 }
 
+/// A format qemu-img can write onto an existing protocol node that cannot create images
+/// itself (an NBD export), as QEMU's `bdrv_co_create_opts_simple` fallback lets it: the
+/// node must exist and be large enough, its first sector is cleared, then the format
+/// writes its image on it.
+public protocol ExistingNodeCreatable: FormatDriver {
+    /// What the format asks of the protocol node for an image of `size` bytes with `-o`
+    /// `options` (QEMU passes the protocol the options the format does not consume): the
+    /// size the node must have at least, and the preallocation mode asked for (nil: none).
+    static func protocolRequest(size: Int64, options: [(String, String)]) -> (minimumSize: Int64, preallocation: String?)
+    /// Writes the new image onto `file`, an open, writable protocol node that stays open.
+    /// - Throws: ``BlockError`` worded as qemu-img's message for bad options, or I/O errors.
+    static func create(on file: any BlockDriver, size: Int64, options: [(String, String)]) async throws
+}
+
 /// A format whose images `qemu-img amend` changes (its open nodes are ``Amendable``).
 public protocol AmendableFormat: FormatDriver {
     /// The `-o` options `qemu-img amend` takes for this format, for `-o help`.

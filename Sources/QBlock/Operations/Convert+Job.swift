@@ -101,8 +101,10 @@ final class ConvertJob: @unchecked Sendable {
     private var pendingWarnings: [Int64: [String]] = [:]
     private var nextWarningTicket: Int64 = 0
 
-    init(sources: [any BlockDriver], lengths: [Int64], target: any BlockDriver, targetHasBacking: Bool, options: ConvertOptions,
-         progress: (@Sendable (Double) -> Void)?) throws {
+    /// - Parameter targetZeroInit: the new target reads as zeros where nothing is written
+    ///   (``Convert/hasZeroInit(_:)``).
+    init(sources: [any BlockDriver], lengths: [Int64], target: any BlockDriver, targetHasBacking: Bool, targetZeroInit: Bool,
+         options: ConvertOptions, progress: (@Sendable (Double) -> Void)?) throws {
         self.sources = sources
         self.lengths = lengths
         var s: [Int64] = []
@@ -122,10 +124,8 @@ final class ConvertJob: @unchecked Sendable {
         } else {
             targetBackingLength = -1
         }
-        let zeroInit: Bool
-        if let f = (target.file ?? target) as? any HostStorage { zeroInit = !f.isBlockDevice } else { zeroInit = false }
         hasZeroInit = options.targetIsZero
-            || (!options.skipCreate && options.minSparse > 0 && !targetHasBacking && zeroInit)
+            || (!options.skipCreate && options.minSparse > 0 && !targetHasBacking && targetZeroInit)
         // Raw targets need no order for their layout, but progress is reported in order.
         ordered = !options.outOfOrderWrites && (allocatingTarget != nil || progress != nil)
         minSparseSectors = Int(options.minSparse / 512)

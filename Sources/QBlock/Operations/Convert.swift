@@ -149,8 +149,9 @@ public enum Convert {
         let job: ConvertJob
         do {
             if options.bitmaps { try checkTargetBitmaps(targetNode) }
+            let zeroInit = await hasZeroInit(targetNode)
             job = try ConvertJob(sources: sourcesForCopy, lengths: sourceLengths, target: targetNode, targetHasBacking: targetBacking != nil,
-                                 options: options, progress: progress)
+                                 targetZeroInit: zeroInit, options: options, progress: progress)
             try await job.run()
             if let q = targetNode as? any CompressedWriting, options.compress { try await q.finishCompressedWrites() }
             try await targetNode.flush()
@@ -172,6 +173,22 @@ public enum Convert {
         progress?(100)
     }
 
+
+    /// Whether a new image reads as zeros where nothing was written (QEMU's
+    /// `bdrv_has_zero_init`): a host file does (a block device does not), qcow2 does unless
+    /// its L2 tables are preallocated (then its file decides), raw as its file; other
+    /// protocols (NBD) do not.
+    static func hasZeroInit(_ node: any BlockDriver) async -> Bool {
+        let n = node.innermostDriver
+        if let f = n as? any HostStorage { return !f.isBlockDevice }
+        if let q = n as? Qcow2Node {
+            if await !q.hasPreallocatedL2Tables() { return true }
+            guard let file = q.file else { return false }
+            return await hasZeroInit(file)
+        }
+        if let r = n as? any PassThroughFormat { return await hasZeroInit(r.passedThrough) }
+        return false
+    }
 
     /// qemu-img's message for an image that could not be opened.
     static func openError(_ error: Error, _ filename: String) -> BlockError {

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import QBlockCore
 import QBlockGraph
 /// The qcow2 format driver as the registry sees it (``FormatDriver``): probing, opening
@@ -97,6 +100,25 @@ public enum Qcow2Format: FormatDriver {
 }
 
 extension Qcow2Format: AmendableFormat {}
+
+extension Qcow2Format: ExistingNodeCreatable {
+    /// qcow2 consumes its size and preallocation: the node may have any size.
+    public static func protocolRequest(size: Int64, options: [(String, String)]) -> (minimumSize: Int64, preallocation: String?) {
+        (0, nil)
+    }
+
+    /// Writes a qcow2 image of `size` (rounded up to whole sectors, as qemu-img) onto `file`.
+    public static func create(on file: any BlockDriver, size: Int64, options: [(String, String)]) async throws {
+        var o = Qcow2CreateOptions()
+        for (key, value) in options { try o.set(key, value) }
+        do {
+            try await Qcow2Node.create(on: file, size: size < 0 ? size : (size + 511) / 512 * 512, options: o)
+        } catch let e as BlockError where e.errno == EFBIG {
+            throw BlockError(.invalidArgument, "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+                             errno: EFBIG)
+        }
+    }
+}
 
 extension Qcow2Format: BlockdevCreatable {
     /// QAPI's `BlockdevCreateOptionsQcow2`, member by member in the schema's order.

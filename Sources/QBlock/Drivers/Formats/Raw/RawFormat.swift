@@ -78,6 +78,18 @@ public enum RawFormat: FormatDriver {
     }
 }
 
+extension RawFormat: ExistingNodeCreatable {
+    /// raw passes its options to the protocol: the node must hold `size` bytes, and the
+    /// preallocation is the protocol's to refuse.
+    public static func protocolRequest(size: Int64, options: [(String, String)]) -> (minimumSize: Int64, preallocation: String?) {
+        (size, options.last(where: { $0.0 == "preallocation" })?.1)
+    }
+
+    /// A raw image is the node's bytes as they are: there is nothing more to write (the
+    /// first sector was cleared with the node's checks).
+    public static func create(on file: any BlockDriver, size: Int64, options: [(String, String)]) async throws {}
+}
+
 extension RawFormat: Measurable {
     /// Raw has no options that only `qemu-img measure` accepts.
     public static let measureOnlyOptions: [String] = []
