@@ -61,9 +61,15 @@ public enum ImageCreator {
         guard let table = FormatRegistry.driver(named: format)?.createOptions else {
             throw ImageOpener.creationRefusal(format: format, path: path)
         }
+        let proto = ProtocolRegistry.driver(forFilename: path).name
+        guard let protocolOptions = protocolCreateOptions(proto) else {
+            throw BlockError(.unsupported, "Protocol driver '\(proto)' does not support image creation", path: path, operation: "create")
+        }
         var values: [String: String] = [:]
         for (key, value) in options {
-            guard let desc = table.first(where: { $0.name == key }) else {
+            // (An option of the host file is the target protocol's to take.)
+            guard let desc = table.first(where: { $0.name == key }),
+                  !desc.protocolLevel || protocolOptions.contains(where: { $0.name == key }) else {
                 throw BlockError(.invalidArgument, "Invalid parameter '\(key)'", path: path, operation: "create")
             }
             switch desc.type {
