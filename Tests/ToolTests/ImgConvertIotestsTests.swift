@@ -204,4 +204,27 @@ import TestSupport
             #expect(r.status != 0, "\(name) accepted: \(r)")
         }
     }
+
+    // MARK: driverless children of filters (iotests 066, 089)
+
+    /// A blkdebug child named only by a file name: the protocol the name picks, wherever
+    /// blkdebug is (a protocol driver's child is not probed); a copy-on-read filter's at the
+    /// top is probed (a qcow2 image's guest data).
+    @Test(qemuTrait)
+    func filterChildNamedByFileNameMatchesQemuIO() throws {
+        let dir = TempDir()
+        let image = dir.file("t.qcow2")
+        try mustRun("qemu-img", "create", "-q", "-f", "qcow2", image, "1M")
+        try mustRun("qemu-io", "-f", "qcow2", "-c", "write -q -P 7 0 64k", image)
+        for name in ["json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', 'image.filename': '\(image)'}}",
+                     "json:{'driver': 'blkdebug', 'image': {'filename': '\(image)'}}",
+                     "json:{'driver': 'raw', 'file': {'driver': 'blkdebug', 'image': {'filename': '\(image)'}}}",
+                     "json:{'driver': 'copy-on-read', 'file': {'filename': '\(image)'}}"] {
+            let args = ["-c", "read -P 7 0 64k", "-c", "read -P 0 64k 64k", name]
+            let ours = try run("io", args), theirs = try run("qemu-io", args)
+            let clean = { (s: String) in s.split(separator: "\n").filter { !$0.contains("ops/sec") }.joined(separator: "\n") }
+            #expect(ours.status == theirs.status && clean(ours.stdout) == clean(theirs.stdout)
+                    && ours.stderr.replacingOccurrences(of: "io: ", with: "qemu-io: ") == theirs.stderr, "\(name): \(ours) vs \(theirs)")
+        }
+    }
 }

@@ -129,7 +129,10 @@ public enum DriveOpener {
                 }
                 opts["filename"] = .string(filename)
             }
-            return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
+            // (A protocol driver's node is at the protocol level wherever it is, as QEMU's
+            // drivers with their own file open: its filtered child is not probed either.)
+            return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session,
+                                        protocolLevel: true)
         }
         let readOnly = try QMPArguments(opts, keyval: true).optionalBool("read-only") ?? false
         // The file child: options, a file name, or the file name given for this node.
@@ -185,7 +188,8 @@ public enum DriveOpener {
                     throw QMPError.generic("Could not open backing file: \(QMPError.noDevice(device: s, node: s).desc)")
                 }
             }
-            return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
+            return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session,
+                                        protocolLevel: protocolLevel)
         } catch {
             for n in opened.reversed() { try? await n.close() }
             throw error

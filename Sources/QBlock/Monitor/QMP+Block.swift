@@ -171,8 +171,9 @@ public final class QMPBlockState: @unchecked Sendable {
     /// With `drive` (or a parent opened so), the node is opened for ``DriveOpener``: host
     /// files without locks until the format above them is known, the cache mode inherited or
     /// from the session's defaults, `force-share` honoured.
+    /// `protocolLevel`: a ``DriveOpener`` node in a format's `file` place (see ``QMPOpenContext``).
     func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool, isBacking: Bool = false,
-              drive: DriveSession? = nil) async throws -> BlockNode {
+              drive: DriveSession? = nil, protocolLevel: Bool = false) async throws -> BlockNode {
         let session = drive ?? parent?.drive
         let driver = try args.enumValue("driver", QMPBlockdevDrivers.names)
         let nodeName = try args.optionalString("node-name")
@@ -209,7 +210,8 @@ public final class QMPBlockState: @unchecked Sendable {
         guard let opener = QMPBlockdevDrivers.opener(driver) else {
             throw QMPError.generic("Parameter 'driver' does not accept value '\(driver)'")
         }
-        let ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare)
+        let ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
+                                 protocolLevel: protocolLevel)
         let opened: any BlockDriver
         do {
             opened = try await opener(args, ctx)
