@@ -5,16 +5,16 @@ import QBlockOpen
 /// qemu-img's `-o help` (or `-o ?`): the creation options of a format, with those of the
 /// protocol below it when a target file name is given, and the amend options of a format.
 ///
-/// Only options this library takes are listed: QEMU also lists qcow2 encryption, external
-/// data files and the file protocol's `nocow`, which are refused here.
+/// Only options this library takes are listed: QEMU also lists qcow2 encryption and external
+/// data files, which are refused here.
 extension ImageCreator {
     /// The creation options of the protocols a target file name can name, as QEMU's
-    /// protocol drivers declare them (nil: the protocol cannot hold a new image). The host
-    /// file's `nocow` is left out: it is not taken.
+    /// protocol drivers declare them (nil: the protocol cannot hold a new image).
     static func protocolCreateOptions(_ protocolName: String) -> [CreateOption]? {
         switch protocolName {
         case "file":
             return [CreateOption("size", .size, help: "Virtual disk size"),
+                    CreateOption("nocow", .bool, help: "Turn off copy-on-write (valid only on btrfs)"),
                     CreateOption("preallocation", .string, help: "Preallocation mode (allowed values: off, falloc, full)"),
                     CreateOption("extent_size_hint", .size, help: "Extent size hint for the image file, 0 to disable")]
         case "nbd":

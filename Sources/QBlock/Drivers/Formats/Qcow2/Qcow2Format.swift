@@ -52,6 +52,7 @@ public enum Qcow2Format: FormatDriver {
         CreateOption("backing_fmt", .string, help: "Image format of the base image"),
         CreateOption("lazy_refcounts", .bool, default: "off", help: "Postpone refcount updates"),
         CreateOption("refcount_bits", .number, default: "16", help: "Width of a reference count entry in bits"),
+        CreateOption("nocow", .bool, help: "Turn off copy-on-write (valid only on btrfs)", protocolLevel: true),
         CreateOption("extent_size_hint", .size, help: "Extent size hint for the image file, 0 to disable", protocolLevel: true),
     ]
 

@@ -43,6 +43,7 @@ public enum RawFormat: FormatDriver {
     /// (`off`, `falloc`, `full`) and `extent_size_hint` (bytes; 0 disables it).
     public static let createOptions: [CreateOption] = [
         CreateOption("size", .size, help: "Virtual disk size"),
+        CreateOption("nocow", .bool, help: "Turn off copy-on-write (valid only on btrfs)", protocolLevel: true),
         CreateOption("preallocation", .string, help: "Preallocation mode (allowed values: off, falloc, full)", protocolLevel: true),
         CreateOption("extent_size_hint", .size, help: "Extent size hint for the image file, 0 to disable", protocolLevel: true),
     ]
@@ -65,7 +66,8 @@ public enum RawFormat: FormatDriver {
             try FileCreation.checkExtentSizeHint(v, path: path)
             hint = v
         }
-        try await FileCreation.create(path: path, size: size, preallocation: prealloc, extentSizeHint: hint)
+        let nocow = options.last(where: { $0.0 == "nocow" }).map { CreateOption.parseBool($0.1) == true } ?? false
+        try await FileCreation.create(path: path, size: size, preallocation: prealloc, nocow: nocow, extentSizeHint: hint)
     }
 
     /// Reads the raw driver's `blockdev-add` members: `offset` and `size` (bytes, QEMU's
