@@ -211,8 +211,9 @@ final class ConvertJob: @unchecked Sendable {
         if compress {
             let clusterEnd = min((pos / clusterSize + 1) * clusterSize, total)
             let want = clusterEnd - pos
-            // Compressed clusters are written whole: a shorter run counts as data.
-            if n < want { st = .data }
+            // Compressed clusters are written whole: a shorter run counts as data; with
+            // `-S 0` zeros are data too (written as compressed clusters, as qemu-img).
+            if n < want || (minSparseSectors == 0 && st == .zero) { st = .data }
             n = want
         } else if st == .data || (minSparseSectors == 0 && st == .zero) {
             n = min(n, Int64(bufferSize))
@@ -279,7 +280,8 @@ final class ConvertJob: @unchecked Sendable {
                 do {
                     try await readSources(chunk.offset, Int(chunk.length), into: buffer, warnings: &warnings)
                     if let compressor {
-                        allZero = isZero(buffer.unsafeBase, Int(chunk.length))
+                        // (`-S 0` keeps even zero clusters: they are compressed too.)
+                        allZero = minSparseSectors > 0 && isZero(buffer.unsafeBase, Int(chunk.length))
                         if !allZero {
                             let cs = Int(clusterSize)
                             if Int(chunk.length) < cs { memset(buffer.unsafeBase + Int(chunk.length), 0, cs - Int(chunk.length)) }

@@ -66,6 +66,9 @@ public struct ConvertOptions: Sendable {
         if minSparse < 0 || minSparse % 512 != 0 || minSparse / 512 > Convert.maxBufferSectors {
             throw BlockError(.invalidArgument, "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to \(Convert.maxBufferSectors * 512). Select 0 to disable sparse detection (fully allocates output).")
         }
+        if skipCreate && !createOptions.isEmpty {
+            throw BlockError(.invalidArgument, "-o has no effect when skipping image creation")
+        }
         if targetIsZero && !skipCreate {
             throw BlockError(.invalidArgument, "--target-is-zero requires use of -n flag")
         }
