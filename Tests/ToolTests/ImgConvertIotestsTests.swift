@@ -173,6 +173,12 @@ import TestSupport
         try same(["create", "-f", "qcow2", "-o", "extent_size_hint=1M", s.uri("exp"), "64k"], in: dir)
         #expect(bytes(small) == Data(count: 458752))
         try same(["create", "-f", "raw", s.uri("exp"), "64k"], in: dir)
+        // A read-only export cannot be opened for writing at all.
+        let ro = try NBDHarness.start("qemu-nbd", ["-t", "-r", "-f", "raw", "-x", "exp"], image: small, dir: dir, tag: "ro")
+        defer { ro.stop() }
+        try same(["create", "-f", "qcow2", ro.uri("exp"), "64k"], in: dir)
+        try mustRun("qemu-img", "create", "-q", "-f", "raw", dir.file("tiny.raw"), "64k")
+        try same(["convert", "-n", "-O", "raw", dir.file("tiny.raw"), ro.uri("exp")], in: dir)
     }
 
     // MARK: -o help (iotest 082)
