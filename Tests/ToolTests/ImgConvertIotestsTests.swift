@@ -179,6 +179,9 @@ import TestSupport
         try same(["create", "-f", "qcow2", ro.uri("exp"), "64k"], in: dir)
         try mustRun("qemu-img", "create", "-q", "-f", "raw", dir.file("tiny.raw"), "64k")
         try same(["convert", "-n", "-O", "raw", dir.file("tiny.raw"), ro.uri("exp")], in: dir)
+        // An export the server does not have: its words on a line of their own.
+        try same(["create", "-f", "qcow2", ro.uri("nope"), "64k"], in: dir)
+        try same(["info", ro.uri("nope")], in: dir)
     }
 
     // MARK: -o help (iotest 082)
