@@ -177,6 +177,16 @@ public protocol BlockStatusRecursing: BlockDriver {
     var recursesBlockStatusIntoFile: Bool { get }
 }
 
+/// A filter whose block status queries can fail by themselves (blkdebug's injected
+/// `block-status` errors). Code that looks through filters for the status of the content
+/// below (``BlockDriver/skippingFilters``) asks each such filter first, as QEMU's status
+/// query passes through every filter's own callback.
+public protocol BlockStatusChecking: BlockFilter {
+    /// Throws what a block status query of `length` bytes at `offset` through this filter
+    /// would fail with; returns when it would pass through.
+    func checkBlockStatus(at offset: Int64, length: Int64) throws
+}
+
 /// A format that shows its file's bytes unchanged (raw): it shares resizing with its file,
 /// reports status past its end itself, and has driver information only when its file has.
 public protocol PassThroughFormat: BlockDriver {

@@ -119,6 +119,26 @@ public struct MeasureSource {
     }
 }
 
+/// A format qemu-img can write onto an existing protocol node that cannot create images
+/// itself (an NBD export), as QEMU's `bdrv_co_create_opts_simple` fallback lets it: the
+/// node must exist and be large enough, its first sector is cleared, then the format
+/// writes its image on it.
+public protocol ExistingNodeCreatable: FormatDriver {
+    /// What the format asks of the protocol node for an image of `size` bytes with `-o`
+    /// `options` (QEMU passes the protocol the options the format does not consume): the
+    /// size the node must have at least, and the preallocation mode asked for (nil: none).
+    static func protocolRequest(size: Int64, options: [(String, String)]) -> (minimumSize: Int64, preallocation: String?)
+    /// Writes the new image onto `file`, an open, writable protocol node that stays open.
+    /// - Throws: ``BlockError`` worded as qemu-img's message for bad options, or I/O errors.
+    static func create(on file: any BlockDriver, size: Int64, options: [(String, String)]) async throws
+}
+
+/// A format whose images `qemu-img amend` changes (its open nodes are ``Amendable``).
+public protocol AmendableFormat: FormatDriver {
+    /// The `-o` options `qemu-img amend` takes for this format, for `-o help`.
+    static var amendOptions: [CreateOption] { get }
+}
+
 /// A format QMP's `blockdev-create` can create, on an open protocol node (QAPI's
 /// `BlockdevCreateOptions<Format>`).
 public protocol BlockdevCreatable: FormatDriver {
@@ -161,12 +181,21 @@ public struct CreateOption: Sendable {
     public var type: ValueType
     /// The value qemu-img prints when the option is not given (nil: not printed).
     public var defaultValue: String?
+    /// What `-o help` says of the option (QEMU's description).
+    public var help: String?
+    /// The option belongs to the host file below the format (QEMU's `file` protocol reads
+    /// it, not the format): `-o help` lists it only when a target file name is given.
+    public var protocolLevel: Bool
 
-    /// Declares an option `name` of `type`, printed with `defaultValue` when not given.
-    public init(_ name: String, _ type: ValueType, default defaultValue: String? = nil) {
+    /// Declares an option `name` of `type`, printed with `defaultValue` when not given,
+    /// described by `help`; `protocolLevel` for an option of the host file below the format.
+    public init(_ name: String, _ type: ValueType, default defaultValue: String? = nil, help: String? = nil,
+                protocolLevel: Bool = false) {
         self.name = name
         self.type = type
         self.defaultValue = defaultValue
+        self.help = help
+        self.protocolLevel = protocolLevel
     }
 
     /// A boolean option value in the spellings QEMU accepts; nil for anything else.

@@ -77,6 +77,19 @@ public enum DriveOpener {
         return top
     }
 
+    /// Makes ``ImageOpener`` open `json:{...}` names — given as an image, or recorded as a
+    /// backing file — through this opener, as QEMU's `bdrv_open` does for every file name.
+    /// The tools call it at start, and so does every ``QMPMonitor``; calling it again is harmless.
+    public static func installJSONFilenames() {
+        ImageOpener.setJSONFilenameOpener { name, options in
+            do {
+                return try await open(filename: name, options: QObject.Dict(), defaults: options)
+            } catch let e as QMPError {
+                throw BlockError(.invalidArgument, e.desc, path: name, operation: "open options")
+            }
+        }
+    }
+
     /// The filters register themselves with ``QMPBlockdevDrivers`` when a monitor installs
     /// its command groups: one monitor, made once, so that every filter can be named here.
     private static let filtersRegistered: Bool = {
@@ -119,7 +132,10 @@ public enum DriveOpener {
                 }
                 opts["filename"] = .string(filename)
             }
-            return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
+            // (A protocol driver's node is at the protocol level wherever it is, as QEMU's
+            // drivers with their own file open: its filtered child is not probed either.)
+            return try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session,
+                                        protocolLevel: true)
         }
         let readOnly = try QMPArguments(opts, keyval: true).optionalBool("read-only") ?? false
         // The file child: options, a file name, or the file name given for this node.
@@ -193,7 +209,8 @@ public enum DriveOpener {
             }
             let node: BlockNode
             do {
-                node = try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session)
+                node = try await state.open(QMPArguments(opts, keyval: true), parent: nil, isRoot: false, drive: session,
+                                            protocolLevel: protocolLevel)
             } catch {
                 if backingOverride != nil { _ = session.popBackingOptions() }
                 throw error

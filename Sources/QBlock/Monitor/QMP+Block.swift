@@ -192,8 +192,9 @@ public final class QMPBlockState: @unchecked Sendable {
     /// With `drive` (or a parent opened so), the node is opened for ``DriveOpener``: host
     /// files without locks until the format above them is known, the cache mode inherited or
     /// from the session's defaults, `force-share` honoured.
+    /// `protocolLevel`: a ``DriveOpener`` node in a format's `file` place (see ``QMPOpenContext``).
     func open(_ args: QMPArguments, parent: QMPOpenContext?, isRoot: Bool, isBacking: Bool = false,
-              drive: DriveSession? = nil) async throws -> BlockNode {
+              drive: DriveSession? = nil, protocolLevel: Bool = false) async throws -> BlockNode {
         let session = drive ?? parent?.drive
         let driver = try args.enumValue("driver", QMPBlockdevDrivers.names)
         let nodeName = try args.optionalString("node-name")
@@ -231,7 +232,7 @@ public final class QMPBlockState: @unchecked Sendable {
             throw QMPError.generic("Parameter 'driver' does not accept value '\(driver)'")
         }
         var ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
-                                 autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName)
+                                 autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName, protocolLevel: protocolLevel)
         let opened: any BlockDriver
         do {
             opened = try await opener(args, ctx)
@@ -241,7 +242,7 @@ public final class QMPBlockState: @unchecked Sendable {
             // when a writer attaches).
             await rollBack(ctx.created)
             ctx = QMPOpenContext(readOnly: true, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
-                                 autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName)
+                                 autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName, protocolLevel: protocolLevel)
             do {
                 opened = try await opener(args, ctx)
             } catch {

@@ -73,6 +73,11 @@ public final class QMPOpenContext: @unchecked Sendable {
     let drive: DriveSession?
     /// `force-share`: the node takes only consistent reads and shares everything (read-only nodes).
     let forceShare: Bool
+    /// For ``DriveOpener``: the node is opened at the protocol level (QEMU's
+    /// `BDRV_O_PROTOCOL`, a format's `file` child or a filter in that place), so that a
+    /// filtered child named by a file name alone is opened by the protocol that name picks
+    /// rather than probed for a format.
+    let protocolLevel: Bool
     /// Whether the node being opened owns its children and must close them when it is closed
     /// (true when ``DriveOpener`` opens the tree, whose root owns every node; false for
     /// `blockdev-add`, where the monitor tracks the nodes). A filter passes it on to its node.
@@ -88,7 +93,7 @@ public final class QMPOpenContext: @unchecked Sendable {
     let nodeName: String?
 
     init(readOnly: Bool, cache: CacheMode, graph: BlockGraph, block: QMPBlockState, drive: DriveSession? = nil, forceShare: Bool = false,
-         autoReadOnly: Bool = false, driver: String = "", nodeName: String? = nil) {
+         autoReadOnly: Bool = false, driver: String = "", nodeName: String? = nil, protocolLevel: Bool = false) {
         self.driver = driver
         self.nodeName = nodeName
         self.autoReadOnly = autoReadOnly
@@ -98,6 +103,7 @@ public final class QMPOpenContext: @unchecked Sendable {
         self.block = block
         self.drive = drive
         self.forceShare = forceShare
+        self.protocolLevel = protocolLevel
     }
 
     /// Opens child `key` of `args`: a nested object is opened as a new (implicit) node, a
@@ -113,7 +119,23 @@ public final class QMPOpenContext: @unchecked Sendable {
             guard let n = graph.node(named: name) else { throw QMPError.noDevice(device: name, node: name) }
             child = n
         case .dict(let d):
-            child = try await block.open(QMPArguments(d, path: args.name(key), keyval: args.keyval), parent: self, isRoot: false, isBacking: key == "backing")
+            if let session = drive, d["driver"] == nil, key != "backing" {
+                // -drive semantics: a child without a driver is named by a file name (the
+                // child of a filter takes the filter's level: a protocol, or probed).
+                var c = d
+                if c["read-only"] == nil { c["read-only"] = .bool(readOnly) }
+                if forceShare, c["force-share"] == nil { c["force-share"] = .bool(true) }
+                var filename: String?
+                if !protocolLevel, case .string(let name)? = c["filename"] {
+                    filename = name
+                    c["filename"] = nil
+                }
+                let node = try await DriveOpener.openLevel(c, filename: filename, protocolLevel: protocolLevel, session: session, state: block)
+                created.append(node)
+                child = node
+            } else {
+                child = try await block.open(QMPArguments(d, path: args.name(key), keyval: args.keyval), parent: self, isRoot: false, isBacking: key == "backing")
+            }
         default:
             throw QMPError.generic("Invalid parameter type for '\(args.name(key))', expected: BlockdevRef")
         }

@@ -58,6 +58,7 @@ public final class QMPMonitor: @unchecked Sendable {
         self.graph = graph
         self.version = version
         for install in QMPMonitor.standardGroups { install(self) }
+        DriveOpener.installJSONFilenames()
     }
 
     // MARK: - Commands

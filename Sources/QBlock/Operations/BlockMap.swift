@@ -68,7 +68,15 @@ public enum BlockMap {
     public static func status(of node: any BlockDriver, at offset: Int64, length: Int64) async throws -> MapEntry {
         var bytes = length
         var depth: Int64 = 0
-        // A filter (copy-on-read, mirror_top) answers for the node it filters.
+        // A filter (copy-on-read, mirror_top) answers for the node it filters, unless it
+        // fails the query itself (blkdebug).
+        var filter: any BlockDriver = node
+        while let child = filter.filterChild {
+            if let f = filter.innermostDriver as? any BlockStatusChecking, offset < filter.length {
+                try f.checkBlockStatus(at: offset, length: min(length, filter.length - offset))
+            }
+            filter = child
+        }
         var cur: any BlockDriver = node.skippingFilters
         while true {
             let nodeLength = qemuLength(cur)

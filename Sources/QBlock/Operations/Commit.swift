@@ -57,8 +57,16 @@ public enum ImageCommit {
             opened.append(baseNode)
             // The layers whose data goes into the base: the top and the intermediate images.
             let layers = Array(opened.dropLast())
-            try await copy(layers: layers, into: baseNode, progress: progress)
-            try await baseNode.flush()
+            do {
+                try await copy(layers: layers, into: baseNode, progress: progress)
+                try await baseNode.flush()
+            } catch {
+                // qemu-img runs the copy as a block job and reports its errno so.
+                let e = error.asBlockError
+                let reason = e.errno.map { BlockError.strerror($0) } ?? e.message
+                throw BlockError(e.code, "Block job failed: \(reason)", errno: e.errno, path: e.path, offset: e.offset,
+                                 operation: "commit", underlying: e)
+            }
             if !keepTop && base == nil {
                 guard let q = top as? any Emptiable else {
                     throw BlockError(.unsupported, "Committed data from '\(path)' but could not empty it: the image format does not support emptying",

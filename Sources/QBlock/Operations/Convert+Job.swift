@@ -53,6 +53,8 @@ final class ConvertJob: @unchecked Sendable {
         var length: Int64
         var status: ConvertChunkStatus
         var ticket: Int64
+        /// What `--salvage` could not query while this chunk was made (reported in chunk order).
+        var warnings: [String] = []
     }
 
     let sources: [any BlockDriver]
@@ -95,9 +97,14 @@ final class ConvertJob: @unchecked Sendable {
     /// Chunks finished ahead of an earlier one (ticket → data bytes), and the next ticket to count.
     private var finishedChunks: [Int64: Int64] = [:]
     private var nextProgressTicket: Int64 = 0
+    /// `--salvage` warnings of chunks finished ahead of an earlier one, and the next ticket to report.
+    private var pendingWarnings: [Int64: [String]] = [:]
+    private var nextWarningTicket: Int64 = 0
 
-    init(sources: [any BlockDriver], lengths: [Int64], target: any BlockDriver, targetHasBacking: Bool, options: ConvertOptions,
-         progress: (@Sendable (Double) -> Void)?) throws {
+    /// - Parameter targetZeroInit: the new target reads as zeros where nothing is written
+    ///   (``Convert/hasZeroInit(_:)``).
+    init(sources: [any BlockDriver], lengths: [Int64], target: any BlockDriver, targetHasBacking: Bool, targetZeroInit: Bool,
+         options: ConvertOptions, progress: (@Sendable (Double) -> Void)?) throws {
         self.sources = sources
         self.lengths = lengths
         var s: [Int64] = []
@@ -117,10 +124,8 @@ final class ConvertJob: @unchecked Sendable {
         } else {
             targetBackingLength = -1
         }
-        let zeroInit: Bool
-        if let f = (target.file ?? target) as? any HostStorage { zeroInit = !f.isBlockDevice } else { zeroInit = false }
         hasZeroInit = options.targetIsZero
-            || (!options.skipCreate && options.minSparse > 0 && !targetHasBacking && zeroInit)
+            || (!options.skipCreate && options.minSparse > 0 && !targetHasBacking && targetZeroInit)
         // Raw targets need no order for their layout, but progress is reported in order.
         ordered = !options.outOfOrderWrites && (allocatingTarget != nil || progress != nil)
         minSparseSectors = Int(options.minSparse / 512)
@@ -141,11 +146,13 @@ final class ConvertJob: @unchecked Sendable {
     }
 
     func run() async throws {
-        if progress != nil {
-            // qemu-img counts what will be copied first, for the percentage.
+        if progress != nil || options.salvage {
+            // qemu-img counts what will be copied first, for the percentage (and reports the
+            // block status errors it salvages in this pass too).
             var n: Int64 = 0
             while let c = try await nextChunk(countingOnly: true) {
                 if c.status == .data { n += c.length }
+                for w in c.warnings { warn(w) }
             }
             allocatedTotal = n
             pos = 0; sourceIndex = 0; statusEnd = 0; nextTicket = 0
@@ -168,10 +175,31 @@ final class ConvertJob: @unchecked Sendable {
         if pos >= total || (!countingOnly && failed) { return nil }
         while pos >= starts[sourceIndex] + lengths[sourceIndex] { sourceIndex += 1 }
         let srcEnd = starts[sourceIndex] + lengths[sourceIndex]
+        var warnings: [String] = []
         if statusEnd <= pos {
             let (st, n): (ConvertChunkStatus, Int64)
+            let local = pos - starts[sourceIndex]
             do {
-                (st, n) = try await sourceStatus(sourceIndex, pos - starts[sourceIndex], srcEnd - pos)
+                (st, n) = try await sourceStatus(sourceIndex, local, srcEnd - pos)
+            } catch where options.salvage {
+                // Retry on a quarter of the range until one sector fails: read that one as data.
+                var sectors = (srcEnd - pos + 511) / 512
+                var lastError = error
+                var result: (ConvertChunkStatus, Int64)?
+                while result == nil {
+                    if sectors <= 1 {
+                        warnings.append(Self.wrap(lastError, "error while reading block status at offset \(local)").message)
+                        result = (.data, min(512, srcEnd - pos))
+                    } else {
+                        sectors = (sectors + 3) / 4
+                        do {
+                            result = try await sourceStatus(sourceIndex, local, min(sectors * 512, srcEnd - pos))
+                        } catch {
+                            lastError = error
+                        }
+                    }
+                }
+                (st, n) = result ?? (.data, min(512, srcEnd - pos))
             } catch {
                 throw Self.wrap(error, "error while reading block status at offset \(pos)")
             }
@@ -183,14 +211,15 @@ final class ConvertJob: @unchecked Sendable {
         if compress {
             let clusterEnd = min((pos / clusterSize + 1) * clusterSize, total)
             let want = clusterEnd - pos
-            // Compressed clusters are written whole: a shorter run counts as data.
-            if n < want { st = .data }
+            // Compressed clusters are written whole: a shorter run counts as data; with
+            // `-S 0` zeros are data too (written as compressed clusters, as qemu-img).
+            if n < want || (minSparseSectors == 0 && st == .zero) { st = .data }
             n = want
         } else if st == .data || (minSparseSectors == 0 && st == .zero) {
             n = min(n, Int64(bufferSize))
             st = .data
         }
-        let c = Chunk(offset: pos, length: n, status: st, ticket: nextTicket)
+        let c = Chunk(offset: pos, length: n, status: st, ticket: nextTicket, warnings: warnings)
         nextTicket += 1
         pos += n
         return c
@@ -246,11 +275,13 @@ final class ConvertJob: @unchecked Sendable {
             var error: Error?
             var compressedLength: Int?
             var allZero = false
+            var warnings = chunk.warnings
             if chunk.status == .data {
                 do {
-                    try await readSources(chunk.offset, Int(chunk.length), into: buffer)
+                    try await readSources(chunk.offset, Int(chunk.length), into: buffer, warnings: &warnings)
                     if let compressor {
-                        allZero = isZero(buffer.unsafeBase, Int(chunk.length))
+                        // (`-S 0` keeps even zero clusters: they are compressed too.)
+                        allZero = minSparseSectors > 0 && isZero(buffer.unsafeBase, Int(chunk.length))
                         if !allZero {
                             let cs = Int(clusterSize)
                             if Int(chunk.length) < cs { memset(buffer.unsafeBase + Int(chunk.length), 0, cs - Int(chunk.length)) }
@@ -261,6 +292,7 @@ final class ConvertJob: @unchecked Sendable {
                     error = Self.wrap(e, "error while reading at byte \(chunk.offset)")
                 }
             }
+            if options.salvage { reportWarnings(warnings, ticket: chunk.ticket) }
             // The turn orders the allocations (the layout is qemu-img's); a chunk whose last
             // request is an allocating data write hands the turn on once its clusters are placed,
             // so that the next chunk's write is queued while this one's data is copied.
@@ -319,8 +351,27 @@ final class ConvertJob: @unchecked Sendable {
         }
     }
 
-    /// Reads guest bytes [offset, offset+count) of the concatenated sources.
-    private func readSources(_ offset: Int64, _ count: Int, into buffer: AlignedBuffer) async throws {
+    /// Prints a `--salvage` warning (unless quiet).
+    private func warn(_ message: String) {
+        if !options.quiet { options.warning?(message) }
+    }
+
+    /// Prints the `--salvage` warnings of chunk `ticket` in chunk order (qemu-img's, whose
+    /// reads are handed out and reported in guest order).
+    private func reportWarnings(_ warnings: [String], ticket: Int64) {
+        stateLock.withLock {
+            pendingWarnings[ticket] = warnings
+            while let ws = pendingWarnings.removeValue(forKey: nextWarningTicket) {
+                nextWarningTicket += 1
+                for w in ws { warn(w) }
+            }
+        }
+    }
+
+    /// Reads guest bytes [offset, offset+count) of the concatenated sources. With
+    /// `--salvage`, a failing read is retried sector by sector and each sector that fails
+    /// reads as zeros, with a warning appended to `warnings`.
+    private func readSources(_ offset: Int64, _ count: Int, into buffer: AlignedBuffer, warnings: inout [String]) async throws {
         var done = 0
         let base = buffer.unsafeBase
         var i = 0
@@ -332,7 +383,22 @@ final class ConvertJob: @unchecked Sendable {
             let src = sources[i]
             let readable = Int(max(0, min(Int64(n), src.length - local)))
             if readable > 0 {
-                try await src.read(at: local, into: UnsafeMutableRawBufferPointer(start: base + done, count: readable))
+                do {
+                    try await src.read(at: local, into: UnsafeMutableRawBufferPointer(start: base + done, count: readable))
+                } catch where options.salvage {
+                    var k = 0
+                    while k < readable {
+                        let m = min(512, readable - k)
+                        let piece = UnsafeMutableRawBufferPointer(start: base + done + k, count: m)
+                        do {
+                            try await src.read(at: local + Int64(k), into: piece)
+                        } catch {
+                            warnings.append(Self.wrap(error, "error while reading offset \(local + Int64(k))").message)
+                            memset(base + done + k, 0, m)
+                        }
+                        k += m
+                    }
+                }
             }
             if readable < n { memset(base + done + readable, 0, n - readable) }
             done += n

@@ -43,7 +43,15 @@ public struct ConvertOptions: Sendable {
     public var bitmaps = false
     /// With `bitmaps`, skip inconsistent bitmaps instead of failing (`--skip-broken-bitmaps`).
     public var skipBrokenBitmaps = false
-    /// Receives warnings qemu-img prints as "warning: ..." (a skipped bitmap).
+    /// Read errors in the sources are not fatal (`--salvage`): a block status query that
+    /// fails is retried on shorter ranges down to one sector, which is then read as data; a
+    /// read that fails is retried sector by sector, and each sector that cannot be read is
+    /// written as zeros. Each failing sector is reported to `warning` unless `quiet`.
+    public var salvage = false
+    /// Do not report the sectors `salvage` could not read (`-q`).
+    public var quiet = false
+    /// Receives warnings qemu-img prints as "warning: ..." (a skipped bitmap, a sector
+    /// `salvage` could not read).
     public var warning: (@Sendable (String) -> Void)?
 
     /// Creates qemu-img convert's defaults: probe the sources, create a raw target, sparse at 4 KiB, 8 requests in flight.
@@ -57,6 +65,9 @@ public struct ConvertOptions: Sendable {
         }
         if minSparse < 0 || minSparse % 512 != 0 || minSparse / 512 > Convert.maxBufferSectors {
             throw BlockError(.invalidArgument, "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to \(Convert.maxBufferSectors * 512). Select 0 to disable sparse detection (fully allocates output).")
+        }
+        if skipCreate && !createOptions.isEmpty {
+            throw BlockError(.invalidArgument, "-o has no effect when skipping image creation")
         }
         if targetIsZero && !skipCreate {
             throw BlockError(.invalidArgument, "--target-is-zero requires use of -n flag")
@@ -141,8 +152,9 @@ public enum Convert {
         let job: ConvertJob
         do {
             if options.bitmaps { try checkTargetBitmaps(targetNode) }
+            let zeroInit = await hasZeroInit(targetNode)
             job = try ConvertJob(sources: sourcesForCopy, lengths: sourceLengths, target: targetNode, targetHasBacking: targetBacking != nil,
-                                 options: options, progress: progress)
+                                 targetZeroInit: zeroInit, options: options, progress: progress)
             try await job.run()
             if let q = targetNode as? any CompressedWriting, options.compress { try await q.finishCompressedWrites() }
             try await targetNode.flush()
@@ -164,6 +176,22 @@ public enum Convert {
         progress?(100)
     }
 
+
+    /// Whether a new image reads as zeros where nothing was written (QEMU's
+    /// `bdrv_has_zero_init`): a host file does (a block device does not), qcow2 does unless
+    /// its L2 tables are preallocated (then its file decides), raw as its file; other
+    /// protocols (NBD) do not.
+    static func hasZeroInit(_ node: any BlockDriver) async -> Bool {
+        let n = node.innermostDriver
+        if let f = n as? any HostStorage { return !f.isBlockDevice }
+        if let q = n as? Qcow2Node {
+            if await !q.hasPreallocatedL2Tables() { return true }
+            guard let file = q.file else { return false }
+            return await hasZeroInit(file)
+        }
+        if let r = n as? any PassThroughFormat { return await hasZeroInit(r.passedThrough) }
+        return false
+    }
 
     /// qemu-img's message for an image that could not be opened.
     static func openError(_ error: Error, _ filename: String) -> BlockError {

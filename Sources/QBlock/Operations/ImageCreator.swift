@@ -61,9 +61,15 @@ public enum ImageCreator {
         guard let table = FormatRegistry.driver(named: format)?.createOptions else {
             throw ImageOpener.creationRefusal(format: format, path: path)
         }
+        let proto = ProtocolRegistry.driver(forFilename: path).name
+        guard let protocolOptions = protocolCreateOptions(proto) else {
+            throw BlockError(.unsupported, "Protocol driver '\(proto)' does not support image creation", path: path, operation: "create")
+        }
         var values: [String: String] = [:]
         for (key, value) in options {
-            guard let desc = table.first(where: { $0.name == key }) else {
+            // (An option of the host file is the target protocol's to take.)
+            guard let desc = table.first(where: { $0.name == key }),
+                  !desc.protocolLevel || protocolOptions.contains(where: { $0.name == key }) else {
                 throw BlockError(.invalidArgument, "Invalid parameter '\(key)'", path: path, operation: "create")
             }
             switch desc.type {
@@ -160,7 +166,69 @@ public enum ImageCreator {
             guard let v = plan.values[desc.name], desc.name != "size" else { continue }
             options.append((desc.name, desc.type == .bool ? (CreateOption.parseBool(v) == true ? "on" : "off") : v))
         }
+        let proto = ProtocolRegistry.driver(forFilename: plan.path).name
+        if proto != "file" {
+            try await createOnExistingNode(plan, driver: driver, protocolName: proto, options: options)
+            return
+        }
         try await driver.create(path: plan.path, size: plan.size, options: options)
+    }
+
+    /// Creates the image of `plan` on a protocol node that cannot create images but may
+    /// exist (an NBD export), as QEMU's `bdrv_co_create_opts_simple`: the node is opened
+    /// read-write, must be at least as large as the format asks (it is not grown), its first
+    /// sector is cleared, then the format writes its image on it.
+    private static func createOnExistingNode(_ plan: Plan, driver: any FormatDriver.Type, protocolName: String,
+                                             options: [(String, String)]) async throws {
+        guard let accepted = protocolCreateOptions(protocolName),
+              let format = driver as? any ExistingNodeCreatable.Type else {
+            throw BlockError(.unsupported, "Driver '\(protocolName)' does not support image creation", path: plan.path, operation: "create")
+        }
+        // The options the format leaves to the protocol must be the protocol's.
+        for (key, _) in options {
+            if let desc = driver.createOptions.first(where: { $0.name == key }), desc.protocolLevel,
+               !accepted.contains(where: { $0.name == key }) {
+                throw BlockError(.invalidArgument, "Invalid parameter '\(key)'", path: plan.path, operation: "create")
+            }
+        }
+        let request = format.protocolRequest(size: plan.size, options: options)
+        if let p = request.preallocation, p != "off" {
+            throw BlockError(.unsupported, "Unsupported preallocation mode '\(p)'", path: plan.path, operation: "create")
+        }
+        let node: any BlockDriver
+        do {
+            node = try await ProtocolRegistry.openNode(filename: plan.path, options: OpenOptions(readOnly: false, locking: false))
+        } catch {
+            let e = error.asBlockError
+            throw BlockError(e.code, "Protocol driver '\(protocolName)' does not support image creation, and opening the image failed: \(e.message)",
+                             errno: e.errno, path: plan.path, operation: "create", underlying: e)
+        }
+        do {
+            if node.length < request.minimumSize {
+                // (Growing it is the node's to refuse: "Cannot grow NBD nodes".)
+                try await node.truncate(to: request.minimumSize, preallocation: .off)
+                if node.length < request.minimumSize {
+                    throw BlockError(.unsupported, "Could not resize image to \(request.minimumSize) bytes", path: plan.path, operation: "create")
+                }
+            }
+            let clear = min(node.length, 512)
+            if clear > 0 {
+                do {
+                    try await node.writeZeroes(at: 0, length: clear, flags: [.mayUnmap])
+                } catch {
+                    let e = error.asBlockError
+                    let reason = e.errno.map { BlockError.strerror($0) } ?? e.message
+                    throw BlockError(e.code, "Failed to clear the new image's first sector: \(reason)", errno: e.errno,
+                                     path: plan.path, operation: "create", underlying: e)
+                }
+            }
+            try await format.create(on: node, size: plan.size, options: options)
+            try await node.flush()
+        } catch {
+            try? await node.close()
+            throw error
+        }
+        try await node.close()
     }
 
     /// Checks and creates an image in one call (nothing printed).

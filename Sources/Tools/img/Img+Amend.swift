@@ -16,8 +16,16 @@ struct ImgAmend: AsyncParsableCommand {
     @Argument(help: "Image file name.") var files: [String] = []
 
     func run() async throws {
-        guard !options.isEmpty else { throw tool.usageError("Must specify options (-o)") }
-        guard files.count == 1 else { throw tool.usageError("Expecting one image file name") }
+        let joined: String
+        do {
+            guard let j = try ImageCreator.accumulateOptions(options) else { throw tool.usageError("Must specify options (-o)") }
+            joined = j
+        } catch let e as BlockError {
+            throw tool.fail(e.message)
+        }
+        let wantsHelp = ImageCreator.hasHelpOption(joined)
+        if wantsHelp, let format { try printAmendHelp(format) }
+        guard files.count == 1 else { throw tool.fail("Expecting one image file name") }
         do { _ = try ImageSpec.objects(objects) } catch let e as BlockError { throw tool.fail(e.message) }
         if imageOpts && format != nil { throw tool.fail("--image-opts and --format are mutually exclusive") }
         var mode = CacheMode.writeback
@@ -25,14 +33,11 @@ struct ImgAmend: AsyncParsableCommand {
             guard let m = CacheMode(qemuName: c) else { throw tool.fail("Invalid cache option: \(c)") }
             mode = m
         }
-        var pairs: [(String, String)] = []
-        for o in options.joined(separator: ",").split(separator: ",", omittingEmptySubsequences: true) {
-            let kv = o.split(separator: "=", maxSplits: 1)
-            pairs.append((String(kv[0]), kv.count > 1 ? String(kv[1]) : ""))
-        }
+        let pairs = ImageCreator.parseOptionString(joined)
         let image = try await openImage(files[0], options: OpenOptions(format: format, readOnly: false, cache: mode, openBacking: false),
                                         imageOpts: imageOpts)
         try await closing(image) {
+            if wantsHelp { try printAmendHelp(image.driverName) }
             guard let q = image as? any Amendable else {
                 throw tool.fail("Format driver '\(image.driverName)' does not support option amendment")
             }
@@ -42,5 +47,15 @@ struct ImgAmend: AsyncParsableCommand {
                 throw tool.fail(e.message)
             }
         }
+    }
+
+    /// Prints the amend options of `format` and exits (1 with qemu-img's message if it has none).
+    private func printAmendHelp(_ format: String) throws -> Never {
+        do {
+            writeStdout(try ImageCreator.amendOptionHelp(format: format))
+        } catch let e as BlockError {
+            throw tool.fail(e.message)
+        }
+        throw ExitCode.success
     }
 }

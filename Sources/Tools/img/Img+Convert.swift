@@ -29,9 +29,12 @@ struct ImgConvert: AsyncParsableCommand {
     @Option(name: .customShort("s"), help: "Convert this internal snapshot (deprecated form of -l).") var snapshotLegacy: String?
     @Flag(name: .customLong("bitmaps"), help: "Copy the source's persistent bitmaps.") var bitmaps = false
     @Flag(name: .customLong("skip-broken-bitmaps"), help: "With --bitmaps, skip inconsistent bitmaps.") var skipBrokenBitmaps = false
+    @Flag(name: .customShort("C"), help: "Copy offloading (refused: not supported).") var copyOffload = false
+    @Flag(name: .customLong("salvage"), help: "Read errors in the sources are not fatal: unreadable sectors become zeros.") var salvage = false
     @Argument(help: "Source images, then the target.") var files: [String] = []
 
     func run() async throws {
+        let joinedOptions = try accumulatedOptions(options)
         var o = ConvertOptions()
         o.snapshot = snapshot ?? snapshotLegacy
         o.sourceFormat = format
@@ -46,6 +49,8 @@ struct ImgConvert: AsyncParsableCommand {
         o.forceShare = forceShare
         o.bitmaps = bitmaps
         o.skipBrokenBitmaps = skipBrokenBitmaps
+        o.salvage = salvage
+        o.quiet = quiet
         o.warning = { tool.printError("warning: \($0)") }
         if let coroutines {
             guard let m = Int(coroutines), m >= 1, m <= Convert.maxParallelRequests else {
@@ -65,11 +70,27 @@ struct ImgConvert: AsyncParsableCommand {
         }
         let sources = Array(files.dropLast())
         let target = files.last ?? ""
+        if skipBrokenBitmaps && !bitmaps { throw tool.fail("Use of --skip-broken-bitmaps requires --bitmaps") }
+        if copyOffload {
+            if compress { throw tool.fail("Cannot enable copy offloading when -c is used") }
+            if sparseSize != nil { throw tool.fail("Cannot enable copy offloading when -S is used") }
+            if salvage { throw tool.fail("Cannot use copy offloading in salvaging mode") }
+        }
+        do {
+            // (Every check but the one for sources comes before -o help.)
+            try o.validate(sourceCount: max(1, sources.count))
+        } catch let e as BlockError {
+            throw tool.fail(e.message)
+        }
+        try printOptionHelpIfAsked(joinedOptions) {
+            try ImageCreator.optionHelp(format: outputFormat, filename: files.count >= 2 ? target : nil)
+        }
         do {
             try o.validate(sourceCount: sources.count)
         } catch let e as BlockError {
             throw tool.fail(e.message)
         }
+        if copyOffload { throw tool.fail("Copy offloading (-C) is not supported by this implementation") }
         if let sourceCache {
             guard let m = CacheMode(qemuName: sourceCache) else { throw tool.fail("Invalid source cache option: \(sourceCache)") }
             o.sourceCache = m

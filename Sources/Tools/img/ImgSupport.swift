@@ -104,3 +104,21 @@ func closing<T>(_ nodes: (any BlockDriver)?..., do body: () async throws -> T) a
     for case let node? in nodes { await closeQuietly(node) }
     return try result.get()
 }
+
+/// Joins the `-o` arguments as qemu-img does while it reads its options, printing
+/// "Invalid option list: ARG" for one that cannot be joined.
+func accumulatedOptions(_ arguments: [String]) throws -> String? {
+    do { return try ImageCreator.accumulateOptions(arguments) } catch let e as BlockError { throw tool.fail(e.message) }
+}
+
+/// When the joined `-o` options ask for help, prints `help()`'s listing and exits (status 1
+/// and the message when it throws).
+func printOptionHelpIfAsked(_ joined: String?, help: () throws -> String) throws {
+    guard let joined, ImageCreator.hasHelpOption(joined) else { return }
+    do {
+        writeStdout(try help())
+    } catch let e as BlockError {
+        throw tool.fail(e.message)
+    }
+    throw ExitCode.success
+}

@@ -33,6 +33,7 @@ extension ToolProgram {
         _ command: Command.Type, arguments: [String]? = nil, usageErrors: UsageErrors = .firstLine,
         errorMessage: @Sendable (any Error) -> String? = { ($0 as? BlockError)?.message }
     ) async -> Never {
+        DriveOpener.installJSONFilenames()
         do {
             var parsed = try command.parseAsRoot(arguments)
             if var asyncCommand = parsed as? AsyncParsableCommand {

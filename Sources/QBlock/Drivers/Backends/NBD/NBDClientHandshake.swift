@@ -265,7 +265,8 @@ public struct NBDClientHandshake: Sendable {
         default: text = "Unknown error code when asking for option \(optionName(option))"
         }
         let msg = String(decoding: payload, as: UTF8.self)
-        return BlockError(code, msg.isEmpty ? text : "\(text) (server reported: \(msg))", operation: "nbd handshake")
+        // The server's text is a hint line of its own, as QEMU's (error_append_hint).
+        return BlockError(code, msg.isEmpty ? text : "\(text)\nserver reported: \(msg)", operation: "nbd handshake")
     }
 
     private mutating func optionReply(_ option: NBD.Option, _ h: NBDOptionReplyHeader, _ payload: [UInt8]) throws -> Action {

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import QBlockCore
 import QBlockGraph
 import QBlockNBDWire
@@ -19,9 +22,17 @@ public enum NBDProtocol: ProtocolDriver {
 
     /// Connects to the export the URI `filename` names (read-only when `options` says so;
     /// the cache mode does not apply).
-    /// - Throws: ``BlockError`` from ``NBDURI/init(_:)`` and ``NBDClientNode/connect(_:readOnly:pool:)``.
+    /// - Throws: ``BlockError`` from ``NBDURI/init(_:)`` and ``NBDClientNode/connect(_:readOnly:pool:)``;
+    ///   `.readOnly` "Could not open image: Permission denied" (qemu-img's words) when a
+    ///   read-only export is opened for writing.
     public static func open(filename: String, options: OpenOptions) async throws -> any BlockDriver {
-        try await NBDClientNode.connect(try NBDURI(filename), readOnly: options.readOnly)
+        let node = try await NBDClientNode.connect(try NBDURI(filename), readOnly: options.readOnly)
+        if !options.readOnly && node.isReadOnly {
+            try? await node.close()
+            throw BlockError(.readOnly, "Could not open image: \(BlockError.strerror(EACCES))", errno: EACCES, path: filename,
+                             operation: openOperation)
+        }
+        return node
     }
 
     /// Reads QEMU's `BlockdevOptionsNbd`: `server` (a flat QAPI `SocketAddress`), `export`

@@ -25,7 +25,7 @@ import QBlockGraph
 /// (or the alignment) become writes of a zeroed buffer, as QEMU's block layer does when
 /// blkdebug refuses them. After ``close()`` every call throws `.closed`.
 // @unchecked Sendable: the mutable rule state is only touched with `lock` held; the rest is immutable.
-public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Sendable {
+public final class BlkdebugNode: BlockStatusChecking, DebugBreakpoints, @unchecked Sendable {
     /// `blkdebug`, as QEMU names the driver.
     public let driverName = "blkdebug"
     /// The image file the filter sits on (QEMU's `image` child).
@@ -303,6 +303,12 @@ public final class BlkdebugNode: BlockFilter, DebugBreakpoints, @unchecked Senda
             try check(.blockStatus, offset: offset, length: length, operation: "block status")
             return try await image.blockStatus(at: offset, length: length)
         }
+    }
+
+    /// Fails as ``blockStatus(at:length:)`` would when an armed `block-status` rule matches.
+    /// - Throws: ``BlockError`` with the rule's errno.
+    public func checkBlockStatus(at offset: Int64, length: Int64) throws {
+        try check(.blockStatus, offset: offset, length: length, operation: "block status")
     }
 
     /// Resizes the image.

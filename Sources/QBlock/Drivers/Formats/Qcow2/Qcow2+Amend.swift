@@ -27,8 +27,10 @@ public struct Qcow2AmendOptions: Sendable, Equatable {
     /// - Throws: ``BlockError`` `.invalidArgument` worded as qemu-img's.
     public static func parse(_ pairs: [(String, String)]) throws -> Qcow2AmendOptions {
         var o = Qcow2AmendOptions()
+        // (qcow2's own creation options; the host file's, nocow and extent_size_hint, are no
+        // option of qcow2's at all for QEMU.)
         let createOnly: Set<String> = ["cluster_size", "preallocation", "compression_type", "extended_l2", "encryption",
-                                       "data_file_raw", "nocow", "extent_size_hint"]
+                                       "data_file_raw"]
         for (key, value) in pairs {
             switch key {
             case "compat":

@@ -151,3 +151,15 @@ extension Qcow2Node: ReopenableDriver {
         writeThrough.set(cache.writeThrough)
     }
 }
+
+extension Qcow2Node {
+    /// Whether the image reads as zeros wherever nothing was written, so that a copy into it
+    /// may skip zeros (QEMU's `qcow2_has_zero_init`): an image without preallocated L2
+    /// tables does; a preallocated one only if its file does (the caller asks the file).
+    /// Takes the metadata lock.
+    package func hasPreallocatedL2Tables() async -> Bool {
+        await metaLock.lock()
+        defer { metaLock.unlock() }
+        return (l1Table.first ?? 0) & Qcow2Node.l1OffsetMask != 0
+    }
+}

@@ -25,6 +25,7 @@ extension Qcow2Node {
                                 shared: [.consistentRead, .writeUnchanged], create: true)
         do {
             try await file.truncate(to: 0, preallocation: .off)
+            if o.nocow { FileCreation.setNoCOW(path) }
             FileCreation.setExtentSizeHint(path, o.extentSizeHint ?? FileCreation.defaultExtentSizeHint)
             try await format(file, size: size, options: o)
         } catch {

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import QBlockCore
 import QBlockGraph
 /// The qcow2 format driver as the registry sees it (``FormatDriver``): probing, opening
@@ -39,17 +42,29 @@ public enum Qcow2Format: FormatDriver {
 
     /// The `-o` options `qemu-img create -f qcow2` accepts, with QEMU's defaults.
     public static let createOptions: [CreateOption] = [
-        CreateOption("cluster_size", .size, default: "65536"),
-        CreateOption("extended_l2", .bool, default: "off"),
-        CreateOption("preallocation", .string),
-        CreateOption("compression_type", .string, default: "zlib"),
-        CreateOption("size", .size),
-        CreateOption("compat", .string),
-        CreateOption("backing_file", .string),
-        CreateOption("backing_fmt", .string),
-        CreateOption("lazy_refcounts", .bool, default: "off"),
-        CreateOption("refcount_bits", .number, default: "16"),
-        CreateOption("extent_size_hint", .size),
+        CreateOption("cluster_size", .size, default: "65536", help: "qcow2 cluster size"),
+        CreateOption("extended_l2", .bool, default: "off", help: "Extended L2 tables"),
+        CreateOption("preallocation", .string, help: "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+        CreateOption("compression_type", .string, default: "zlib", help: "Compression method used for image cluster compression"),
+        CreateOption("size", .size, help: "Virtual disk size"),
+        CreateOption("compat", .string, help: "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        CreateOption("backing_file", .string, help: "File name of a base image"),
+        CreateOption("backing_fmt", .string, help: "Image format of the base image"),
+        CreateOption("lazy_refcounts", .bool, default: "off", help: "Postpone refcount updates"),
+        CreateOption("refcount_bits", .number, default: "16", help: "Width of a reference count entry in bits"),
+        CreateOption("nocow", .bool, help: "Turn off copy-on-write (valid only on btrfs)", protocolLevel: true),
+        CreateOption("extent_size_hint", .size, help: "Extent size hint for the image file, 0 to disable", protocolLevel: true),
+    ]
+
+    /// The `-o` options `qemu-img amend -f qcow2` takes (the backing file ones only to refuse
+    /// them as QEMU does, pointing to `rebase`).
+    public static let amendOptions: [CreateOption] = [
+        CreateOption("backing_file", .string, help: "File name of a base image"),
+        CreateOption("backing_fmt", .string, help: "Image format of the base image"),
+        CreateOption("compat", .string, help: "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        CreateOption("lazy_refcounts", .bool, help: "Postpone refcount updates"),
+        CreateOption("refcount_bits", .number, help: "Width of a reference count entry in bits"),
+        CreateOption("size", .size, help: "Virtual disk size"),
     ]
 
     /// Creates a qcow2 image at `path` of `size` bytes with `-o` `options`, as
@@ -80,6 +95,27 @@ public enum Qcow2Format: FormatDriver {
         _ = try m.optionalString("overlap-check")
         _ = try m.optionalString("data-file")
         options.formatOptions = runtime
+    }
+}
+
+extension Qcow2Format: AmendableFormat {}
+
+extension Qcow2Format: ExistingNodeCreatable {
+    /// qcow2 consumes its size and preallocation: the node may have any size.
+    public static func protocolRequest(size: Int64, options: [(String, String)]) -> (minimumSize: Int64, preallocation: String?) {
+        (0, nil)
+    }
+
+    /// Writes a qcow2 image of `size` (rounded up to whole sectors, as qemu-img) onto `file`.
+    public static func create(on file: any BlockDriver, size: Int64, options: [(String, String)]) async throws {
+        var o = Qcow2CreateOptions()
+        for (key, value) in options { try o.set(key, value) }
+        do {
+            try await Qcow2Node.create(on: file, size: size < 0 ? size : (size + 511) / 512 * 512, options: o)
+        } catch let e as BlockError where e.errno == EFBIG {
+            throw BlockError(.invalidArgument, "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+                             errno: EFBIG)
+        }
     }
 }
 

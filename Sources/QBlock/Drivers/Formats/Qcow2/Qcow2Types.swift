@@ -39,6 +39,9 @@ public struct Qcow2CreateOptions: Sendable {
     /// The image file's extent size hint (`extent_size_hint`, passed to the file as QEMU's
     /// qcow2 passes it to its protocol); nil: the file driver's default, 1 MiB.
     public var extentSizeHint: Int64?
+    /// Ask the file system not to copy on write (`nocow`, Linux's `FS_NOCOW_FL`, passed to
+    /// the file as QEMU's qcow2 passes it to its protocol; ignored where unknown, as QEMU).
+    public var nocow = false
 
     /// Options with qemu-img's defaults: 64 KiB clusters, compat 1.1, 16-bit refcounts, zlib.
     public init() {}
@@ -82,6 +85,7 @@ public struct Qcow2CreateOptions: Sendable {
                 throw BlockError(.invalidArgument, "Refcount width must be a power of two and may not exceed 64 bits")
             }
             refcountBits = v
+        case "nocow": nocow = try bool(value)
         case "backing_file": backingFile = value
         case "backing_fmt": backingFormat = value
         case "extent_size_hint":

@@ -46,9 +46,10 @@ public enum RawFormat: FormatDriver {
     /// The `-o` options `qemu-img create -f raw` accepts: `size` (bytes), `preallocation`
     /// (`off`, `falloc`, `full`) and `extent_size_hint` (bytes; 0 disables it).
     public static let createOptions: [CreateOption] = [
-        CreateOption("size", .size),
-        CreateOption("preallocation", .string),
-        CreateOption("extent_size_hint", .size),
+        CreateOption("size", .size, help: "Virtual disk size"),
+        CreateOption("nocow", .bool, help: "Turn off copy-on-write (valid only on btrfs)", protocolLevel: true),
+        CreateOption("preallocation", .string, help: "Preallocation mode (allowed values: off, falloc, full)", protocolLevel: true),
+        CreateOption("extent_size_hint", .size, help: "Extent size hint for the image file, 0 to disable", protocolLevel: true),
     ]
 
     /// A host file of the size (rounded up to whole sectors), as QEMU's file driver makes it.
@@ -69,7 +70,8 @@ public enum RawFormat: FormatDriver {
             try FileCreation.checkExtentSizeHint(v, path: path)
             hint = v
         }
-        try await FileCreation.create(path: path, size: size, preallocation: prealloc, extentSizeHint: hint)
+        let nocow = options.last(where: { $0.0 == "nocow" }).map { CreateOption.parseBool($0.1) == true } ?? false
+        try await FileCreation.create(path: path, size: size, preallocation: prealloc, nocow: nocow, extentSizeHint: hint)
     }
 
     /// Reads the raw driver's `blockdev-add` members: `offset` and `size` (bytes, QEMU's
@@ -80,6 +82,18 @@ public enum RawFormat: FormatDriver {
         let size = try m.optionalUInt("size", bits: 64)
         options.formatOptions = Window(offset: Int64(offset), size: size.map { Int64($0) })
     }
+}
+
+extension RawFormat: ExistingNodeCreatable {
+    /// raw passes its options to the protocol: the node must hold `size` bytes, and the
+    /// preallocation is the protocol's to refuse.
+    public static func protocolRequest(size: Int64, options: [(String, String)]) -> (minimumSize: Int64, preallocation: String?) {
+        (size, options.last(where: { $0.0 == "preallocation" })?.1)
+    }
+
+    /// A raw image is the node's bytes as they are: there is nothing more to write (the
+    /// first sector was cleared with the node's checks).
+    public static func create(on file: any BlockDriver, size: Int64, options: [(String, String)]) async throws {}
 }
 
 extension RawFormat: Measurable {
