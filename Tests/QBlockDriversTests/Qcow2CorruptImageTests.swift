@@ -48,6 +48,13 @@ import TestSupport
         Damage(name: "encrypted", patch: { b, _ in b.replaceSubrange(32..<36, with: be32(1)) }, expect: "Encrypted"),
         Damage(name: "unaligned L2 entry", patch: { b, l2 in b.replaceSubrange(l2..<(l2 + 8), with: be64((1 << 63) | 0x50201)) }, expect: "unaligned"),
         Damage(name: "L2 table past end", patch: { b, _ in b.replaceSubrange(0x30000..<0x30008, with: be64((1 << 63) | (1 << 41))) }, expect: "past the end"),
+        // iotests 080: offsets past Int64.max must be refused, not trap.
+        Damage(name: "snapshot table offset past Int64.max", patch: { b, _ in
+            b.replaceSubrange(60..<64, with: be32(1)); b.replaceSubrange(64..<72, with: be64(0xffff_ffff_ffff_0000)) },
+               expect: "Snapshot table offset invalid"),
+        Damage(name: "snapshot table offset past end", patch: { b, _ in
+            b.replaceSubrange(60..<64, with: be32(1)); b.replaceSubrange(64..<72, with: be64(1 << 40)) },
+               expect: "Snapshot table offset invalid"),
         Damage(name: "unaligned L2 table", patch: { b, _ in b.replaceSubrange(0x30000..<0x30008, with: be64((1 << 63) | 0x40200)) }, expect: "unaligned"),
     ]
 

@@ -119,7 +119,8 @@ extension Qcow2Node {
         snapshotTableSize = 0
         let count = Int(header.nbSnapshots)
         guard count > 0 else { return }
-        let start = Int64(header.snapshotsOffset)
+        // (An offset past Int64.max is as invalid as any other outside the file.)
+        let start = Int64(exactly: header.snapshotsOffset) ?? -1
         let fileLength = hostFile.length
         func corrupt(_ m: String) -> BlockError {
             BlockError(.corrupt, m, path: filename, offset: start, operation: "read snapshot table")
