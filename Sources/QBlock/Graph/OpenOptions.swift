@@ -31,6 +31,11 @@ public struct OpenOptions: Sendable {
     /// Options only the chosen format understands (``FormatOpenOptions``), as its
     /// ``FormatDriver/readBlockdevOptions(_:into:)`` set them; nil: the format's defaults.
     public var formatOptions: (any FormatOpenOptions)?
+    /// The node's discard mode (QEMU's `BDRV_O_UNMAP`): true (`discard=unmap`, the tools'
+    /// default, as qemu-img's and qemu-io's) lets a format pass the guest's discards on to
+    /// its file by default (qcow2's `pass-discard-request`); `blockdev-add`'s default
+    /// `discard=ignore` does not.
+    public var discardUnmap = true
 
     /// Creates open options; every parameter is the property of the same name, and the
     /// defaults open read-write, with the page cache, backing files and locks, probing the format.

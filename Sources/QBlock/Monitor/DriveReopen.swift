@@ -10,13 +10,14 @@ import QBlockGraph
 ///
 /// - the block layer's own options: `read-only`, `auto-read-only`, `cache.direct`,
 ///   `cache.no-flush` must be booleans; the mode and cache of the image and its file change;
-/// - the driver's options that may change: qcow2's `lazy-refcounts` and cache sizes
-///   (``Qcow2RuntimeOptions``), raw's `offset` and `size`;
+/// - the driver's options that may change: qcow2's `lazy-refcounts`, cache sizes and
+///   `pass-discard-*` (``Qcow2RuntimeOptions``, which also takes `overlap-check=none` and
+///   `cache-clean-interval=0` and refuses the checks and cleaning it does not do), raw's
+///   `offset` and `size`;
 /// - every other option must keep its value: "Cannot change the option 'driver'".
 ///
 /// The top's `discard` mode changes (``Outcome/unmap``, for the tool to apply). Options QEMU
-/// could change that this implementation cannot (qcow2's `overlap-check`, `pass-discard-*`,
-/// `cache-clean-interval`, file's `drop-cache`, `detect-zeroes`, the `discard` of a node
+/// could change that this implementation cannot (file's `drop-cache`, `detect-zeroes`, the `discard` of a node
 /// below the top, the mode of a node below the top) are refused with a message saying so
 /// when their value would change.
 public enum DriveReopen {
@@ -56,7 +57,6 @@ public enum DriveReopen {
     private static let layerBools = ["read-only", "auto-read-only", "cache.direct", "cache.no-flush", "force-share"]
     /// Options QEMU's drivers take on reopen that this implementation cannot change.
     private static let unchangeable: [String: Set<String>] = [
-        "qcow2": ["cache-clean-interval", "overlap-check", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other"],
         "file": ["drop-cache", "x-check-cache-dropped"],
         "host_device": ["drop-cache", "x-check-cache-dropped"],
     ]

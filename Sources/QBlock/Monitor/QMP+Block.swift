@@ -233,6 +233,8 @@ public final class QMPBlockState: @unchecked Sendable {
         }
         var ctx = QMPOpenContext(readOnly: readOnly, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
                                  autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName, protocolLevel: protocolLevel)
+        let discardUnmap = args.dict["discard"] == nil ? (session?.defaults.discardUnmap ?? false) : discard == "unmap"
+        ctx.discardUnmap = discardUnmap
         let opened: any BlockDriver
         do {
             opened = try await opener(args, ctx)
@@ -243,6 +245,7 @@ public final class QMPBlockState: @unchecked Sendable {
             await rollBack(ctx.created)
             ctx = QMPOpenContext(readOnly: true, cache: cache, graph: graph, block: self, drive: session, forceShare: forceShare,
                                  autoReadOnly: autoReadOnly, driver: driver, nodeName: nodeName, protocolLevel: protocolLevel)
+            ctx.discardUnmap = discardUnmap
             do {
                 opened = try await opener(args, ctx)
             } catch {

@@ -87,6 +87,10 @@ public final class QMPOpenContext: @unchecked Sendable {
     /// opened for writing is opened read-only instead.
     let autoReadOnly: Bool
 
+    /// The node's discard mode is `unmap` (`discard`; ``DriveOpener`` trees default to the
+    /// session's, the tools' `unmap`): formats pass guest discards on to their files.
+    var discardUnmap = false
+
     /// The driver of the node being opened and its `node-name`, if given (for the
     /// permission check of the children it takes).
     let driver: String
@@ -182,6 +186,7 @@ extension QMPBlockdevDrivers {
     /// name or an object: that node.
     static func openFormat(_ format: any FormatDriver.Type, _ args: QMPArguments, _ ctx: QMPOpenContext) async throws -> any BlockDriver {
         var options = OpenOptions(format: format.name, readOnly: ctx.readOnly, cache: ctx.cache, locking: false)
+        options.discardUnmap = ctx.discardUnmap
         if let session = ctx.drive {
             options.allowCorrupt = session.defaults.allowCorrupt
             options.forRepair = session.defaults.forRepair && !ctx.readOnly

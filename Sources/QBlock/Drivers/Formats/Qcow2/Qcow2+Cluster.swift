@@ -150,7 +150,7 @@ extension Qcow2Node {
             throw error
         }
         if old != 0 {
-            try await freeClusters(at: old, count: 1)
+            try await freeClusters(at: old, count: 1, discardHost: passDiscard(.other))
         }
         return try await l2Cache.get(newOffset)
     }

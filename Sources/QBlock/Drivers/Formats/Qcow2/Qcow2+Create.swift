@@ -243,7 +243,7 @@ extension Qcow2Node {
         header.l1TableOffset = UInt64(newOffset)
         l1Table = newTable
         if oldOffset != 0 && oldClusters > 0 {
-            try await freeClusters(at: oldOffset, count: oldClusters)
+            try await freeClusters(at: oldOffset, count: oldClusters, discardHost: passDiscard(.other))
         }
     }
 

@@ -315,9 +315,9 @@ extension Qcow2Node {
         let synced: Error?
         do { try await hostFile.flush(); synced = nil } catch { synced = error }
         if synced == nil {
-            try await freeClusters(at: oldOffset, count: oldClusters)
+            try await freeClusters(at: oldOffset, count: oldClusters, discardHost: passDiscard(.other))
         } else {
-            pendingFrees.append(PendingFree(cluster: oldOffset >> Int64(clusterBits), count: oldClusters, discardHost: false))
+            pendingFrees.append(PendingFree(cluster: oldOffset >> Int64(clusterBits), count: oldClusters, discardHost: passDiscard(.other)))
         }
         if let synced { throw synced }
     }

@@ -18,12 +18,24 @@ public struct Qcow2RuntimeOptions: FormatOpenOptions, Equatable {
     /// `l2-cache-entry-size`: the size of one L2 cache entry (checked as QEMU checks it; this
     /// implementation caches whole L2 tables).
     public var l2CacheEntrySize: UInt64?
+    /// `pass-discard-request`: a guest discard (or zeroing that may unmap) frees the host
+    /// clusters with a discard of the file too (nil: as the node's `discard` mode says —
+    /// `unmap`, the tools' default, or `ignore`, `blockdev-add`'s).
+    public var passDiscardRequest: Bool?
+    /// `pass-discard-snapshot`: clusters freed by deleting a snapshot are discarded in the
+    /// file (nil: on).
+    public var passDiscardSnapshot: Bool?
+    /// `pass-discard-other`: clusters freed otherwise (a copy-on-write replacing a cluster,
+    /// a table moved) are discarded in the file (nil: off).
+    public var passDiscardOther: Bool?
 
     /// Options with every member at its default.
     public init() {}
 
     /// The option names these members are read from.
-    public static let keys: Set<String> = ["lazy-refcounts", "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size"]
+    public static let keys: Set<String> = ["lazy-refcounts", "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size",
+                                           "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
+                                           "overlap-check", "cache-clean-interval"]
 
     /// Reads the members from `m` (absent members stay nil).
     /// - Throws: the reader's error for a member of the wrong type.
@@ -34,6 +46,28 @@ public struct Qcow2RuntimeOptions: FormatOpenOptions, Equatable {
         o.l2CacheSize = try m.optionalUInt("l2-cache-size", bits: 64)
         o.l2CacheEntrySize = try m.optionalUInt("l2-cache-entry-size", bits: 64)
         o.refcountCacheSize = try m.optionalUInt("refcount-cache-size", bits: 64)
+        o.passDiscardRequest = try m.optionalBool("pass-discard-request")
+        o.passDiscardSnapshot = try m.optionalBool("pass-discard-snapshot")
+        o.passDiscardOther = try m.optionalBool("pass-discard-other")
+        // Metadata overlap checks and the periodic cleaning of unused cache entries are not
+        // implemented: only the values that ask for neither are taken.
+        if let v = m.value("overlap-check") {
+            var none = false
+            switch v {
+            case .string(let mode): none = mode == "none"
+            case .dict(let d):
+                none = d.entries.allSatisfy { k, v in
+                    k == "template" ? v == .string("none") : (v == .bool(false) || v == .string("off"))
+                }
+            default: break
+            }
+            if !none {
+                throw BlockError(.unsupported, "overlap-check: metadata overlap checks are not implemented by this implementation (only 'none' is accepted)")
+            }
+        }
+        if let interval = try m.optionalUInt("cache-clean-interval", bits: 32), interval != 0 {
+            throw BlockError(.unsupported, "cache-clean-interval: cleaning unused cache entries is not implemented by this implementation (only 0 is accepted)")
+        }
         return o
     }
 
@@ -149,6 +183,30 @@ extension Qcow2Node {
             try refcountCache.reset(capacity: capacities.refcount)
             useLazyRefcounts = lazy
             runtimeOptions = options
+        }
+    }
+}
+
+/// Why qcow2 frees host clusters, for the choice whether to discard them in the file too
+/// (QEMU's `enum qcow2_discard_type`; metadata moved or dropped is always discarded).
+enum Qcow2DiscardType {
+    /// A guest's discard or zeroing that may unmap.
+    case request
+    /// Deleting an internal snapshot.
+    case snapshot
+    /// Anything else: a copy-on-write replacing a cluster, a table moved.
+    case other
+}
+
+extension Qcow2Node {
+    /// Whether clusters freed for `type` are discarded in the file (the `pass-discard-*`
+    /// options, with QEMU's defaults: requests as the node's discard mode, snapshots on,
+    /// others off).
+    func passDiscard(_ type: Qcow2DiscardType) -> Bool {
+        switch type {
+        case .request: return runtimeOptions.passDiscardRequest ?? discardRequestDefault
+        case .snapshot: return runtimeOptions.passDiscardSnapshot ?? true
+        case .other: return runtimeOptions.passDiscardOther ?? false
         }
     }
 }

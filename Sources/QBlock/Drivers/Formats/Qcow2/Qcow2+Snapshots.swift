@@ -166,7 +166,7 @@ extension Qcow2Node {
             let cs = Int64(clusterSize)
             let l1Bytes = Int64(sn.l1Size) * 8
             if l1Bytes > 0 {
-                try await freeClusters(at: Int64(sn.l1TableOffset), count: (l1Bytes + cs - 1) / cs, discardHost: true)
+                try await freeClusters(at: Int64(sn.l1TableOffset), count: (l1Bytes + cs - 1) / cs, discardHost: passDiscard(.snapshot))
             }
             try await syncCaches()
             try await fixActiveCopiedFlags()
@@ -377,7 +377,7 @@ extension Qcow2Node {
             throw BlockError(.invalidArgument, "Refcount overflow for cluster \(cluster) (refcount width \(header.refcountBits) bits)",
                              errno: EINVAL, path: filename, offset: cluster << Int64(clusterBits))
         }
-        try await updateRefcount(cluster, by: addend, discardHost: addend < 0)
+        try await updateRefcount(cluster, by: addend, discardHost: addend < 0 && passDiscard(.snapshot))
     }
 }
 

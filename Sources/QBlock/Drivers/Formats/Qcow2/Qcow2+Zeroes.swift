@@ -223,9 +223,9 @@ extension Qcow2Node {
             if free {
                 // The L2 change reaches the disk before the refcount drop (cache dependency).
                 switch kind(of: old) {
-                case .compressed: try await freeCompressed(entry: old, discardHost: true)
+                case .compressed: try await freeCompressed(entry: old, discardHost: passDiscard(.request))
                 case .normal, .zeroAllocated:
-                    try await freeClusters(at: Int64(old & Qcow2Node.l2OffsetMask), count: 1, discardHost: true)
+                    try await freeClusters(at: Int64(old & Qcow2Node.l2OffsetMask), count: 1, discardHost: passDiscard(.request))
                 default: break
                 }
             }

@@ -83,17 +83,15 @@ public enum Qcow2Format: FormatDriver {
         try await Qcow2Node.create(path: path, size: size, options: o)
     }
 
-    /// Reads the qcow2 driver's `blockdev-add` members (the ones QEMU accepts; those this
-    /// driver does not act on are accepted and checked for type).
-    /// - Throws: ``BlockError`` `.invalidArgument` for a member of the wrong type.
+    /// Reads the qcow2 driver's `blockdev-add` members (``Qcow2RuntimeOptions``); `data-file`
+    /// is refused (external data files are not implemented).
+    /// - Throws: ``BlockError`` `.invalidArgument` for a member of the wrong type,
+    ///   `.unsupported` for what this driver cannot do.
     public static func readBlockdevOptions(_ m: any DriverOptionReader, into options: inout OpenOptions) throws {
         let runtime = try Qcow2RuntimeOptions.read(m)
-        for key in ["pass-discard-request", "pass-discard-snapshot", "pass-discard-other"] {
-            _ = try m.optionalBool(key)
+        if m.value("data-file") != nil {
+            throw BlockError(.unsupported, "data-file: qcow2 external data files are not implemented by this implementation")
         }
-        _ = try m.optionalUInt("cache-clean-interval", bits: 64)
-        _ = try m.optionalString("overlap-check")
-        _ = try m.optionalString("data-file")
         options.formatOptions = runtime
     }
 }

@@ -95,6 +95,8 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     var useLazyRefcounts: Bool
     /// The runtime options the node was opened or last reopened with.
     public internal(set) var runtimeOptions: Qcow2RuntimeOptions
+    /// `pass-discard-request` when the options leave it out: the node's discard mode.
+    var discardRequestDefault = true
     package let refcountCache: Qcow2MetadataCache
     var refcountTable: [UInt64]
     /// Refcount entries per refcount block.
@@ -211,6 +213,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         let node = Qcow2Node(file: file, header: header, l1: l1, refcountTable: rt, capacities: capacities,
                              lazyRefcounts: lazy, runtimeOptions: runtime)
         if readOnly { node.formatReadOnly.set(true) }
+        node.discardRequestDefault = options.discardUnmap
         node.writeThrough.set(options.cache.writeThrough)
         try await node.loadSnapshotTable()
         try await node.loadPersistentBitmaps()
