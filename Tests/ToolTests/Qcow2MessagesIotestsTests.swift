@@ -1,0 +1,105 @@
+import Foundation
+import Testing
+import QBlock
+import TestSupport
+
+/// The lines the qcow2 driver prints on stderr as it works (``BlockNotices``), compared with
+/// qemu-io's and qemu-img's: the corruption notice (iotest 305), the repair of an image
+/// opened dirty read-write (039), a failed cluster free during snapshot deletion and the
+/// `-r leaks` repair of the COPIED flags that follows it (217).
+@Suite struct Qcow2MessagesIotestsTests {
+    /// Writes `bytes` at `offset` of the file at `path`.
+    private func poke(_ path: String, _ offset: UInt64, _ bytes: [UInt8]) throws {
+        let h = try #require(FileHandle(forUpdatingAtPath: path))
+        defer { try? h.close() }
+        try h.seek(toOffset: offset)
+        try h.write(contentsOf: Data(bytes))
+    }
+
+    /// The big-endian 64-bit value at `offset` of the file at `path`.
+    private func peek64(_ path: String, _ offset: Int) throws -> UInt64 {
+        let d = try Data(contentsOf: URL(fileURLWithPath: path))
+        return d[offset..<offset + 8].reduce(0) { $0 << 8 | UInt64($1) }
+    }
+
+    /// `text` without qemu-io's timing lines and with `path` replaced.
+    private func filtered(_ text: String, _ path: String) -> String {
+        text.split(separator: "\n", omittingEmptySubsequences: false)
+            .filter { !$0.contains(" ops; ") }
+            .joined(separator: "\n")
+            .replacingOccurrences(of: path, with: "IMAGE")
+    }
+
+    @Test(qemuTrait)
+    func corruptionNoticeAsQemuIO() throws {
+        let dir = TempDir()
+        var results: [RunResult] = []
+        for (io, img) in [("io", "img"), ("qemu-io", "qemu-img")] {
+            let image = dir.file("\(io).qcow2")
+            try mustRun(img, "create", "-q", "-f", "qcow2", "-o", "refcount_bits=64,cluster_size=1k", image, "1M")
+            try mustRun(io, "-c", "write 0 124k", image)
+            try mustRun(io, "-c", "discard 121k 1k", image)
+            try mustRun(io, "-c", "discard 123k 1k", image)
+            let reftable = try peek64(image, 48)
+            try poke(image, reftable + 14, [0x06])
+            var r = try run(io, "-c", "write 121k 3k", image)
+            r.stdout = filtered(r.stdout, image)
+            r.stderr = filtered(r.stderr, image)
+            results.append(r)
+        }
+        #expect(results[0].stderr == "qcow2: Marking image as corrupt: Refblock offset 0x20600 unaligned (reftable index: 0x1); further corruption events will be suppressed\n")
+        #expect(results[0].stdout == results[1].stdout && results[0].stderr == results[1].stderr,
+                "ours: \(results[0])\nqemu: \(results[1])")
+    }
+
+    @Test(qemuTrait)
+    func repairOfDirtyImageOpenedReadWriteAsQemuIO() throws {
+        let dir = TempDir()
+        var results: [RunResult] = []
+        for (io, img) in [("io", "img"), ("qemu-io", "qemu-img")] {
+            let image = dir.file("\(io).qcow2")
+            try mustRun(img, "create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", image, "128M")
+            // Killed with the image dirty: refcounts unwritten.
+            _ = try run(io, "-c", "write -P 0x5a 0 512", "-c", "sigraise 9", image)
+            var r = try run(io, "-c", "write 0 512", image)
+            r.stdout = filtered(r.stdout, image)
+            results.append(r)
+            let check = try run(img, "check", image)
+            #expect(check.status == 0, "\(io): \(check)")
+        }
+        #expect(results[0].stderr.contains("Rebuilding refcount structure\n"))
+        #expect(results[0].stdout == results[1].stdout && results[0].stderr == results[1].stderr,
+                "ours: \(results[0])\nqemu: \(results[1])")
+    }
+
+    @Test(qemuTrait)
+    func failedFreeDuringSnapshotDeletionAsQemuImg() throws {
+        let dir = TempDir()
+        let conf = dir.file("blkdebug.conf")
+        try "[inject-error]\nevent = \"cluster_free\"\nerrno = \"5\"\n".write(toFile: conf, atomically: true, encoding: .utf8)
+        var results: [[RunResult]] = []
+        for (io, img) in [("io", "img"), ("qemu-io", "qemu-img")] {
+            let image = dir.file("\(io).qcow2")
+            try mustRun(img, "create", "-q", "-f", "qcow2", image, "64M")
+            try mustRun(io, "-c", "write 0 64k", image)
+            try mustRun(img, "snapshot", "-c", "foo", image)
+            var steps: [RunResult] = []
+            steps.append(try run(img, "snapshot", "-d", "foo", "blkdebug:\(conf):\(image)"))
+            steps.append(try run(img, "check", image))
+            steps.append(try run(img, "check", "-r", "leaks", image))
+            steps.append(try run(img, "check", image))
+            results.append(steps.map {
+                var r = $0
+                r.stdout = r.stdout.replacingOccurrences(of: image, with: "IMAGE")
+                r.stderr = r.stderr.replacingOccurrences(of: image, with: "IMAGE").replacingOccurrences(of: "qemu-img:", with: "img:")
+                return r
+            })
+        }
+        #expect(results[0][0].stderr.hasPrefix("qcow2_free_clusters failed: Input/output error\n"))
+        #expect(results[0][2].stdout.contains("    2 corruptions\n"))
+        for (ours, theirs) in zip(results[0], results[1]) {
+            #expect(ours.status == theirs.status && ours.stdout == theirs.stdout && ours.stderr == theirs.stderr,
+                    "ours: \(ours)\nqemu: \(theirs)")
+        }
+    }
+}
