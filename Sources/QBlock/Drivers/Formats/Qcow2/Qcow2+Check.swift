@@ -163,6 +163,9 @@ extension Qcow2Node {
            let ext = header.otherExtensions.first(where: { $0.type == Qcow2Header.ExtensionType.bitmaps.rawValue }) {
             try await countBitmaps(&rc, ext.data)
         }
+        // A refcount block the table cannot point at: `-r all` rebuilds the structure (QEMU's
+        // check_refblocks asks for a rebuild).
+        var brokenRefblock = false
         if includeRefcountStructure {
             addRef(&rc, Int64(header.refcountTableOffset), Int64(header.refcountTableClusters) * cs, "refcount table")
             for (i, e) in refcountTable.enumerated() where e != 0 {
@@ -170,11 +173,13 @@ extension Qcow2Node {
                 if off & (cs - 1) != 0 {
                     rc.result.messages.append("ERROR refcount block \(i) is not cluster aligned; refcount table entry corrupted")
                     rc.result.corruptions += 1
+                    brokenRefblock = true
                     continue
                 }
                 if off >= fileEnd {
                     rc.result.messages.append("ERROR refcount block \(i) is outside image")
                     rc.result.corruptions += 1
+                    brokenRefblock = true
                     continue
                 }
                 addRef(&rc, off, cs, "refcount block")
@@ -209,7 +214,7 @@ extension Qcow2Node {
         }
         // As QEMU's qcow2_check_refcounts: with a repair that is not a rebuild, the comparison
         // runs again fixing in place, "Repairing" what the mode fixes.
-        let rebuild = repair == .all && mismatches.contains { $0.stored == 0 }
+        let rebuild = repair == .all && (brokenRefblock || mismatches.contains { $0.stored == 0 })
         if repair != nil && !rebuild {
             for (c, stored, computed) in mismatches {
                 let fixing = stored != 0 && (stored > computed ? repair != nil : repair == .all)

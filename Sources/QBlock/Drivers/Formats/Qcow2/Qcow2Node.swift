@@ -307,11 +307,11 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         if let e = firstError { throw e }
     }
 
-    /// The error a request that found corrupt metadata fails with: `EIO`, as QEMU's, with
-    /// the reason as the underlying error (the reason itself is posted as a notice).
+    /// The error a request that found corrupt metadata fails with: the reason as its message,
+    /// and `EIO` as its errno, which the tools print as QEMU's do ("Input/output error"; the
+    /// reason reaches them as a notice).
     func corruptError(_ message: String, offset: Int64? = nil) -> BlockError {
-        BlockError(.corrupt, BlockError.strerror(EIO), errno: EIO, path: filename, offset: offset,
-                   underlying: BlockError(.corrupt, message, path: filename, offset: offset))
+        BlockError(.corrupt, message, errno: EIO, path: filename, offset: offset)
     }
 
     /// Reports corrupt metadata as QEMU's `qcow2_signal_corruption`: on a writable node the
