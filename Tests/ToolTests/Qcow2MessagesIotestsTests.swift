@@ -149,4 +149,43 @@ import TestSupport
             #expect(sizes[0] == sizes[1], "\(event): file sizes \(sizes)")
         }
     }
+
+    /// iotest 241's middle case: a raw image whose format the server probed is exported with
+    /// QEMU's 512-byte alignment of a probed raw node, so `--list` shows "min block: 512" and a
+    /// client maps the unaligned 1000-byte file as one 1 KiB run, as with qemu-nbd.
+    @Test(qemuTrait)
+    func probedRawExportAdvertisesSectorAlignmentAsQemuNBD() throws {
+        let dir = TempDir()
+        let image = dir.file("t.raw")
+        try String(repeating: "0", count: 1000).write(toFile: image, atomically: true, encoding: .utf8)
+        var outputs: [String] = []
+        for server in ["nbd", "qemu-nbd"] {
+            let s = try NBDHarness.start(server, [], image: image, dir: dir, tag: "probed-\(server)")
+            defer { s.stop() }
+            let list = try run("qemu-nbd", "-L", "-k", s.socket)
+            let map = try run("qemu-io", "-f", "raw", "-c", "map", s.uri)
+            outputs.append(list.stdout + map.stdout)
+        }
+        #expect(outputs[0].contains("min block: 512"), "\(outputs[0])")
+        #expect(outputs[0] == outputs[1], "ours: \(outputs[0])\nqemu: \(outputs[1])")
+    }
+
+    /// A probed raw image refuses a write that would make it probe as qcow2 (QEMU's
+    /// `raw_check_write`: "Operation not permitted"), and takes one that would not.
+    @Test(qemuTrait)
+    func probedRawRefusesWriteThatChangesItsFormatAsQemuIO() throws {
+        let dir = TempDir()
+        let magic = dir.file("magic")
+        try Data([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3] + [UInt8](repeating: 0, count: 504)).write(to: URL(fileURLWithPath: magic))
+        var results: [String] = []
+        for io in ["io", "qemu-io"] {
+            let image = dir.file("\(io).raw")
+            try mustRun("qemu-img", "create", "-q", "-f", "raw", image, "1M")
+            let refused = try run(io, "-c", "write -s \(magic) 0 512", image)
+            let taken = try run(io, "-c", "write -P 0x51 0 512", image)
+            results.append(filtered(refused.stdout + refused.stderr + taken.stdout + taken.stderr, image))
+        }
+        #expect(results[0].contains("write failed: Operation not permitted"), "\(results[0])")
+        #expect(results[0] == results[1], "ours: \(results[0])\nqemu: \(results[1])")
+    }
 }

@@ -31,6 +31,11 @@ public struct OpenOptions: Sendable {
     /// Options only the chosen format understands (``FormatOpenOptions``), as its
     /// ``FormatDriver/readBlockdevOptions(_:into:)`` set them; nil: the format's defaults.
     public var formatOptions: (any FormatOpenOptions)?
+    /// Set by the opener when it chose the format by probing the file (no `format`): the
+    /// probe, which returns the format a first sector would be taken for. A raw node opened
+    /// so behaves as QEMU's probed raw node: 512-byte request alignment, and no write that
+    /// would make its first sector probe as another format. Callers leave it nil.
+    public var formatProbe: (@Sendable ([UInt8]) -> String?)?
 
     /// Creates open options; every parameter is the property of the same name, and the
     /// defaults open read-write, with the page cache, backing files and locks, probing the format.
