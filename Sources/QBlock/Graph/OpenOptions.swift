@@ -36,6 +36,11 @@ public struct OpenOptions: Sendable {
     /// its file by default (qcow2's `pass-discard-request`); `blockdev-add`'s default
     /// `discard=ignore` does not.
     public var discardUnmap = true
+    /// Set by the opener when it chose the format by probing the file (no `format`): the
+    /// probe, which returns the format a first sector would be taken for. A raw node opened
+    /// so behaves as QEMU's probed raw node: 512-byte request alignment, and no write that
+    /// would make its first sector probe as another format. Callers leave it nil.
+    public var formatProbe: (@Sendable ([UInt8]) -> String?)?
 
     /// Creates open options; every parameter is the property of the same name, and the
     /// defaults open read-write, with the page cache, backing files and locks, probing the format.

@@ -133,9 +133,11 @@ public final class NBDExport: Sendable {
 
     /// The export as the handshake sees it: plain values.
     public var info: NBDExportDescriptor {
-        NBDExportDescriptor(name: name, description: description, size: UInt64(max(0, node.length)),
+        var d = NBDExportDescriptor(name: name, description: description, size: UInt64(max(0, node.length)),
                       flags: transmissionFlags, allocationDepth: options.allocationDepth,
                       bitmapNames: options.bitmaps.map(\.name))
+        d.requestAlignment = UInt32(clamping: max(1, node.requestAlignment))
+        return d
     }
 
     /// The transmission flags qemu-nbd advertises for this export (SEND_DF is added per
@@ -166,6 +168,9 @@ public struct NBDExportDescriptor: Sendable, Equatable {
     public var allocationDepth: Bool
     /// Names of the bitmaps offered as `qemu:dirty-bitmap:NAME`, in context id order.
     public var bitmapNames: [String]
+    /// The node's request alignment: the minimum block size advertised to a client that
+    /// asks for block sizes (or uses NBD_OPT_INFO), as qemu-nbd does; others are told 1.
+    public var requestAlignment: UInt32 = 1
 
     public init(name: String, description: String? = nil, size: UInt64, flags: NBD.TransmissionFlags, allocationDepth: Bool = false,
                 bitmapNames: [String] = []) {

@@ -204,9 +204,13 @@ public struct NBDServerHandshake: Sendable {
             }
             if req.requests.contains(NBD.Info.name.rawValue) { info(.name) { $0.string(e.name) } }
             if let d = e.description { info(.description) { $0.string(d) } }
+            // As qemu-nbd: the real minimum only to a client that will honour it (it asked
+            // for block sizes, or only asks for information), 1 to the others.
+            let minimum = known == .info || req.requests.contains(NBD.Info.blockSize.rawValue)
+                ? min(e.requestAlignment, NBD.maxPayload) : 1
             info(.blockSize) {
-                $0.u32(1)
-                $0.u32(4096)
+                $0.u32(minimum)
+                $0.u32(max(4096, minimum))
                 $0.u32(NBD.maxPayload)
             }
             info(.export) {

@@ -219,7 +219,13 @@ public enum ImageOpener {
                 throw BlockError(.unsupported, "Unknown driver '\(format)'", path: filename, operation: "open")
             }
             var chain = seen
-            let node = try await driver.open(file: file, options: options) { backingName, backingFormat in
+            var formatOptions = options
+            if options.format == nil {
+                formatOptions.formatProbe = { @Sendable (head: [UInt8]) -> String? in FormatRegistry.probe(head)?.name }
+            } else {
+                formatOptions.formatProbe = nil
+            }
+            let node = try await driver.open(file: file, options: formatOptions) { backingName, backingFormat in
                 var backingOptions = options
                 backingOptions.readOnly = true
                 backingOptions.format = backingFormat

@@ -25,6 +25,7 @@ extension ToolProgram {
     /// - An error that `errorMessage` describes is printed as "NAME: message", status 1.
     /// - `--help` and `--version` print on standard output, status 0.
     /// - Any other error is a usage error, reported as `usageErrors` says.
+    /// - The block layer's notices (``BlockNotices``) are printed on stderr as they come.
     /// - Parameters:
     ///   - arguments: the arguments without the program name; nil for the process's own.
     ///   - errorMessage: the message for errors the tool reports itself (by default a
@@ -34,6 +35,9 @@ extension ToolProgram {
         errorMessage: @Sendable (any Error) -> String? = { ($0 as? BlockError)?.message }
     ) async -> Never {
         DriveOpener.installJSONFilenames()
+        // The drivers' notices ("qcow2: Marking image as corrupt: …", repair lines) go to
+        // stderr as QEMU's drivers print them.
+        BlockNotices.install(BlockNotices.standardError)
         do {
             var parsed = try command.parseAsRoot(arguments)
             if var asyncCommand = parsed as? AsyncParsableCommand {

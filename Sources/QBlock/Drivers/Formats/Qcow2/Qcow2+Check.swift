@@ -26,7 +26,7 @@ extension Qcow2Node {
         try await l2Cache.flush()
         try await refcountCache.flush()
         var result = try await countReferences(includeRefcountStructure: true, repair: repair)
-        if let repair, result.result.corruptions > 0 || result.result.leaks > 0 {
+        if let repair {
             try await applyRepair(repair, &result)
         }
         // A repair that leaves the image consistent makes it clean (QEMU's qcow2_mark_clean
@@ -44,6 +44,9 @@ extension Qcow2Node {
         var refs: [UInt64] = []
         /// Active-L1 entries whose COPIED flag disagrees with the refcount: (l1 index, l2 index or -1).
         var copiedErrors: [(Int, Int)] = []
+        /// A repairing count found a refcount of 0 below its references: `-r all` rebuilds
+        /// the refcount structure.
+        var rebuild = false
     }
 
     private func addRef(_ rc: inout ReferenceCount, _ offset: Int64, _ bytes: Int64, _ what: String) {
@@ -128,7 +131,12 @@ extension Qcow2Node {
     }
 
     /// Counts every reference in the image. Lock held, caches flushed.
-    func countReferences(includeRefcountStructure: Bool, repair: CheckRepair? = nil) async throws -> ReferenceCount {
+    /// - Parameters:
+    ///   - repair: the repair that will follow (its "Repairing" lines are added); a
+    ///     repairing count leaves the COPIED flags to ``applyRepair(_:_:)``.
+    ///   - checkCopied: whether a plain count compares the COPIED flags too.
+    func countReferences(includeRefcountStructure: Bool, repair: CheckRepair? = nil,
+                         checkCopied: Bool = true) async throws -> ReferenceCount {
         let cs = Int64(clusterSize)
         var rc = ReferenceCount()
         let fileEnd = hostFile.length
@@ -155,6 +163,9 @@ extension Qcow2Node {
            let ext = header.otherExtensions.first(where: { $0.type == Qcow2Header.ExtensionType.bitmaps.rawValue }) {
             try await countBitmaps(&rc, ext.data)
         }
+        // A refcount block the table cannot point at: `-r all` rebuilds the structure (QEMU's
+        // check_refblocks asks for a rebuild).
+        var brokenRefblock = false
         if includeRefcountStructure {
             addRef(&rc, Int64(header.refcountTableOffset), Int64(header.refcountTableClusters) * cs, "refcount table")
             for (i, e) in refcountTable.enumerated() where e != 0 {
@@ -162,11 +173,13 @@ extension Qcow2Node {
                 if off & (cs - 1) != 0 {
                     rc.result.messages.append("ERROR refcount block \(i) is not cluster aligned; refcount table entry corrupted")
                     rc.result.corruptions += 1
+                    brokenRefblock = true
                     continue
                 }
                 if off >= fileEnd {
                     rc.result.messages.append("ERROR refcount block \(i) is outside image")
                     rc.result.corruptions += 1
+                    brokenRefblock = true
                     continue
                 }
                 addRef(&rc, off, cs, "refcount block")
@@ -201,7 +214,7 @@ extension Qcow2Node {
         }
         // As QEMU's qcow2_check_refcounts: with a repair that is not a rebuild, the comparison
         // runs again fixing in place, "Repairing" what the mode fixes.
-        let rebuild = repair == .all && mismatches.contains { $0.stored == 0 }
+        let rebuild = repair == .all && (brokenRefblock || mismatches.contains { $0.stored == 0 })
         if repair != nil && !rebuild {
             for (c, stored, computed) in mismatches {
                 let fixing = stored != 0 && (stored > computed ? repair != nil : repair == .all)
@@ -209,15 +222,28 @@ extension Qcow2Node {
                 rc.result.messages.append("\(label) cluster \(c) refcount=\(stored) reference=\(computed)")
             }
         }
-        // COPIED flags of the active tables, after the comparison as in QEMU ("Repairing"
-        // where -r all will fix them).
+        rc.rebuild = rebuild
+        // COPIED flags: a plain check looks at them now; a repair after it has fixed the
+        // refcounts (``applyRepair(_:_:)``), as QEMU's check_oflag_copied.
+        if repair == nil && checkCopied { try await checkCopiedFlags(&rc, repairing: false) }
+        rc.result.imageEndOffset = (highest + 1) * cs
+        return rc
+    }
+
+    /// Compares the COPIED flags of the active L1 and L2 entries with the stored refcounts
+    /// (QEMU's check_oflag_copied): each mismatch is a corruption, reported "ERROR", or
+    /// "Repairing" when `repairing` (the caller then fixes ``ReferenceCount/copiedErrors``).
+    /// Lock held.
+    private func checkCopiedFlags(_ rc: inout ReferenceCount, repairing: Bool) async throws {
+        let cs = Int64(clusterSize)
+        let fileEnd = hostFile.length
         for (i, e) in l1Table.enumerated() {
             let l2 = Int64(e & Qcow2Node.l1OffsetMask)
             if l2 == 0 || l2 & (cs - 1) != 0 || l2 >= fileEnd { continue }
             // As QEMU's check_oflag_copied: a refcount that cannot be read is skipped silently.
             guard let stored = try? await refcount(of: l2 / cs) else { continue }
             if (stored == 1) != (e & Qcow2Node.copied != 0) {
-                rc.result.messages.append("\(repair == .all ? "Repairing" : "ERROR") OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(stored)")
+                rc.result.messages.append("\(repairing ? "Repairing" : "ERROR") OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(String(e, radix: 16)) refcount=\(stored)")
                 rc.result.corruptions += 1
                 rc.copiedErrors.append((i, -1))
             }
@@ -229,14 +255,12 @@ extension Qcow2Node {
                 if off & (cs - 1) != 0 || off >= fileEnd + cs * 1024 { continue }
                 guard let r = try? await refcount(of: off / cs) else { continue }
                 if (r == 1) != (le & Qcow2Node.copied != 0) {
-                    rc.result.messages.append("\(repair == .all ? "Repairing" : "ERROR") OFLAG_COPIED data cluster: l2_entry=\(String(le, radix: 16)) refcount=\(r)")
+                    rc.result.messages.append("\(repairing ? "Repairing" : "ERROR") OFLAG_COPIED data cluster: l2_entry=\(String(le, radix: 16)) refcount=\(r)")
                     rc.result.corruptions += 1
                     rc.copiedErrors.append((i, j))
                 }
             }
         }
-        rc.result.imageEndOffset = (highest + 1) * cs
-        return rc
     }
 
     struct SnapshotTable {
@@ -282,26 +306,39 @@ extension Qcow2Node {
     }
 
     /// Repairs what ``countReferences`` found. Lock held.
+    ///
+    /// As QEMU's qcow2_check_refcounts: a refcount of 0 below its references (`-r all`)
+    /// rebuilds the refcount structure from the counted references ("Rebuilding refcount
+    /// structure"), after which the old structure's clusters are leaked and freed
+    /// ("Repairing cluster …"); otherwise the mismatched counts the mode fixes are set in
+    /// place. The COPIED flags are compared after that, with the new counts, and fixed with
+    /// `-r all`, or with `-r leaks` when nothing else is left wrong.
     private func applyRepair(_ mode: CheckRepair, _ rc: inout ReferenceCount) async throws {
         let before = rc.result
-        if rc.result.corruptions > 0 && mode == .all {
-            // Counts first, then the COPIED flags, which must agree with the new counts.
-            try await rebuildRefcounts()
-            let recounted = try await countReferences(includeRefcountStructure: true)
-            try await fixCopiedFlags(recounted.copiedErrors)
-        } else if rc.result.leaks > 0 {
-            // Leaks only: lower the stored counts in place.
-            let cs = Int64(clusterSize)
-            let fileClusters = (hostFile.length + cs - 1) / cs
-            let limit = max(Int64(rc.refs.count), fileClusters)
-            for c in 0..<limit {
-                let computed = c < Int64(rc.refs.count) ? rc.refs[Int(c)] : 0
-                let stored = try await refcount(of: c)
-                if stored > computed { try await updateRefcount(c, by: -Int64(stored - computed)) }
+        var messages = before.messages
+        if rc.rebuild {
+            messages.append("Rebuilding refcount structure")
+            try await rebuildRefcounts(refs: rc.refs)
+            let recount = try await countReferences(includeRefcountStructure: true, checkCopied: false)
+            var broken = false
+            try await adjustRefcounts(recount.refs, leaks: true, corruptions: false) { c, stored, computed in
+                if stored > computed {
+                    messages.append("Repairing cluster \(c) refcount=\(stored) reference=\(computed)")
+                } else {
+                    messages.append("Leaked cluster \(c) refcount=\(stored) reference=\(computed)")
+                    broken = true
+                }
             }
-            try await refcountCache.flush()
-            try await hostFile.flush()
+            if broken { messages.append("ERROR rebuilt refcount structure is still broken") }
+        } else if before.leaks > 0 || (mode == .all && before.corruptions > 0) {
+            // The "Repairing" lines were added by the count.
+            try await adjustRefcounts(rc.refs, leaks: true, corruptions: mode == .all) { _, _, _ in }
         }
+        let repairingCopied = mode == .all || (before.corruptions == 0 && before.checkErrors == 0)
+        var copied = ReferenceCount()
+        try await checkCopiedFlags(&copied, repairing: repairingCopied)
+        messages += copied.result.messages
+        if repairingCopied && !copied.copiedErrors.isEmpty { try await fixCopiedFlags(copied.copiedErrors) }
         // Clear the corrupt bit once repaired.
         var after = try await countReferences(includeRefcountStructure: true)
         if after.result.corruptions == 0 && isCorrupt {
@@ -309,10 +346,32 @@ extension Qcow2Node {
             try await writeHeader()
             try await hostFile.flush()
         }
-        after.result.corruptionsFixed = max(0, before.corruptions - after.result.corruptions)
+        after.result.corruptionsFixed = max(0, before.corruptions + copied.result.corruptions - after.result.corruptions)
         after.result.leaksFixed = max(0, before.leaks - after.result.leaks)
-        after.result.messages = before.messages
+        after.result.messages = messages
         rc = after
+    }
+
+    /// Sets each stored refcount that differs from `refs` to it: those above (`leaks`) and
+    /// those below but not 0 (`corruptions`); `mismatch` sees every difference first
+    /// (cluster, stored, computed). Lock held.
+    private func adjustRefcounts(_ refs: [UInt64], leaks: Bool, corruptions: Bool,
+                                 _ mismatch: (Int64, UInt64, UInt64) -> Void) async throws {
+        let cs = Int64(clusterSize)
+        let fileClusters = (hostFile.length + cs - 1) / cs
+        let limit = max(Int64(refs.count), fileClusters)
+        for c in 0..<limit {
+            let computed = c < Int64(refs.count) ? refs[Int(c)] : 0
+            guard let stored = try? await refcount(of: c), stored != computed else { continue }
+            mismatch(c, stored, computed)
+            if stored > computed && leaks {
+                try await updateRefcount(c, by: -Int64(stored - computed))
+            } else if stored < computed && stored != 0 && corruptions {
+                try await updateRefcount(c, by: Int64(computed - stored))
+            }
+        }
+        try await refcountCache.flush()
+        try await hostFile.flush()
     }
 
     private func fixCopiedFlags(_ errors: [(Int, Int)]) async throws {
@@ -336,11 +395,11 @@ extension Qcow2Node {
         try await hostFile.flush()
     }
 
-    /// Writes a new refcount table and blocks, computed from the references, after the end
-    /// of the image, and switches the header to them.
-    private func rebuildRefcounts() async throws {
-        let counted = try await countReferences(includeRefcountStructure: false)
-        let built = try await writeRefcountStructure(refs: counted.refs, order: Int(header.refcountOrder))
+    /// Writes a new refcount table and blocks holding `refs` (the references counted with
+    /// the old refcount structure, which is leaked afterwards, as in QEMU) after the end of
+    /// the image, and switches the header to them.
+    private func rebuildRefcounts(refs: [UInt64]) async throws {
+        let built = try await writeRefcountStructure(refs: refs, order: Int(header.refcountOrder))
         let cs = Int64(clusterSize)
         header.refcountTableOffset = UInt64(built.tableStart * cs)
         header.refcountTableClusters = UInt32(built.tableClusters)

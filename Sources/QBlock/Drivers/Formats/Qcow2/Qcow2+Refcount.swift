@@ -392,7 +392,8 @@ extension Qcow2Node {
     /// Drops one reference to each of `count` clusters starting at host offset `offset`,
     /// after the L2 cache (which dropped the references) reaches the disk. A count that
     /// cannot be changed now because the host file refuses writes is changed at the next
-    /// flush (`Qcow2+DeferredFree.swift`): the caller's change stands.
+    /// flush (`Qcow2+DeferredFree.swift`): the caller's change stands. Any failure is
+    /// posted as a ``BlockNotice`` ("qcow2_free_clusters failed: …"), as QEMU prints it.
     /// - Throws: `.corrupt` on underflow.
     func freeClusters(at offset: Int64, count: Int64, discardHost: Bool = false) async throws {
         let first = offset >> Int64(clusterBits)
@@ -405,6 +406,8 @@ extension Qcow2Node {
                 c += 1
             }
         } catch {
+            // QEMU's qcow2_free_clusters reports every failure on stderr (its callers go on).
+            BlockNotices.post(.warning, "qcow2_free_clusters failed: \(BlockError.strerror(error.asBlockError.errnoValue))")
             guard isRetryable(error) else { throw error }
             pendingFrees.append(PendingFree(cluster: c, count: first + count - c, discardHost: discardHost))
         }

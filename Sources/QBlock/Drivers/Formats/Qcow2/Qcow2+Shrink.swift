@@ -57,13 +57,26 @@ extension Qcow2Node {
 
     /// Makes every guest cluster unallocated, so that the backing file shows through
     /// everywhere (what `qemu-img commit` leaves in the committed image).
-    /// - Throws: ``BlockError`` `.readOnly` on a read-only node, I/O errors.
+    ///
+    /// As QEMU's `qcow2_make_empty`: a version 3 image without snapshots or persistent
+    /// bitmaps whose L1 table fits with the header, refcount table and one refcount block
+    /// in the clusters one refcount block covers is reset to those clusters
+    /// (``makeCompletelyEmptyLocked()``); any other image has each cluster dropped.
+    /// - Throws: ``BlockError`` `.readOnly` on a read-only node, I/O errors. A reset that
+    ///   fails after it began leaves the node read-only and the image marked dirty, to be
+    ///   repaired by the next read-write open.
     public func makeEmpty() async throws {
         try gate.enter(filename, "make empty")
         defer { gate.leave() }
         try checkWritable("make empty")
+        let cs = Int64(clusterSize)
+        let l1Clusters = (Int64(l1Table.count) * 8 + cs - 1) / cs
+        if header.version >= 3 && header.nbSnapshots == 0 && bitmapDirectory.isEmpty
+            && header.bitmapsExtensionData() == nil && 3 + l1Clusters <= Int64(refcountBlockEntries) {
+            try await metaLock.withLock { try await makeCompletelyEmptyLocked() }
+            return
+        }
         try await metaLock.withLock {
-            let cs = Int64(clusterSize)
             await hostFile.debugEvent(.emptyImagePrepare)
             try await dropClustersLocked(from: 0, to: (Int64(header.size) + cs - 1) / cs)
             try await l2Cache.flush()
@@ -72,6 +85,79 @@ extension Qcow2Node {
             try await truncateUnusedTail()
         }
         try await flushAdmitted()
+    }
+
+    /// QEMU's `make_completely_empty`: with the image marked dirty, zeroes the L1 table and
+    /// the clusters after the header, points the header at a one-cluster refcount table
+    /// (cluster 1), one refcount block (cluster 2) and an empty L1 table (cluster 3), counts
+    /// those clusters, marks the image clean and cuts the file after them. The blkdebug
+    /// events are QEMU's (`l1_update`, `empty_image_prepare`, `reftable_update`,
+    /// `refblock_alloc`). Lock held.
+    private func makeCompletelyEmptyLocked() async throws {
+        let cs = Int64(clusterSize)
+        let l1Bytes = Int64(l1Table.count) * 8
+        let l1Clusters = (l1Bytes + cs - 1) / cs
+        try await l2Cache.flush()
+        try await refcountCache.flush()
+        l2Cache.invalidateAll()
+        refcountCache.invalidateAll()
+        decompressLock.withLock { decompressedCache = nil }
+        // Refcounts will not describe the image until the end: the dirty bit says so on disk,
+        // and it is not this session's to clear at close if a step fails.
+        if !isDirty {
+            header.incompatibleFeatures |= Qcow2Header.Incompatible.dirty
+            do {
+                try await writeHeader()
+                try await hostFile.flush()
+            } catch {
+                header.incompatibleFeatures &= ~Qcow2Header.Incompatible.dirty
+                throw error
+            }
+        }
+        dirtyMarkedHere = false
+        do {
+            await hostFile.debugEvent(.l1Update)
+            try await hostFile.writeZeroes(at: Int64(header.l1TableOffset), length: l1Clusters * cs, flags: [])
+            l1Table = [UInt64](repeating: 0, count: l1Table.count)
+            await hostFile.debugEvent(.emptyImagePrepare)
+            try await hostFile.writeZeroes(at: cs, length: (2 + l1Clusters) * cs, flags: [])
+            await hostFile.debugEvent(.l1Update)
+            await hostFile.debugEvent(.reftableUpdate)
+            var fields: [UInt8] = []
+            fields.appendBE64(UInt64(3 * cs))
+            fields.appendBE64(UInt64(cs))
+            fields.appendBE32(1)
+            try await hostFile.write(at: 40, bytes: fields)
+            try await hostFile.flush()
+            header.l1TableOffset = UInt64(3 * cs)
+            header.refcountTableOffset = UInt64(cs)
+            header.refcountTableClusters = 1
+            refcountTable = [UInt64](repeating: 0, count: Int(cs / 8))
+            pendingFrees = []
+            await hostFile.debugEvent(.refblockAlloc)
+            var entry: [UInt8] = []
+            entry.appendBE64(UInt64(2 * cs))
+            try await hostFile.write(at: cs, bytes: entry)
+            try await hostFile.flush()
+            refcountTable[0] = UInt64(2 * cs)
+            freeClusterIndex = 0
+            freeByteOffset = 0
+            endCluster = 0
+            let first = try await allocateClusters(3 + l1Clusters)
+            guard first == 0 else {
+                throw BlockError(.internalError, "First cluster in emptied image is in use", path: filename, operation: "make empty")
+            }
+            try await refcountCache.flush()
+            try await hostFile.flush()
+        } catch {
+            // The image's structures are half rewritten: this node must not write again;
+            // the dirty bit makes the next read-write open rebuild the refcounts.
+            formatReadOnly.set(true)
+            throw error
+        }
+        try await clearDirtyBitLocked()
+        try await hostFile.truncate(to: (3 + l1Clusters) * cs, preallocation: .off)
+        endCluster = 3 + l1Clusters
     }
 
     /// Makes guest clusters [first, end) unallocated and frees what they used. Lock held.

@@ -162,7 +162,13 @@ extension Qcow2Node {
                 throw e2
             }
             // Unreferenced now: a failure from here on leaks clusters, nothing worse.
-            _ = try await updateTreeRefcounts(snL1, by: -1)
+            do {
+                _ = try await updateTreeRefcounts(snL1, by: -1)
+            } catch let e as BlockError {
+                var e2 = e
+                e2.message = "Failed to free the cluster and L1 table: " + e.message
+                throw e2
+            }
             let cs = Int64(clusterSize)
             let l1Bytes = Int64(sn.l1Size) * 8
             if l1Bytes > 0 {

@@ -47,6 +47,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     public var isReadOnly: Bool { formatReadOnly.value || hostFile.isReadOnly }
     /// Set by ``reopenReadOnly()``, cleared by ``reopenReadWrite()``.
     let formatReadOnly = LockedFlag()
+    /// Set once a corruption was reported (QEMU's `signaled_corruption`): later non-fatal
+    /// reports are not repeated.
+    let signaledCorruption = LockedFlag()
     /// Opened with a write-through cache mode (`writethrough`, `directsync`): every write is
     /// made durable with its metadata before it completes, as QEMU does for a backend without
     /// a write cache (each write carries FUA, which this driver serves with a flush).
@@ -231,7 +234,7 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
     /// On a read-write open: clear autoclear feature bits this implementation does not
     /// maintain (bit 0, bitmaps, is kept; a bitmaps extension without it is stale, written
     /// by a program without bitmap support, and is dropped as QEMU does), repair after an
-    /// unclean shutdown (dirty bit), and mark the persistent bitmaps in use.
+    /// unclean shutdown (dirty bit; the check's lines are posted as ``BlockNotice``s), and mark the persistent bitmaps in use.
     func prepareForWriting(options: OpenOptions) async throws {
         let kept = header.autoclearFeatures & Qcow2Header.autoclearBitmaps
         let stale = kept == 0 && header.bitmapsExtensionData() != nil
@@ -241,7 +244,9 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
             try await writeHeader()
         }
         if isDirty && !options.forRepair {
-            _ = try await check(repair: .all)
+            // QEMU's qcow2_do_open prints its check's lines on stderr as they come.
+            let result = try await check(repair: .all)
+            for line in result.messages { BlockNotices.post(.repair, line) }
             header.incompatibleFeatures &= ~Qcow2Header.Incompatible.dirty
             try await writeHeader()
             try await hostFile.flush()
@@ -312,14 +317,31 @@ public final class Qcow2Node: BlockDriver, @unchecked Sendable {
         if let e = firstError { throw e }
     }
 
+    /// The error a request that found corrupt metadata fails with: the reason as its message,
+    /// and `EIO` as its errno, which the tools print as QEMU's do ("Input/output error"; the
+    /// reason reaches them as a notice).
     func corruptError(_ message: String, offset: Int64? = nil) -> BlockError {
-        BlockError(.corrupt, "qcow2: Marking image as corrupt: \(message); further corruption events will be suppressed",
-                   path: filename, offset: offset)
+        BlockError(.corrupt, message, errno: EIO, path: filename, offset: offset)
     }
 
-    /// Marks the image corrupt on disk (QEMU's `qcow2_signal_corruption`) and returns the error.
+    /// Reports corrupt metadata as QEMU's `qcow2_signal_corruption`: on a writable node the
+    /// corruption is fatal, the image is marked corrupt on disk (version 3) and a
+    /// ``BlockNotice`` "qcow2: Marking image as corrupt: …" is posted; on a read-only node it
+    /// is not, and the notice is "qcow2: Image is corrupt: …". After the first notice, later
+    /// ones are suppressed, except a fatal one on an image not yet marked corrupt.
+    /// - Returns: the error the request fails with (``corruptError(_:offset:)``).
     func signalCorruption(_ message: String, offset: Int64? = nil) async -> BlockError {
-        if !isReadOnly && header.version >= 3 && !isCorrupt {
+        let fatal = !isReadOnly
+        let markedCorrupt = isCorrupt
+        if !signaledCorruption.value || (fatal && !markedCorrupt) {
+            if fatal {
+                BlockNotices.post(.corruption, "qcow2: Marking image as corrupt: \(message); further corruption events will be suppressed")
+            } else {
+                BlockNotices.post(.corruption, "qcow2: Image is corrupt: \(message); further non-fatal corruption events will be suppressed")
+            }
+            signaledCorruption.set(true)
+        }
+        if fatal && header.version >= 3 && !markedCorrupt {
             header.incompatibleFeatures |= Qcow2Header.Incompatible.corrupt
             try? await writeHeader()
             try? await hostFile.flush()

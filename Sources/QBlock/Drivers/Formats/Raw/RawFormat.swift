@@ -23,11 +23,12 @@ public enum RawFormat: FormatDriver {
     /// ``readBlockdevOptions(_:into:)`` (the whole file by default). Raw images have no backing
     /// file, so `openBacking` is never called. Opened read-only (`options.readOnly`), the node
     /// refuses writes even when its file is writable (a read-only node over a shared file).
+    /// A format found by probing (``OpenOptions/formatProbe``) makes a probed node.
     public static func open(file: any BlockDriver, options: OpenOptions,
                             openBacking: (_ name: String, _ format: String?) async throws -> any BlockDriver) async throws -> any BlockDriver {
         let window = options.formatOptions as? Window ?? Window(offset: 0, size: nil)
         try RawNode.checkWindow(offset: window.offset, size: window.size, fileLength: (file.length + 511) / 512 * 512)
-        let node = RawNode(file: file, offset: window.offset, size: window.size)
+        let node = RawNode(file: file, offset: window.offset, size: window.size, probe: options.formatProbe)
         if options.readOnly { node.setReadOnly(true) }
         return node
     }

@@ -30,8 +30,13 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     /// Makes the node refuse writes (true) or pass them to its file again (false), whatever
     /// the file's own mode (QEMU's reopen of a raw node; raw keeps no metadata to flush).
     public func setReadOnly(_ readOnly: Bool) { formatReadOnly.set(readOnly) }
-    /// The child's alignment: raw adds no alignment of its own.
-    public var requestAlignment: Int { child.requestAlignment }
+    /// The child's alignment; at least 512 for a probed node (QEMU's `raw_refresh_limits`:
+    /// a guest of a probed raw image works in whole sectors).
+    public var requestAlignment: Int { probe == nil ? child.requestAlignment : max(512, child.requestAlignment) }
+    /// Whether the format was found by probing (``OpenOptions/formatProbe``), as QEMU's
+    /// `bs->probed`: writes that would make the first sector probe as another format fail.
+    public var isProbed: Bool { probe != nil }
+    private let probe: (@Sendable ([UInt8]) -> String?)?
     /// Where the window starts in the child.
     public var offset: Int64 { windowLock.withLock { window.offset } }
     private var fixedSize: Int64? { windowLock.withLock { window.size } }
@@ -40,9 +45,16 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
 
     /// Creates a raw view of `file`, starting at byte `offset` and `size` bytes long
     /// (`nil`: up to the end of the file, following its growth). Takes ownership of `file`.
-    public init(file: any BlockDriver, offset: Int64 = 0, size: Int64? = nil) {
+    public convenience init(file: any BlockDriver, offset: Int64 = 0, size: Int64? = nil) {
+        self.init(file: file, offset: offset, size: size, probe: nil)
+    }
+
+    /// ``init(file:offset:size:)``; with `probe` (the format was found by probing, see
+    /// ``OpenOptions/formatProbe``), the node is a probed one (``isProbed``).
+    public init(file: any BlockDriver, offset: Int64, size: Int64?, probe: (@Sendable ([UInt8]) -> String?)?) {
         self.child = file
         self.window = (offset, size)
+        self.probe = probe
     }
 
     /// Moves the window (qemu-io's `reopen -o offset=…,size=…`, QEMU's raw reopen); call
@@ -69,6 +81,20 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
         }
     }
 
+    /// For a probed node, refuses a write at `offset` that would make the first sector probe
+    /// as a format other than raw (QEMU's `raw_check_write`: `EPERM`).
+    private func checkProbedWrite(at offset: Int64, _ buffer: UnsafeRawBufferPointer) async throws {
+        guard let probe, offset < 512, !buffer.isEmpty else { return }
+        var sector = try await child.read(at: self.offset, count: 512)
+        if sector.count < 512 { sector += [UInt8](repeating: 0, count: 512 - sector.count) }
+        let n = min(buffer.count, 512 - Int(offset))
+        for i in 0..<n { sector[Int(offset) + i] = buffer[i] }
+        if let format = probe(sector), format != "raw" {
+            throw BlockError(.permissionDenied, BlockError.strerror(EPERM), errno: EPERM, path: filename,
+                             offset: offset, operation: "write")
+        }
+    }
+
     /// The window's size in bytes: the fixed `size`, or the child's length rounded up to
     /// whole 512-byte sectors, minus `offset`. QEMU's block layer sizes nodes in sectors, so a
     /// 320-byte file is a 512-byte disk whose tail reads as zeros (iotests 101); the file
@@ -86,12 +112,15 @@ public final class RawNode: BlockDriver, @unchecked Sendable {
     }
 
     /// Writes `buffer` at guest `offset` (bytes) through to the child.
-    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly` on a read-only node, or the child's error.
+    /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly` on a read-only node,
+    ///   `.permissionDenied` (`EPERM`) for a write that would change a probed node's format,
+    ///   or the child's error.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
         try await gate.run(filename, "write") {
             if formatReadOnly.value {
                 throw BlockError(.readOnly, "Permission denied: node is read-only", errno: EPERM, path: filename, operation: "write")
             }
+            try await checkProbedWrite(at: offset, buffer)
             try await child.write(at: self.offset + offset, from: buffer, flags: flags)
         }
     }
