@@ -248,11 +248,12 @@ extension Qcow2Node {
     func readSnapshotL1(_ sn: Qcow2Snapshot) async throws -> [UInt64] {
         let n = Int(sn.l1Size)
         if n == 0 { return [] }
-        let off = Int64(sn.l1TableOffset)
+        // (Untrusted: an offset past Int64.max is as invalid as one past the end of the file.)
+        let off = Int64(exactly: sn.l1TableOffset) ?? -1
         if n > (32 << 20) / 8 {
             throw BlockError(.corrupt, "Snapshot L1 table too large", path: filename, offset: off, operation: "snapshot load")
         }
-        if off & Int64(clusterSize - 1) != 0 || off <= 0 || off + Int64(n) * 8 > hostFile.length {
+        if off & Int64(clusterSize - 1) != 0 || off <= 0 || off > hostFile.length - Int64(n) * 8 {
             throw BlockError(.corrupt, "Snapshot L1 table offset invalid", path: filename, offset: off, operation: "snapshot load")
         }
         let raw = try await hostFile.read(at: off, count: n * 8)
