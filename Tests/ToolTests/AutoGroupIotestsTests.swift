@@ -5,7 +5,7 @@ import TestSupport
 
 /// qemu-iotests of the `auto` group (not in `quick`) made to pass, each compared with QEMU's
 /// tools on the same input: 080 (damaged qcow2 headers), 061 (resize and downgrade with
-/// internal snapshots), 049 (create options).
+/// internal snapshots), 049 (create options), 126 (colons in file names, the `file:` prefix).
 @Suite struct AutoGroupIotestsTests {
     static func be64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (56 - 8 * UInt64($0))) } }
     static func be32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> (24 - 8 * UInt32($0))) } }
@@ -167,5 +167,30 @@ import TestSupport
         let on = try run("img", ["create", "-f", "qcow2", "-o", "encryption=on", "enc.qcow2", "64M"], cwd: dir.path)
         #expect(on.status == 1 && on.stderr.contains("qcow2 encryption is not supported"), "\(on)")
         #expect(!FileManager.default.fileExists(atPath: dir.file("enc.qcow2")))
+    }
+
+    /// iotest 126: a colon after a slash is part of the path; `file:` names the host file
+    /// explicitly, and a rest with a colon before any slash is shown as "./REST", its
+    /// relative backing file resolved next to it.
+    @Test(qemuTrait) func fileProtocolPrefixAsQemu() throws {
+        for tool in ["img", "qemu-img"] {
+            let dir = TempDir()
+            let a = try run(tool, ["create", "-f", "qcow2", "file:\(dir.path)/a:b.qcow2", "64M"])
+            #expect(a.status == 0 && FileManager.default.fileExists(atPath: dir.file("a:b.qcow2")), "\(tool): \(a)")
+            #expect(a.stdout.hasPrefix("Formatting 'file:\(dir.path)/a:b.qcow2', fmt=qcow2"), "\(tool): \(a)")
+            try mustRun(tool, "create", "-q", "-f", "qcow2", "base.qcow2", "64M", cwd: dir.path)
+            try mustRun(tool, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "file:image:top.qcow2",
+                        cwd: dir.path)
+            #expect(FileManager.default.fileExists(atPath: dir.file("image:top.qcow2")), "\(tool)")
+            let info = try run(tool, ["info", "file:image:top.qcow2"], cwd: dir.path)
+            #expect(info.status == 0, "\(tool): \(info)")
+            let lines = info.stdout.split(separator: "\n")
+            #expect(lines.first == "image: ./image:top.qcow2", "\(tool): \(info.stdout)")
+            #expect(lines.contains("backing file: base.qcow2 (actual path: ./base.qcow2)"), "\(tool): \(info.stdout)")
+        }
+        #expect(ProtocolRegistry.strippingFilePrefix("file:/x/a:b") == "/x/a:b")
+        #expect(ProtocolRegistry.strippingFilePrefix("file:a:b") == "./a:b")
+        #expect(ProtocolRegistry.strippingFilePrefix("file:ab") == "ab")
+        #expect(ProtocolRegistry.strippingFilePrefix("nbd:localhost:10809") == "nbd:localhost:10809")
     }
 }

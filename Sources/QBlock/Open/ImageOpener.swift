@@ -172,9 +172,11 @@ public enum ImageOpener {
         return String(cString: p)
     }
 
-    private static func open(_ filename: String, options: OpenOptions, seen: inout Set<String>,
+    private static func open(_ name: String, options: OpenOptions, seen: inout Set<String>,
                              isBacking: Bool) async throws -> any BlockDriver {
-        if isJSONFilename(filename) { return try await openJSON(filename, options: options) }
+        if isJSONFilename(name) { return try await openJSON(name, options: options) }
+        // (`file:NAME` is the host file NAME: the node and its messages carry NAME, as QEMU's.)
+        let filename = ProtocolRegistry.strippingFilePrefix(name)
         let key = canonical(filename)
         if seen.contains(key) {
             throw BlockError(.invalidArgument, "Backing file '\(filename)' creates a loop in the backing chain (it is used twice)",
