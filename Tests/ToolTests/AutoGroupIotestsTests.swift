@@ -193,4 +193,30 @@ import TestSupport
         #expect(ProtocolRegistry.strippingFilePrefix("file:ab") == "ab")
         #expect(ProtocolRegistry.strippingFilePrefix("nbd:localhost:10809") == "nbd:localhost:10809")
     }
+
+    /// iotest 080, "Invalid snapshot L1 table offset/size": convert -l, amend, snapshot -a,
+    /// snapshot -d and check name the bad table as qemu-img does (the table's fault on a line
+    /// of its own before the failed operation's errno, and check's "snapshot table entry
+    /// corrupted" line).
+    @Test(qemuTrait, arguments: [(0x70000, [UInt8](be64(0x400200))), (0x70008, [UInt8](be32(0x1000_0000)))])
+    func corruptSnapshotL1AsQemu(offset: Int, bytes: [UInt8]) throws {
+        let dir = TempDir()
+        for name in ["ours.qcow2", "theirs.qcow2"] {
+            try mustRun("qemu-img", "create", "-q", "-f", "qcow2", dir.file(name), "64M")
+            try mustRun("qemu-io", "-c", "write -q 0 512", dir.file(name))
+            try mustRun("qemu-img", "snapshot", "-c", "test", dir.file(name))
+            try writeFile(dir.file(name), at: Int64(offset), bytes)
+        }
+        let steps: [[String]] = [
+            ["convert", "-l", "test", "{}", "{}.snap"], ["amend", "-o", "compat=0.10", "{}"],
+            ["snapshot", "-a", "test", "{}"], ["snapshot", "-d", "test", "{}"], ["check", "{}"],
+        ]
+        for step in steps {
+            let ours = try run("img", step.map { $0.replacingOccurrences(of: "{}", with: "ours.qcow2") }, cwd: dir.path)
+            let theirs = try run("qemu-img", step.map { $0.replacingOccurrences(of: "{}", with: "theirs.qcow2") }, cwd: dir.path)
+            let cmd = step.joined(separator: " ")
+            #expect(ours.stderr.replacingOccurrences(of: "ours", with: "theirs") == asImg(theirs.stderr), "stderr of \(cmd)")
+            #expect(ours.status == theirs.status, "status of \(cmd)")
+        }
+    }
 }

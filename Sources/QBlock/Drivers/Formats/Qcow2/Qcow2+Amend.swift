@@ -220,7 +220,13 @@ extension Qcow2Node {
         // (Each snapshot's L1 table checked first, as QEMU's qcow2_expand_zero_clusters: an
         // entry with a bad offset or size fails the downgrade before anything is read.)
         for sn in snapshotList where sn.l1Size > 0 {
-            l1s.append(try await readSnapshotL1(sn))
+            do {
+                l1s.append(try await readSnapshotL1(sn))
+            } catch let e as BlockError where e.operation == Qcow2Node.validateSnapshotL1Operation {
+                let err = e.errno ?? EINVAL
+                throw BlockError(e.code, "Failed to turn zero into data clusters: \(BlockError.strerror(err))", errno: err,
+                                 path: filename, operation: "amend", underlying: e)
+            }
         }
         var visited = Set<Int64>()
         // References dropped: applied once the L2 tables no longer point there are on disk.

@@ -140,8 +140,19 @@ extension Qcow2Node {
         if header.nbSnapshots > 0 {
             let snaps = try await readSnapshotTable()
             addRef(&rc, Int64(header.snapshotsOffset), Int64(snaps.tableBytes), "snapshot table")
-            for s in snaps.l1s {
-                if s.offset & (cs - 1) != 0 || s.offset >= fileEnd || s.size > (32 << 20) / 8 {
+            for (sn, s) in zip(snapshotList, snaps.l1s) {
+                // QEMU's words for an entry whose L1 table is misplaced or too large.
+                if sn.l1TableOffset % UInt64(cs) != 0 {
+                    rc.result.messages.append("ERROR snapshot \(sn.id) (\(sn.name)) l1_offset=0x\(String(sn.l1TableOffset, radix: 16)): L1 table is not cluster aligned; snapshot table entry corrupted")
+                    rc.result.corruptions += 1
+                    continue
+                }
+                if sn.l1Size > (32 << 20) / 8 {
+                    rc.result.messages.append("ERROR snapshot \(sn.id) (\(sn.name)) l1_size=0x\(String(sn.l1Size, radix: 16)): L1 table is too large; snapshot table entry corrupted")
+                    rc.result.corruptions += 1
+                    continue
+                }
+                if s.offset < 0 || s.offset >= fileEnd {
                     rc.result.messages.append("ERROR snapshot L1 table offset \(s.offset) is invalid")
                     rc.result.corruptions += 1
                     continue
