@@ -33,11 +33,11 @@ import TestSupport
         Damage(name: "version 4", patch: { b, _ in b.replaceSubrange(4..<8, with: be32(4)) }, expect: "Unsupported qcow2 version 4"),
         Damage(name: "cluster bits 30", patch: { b, _ in b.replaceSubrange(20..<24, with: be32(30)) }, expect: "Unsupported cluster size: 2^30"),
         Damage(name: "cluster bits 0", patch: { b, _ in b.replaceSubrange(20..<24, with: be32(0)) }, expect: "Unsupported cluster size"),
-        Damage(name: "unaligned L1", patch: { b, _ in b.replaceSubrange(40..<48, with: be64(0x30001)) }, expect: "Invalid L1 table offset"),
+        Damage(name: "unaligned L1", patch: { b, _ in b.replaceSubrange(40..<48, with: be64(0x30001)) }, expect: "Active L1 table offset invalid"),
         Damage(name: "L1 past end", patch: { b, _ in b.replaceSubrange(40..<48, with: be64(1 << 40)) }, expect: "points past the end"),
         Damage(name: "huge L1", patch: { b, _ in b.replaceSubrange(36..<40, with: be32(0xffff_ffff)) }, expect: "Active L1 table too large"),
         Damage(name: "L1 too small", patch: { b, _ in b.replaceSubrange(24..<32, with: be64(1 << 50)) }, expect: "L1 table is too small"),
-        Damage(name: "unaligned refcount table", patch: { b, _ in b.replaceSubrange(48..<56, with: be64(0x10010)) }, expect: "Invalid reference count table offset"),
+        Damage(name: "unaligned refcount table", patch: { b, _ in b.replaceSubrange(48..<56, with: be64(0x10010)) }, expect: "Reference count table offset invalid"),
         Damage(name: "refcount table past end", patch: { b, _ in b.replaceSubrange(48..<56, with: be64(1 << 40)) }, expect: "points past the end"),
         Damage(name: "huge refcount table", patch: { b, _ in b.replaceSubrange(56..<60, with: be32(1 << 20)) }, expect: "Reference count table too large"),
         Damage(name: "unknown incompatible feature", patch: { b, _ in b.replaceSubrange(72..<80, with: be64(1 << 10)) }, expect: "Unsupported qcow2 feature(s)"),
@@ -52,9 +52,42 @@ import TestSupport
         Damage(name: "snapshot table offset past Int64.max", patch: { b, _ in
             b.replaceSubrange(60..<64, with: be32(1)); b.replaceSubrange(64..<72, with: be64(0xffff_ffff_ffff_0000)) },
                expect: "Snapshot table offset invalid"),
-        Damage(name: "snapshot table offset past end", patch: { b, _ in
-            b.replaceSubrange(60..<64, with: be32(1)); b.replaceSubrange(64..<72, with: be64(1 << 40)) },
-               expect: "Snapshot table offset invalid"),
+        // iotests 080, in QEMU's order and words (qcow2_do_open, qcow2_validate_table).
+        Damage(name: "header length 2^32-1", patch: { b, _ in b.replaceSubrange(100..<104, with: be32(0xffff_ffff)) },
+               expect: "qcow2 header exceeds cluster size"),
+        Damage(name: "backing offset past the cluster", patch: { b, _ in b.replaceSubrange(8..<16, with: be64(UInt64.max)) },
+               expect: "Invalid backing file offset"),
+        Damage(name: "extension header cut by the backing name", patch: { b, _ in
+            b.replaceSubrange(8..<16, with: be64(116)); b.replaceSubrange(112..<116, with: be32(0x1234_5678))
+            b.replaceSubrange(116..<120, with: be32(0x7fff_ffff)) }, expect: "Header extension too large"),
+        Damage(name: "huge unknown extension", patch: { b, _ in
+            b.replaceSubrange(112..<116, with: be32(0x1234_5678)); b.replaceSubrange(116..<120, with: be32(0x7fff_ffff)) },
+               expect: "Header extension too large"),
+        Damage(name: "no refcount table", patch: { b, _ in b.replaceSubrange(56..<60, with: be32(0)) },
+               expect: "Image does not contain a reference count table"),
+        Damage(name: "refcount table offset past Int64.max", patch: { b, _ in
+            b.replaceSubrange(48..<56, with: be64(0xffff_ffff_ffff_0000)); b.replaceSubrange(56..<60, with: be32(0x7f)) },
+               expect: "Reference count table offset invalid"),
+        Damage(name: "2^32-1 snapshots", patch: { b, _ in b.replaceSubrange(60..<64, with: be32(0xffff_ffff)) },
+               expect: "Snapshot table too large"),
+        Damage(name: "misaligned snapshot table, no snapshots", patch: { b, _ in
+            b.replaceSubrange(64..<72, with: be64(0x1234_5678_90ab_cdef)) }, expect: "Snapshot table offset invalid"),
+        Damage(name: "L1 table offset past Int64.max", patch: { b, _ in
+            b.replaceSubrange(40..<48, with: be64(0x7fff_ffff_ffff_0000)); b.replaceSubrange(36..<40, with: be32(0xffff)) },
+               expect: "Active L1 table offset invalid"),
+        Damage(name: "virtual size 2^64-1", patch: { b, _ in b.replaceSubrange(24..<32, with: be64(UInt64.max)) },
+               expect: "Image is too big"),
+        Damage(name: "huge backing file name", patch: { b, _ in
+            b.replaceSubrange(8..<16, with: be64(0x1000)); b.replaceSubrange(16..<20, with: be32(0xffff_ffff)) },
+               expect: "Backing file name too long"),
+        Damage(name: "unknown compression type", patch: { b, _ in b[104] = 7 }, expect: "qcow2: unknown compression type: 7"),
+        Damage(name: "compression type bit without a type", patch: { b, _ in b[79] |= 0x08 },
+               expect: "Compression type incompatible feature bit must not be set"),
+        Damage(name: "snapshot with too much extra data", patch: { b, _ in
+            // One snapshot entry at cluster 5 (past the data): extra_data_size 2000.
+            b.replaceSubrange(60..<64, with: be32(1)); b.replaceSubrange(64..<72, with: be64(0x50000))
+            if b.count < 0x50000 + 64 { b.append(contentsOf: [UInt8](repeating: 0, count: 0x50000 + 64 - b.count)) }
+            b.replaceSubrange(0x50024..<0x50028, with: be32(2000)) }, expect: "Too much extra metadata in snapshot table entry 0"),
         Damage(name: "unaligned L2 table", patch: { b, _ in b.replaceSubrange(0x30000..<0x30008, with: be64((1 << 63) | 0x40200)) }, expect: "unaligned"),
     ]
 
@@ -94,6 +127,49 @@ import TestSupport
         #expect(message.contains(damage.expect), "\(damage.name): got '\(message)'")
         let after = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
         #expect(after == bytes, "\(damage.name): a read-only open changed the file")
+    }
+
+    /// A snapshot table that lies past the end of the file reads as zeroes, as QEMU's reads
+    /// past the end do (iotests 080 puts 65536 entries there): the image opens and reads.
+    @Test func snapshotTablePastEndReadsAsZeroes() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var (bytes, _) = try await Self.validImage(dir)
+        bytes.replaceSubrange(60..<64, with: Self.be32(0x1_0000))
+        bytes.replaceSubrange(64..<72, with: Self.be64(1 << 24))
+        let path = dir + "/far.qcow2"
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
+        let node = try await ImageOpener.open(path, options: OpenOptions(format: "qcow2", readOnly: true))
+        #expect(try await node.read(at: 0, count: 4) == [0x5a, 0x5a, 0x5a, 0x5a])
+        #expect((node as? Qcow2Node)?.snapshots().count == 0x1_0000)
+        try await node.close()
+        #expect(try [UInt8](Data(contentsOf: URL(fileURLWithPath: path))) == bytes)
+    }
+
+    /// A snapshot whose L1 table offset is past Int64.max is refused where it is used
+    /// (apply, check), never a trap.
+    @Test func snapshotL1OffsetPastInt64Max() async throws {
+        let dir = try tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/snap.qcow2"
+        try await Qcow2Node.create(path: path, size: 1 << 20, options: Qcow2CreateOptions())
+        let n = try #require(try await ImageOpener.open(path) as? Qcow2Node)
+        try await n.createSnapshot(name: "test")
+        try await n.close()
+        var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        let table = Int(bytes.be64(64))
+        bytes.replaceSubrange(table..<(table + 8), with: Self.be64(0xffff_ffff_ffff_0000))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
+        let m = try #require(try await ImageOpener.open(path) as? Qcow2Node)
+        do {
+            try await m.applySnapshot(idOrName: "test")
+            Issue.record("a snapshot with an invalid L1 offset was applied")
+        } catch let e as BlockError {
+            #expect(e.message.contains("Snapshot L1 table offset invalid"), "\(e.message)")
+        }
+        let result = try await m.check(repair: nil)
+        #expect(result.corruptions > 0)
+        try? await m.close()
     }
 
     @Test func wrongMagicWithExplicitFormat() async throws {

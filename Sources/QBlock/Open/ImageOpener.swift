@@ -172,9 +172,11 @@ public enum ImageOpener {
         return String(cString: p)
     }
 
-    private static func open(_ filename: String, options: OpenOptions, seen: inout Set<String>,
+    private static func open(_ name: String, options: OpenOptions, seen: inout Set<String>,
                              isBacking: Bool) async throws -> any BlockDriver {
-        if isJSONFilename(filename) { return try await openJSON(filename, options: options) }
+        if isJSONFilename(name) { return try await openJSON(name, options: options) }
+        // (`file:NAME` is the host file NAME: the node and its messages carry NAME, as QEMU's.)
+        let filename = ProtocolRegistry.strippingFilePrefix(name)
         let key = canonical(filename)
         if seen.contains(key) {
             throw BlockError(.invalidArgument, "Backing file '\(filename)' creates a loop in the backing chain (it is used twice)",
@@ -243,9 +245,24 @@ public enum ImageOpener {
         } catch let e as BlockError {
             try? await file.close()
             if e.message.hasPrefix("Could not open") { throw e }
+            // (The driver's own error stays reachable: qemu-io and qemu-nbd print it without
+            // qemu-img's "Could not open" prefix; see ``formatDriverError(_:filename:)``.)
             throw BlockError(e.code, "Could not open '\(filename)': \(e.message)", errno: e.errno, path: filename,
-                             offset: e.offset, operation: e.operation ?? "open", underlying: e.underlying)
+                             offset: e.offset, operation: e.operation ?? "open", underlying: e)
         }
+    }
+
+    /// The image format driver's own error inside an open failure of ``open(_:options:)``
+    /// for `filename` ("qcow2 header exceeds cluster size"), or nil when the failure did not
+    /// come from the format driver (the file could not be opened, a backing file failed…).
+    ///
+    /// The opener words a format driver's failure as qemu-img does, "Could not open 'NAME':
+    /// <driver's message>"; qemu-io and qemu-nbd put their own prefix before the driver's
+    /// message instead, while a failure of the file layer keeps its "Could not open" there too.
+    public static func formatDriverError(_ error: BlockError, filename: String) -> BlockError? {
+        guard let inner = error.underlying as? BlockError,
+              error.message == "Could not open '\(filename)': \(inner.message)" else { return nil }
+        return inner
     }
 
     /// The permissions a format takes on its file and shares, as QEMU's drivers do (for a

@@ -39,6 +39,18 @@ public enum ProtocolRegistry {
         return plain
     }
 
+    /// `filename` without an explicit `file:` protocol prefix (`file:/a:b.qcow2` names
+    /// `/a:b.qcow2`), as QEMU's file driver strips it; a rest with a colon before its first
+    /// slash would read as another protocol's prefix, so it becomes "./REST" (QEMU's
+    /// `bdrv_parse_filename_strip_prefix`). Any other name is returned as it is.
+    public static func strippingFilePrefix(_ filename: String) -> String {
+        guard filename.hasPrefix("file:") else { return filename }
+        let rest = String(filename.dropFirst(5))
+        guard let colon = rest.firstIndex(of: ":") else { return rest }
+        if let slash = rest.firstIndex(of: "/"), slash < colon { return rest }
+        return "./" + rest
+    }
+
     /// The prefixed driver that claims `filename` (`blkdebug:…`), or nil.
     public static func prefixedDriver(forFilename filename: String) -> (any PrefixedFilterDriver.Type)? {
         prefixed.first { filename.hasPrefix($0.filenamePrefix) }

@@ -171,7 +171,7 @@ public enum ImageCreator {
             try await createOnExistingNode(plan, driver: driver, protocolName: proto, options: options)
             return
         }
-        try await driver.create(path: plan.path, size: plan.size, options: options)
+        try await driver.create(path: ProtocolRegistry.strippingFilePrefix(plan.path), size: plan.size, options: options)
     }
 
     /// Creates the image of `plan` on a protocol node that cannot create images but may

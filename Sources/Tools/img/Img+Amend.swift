@@ -44,6 +44,11 @@ struct ImgAmend: AsyncParsableCommand {
             do {
                 try await q.amend(options: pairs)
             } catch let e as BlockError {
+                // (A snapshot L1 table that fails its check is reported on a line of its own
+                // before the amend failure, as qemu-img does.)
+                if let inner = e.underlying as? BlockError, inner.operation == Qcow2Node.validateSnapshotL1Operation {
+                    tool.printError(inner.message)
+                }
                 throw tool.fail(e.message)
             }
         }

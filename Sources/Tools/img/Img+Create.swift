@@ -14,10 +14,13 @@ struct ImgCreate: AsyncParsableCommand {
     @Option(name: .customShort("o"), help: "Format options, key=value[,...].") var options: [String] = []
     @Flag(name: .customShort("u"), help: "Do not open the backing file (a size is needed then).") var unsafe = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Option(name: .customLong("object"), help: "Create a user object (secret,id=ID,data=...); repeatable.") var objects: [String] = []
     @Argument(help: "Image file name.") var filename: String?
     @Argument(help: "Size (k, M, G, T, P, E suffixes).") var size: String?
 
     func run() async throws {
+        // (qemu-img creates the objects while it reads its options, before anything else.)
+        do { _ = try ImageSpec.objects(objects) } catch let e as BlockError { throw tool.fail(e.message) }
         let joined = try accumulatedOptions(options)
         try printOptionHelpIfAsked(joined) { try ImageCreator.optionHelp(format: format, filename: filename) }
         guard let filename else { throw tool.usageError("Expecting image file name") }

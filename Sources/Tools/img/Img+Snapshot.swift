@@ -55,6 +55,11 @@ struct ImgSnapshot: AsyncParsableCommand {
             }
             do {
                 try await snapshotting.applySnapshot(idOrName: name)
+            } catch let e as BlockError where e.operation == Qcow2Node.validateSnapshotL1Operation {
+                // qemu-img: the table's fault on a line of its own, then the errno.
+                tool.printError(e.message)
+                let err = e.errno ?? EINVAL
+                throw tool.fail("Could not apply snapshot '\(name)': Failed to load snapshot: \(String(cString: strerror(err)))")
             } catch let e as BlockError {
                 let why = e.message.hasPrefix("Failed to load snapshot") || e.code == .busy ? e.message : "Failed to load snapshot: " + e.message
                 throw tool.fail("Could not apply snapshot '\(name)': \(why)")

@@ -232,7 +232,10 @@ public actor QemuIOSession {
         do {
             node = try await ImageOpener.open(path, options: options)
         } catch {
-            report("can't open device \(path): \(error.asBlockError.message)")
+            let e = error.asBlockError
+            // (qemu-io prints a format driver's message as it is; qemu-img's "Could not open
+            // 'X': " prefix appears only where the file itself failed to open.)
+            report("can't open device \(path): \((ImageOpener.formatDriverError(e, filename: path) ?? e).message)")
             return false
         }
         if probedRaw && !options.readOnly && !options.snapshot {

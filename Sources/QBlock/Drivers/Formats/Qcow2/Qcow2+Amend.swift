@@ -160,6 +160,12 @@ extension Qcow2Node {
         if header.refcountOrder != 4 {
             throw BlockError(.unsupported, "compat=0.10 requires refcount_bits=16", path: filename, operation: "amend")
         }
+        // As QEMU: v2 readers need not know a snapshot's own disk size or a VM state past
+        // 32 bits, so a snapshot with either would be misread after the downgrade.
+        if snapshotList.contains(where: { $0.vmStateSize > UInt64(UInt32.max) || $0.diskSize != header.size }) {
+            throw BlockError(.unsupported, "Internal snapshots prevent downgrade of image", errno: ENOTSUP,
+                             path: filename, operation: "amend")
+        }
         try await metaLock.withLock {
             if header.compressionType != 0, try await hasCompressedClusters() {
                 throw BlockError(.unsupported, "Cannot downgrade an image with zstd compression type and existing compressed clusters",
@@ -211,9 +217,16 @@ extension Qcow2Node {
         let cs = Int64(clusterSize)
         let zeros = AlignedBuffer(count: clusterSize)
         var l1s: [[UInt64]] = [l1Table]
-        for (offset, size) in try await readSnapshotTable().l1s where size > 0 {
-            let raw = try await hostFile.read(at: offset, count: size * 8)
-            l1s.append((0..<size).map { raw.be64($0 * 8) })
+        // (Each snapshot's L1 table checked first, as QEMU's qcow2_expand_zero_clusters: an
+        // entry with a bad offset or size fails the downgrade before anything is read.)
+        for sn in snapshotList where sn.l1Size > 0 {
+            do {
+                l1s.append(try await readSnapshotL1(sn))
+            } catch let e as BlockError where e.operation == Qcow2Node.validateSnapshotL1Operation {
+                let err = e.errno ?? EINVAL
+                throw BlockError(e.code, "Failed to turn zero into data clusters: \(BlockError.strerror(err))", errno: err,
+                                 path: filename, operation: "amend", underlying: e)
+            }
         }
         var visited = Set<Int64>()
         // References dropped: applied once the L2 tables no longer point there are on disk.

@@ -20,7 +20,9 @@ extension Qcow2Node {
         guard ext.directorySize > 0 else {
             throw BlockError(.corrupt, "Requested bitmap directory size is zero", path: filename, operation: "read bitmap directory")
         }
-        guard ext.directoryOffset + ext.directorySize <= UInt64(hostFile.length) else {
+        // (Compared without adding: a hostile offset would overflow.)
+        let fileLength = UInt64(max(hostFile.length, 0))
+        guard ext.directoryOffset <= fileLength, ext.directorySize <= fileLength - ext.directoryOffset else {
             throw BlockError(.corrupt, "Broken bitmap directory", path: filename, offset: Int64(ext.directoryOffset),
                              operation: "read bitmap directory")
         }
@@ -55,7 +57,8 @@ extension Qcow2Node {
             BlockError(.corrupt, "Could not read bitmap_table table from image for bitmap '\(e.nameString)': Invalid argument",
                        path: filename, offset: Int64(e.tableOffset), operation: "read bitmap table")
         }
-        guard e.tableOffset + UInt64(bytes) <= UInt64(hostFile.length) else { throw bad() }
+        let fileLength = UInt64(max(hostFile.length, 0))
+        guard e.tableOffset <= fileLength, UInt64(bytes) <= fileLength - e.tableOffset else { throw bad() }
         let raw = try await hostFile.read(at: Int64(e.tableOffset), count: bytes)
         var table = [UInt64](repeating: 0, count: Int(e.tableSize))
         for i in table.indices {
@@ -84,7 +87,7 @@ extension Qcow2Node {
                 }
                 continue
             }
-            guard off + UInt64(cs) <= UInt64(hostFile.length) else {
+            guard off <= UInt64(max(hostFile.length, 0)), UInt64(cs) <= UInt64(max(hostFile.length, 0)) - off else {
                 throw BlockError(.corrupt, "Could not read bitmap '\(e.nameString)' from image: Invalid argument",
                                  path: filename, offset: Int64(off), operation: "read bitmap")
             }

@@ -148,8 +148,19 @@ extension Qcow2Node {
         if header.nbSnapshots > 0 {
             let snaps = try await readSnapshotTable()
             addRef(&rc, Int64(header.snapshotsOffset), Int64(snaps.tableBytes), "snapshot table")
-            for s in snaps.l1s {
-                if s.offset & (cs - 1) != 0 || s.offset >= fileEnd {
+            for (sn, s) in zip(snapshotList, snaps.l1s) {
+                // QEMU's words for an entry whose L1 table is misplaced or too large.
+                if sn.l1TableOffset % UInt64(cs) != 0 {
+                    rc.result.messages.append("ERROR snapshot \(sn.id) (\(sn.name)) l1_offset=0x\(String(sn.l1TableOffset, radix: 16)): L1 table is not cluster aligned; snapshot table entry corrupted")
+                    rc.result.corruptions += 1
+                    continue
+                }
+                if sn.l1Size > (32 << 20) / 8 {
+                    rc.result.messages.append("ERROR snapshot \(sn.id) (\(sn.name)) l1_size=0x\(String(sn.l1Size, radix: 16)): L1 table is too large; snapshot table entry corrupted")
+                    rc.result.corruptions += 1
+                    continue
+                }
+                if s.offset < 0 || s.offset >= fileEnd {
                     rc.result.messages.append("ERROR snapshot L1 table offset \(s.offset) is invalid")
                     rc.result.corruptions += 1
                     continue
@@ -273,7 +284,8 @@ extension Qcow2Node {
     func readSnapshotTable() async throws -> SnapshotTable {
         var t = SnapshotTable()
         t.tableBytes = snapshotTableSize
-        t.l1s = snapshotList.map { (Int64($0.l1TableOffset), Int($0.l1Size)) }
+        // (An offset past Int64.max is as invalid as an unaligned one: -1 is reported as such.)
+        t.l1s = snapshotList.map { (Int64(exactly: $0.l1TableOffset) ?? -1, Int($0.l1Size)) }
         return t
     }
 
@@ -281,15 +293,16 @@ extension Qcow2Node {
     private func countBitmaps(_ rc: inout ReferenceCount, _ ext: [UInt8]) async throws {
         guard ext.count >= 24 else { return }
         let count = Int(ext.be32(0))
-        let dirSize = Int64(ext.be64(8))
-        let dirOffset = Int64(ext.be64(16))
-        guard dirSize > 0, dirSize < 64 << 20 else { return }
+        // (Untrusted: values past Int64.max are as invalid as any other out of range.)
+        let dirSize = Int64(exactly: ext.be64(8)) ?? -1
+        let dirOffset = Int64(exactly: ext.be64(16)) ?? -1
+        guard dirSize > 0, dirSize < 64 << 20, dirOffset >= 0 else { return }
         addRef(&rc, dirOffset, dirSize, "bitmap directory")
         let dir = try await hostFile.read(at: dirOffset, count: Int(dirSize))
         var p = 0
         for _ in 0..<count {
             guard p + 24 <= dir.count else { break }
-            let tableOffset = Int64(dir.be64(p))
+            let tableOffset = Int64(exactly: dir.be64(p)) ?? 0
             let tableSize = Int(dir.be32(p + 8))
             let nameLen = Int(UInt16(dir[p + 18]) << 8 | UInt16(dir[p + 19]))
             let extra = Int(dir.be32(p + 20))

@@ -164,7 +164,7 @@ extension Qcow2Node {
 extension Qcow2Node {
     /// Resizes the virtual disk to `newSize` bytes (a multiple of 512), growing the L1 table
     /// as needed; `preallocation` applies to the new area (QEMU's `qcow2_co_truncate`).
-    /// Shrinking is refused while internal snapshots exist.
+    /// A v2 image with internal snapshots is not resized (QEMU's rule).
     /// - Throws: ``BlockError`` `.closed` after ``close()``, `.readOnly`, `.invalidArgument` for a size QEMU refuses, or an I/O error.
     public func truncate(to newSize: Int64, preallocation: Preallocation) async throws {
         try gate.enter(filename, "truncate")
@@ -178,8 +178,12 @@ extension Qcow2Node {
         if newSize % 512 != 0 {
             throw BlockError(.invalidArgument, "The new size must be a multiple of 512", path: filename, operation: "truncate")
         }
-        if header.nbSnapshots > 0 && newSize < Int64(header.size) {
-            throw BlockError(.unsupported, "Can't resize an image which has snapshots", path: filename, operation: "truncate")
+        // As QEMU: a v2 snapshot table entry need not record the disk size it was taken at,
+        // so a v2 image with snapshots keeps its size; v3 entries do (and a snapshot goes
+        // back to its size when applied), so a v3 image may grow or shrink.
+        if header.nbSnapshots > 0 && header.version < 3 {
+            throw BlockError(.unsupported, "Can't resize a v2 image which has snapshots", errno: ENOTSUP,
+                             path: filename, operation: "truncate")
         }
         // QEMU's qcow2_truncate_bitmaps_check: loaded bitmaps are resized in memory and
         // stored with the new size; one that cannot be used blocks the resize.

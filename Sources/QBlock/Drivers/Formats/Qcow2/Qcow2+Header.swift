@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import QBlockCore
 /// The qcow2 image header (QEMU's `docs/interop/qcow2.txt`, "Header").
 ///
@@ -79,19 +82,31 @@ package struct Qcow2Header: Equatable {
     var clusterSize: Int { 1 << Int(clusterBits) }
     var refcountBits: Int { 1 << Int(refcountOrder) }
 
-    /// Parses and validates the header in `bytes` (the first cluster, or as much of it as the file has).
-    static func parse(_ bytes: [UInt8], fileLength: Int64) throws -> Qcow2Header {
+    /// Parses and validates the header in `bytes` (the first cluster, or as much of it as the
+    /// file has; what the file lacks reads as zeroes, as QEMU's reads past the end of a file).
+    ///
+    /// The checks and their messages follow QEMU's `qcow2_do_open` in its order, so that an
+    /// image with several faults names the one QEMU names. Every field is untrusted: offsets
+    /// and sizes are checked with arithmetic that cannot overflow before anything uses them.
+    /// (QEMU's `check` skips the refcount and snapshot table checks; ours keeps them.)
+    static func parse(_ raw: [UInt8], fileLength: Int64) throws -> Qcow2Header {
         func corrupt(_ m: String) -> BlockError { BlockError(.corrupt, m, operation: "read header") }
-        guard bytes.count >= v2Length else { throw corrupt("Image is not in qcow2 format (file too short)") }
-        guard bytes.be32(0) == magic else { throw corrupt("Image is not in qcow2 format") }
+        guard raw.count >= v2Length else { throw corrupt("Image is not in qcow2 format (file too short)") }
+        guard raw.be32(0) == magic else { throw corrupt("Image is not in qcow2 format") }
         var h = Qcow2Header()
-        h.version = bytes.be32(4)
+        h.version = raw.be32(4)
         guard h.version == 2 || h.version == 3 else {
             throw BlockError(.unsupported, "Unsupported qcow2 version \(h.version)")
         }
+        h.clusterBits = raw.be32(20)
+        guard h.clusterBits >= 9 && h.clusterBits <= 21 else {
+            throw BlockError(.corrupt, "Unsupported cluster size: 2^\(h.clusterBits)")
+        }
+        let cs = UInt64(1) << UInt64(h.clusterBits)
+        var bytes = raw
+        if bytes.count < Int(cs) { bytes.append(contentsOf: [UInt8](repeating: 0, count: Int(cs) - bytes.count)) }
         h.backingFileOffset = bytes.be64(8)
         h.backingFileSize = bytes.be32(16)
-        h.clusterBits = bytes.be32(20)
         h.size = bytes.be64(24)
         h.cryptMethod = bytes.be32(32)
         h.l1Size = bytes.be32(36)
@@ -100,71 +115,40 @@ package struct Qcow2Header: Equatable {
         h.refcountTableClusters = bytes.be32(56)
         h.nbSnapshots = bytes.be32(60)
         h.snapshotsOffset = bytes.be64(64)
-        guard h.clusterBits >= 9 && h.clusterBits <= 21 else {
-            throw BlockError(.corrupt, "Unsupported cluster size: 2^\(h.clusterBits)")
-        }
-        let cs = UInt64(1) << UInt64(h.clusterBits)
         if h.version == 2 {
             h.refcountOrder = 4
             h.headerLength = UInt32(v2Length)
         } else {
-            guard bytes.count >= v3Length else { throw corrupt("qcow2 header too short") }
             h.incompatibleFeatures = bytes.be64(72)
             h.compatibleFeatures = bytes.be64(80)
             h.autoclearFeatures = bytes.be64(88)
             h.refcountOrder = bytes.be32(96)
             h.headerLength = bytes.be32(100)
             guard h.headerLength >= UInt32(v3Length) else { throw corrupt("qcow2 header too short") }
-            guard UInt64(h.headerLength) <= cs else { throw corrupt("qcow2 header exceeds cluster size") }
-            if h.headerLength > 104 && bytes.count > 104 { h.compressionType = bytes[104] }
         }
-        guard h.refcountOrder <= 6 else {
-            throw corrupt("Reference count entry width too large; may not exceed 64 bits")
-        }
+        guard UInt64(h.headerLength) <= cs else { throw corrupt("qcow2 header exceeds cluster size") }
         if h.backingFileOffset > cs { throw corrupt("Invalid backing file offset") }
-        if h.backingFileSize > 1023 { throw corrupt("Backing file name too long") }
-        if h.backingFileOffset != 0 && h.backingFileOffset + UInt64(h.backingFileSize) > min(cs, UInt64(bytes.count)) {
-            throw corrupt("Invalid backing file offset")
+        // Extensions lie between the fixed header and the backing file name (or the cluster's end).
+        let extensionsEnd = h.backingFileOffset != 0 ? Int(h.backingFileOffset) : Int(cs)
+
+        if h.headerLength > 104 { h.compressionType = bytes[104] }
+        if h.compressionType > 1 {
+            throw BlockError(.unsupported, "qcow2: unknown compression type: \(h.compressionType)")
+        }
+        let compressionBit = h.incompatibleFeatures & Incompatible.compressionType != 0
+        if h.compressionType == 0 && compressionBit {
+            throw corrupt("qcow2: Compression type incompatible feature bit must not be set")
+        }
+        if h.compressionType != 0 && !compressionBit {
+            throw corrupt("qcow2: Compression type incompatible feature bit must be set")
         }
 
-        // Header extensions.
-        var off = Int(h.version == 2 ? UInt32(v2Length) : h.headerLength)
-        let end = min(bytes.count, h.backingFileOffset != 0 ? Int(h.backingFileOffset) : Int(cs))
-        while off + 8 <= end {
-            let type = bytes.be32(off)
-            let len = Int(bytes.be32(off + 4))
-            off += 8
-            if type == ExtensionType.end.rawValue { break }
-            guard len <= end - off else { throw corrupt("Header extension too large") }
-            let data = Array(bytes[off..<off + len])
-            switch ExtensionType(rawValue: type) {
-            case .backingFormat:
-                h.backingFormat = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
-            case .featureNameTable:
-                // As QEMU reads it: zero-padded to whole 48-byte entries, up to the first
-                // entry without a name.
-                var i = 0
-                while i + 2 < data.count && data[i + 2] != 0 {
-                    let entry = data[i..<min(i + 48, data.count)]
-                    let name = String(decoding: entry.dropFirst(2).prefix { $0 != 0 }, as: UTF8.self)
-                    h.featureNames.append((type: data[i], bit: data[i + 1], name: name))
-                    i += 48
-                }
-            default:
-                h.otherExtensions.append((type, data))
-            }
-            off += (len + 7) & ~7
-        }
-        if h.backingFileOffset != 0 && h.backingFileSize > 0 {
-            let s = Int(h.backingFileOffset)
-            h.backingFileName = String(decoding: bytes[s..<s + Int(h.backingFileSize)], as: UTF8.self)
-        }
-
-        // Feature checks.
         let unknown = h.incompatibleFeatures & ~Incompatible.known
         if unknown != 0 {
             // As QEMU's report_unsupported_feature: the table's names of incompatible bits
-            // that are set, in table order, then what remains of the mask in hex.
+            // that are set, in table order, then what remains of the mask in hex. (The
+            // extensions are read for the names only; a fault in them is not reported.)
+            _ = try? h.readExtensions(bytes, end: extensionsEnd)
             var names: [String] = []
             var rest = unknown
             for f in h.featureNames where f.type == 0 && f.bit < 64 && rest & (1 << UInt64(f.bit)) != 0 {
@@ -180,41 +164,90 @@ package struct Qcow2Header: Equatable {
         if h.incompatibleFeatures & Incompatible.extendedL2 != 0 {
             throw BlockError(.unsupported, "Unsupported qcow2 feature(s): Extended L2 entries")
         }
-        if h.incompatibleFeatures & Incompatible.compressionType != 0 {
-            guard h.headerLength > 104, h.compressionType == 1 else {
-                throw corrupt("Invalid compression type")
-            }
-        } else if h.compressionType != 0 {
-            throw corrupt("Invalid compression type: compression type bit not set")
+        guard h.refcountOrder <= 6 else {
+            throw corrupt("Reference count entry width too large; may not exceed 64 bits")
         }
-        if h.compressionType > 1 { throw BlockError(.unsupported, "Unknown compression type \(h.compressionType)") }
         if h.cryptMethod != 0 {
             throw BlockError(.unsupported, "Encrypted qcow2 images are not supported")
         }
 
-        // Table sanity.
-        if h.l1TableOffset % cs != 0 { throw corrupt("Invalid L1 table offset") }
-        if UInt64(h.l1Size) > (32 << 20) / 8 { throw corrupt("Active L1 table too large") }
-        let l2Entries = cs / 8
-        let neededL1 = (h.size + cs * l2Entries - 1) / (cs * l2Entries)
-        if h.size > UInt64(Int64.max) / 2 { throw corrupt("Image size too large") }
+        // Table sanity (QEMU's qcow2_validate_table: the entry count against the table's
+        // limit, then the offset: cluster aligned, and the table's end within Int64).
+        func validateTable(offset: UInt64, entries: UInt64, entrySize: UInt64, maxBytes: UInt64,
+                           name: String) throws {
+            if entries > maxBytes / entrySize { throw BlockError(.corrupt, "\(name) too large", errno: EFBIG) }
+            if UInt64(Int64.max) - entries * entrySize < offset || offset % cs != 0 {
+                throw BlockError(.corrupt, "\(name) offset invalid", errno: EINVAL)
+            }
+        }
+        if h.refcountTableClusters == 0 {
+            throw corrupt("Image does not contain a reference count table")
+        }
+        try validateTable(offset: h.refcountTableOffset, entries: UInt64(h.refcountTableClusters), entrySize: cs,
+                          maxBytes: 8 << 20, name: "Reference count table")
+        try validateTable(offset: h.snapshotsOffset, entries: UInt64(h.nbSnapshots), entrySize: 40,
+                          maxBytes: 40 * 65536, name: "Snapshot table")
+        try validateTable(offset: h.l1TableOffset, entries: UInt64(h.l1Size), entrySize: 8,
+                          maxBytes: 32 << 20, name: "Active L1 table")
+        // (Divided, not rounded up by addition, which a hostile size would overflow.)
+        let span = cs * (cs / 8)
+        let neededL1 = h.size / span + (h.size % span != 0 ? 1 : 0)
         // QEMU's qcow2_do_open: an L1 index past INT_MAX is refused before the table size.
         if neededL1 > UInt64(Int32.max) { throw BlockError(.invalidArgument, "Image is too big") }
         if UInt64(h.l1Size) < neededL1 { throw corrupt("L1 table is too small") }
+        if h.size > UInt64(Int64.max) / 2 { throw corrupt("Image size too large") }
+        // (QEMU reads tables past the end of the file as zeroes; we refuse them.)
         if h.l1Size > 0 && h.l1TableOffset >= UInt64(fileLength) {
             throw corrupt("L1 table offset \(h.l1TableOffset) points past the end of the file (\(fileLength) bytes)")
         }
-        if h.refcountTableOffset % cs != 0 || h.refcountTableOffset == 0 {
-            throw corrupt("Invalid reference count table offset")
-        }
-        if UInt64(h.refcountTableClusters) * cs > 8 << 20 { throw corrupt("Reference count table too large") }
-        if h.refcountTableClusters == 0 { throw corrupt("Reference count table is empty") }
+        if h.refcountTableOffset == 0 { throw corrupt("Reference count table offset invalid") }
         if h.refcountTableOffset >= UInt64(fileLength) {
             throw corrupt("Reference count table offset \(h.refcountTableOffset) points past the end of the file (\(fileLength) bytes)")
         }
-        if h.nbSnapshots > 65536 { throw corrupt("Too many snapshots") }
-        if h.nbSnapshots > 0 && h.snapshotsOffset % cs != 0 { throw corrupt("Invalid snapshot table offset") }
+
+        try h.readExtensions(bytes, end: extensionsEnd)
+        if h.backingFileOffset != 0 {
+            let len = UInt64(h.backingFileSize)
+            if len > min(1023, cs - h.backingFileOffset) { throw corrupt("Backing file name too long") }
+            if len > 0 {
+                let s = Int(h.backingFileOffset)
+                h.backingFileName = String(decoding: bytes[s..<s + Int(len)], as: UTF8.self)
+            }
+        }
         return h
+    }
+
+    /// Reads the header extensions from the end of the fixed header up to `end` (QEMU's
+    /// `qcow2_read_extensions`): the backing format, the feature name table and the others, kept.
+    /// `bytes` holds at least `end` bytes.
+    private mutating func readExtensions(_ bytes: [UInt8], end: Int) throws {
+        var off = Int(headerLength)
+        while off < end {
+            guard off + 8 <= end else { throw BlockError(.corrupt, "Header extension too large", operation: "read header") }
+            let type = bytes.be32(off)
+            let len = Int(bytes.be32(off + 4))
+            off += 8
+            guard len <= end - off else { throw BlockError(.corrupt, "Header extension too large", operation: "read header") }
+            if type == ExtensionType.end.rawValue { break }
+            let data = Array(bytes[off..<off + len])
+            switch ExtensionType(rawValue: type) {
+            case .backingFormat:
+                backingFormat = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
+            case .featureNameTable:
+                // As QEMU reads it: zero-padded to whole 48-byte entries, up to the first
+                // entry without a name.
+                var i = 0
+                while i + 2 < data.count && data[i + 2] != 0 {
+                    let entry = data[i..<min(i + 48, data.count)]
+                    let name = String(decoding: entry.dropFirst(2).prefix { $0 != 0 }, as: UTF8.self)
+                    featureNames.append((type: data[i], bit: data[i + 1], name: name))
+                    i += 48
+                }
+            default:
+                otherExtensions.append((type, data))
+            }
+            off += (len + 7) & ~7
+        }
     }
 
     /// The fixed part (72 or 112 bytes).

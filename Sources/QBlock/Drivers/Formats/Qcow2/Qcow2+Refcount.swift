@@ -235,7 +235,9 @@ extension Qcow2Node {
             newEntries = wantEntries
         }
         if Int64(tableClusters) * cs > 8 << 20 {
-            throw BlockError(.noSpace, "Reference count table would exceed its maximum size", path: filename)
+            // (EFBIG, as QEMU's refcount table growth past QCOW_MAX_REFTABLE_SIZE: a snapshot
+            // of an image whose L2 entry points to an absurd offset fails with it, iotests 080.)
+            throw BlockError(.noSpace, "Reference count table would exceed its maximum size", errno: EFBIG, path: filename)
         }
         var newTable = refcountTable
         newTable.append(contentsOf: [UInt64](repeating: 0, count: newEntries - oldEntries))

@@ -119,23 +119,26 @@ extension Qcow2Node {
         snapshotTableSize = 0
         let count = Int(header.nbSnapshots)
         guard count > 0 else { return }
-        // (An offset past Int64.max is as invalid as any other outside the file.)
+        // (The header's check keeps the table's offset and entry count within QEMU's limits;
+        // an offset of 0 would read the header as the table.)
         let start = Int64(exactly: header.snapshotsOffset) ?? -1
         let fileLength = hostFile.length
-        func corrupt(_ m: String) -> BlockError {
-            BlockError(.corrupt, m, path: filename, offset: start, operation: "read snapshot table")
+        func corrupt(_ m: String, errno: Int32 = EINVAL) -> BlockError {
+            BlockError(.corrupt, m, errno: errno, path: filename, offset: start, operation: "read snapshot table")
         }
-        if start <= 0 || start % Int64(clusterSize) != 0 || start >= fileLength {
+        if start <= 0 || start % Int64(clusterSize) != 0 {
             throw corrupt("Snapshot table offset invalid")
         }
-        // Read the table in chunks as far as it goes.
+        // Read the table in chunks as far as it goes; what lies past the end of the file
+        // reads as zeroes, as QEMU's reads do.
         var bytes: [UInt8] = []
         func need(_ end: Int) async throws {
-            if end > Qcow2Snapshot.maxTableSize { throw corrupt("Snapshot table too large") }
             if end <= bytes.count { return }
-            if start + Int64(end) > fileLength { throw corrupt("Snapshot table exceeds the end of the image file") }
-            let want = Int(min(Int64(max(end, bytes.count + 65536)), fileLength - start))
-            bytes.append(contentsOf: try await hostFile.read(at: start + Int64(bytes.count), count: want - bytes.count))
+            let want = max(end, bytes.count + 65536)
+            let from = start + Int64(bytes.count)
+            let inFile = max(0, min(Int64(want - bytes.count), fileLength - from))
+            if inFile > 0 { bytes.append(contentsOf: try await hostFile.read(at: from, count: Int(inFile))) }
+            if bytes.count < want { bytes.append(contentsOf: [UInt8](repeating: 0, count: want - bytes.count)) }
         }
         var list: [Qcow2Snapshot] = []
         var off = 0
@@ -149,7 +152,9 @@ extension Qcow2Node {
                  b.be32(off + 20), b.be64(off + 24), b.be32(off + 32), Int(b.be32(off + 36)))
             }
             off += Qcow2Snapshot.fixedSize
-            if extraLen > Qcow2Snapshot.maxExtraData { throw corrupt("Too much extra metadata in snapshot table entry") }
+            if extraLen > Qcow2Snapshot.maxExtraData {
+                throw corrupt("Too much extra metadata in snapshot table entry \(list.count)", errno: EFBIG)
+            }
             try await need(off + extraLen + idLen + nameLen)
             var s = Qcow2Snapshot(id: "", name: "", dateSeconds: dateSec, dateNanoseconds: dateNsec,
                                   vmClockNanoseconds: clock, vmStateSize: UInt64(vmState32), diskSize: header.size,
@@ -168,6 +173,7 @@ extension Qcow2Node {
             off += idLen
             s.name = String(decoding: bytes[off..<(off + nameLen)], as: UTF8.self)
             off += nameLen
+            if off > Qcow2Snapshot.maxTableSize { throw corrupt("Snapshot table is too big", errno: EFBIG) }
             list.append(s)
         }
         snapshotList = list

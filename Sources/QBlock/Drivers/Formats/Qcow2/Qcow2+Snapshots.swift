@@ -250,16 +250,24 @@ extension Qcow2Node {
         return String(maxID + 1)
     }
 
+    /// The `operation` of the errors of a snapshot L1 table that fails its check (offset or
+    /// size): QEMU reports their message on a line of its own, then the failed operation
+    /// with the errno (EINVAL, EFBIG); the tools do the same.
+    public static let validateSnapshotL1Operation = "validate snapshot L1 table"
+
     /// Reads a snapshot's L1 table after checking where it lies (QEMU's `qcow2_validate_table`).
     func readSnapshotL1(_ sn: Qcow2Snapshot) async throws -> [UInt64] {
         let n = Int(sn.l1Size)
         if n == 0 { return [] }
-        let off = Int64(sn.l1TableOffset)
+        // (Untrusted: an offset past Int64.max is as invalid as one past the end of the file.)
+        let off = Int64(exactly: sn.l1TableOffset) ?? -1
         if n > (32 << 20) / 8 {
-            throw BlockError(.corrupt, "Snapshot L1 table too large", path: filename, offset: off, operation: "snapshot load")
+            throw BlockError(.corrupt, "Snapshot L1 table too large", errno: EFBIG, path: filename, offset: off,
+                             operation: Qcow2Node.validateSnapshotL1Operation)
         }
-        if off & Int64(clusterSize - 1) != 0 || off <= 0 || off + Int64(n) * 8 > hostFile.length {
-            throw BlockError(.corrupt, "Snapshot L1 table offset invalid", path: filename, offset: off, operation: "snapshot load")
+        if off & Int64(clusterSize - 1) != 0 || off <= 0 || off > hostFile.length - Int64(n) * 8 {
+            throw BlockError(.corrupt, "Snapshot L1 table offset invalid", errno: EINVAL, path: filename, offset: off,
+                             operation: Qcow2Node.validateSnapshotL1Operation)
         }
         let raw = try await hostFile.read(at: off, count: n * 8)
         // SAFETY: `raw` holds `n * 8` bytes (the L1 table read above); the reads stay inside the

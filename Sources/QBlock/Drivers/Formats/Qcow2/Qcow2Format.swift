@@ -41,7 +41,10 @@ public enum Qcow2Format: FormatDriver {
     public static let supportsCompressedWrites = true
 
     /// The `-o` options `qemu-img create -f qcow2` accepts, with QEMU's defaults.
+    /// (`encryption` is the legacy spelling of the AES choice: `off`, the default, is accepted,
+    /// `on` refused, as qcow2 encryption is not implemented.)
     public static let createOptions: [CreateOption] = [
+        CreateOption("encryption", .bool, help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
         CreateOption("cluster_size", .size, default: "65536", help: "qcow2 cluster size"),
         CreateOption("extended_l2", .bool, default: "off", help: "Extended L2 tables"),
         CreateOption("preallocation", .string, help: "Preallocation mode (allowed values: off, metadata, falloc, full)"),

@@ -66,7 +66,14 @@ public struct Qcow2CreateOptions: Sendable {
             switch value {
             case "0.10", "v2": version = 2
             case "1.1", "v3": version = 3
-            default: throw BlockError(.invalidArgument, "Invalid compatibility level: '\(value)'")
+            // (QEMU's create maps compat onto the QAPI member `version`, whose check words it.)
+            default: throw BlockError(.invalidArgument, "Parameter 'version' does not accept value '\(value)'")
+            }
+        case "encryption":
+            // The legacy spelling of encrypt.format=aes: off is the default; qcow2 encryption
+            // is not implemented.
+            if try bool(value) {
+                throw BlockError(.unsupported, "qcow2 encryption is not supported by this implementation")
             }
         case "lazy_refcounts": lazyRefcounts = try bool(value)
         case "extended_l2": extendedL2 = try bool(value)
